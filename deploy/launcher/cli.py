@@ -1,0 +1,156 @@
+"""The `flowtrail` command: up, down, status and demo for the local stack."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+
+from deploy.launcher.errors import LauncherError
+from deploy.launcher.kafka import stop_kafka
+from deploy.launcher.postgres import stop_postgres
+from deploy.launcher.procs import cmdline, pid_alive, remove_file, terminate
+from deploy.launcher.stack import StackPaths, read_api_key, read_stack_json, running_supervisor
+from services.common.settings import CommonSettings
+
+log = logging.getLogger("flowtrail.launcher")
+
+
+def _partitions(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 1 <= value <= 256:
+        raise argparse.ArgumentTypeError("partitions must be between 1 and 256")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flowtrail",
+        description="Run Flowtrail locally: Kafka, PostgreSQL and the four Flowtrail services.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="start the stack (foreground unless --detach)")
+    up.add_argument("--detach", action="store_true", help="run in the background; stop with `flowtrail down`")
+    up.add_argument(
+        "--partitions", type=_partitions, help="partitions per topic (default: FLOWTRAIL_PARTITIONS or 4)"
+    )
+    up.add_argument("--no-demo", action="store_true", help="do not run the demo once the stack is healthy")
+    up.add_argument("--daemon", action="store_true", help=argparse.SUPPRESS)
+
+    down = sub.add_parser("down", help="stop the stack, Kafka and PostgreSQL")
+    down.add_argument(
+        "--keep-infra", action="store_true", help="stop the services only; leave Kafka and PostgreSQL"
+    )
+
+    status = sub.add_parser("status", help="show which components run and the consumer lag")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sub.add_parser("demo", help="fire demo triggers at the running stack and show their progress")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> CommonSettings:
+    settings = CommonSettings()
+    if getattr(args, "partitions", None) is not None:
+        settings = settings.model_copy(update={"partitions": args.partitions})
+    return settings
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from deploy.launcher.up import run_up, run_up_detached
+
+    settings = _settings(args)
+    if args.detach and not args.daemon:
+        return run_up_detached(settings, demo=not args.no_demo, partitions=args.partitions)
+    return run_up(settings, demo=not (args.no_demo or args.daemon))
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    paths = StackPaths.of(settings)
+    stopped_something = False
+    supervisor = running_supervisor(paths)
+    if supervisor is not None:
+        print(f"stopping Flowtrail (supervisor pid {supervisor}) ...", flush=True)
+        if not terminate(supervisor, timeout=120.0):
+            print("the supervisor did not stop within 120 s and was killed", file=sys.stderr)
+        stopped_something = True
+    # Services left behind by a supervisor that was killed outright.
+    stack = read_stack_json(paths) or {}
+    for name, info in (stack.get("services") or {}).items():
+        pid = info.get("pid") if isinstance(info, dict) else None
+        if isinstance(pid, int) and pid_alive(pid) and f"services.{name}" in cmdline(pid):
+            print(f"stopping leftover {name} (pid {pid}) ...", flush=True)
+            terminate(pid, timeout=15.0)
+            stopped_something = True
+    remove_file(paths.stack_json)
+    if running_supervisor(paths) is None:
+        remove_file(paths.supervisor_pid)
+    if not args.keep_infra:
+        if stop_kafka(paths.state_dir):
+            print("stopped Kafka")
+            stopped_something = True
+        if stop_postgres(paths.state_dir):
+            print("stopped PostgreSQL")
+            stopped_something = True
+    print("Flowtrail is stopped." if stopped_something else "Flowtrail is not running; nothing to stop.")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from deploy.launcher.status import collect_status, render_status
+
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    status = asyncio.run(collect_status(_settings(args)))
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        print(render_status(status))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from deploy.launcher.up import load_hook
+
+    settings = _settings(args)
+    api_key = read_api_key(StackPaths.of(settings))
+    run_demo = load_hook("deploy.launcher.demo", "run_demo")
+    asyncio.run(run_demo(settings, api_key))
+    return 0
+
+
+COMMANDS = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "demo": cmd_demo}
+
+
+def _configure_logging(verbose: bool, daemon: bool) -> None:
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if daemon else "flowtrail: %(message)s"
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt, stream=sys.stderr)
+    if not verbose:
+        for noisy in ("aiokafka", "httpx", "httpcore", "asyncio"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `flowtrail` console script."""
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose, getattr(args, "daemon", False))
+    try:
+        code = COMMANDS[args.command](args)
+    except LauncherError as exc:
+        print(f"flowtrail: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

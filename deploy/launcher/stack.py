@@ -1,0 +1,231 @@
+"""Pieces of the running local stack: service specs, health checks, stack.json, API key file, banner."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from deploy.launcher.errors import LauncherError
+from deploy.launcher.procs import live_pid_from_file, remove_file, with_log_tail
+from deploy.launcher.supervisor import ServiceSpec, Supervisor
+from services.common.settings import (
+    DEFAULT_API_PORT,
+    DEFAULT_EXECUTOR_WEB_PORT,
+    DEFAULT_INGEST_PORT,
+    DEFAULT_KAFKA_CONTROLLER_PORT,
+    DEFAULT_KAFKA_PORT,
+    DEFAULT_POSTGRES_PORT,
+    DEFAULT_PROJECTOR_METRICS_PORT,
+    REPO_ROOT,
+    CommonSettings,
+)
+
+log = logging.getLogger("flowtrail.launcher")
+
+# Start order; each answers GET /healthz on its port once it is ready.
+SERVICE_PORTS: dict[str, int] = {
+    "ingest": DEFAULT_INGEST_PORT,
+    "executor": DEFAULT_EXECUTOR_WEB_PORT,
+    "projector": DEFAULT_PROJECTOR_METRICS_PORT,
+    "api": DEFAULT_API_PORT,
+}
+API_URL = f"http://127.0.0.1:{DEFAULT_API_PORT}"
+INGEST_URL = f"http://127.0.0.1:{DEFAULT_INGEST_PORT}"
+HEALTH_TIMEOUT = 90.0
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# Command-line fragments that identify a launcher process (pid files can be stale and pids reused).
+LAUNCHER_MARKERS = ("deploy.launcher", "bin/flowtrail")
+
+
+def health_url(name: str) -> str:
+    return f"http://127.0.0.1:{SERVICE_PORTS[name]}/healthz"
+
+
+@dataclass(frozen=True)
+class StackPaths:
+    """Where the launcher keeps its files inside the state folder."""
+
+    state_dir: Path
+
+    @classmethod
+    def of(cls, settings: CommonSettings) -> StackPaths:
+        return cls(Path(settings.state_dir).resolve())
+
+    @property
+    def logs(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def api_key(self) -> Path:
+        return self.state_dir / "api_key"
+
+    @property
+    def stack_json(self) -> Path:
+        return self.state_dir / "stack.json"
+
+    @property
+    def supervisor_pid(self) -> Path:
+        return self.state_dir / "supervisor.pid"
+
+    @property
+    def supervisor_log(self) -> Path:
+        return self.logs / "supervisor.log"
+
+
+def running_supervisor(paths: StackPaths) -> int | None:
+    """The pid of a live launcher (``flowtrail up``) recorded in ``supervisor.pid``, if any."""
+    for marker in LAUNCHER_MARKERS:
+        pid = live_pid_from_file(paths.supervisor_pid, marker)
+        if pid is not None:
+            return pid
+    return None
+
+
+def kafka_endpoint(settings: CommonSettings) -> tuple[str, int, int]:
+    """Host, port and controller port of the broker named first in ``kafka_bootstrap``."""
+    first = settings.kafka_bootstrap.split(",")[0].strip()
+    host, _, port_text = first.rpartition(":")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise LauncherError(
+            f"FLOWTRAIL_KAFKA_BOOTSTRAP={settings.kafka_bootstrap!r} is not host:port"
+        ) from None
+    host = host.strip("[]") or "127.0.0.1"
+    controller = DEFAULT_KAFKA_CONTROLLER_PORT if port == DEFAULT_KAFKA_PORT else port + 1
+    return host, port, controller
+
+
+def postgres_endpoint(settings: CommonSettings) -> tuple[str, int]:
+    """Host and port of ``database_url``."""
+    parts = urlsplit(settings.database_url)
+    return parts.hostname or "127.0.0.1", parts.port or DEFAULT_POSTGRES_PORT
+
+
+def service_env(settings: CommonSettings) -> dict[str, str]:
+    """The environment of every service: ours, plus every CommonSettings value as a FLOWTRAIL_* variable."""
+    env = dict(os.environ)
+    for key, value in settings.model_dump(mode="json").items():
+        env[f"FLOWTRAIL_{key.upper()}"] = str(value)
+    # Local flows call services on loopback, which the executor refuses by default.
+    env["FLOWTRAIL_EXECUTOR_ALLOW_PRIVATE_NETWORKS"] = "true"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def service_specs(settings: CommonSettings) -> list[ServiceSpec]:
+    env = service_env(settings)
+    return [
+        ServiceSpec(name=name, argv=[sys.executable, "-m", f"services.{name}"], env=env, cwd=REPO_ROOT)
+        for name in SERVICE_PORTS
+    ]
+
+
+async def wait_healthy(supervisor: Supervisor, limit: float = HEALTH_TIMEOUT) -> None:
+    """Wait until every service answers 200 on /healthz; LauncherError with the log tail otherwise."""
+    pending = list(SERVICE_PORTS)
+    deadline = time.monotonic() + limit
+    async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
+        while pending:
+            for name in list(pending):
+                if supervisor.is_failed(name):
+                    raise LauncherError(with_log_tail(f"{name} keeps crashing", supervisor.log_path(name)))
+                try:
+                    response = await client.get(health_url(name))
+                except httpx.HTTPError:
+                    continue
+                if response.status_code == 200:
+                    log.info("%s is healthy", name)
+                    pending.remove(name)
+            if not pending:
+                return
+            if time.monotonic() >= deadline:
+                name = pending[0]
+                others = f" (also not healthy: {', '.join(pending[1:])})" if len(pending) > 1 else ""
+                raise LauncherError(
+                    with_log_tail(
+                        f"{name} did not answer 200 on {health_url(name)} within {limit:.0f} s{others}",
+                        supervisor.log_path(name),
+                    )
+                )
+            await asyncio.sleep(0.5)
+
+
+def write_api_key(paths: StackPaths, api_key: str) -> None:
+    """Save the API key readable by its owner only (0600)."""
+    paths.api_key.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(paths.api_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, f"{api_key}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def read_api_key(paths: StackPaths) -> str:
+    try:
+        key = paths.api_key.read_text().strip()
+    except FileNotFoundError:
+        key = ""
+    if not key:
+        raise LauncherError(f"no API key in {paths.api_key}; start the stack first with `flowtrail up`")
+    return key
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_stack_json(paths: StackPaths) -> dict[str, Any] | None:
+    try:
+        data = json.loads(paths.stack_json.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def remove_own_files(paths: StackPaths) -> None:
+    """Remove stack.json and supervisor.pid when they belong to this process."""
+    data = read_stack_json(paths)
+    if data is not None and data.get("supervisor_pid") == os.getpid():
+        remove_file(paths.stack_json)
+    if paths.supervisor_pid.exists() and paths.supervisor_pid.read_text().strip() == str(os.getpid()):
+        remove_file(paths.supervisor_pid)
+
+
+def banner(stack: dict[str, Any], api_key: str, paths: StackPaths) -> str:
+    """The short text `flowtrail up` prints once everything is healthy."""
+    flow_id = stack.get("example_flow_id") or "<flow_id>"
+    kafka = stack.get("kafka", {})
+    pg = stack.get("postgres", {})
+    key_file = paths.api_key
+    lines = [
+        "",
+        "Flowtrail is up.",
+        f"  API         {stack['api_url']}",
+        f"  Ingest      {stack['ingest_url']}",
+        f"  API key     {api_key}   (saved in {key_file})",
+        f"  Tenant      {stack.get('tenant_id') or '-'}",
+        f"  Kafka       {kafka.get('bootstrap', '-')}   PostgreSQL {pg.get('dsn', '-')}",
+        f"  Logs        {paths.logs}/  (api.log, ingest.log, executor.log, projector.log, kafka.log, ...)",
+        "",
+        "Try:",
+        f"  KEY=$(cat {key_file})",
+        f'  curl -H "Authorization: Bearer $KEY" {stack["api_url"]}/v1/runs',
+        '  curl -X POST -H "Authorization: Bearer $KEY" -H "Content-Type: application/json" \\',
+        f'       -d \'{{"input": {{"name": "world"}}}}\' {stack["ingest_url"]}/v1/flows/{flow_id}/trigger',
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,226 @@
+"""`flowtrail status`: which components answer, and how far the executor and projector lag behind."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import httpx
+
+from deploy.launcher.kafka import kafka_pid
+from deploy.launcher.kafka_wire import kafka_answers
+from deploy.launcher.postgres import postgres_answers, postgres_pid
+from deploy.launcher.stack import (
+    API_URL,
+    INGEST_URL,
+    SERVICE_PORTS,
+    StackPaths,
+    health_url,
+    kafka_endpoint,
+    postgres_endpoint,
+    read_stack_json,
+    running_supervisor,
+)
+from services.common.settings import CommonSettings
+
+log = logging.getLogger("flowtrail.launcher")
+
+LAG_TIMEOUT = 15.0
+
+
+def consumer_groups(settings: CommonSettings) -> dict[str, tuple[str, str]]:
+    """Service name → (consumer group, topic) whose lag `status` reports."""
+    prefix = settings.topic_prefix
+    return {
+        "executor": (f"{prefix}-executor", f"{prefix}.triggers"),
+        "projector": (f"{prefix}-projector", f"{prefix}.ledger"),
+    }
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+async def _projector_offsets_from_pg(
+    settings: CommonSettings, group: str, topic: str
+) -> dict[int, int] | None:
+    """next_offset per partition from ``<schema>.projector_offsets``; None when the table is absent."""
+    import asyncpg
+
+    conn = await asyncpg.connect(settings.database_url, timeout=3.0)
+    try:
+        table = f"{_quote_ident(settings.database_schema)}.projector_offsets"
+        if await conn.fetchval("SELECT to_regclass($1)", table) is None:
+            return None
+        rows = await conn.fetch(
+            f"SELECT partition, next_offset FROM {table} WHERE consumer_group = $1 AND topic = $2",
+            group,
+            topic,
+        )
+    finally:
+        await conn.close()
+    return {int(row["partition"]): int(row["next_offset"]) for row in rows}
+
+
+async def _group_lag(settings: CommonSettings, admin: Any, consumer: Any, service: str) -> dict[str, Any]:
+    from aiokafka import TopicPartition
+
+    group, topic = consumer_groups(settings)[service]
+    result: dict[str, Any] = {"group": group, "topic": topic, "partitions": [], "total_lag": None}
+    described = await admin.describe_topics([topic])
+    if not described or described[0]["error_code"] != 0:
+        result["error"] = "topic does not exist yet"
+        return result
+    tps = [
+        TopicPartition(topic, p["partition"])
+        for p in sorted(described[0]["partitions"], key=lambda p: p["partition"])
+    ]
+    ends = await consumer.end_offsets(tps)
+    starts = await consumer.beginning_offsets(tps)
+    committed: dict[int, int] | None = None
+    result["offsets_from"] = "kafka"
+    if service == "projector":
+        try:
+            committed = await _projector_offsets_from_pg(settings, group, topic)
+        except Exception as exc:  # PostgreSQL down or not migrated: fall back to Kafka's offsets
+            log.debug("projector offsets from PostgreSQL unavailable: %s", exc)
+        if committed is not None:
+            result["offsets_from"] = "postgres"
+    if committed is None:
+        offsets = await admin.list_consumer_group_offsets(group, partitions=tps)
+        committed = {tp.partition: meta.offset for tp, meta in offsets.items() if meta.offset >= 0}
+    total = 0
+    for tp in tps:
+        end, start = ends[tp], starts[tp]
+        position = committed.get(tp.partition)
+        lag = end - (position if position is not None else start)
+        total += max(lag, 0)
+        result["partitions"].append(
+            {"partition": tp.partition, "end": end, "committed": position, "lag": lag}
+        )
+    result["total_lag"] = total
+    return result
+
+
+async def consumer_lag(settings: CommonSettings) -> dict[str, dict[str, Any]]:
+    """Lag per partition of the executor and projector consumer groups."""
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=5000)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False, request_timeout_ms=5000
+    )
+    await admin.start()
+    try:
+        await consumer.start()
+        try:
+            out: dict[str, dict[str, Any]] = {}
+            for service in consumer_groups(settings):
+                try:
+                    out[service] = await _group_lag(settings, admin, consumer, service)
+                except Exception as exc:
+                    group, topic = consumer_groups(settings)[service]
+                    out[service] = {"group": group, "topic": topic, "error": f"{type(exc).__name__}: {exc}"}
+            return out
+        finally:
+            await consumer.stop()
+    finally:
+        await admin.close()
+
+
+async def _healthy(client: httpx.AsyncClient, name: str) -> bool:
+    try:
+        return (await client.get(health_url(name))).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def collect_status(settings: CommonSettings) -> dict[str, Any]:
+    """Everything `flowtrail status` shows, as plain data (also what `--json` prints)."""
+    paths = StackPaths.of(settings)
+    k_host, k_port, _ = kafka_endpoint(settings)
+    pg_host, pg_port = postgres_endpoint(settings)
+    kafka_up, pg_up = await asyncio.gather(
+        asyncio.to_thread(kafka_answers, k_port, k_host),
+        asyncio.to_thread(postgres_answers, pg_port, pg_host),
+    )
+    components: dict[str, dict[str, Any]] = {
+        "kafka": {"up": kafka_up, "address": f"{k_host}:{k_port}", "pid": kafka_pid(paths.state_dir)},
+        "postgres": {"up": pg_up, "address": f"{pg_host}:{pg_port}", "pid": postgres_pid(paths.state_dir)},
+    }
+    supervisor_pid = running_supervisor(paths)
+    stack = read_stack_json(paths) or {}
+    # stack.json outlives a supervisor that was killed; its pids mean nothing then.
+    supervised = (
+        stack.get("services", {}) if supervisor_pid and stack.get("supervisor_pid") == supervisor_pid else {}
+    )
+    async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
+        healthy = await asyncio.gather(*(_healthy(client, name) for name in SERVICE_PORTS))
+    for name, up in zip(SERVICE_PORTS, healthy, strict=True):
+        info = supervised.get(name, {})
+        components[name] = {
+            "up": up,
+            "address": health_url(name),
+            "pid": info.get("pid"),
+            "state": info.get("state"),
+            "restarts": info.get("restarts"),
+        }
+    lag: dict[str, Any] = {}
+    if kafka_up:
+        try:
+            lag = await asyncio.wait_for(consumer_lag(settings), timeout=LAG_TIMEOUT)
+        except Exception as exc:
+            lag = {"error": f"{type(exc).__name__}: {exc}"}
+    return {
+        "state_dir": str(paths.state_dir),
+        "supervisor_pid": supervisor_pid,
+        "api_url": API_URL,
+        "ingest_url": INGEST_URL,
+        "api_key_path": str(paths.api_key),
+        "api_key_present": paths.api_key.exists(),
+        "logs_dir": str(paths.logs),
+        "components": components,
+        "consumer_lag": lag,
+    }
+
+
+def render_status(status: dict[str, Any]) -> str:
+    """Human-readable form of ``collect_status``."""
+    lines = [f"Flowtrail status (state folder {status['state_dir']})"]
+    for name, info in status["components"].items():
+        word = "up" if info["up"] else "down"
+        extra = []
+        if info.get("pid"):
+            extra.append(f"pid {info['pid']}")
+        if info.get("restarts"):
+            extra.append(f"{info['restarts']} restarts")
+        if info.get("state") and info["state"] != "running":
+            extra.append(str(info["state"]))
+        suffix = f"  ({', '.join(extra)})" if extra else ""
+        lines.append(f"  {name:<10} {word:<5} {info['address']}{suffix}")
+    sup = status["supervisor_pid"]
+    lines.append(f"  {'supervisor':<10} {'up' if sup else 'down':<5} {f'pid {sup}' if sup else ''}".rstrip())
+    lag = status["consumer_lag"]
+    if "error" in lag:
+        lines.append(f"Consumer lag: unavailable ({lag['error']})")
+    elif lag:
+        lines.append("Consumer lag")
+        for info in lag.values():
+            head = f"  {info['group']} on {info['topic']}"
+            if "error" in info:
+                lines.append(f"{head}: {info['error']}")
+                continue
+            lines.append(f"{head}: total {info['total_lag']} (offsets from {info['offsets_from']})")
+            for part in info["partitions"]:
+                committed = "-" if part["committed"] is None else part["committed"]
+                lines.append(
+                    f"      p{part['partition']:<3} end {part['end']:<8} "
+                    f"committed {committed:<8} lag {part['lag']}"
+                )
+    if status["supervisor_pid"] or status["api_key_present"]:
+        lines.append(
+            f"API {status['api_url']}   ingest {status['ingest_url']}   key file {status['api_key_path']}"
+        )
+    return "\n".join(lines)

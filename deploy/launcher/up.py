@@ -1,0 +1,285 @@
+"""`flowtrail up`: Kafka, PostgreSQL, bootstrap, then the four services supervised, in front or detached."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, TypeVar
+
+from deploy.launcher.errors import LauncherError
+from deploy.launcher.kafka import ensure_kafka
+from deploy.launcher.kafka_wire import kafka_answers
+from deploy.launcher.postgres import ensure_postgres, postgres_answers, postgres_pid
+from deploy.launcher.procs import open_log, remove_file, terminate, with_log_tail, write_pid
+from deploy.launcher.stack import (
+    API_URL,
+    INGEST_URL,
+    LOOPBACK,
+    StackPaths,
+    banner,
+    kafka_endpoint,
+    postgres_endpoint,
+    read_api_key,
+    read_stack_json,
+    remove_own_files,
+    running_supervisor,
+    service_specs,
+    wait_healthy,
+    write_api_key,
+    write_json_atomic,
+)
+from deploy.launcher.supervisor import Supervisor
+from services.common.settings import REPO_ROOT, CommonSettings
+
+log = logging.getLogger("flowtrail.launcher")
+T = TypeVar("T")
+
+DETACH_TIMEOUT = 300.0
+SUPERVISOR_STOP_TIMEOUT = 120.0
+
+
+class _Stopped(Exception):
+    """Ctrl-C or SIGTERM arrived while a start-up step was still running."""
+
+
+@dataclass
+class _Infra:
+    """What `up` must undo on the way out, and what stack.json says about Kafka and PostgreSQL."""
+
+    teardown: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
+    kafka: dict[str, Any] = field(default_factory=dict)
+    postgres: dict[str, Any] = field(default_factory=dict)
+
+
+def load_hook(module: str, attr: str) -> Any:
+    """``module.attr``, imported lazily; a LauncherError when the module itself does not exist."""
+    try:
+        loaded = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name == module:
+            raise LauncherError(f"{module} is missing (it provides {attr}())") from None
+        raise
+    return getattr(loaded, attr)
+
+
+def _ensure_infra(settings: CommonSettings, paths: StackPaths, infra: _Infra) -> None:
+    k_host, k_port, k_controller = kafka_endpoint(settings)
+    if k_host in LOOPBACK:
+        kafka = ensure_kafka(paths.state_dir, k_port, k_controller, num_partitions=settings.partitions)
+        if kafka.started_by_us:
+            infra.teardown.append(("Kafka", kafka.stop))
+        infra.kafka = {"bootstrap": kafka.bootstrap, "started_by_us": kafka.started_by_us, "pid": kafka.pid}
+    elif not kafka_answers(k_port, k_host):
+        raise LauncherError(
+            f"no Kafka broker answers at {settings.kafka_bootstrap} (FLOWTRAIL_KAFKA_BOOTSTRAP)"
+        )
+    else:
+        infra.kafka = {"bootstrap": settings.kafka_bootstrap, "started_by_us": False, "pid": None}
+
+    pg_host, pg_port = postgres_endpoint(settings)
+    if pg_host in LOOPBACK:
+        pg = ensure_postgres(paths.state_dir, pg_port)
+        if pg.started_by_us:
+            infra.teardown.append(("PostgreSQL", pg.stop))
+        infra.postgres = {
+            "dsn": settings.database_url,
+            "started_by_us": pg.started_by_us,
+            "pid": postgres_pid(paths.state_dir),
+        }
+    elif not postgres_answers(pg_port, pg_host):
+        raise LauncherError(f"no PostgreSQL answers at {pg_host}:{pg_port} (FLOWTRAIL_DATABASE_URL)")
+    else:
+        infra.postgres = {"dsn": settings.database_url, "started_by_us": False, "pid": None}
+
+
+async def _until(stop: asyncio.Event, coro: Coroutine[Any, Any, T]) -> T:
+    """Await ``coro`` unless ``stop`` is set first (then cancel it and raise _Stopped)."""
+    task = asyncio.ensure_future(coro)
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        stopper.cancel()
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    raise _Stopped
+
+
+async def run_demo_safely(settings: CommonSettings, api_key: str, stop: asyncio.Event | None = None) -> None:
+    """Run the demo; a failing demo is reported but never takes the stack down."""
+    run_demo = load_hook("deploy.launcher.demo", "run_demo")
+    try:
+        if stop is None:
+            await run_demo(settings, api_key)
+        else:
+            await _until(stop, run_demo(settings, api_key))
+    except (_Stopped, asyncio.CancelledError):
+        raise
+    except Exception as exc:
+        print(
+            f"flowtrail: the demo failed ({type(exc).__name__}: {exc}); the stack keeps running",
+            file=sys.stderr,
+        )
+
+
+async def _serve(settings: CommonSettings, paths: StackPaths, infra: _Infra, *, demo: bool) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    supervisor: Supervisor | None = None
+    stack: dict[str, Any] = {}
+
+    def publish() -> None:
+        if supervisor is None or not stack.get("ready"):
+            return
+        stack["services"] = supervisor.status()
+        stack["pids"] = {name: info["pid"] for name, info in stack["services"].items()}
+        write_json_atomic(paths.stack_json, stack)
+
+    try:
+        bootstrap = load_hook("deploy.launcher.bootstrap", "bootstrap")
+        log.info("bootstrapping: topics, migrations, demo flows, tenant and API key")
+        result = await _until(stop, bootstrap(settings))
+        supervisor = Supervisor(paths.logs, on_change=publish)
+        for spec in service_specs(settings):
+            supervisor.add(spec)
+        await supervisor.start_all()
+        log.info("waiting for the services to answer /healthz")
+        await _until(stop, wait_healthy(supervisor))
+        api_key = str(result.api_key)
+        write_api_key(paths, api_key)
+        flow_ids = list(getattr(result, "flow_ids", None) or [])
+        stack.update(
+            ready=True,
+            supervisor_pid=os.getpid(),
+            started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            api_url=API_URL,
+            ingest_url=INGEST_URL,
+            api_key_path=str(paths.api_key),
+            tenant_id=str(result.tenant_id),
+            example_flow_id=str(flow_ids[0]) if flow_ids else None,
+            logs_dir=str(paths.logs),
+            kafka=infra.kafka,
+            postgres=infra.postgres,
+        )
+        publish()
+        print(banner(stack, api_key, paths), flush=True)
+        if demo:
+            await run_demo_safely(settings, api_key, stop)
+        print("Flowtrail is running. Press Ctrl-C to stop it (or run `flowtrail down`).", flush=True)
+        await stop.wait()
+    except _Stopped:
+        pass
+    finally:
+        print("stopping Flowtrail ...", flush=True)
+        if supervisor is not None:
+            await supervisor.stop_all()
+
+
+def _already_running(pid: int) -> str:
+    return f"Flowtrail is already running (supervisor pid {pid}); see `flowtrail status` or `flowtrail down`"
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def run_up(settings: CommonSettings, *, demo: bool) -> int:
+    """Start everything in this process and keep it running until Ctrl-C / SIGTERM; then stop it all."""
+    paths = StackPaths.of(settings)
+    other = running_supervisor(paths)
+    if other is not None and other != os.getpid():
+        raise LauncherError(_already_running(other))
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    write_pid(paths.supervisor_pid, os.getpid())
+    remove_file(paths.stack_json)
+    infra = _Infra()
+    # Until the event loop takes over the signals, SIGTERM unwinds like Ctrl-C so the finally block runs.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        _ensure_infra(settings, paths, infra)
+        asyncio.run(_serve(settings, paths, infra, demo=demo))
+        return 0
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for name, stop in reversed(infra.teardown):
+            print(f"stopping {name} ...", flush=True)
+            try:
+                stop()
+            except Exception as exc:
+                print(f"flowtrail: could not stop {name}: {exc}", file=sys.stderr)
+        remove_own_files(paths)
+        print("Flowtrail stopped.", flush=True)
+
+
+def run_up_detached(settings: CommonSettings, *, demo: bool, partitions: int | None) -> int:
+    """Start `up` as a background daemon, wait until it is healthy, print the banner and return."""
+    paths = StackPaths.of(settings)
+    other = running_supervisor(paths)
+    if other is not None:
+        raise LauncherError(_already_running(other))
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    remove_file(paths.stack_json)
+    argv = [sys.executable, "-u", "-m", "deploy.launcher.cli", "up", "--no-demo", "--daemon"]
+    if partitions is not None:
+        argv += ["--partitions", str(partitions)]
+    log_fd = open_log(paths.supervisor_log)
+    try:
+        daemon = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT, start_new_session=True,
+        )  # fmt: skip
+    finally:
+        os.close(log_fd)
+    print(
+        f"starting Flowtrail in the background (pid {daemon.pid}); progress: {paths.supervisor_log}",
+        flush=True,
+    )
+    deadline = time.monotonic() + DETACH_TIMEOUT
+    try:
+        while True:
+            stack = read_stack_json(paths)
+            if stack and stack.get("supervisor_pid") == daemon.pid and stack.get("ready"):
+                break
+            if daemon.poll() is not None:
+                raise LauncherError(
+                    with_log_tail(
+                        f"the background launcher exited with code {daemon.returncode}",
+                        paths.supervisor_log,
+                        40,
+                    )
+                )
+            if time.monotonic() >= deadline:
+                terminate(daemon.pid, SUPERVISOR_STOP_TIMEOUT)
+                raise LauncherError(
+                    with_log_tail(
+                        f"Flowtrail did not come up within {DETACH_TIMEOUT:.0f} s", paths.supervisor_log
+                    )
+                )
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("\ninterrupted; stopping the background launcher ...", file=sys.stderr, flush=True)
+        terminate(daemon.pid, SUPERVISOR_STOP_TIMEOUT)
+        return 130
+    api_key = read_api_key(paths)
+    print(banner(stack, api_key, paths), flush=True)
+    if demo:
+        asyncio.run(run_demo_safely(settings, api_key))
+    print(f"Flowtrail runs in the background (supervisor pid {daemon.pid}); stop it with `flowtrail down`.")
+    return 0

@@ -1,0 +1,65 @@
+"""The one codec: every event, command and trigger is (de)serialised with orjson here and nowhere else."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ValidationError
+
+from schemas.events import FLOW_EVENT_ADAPTER, LEDGER_ADAPTER, EventBase, FlowEventBase, TriggerReceived
+from schemas.upcasters import upcast
+
+_OPTIONS = orjson.OPT_UTC_Z
+
+
+class DecodeError(ValueError):
+    """An input that cannot be decoded; it goes to the dead-letter topic with this reason."""
+
+
+def dumps(value: Any) -> bytes:
+    """Serialise a model (its JSON-mode dump) or plain JSON data to bytes."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    return orjson.dumps(value, option=_OPTIONS)
+
+
+def loads(data: bytes | str) -> Any:
+    return orjson.loads(data)
+
+
+def _load_object(data: bytes | str) -> dict[str, Any]:
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"not JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise DecodeError(f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _reason(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    return f"{exc.error_count()} validation error(s); first at {where or '<root>'}: {first['msg']}"
+
+
+def decode_ledger_event(data: bytes | str) -> EventBase:
+    try:
+        return LEDGER_ADAPTER.validate_python(upcast(_load_object(data)))
+    except ValidationError as exc:
+        raise DecodeError(_reason(exc)) from exc
+
+
+def decode_flow_event(data: bytes | str) -> FlowEventBase:
+    try:
+        return FLOW_EVENT_ADAPTER.validate_python(upcast(_load_object(data)))
+    except ValidationError as exc:
+        raise DecodeError(_reason(exc)) from exc
+
+
+def decode_trigger(data: bytes | str) -> TriggerReceived:
+    try:
+        return TriggerReceived.model_validate(upcast(_load_object(data)))
+    except ValidationError as exc:
+        raise DecodeError(_reason(exc)) from exc

@@ -1,0 +1,40 @@
+"""Kafka topic names, built from one prefix so tests can give each test its own topic set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    prefix: str = "flowtrail"
+
+    @property
+    def triggers(self) -> str:
+        return f"{self.prefix}.triggers"
+
+    @property
+    def commands(self) -> str:
+        return f"{self.prefix}.commands"
+
+    @property
+    def ledger(self) -> str:
+        return f"{self.prefix}.ledger"
+
+    @property
+    def flows(self) -> str:
+        return f"{self.prefix}.flows"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.prefix}.dlq"
+
+    def all(self) -> list[str]:
+        return [self.triggers, self.commands, self.ledger, self.flows, self.dlq]
+
+
+# Topics keyed by run_id share one partition count, so partition N of the triggers and
+# the ledger belong to the same executor instance. Flows are few: one partition keeps
+# their order total. The ledger is kept forever: it is the truth (DESIGN 2.1).
+KEEP_FOREVER = {"retention.ms": "-1", "retention.bytes": "-1"}
+COMPACTED = {"cleanup.policy": "compact"}

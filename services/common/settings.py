@@ -1,0 +1,41 @@
+"""Settings every Flowtrail process shares: where Kafka, PostgreSQL and the state folder are."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+DEFAULT_KAFKA_PORT = 19092
+DEFAULT_KAFKA_CONTROLLER_PORT = 19093
+DEFAULT_POSTGRES_PORT = 15432
+DEFAULT_API_PORT = 8700
+DEFAULT_INGEST_PORT = 8701
+DEFAULT_EXECUTOR_WEB_PORT = 8702
+DEFAULT_PROJECTOR_METRICS_PORT = 8703
+
+
+class CommonSettings(BaseSettings):
+    """`FLOWTRAIL_…` variables read by every service and by the launcher."""
+
+    model_config = SettingsConfigDict(env_prefix="FLOWTRAIL_", extra="ignore", populate_by_name=True)
+
+    state_dir: Path = Field(default=REPO_ROOT / ".state")
+    kafka_bootstrap: str = f"127.0.0.1:{DEFAULT_KAFKA_PORT}"
+    database_url: str = f"postgresql://flowtrail@127.0.0.1:{DEFAULT_POSTGRES_PORT}/flowtrail"
+    # One PostgreSQL schema holds every table; tests give each test its own.
+    database_schema: str = "flowtrail"
+    # Every topic name starts with this; tests give each test its own topic set.
+    topic_prefix: str = "flowtrail"
+    partitions: int = Field(default=4, ge=1, le=256)
+    log_level: str = "INFO"
+
+
+def service_field(service: str, name: str, default: Any, **kwargs: Any) -> Any:
+    """A service's own setting, read from `FLOWTRAIL_<SERVICE>_<NAME>` (STYLE: settings names)."""
+    env = f"FLOWTRAIL_{service}_{name}".upper()
+    return Field(default=default, validation_alias=AliasChoices(env, name), **kwargs)

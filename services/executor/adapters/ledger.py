@@ -1,0 +1,79 @@
+"""The ledger writer (one batching idempotent producer) and the ledger reader that rebuilds run state."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Iterable
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from schemas import codec
+from schemas.events import EventBase
+
+log = logging.getLogger(__name__)
+
+
+class LedgerWriter:
+    def __init__(self, bootstrap: str, topic: str, *, linger_ms: int) -> None:
+        self.topic = topic
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=linger_ms,
+            max_batch_size=256 * 1024,
+        )
+
+    async def start(self) -> None:
+        await self.producer.start()
+
+    async def stop(self) -> None:
+        await self.producer.stop()
+
+    async def append(self, partition: int, events: Iterable[EventBase]) -> list[asyncio.Future[object]]:
+        """Queue events in order on the run's partition; the futures resolve when they are durable."""
+        futures = []
+        for event in events:
+            future = await self.producer.send(
+                self.topic, codec.dumps(event), key=event.run_id.encode(), partition=partition
+            )
+            future.add_done_callback(_crash_on_failure)
+            futures.append(future)
+        return futures
+
+
+def _crash_on_failure(future: asyncio.Future[object]) -> None:
+    # The engine already folded these events; if the ledger did not take them, the in-memory
+    # state is ahead of the truth. Exit so the restarted executor rebuilds from the ledger.
+    if not future.cancelled() and future.exception() is not None:
+        log.critical("ledger append failed, exiting to rebuild from the ledger: %r", future.exception())
+        os._exit(70)
+
+
+async def read_partition(bootstrap: str, topic: str, partition: int) -> list[EventBase]:
+    """Every decodable event of one ledger partition, from offset 0 to the end as of now."""
+    tp = TopicPartition(topic, partition)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        end = (await consumer.end_offsets([tp]))[tp]
+        await consumer.seek_to_beginning(tp)
+        events: list[EventBase] = []
+        position = await consumer.position(tp)
+        while position < end:
+            batch = await consumer.getmany(tp, timeout_ms=1000, max_records=5000)
+            for record in batch.get(tp, []):
+                position = record.offset + 1
+                try:
+                    events.append(codec.decode_ledger_event(record.value))
+                except codec.DecodeError as exc:
+                    # The projector dead-letters these; the executor only skips them.
+                    log.error("undecodable ledger record %s@%s: %s", tp, record.offset, exc)
+            if not batch:
+                position = await consumer.position(tp)
+        return events
+    finally:
+        await consumer.stop()

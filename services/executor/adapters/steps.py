@@ -1,0 +1,181 @@
+"""Step runners: the only executor code that touches the outside world (http_request, transform, delay)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import orjson
+
+from schemas.events import ErrorCategory, ErrorInfo
+from services.executor.adapters.netguard import BlockedAddress, check_url
+
+
+@dataclass(frozen=True, slots=True)
+class StepCall:
+    run_id: str
+    step: str
+    action: str
+    attempt: int
+    input: Any
+    started_at: datetime
+    timeout_s: float
+
+    @property
+    def idempotency_key(self) -> str:
+        # Stable across redeliveries of the same attempt (DESIGN 2.4).
+        return f"{self.run_id}:{self.step}:{self.attempt}"
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutcome:
+    ok: bool
+    output: Any = None
+    error: ErrorInfo | None = None
+    duration_ms: float = 0
+
+
+class StepError(Exception):
+    def __init__(self, category: ErrorCategory, message: str, *, output: Any = None, **info: Any) -> None:
+        super().__init__(message)
+        self.error = ErrorInfo(category=category, message=message, **info)
+        self.output = output
+
+
+def classify_status(status: int) -> ErrorCategory:
+    """HTTP status → error category (seed 000)."""
+    if status in (401, 403):
+        return ErrorCategory.AUTH
+    if status == 409:
+        return ErrorCategory.CONFLICT
+    if status in (408, 425, 429) or status >= 500:
+        return ErrorCategory.TRANSIENT
+    return ErrorCategory.VALIDATION
+
+
+class StepRunners:
+    def __init__(self, *, allow_private_networks: bool, time_scale: float, max_body_bytes: int) -> None:
+        self.allow_private = allow_private_networks
+        self.time_scale = time_scale
+        self.max_body = max_body_bytes
+        self.http = httpx.AsyncClient(follow_redirects=False)
+        self._actions: dict[str, Callable[[StepCall], Awaitable[Any]]] = {
+            "http_request": self._http_request,
+            "transform": self._transform,
+            "delay": self._delay,
+        }
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    async def run(self, call: StepCall) -> StepOutcome:
+        began = time.perf_counter()
+        try:
+            action = self._actions.get(call.action)
+            if action is None:
+                raise StepError(
+                    ErrorCategory.VALIDATION, f"action {call.action!r} is not available in this executor"
+                )
+            if not isinstance(call.input, dict):
+                raise StepError(ErrorCategory.VALIDATION, "step input must be an object")
+            timeout = call.timeout_s
+            if call.action == "delay":
+                timeout += float(call.input.get("seconds", 0)) * self.time_scale
+            output = await asyncio.wait_for(action(call), timeout=timeout)
+            return StepOutcome(ok=True, output=output, duration_ms=_ms(began))
+        except StepError as exc:
+            return StepOutcome(ok=False, output=exc.output, error=exc.error, duration_ms=_ms(began))
+        except TimeoutError:
+            error = ErrorInfo(category=ErrorCategory.TRANSIENT, code="timeout",
+                              message=f"step timed out after {call.timeout_s:g}s")  # fmt: skip
+            return StepOutcome(ok=False, error=error, duration_ms=_ms(began))
+
+    async def _transform(self, call: StepCall) -> Any:
+        # The mapping was rendered from the run's context when the step started; it is the output.
+        return call.input.get("output", call.input)
+
+    async def _delay(self, call: StepCall) -> Any:
+        seconds = call.input.get("seconds", 0)
+        if not isinstance(seconds, int | float) or seconds < 0:
+            raise StepError(ErrorCategory.VALIDATION, f"delay seconds must be a number >= 0, got {seconds!r}")
+        # Durable: the timer counts from the recorded start, so a restarted executor waits only the rest.
+        due = call.started_at.timestamp() + seconds * self.time_scale
+        await asyncio.sleep(max(0.0, due - datetime.now(UTC).timestamp()))
+        return {"waited_s": seconds}
+
+    async def _http_request(self, call: StepCall) -> Any:
+        spec = call.input
+        method = str(spec.get("method", "GET")).upper()
+        url = spec.get("url")
+        if not isinstance(url, str):
+            raise StepError(ErrorCategory.VALIDATION, "http_request needs a string `url`")
+        headers = {str(k): str(v) for k, v in (spec.get("headers") or {}).items()}
+        headers.setdefault("Idempotency-Key", call.idempotency_key)
+        body = spec.get("body")
+        content = orjson.dumps(body) if body is not None and not isinstance(body, str) else body
+        if body is not None and not isinstance(body, str):
+            headers.setdefault("Content-Type", "application/json")
+        timeout = float(spec.get("timeout_s", call.timeout_s))
+        response = None
+        for _ in range(int(spec.get("max_redirects", 5)) + 1):
+            try:
+                # Every hop is checked, so a public URL cannot redirect into a private network.
+                await check_url(url, allow_private=self.allow_private)
+                response = await self.http.request(
+                    method, url, headers=headers, content=content, timeout=timeout
+                )
+            except BlockedAddress as exc:
+                raise StepError(ErrorCategory.VALIDATION, str(exc), code="blocked_address") from exc
+            except (httpx.TransportError, OSError) as exc:
+                raise StepError(
+                    ErrorCategory.TRANSIENT, f"{type(exc).__name__}: {exc}", code="network"
+                ) from exc
+            if not response.is_redirect:
+                break
+            url = str(response.next_request.url) if response.next_request else url
+            if response.status_code in (301, 302, 303):
+                method, content = "GET", None
+        assert response is not None
+        output = {
+            "request": {"method": method, "url": url, "headers": _redact(headers)},
+            "status": response.status_code,
+            "headers": dict(response.headers),
+            "body": self._body(response),
+        }
+        if response.is_redirect:
+            raise StepError(ErrorCategory.VALIDATION, "too many redirects", output=output)
+        if response.status_code >= 400:
+            raise StepError(
+                classify_status(response.status_code),
+                f"{method} {url} answered {response.status_code} {response.reason_phrase}",
+                output=output,
+                status_code=response.status_code,
+                code="http_status",
+            )
+        return output
+
+    def _body(self, response: httpx.Response) -> Any:
+        raw = response.content[: self.max_body]
+        if "json" in response.headers.get("content-type", ""):
+            try:
+                return orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                pass
+        text = raw.decode(response.encoding or "utf-8", errors="replace")
+        return text + ("…[truncated]" if len(response.content) > self.max_body else "")
+
+
+_SECRET_HEADERS = {"authorization", "proxy-authorization", "cookie", "x-api-key"}
+
+
+def _redact(headers: dict[str, str]) -> dict[str, str]:
+    return {k: ("***" if k.lower() in _SECRET_HEADERS else v) for k, v in headers.items()}
+
+
+def _ms(began: float) -> float:
+    return round((time.perf_counter() - began) * 1000, 3)

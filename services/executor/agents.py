@@ -1,0 +1,50 @@
+"""The executor's faust agents: triggers in, runs started; everything else happens in the engine."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import faust
+from prometheus_client import generate_latest
+
+from schemas import codec
+from services.executor import metrics
+from services.executor.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+def register(app: faust.App, triggers: faust.TopicT, engine: Engine, dlq_topic: str, batch: int) -> None:
+    dlq = app.topic(dlq_topic, value_type=bytes, key_type=bytes, internal=False)
+
+    # Concurrency 1 per partition (DESIGN 2.3): parallelism comes from partitions and step tasks.
+    @app.agent(triggers, concurrency=1)
+    async def consume_triggers(stream: faust.StreamT[Any]) -> None:
+        async for events in stream.events().take(batch, within=0.005):
+            parsed = []
+            for event in events:
+                try:
+                    parsed.append((event.message.partition, codec.decode_trigger(event.value)))
+                except codec.DecodeError as exc:
+                    metrics.TRIGGERS.labels("dead_lettered").inc()
+                    log.warning("trigger at %s@%s dead-lettered: %s", event.message.partition,
+                                event.message.offset, exc)  # fmt: skip
+                    await dlq.send(
+                        key=event.key,
+                        value=event.value,
+                        headers={
+                            "flowtrail-reason": str(exc).encode(),
+                            "flowtrail-source": triggers.get_topic_name().encode(),
+                        },
+                    )
+            # Returns once each run's first events are durable; only then may the offsets commit.
+            await engine.on_triggers(parsed)
+
+    @app.page("/healthz")
+    async def healthz(web: Any, request: Any) -> Any:
+        return web.json({"status": "ok", "active_runs": len(engine.runs), "partitions": sorted(engine.owned)})
+
+    @app.page("/metrics")
+    async def prometheus(web: Any, request: Any) -> Any:
+        return web.bytes(generate_latest(), content_type="text/plain; version=0.0.4")

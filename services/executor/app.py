@@ -1,0 +1,66 @@
+"""Builds the executor's faust app: the triggers topic, the engine service and the web pages."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import faust
+from mode import Service
+
+from schemas.topics import Topics
+from services.executor.adapters.flows import FlowRegistry
+from services.executor.adapters.ledger import LedgerWriter
+from services.executor.engine import Engine
+from services.executor.settings import ExecutorSettings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: ExecutorSettings) -> tuple[faust.App, faust.TopicT, Engine]:
+    topics = Topics(settings.topic_prefix)
+    app = faust.App(
+        f"{settings.topic_prefix}-executor",
+        broker=f"kafka://{settings.kafka_bootstrap}",
+        store="memory://",
+        value_serializer="raw",
+        key_serializer="raw",
+        topic_partitions=settings.partitions,
+        topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest",
+        web_host=settings.web_host,
+        web_port=settings.web_port,
+        datadir=str(settings.state_dir / "executor" / settings.topic_prefix),
+    )
+    triggers = app.topic(topics.triggers, value_type=bytes, key_type=bytes, internal=False)
+    engine = Engine(
+        settings,
+        LedgerWriter(settings.kafka_bootstrap, topics.ledger, linger_ms=settings.producer_linger_ms),
+        FlowRegistry(settings.kafka_bootstrap, topics.flows),
+    )
+
+    class EngineService(Service):
+        """Starts the ledger producer and flow registry before any partition is assigned."""
+
+        async def on_start(self) -> None:
+            await engine.ledger.start()
+            await engine.flows.start()
+
+        async def on_stop(self) -> None:
+            await engine.close()
+            await engine.flows.stop()
+            await engine.ledger.stop()
+
+    app.service(EngineService)
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
+        # Partitions stay paused until this returns: no trigger is processed before the runs of
+        # its partition are rebuilt from the ledger.
+        await engine.assign(tp.partition for tp in assigned if tp.topic == topics.triggers)
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
+        await engine.revoke(tp.partition for tp in revoked if tp.topic == topics.triggers)
+
+    return app, triggers, engine

@@ -1,0 +1,129 @@
+"""fold(state, event) -> state: a run's state derived from its ledger events alone (DESIGN 2.3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+from schemas.events import TERMINAL_EVENT_STATUS, ErrorInfo, EventBase, TriggerInfo
+from schemas.status import RunStatus, StepStatus
+
+
+@dataclass(frozen=True, slots=True)
+class StepState:
+    status: StepStatus
+    attempt: int = 1
+    started_at: datetime | None = None
+    input: Any = None
+    output: Any = None
+    error: ErrorInfo | None = None
+    retry_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunState:
+    run_id: str
+    tenant_id: str
+    flow_id: str
+    flow_version: int
+    correlation_id: str
+    trigger: TriggerInfo
+    created_at: datetime
+    status: RunStatus = RunStatus.CREATED
+    next_seq: int = 0
+    started_at: datetime | None = None
+    steps: dict[str, StepState] = field(default_factory=dict)
+    vars: dict[str, Any] = field(default_factory=dict)
+    # Every input that already caused events: a redelivered input is recognised and ignored.
+    causations: frozenset[str] = frozenset()
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in _TERMINAL
+
+    def context(self) -> dict[str, Any]:
+        """What step inputs, conditions and assertions may reference."""
+        return {
+            "trigger": self.trigger.payload,
+            "steps": {n: {"output": s.output, "status": s.status.value} for n, s in self.steps.items()},
+            "vars": self.vars,
+            "run": {"id": self.run_id, "flow_id": self.flow_id, "flow_version": self.flow_version},
+        }
+
+
+_TERMINAL = frozenset(RunStatus(s) for s in TERMINAL_EVENT_STATUS.values())
+_STATUS_BY_EVENT: dict[str, RunStatus] = {
+    "RunQueued": RunStatus.QUEUED,
+    "RunScheduled": RunStatus.SCHEDULED,
+    "RunBlocked": RunStatus.BLOCKED,
+    "RunStarted": RunStatus.RUNNING,
+    "RunPaused": RunStatus.PAUSED,
+    "RunResumed": RunStatus.RUNNING,
+    **{t: RunStatus(s) for t, s in TERMINAL_EVENT_STATUS.items()},
+}
+
+
+def _step(state: RunState, name: str, **changes: Any) -> dict[str, StepState]:
+    steps = dict(state.steps)
+    current = steps.get(name)
+    steps[name] = replace(current, **changes) if current else StepState(**changes)
+    return steps
+
+
+def fold(state: RunState | None, event: EventBase) -> RunState:
+    """Apply one ledger event. `state` is None only before the run's first event (RunRequested)."""
+    if state is None:
+        if event.type != "RunRequested":
+            raise ValueError(f"run {event.run_id} starts with {event.type}, not RunRequested")
+        state = RunState(
+            run_id=event.run_id,
+            tenant_id=event.tenant_id,
+            flow_id=event.flow_id,
+            flow_version=event.flow_version,
+            correlation_id=event.correlation_id,
+            trigger=event.payload.trigger,
+            created_at=event.occurred_at,
+        )
+    changes: dict[str, Any] = {
+        "next_seq": event.seq + 1,
+        "causations": state.causations | {event.causation_id},
+    }
+    if (status := _STATUS_BY_EVENT.get(event.type)) is not None:
+        changes["status"] = status
+    p = event.payload
+    match event.type:
+        case "RunStarted":
+            changes["started_at"] = event.occurred_at
+        case "StepStarted":
+            changes["steps"] = _step(
+                state, p.step, status=StepStatus.RUNNING, attempt=p.attempt,
+                started_at=event.occurred_at, input=p.input, retry_at=None,
+            )  # fmt: skip
+        case "StepAttemptFailed":
+            changes["steps"] = _step(
+                state, p.step, status=StepStatus.RETRYING, attempt=p.attempt, error=p.error,
+                retry_at=p.retry_at,
+            )  # fmt: skip
+        case "StepSucceeded":
+            changes["steps"] = _step(
+                state, p.step, status=StepStatus.SUCCEEDED, attempt=p.attempt, output=p.output, error=None
+            )
+            if p.extractions:
+                changes["vars"] = {**state.vars, **p.extractions}
+        case "StepFailed":
+            changes["steps"] = _step(
+                state, p.step, status=StepStatus.FAILED, attempt=p.attempt, output=p.output, error=p.error
+            )
+        case "StepSkipped":
+            changes["steps"] = _step(state, p.step, status=StepStatus.SKIPPED)
+        case "StepCanceled":
+            changes["steps"] = _step(state, p.step, status=StepStatus.CANCELED)
+    return replace(state, **changes)
+
+
+def fold_all(events: list[EventBase]) -> RunState | None:
+    state: RunState | None = None
+    for event in events:
+        state = fold(state, event)
+    return state

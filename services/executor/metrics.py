@@ -1,0 +1,13 @@
+"""Every Prometheus object of the executor, defined once."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+TRIGGERS = Counter("flowtrail_executor_triggers_total", "Triggers consumed", ["outcome"])
+EVENTS = Counter("flowtrail_executor_events_total", "Ledger events appended", ["type"])
+ACTIVE_RUNS = Gauge("flowtrail_executor_active_runs", "Runs not yet in a terminal status")
+STEP_SECONDS = Histogram(
+    "flowtrail_executor_step_seconds", "Step runner duration", ["action", "outcome"],
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120),
+)  # fmt: skip
+REPLAY_EVENTS = Counter("flowtrail_executor_replayed_events_total", "Ledger events replayed on assignment")
+INTERNAL_ERRORS = Counter("flowtrail_executor_internal_errors_total", "Runs ended INTERNAL_ERROR")

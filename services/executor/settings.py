@@ -1,0 +1,21 @@
+"""Executor settings: `FLOWTRAIL_EXECUTOR_…` on top of the shared `FLOWTRAIL_…` ones."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from services.common.settings import DEFAULT_EXECUTOR_WEB_PORT, CommonSettings, service_field
+
+
+class ExecutorSettings(CommonSettings):
+    web_host: str = service_field("executor", "web_host", "127.0.0.1")
+    web_port: int = service_field("executor", "web_port", DEFAULT_EXECUTOR_WEB_PORT)
+    # Local development calls services on loopback; a deployment leaves this off so flows
+    # cannot reach internal networks.
+    allow_private_networks: bool = service_field("executor", "allow_private_networks", False)
+    # 1.0 is real time; tests compress retry backoffs and delays with e.g. 0.01.
+    time_scale: float = Field(default=1.0, gt=0, validation_alias="FLOWTRAIL_EXECUTOR_TIME_SCALE")
+    default_step_timeout_s: float = service_field("executor", "default_step_timeout_s", 30.0)
+    http_max_body_bytes: int = service_field("executor", "http_max_body_bytes", 64 * 1024)
+    producer_linger_ms: int = service_field("executor", "producer_linger_ms", 5)
+    trigger_batch_size: int = service_field("executor", "trigger_batch_size", 500)
