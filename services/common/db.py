@@ -12,7 +12,12 @@ def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-async def _init_connection(conn: asyncpg.Connection, schema: str) -> None:
+def _server_settings(schema: str) -> dict[str, str]:
+    # A startup parameter, not a SET: the pool's RESET ALL on release would undo a SET.
+    return {"search_path": f"{_quote_ident(schema)}, public"}
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec(
         "jsonb",
         encoder=lambda v: b"\x01" + orjson.dumps(v),
@@ -23,19 +28,17 @@ async def _init_connection(conn: asyncpg.Connection, schema: str) -> None:
     await conn.set_type_codec(
         "json", encoder=orjson.dumps, decoder=orjson.loads, schema="pg_catalog", format="text"
     )
-    await conn.execute(f"SET search_path TO {_quote_ident(schema)}, public")
 
 
 async def create_pool(dsn: str, schema: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    async def init(conn: asyncpg.Connection) -> None:
-        await _init_connection(conn, schema)
-
-    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=init)
+    pool = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, init=_init_connection, server_settings=_server_settings(schema)
+    )
     assert pool is not None
     return pool
 
 
 async def connect(dsn: str, schema: str) -> asyncpg.Connection:
-    conn: Any = await asyncpg.connect(dsn)
-    await _init_connection(conn, schema)
+    conn: Any = await asyncpg.connect(dsn, server_settings=_server_settings(schema))
+    await _init_connection(conn)
     return conn

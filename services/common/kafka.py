@@ -44,6 +44,3 @@ async def publish_flow_events(bootstrap: str, topics: Topics, events: list[FlowE
             await producer.send_and_wait(topics.flows, codec.dumps(event), key=event.flow_id.encode())
     finally:
         await producer.stop()
-
-
-

@@ -21,7 +21,7 @@ def register(app: faust.App, triggers: faust.TopicT, engine: Engine, dlq_topic: 
     # Concurrency 1 per partition (DESIGN 2.3): parallelism comes from partitions and step tasks.
     @app.agent(triggers, concurrency=1)
     async def consume_triggers(stream: faust.StreamT[Any]) -> None:
-        async for events in stream.events().take(batch, within=0.005):
+        async for events in stream.take_events(batch, within=0.005):
             parsed = []
             for event in events:
                 try:

@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: ExecutorSettings) -> tuple[faust.App, faust.TopicT, Engine]:
     topics = Topics(settings.topic_prefix)
+    datadir = settings.state_dir / "executor" / settings.topic_prefix
+    datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         f"{settings.topic_prefix}-executor",
         broker=f"kafka://{settings.kafka_bootstrap}",
@@ -29,8 +31,9 @@ def create_app(settings: ExecutorSettings) -> tuple[faust.App, faust.TopicT, Eng
         topic_disable_leader=True,
         consumer_auto_offset_reset="earliest",
         web_host=settings.web_host,
+        web_bind=settings.web_host,
         web_port=settings.web_port,
-        datadir=str(settings.state_dir / "executor" / settings.topic_prefix),
+        datadir=str(datadir),
     )
     triggers = app.topic(topics.triggers, value_type=bytes, key_type=bytes, internal=False)
     engine = Engine(
@@ -40,11 +43,10 @@ def create_app(settings: ExecutorSettings) -> tuple[faust.App, faust.TopicT, Eng
     )
 
     class EngineService(Service):
-        """Starts the ledger producer and flow registry before any partition is assigned."""
+        """Starts and stops the engine with the worker."""
 
         async def on_start(self) -> None:
-            await engine.ledger.start()
-            await engine.flows.start()
+            await engine.start()
 
         async def on_stop(self) -> None:
             await engine.close()

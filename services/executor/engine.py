@@ -44,6 +44,16 @@ class Engine:
         self.partition_of: dict[str, int] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.owned: set[int] = set()
+        self._started = False
+        self._start_lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        """Idempotent: faust may signal a rebalance before its own services have started."""
+        async with self._start_lock:
+            if not self._started:
+                await self.ledger.start()
+                await self.flows.start()
+                self._started = True
 
     def clock(self) -> Clock:
         return Clock(now=datetime.now(UTC), time_scale=self.settings.time_scale)
@@ -52,6 +62,7 @@ class Engine:
 
     async def assign(self, partitions: Iterable[int]) -> None:
         """Rebuild the state of a partition's runs from the ledger, then resume the unfinished ones."""
+        await self.start()
         for partition in sorted(set(partitions) - self.owned):
             events = await read_partition(self.settings.kafka_bootstrap, self.ledger.topic, partition)
             metrics.REPLAY_EVENTS.inc(len(events))
@@ -79,6 +90,7 @@ class Engine:
         metrics.ACTIVE_RUNS.set(len(self.runs))
 
     async def revoke(self, partitions: Iterable[int]) -> None:
+        await self.start()
         gone = set(partitions)
         for run_id in [r for r, p in self.partition_of.items() if p in gone]:
             task = self.tasks.pop(run_id, None)
@@ -198,6 +210,8 @@ class Engine:
         return True
 
     async def close(self) -> None:
+        if self._started:
+            await self.ledger.producer.flush()
         for task in list(self.tasks.values()):
             task.cancel()
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)

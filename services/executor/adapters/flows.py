@@ -20,18 +20,20 @@ class FlowRegistry:
         self.versions: dict[tuple[str, str, int], FlowDefinition] = {}
         self.latest: dict[tuple[str, str], int] = {}
         self.paused: set[tuple[str, str]] = set()
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, auto_offset_reset="earliest"
-        )
+        self.bootstrap = bootstrap
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
     async def start(self) -> None:
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None, auto_offset_reset="earliest"
+        )
         await self._consumer.start()
         partitions = self._consumer.partitions_for_topic(self.topic) or {0}
         self._tps = [TopicPartition(self.topic, p) for p in partitions]
         self._consumer.assign(self._tps)
-        await self._consumer.seek_to_beginning(*self._tps)
+        for tp, offset in (await self._consumer.beginning_offsets(self._tps)).items():
+            self._consumer.seek(tp, offset)
         await self.catch_up()
         self._task = asyncio.create_task(self._follow(), name="flow-registry")
 
@@ -51,7 +53,7 @@ class FlowRegistry:
         """Read until the end offsets as of now, so a flow published before a trigger is known."""
         async with self._lock:
             end = await self._consumer.end_offsets(self._tps)
-            while any(await self._consumer.position(tp) < end[tp] for tp in self._tps):
+            while [tp for tp in self._tps if await self._consumer.position(tp) < end[tp]]:
                 await self._poll(timeout_ms=500)
 
     async def _follow(self) -> None:

@@ -18,16 +18,24 @@ log = logging.getLogger(__name__)
 class LedgerWriter:
     def __init__(self, bootstrap: str, topic: str, *, linger_ms: int) -> None:
         self.topic = topic
-        self.producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=linger_ms,
-            max_batch_size=256 * 1024,
-        )
+        self.bootstrap = bootstrap
+        self.linger_ms = linger_ms
+        self._producer: AIOKafkaProducer | None = None
+
+    @property
+    def producer(self) -> AIOKafkaProducer:
+        assert self._producer is not None, "LedgerWriter.start() first"
+        return self._producer
 
     async def start(self) -> None:
-        await self.producer.start()
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=self.linger_ms,
+            max_batch_size=256 * 1024,
+        )
+        await self._producer.start()
 
     async def stop(self) -> None:
         await self.producer.stop()
@@ -55,12 +63,15 @@ def _crash_on_failure(future: asyncio.Future[object]) -> None:
 async def read_partition(bootstrap: str, topic: str, partition: int) -> list[EventBase]:
     """Every decodable event of one ledger partition, from offset 0 to the end as of now."""
     tp = TopicPartition(topic, partition)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, auto_offset_reset="earliest"
+    )
     await consumer.start()
     try:
         consumer.assign([tp])
         end = (await consumer.end_offsets([tp]))[tp]
-        await consumer.seek_to_beginning(tp)
+        # seek() is immediate; seek_to_beginning() can lose a race with the reset that assign() starts.
+        consumer.seek(tp, (await consumer.beginning_offsets([tp]))[tp])
         events: list[EventBase] = []
         position = await consumer.position(tp)
         while position < end:

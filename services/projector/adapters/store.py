@@ -1,0 +1,275 @@
+"""Applies a batch to PostgreSQL: events, coalesced run and step changes and the offsets, in one transaction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from schemas import codec
+from schemas.events import EventBase, FlowEventBase, FlowPaused, FlowResumed, FlowVersionPublished
+from services.projector.fold import BatchPlan, plan
+
+
+@dataclass(frozen=True, slots=True)
+class Positioned:
+    """An event with where it was read from."""
+
+    topic: str
+    partition: int
+    offset: int
+    event: Any  # EventBase for the ledger, FlowEventBase for the flows topic
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    events: int
+    duplicates: int
+    runs_changed: int
+
+
+_INSERT_EVENTS = """
+INSERT INTO run_events (run_id, seq, event_id, type, tenant_id, occurred_at, causation_id, payload,
+                        kafka_partition, kafka_offset)
+SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
+                     $7::text[], $8::text[]::jsonb[], $9::int[], $10::bigint[])
+ON CONFLICT (run_id, seq) DO NOTHING
+RETURNING run_id, seq
+"""
+
+_RUN_COLUMNS = (
+    "id", "tenant_id", "flow_id", "flow_version", "flow_name", "status", "environment", "execution_mode",
+    "trigger_type", "caller", "trigger_payload", "tags", "parent_run_id", "retry_of", "bulk_operation_id",
+    "failed_step", "error", "error_message", "steps_count", "created_at", "started_at", "finished_at",
+    "updated_at", "duration_ms", "last_seq",
+)  # fmt: skip
+_RUN_TYPES = (
+    "text", "text", "text", "int", "text", "text", "text", "text", "text", "text", "text", "text",
+    "text", "text", "text", "text", "text", "text", "int", "timestamptz", "timestamptz", "timestamptz",
+    "timestamptz", "float8", "int",
+)  # fmt: skip
+# JSON columns travel as text and are cast: asyncpg would read a JSON list inside an array
+# parameter as another array dimension. tags (text[] per row) travels as JSON text for the same reason.
+_JSON_RUN_COLUMNS = {"trigger_payload", "error", "tags"}
+
+
+def _select(column: str) -> str:
+    if column == "tags":
+        return "ARRAY(SELECT jsonb_array_elements_text(u.tags::jsonb))"
+    if column in _JSON_RUN_COLUMNS:
+        return f"u.{column}::jsonb"
+    return f"u.{column}"
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else codec.dumps(value).decode()
+
+
+_INSERT_RUNS = f"""
+INSERT INTO runs ({", ".join(_RUN_COLUMNS)})
+SELECT {", ".join(_select(c) for c in _RUN_COLUMNS)}
+FROM unnest({", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(_RUN_TYPES))})
+     AS u({", ".join(_RUN_COLUMNS)})
+ON CONFLICT (id) DO NOTHING
+"""
+
+_UPDATE_RUNS = """
+UPDATE runs r SET
+    status        = COALESCE(u.status, r.status),
+    started_at    = COALESCE(u.started_at, r.started_at),
+    finished_at   = COALESCE(u.finished_at, r.finished_at),
+    duration_ms   = COALESCE(u.duration_ms, r.duration_ms),
+    failed_step   = COALESCE(u.failed_step, r.failed_step),
+    error         = COALESCE(u.error::jsonb, r.error),
+    error_message = COALESCE(u.error_message, r.error_message),
+    steps_count   = r.steps_count + u.steps_delta,
+    updated_at    = GREATEST(u.updated_at, r.updated_at),
+    last_seq      = GREATEST(u.last_seq, r.last_seq),
+    archived      = COALESCE(u.archived, r.archived)
+FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::float8[], $6::text[],
+            $7::text[], $8::text[], $9::int[], $10::timestamptz[], $11::int[], $12::bool[])
+     AS u(id, status, started_at, finished_at, duration_ms, failed_step, error, error_message, steps_delta,
+          updated_at, last_seq, archived)
+WHERE r.id = u.id
+"""
+
+_UPSERT_STEPS = """
+INSERT INTO run_steps AS s (run_id, step, position, status, action, attempt, input, output, error, assertions,
+                            extractions, started_at, finished_at, duration_ms)
+SELECT u.run_id, u.step, u.position, u.status, u.action, COALESCE(u.attempt, 1), u.input::jsonb,
+       u.output::jsonb, u.error::jsonb, u.assertions::jsonb, u.extractions::jsonb, u.started_at, u.finished_at,
+       u.duration_ms
+FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[], $6::int[], $7::text[], $8::text[],
+            $9::text[], $10::text[], $11::text[], $12::timestamptz[], $13::timestamptz[], $14::float8[])
+     AS u(run_id, step, position, status, action, attempt, input, output, error, assertions,
+          extractions, started_at, finished_at, duration_ms)
+ON CONFLICT (run_id, step) DO UPDATE SET
+    status      = EXCLUDED.status,
+    action      = COALESCE(EXCLUDED.action, s.action),
+    attempt     = GREATEST(EXCLUDED.attempt, s.attempt),
+    input       = COALESCE(EXCLUDED.input, s.input),
+    output      = COALESCE(EXCLUDED.output, s.output),
+    -- A step that finally succeeded shows no error; its failed attempts stay in run_events.
+    error       = CASE WHEN EXCLUDED.status = 'SUCCEEDED' THEN NULL ELSE COALESCE(EXCLUDED.error, s.error) END,
+    assertions  = COALESCE(EXCLUDED.assertions, s.assertions),
+    extractions = COALESCE(EXCLUDED.extractions, s.extractions),
+    started_at  = COALESCE(EXCLUDED.started_at, s.started_at),
+    finished_at = CASE WHEN EXCLUDED.status IN ('RUNNING', 'RETRYING') THEN NULL
+                       ELSE COALESCE(EXCLUDED.finished_at, s.finished_at) END,
+    duration_ms = COALESCE(EXCLUDED.duration_ms, s.duration_ms)
+"""
+
+_SAVE_OFFSETS = """
+INSERT INTO projector_offsets (consumer_group, topic, partition, next_offset, updated_at)
+SELECT $1, t, p, o, now() FROM unnest($2::text[], $3::int[], $4::bigint[]) AS x(t, p, o)
+ON CONFLICT (consumer_group, topic, partition) DO UPDATE
+SET next_offset = GREATEST(projector_offsets.next_offset, EXCLUDED.next_offset), updated_at = now()
+"""
+
+
+async def load_offsets(conn: asyncpg.Connection, group: str, topic: str) -> dict[int, int]:
+    rows = await conn.fetch(
+        "SELECT partition, next_offset FROM projector_offsets WHERE consumer_group = $1 AND topic = $2",
+        group,
+        topic,
+    )
+    return {r["partition"]: r["next_offset"] for r in rows}
+
+
+async def apply_batch(conn: asyncpg.Connection, group: str, batch: list[Positioned]) -> BatchResult:
+    ledger = [p for p in batch if isinstance(p.event, EventBase)]
+    flows = [p for p in batch if isinstance(p.event, FlowEventBase)]
+    async with conn.transaction():
+        new_events = await _insert_events(conn, ledger)
+        changes = plan(new_events)
+        await _write_runs(conn, changes)
+        await _write_steps(conn, changes)
+        for p in flows:
+            await _apply_flow_event(conn, p.event)
+        await _save_offsets(conn, group, batch)
+    return BatchResult(
+        events=len(ledger),
+        duplicates=len(ledger) - len(new_events),
+        runs_changed=len(changes.new_runs) + len(changes.run_changes),
+    )
+
+
+async def _insert_events(conn: asyncpg.Connection, ledger: list[Positioned]) -> list[EventBase]:
+    """Insert into run_events; returns the events that were new, in log order (first one wins)."""
+    unique: dict[tuple[str, int], Positioned] = {}
+    for p in ledger:
+        unique.setdefault((p.event.run_id, p.event.seq), p)
+    if not unique:
+        return []
+    rows = list(unique.values())
+    inserted = await conn.fetch(
+        _INSERT_EVENTS,
+        [p.event.run_id for p in rows],
+        [p.event.seq for p in rows],
+        [p.event.event_id for p in rows],
+        [p.event.type for p in rows],
+        [p.event.tenant_id for p in rows],
+        [p.event.occurred_at for p in rows],
+        [p.event.causation_id for p in rows],
+        [codec.dumps(p.event.payload).decode() for p in rows],
+        [p.partition for p in rows],
+        [p.offset for p in rows],
+    )
+    fresh = {(r["run_id"], r["seq"]) for r in inserted}
+    return [p.event for p in rows if (p.event.run_id, p.event.seq) in fresh]
+
+
+async def _write_runs(conn: asyncpg.Connection, changes: BatchPlan) -> None:
+    if changes.new_runs:
+        rows = list(changes.new_runs.values())
+        columns = [
+            [_json(row.get(c)) if c in _JSON_RUN_COLUMNS else row.get(c, 0 if c == "steps_count" else None) for row in rows]
+            for c in _RUN_COLUMNS
+        ]
+        await conn.execute(_INSERT_RUNS, *columns)
+    if changes.run_changes:
+        rc = list(changes.run_changes.values())
+        await conn.execute(
+            _UPDATE_RUNS,
+            [c.id for c in rc],
+            [c.status for c in rc],
+            [c.started_at for c in rc],
+            [c.finished_at for c in rc],
+            [c.duration_ms for c in rc],
+            [c.failed_step for c in rc],
+            [_json(c.error) for c in rc],
+            [c.error_message for c in rc],
+            [c.steps_delta for c in rc],
+            [c.updated_at for c in rc],
+            [c.last_seq for c in rc],
+            [c.archived for c in rc],
+        )
+
+
+async def _write_steps(conn: asyncpg.Connection, changes: BatchPlan) -> None:
+    if not changes.step_changes:
+        return
+    sc = list(changes.step_changes.values())
+    await conn.execute(
+        _UPSERT_STEPS,
+        [c.run_id for c in sc],
+        [c.step for c in sc],
+        [c.position for c in sc],
+        [c.status for c in sc],
+        [c.action for c in sc],
+        [c.attempt for c in sc],
+        [_json(c.input) for c in sc],
+        [_json(c.output) for c in sc],
+        [_json(c.error) for c in sc],
+        [_json(c.assertions) for c in sc],
+        [_json(c.extractions) for c in sc],
+        [c.started_at for c in sc],
+        [c.finished_at for c in sc],
+        [c.duration_ms for c in sc],
+    )
+
+
+async def _apply_flow_event(conn: asyncpg.Connection, event: FlowEventBase) -> None:
+    if isinstance(event, FlowVersionPublished):
+        f = event.flow
+        await conn.execute(
+            """
+            INSERT INTO flow_versions (tenant_id, flow_id, version, definition, published_at)
+            VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING
+            """,
+            event.tenant_id, event.flow_id, event.flow_version, f.model_dump(mode="json"), event.occurred_at,
+        )  # fmt: skip
+        await conn.execute(
+            """
+            INSERT INTO flows (tenant_id, id, name, description, latest_version, environment, trigger_type, tags,
+                               created_at, updated_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)
+            ON CONFLICT (tenant_id, id) DO UPDATE SET
+                name = EXCLUDED.name, description = EXCLUDED.description,
+                latest_version = GREATEST(flows.latest_version, EXCLUDED.latest_version),
+                environment = EXCLUDED.environment, trigger_type = EXCLUDED.trigger_type,
+                tags = EXCLUDED.tags, updated_at = EXCLUDED.updated_at
+            WHERE EXCLUDED.latest_version >= flows.latest_version
+            """,
+            event.tenant_id, event.flow_id, f.name, f.description, event.flow_version, f.environment.value,
+            f.trigger.type, list(f.tags), event.occurred_at,
+        )  # fmt: skip
+    elif isinstance(event, FlowPaused | FlowResumed):
+        await conn.execute(
+            "UPDATE flows SET status = $3, updated_at = $4 WHERE tenant_id = $1 AND id = $2",
+            event.tenant_id, event.flow_id, "paused" if isinstance(event, FlowPaused) else "active",
+            event.occurred_at,
+        )  # fmt: skip
+
+
+async def _save_offsets(conn: asyncpg.Connection, group: str, batch: list[Positioned]) -> None:
+    last: dict[tuple[str, int], int] = {}
+    for p in batch:
+        key = (p.topic, p.partition)
+        last[key] = max(last.get(key, -1), p.offset)
+    if last:
+        keys = list(last)
+        await conn.execute(
+            _SAVE_OFFSETS, group, [k[0] for k in keys], [k[1] for k in keys], [last[k] + 1 for k in keys]
+        )

@@ -1,0 +1,25 @@
+"""Builds the projector process: the consumer plus a small HTTP server for /healthz and /metrics."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from services.projector.consumer import Projector
+
+
+def create_web_app(projector: Projector) -> web.Application:
+    async def healthz(request: web.Request) -> web.Response:
+        status = 200 if projector.ready.is_set() else 503
+        return web.json_response(
+            {"status": "ok" if status == 200 else "starting", "batches": projector.applied_batches},
+            status=status,
+        )
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    return app

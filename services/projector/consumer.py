@@ -1,0 +1,122 @@
+"""The projector's edge: consume ledger and flows, apply each fetch as one transaction with its offsets."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+
+from schemas import codec
+from schemas.topics import Topics
+from services.common.db import create_pool
+from services.projector import metrics
+from services.projector.adapters.store import Positioned, apply_batch, load_offsets
+from services.projector.settings import ProjectorSettings
+
+log = logging.getLogger(__name__)
+
+
+class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Offsets live in PostgreSQL with the rows (DESIGN 2.3); Kafka's committed offsets are not used."""
+
+    def __init__(self, projector: Projector) -> None:
+        self.projector = projector
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        pass
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        await self.projector.seek_assigned(assigned)
+
+
+class Projector:
+    def __init__(self, settings: ProjectorSettings) -> None:
+        self.settings = settings
+        self.topics = Topics(settings.topic_prefix)
+        self.pool: asyncpg.Pool | None = None
+        self.ready = asyncio.Event()
+        self.applied_batches = 0
+
+    async def start(self) -> None:
+        settings = self.settings
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            group_id=settings.consumer_group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+        )
+        self.dlq = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+        self.pool = await create_pool(self.settings.database_url, self.settings.database_schema, max_size=4)
+        await self.dlq.start()
+        await self.consumer.start()
+        self.consumer.subscribe([self.topics.ledger, self.topics.flows], listener=_SeekToStoredOffsets(self))
+
+    async def stop(self) -> None:
+        await self.consumer.stop()
+        await self.dlq.stop()
+        if self.pool:
+            await self.pool.close()
+
+    async def seek_assigned(self, assigned: list[TopicPartition]) -> None:
+        assert self.pool is not None
+        async with self.pool.acquire() as conn:
+            for topic in {tp.topic for tp in assigned}:
+                stored = await load_offsets(conn, self.settings.consumer_group, topic)
+                for tp in (tp for tp in assigned if tp.topic == topic):
+                    if tp.partition in stored:
+                        self.consumer.seek(tp, stored[tp.partition])
+                    else:
+                        await self.consumer.seek_to_beginning(tp)
+        metrics.ASSIGNED.set(len(assigned))
+        self.ready.set()
+        log.info("projecting %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+
+    async def run(self) -> None:
+        assert self.pool is not None
+        while True:
+            fetched = await self.consumer.getmany(
+                timeout_ms=self.settings.batch_wait_ms, max_records=self.settings.batch_max_records
+            )
+            batch: list[Positioned] = []
+            for tp, records in fetched.items():
+                decode = (
+                    codec.decode_flow_event if tp.topic == self.topics.flows else codec.decode_ledger_event
+                )
+                for record in records:
+                    try:
+                        event = decode(record.value)
+                    except codec.DecodeError as exc:
+                        await self._dead_letter(tp, record.offset, record.key, record.value, str(exc))
+                        # Still advance past it: the offset is saved with the next transaction.
+                        batch.append(Positioned(tp.topic, tp.partition, record.offset, None))
+                        continue
+                    batch.append(Positioned(tp.topic, tp.partition, record.offset, event))
+            if not batch:
+                continue
+            started = time.perf_counter()
+            async with self.pool.acquire() as conn:
+                result = await apply_batch(conn, self.settings.consumer_group, batch)
+            metrics.BATCHES.observe(time.perf_counter() - started)
+            metrics.BATCH_SIZE.observe(len(batch))
+            metrics.EVENTS.labels("applied").inc(result.events - result.duplicates)
+            metrics.EVENTS.labels("duplicate").inc(result.duplicates)
+            self.applied_batches += 1
+
+    async def _dead_letter(
+        self, tp: TopicPartition, offset: int, key: bytes | None, value: bytes, reason: str
+    ) -> None:
+        metrics.DEAD_LETTERS.inc()
+        log.warning("dead-lettering %s[%s]@%s: %s", tp.topic, tp.partition, offset, reason)
+        await self.dlq.send_and_wait(
+            self.topics.dlq,
+            value,
+            key=key,
+            headers=[
+                ("flowtrail-reason", reason.encode()),
+                ("flowtrail-source", f"{tp.topic}[{tp.partition}]@{offset}".encode()),
+            ],
+        )

@@ -1,0 +1,191 @@
+"""Ledger events → read-model row changes, coalesced per run and per step: pure, no I/O.
+
+A batch's new events (already deduplicated by (run_id, seq)) become at most one INSERT or UPDATE
+per run and one upsert per step, however many events each run had in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from schemas.events import TERMINAL_EVENT_STATUS, EventBase
+
+_STATUS = {
+    "RunRequested": "CREATED",
+    "RunQueued": "QUEUED",
+    "RunScheduled": "SCHEDULED",
+    "RunBlocked": "BLOCKED",
+    "RunStarted": "RUNNING",
+    "RunPaused": "PAUSED",
+    "RunResumed": "RUNNING",
+    **TERMINAL_EVENT_STATUS,
+}
+_STEP_STATUS = {
+    "StepStarted": "RUNNING",
+    "StepAttemptFailed": "RETRYING",
+    "StepSucceeded": "SUCCEEDED",
+    "StepFailed": "FAILED",
+    "StepSkipped": "SKIPPED",
+    "StepCanceled": "CANCELED",
+}
+
+
+@dataclass
+class RunChange:
+    """Columns to set on an existing run; None leaves a column as it is."""
+
+    id: str
+    status: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    duration_ms: float | None = None
+    failed_step: str | None = None
+    error: dict[str, Any] | None = None
+    error_message: str | None = None
+    steps_delta: int = 0
+    updated_at: datetime | None = None
+    last_seq: int = -1
+    archived: bool | None = None
+
+
+@dataclass
+class StepChange:
+    run_id: str
+    step: str
+    position: int
+    status: str
+    action: str | None = None
+    attempt: int | None = None
+    input: Any = None
+    output: Any = None
+    error: dict[str, Any] | None = None
+    assertions: Any = None
+    extractions: Any = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    duration_ms: float | None = None
+
+
+@dataclass
+class BatchPlan:
+    new_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    run_changes: dict[str, RunChange] = field(default_factory=dict)
+    step_changes: dict[tuple[str, str], StepChange] = field(default_factory=dict)
+
+
+def new_run_row(event: EventBase) -> dict[str, Any]:
+    p = event.payload
+    return {
+        "id": event.run_id,
+        "tenant_id": event.tenant_id,
+        "flow_id": event.flow_id,
+        "flow_version": event.flow_version,
+        "flow_name": p.flow_name,
+        "status": "CREATED",
+        "environment": p.environment.value,
+        "execution_mode": p.execution_mode.value,
+        "trigger_type": p.trigger.type.value,
+        "caller": p.trigger.caller,
+        "trigger_payload": p.trigger.payload,
+        "tags": list(p.tags),
+        "parent_run_id": p.parent_run_id,
+        "retry_of": p.retry_of,
+        "bulk_operation_id": p.bulk_operation_id,
+        "created_at": event.occurred_at,
+        "updated_at": event.occurred_at,
+        "last_seq": event.seq,
+    }
+
+
+def plan(events: list[EventBase]) -> BatchPlan:
+    """Fold new events (in log order) into one change per run and per step."""
+    out = BatchPlan()
+    for event in events:
+        if event.type == "RunRequested":
+            out.new_runs[event.run_id] = new_run_row(event)
+        else:
+            _run_event(out, event)
+        if event.type in _STEP_STATUS:
+            _step_event(out, event)
+    return out
+
+
+def _run_event(out: BatchPlan, event: EventBase) -> None:
+    row = out.new_runs.get(event.run_id)
+    if row is not None:
+        # The run was created in this batch: fold into the row to insert.
+        change = RunChange(id=event.run_id)
+        _apply_run(change, event)
+        for key, value in vars(change).items():
+            if key == "steps_delta":
+                row["steps_count"] = row.get("steps_count", 0) + value
+            elif key not in ("id",) and value is not None and value != -1:
+                row[key] = value
+        return
+    change = out.run_changes.setdefault(event.run_id, RunChange(id=event.run_id))
+    _apply_run(change, event)
+
+
+def _apply_run(change: RunChange, event: EventBase) -> None:
+    change.updated_at = event.occurred_at
+    change.last_seq = max(change.last_seq, event.seq)
+    if (status := _STATUS.get(event.type)) is not None:
+        change.status = status
+    p = event.payload
+    if event.type == "RunStarted":
+        change.started_at = event.occurred_at
+    elif event.type in ("StepStarted", "StepSkipped") and getattr(p, "attempt", 1) == 1:
+        change.steps_delta += 1
+    elif event.type == "RunArchived":
+        change.archived = True
+    elif event.type in TERMINAL_EVENT_STATUS:
+        change.finished_at = event.occurred_at
+        change.duration_ms = getattr(p, "duration_ms", None)
+        change.failed_step = getattr(p, "failed_step", None)
+        error = getattr(p, "error", None)
+        if error is not None:
+            change.error = error.model_dump(mode="json")
+            change.error_message = error.message
+        elif getattr(p, "reason", ""):
+            change.error_message = p.reason
+
+
+def _step_event(out: BatchPlan, event: EventBase) -> None:
+    p = event.payload
+    key = (event.run_id, p.step)
+    change = out.step_changes.get(key)
+    status = _STEP_STATUS[event.type]
+    if change is None:
+        change = out.step_changes[key] = StepChange(
+            run_id=event.run_id, step=p.step, position=event.seq, status=status
+        )
+    change.status = status
+    match event.type:
+        case "StepStarted":
+            change.action = p.action
+            change.attempt = p.attempt
+            change.input = p.input
+            change.started_at = event.occurred_at
+            change.finished_at = None
+        case "StepAttemptFailed":
+            change.attempt = p.attempt
+            change.error = p.error.model_dump(mode="json")
+        case "StepSucceeded":
+            change.attempt = p.attempt
+            change.output = p.output
+            change.duration_ms = p.duration_ms
+            change.assertions = [a.model_dump(mode="json") for a in p.assertions]
+            change.extractions = p.extractions
+            change.finished_at = event.occurred_at
+            change.error = None
+        case "StepFailed":
+            change.attempt = p.attempt
+            change.output = p.output
+            change.duration_ms = p.duration_ms
+            change.assertions = [a.model_dump(mode="json") for a in p.assertions]
+            change.error = p.error.model_dump(mode="json")
+            change.finished_at = event.occurred_at
+        case "StepSkipped" | "StepCanceled":
+            change.finished_at = event.occurred_at

@@ -1,0 +1,14 @@
+"""Every Prometheus object of the projector, defined once."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+EVENTS = Counter("flowtrail_projector_events_total", "Ledger events read", ["outcome"])
+BATCHES = Histogram(
+    "flowtrail_projector_batch_seconds", "Time to apply one batch transaction",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)  # fmt: skip
+BATCH_SIZE = Histogram(
+    "flowtrail_projector_batch_events", "Records per batch", buckets=(1, 10, 50, 100, 500, 1000, 5000)
+)
+DEAD_LETTERS = Counter("flowtrail_projector_dead_letters_total", "Undecodable records sent to the DLQ")
+ASSIGNED = Gauge("flowtrail_projector_assigned_partitions", "Partitions this process projects")

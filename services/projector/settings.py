@@ -1,0 +1,17 @@
+"""Projector settings: `FLOWTRAIL_PROJECTOR_…` on top of the shared `FLOWTRAIL_…` ones."""
+
+from __future__ import annotations
+
+from services.common.settings import DEFAULT_PROJECTOR_METRICS_PORT, CommonSettings, service_field
+
+
+class ProjectorSettings(CommonSettings):
+    http_host: str = service_field("projector", "http_host", "127.0.0.1")
+    http_port: int = service_field("projector", "http_port", DEFAULT_PROJECTOR_METRICS_PORT)
+    # Many events per transaction: one fetch of up to this many records becomes one transaction.
+    batch_max_records: int = service_field("projector", "batch_max_records", 5000)
+    batch_wait_ms: int = service_field("projector", "batch_wait_ms", 20)
+
+    @property
+    def consumer_group(self) -> str:
+        return f"{self.topic_prefix}-projector"
