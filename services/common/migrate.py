@@ -39,9 +39,7 @@ async def migrate(conn: asyncpg.Connection, schema: str) -> list[int]:
             if version in done:
                 continue
             await conn.execute(path.read_text())
-            await conn.execute(
-                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, path.name
-            )
+            await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, path.name)
             applied_now.append(version)
             log.info("applied migration %s to schema %s", path.name, schema)
     return applied_now

@@ -1,0 +1,98 @@
+"""`flowtrail demo`: fires triggers at the demo flows and shows the runs reaching their final status."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+import httpx
+
+from deploy.launcher.demo_flows import demo_inputs
+from schemas.status import TERMINAL_RUN_STATUSES
+from services.common.settings import DEFAULT_API_PORT, DEFAULT_INGEST_PORT, CommonSettings
+
+TERMINAL = {s.value for s in TERMINAL_RUN_STATUSES}
+PLAN = {"demo-order-sync": 5, "demo-invoice-push": 2}
+
+
+class DemoError(RuntimeError):
+    pass
+
+
+async def _trigger(client: httpx.AsyncClient, url: str, key: str, flow_id: str, payload: Any, deadline: float) -> str:
+    # Right after `up`, the projector may not have projected the demo flows yet: 404 is retried briefly.
+    while True:
+        r = await client.post(
+            f"{url}/v1/flows/{flow_id}/trigger", json={"input": payload}, headers={"Authorization": f"Bearer {key}"}
+        )
+        if r.status_code == 202:
+            return str(r.json()["run_id"])
+        if r.status_code != 404 or time.monotonic() > deadline:
+            raise DemoError(f"trigger {flow_id} answered {r.status_code}: {r.text}")
+        await asyncio.sleep(0.2)
+
+
+def _progress(runs: dict[str, dict[str, Any]], started: float) -> str:
+    done = sum(1 for r in runs.values() if r.get("status") in TERMINAL)
+    counts = Counter(r.get("status", "QUEUED") for r in runs.values())
+    width = 24
+    bar = "#" * (width * done // max(1, len(runs)))
+    summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    return f"[{bar:<{width}}] {done}/{len(runs)} final  ({summary})  {time.monotonic() - started:4.1f}s"
+
+
+async def run_demo(
+    settings: CommonSettings,
+    api_key: str,
+    *,
+    api_url: str = f"http://127.0.0.1:{DEFAULT_API_PORT}",
+    ingest_url: str = f"http://127.0.0.1:{DEFAULT_INGEST_PORT}",
+    timeout_s: float = 60.0,
+    out: Any = None,
+) -> dict[str, dict[str, Any]]:
+    """Returns each demo run as the API shows it at the end, keyed by run id."""
+    out = out or sys.stdout
+    tty = hasattr(out, "isatty") and out.isatty()
+    started = time.monotonic()
+    deadline = started + timeout_s
+    headers = {"Authorization": f"Bearer {api_key}"}
+    async with httpx.AsyncClient(timeout=10) as client:
+        flow_of: dict[str, str] = {}
+        for flow_id, n in PLAN.items():
+            for payload in demo_inputs(flow_id, n):
+                flow_of[await _trigger(client, ingest_url, api_key, flow_id, payload, deadline)] = flow_id
+        print(f"fired {len(flow_of)} triggers: " + ", ".join(f"{n} × {f}" for f, n in PLAN.items()), file=out)
+        runs: dict[str, dict[str, Any]] = {run_id: {} for run_id in flow_of}
+        last_line = ""
+        while True:
+            for run_id, run in runs.items():
+                if run.get("status") in TERMINAL:
+                    continue
+                r = await client.get(f"{api_url}/v1/runs/{run_id}", headers=headers)
+                if r.status_code == 200:
+                    runs[run_id] = r.json()
+                elif r.status_code != 404:  # 404: not projected yet
+                    raise DemoError(f"GET /v1/runs/{run_id} answered {r.status_code}: {r.text}")
+            line = _progress(runs, started)
+            if tty:
+                print("\r" + line, end="", file=out, flush=True)
+            elif line.split("  ")[0] != last_line.split("  ")[0]:
+                print(line, file=out, flush=True)
+            last_line = line
+            if all(r.get("status") in TERMINAL for r in runs.values()):
+                break
+            if time.monotonic() > deadline:
+                raise DemoError(f"demo runs not final after {timeout_s:.0f}s: {line}")
+            await asyncio.sleep(0.2)
+    if tty:
+        print(file=out)
+    print(f"\n{'run':<34} {'flow':<18} {'status':<10} {'ms':>7}  failed step / error", file=out)
+    for run_id, run in runs.items():
+        why = f"{run.get('failed_step')}: {run.get('error_message')}" if run.get("failed_step") else ""
+        duration = run.get("duration_ms") or 0
+        print(f"{run_id:<34} {flow_of[run_id]:<18} {run['status']:<10} {duration:>7.0f}  {why}", file=out)
+    print(f"\nsee one: curl -H 'Authorization: Bearer {api_key}' {api_url}/v1/runs/{next(iter(runs))}", file=out)
+    return runs

@@ -1,0 +1,136 @@
+"""API keys: `ft_live_…`/`ft_test_…`, 256 random bits, stored only as a SHA-256 hash, found by prefix.
+
+Every request's key resolves to a Principal (tenant, environment, scopes); all queries and
+commands are scoped by it (DESIGN 2.7).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+from fastapi import Request
+
+from services.common.http import ApiError
+
+ALL_SCOPES = ("runs:read", "runs:write", "flows:write", "data:read", "admin")
+PREFIX_BY_ENVIRONMENT = {"PRODUCTION": "ft_live_", "TESTING": "ft_test_"}
+_LOOKUP_CHARS = 12
+_CACHE_TTL_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    key_id: str
+    tenant_id: str
+    environment: str
+    scopes: frozenset[str]
+
+
+def _hash(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def _split(key: str) -> tuple[str, str] | None:
+    for environment, prefix in PREFIX_BY_ENVIRONMENT.items():
+        if key.startswith(prefix) and len(key) > len(prefix) + _LOOKUP_CHARS:
+            return environment, key[len(prefix) : len(prefix) + _LOOKUP_CHARS]
+    return None
+
+
+async def ensure_tenant(conn: asyncpg.Connection, tenant_id: str, name: str) -> None:
+    await conn.execute("INSERT INTO tenants (id, name) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING", tenant_id, name)
+
+
+async def create_api_key(
+    conn: asyncpg.Connection,
+    tenant_id: str,
+    *,
+    environment: str = "PRODUCTION",
+    scopes: Sequence[str] = ALL_SCOPES,
+    name: str = "",
+) -> tuple[str, str]:
+    """Returns (key_id, plaintext key). The plaintext is shown once and never stored."""
+    unknown = set(scopes) - set(ALL_SCOPES)
+    if unknown:
+        raise ValueError(f"unknown scopes: {', '.join(sorted(unknown))}")
+    secret = base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
+    key = PREFIX_BY_ENVIRONMENT[environment] + secret
+    key_id = "key_" + uuid.uuid4().hex[:16]
+    await conn.execute(
+        """
+        INSERT INTO api_keys (id, tenant_id, name, prefix, key_hash, environment, scopes)
+        VALUES ($1, $2, $3, $4, $5, $6, $7)
+        """,
+        key_id, tenant_id, name, secret[:_LOOKUP_CHARS], _hash(key), environment, list(scopes),
+    )  # fmt: skip
+    return key_id, key
+
+
+async def verify_api_key(conn: asyncpg.Connection, key: str) -> Principal | None:
+    parts = _split(key)
+    if parts is None:
+        return None
+    environment, lookup = parts
+    row = await conn.fetchrow(
+        "SELECT id, tenant_id, environment, scopes, key_hash, expires_at, revoked_at FROM api_keys WHERE prefix = $1",
+        lookup,
+    )
+    if row is None or not hmac.compare_digest(bytes(row["key_hash"]), _hash(key)):
+        return None
+    now = datetime.now(UTC)
+    if row["revoked_at"] is not None and row["revoked_at"] <= now:
+        return None
+    if row["expires_at"] is not None and row["expires_at"] <= now:
+        return None
+    if row["environment"] != environment:
+        return None
+    return Principal(row["id"], row["tenant_id"], row["environment"], frozenset(row["scopes"]))
+
+
+class Authenticator:
+    """Resolves bearer keys, caching hits for a few seconds so the hot path is not a query per request."""
+
+    def __init__(self, pool: asyncpg.Pool, ttl_s: float = _CACHE_TTL_S) -> None:
+        self.pool = pool
+        self.ttl_s = ttl_s
+        self._cache: dict[bytes, tuple[float, Principal]] = {}
+
+    async def principal(self, authorization: str | None) -> Principal:
+        if not authorization or not authorization.lower().startswith("bearer "):
+            raise ApiError(401, "unauthorized", "missing bearer token: send 'Authorization: Bearer ft_live_…'")
+        key = authorization[7:].strip()
+        digest = _hash(key)
+        hit = self._cache.get(digest)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        async with self.pool.acquire() as conn:
+            found = await verify_api_key(conn, key)
+        if found is None:
+            self._cache.pop(digest, None)
+            raise ApiError(401, "unauthorized", "invalid, expired or revoked API key")
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[digest] = (time.monotonic() + self.ttl_s, found)
+        return found
+
+
+def require_scope(scope: str) -> Callable[[Request], Awaitable[Principal]]:
+    """FastAPI dependency: the request's Principal, which must hold `scope` (or `admin`)."""
+
+    async def dependency(request: Request) -> Principal:
+        authenticator: Authenticator = request.app.state.authenticator
+        principal = await authenticator.principal(request.headers.get("authorization"))
+        if scope not in principal.scopes and "admin" not in principal.scopes:
+            raise ApiError(403, "forbidden", f"this API key lacks the {scope!r} scope")
+        return principal
+
+    return dependency

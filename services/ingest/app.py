@@ -1,0 +1,45 @@
+"""Builds the ingest FastAPI app: triggers in, appended to Kafka; nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.responses import ORJSONResponse
+
+from schemas.topics import Topics
+from services.common.auth import Authenticator
+from services.common.db import connect, create_pool
+from services.common.http import install
+from services.common.migrate import migrate
+from services.ingest.adapters.triggers import TriggerLog
+from services.ingest.routes import triggers
+from services.ingest.settings import IngestSettings
+
+
+def create_app(settings: IngestSettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        conn = await connect(settings.database_url, settings.database_schema)
+        try:
+            await migrate(conn, settings.database_schema)
+        finally:
+            await conn.close()
+        app.state.pool = await create_pool(settings.database_url, settings.database_schema)
+        app.state.authenticator = Authenticator(app.state.pool)
+        app.state.trigger_log = TriggerLog(
+            settings.kafka_bootstrap, Topics(settings.topic_prefix).triggers, linger_ms=settings.producer_linger_ms
+        )
+        await app.state.trigger_log.start()
+        try:
+            yield
+        finally:
+            await app.state.trigger_log.stop()
+            await app.state.pool.close()
+
+    app = FastAPI(title="Flowtrail ingest", default_response_class=ORJSONResponse, lifespan=lifespan)
+    app.state.settings = settings
+    install(app)
+    app.include_router(triggers.router)
+    return app

@@ -1,0 +1,14 @@
+"""Ingest settings: `FLOWTRAIL_INGEST_…` on top of the shared `FLOWTRAIL_…` ones."""
+
+from __future__ import annotations
+
+from services.common.settings import DEFAULT_INGEST_PORT, CommonSettings, service_field
+
+
+class IngestSettings(CommonSettings):
+    host: str = service_field("ingest", "host", "127.0.0.1")
+    port: int = service_field("ingest", "port", DEFAULT_INGEST_PORT)
+    max_batch_inputs: int = service_field("ingest", "max_batch_inputs", 100_000)
+    # `mode: live` waits this long for the run's final status before answering with its current one.
+    live_timeout_s: float = service_field("ingest", "live_timeout_s", 30.0)
+    producer_linger_ms: int = service_field("ingest", "producer_linger_ms", 5)
