@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,10 +79,9 @@ class Sandbox:
         }
 
 
-@pytest.fixture
-async def sandbox(infra: Infra) -> AsyncIterator[Sandbox]:
+@asynccontextmanager
+async def make_sandbox(infra: Infra, partitions: int = 2) -> AsyncIterator[Sandbox]:
     name = "t" + uuid.uuid4().hex[:10]
-    partitions = 2
     topics = Topics(prefix=f"test.{name}")
     conn = await asyncpg.connect(infra.database_url)
     try:
@@ -89,12 +89,20 @@ async def sandbox(infra: Infra) -> AsyncIterator[Sandbox]:
     finally:
         await conn.close()
     await ensure_topics(infra.kafka_bootstrap, topics, partitions)
-    yield Sandbox(infra=infra, schema=name, topics=topics, partitions=partitions)
-    conn = await asyncpg.connect(infra.database_url)
     try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+        yield Sandbox(infra=infra, schema=name, topics=topics, partitions=partitions)
     finally:
-        await conn.close()
+        conn = await asyncpg.connect(infra.database_url)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+        finally:
+            await conn.close()
+
+
+@pytest.fixture
+async def sandbox(infra: Infra) -> AsyncIterator[Sandbox]:
+    async with make_sandbox(infra) as box:
+        yield box
 
 
 @pytest.fixture

@@ -64,7 +64,7 @@ async def run_demo(
         for flow_id, n in PLAN.items():
             for payload in demo_inputs(flow_id, n):
                 flow_of[await _trigger(client, ingest_url, api_key, flow_id, payload, deadline)] = flow_id
-        print(f"fired {len(flow_of)} triggers: " + ", ".join(f"{n} × {f}" for f, n in PLAN.items()), file=out)
+        print(f"fired {len(flow_of)} triggers: " + ", ".join(f"{n} x {f}" for f, n in PLAN.items()), file=out)
         runs: dict[str, dict[str, Any]] = {run_id: {} for run_id in flow_of}
         last_line = ""
         while True:
