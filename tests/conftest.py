@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 

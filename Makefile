@@ -1,0 +1,53 @@
+# Flowtrail: the verbs a newcomer looks for.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+export UV_PYTHON_DOWNLOADS := never
+
+.PHONY: setup run up down status demo test test-unit lint fmt schemas bench clean
+
+$(VENV)/.synced: pyproject.toml uv.lock
+	@command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet --disable-pip-version-check uv
+	uv sync --frozen --python python3.11
+	@touch $@
+
+setup: $(VENV)/.synced ## create .venv with the locked dependencies
+
+run: setup ## Kafka + PostgreSQL + all services + demo flows; prints the API URL and key; Ctrl-C stops it
+	$(VENV)/bin/flowtrail up
+
+up: setup ## the same, left running in the background
+	$(VENV)/bin/flowtrail up --detach
+
+down: setup
+	$(VENV)/bin/flowtrail down
+
+status: setup
+	$(VENV)/bin/flowtrail status
+
+demo: setup
+	$(VENV)/bin/flowtrail demo
+
+test: setup ## every test, on a real Kafka broker and PostgreSQL that the session starts or reuses
+	$(VENV)/bin/pytest -q
+
+test-unit: setup
+	$(VENV)/bin/pytest -q tests/unit
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+fmt: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+schemas: setup ## regenerate schemas/jsonschema from the pydantic models
+	$(PY) -m schemas.generate
+
+bench: setup
+	$(VENV)/bin/pytest -q -s tests/bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
