@@ -136,6 +136,8 @@ class RunPausedPayload(Frozen):
 
 class StepStartedPayload(Frozen):
     step: str
+    # The step's index in the flow version; absent on events written before it was recorded.
+    position: int | None = None
     action: str
     attempt: int = 1
     input: Any = None
@@ -177,6 +179,7 @@ class StepFailedPayload(Frozen):
 
 class StepSkippedPayload(Frozen):
     step: str
+    position: int | None = None
     reason: str = ""
 
 

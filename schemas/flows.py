@@ -96,3 +96,10 @@ class FlowDefinition(Frozen):
             if s.name == name:
                 return s
         raise KeyError(name)
+
+    def position(self, name: str) -> int:
+        """The step's index in the flow, 0 for the first."""
+        for i, s in enumerate(self.steps):
+            if s.name == name:
+                return i
+        raise KeyError(name)

@@ -30,6 +30,8 @@ def create_app(settings: ExecutorSettings) -> tuple[faust.App, faust.TopicT, Eng
         topic_partitions=settings.partitions,
         topic_disable_leader=True,
         consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=min(3.0, settings.session_timeout_s / 3),
         web_host=settings.web_host,
         web_bind=settings.web_host,
         web_port=settings.web_port,

@@ -147,7 +147,7 @@ def decide(state: RunState | None, flow: FlowDefinition | None, inp: Input, cloc
             step = out.run.steps.get(inp.step)
             if step is None or step.status != StepStatus.RETRYING or step.attempt != inp.attempt:
                 return []
-            _start_step(out, flow.step(inp.step), attempt=inp.attempt + 1)
+            _start_step(out, flow, flow.step(inp.step), attempt=inp.attempt + 1)
     return out.events
 
 
@@ -187,34 +187,40 @@ def _advance(out: _Emitter, flow: FlowDefinition) -> None:
             try:
                 run_it = truthy(evaluate(step.run_condition, out.run.context()))
             except TemplateError as exc:
-                _fail_before_start(out, step, str(exc))
+                _fail_before_start(out, flow, step, str(exc))
                 return
             if not run_it:
                 out.emit(
                     ev.StepSkipped,
-                    {"step": step.name, "reason": f"run_condition false: {step.run_condition}"},
+                    {
+                        "step": step.name,
+                        "position": flow.position(step.name),
+                        "reason": f"run_condition false: {step.run_condition}",
+                    },
                 )
                 continue
-        _start_step(out, step, attempt=1)
+        _start_step(out, flow, step, attempt=1)
         return
     _finish(out, ev.RunSucceeded)
 
 
-def _start_step(out: _Emitter, step: StepDefinition, attempt: int) -> None:
+def _start_step(out: _Emitter, flow: FlowDefinition, step: StepDefinition, attempt: int) -> None:
     try:
         rendered = render(dict(step.input), out.run.context())
     except TemplateError as exc:
-        _fail_before_start(out, step, str(exc))
+        _fail_before_start(out, flow, step, str(exc))
         return
-    out.emit(
-        ev.StepStarted,
-        {"step": step.name, "action": step.action.value, "attempt": attempt, "input": rendered},
-    )
+    out.emit(ev.StepStarted, _started(flow, step, attempt, rendered))
 
 
-def _fail_before_start(out: _Emitter, step: StepDefinition, message: str) -> None:
+def _started(flow: FlowDefinition, step: StepDefinition, attempt: int, rendered: Any) -> dict[str, Any]:
+    position = flow.position(step.name)
+    return {"step": step.name, "position": position, "action": step.action.value, "attempt": attempt, "input": rendered}
+
+
+def _fail_before_start(out: _Emitter, flow: FlowDefinition, step: StepDefinition, message: str) -> None:
     error = ErrorInfo(category=ErrorCategory.VALIDATION, message=message, code="template_error")
-    out.emit(ev.StepStarted, {"step": step.name, "action": step.action.value, "attempt": 1, "input": None})
+    out.emit(ev.StepStarted, _started(flow, step, 1, None))
     out.emit(ev.StepFailed, {"step": step.name, "attempt": 1, "error": error})
     _finish(out, ev.RunFailed, failed_step=step.name, error=error)
 

@@ -19,3 +19,5 @@ class ExecutorSettings(CommonSettings):
     http_max_body_bytes: int = service_field("executor", "http_max_body_bytes", 64 * 1024)
     producer_linger_ms: int = service_field("executor", "producer_linger_ms", 5)
     trigger_batch_size: int = service_field("executor", "trigger_batch_size", 500)
+    # A killed executor's partitions move to a live one after this long without heartbeats.
+    session_timeout_s: float = service_field("executor", "session_timeout_s", 10.0)

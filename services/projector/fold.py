@@ -152,6 +152,13 @@ def _apply_run(change: RunChange, event: EventBase) -> None:
             change.error_message = p.reason
 
 
+def _position(event: EventBase) -> int:
+    # Steps first seen through an event without a position (older events, or a StepFailed whose
+    # StepStarted came in an earlier batch and so is already stored) sort by their first seq.
+    position = getattr(event.payload, "position", None)
+    return position if position is not None else 1_000_000 + event.seq
+
+
 def _step_event(out: BatchPlan, event: EventBase) -> None:
     p = event.payload
     key = (event.run_id, p.step)
@@ -159,8 +166,9 @@ def _step_event(out: BatchPlan, event: EventBase) -> None:
     status = _STEP_STATUS[event.type]
     if change is None:
         change = out.step_changes[key] = StepChange(
-            run_id=event.run_id, step=p.step, position=event.seq, status=status
+            run_id=event.run_id, step=p.step, position=_position(event), status=status
         )
+    change.position = min(change.position, _position(event))
     change.status = status
     match event.type:
         case "StepStarted":

@@ -105,6 +105,7 @@ FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[], $6::int[]
      AS u(run_id, step, position, status, action, attempt, input, output, error, assertions,
           extractions, started_at, finished_at, duration_ms)
 ON CONFLICT (run_id, step) DO UPDATE SET
+    position    = LEAST(EXCLUDED.position, s.position),
     status      = EXCLUDED.status,
     action      = COALESCE(EXCLUDED.action, s.action),
     attempt     = GREATEST(EXCLUDED.attempt, s.attempt),

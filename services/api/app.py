@@ -1,0 +1,40 @@
+"""Builds the API FastAPI app: reads the PostgreSQL read models, scoped to the caller's tenant and environment."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.responses import ORJSONResponse
+
+from services.api.routes import runs
+from services.api.settings import ApiSettings
+from services.common.auth import Authenticator
+from services.common.db import connect, create_pool
+from services.common.http import install
+from services.common.migrate import migrate
+
+
+def create_app(settings: ApiSettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        conn = await connect(settings.database_url, settings.database_schema)
+        try:
+            await migrate(conn, settings.database_schema)
+        finally:
+            await conn.close()
+        app.state.pool = await create_pool(
+            settings.database_url, settings.database_schema, max_size=settings.pool_max_size
+        )
+        app.state.authenticator = Authenticator(app.state.pool)
+        try:
+            yield
+        finally:
+            await app.state.pool.close()
+
+    app = FastAPI(title="Flowtrail API", version="1", default_response_class=ORJSONResponse, lifespan=lifespan)
+    app.state.settings = settings
+    install(app)
+    app.include_router(runs.router)
+    return app
