@@ -282,11 +282,32 @@ LEDGER_EVENT_TYPES: tuple[type[EventBase], ...] = (
 LEDGER_EVENTS_BY_TYPE: dict[str, type[EventBase]] = {cls.__name__: cls for cls in LEDGER_EVENT_TYPES}
 
 LedgerEvent = Annotated[
-    RunRequested | RunQueued | RunScheduled | RunBlocked | RunQuotaExceeded | RunInvalid | RunStarted  # type: ignore[valid-type]
-    | StepStarted | StepAttemptFailed | StepSucceeded | StepFailed | StepSkipped | StepCanceled  # type: ignore[valid-type]
-    | RecordsProcessed | RecordFailed | LogEmitted | RunPaused | RunResumed | RunCancelRequested  # type: ignore[valid-type]
-    | RunCanceled | RunSucceeded | RunPartiallySucceeded | RunFailed | RunTimedOut  # type: ignore[valid-type]
-    | RunInternalError | RunArchived,  # type: ignore[valid-type]
+    RunRequested
+    | RunQueued
+    | RunScheduled
+    | RunBlocked
+    | RunQuotaExceeded
+    | RunInvalid
+    | RunStarted  # type: ignore[valid-type]
+    | StepStarted
+    | StepAttemptFailed
+    | StepSucceeded
+    | StepFailed
+    | StepSkipped
+    | StepCanceled  # type: ignore[valid-type]
+    | RecordsProcessed
+    | RecordFailed
+    | LogEmitted
+    | RunPaused
+    | RunResumed
+    | RunCancelRequested  # type: ignore[valid-type]
+    | RunCanceled
+    | RunSucceeded
+    | RunPartiallySucceeded
+    | RunFailed
+    | RunTimedOut  # type: ignore[valid-type]
+    | RunInternalError
+    | RunArchived,  # type: ignore[valid-type]
     Field(discriminator="type"),
 ]
 LEDGER_ADAPTER: TypeAdapter[EventBase] = TypeAdapter(LedgerEvent)

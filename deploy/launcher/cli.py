@@ -38,16 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start the stack (foreground unless --detach)")
     up.add_argument("--detach", action="store_true", help="run in the background; stop with `flowtrail down`")
-    up.add_argument(
-        "--partitions", type=_partitions, help="partitions per topic (default: FLOWTRAIL_PARTITIONS or 4)"
-    )
+    up.add_argument("--partitions", type=_partitions, help="partitions per topic (default: FLOWTRAIL_PARTITIONS or 4)")
     up.add_argument("--no-demo", action="store_true", help="do not run the demo once the stack is healthy")
     up.add_argument("--daemon", action="store_true", help=argparse.SUPPRESS)
 
     down = sub.add_parser("down", help="stop the stack, Kafka and PostgreSQL")
-    down.add_argument(
-        "--keep-infra", action="store_true", help="stop the services only; leave Kafka and PostgreSQL"
-    )
+    down.add_argument("--keep-infra", action="store_true", help="stop the services only; leave Kafka and PostgreSQL")
 
     status = sub.add_parser("status", help="show which components run and the consumer lag")
     status.add_argument("--json", action="store_true", help="machine-readable output")

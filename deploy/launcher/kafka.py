@@ -108,8 +108,7 @@ def require_java() -> str:
     major = _java_major_version(java)
     if major is not None and major < 17:
         raise LauncherError(
-            f"Java 17+ is required to run Kafka, found Java {major} at {java}: "
-            "apt-get install openjdk-17-jre-headless"
+            f"Java 17+ is required to run Kafka, found Java {major} at {java}: apt-get install openjdk-17-jre-headless"
         )
     return java
 
@@ -142,8 +141,7 @@ def ensure_kafka_jars(state_dir: Path) -> Path:
     if done.returncode != 0 or not (jar_dir / _MAIN_JAR).exists():
         output = "\n".join((done.stdout + done.stderr).strip().splitlines()[-25:])
         raise LauncherError(
-            f"Maven could not download Kafka's jars (exit code {done.returncode}); "
-            f"command: {' '.join(argv)}\n{output}"
+            f"Maven could not download Kafka's jars (exit code {done.returncode}); command: {' '.join(argv)}\n{output}"
         )
     (jar_dir / _COMPLETE_MARKER).write_text(f"kafka {KAFKA_VERSION}\n")
     return jar_dir
@@ -222,9 +220,7 @@ def _wait_ready(port: int, process: subprocess.Popen[bytes] | None, log_path: Pa
                 with_log_tail(f"Kafka exited during start-up (exit code {process.returncode})", log_path)
             )
         time.sleep(0.5)
-    raise LauncherError(
-        with_log_tail(f"Kafka did not answer on 127.0.0.1:{port} within {timeout:.0f} s", log_path)
-    )
+    raise LauncherError(with_log_tail(f"Kafka did not answer on 127.0.0.1:{port} within {timeout:.0f} s", log_path))
 
 
 def ensure_kafka(

@@ -83,9 +83,7 @@ def ensure_pg_bin() -> Path:
             raise LauncherError(f"`{' '.join(argv)}` failed (exit code {done.returncode}):\n{output}")
     found = find_pg_bin()
     if found is None:
-        raise LauncherError(
-            "apt-get installed postgresql but no server binaries appeared in /usr/lib/postgresql"
-        )
+        raise LauncherError("apt-get installed postgresql but no server binaries appeared in /usr/lib/postgresql")
     return found
 
 
@@ -125,9 +123,7 @@ def _connect_and_create_db(port: int, timeout: float = 10.0) -> None:
             return
         except asyncpg.CannotConnectNowError:
             if time.monotonic() >= deadline:
-                raise LauncherError(
-                    f"PostgreSQL on port {port} is still starting up or shutting down"
-                ) from None
+                raise LauncherError(f"PostgreSQL on port {port} is still starting up or shutting down") from None
             time.sleep(0.5)
         except (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidPasswordError) as exc:
             raise LauncherError(
@@ -315,9 +311,7 @@ def stop_postgres(state_dir: Path, timeout: int = 60) -> bool:
     argv = [str(pg_bin / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", str(timeout), "stop"]
     done = _run(argv, cwd=root, timeout=timeout + 30)
     if done.returncode != 0:
-        raise LauncherError(
-            with_log_tail(f"pg_ctl stop failed: {(done.stdout + done.stderr).strip()}", paths["log"])
-        )
+        raise LauncherError(with_log_tail(f"pg_ctl stop failed: {(done.stdout + done.stderr).strip()}", paths["log"]))
     return True
 
 

@@ -98,9 +98,7 @@ def kafka_endpoint(settings: CommonSettings) -> tuple[str, int, int]:
     try:
         port = int(port_text)
     except ValueError:
-        raise LauncherError(
-            f"FLOWTRAIL_KAFKA_BOOTSTRAP={settings.kafka_bootstrap!r} is not host:port"
-        ) from None
+        raise LauncherError(f"FLOWTRAIL_KAFKA_BOOTSTRAP={settings.kafka_bootstrap!r} is not host:port") from None
     host = host.strip("[]") or "127.0.0.1"
     controller = DEFAULT_KAFKA_CONTROLLER_PORT if port == DEFAULT_KAFKA_PORT else port + 1
     return host, port, controller

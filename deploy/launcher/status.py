@@ -42,9 +42,7 @@ def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-async def _projector_offsets_from_pg(
-    settings: CommonSettings, group: str, topic: str
-) -> dict[int, int] | None:
+async def _projector_offsets_from_pg(settings: CommonSettings, group: str, topic: str) -> dict[int, int] | None:
     """next_offset per partition from ``<schema>.projector_offsets``; None when the table is absent."""
     import asyncpg
 
@@ -73,8 +71,7 @@ async def _group_lag(settings: CommonSettings, admin: Any, consumer: Any, servic
         result["error"] = "topic does not exist yet"
         return result
     tps = [
-        TopicPartition(topic, p["partition"])
-        for p in sorted(described[0]["partitions"], key=lambda p: p["partition"])
+        TopicPartition(topic, p["partition"]) for p in sorted(described[0]["partitions"], key=lambda p: p["partition"])
     ]
     ends = await consumer.end_offsets(tps)
     starts = await consumer.beginning_offsets(tps)
@@ -96,9 +93,7 @@ async def _group_lag(settings: CommonSettings, admin: Any, consumer: Any, servic
         position = committed.get(tp.partition)
         lag = end - (position if position is not None else start)
         total += max(lag, 0)
-        result["partitions"].append(
-            {"partition": tp.partition, "end": end, "committed": position, "lag": lag}
-        )
+        result["partitions"].append({"partition": tp.partition, "end": end, "committed": position, "lag": lag})
     result["total_lag"] = total
     return result
 
@@ -153,9 +148,7 @@ async def collect_status(settings: CommonSettings) -> dict[str, Any]:
     supervisor_pid = running_supervisor(paths)
     stack = read_stack_json(paths) or {}
     # stack.json outlives a supervisor that was killed; its pids mean nothing then.
-    supervised = (
-        stack.get("services", {}) if supervisor_pid and stack.get("supervisor_pid") == supervisor_pid else {}
-    )
+    supervised = stack.get("services", {}) if supervisor_pid and stack.get("supervisor_pid") == supervisor_pid else {}
     async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
         healthy = await asyncio.gather(*(_healthy(client, name) for name in SERVICE_PORTS))
     for name, up in zip(SERVICE_PORTS, healthy, strict=True):
@@ -216,11 +209,8 @@ def render_status(status: dict[str, Any]) -> str:
             for part in info["partitions"]:
                 committed = "-" if part["committed"] is None else part["committed"]
                 lines.append(
-                    f"      p{part['partition']:<3} end {part['end']:<8} "
-                    f"committed {committed:<8} lag {part['lag']}"
+                    f"      p{part['partition']:<3} end {part['end']:<8} committed {committed:<8} lag {part['lag']}"
                 )
     if status["supervisor_pid"] or status["api_key_present"]:
-        lines.append(
-            f"API {status['api_url']}   ingest {status['ingest_url']}   key file {status['api_key_path']}"
-        )
+        lines.append(f"API {status['api_url']}   ingest {status['ingest_url']}   key file {status['api_key_path']}")
     return "\n".join(lines)

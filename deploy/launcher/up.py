@@ -80,9 +80,7 @@ def _ensure_infra(settings: CommonSettings, paths: StackPaths, infra: _Infra) ->
             infra.teardown.append(("Kafka", kafka.stop))
         infra.kafka = {"bootstrap": kafka.bootstrap, "started_by_us": kafka.started_by_us, "pid": kafka.pid}
     elif not kafka_answers(k_port, k_host):
-        raise LauncherError(
-            f"no Kafka broker answers at {settings.kafka_bootstrap} (FLOWTRAIL_KAFKA_BOOTSTRAP)"
-        )
+        raise LauncherError(f"no Kafka broker answers at {settings.kafka_bootstrap} (FLOWTRAIL_KAFKA_BOOTSTRAP)")
     else:
         infra.kafka = {"bootstrap": settings.kafka_bootstrap, "started_by_us": False, "pid": None}
 
@@ -268,9 +266,7 @@ def run_up_detached(settings: CommonSettings, *, demo: bool, partitions: int | N
             if time.monotonic() >= deadline:
                 terminate(daemon.pid, SUPERVISOR_STOP_TIMEOUT)
                 raise LauncherError(
-                    with_log_tail(
-                        f"Flowtrail did not come up within {DETACH_TIMEOUT:.0f} s", paths.supervisor_log
-                    )
+                    with_log_tail(f"Flowtrail did not come up within {DETACH_TIMEOUT:.0f} s", paths.supervisor_log)
                 )
             time.sleep(0.5)
     except KeyboardInterrupt:

@@ -279,9 +279,7 @@ def _complete_step(out: _Emitter, flow: FlowDefinition, step: StepDefinition, in
     _finish(out, ev.RunFailed, failed_step=step.name, error=error)
 
 
-def _retry_at(
-    policy: RetryPolicy, error: ErrorInfo, attempt: int, step: Any, clock: Clock
-) -> datetime | None:
+def _retry_at(policy: RetryPolicy, error: ErrorInfo, attempt: int, step: Any, clock: Clock) -> datetime | None:
     """When the next attempt runs, or None when this failure is final (seed 000 categories)."""
     if error.category == ErrorCategory.TRANSIENT:
         if attempt > len(policy.delays_s):

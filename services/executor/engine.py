@@ -84,9 +84,7 @@ class Engine:
             resumed = [r for r, p in self.partition_of.items() if p == partition and r in self.runs]
             for run_id in resumed:
                 self._drive(run_id)
-            log.info(
-                "partition %s: %s events replayed, %s runs resumed", partition, len(events), len(resumed)
-            )
+            log.info("partition %s: %s events replayed, %s runs resumed", partition, len(events), len(resumed))
         metrics.ACTIVE_RUNS.set(len(self.runs))
 
     async def revoke(self, partitions: Iterable[int]) -> None:
@@ -176,9 +174,7 @@ class Engine:
 
     async def _next(self, state: RunState) -> bool:
         """Do what the run waits for; False when it waits for nothing this engine can do."""
-        active = [
-            (n, s) for n, s in state.steps.items() if s.status in (StepStatus.RUNNING, StepStatus.RETRYING)
-        ]
+        active = [(n, s) for n, s in state.steps.items() if s.status in (StepStatus.RUNNING, StepStatus.RETRYING)]
         if not active:
             return False
         name, step = active[0]
@@ -201,9 +197,7 @@ class Engine:
             timeout_s=definition.timeout_s or self.settings.default_step_timeout_s,
         )
         outcome = await self.runners.run(call)
-        metrics.STEP_SECONDS.labels(call.action, "ok" if outcome.ok else "error").observe(
-            outcome.duration_ms / 1000
-        )
+        metrics.STEP_SECONDS.labels(call.action, "ok" if outcome.ok else "error").observe(outcome.duration_ms / 1000)
         await self.feed(state.run_id, StepCompleted(
             state.run_id, name, step.attempt, outcome.ok, outcome.output, outcome.error, outcome.duration_ms
         ))  # fmt: skip

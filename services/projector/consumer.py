@@ -83,9 +83,7 @@ class Projector:
             )
             batch: list[Positioned] = []
             for tp, records in fetched.items():
-                decode = (
-                    codec.decode_flow_event if tp.topic == self.topics.flows else codec.decode_ledger_event
-                )
+                decode = codec.decode_flow_event if tp.topic == self.topics.flows else codec.decode_ledger_event
                 for record in records:
                     try:
                         event = decode(record.value)
@@ -106,9 +104,7 @@ class Projector:
             metrics.EVENTS.labels("duplicate").inc(result.duplicates)
             self.applied_batches += 1
 
-    async def _dead_letter(
-        self, tp: TopicPartition, offset: int, key: bytes | None, value: bytes, reason: str
-    ) -> None:
+    async def _dead_letter(self, tp: TopicPartition, offset: int, key: bytes | None, value: bytes, reason: str) -> None:
         metrics.DEAD_LETTERS.inc()
         log.warning("dead-lettering %s[%s]@%s: %s", tp.topic, tp.partition, offset, reason)
         await self.dlq.send_and_wait(

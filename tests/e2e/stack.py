@@ -54,8 +54,8 @@ class Service:
             start_new_session=True,
         )
 
-    async def wait_healthy(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
+    async def wait_healthy(self, within: float = 60.0) -> None:
+        deadline = time.monotonic() + within
         async with httpx.AsyncClient(timeout=2) as client:
             while True:
                 assert self.process is not None
@@ -67,7 +67,7 @@ class Service:
                 except httpx.TransportError:
                     pass
                 if time.monotonic() > deadline:
-                    raise AssertionError(f"{self.name} not healthy after {timeout}s:\n{self.log_tail()}")
+                    raise AssertionError(f"{self.name} not healthy after {within}s:\n{self.log_tail()}")
                 await asyncio.sleep(0.1)
 
     def kill(self) -> None:

@@ -74,7 +74,8 @@ def _flows(upstream: str) -> list[FlowDefinition]:
         FlowDefinition.model_validate({**common, "id": "broken", "name": "Broken", "steps": [
             {"name": "prepare", "action": "transform", "input": {"output": {"sku": "X-1"}}},
             {"name": "reject", "action": "http_request",
-             "input": {"method": "POST", "url": upstream + "/reject", "body": {"sku": "{{ steps.prepare.output.sku }}"}}},
+             "input": {"method": "POST", "url": upstream + "/reject",
+                       "body": {"sku": "{{ steps.prepare.output.sku }}"}}},
             {"name": "never", "action": "delay", "input": {"seconds": 0}},
         ]}),
         FlowDefinition.model_validate({**common, "id": "slow", "name": "Slow", "steps": [
@@ -129,8 +130,8 @@ async def trigger(env: Env, flow_id: str, payload: Any, key: str | None = None) 
     return str(r.json()["run_id"])
 
 
-async def wait_final(env: Env, run_id: str, timeout: float = 30) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
+async def wait_final(env: Env, run_id: str, within: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + within
     async with httpx.AsyncClient(timeout=10) as client:
         while True:
             r = await client.get(f"{env.api}/v1/runs/{run_id}", headers=_auth(env.key_a))
@@ -245,8 +246,9 @@ async def test_bad_triggers_get_a_clear_error(env: Env) -> None:
 
 async def test_a_batch_of_inputs_becomes_one_run_each(env: Env) -> None:
     async with httpx.AsyncClient(timeout=10) as client:
-        r = await client.post(f"{env.ingest}/v1/flows/orders/trigger",
-                              json={"inputs": [{"order_id": f"B-{i}"} for i in range(20)]}, headers=_auth(env.key_a))  # fmt: skip
+        inputs = [{"order_id": f"B-{i}"} for i in range(20)]
+        url = f"{env.ingest}/v1/flows/orders/trigger"
+        r = await client.post(url, json={"inputs": inputs}, headers=_auth(env.key_a))
     assert r.status_code == 202
     run_ids = r.json()["run_ids"]
     assert len(set(run_ids)) == 20
@@ -271,7 +273,7 @@ async def test_an_executor_killed_mid_run_resumes_it_from_the_ledger(env: Env) -
     executor.start()
     await executor.wait_healthy()
 
-    run = await wait_final(env, run_id, timeout=40)
+    run = await wait_final(env, run_id, within=40)
     assert run["status"] == "SUCCEEDED"
     events = await events_of(env, run_id)
     assert [e["seq"] for e in events] == list(range(len(events)))

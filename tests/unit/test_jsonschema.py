@@ -39,7 +39,8 @@ def test_file_format(name: str) -> None:
     schema = json.loads(text)
     assert next(iter(schema)) == "$comment"
     rest = {k: v for k, v in schema.items() if k != "$comment"}
-    assert text == '{\n  "$comment": ' + json.dumps(generate.COMMENT) + "," + json.dumps(rest, indent=2, sort_keys=True)[1:] + "\n"
+    body = json.dumps(rest, indent=2, sort_keys=True)[1:]
+    assert text == '{\n  "$comment": ' + json.dumps(generate.COMMENT) + "," + body + "\n"
 
 
 @pytest.mark.parametrize("cls", LEDGER_EVENT_TYPES, ids=lambda c: c.__name__)

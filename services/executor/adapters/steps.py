@@ -78,9 +78,7 @@ class StepRunners:
         try:
             action = self._actions.get(call.action)
             if action is None:
-                raise StepError(
-                    ErrorCategory.VALIDATION, f"action {call.action!r} is not available in this executor"
-                )
+                raise StepError(ErrorCategory.VALIDATION, f"action {call.action!r} is not available in this executor")
             if not isinstance(call.input, dict):
                 raise StepError(ErrorCategory.VALIDATION, "step input must be an object")
             timeout = call.timeout_s
@@ -126,15 +124,11 @@ class StepRunners:
             try:
                 # Every hop is checked, so a public URL cannot redirect into a private network.
                 await check_url(url, allow_private=self.allow_private)
-                response = await self.http.request(
-                    method, url, headers=headers, content=content, timeout=timeout
-                )
+                response = await self.http.request(method, url, headers=headers, content=content, timeout=timeout)
             except BlockedAddress as exc:
                 raise StepError(ErrorCategory.VALIDATION, str(exc), code="blocked_address") from exc
             except (httpx.TransportError, OSError) as exc:
-                raise StepError(
-                    ErrorCategory.TRANSIENT, f"{type(exc).__name__}: {exc}", code="network"
-                ) from exc
+                raise StepError(ErrorCategory.TRANSIENT, f"{type(exc).__name__}: {exc}", code="network") from exc
             if not response.is_redirect:
                 break
             url = str(response.next_request.url) if response.next_request else url

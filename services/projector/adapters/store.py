@@ -66,6 +66,8 @@ def _json(value: Any) -> str | None:
     return None if value is None else codec.dumps(value).decode()
 
 
+_RUN_DEFAULTS: dict[str, Any] = {"steps_count": 0}
+
 _INSERT_RUNS = f"""
 INSERT INTO runs ({", ".join(_RUN_COLUMNS)})
 SELECT {", ".join(_select(c) for c in _RUN_COLUMNS)}
@@ -185,7 +187,7 @@ async def _write_runs(conn: asyncpg.Connection, changes: BatchPlan) -> None:
     if changes.new_runs:
         rows = list(changes.new_runs.values())
         columns = [
-            [_json(row.get(c)) if c in _JSON_RUN_COLUMNS else row.get(c, 0 if c == "steps_count" else None) for row in rows]
+            [_json(row.get(c)) if c in _JSON_RUN_COLUMNS else row.get(c, _RUN_DEFAULTS.get(c)) for row in rows]
             for c in _RUN_COLUMNS
         ]
         await conn.execute(_INSERT_RUNS, *columns)
