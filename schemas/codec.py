@@ -63,3 +63,11 @@ def decode_trigger(data: bytes | str) -> TriggerReceived:
         return TriggerReceived.model_validate(upcast(_load_object(data)))
     except ValidationError as exc:
         raise DecodeError(_reason(exc)) from exc
+
+
+def ledger_event_from_dict(obj: dict[str, Any]) -> EventBase:
+    """An event already parsed from JSON (e.g. read back from a jsonb column) → its model, upcast first."""
+    try:
+        return LEDGER_ADAPTER.validate_python(upcast(obj))
+    except ValidationError as exc:
+        raise DecodeError(_reason(exc)) from exc

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.responses import ORJSONResponse
 
-from services.api.routes import runs
+from services.api.routes import analytics, runs
 from services.api.settings import ApiSettings
 from services.common.auth import Authenticator
 from services.common.db import connect, create_pool
@@ -37,4 +37,5 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.state.settings = settings
     install(app)
     app.include_router(runs.router)
+    app.include_router(analytics.router)
     return app

@@ -14,8 +14,11 @@ SUMMARY_COLUMNS = (
     "id", "flow_id", "flow_version", "flow_name", "status", "environment", "execution_mode", "trigger_type",
     "caller", "tags", "parent_run_id", "retry_of", "bulk_operation_id", "failed_step", "error_message",
     "steps_count", "created_at", "started_at", "finished_at", "updated_at", "duration_ms", "archived",
+    "error_category", "error_fingerprint",
 )  # fmt: skip
 _SELECT_SUMMARY = ", ".join(SUMMARY_COLUMNS)
+RECORD_COUNTERS = ("read", "transformed", "written", "deduped", "skipped", "failed")
+_SELECT_RECORDS = ", ".join(f"records_{n}" for n in RECORD_COUNTERS)
 
 
 class CursorError(ValueError):
@@ -23,24 +26,79 @@ class CursorError(ValueError):
 
 
 @dataclass(frozen=True)
-class Cursor:
-    """A position in the newest-first order: the (created_at, id) of a row and which way to read from it."""
+class Sort:
+    """`sort=-created_at`: a column (or expression) and a direction; ties broken by id the same way."""
 
-    created_at: datetime
+    name: str
+    descending: bool
+
+    @property
+    def expression(self) -> str:
+        return SORTABLE[self.name]
+
+    @classmethod
+    def parse(cls, text: str) -> Sort:
+        name = text.strip().lstrip("-+")
+        if name == "duration_ms":
+            name = "duration"
+        if name not in SORTABLE:
+            raise ValueError(f"cannot sort by {name!r}; sortable: {', '.join(SORTABLE)} (prefix - for descending)")
+        return cls(name, text.strip().startswith("-"))
+
+    def __str__(self) -> str:
+        return ("-" if self.descending else "") + self.name
+
+
+# Unfinished runs have no duration; they sort below every finished one.
+SORTABLE = {
+    "created_at": "created_at",
+    "updated_at": "updated_at",
+    "status": "status",
+    "duration": "COALESCE(duration_ms, -1)",
+}
+_TIME_SORTS = {"created_at", "updated_at"}
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """A position in one sort order: the sort key and id of a row, and which way to read from it."""
+
+    sort: str
+    value: Any
     run_id: str
     backward: bool = False
 
     def encode(self) -> str:
-        raw = orjson.dumps({"c": self.created_at.isoformat(), "i": self.run_id, "b": self.backward})
+        value = self.value.isoformat() if isinstance(self.value, datetime) else self.value
+        raw = orjson.dumps({"s": self.sort, "v": value, "i": self.run_id, "b": self.backward})
         return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
     @classmethod
-    def decode(cls, text: str) -> Cursor:
+    def decode(cls, text: str, sort: Sort) -> Cursor:
         try:
             raw = orjson.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
-            return cls(datetime.fromisoformat(raw["c"]), str(raw["i"]), bool(raw["b"]))
+            value = raw["v"]
+            if sort.name in _TIME_SORTS:
+                value = datetime.fromisoformat(value)
+            elif sort.name == "duration":
+                value = float(value)
+            elif not isinstance(value, str):
+                raise TypeError("status cursor value")
+            cursor = cls(str(raw["s"]), value, str(raw["i"]), bool(raw["b"]))
         except (ValueError, KeyError, TypeError) as exc:
             raise CursorError("cursor is not one this API returned") from exc
+        if cursor.sort != str(sort):
+            raise CursorError(f"cursor belongs to sort={cursor.sort}; send the same sort with it")
+        return cursor
+
+    def flipped(self) -> Cursor:
+        return Cursor(self.sort, self.value, self.run_id, not self.backward)
+
+
+def _sort_value(row: asyncpg.Record, sort: Sort) -> Any:
+    if sort.name == "duration":
+        return row["duration_ms"] if row["duration_ms"] is not None else -1.0
+    return row[sort.name]
 
 
 @dataclass
@@ -50,6 +108,10 @@ class RunFilter:
     flow_ids: list[str] = field(default_factory=list)
     statuses: list[str] = field(default_factory=list)
     trigger_types: list[str] = field(default_factory=list)
+    execution_modes: list[str] = field(default_factory=list)
+    callers: list[str] = field(default_factory=list)
+    fingerprint: str | None = None
+    q: str | None = None
     ids: list[str] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
     failed_step: str | None = None
@@ -78,6 +140,17 @@ class RunFilter:
             add("status = ANY(?::text[])", self.statuses)
         if self.trigger_types:
             add("trigger_type = ANY(?::text[])", self.trigger_types)
+        if self.execution_modes:
+            add("execution_mode = ANY(?::text[])", self.execution_modes)
+        if self.callers:
+            add("caller = ANY(?::text[])", self.callers)
+        if self.fingerprint is not None:
+            add("error_fingerprint = ?", self.fingerprint)
+        if self.q:
+            # Substring of an error message or of a run id; both columns carry a trigram index.
+            pattern = "%" + self.q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            args.append(pattern)
+            clauses.append(f"(error_message ILIKE ${len(args)} OR id ILIKE ${len(args)})")
         if self.ids:
             add("id = ANY(?::text[])", self.ids)
         if self.tags:
@@ -100,44 +173,52 @@ class Page:
     prev_cursor: str | None
 
 
-async def list_runs(pool: asyncpg.Pool, flt: RunFilter, limit: int, cursor: Cursor | None) -> Page:
-    """Newest first, keyset-paginated on (created_at, id): pages stay stable while new runs arrive."""
+async def list_runs(
+    pool: asyncpg.Pool, flt: RunFilter, limit: int, sort: Sort, cursor: Cursor | None = None, offset: int = 0
+) -> Page:
+    """Keyset-paginated on (sort key, id), so pages stay stable while new runs arrive; or by offset."""
     clauses, args = flt.where()
+    backward = cursor is not None and cursor.backward
+    # Reading backward walks the opposite direction from the cursor, then the page is flipped back.
+    descending = sort.descending != backward
     if cursor is not None:
-        args += [cursor.created_at, cursor.run_id]
-        op = ">" if cursor.backward else "<"
-        clauses.append(f"(created_at, id) {op} (${len(args) - 1}, ${len(args)})")
-    order = "ASC" if cursor is not None and cursor.backward else "DESC"
+        args += [cursor.value, cursor.run_id]
+        clauses.append(f"({sort.expression}, id) {'<' if descending else '>'} (${len(args) - 1}, ${len(args)})")
+    direction = "DESC" if descending else "ASC"
     args.append(limit + 1)
     sql = (
         f"SELECT {_SELECT_SUMMARY} FROM runs WHERE {' AND '.join(clauses)} "
-        f"ORDER BY created_at {order}, id {order} LIMIT ${len(args)}"
+        f"ORDER BY {sort.expression} {direction}, id {direction} LIMIT ${len(args)}"
     )
+    if offset:
+        args.append(offset)
+        sql += f" OFFSET ${len(args)}"
     rows = await pool.fetch(sql, *args)
     more = len(rows) > limit
     rows = rows[:limit]
-    if cursor is not None and cursor.backward:
+    if backward:
         rows.reverse()
-        has_newer, has_older = more, True
-    else:
-        has_newer, has_older = cursor is not None, more
+    has_before = more if backward else (cursor is not None or offset > 0)
+    has_after = True if backward else more
     if not rows:
         # An empty page still lets the client turn back the way it came.
         if cursor is None:
             return Page([], None, None)
-        back = Cursor(cursor.created_at, cursor.run_id, not cursor.backward).encode()
-        return Page([], back if cursor.backward else None, None if cursor.backward else back)
+        return Page(
+            [], cursor.flipped().encode() if backward else None, None if backward else cursor.flipped().encode()
+        )
     first, last = rows[0], rows[-1]
+    key = str(sort)
     return Page(
         rows,
-        Cursor(last["created_at"], last["id"]).encode() if has_older else None,
-        Cursor(first["created_at"], first["id"], backward=True).encode() if has_newer else None,
+        Cursor(key, _sort_value(last, sort), last["id"]).encode() if has_after else None,
+        Cursor(key, _sort_value(first, sort), first["id"], backward=True).encode() if has_before else None,
     )
 
 
 async def get_run(pool: asyncpg.Pool, tenant_id: str, environment: str, run_id: str) -> asyncpg.Record | None:
     return await pool.fetchrow(
-        f"SELECT {_SELECT_SUMMARY}, trigger_payload, error FROM runs "
+        f"SELECT {_SELECT_SUMMARY}, tenant_id, trigger_payload, error, {_SELECT_RECORDS} FROM runs "
         "WHERE id = $1 AND tenant_id = $2 AND environment = $3",
         run_id, tenant_id, environment,
     )  # fmt: skip
@@ -156,4 +237,42 @@ async def get_events(pool: asyncpg.Pool, run_id: str, after_seq: int, limit: int
         "SELECT seq, event_id, type, occurred_at, causation_id, payload FROM run_events "
         "WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
         run_id, after_seq, limit,
+    )  # fmt: skip
+
+
+async def get_attempts(pool: asyncpg.Pool, run_id: str) -> list[asyncpg.Record]:
+    return await pool.fetch(
+        "SELECT step, attempt, status, error, retry_at, started_at, finished_at, duration_ms FROM step_attempts "
+        "WHERE run_id = $1 ORDER BY step, attempt",
+        run_id,
+    )
+
+
+async def get_events_until(pool: asyncpg.Pool, run_id: str, until: int | datetime) -> list[asyncpg.Record]:
+    column = "seq" if isinstance(until, int) else "occurred_at"
+    return await pool.fetch(
+        f"SELECT seq, event_id, type, occurred_at, causation_id, payload FROM run_events "
+        f"WHERE run_id = $1 AND {column} <= $2 ORDER BY seq",
+        run_id, until,
+    )  # fmt: skip
+
+
+async def get_logs(
+    pool: asyncpg.Pool, run_id: str, levels: list[str], step: str | None, after_seq: int, limit: int
+) -> list[asyncpg.Record]:
+    return await pool.fetch(
+        "SELECT seq, level, step, message, fields, occurred_at FROM run_logs "
+        "WHERE run_id = $1 AND seq > $2 AND (cardinality($3::text[]) = 0 OR level = ANY($3::text[])) "
+        "AND ($4::text IS NULL OR step = $4) ORDER BY seq LIMIT $5",
+        run_id, after_seq, levels, step, limit,
+    )  # fmt: skip
+
+
+async def get_record_errors(
+    pool: asyncpg.Pool, run_id: str, step: str | None, after_seq: int, limit: int
+) -> list[asyncpg.Record]:
+    return await pool.fetch(
+        "SELECT seq, step, record_key, field_path, error, raw_error, occurred_at FROM record_errors "
+        "WHERE run_id = $1 AND seq > $2 AND ($3::text IS NULL OR step = $3) ORDER BY seq LIMIT $4",
+        run_id, after_seq, step, limit,
     )  # fmt: skip

@@ -8,8 +8,9 @@ from typing import Annotated, Any
 import asyncpg
 from fastapi import APIRouter, Depends, Query, Request
 
-from schemas.events import TriggerType
+from schemas.events import ExecutionMode, TriggerType
 from schemas.status import parse_run_status
+from services.api import timeline
 from services.api.adapters import runs as store
 from services.common.auth import Principal, require_scope
 from services.common.http import ApiError
@@ -40,12 +41,22 @@ def _statuses(values: list[str]) -> list[str]:
 
 def _trigger_types(values: list[str]) -> list[str]:
     accepted = {t.value for t in TriggerType}
-    unknown = [v for v in values if v.upper() not in accepted]
+    unknown = [v for v in values if v.lower() not in accepted]
     if unknown:
         raise ApiError(
             422, "validation_error", f"trigger_type: unknown {unknown[0]!r}; accepted: {', '.join(sorted(accepted))}"
         )
-    return [v.upper() for v in values]
+    return [v.lower() for v in values]
+
+
+def _execution_modes(values: list[str]) -> list[str]:
+    accepted = {m.value for m in ExecutionMode}
+    unknown = [v for v in values if v.lower() not in accepted]
+    if unknown:
+        raise ApiError(
+            422, "validation_error", f"execution_mode: unknown {unknown[0]!r}; accepted: {', '.join(sorted(accepted))}"
+        )
+    return [v.lower() for v in values]
 
 
 def summary(row: asyncpg.Record) -> dict[str, Any]:
@@ -59,6 +70,9 @@ async def list_runs(
     flow_id: Many = None,
     status: Many = None,
     trigger_type: Many = None,
+    execution_mode: Many = None,
+    caller: Many = None,
+    environment: str | None = None,
     ids: Many = None,
     tags: Many = None,
     failed_step: str | None = None,
@@ -67,10 +81,28 @@ async def list_runs(
     from_: Annotated[datetime | None, Query(alias="from")] = None,
     to: datetime | None = None,
     include_archived: bool = False,
+    q: Annotated[str | None, Query(max_length=200)] = None,
+    error_fingerprint: str | None = None,
+    sort: str = "-created_at",
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: str | None = None,
+    offset: Annotated[int, Query(ge=0, le=100_000)] = 0,
 ) -> dict[str, Any]:
-    """Runs newest first. `next_cursor` pages to older runs, `prev_cursor` back to newer ones."""
+    """Runs, newest first unless `sort` says otherwise. `next_cursor` pages on, `prev_cursor` back.
+
+    `q` matches a substring of the error message or of the run id. `offset` is for clients that page
+    by count (seed 002); cursors stay stable while new runs arrive, offsets do not.
+    """
+    if environment is not None and environment.upper() != principal.environment:
+        raise ApiError(
+            403, "forbidden", f"this API key sees {principal.environment} runs only; use a key of that environment"
+        )
+    if cursor and offset:
+        raise ApiError(422, "validation_error", "offset: give `cursor` or `offset`, not both")
+    try:
+        order = store.Sort.parse(sort)
+    except ValueError as exc:
+        raise ApiError(422, "validation_error", f"sort: {exc}") from None
     if from_ is not None and created_after is not None:
         raise ApiError(422, "validation_error", "from: give `from` or `created_after`, not both")
     if to is not None and created_before is not None:
@@ -81,6 +113,10 @@ async def list_runs(
         flow_ids=_many(flow_id),
         statuses=_statuses(_many(status)),
         trigger_types=_trigger_types(_many(trigger_type)),
+        execution_modes=_execution_modes(_many(execution_mode)),
+        callers=_many(caller),
+        fingerprint=error_fingerprint,
+        q=q.strip() if q and q.strip() else None,
         ids=_many(ids),
         tags=_many(tags),
         failed_step=failed_step,
@@ -89,14 +125,18 @@ async def list_runs(
         include_archived=include_archived,
     )
     try:
-        position = store.Cursor.decode(cursor) if cursor else None
+        position = store.Cursor.decode(cursor, order) if cursor else None
     except store.CursorError as exc:
         raise ApiError(400, "invalid_request", f"cursor: {exc}") from None
-    page = await store.list_runs(request.app.state.pool, flt, limit, position)
+    page = await store.list_runs(request.app.state.pool, flt, limit, order, position, offset)
     return {"data": [summary(r) for r in page.rows], "next_cursor": page.next_cursor, "prev_cursor": page.prev_cursor}
 
 
-def _step(row: asyncpg.Record) -> dict[str, Any]:
+def _attempt(row: asyncpg.Record) -> dict[str, Any]:
+    return {k: row[k] for k in ("attempt", "status", "error", "retry_at", "started_at", "finished_at", "duration_ms")}
+
+
+def _step(row: asyncpg.Record, attempts: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "name": row["step"],
         "position": row["position"],
@@ -111,6 +151,7 @@ def _step(row: asyncpg.Record) -> dict[str, Any]:
         "started_at": row["started_at"],
         "finished_at": row["finished_at"],
         "duration_ms": row["duration_ms"],
+        "attempts": attempts,
     }
 
 
@@ -121,17 +162,49 @@ async def _run_or_404(request: Request, principal: Principal, run_id: str) -> as
     return row
 
 
+def _detail(view: dict[str, Any], trigger_payload: Any, error: Any, steps: list[dict[str, Any]]) -> dict[str, Any]:
+    out = {name: view.get(name) for name in store.SUMMARY_COLUMNS}
+    out["trigger"] = {"type": view["trigger_type"], "caller": view["caller"], "payload": trigger_payload}
+    out["error"] = error
+    out["records"] = {n: view.get(f"records_{n}", 0) for n in store.RECORD_COUNTERS}
+    out["duration_breakdown"] = timeline.breakdown(view, steps)
+    out["steps"] = steps
+    return out
+
+
 @router.get("/v1/runs/{run_id}")
-async def get_run(run_id: str, request: Request, principal: Reader) -> dict[str, Any]:
-    """One run: its summary, what triggered it, its error and every step with input, output and duration."""
+async def get_run(
+    run_id: str,
+    request: Request,
+    principal: Reader,
+    as_of: Annotated[str | None, Query(description="a seq, or an ISO 8601 timestamp with offset")] = None,
+) -> dict[str, Any]:
+    """One run: what triggered it, its records counters, duration breakdown, error and every step with its
+    input, output, duration and attempts. `?as_of=` returns the run as it stood at that seq or time."""
+    pool = request.app.state.pool
     row = await _run_or_404(request, principal, run_id)
-    steps = await store.get_steps(request.app.state.pool, run_id)
-    return {
-        **summary(row),
-        "trigger": {"type": row["trigger_type"], "caller": row["caller"], "payload": row["trigger_payload"]},
-        "error": row["error"],
-        "steps": [_step(s) for s in steps],
-    }
+    if as_of is not None:
+        return await _get_run_as_of(pool, row, as_of)
+    attempts: dict[str, list[dict[str, Any]]] = {}
+    for a in await store.get_attempts(pool, run_id):
+        attempts.setdefault(a["step"], []).append(_attempt(a))
+    steps = [_step(s, attempts.get(s["step"], [])) for s in await store.get_steps(pool, run_id)]
+    return _detail(dict(row), row["trigger_payload"], row["error"], steps)
+
+
+async def _get_run_as_of(pool: asyncpg.Pool, row: asyncpg.Record, as_of: str) -> dict[str, Any]:
+    try:
+        until = timeline.parse_as_of(as_of)
+    except ValueError as exc:
+        raise ApiError(422, "validation_error", f"as_of: {exc}") from None
+    events = await store.get_events_until(pool, row["id"], until)
+    try:
+        view = timeline.as_of(row, events)
+    except ValueError as exc:
+        raise ApiError(404, "not_found", f"run {row['id']!r} as of {as_of}: {exc}") from None
+    out = _detail(view, view.get("trigger_payload"), view.get("error"), view["steps"])
+    out["as_of"] = {"seq": view["last_seq"], "occurred_at": events[-1]["occurred_at"]}
+    return out
 
 
 @router.get("/v1/runs/{run_id}/events")
@@ -157,3 +230,41 @@ async def get_run_events(
         for r in rows
     ]
     return {"data": data, "has_more": len(rows) == limit}
+
+
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@router.get("/v1/runs/{run_id}/logs")
+async def get_run_logs(
+    run_id: str,
+    request: Request,
+    principal: Reader,
+    level: Many = None,
+    step: str | None = None,
+    after_seq: Annotated[int, Query(ge=-1)] = -1,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 500,
+) -> dict[str, Any]:
+    """The run's structured log lines, filterable by level (several allowed) and step."""
+    levels = [v.upper() for v in _many(level)]
+    unknown = [v for v in levels if v not in _LEVELS]
+    if unknown:
+        raise ApiError(422, "validation_error", f"level: unknown {unknown[0]!r}; accepted: {', '.join(_LEVELS)}")
+    await _run_or_404(request, principal, run_id)
+    rows = await store.get_logs(request.app.state.pool, run_id, levels, step, after_seq, limit)
+    return {"data": [dict(r) for r in rows], "has_more": len(rows) == limit}
+
+
+@router.get("/v1/runs/{run_id}/record-errors")
+async def get_run_record_errors(
+    run_id: str,
+    request: Request,
+    principal: Reader,
+    step: str | None = None,
+    after_seq: Annotated[int, Query(ge=-1)] = -1,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 500,
+) -> dict[str, Any]:
+    """Each rejected record: its key, the offending field path and the destination's raw error."""
+    await _run_or_404(request, principal, run_id)
+    rows = await store.get_record_errors(request.app.state.pool, run_id, step, after_seq, limit)
+    return {"data": [dict(r) for r in rows], "has_more": len(rows) == limit}

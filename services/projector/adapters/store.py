@@ -9,6 +9,8 @@ import asyncpg
 
 from schemas import codec
 from schemas.events import EventBase, FlowEventBase, FlowPaused, FlowResumed, FlowVersionPublished
+from services.projector.adapters.details import write_details
+from services.projector.details import plan_details
 from services.projector.fold import BatchPlan, plan
 
 
@@ -148,6 +150,7 @@ async def apply_batch(conn: asyncpg.Connection, group: str, batch: list[Position
         changes = plan(new_events)
         await _write_runs(conn, changes)
         await _write_steps(conn, changes)
+        await write_details(conn, plan_details(new_events))
         for p in flows:
             await _apply_flow_event(conn, p.event)
         await _save_offsets(conn, group, batch)

@@ -1,0 +1,130 @@
+"""GET /v1/analytics/...: pass rate, duration percentiles, flakiness, failure groups, endpoint coverage."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from schemas.events import ErrorCategory
+from services.api.adapters import analytics as store
+from services.common.auth import Principal, require_scope
+from services.common.http import ApiError
+
+router = APIRouter()
+Reader = Annotated[Principal, Depends(require_scope("runs:read"))]
+
+# Flowtrail's deterministic failure analysis: what to do next, by error category (seed 000).
+NEXT_ACTION = {
+    "TRANSIENT": "The remote side was unavailable or slow; retries are automatic. If the group keeps growing, "
+    "check the endpoint's health and rate limits.",
+    "AUTH": "Credentials were rejected: re-authorise or rotate the connector's credentials, then retry the runs "
+    "from the failed step.",
+    "VALIDATION": "The data or the mapping is wrong: fix the field named in the error (or the step's input), then "
+    "retry the runs from the failed step.",
+    "CONFLICT": "The destination holds a conflicting record: deduplicate or switch the write to an upsert, then retry.",
+    "INTERNAL": "A Flowtrail defect: report it with a run id from this group; retry once it is fixed.",
+}
+
+
+def _utc(value: datetime) -> datetime:
+    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _window(since: datetime | None, until: datetime | None) -> tuple[datetime, datetime]:
+    """Default: the last seven days."""
+    end = _utc(until) if until is not None else datetime.now(UTC)
+    start = _utc(since) if since is not None else end - timedelta(days=7)
+    if start >= end:
+        raise ApiError(422, "validation_error", "from: must be before `to`")
+    return start, end
+
+
+@router.get("/v1/analytics/flows/{flow_id}")
+async def flow_analytics(
+    flow_id: str,
+    request: Request,
+    principal: Reader,
+    from_: Annotated[datetime | None, Query(alias="from")] = None,
+    to: datetime | None = None,
+    bucket: Literal["hour", "day"] = "day",
+) -> dict[str, Any]:
+    """Per bucket: runs by status and trigger, pass rate, duration p50/p95/p99 and records processed."""
+    since, until = _window(from_, to)
+    pool = request.app.state.pool
+    args = (principal.tenant_id, principal.environment, flow_id, since, until, bucket)
+    buckets: dict[datetime, dict[str, Any]] = {}
+
+    def bucket_of(at: datetime) -> dict[str, Any]:
+        return buckets.setdefault(at, {
+            "bucket": at, "runs": 0, "by_status": {}, "by_trigger": {}, "pass_rate": None,
+            "duration_ms": {"p50": None, "p95": None, "p99": None, "mean": None},
+            "records_written": 0, "records_failed": 0, "_duration_sum": 0.0,
+        })  # fmt: skip
+
+    for r in await store.flow_series(pool, *args):
+        b = bucket_of(r["bucket"])
+        b["runs"] += r["runs"]
+        b["by_status"][r["status"]] = b["by_status"].get(r["status"], 0) + r["runs"]
+        b["by_trigger"][r["trigger_type"]] = b["by_trigger"].get(r["trigger_type"], 0) + r["runs"]
+        b["records_written"] += r["records_written"]
+        b["records_failed"] += r["records_failed"]
+        b["_duration_sum"] += r["duration_ms_sum"]
+    for r in await store.flow_percentiles(pool, *args):
+        bucket_of(r["bucket"])["duration_ms"].update(p50=r["p50"], p95=r["p95"], p99=r["p99"])
+    totals = {"runs": 0, "succeeded": 0}
+    for b in buckets.values():
+        passed = b["by_status"].get("SUCCEEDED", 0)
+        b["pass_rate"] = round(passed / b["runs"], 4) if b["runs"] else None
+        b["duration_ms"]["mean"] = round(b.pop("_duration_sum") / b["runs"], 3) if b["runs"] else None
+        totals["runs"] += b["runs"]
+        totals["succeeded"] += passed
+    return {
+        "flow_id": flow_id,
+        "from": since,
+        "to": until,
+        "bucket": bucket,
+        "runs": totals["runs"],
+        "pass_rate": round(totals["succeeded"] / totals["runs"], 4) if totals["runs"] else None,
+        "series": [buckets[k] for k in sorted(buckets)],
+    }
+
+
+@router.get("/v1/analytics/flakiness")
+async def flaky_steps(
+    request: Request,
+    principal: Reader,
+    flow_id: str | None = None,
+    min_runs: Annotated[int, Query(ge=2, le=100_000)] = 2,
+) -> dict[str, Any]:
+    """Steps that both passed and failed on the same flow version; score 1.0 = fails half the time."""
+    rows = await store.flakiness(request.app.state.pool, principal.tenant_id, principal.environment, flow_id, min_runs)
+    return {"data": [dict(r) for r in rows]}
+
+
+@router.get("/v1/analytics/failure-groups")
+async def failure_groups(
+    request: Request,
+    principal: Reader,
+    flow_id: str | None = None,
+    category: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> dict[str, Any]:
+    """Final errors grouped by fingerprint (normalised message, step, category), newest first, each with the
+    suggested next action. List a group's runs with `GET /v1/runs?error_fingerprint=<fingerprint>`."""
+    if category is not None and category.upper() not in ErrorCategory.__members__:
+        accepted = ", ".join(ErrorCategory.__members__)
+        raise ApiError(422, "validation_error", f"category: unknown {category!r}; accepted: {accepted}")
+    rows = await store.failure_groups(
+        request.app.state.pool, principal.tenant_id, principal.environment, flow_id,
+        category.upper() if category else None, limit,
+    )  # fmt: skip
+    return {"data": [{**dict(r), "next_action": NEXT_ACTION[r["category"]]} for r in rows]}
+
+
+@router.get("/v1/analytics/endpoints")
+async def endpoint_coverage(request: Request, principal: Reader, flow_id: str | None = None) -> dict[str, Any]:
+    """Hosts and routes (ids folded into `{id}`) that http_request steps called, with call counts."""
+    rows = await store.endpoints(request.app.state.pool, principal.tenant_id, principal.environment, flow_id)
+    return {"data": [dict(r) for r in rows]}

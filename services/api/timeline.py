@@ -1,0 +1,113 @@
+"""A run as it stood at a point in its history, folded from its events with the projector's own fold. Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from schemas.codec import DecodeError, ledger_event_from_dict
+from schemas.events import EventBase
+from services.projector.details import RECORD_COUNTERS, plan_details
+from services.projector.fold import plan
+
+
+def rebuild_event(run: Mapping[str, Any], row: Mapping[str, Any]) -> EventBase:
+    """A run_events row (which stores the payload, not the envelope's flow fields) back into its event."""
+    return ledger_event_from_dict(
+        {
+            "event_id": row["event_id"],
+            "type": row["type"],
+            "tenant_id": run["tenant_id"],
+            "run_id": run["id"],
+            "flow_id": run["flow_id"],
+            "flow_version": run["flow_version"],
+            "seq": row["seq"],
+            "occurred_at": row["occurred_at"],
+            "causation_id": row["causation_id"],
+            "correlation_id": run["id"],
+            "payload": row["payload"],
+        }
+    )
+
+
+def as_of(run: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Summary fields and steps of the run after the given events (seq 0..n, in order)."""
+    try:
+        events = [rebuild_event(run, r) for r in rows]
+    except DecodeError as exc:  # pragma: no cover - the projector stored only events it decoded
+        raise ValueError(f"stored event does not decode: {exc}") from exc
+    if not events or events[0].type != "RunRequested":
+        raise ValueError("the run has no events up to that point")
+    batch = plan(events)
+    view = dict(batch.new_runs[run["id"]])
+    details = plan_details(events)
+    counters = details.records.get(run["id"], dict.fromkeys(RECORD_COUNTERS, 0))
+    view.update({f"records_{n}": counters[n] for n in RECORD_COUNTERS})
+    failure = details.failures.get(run["id"])
+    view["error_category"] = failure.category if failure else None
+    view["error_fingerprint"] = failure.fingerprint if failure else None
+    view["last_seq"] = events[-1].seq
+    attempts: dict[str, list[dict[str, Any]]] = {}
+    for (_, step, _), a in sorted(details.attempts.items(), key=lambda kv: (kv[0][1], kv[0][2])):
+        attempts.setdefault(step, []).append(
+            {
+                "attempt": a.attempt, "status": a.status, "error": a.error, "retry_at": a.retry_at,
+                "started_at": a.started_at, "finished_at": a.finished_at, "duration_ms": a.duration_ms,
+            }
+        )  # fmt: skip
+    steps = sorted(batch.step_changes.values(), key=lambda c: c.position)
+    view["steps"] = [
+        {
+            "name": c.step, "position": c.position, "action": c.action, "status": c.status, "attempt": c.attempt or 1,
+            "input": c.input, "output": c.output, "error": c.error, "assertions": c.assertions or [],
+            "extractions": c.extractions or {}, "started_at": c.started_at, "finished_at": c.finished_at,
+            "duration_ms": c.duration_ms, "attempts": attempts.get(c.step, []),
+        }
+        for c in steps
+    ]  # fmt: skip
+    return view
+
+
+def parse_as_of(text: str) -> int | datetime:
+    """`?as_of=12` is a seq; anything else must be an ISO 8601 timestamp."""
+    if text.isdigit():
+        return int(text)
+    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if value.tzinfo is None:
+        raise ValueError("a timestamp needs its UTC offset, e.g. 2026-11-24T10:00:00Z")
+    return value
+
+
+_READ_ACTIONS = {"database_query", "kafka_consume"}
+_WRITE_ACTIONS = {"kafka_produce"}
+
+
+def phase(action: str | None, step_input: Any) -> str:
+    """Which part of the duration breakdown (seed 000: read, transform, write) a step's time counts toward."""
+    if action == "http_request":
+        method = str(step_input.get("method", "GET")).upper() if isinstance(step_input, dict) else "GET"
+        return "read" if method in ("GET", "HEAD", "OPTIONS") else "write"
+    if action in _READ_ACTIONS:
+        return "read"
+    if action in _WRITE_ACTIONS:
+        return "write"
+    if action in ("transform", "python"):
+        return "transform"
+    return "wait" if action in ("delay", "human_input") else "other"
+
+
+def breakdown(run: Mapping[str, Any], steps: Iterable[Mapping[str, Any]]) -> dict[str, float | None]:
+    """Wall clock, time queued before the first step, and step time by phase."""
+    created, started, finished = run.get("created_at"), run.get("started_at"), run.get("finished_at")
+    out: dict[str, float | None] = {
+        "total_ms": run.get("duration_ms"),
+        "queued_ms": (started - created).total_seconds() * 1000 if created and started else None,
+        "read_ms": 0.0, "transform_ms": 0.0, "write_ms": 0.0, "wait_ms": 0.0, "other_ms": 0.0,
+    }  # fmt: skip
+    for s in steps:
+        key = f"{phase(s.get('action'), s.get('input'))}_ms"
+        out[key] = (out[key] or 0.0) + float(s.get("duration_ms") or 0.0)
+    if finished is None:
+        out["total_ms"] = None
+    return out

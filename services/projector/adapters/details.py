@@ -1,0 +1,171 @@
+"""Writes a DetailPlan: multi-row statements (unnest), increments and upserts, inside the batch's transaction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+from schemas import codec
+from services.projector.details import RECORD_COUNTERS, DetailPlan
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else codec.dumps(value).decode()
+
+
+_UPSERT_ATTEMPTS = """
+INSERT INTO step_attempts AS a (run_id, step, attempt, status, input, error, retry_at, started_at, finished_at,
+                                duration_ms)
+SELECT u.run_id, u.step, u.attempt, u.status, u.input::jsonb, u.error::jsonb, u.retry_at, u.started_at,
+       u.finished_at, u.duration_ms
+FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[], $6::text[], $7::timestamptz[],
+            $8::timestamptz[], $9::timestamptz[], $10::float8[])
+     AS u(run_id, step, attempt, status, input, error, retry_at, started_at, finished_at, duration_ms)
+ON CONFLICT (run_id, step, attempt) DO UPDATE SET
+    status      = EXCLUDED.status,
+    input       = COALESCE(EXCLUDED.input, a.input),
+    error       = COALESCE(EXCLUDED.error, a.error),
+    retry_at    = COALESCE(EXCLUDED.retry_at, a.retry_at),
+    started_at  = COALESCE(EXCLUDED.started_at, a.started_at),
+    finished_at = COALESCE(EXCLUDED.finished_at, a.finished_at),
+    duration_ms = COALESCE(EXCLUDED.duration_ms, a.duration_ms)
+"""
+
+_INSERT_LOGS = """
+INSERT INTO run_logs (run_id, seq, tenant_id, level, step, message, fields, occurred_at)
+SELECT u.run_id, u.seq, u.tenant_id, u.level, u.step, u.message, u.fields::jsonb, u.occurred_at
+FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::timestamptz[])
+     AS u(run_id, seq, tenant_id, level, step, message, fields, occurred_at)
+ON CONFLICT DO NOTHING
+"""
+
+_INSERT_RECORD_ERRORS = """
+INSERT INTO record_errors (run_id, seq, tenant_id, step, record_key, field_path, error, raw_error, occurred_at)
+SELECT u.run_id, u.seq, u.tenant_id, u.step, u.record_key, u.field_path, u.error, u.raw_error::jsonb, u.occurred_at
+FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
+            $9::timestamptz[])
+     AS u(run_id, seq, tenant_id, step, record_key, field_path, error, raw_error, occurred_at)
+ON CONFLICT DO NOTHING
+"""
+
+_UPDATE_RUN_RECORDS = f"""
+UPDATE runs r SET {", ".join(f"records_{n} = r.records_{n} + u.{n}" for n in RECORD_COUNTERS)}
+FROM unnest($1::text[], {", ".join(f"${i + 2}::int[]" for i in range(len(RECORD_COUNTERS)))})
+     AS u(id, {", ".join(RECORD_COUNTERS)})
+WHERE r.id = u.id
+"""
+
+_UPDATE_RUN_FAILURES = """
+UPDATE runs r SET error_category = u.category, error_fingerprint = u.fingerprint
+FROM unnest($1::text[], $2::text[], $3::text[]) AS u(id, category, fingerprint)
+WHERE r.id = u.id
+"""
+
+# Groups are keyed by the run's tenant and environment, which only the run row knows; it is written
+# (with finished_at and error_message) earlier in the same transaction.
+_UPSERT_GROUPS = """
+INSERT INTO failure_groups AS g (tenant_id, environment, fingerprint, flow_id, step, category, message_pattern,
+                                 sample_message, runs, first_seen, last_seen, last_run_id)
+SELECT r.tenant_id, r.environment, u.fingerprint, min(r.flow_id), min(r.failed_step), min(u.category),
+       min(u.pattern), (array_agg(r.error_message ORDER BY r.finished_at DESC, r.id DESC))[1], count(*),
+       min(r.finished_at), max(r.finished_at), (array_agg(r.id ORDER BY r.finished_at DESC, r.id DESC))[1]
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u(id, category, fingerprint, pattern)
+JOIN runs r ON r.id = u.id
+GROUP BY r.tenant_id, r.environment, u.fingerprint
+ON CONFLICT (tenant_id, environment, fingerprint) DO UPDATE SET
+    runs           = g.runs + EXCLUDED.runs,
+    first_seen     = LEAST(g.first_seen, EXCLUDED.first_seen),
+    last_seen      = GREATEST(g.last_seen, EXCLUDED.last_seen),
+    last_run_id    = CASE WHEN EXCLUDED.last_seen >= g.last_seen THEN EXCLUDED.last_run_id ELSE g.last_run_id END,
+    sample_message = CASE WHEN EXCLUDED.last_seen >= g.last_seen THEN EXCLUDED.sample_message
+                          ELSE g.sample_message END
+"""
+
+# Finished runs counted into their flow's hour of creation; the run row already holds every column.
+_ROLLUP_HOURLY = """
+INSERT INTO flow_hourly AS h (tenant_id, flow_id, environment, hour, status, trigger_type, runs, duration_ms_sum,
+                              records_written, records_failed)
+SELECT tenant_id, flow_id, environment, date_trunc('hour', created_at), status, trigger_type, count(*),
+       COALESCE(sum(duration_ms), 0), sum(records_written), sum(records_failed)
+FROM runs WHERE id = ANY($1::text[])
+GROUP BY 1, 2, 3, 4, 5, 6
+ON CONFLICT (tenant_id, flow_id, environment, hour, status, trigger_type) DO UPDATE SET
+    runs            = h.runs + EXCLUDED.runs,
+    duration_ms_sum = h.duration_ms_sum + EXCLUDED.duration_ms_sum,
+    records_written = h.records_written + EXCLUDED.records_written,
+    records_failed  = h.records_failed + EXCLUDED.records_failed
+"""
+
+_UPSERT_OUTCOMES = """
+INSERT INTO step_outcomes AS o (tenant_id, environment, flow_id, flow_version, step, succeeded, failed, retried,
+                                last_failed_at)
+SELECT r.tenant_id, r.environment, r.flow_id, u.flow_version, u.step, count(*) FILTER (WHERE u.kind = 'succeeded'),
+       count(*) FILTER (WHERE u.kind = 'failed'), count(*) FILTER (WHERE u.kind = 'retried'),
+       max(u.at) FILTER (WHERE u.kind = 'failed')
+FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::timestamptz[]) AS u(id, flow_version, step, kind, at)
+JOIN runs r ON r.id = u.id
+GROUP BY 1, 2, 3, 4, 5
+ON CONFLICT (tenant_id, environment, flow_id, flow_version, step) DO UPDATE SET
+    succeeded      = o.succeeded + EXCLUDED.succeeded,
+    failed         = o.failed + EXCLUDED.failed,
+    retried        = o.retried + EXCLUDED.retried,
+    last_failed_at = GREATEST(o.last_failed_at, EXCLUDED.last_failed_at)
+"""
+
+_UPSERT_ENDPOINTS = """
+INSERT INTO endpoint_coverage AS e (tenant_id, environment, flow_id, method, host, route, calls, last_seen)
+SELECT r.tenant_id, r.environment, r.flow_id, u.method, u.host, u.route, count(*), max(u.at)
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[]) AS u(id, method, host, route, at)
+JOIN runs r ON r.id = u.id
+GROUP BY 1, 2, 3, 4, 5, 6
+ON CONFLICT (tenant_id, environment, flow_id, method, host, route) DO UPDATE SET
+    calls = e.calls + EXCLUDED.calls, last_seen = GREATEST(e.last_seen, EXCLUDED.last_seen)
+"""
+
+
+def _columns(rows: list[dict[str, Any]], names: tuple[str, ...], json_names: tuple[str, ...] = ()) -> list[list[Any]]:
+    return [[_json(r[n]) if n in json_names else r[n] for r in rows] for n in names]
+
+
+async def write_details(conn: asyncpg.Connection, plan: DetailPlan) -> None:
+    """Run in the batch's transaction, after the runs rows of the batch are written."""
+    if plan.attempts:
+        at = list(plan.attempts.values())
+        await conn.execute(
+            _UPSERT_ATTEMPTS,
+            [a.run_id for a in at], [a.step for a in at], [a.attempt for a in at], [a.status for a in at],
+            [_json(a.input) for a in at], [_json(a.error) for a in at], [a.retry_at for a in at],
+            [a.started_at for a in at], [a.finished_at for a in at], [a.duration_ms for a in at],
+        )  # fmt: skip
+    if plan.logs:
+        names: tuple[str, ...] = ("run_id", "seq", "tenant_id", "level", "step", "message", "fields", "occurred_at")
+        await conn.execute(_INSERT_LOGS, *_columns(plan.logs, names, ("fields",)))
+    if plan.record_errors:
+        names = ("run_id", "seq", "tenant_id", "step", "record_key", "field_path", "error", "raw_error",
+                 "occurred_at")  # fmt: skip
+        await conn.execute(_INSERT_RECORD_ERRORS, *_columns(plan.record_errors, names, ("raw_error",)))
+    if plan.records:
+        ids = list(plan.records)
+        await conn.execute(_UPDATE_RUN_RECORDS, ids, *[[plan.records[i][n] for i in ids] for n in RECORD_COUNTERS])
+    if plan.failures:
+        ids = list(plan.failures)
+        fs = [plan.failures[i] for i in ids]
+        await conn.execute(_UPDATE_RUN_FAILURES, ids, [f.category for f in fs], [f.fingerprint for f in fs])
+        await conn.execute(
+            _UPSERT_GROUPS, ids, [f.category for f in fs], [f.fingerprint for f in fs], [f.pattern for f in fs]
+        )
+    if plan.finished:
+        await conn.execute(_ROLLUP_HOURLY, plan.finished)
+    if plan.outcomes:
+        oc = plan.outcomes
+        await conn.execute(
+            _UPSERT_OUTCOMES, [o.run_id for o in oc], [o.flow_version for o in oc], [o.step for o in oc],
+            [o.kind for o in oc], [o.occurred_at for o in oc],
+        )  # fmt: skip
+    if plan.endpoints:
+        ep = plan.endpoints
+        await conn.execute(
+            _UPSERT_ENDPOINTS, [e.run_id for e in ep], [e.method for e in ep], [e.host for e in ep],
+            [e.route for e in ep], [e.occurred_at for e in ep],
+        )  # fmt: skip

@@ -1,0 +1,153 @@
+"""Ledger events → the detail read models (attempts, logs, record errors, failure groups, rollups). Pure.
+
+Like fold.plan, it sees only new events (already deduplicated by (run_id, seq)), so each counter
+below is incremented exactly once per event however often Kafka redelivers it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from schemas.events import TERMINAL_EVENT_STATUS, EventBase
+from services.projector.fingerprint import endpoint, fingerprint
+
+RECORD_COUNTERS = ("read", "transformed", "written", "deduped", "skipped", "failed")
+
+
+@dataclass
+class AttemptChange:
+    run_id: str
+    step: str
+    attempt: int
+    status: str
+    input: Any = None
+    error: dict[str, Any] | None = None
+    retry_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    duration_ms: float | None = None
+
+
+@dataclass
+class RunFailure:
+    """A run's final error, fingerprinted; the failure group's row is aggregated from these in SQL."""
+
+    category: str
+    fingerprint: str
+    pattern: str
+
+
+@dataclass
+class StepOutcome:
+    """One StepSucceeded / StepFailed / StepAttemptFailed, counted into step_outcomes per flow version."""
+
+    run_id: str
+    flow_version: int
+    step: str
+    kind: str  # succeeded | failed | retried
+    occurred_at: datetime
+
+
+@dataclass
+class EndpointCall:
+    run_id: str
+    method: str
+    host: str
+    route: str
+    occurred_at: datetime
+
+
+@dataclass
+class DetailPlan:
+    attempts: dict[tuple[str, str, int], AttemptChange] = field(default_factory=dict)
+    logs: list[dict[str, Any]] = field(default_factory=list)
+    record_errors: list[dict[str, Any]] = field(default_factory=list)
+    records: dict[str, dict[str, int]] = field(default_factory=dict)  # run_id → counter deltas
+    failures: dict[str, RunFailure] = field(default_factory=dict)  # run_id → its failure group
+    finished: list[str] = field(default_factory=list)  # runs that reached a final status in this batch
+    outcomes: list[StepOutcome] = field(default_factory=list)
+    endpoints: list[EndpointCall] = field(default_factory=list)
+
+
+_ATTEMPT_STATUS = {
+    "StepStarted": "RUNNING",
+    "StepAttemptFailed": "FAILED",
+    "StepSucceeded": "SUCCEEDED",
+    "StepFailed": "FAILED",
+    "StepCanceled": "CANCELED",
+}
+
+
+def plan_details(events: list[EventBase]) -> DetailPlan:
+    out = DetailPlan()
+    for event in events:
+        t = event.type
+        if t in _ATTEMPT_STATUS:
+            _attempt(out, event)
+        if t in ("StepSucceeded", "StepFailed", "StepAttemptFailed"):
+            _outcome(out, event)
+        elif t == "RecordsProcessed":
+            deltas = out.records.setdefault(event.run_id, dict.fromkeys(RECORD_COUNTERS, 0))
+            for name in RECORD_COUNTERS:
+                deltas[name] += getattr(event.payload, name)
+        elif t == "RecordFailed":
+            p = event.payload
+            out.record_errors.append({
+                "run_id": event.run_id, "seq": event.seq, "tenant_id": event.tenant_id, "step": p.step,
+                "record_key": p.record_key, "field_path": p.field_path, "error": p.error, "raw_error": p.raw_error,
+                "occurred_at": event.occurred_at,
+            })  # fmt: skip
+        elif t == "LogEmitted":
+            p = event.payload
+            out.logs.append({
+                "run_id": event.run_id, "seq": event.seq, "tenant_id": event.tenant_id, "level": p.level,
+                "step": p.step, "message": p.message, "fields": dict(p.fields), "occurred_at": event.occurred_at,
+            })  # fmt: skip
+        elif t in TERMINAL_EVENT_STATUS:
+            out.finished.append(event.run_id)
+            _failure(out, event)
+    return out
+
+
+def _attempt(out: DetailPlan, event: EventBase) -> None:
+    p = event.payload
+    key = (event.run_id, p.step, getattr(p, "attempt", 1))
+    change = out.attempts.get(key)
+    if change is None:
+        change = out.attempts[key] = AttemptChange(event.run_id, p.step, key[2], _ATTEMPT_STATUS[event.type])
+    change.status = _ATTEMPT_STATUS[event.type]
+    if event.type == "StepStarted":
+        change.input = p.input
+        change.started_at = event.occurred_at
+        if p.action == "http_request" and isinstance(p.input, dict) and isinstance(p.input.get("url"), str):
+            found = endpoint(str(p.input.get("method") or "GET"), p.input["url"])
+            if found is not None:
+                out.endpoints.append(EndpointCall(event.run_id, *found, event.occurred_at))
+        return
+    change.finished_at = event.occurred_at
+    change.duration_ms = getattr(p, "duration_ms", None)
+    error = getattr(p, "error", None)
+    if error is not None:
+        change.error = error.model_dump(mode="json")
+    if event.type == "StepAttemptFailed":
+        change.retry_at = p.retry_at
+
+
+_OUTCOME = {"StepSucceeded": "succeeded", "StepFailed": "failed", "StepAttemptFailed": "retried"}
+
+
+def _outcome(out: DetailPlan, event: EventBase) -> None:
+    out.outcomes.append(
+        StepOutcome(event.run_id, event.flow_version, event.payload.step, _OUTCOME[event.type], event.occurred_at)
+    )
+
+
+def _failure(out: DetailPlan, event: EventBase) -> None:
+    error = getattr(event.payload, "error", None)
+    if error is None:
+        return
+    step = getattr(event.payload, "failed_step", None)
+    fp, pattern = fingerprint(event.flow_id, step, error.category.value, error.message)
+    out.failures[event.run_id] = RunFailure(error.category.value, fp, pattern)
