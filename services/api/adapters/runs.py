@@ -77,6 +77,12 @@ class Cursor:
     def decode(cls, text: str, sort: Sort) -> Cursor:
         try:
             raw = orjson.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+            made_for = str(raw["s"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CursorError("cursor is not one this API returned") from exc
+        if made_for != str(sort):
+            raise CursorError(f"cursor belongs to sort={made_for}; send the same sort with it")
+        try:
             value = raw["v"]
             if sort.name in _TIME_SORTS:
                 value = datetime.fromisoformat(value)
@@ -84,12 +90,9 @@ class Cursor:
                 value = float(value)
             elif not isinstance(value, str):
                 raise TypeError("status cursor value")
-            cursor = cls(str(raw["s"]), value, str(raw["i"]), bool(raw["b"]))
+            return cls(made_for, value, str(raw["i"]), bool(raw["b"]))
         except (ValueError, KeyError, TypeError) as exc:
             raise CursorError("cursor is not one this API returned") from exc
-        if cursor.sort != str(sort):
-            raise CursorError(f"cursor belongs to sort={cursor.sort}; send the same sort with it")
-        return cursor
 
     def flipped(self) -> Cursor:
         return Cursor(self.sort, self.value, self.run_id, not self.backward)

@@ -1,0 +1,293 @@
+"""Detail read models and analytics, from ledger events produced straight to Kafka, read through the API.
+
+Covers what a user sees on a run page (attempts with retry times, records counters, record errors with
+field paths, logs by level, duration breakdown, the run as it stood at an earlier seq or time), the
+runs list's `q` search, `sort` and `offset`, and the analytics built from the same events: failure
+groups, flakiness, pass rate and duration percentiles, endpoint coverage. Every event is delivered
+twice; counters must not double.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from schemas import events as ev
+from schemas.events import EventBase, TriggerInfo
+from services.common.auth import create_api_key, ensure_tenant
+from services.common.db import connect
+from tests.conftest import Infra, make_sandbox
+from tests.e2e.stack import Stack
+from tests.factories import produce
+
+T0 = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
+
+
+class Run:
+    """Writes one run's events the way the executor would, 100 ms apart."""
+
+    def __init__(self, run_id: str, flow_id: str, start: datetime, flow_version: int = 1) -> None:
+        self.run_id, self.flow_id, self.start, self.flow_version = run_id, flow_id, start, flow_version
+        self.events: list[EventBase] = []
+
+    @property
+    def now(self) -> datetime:
+        return self.start + timedelta(milliseconds=100 * len(self.events))
+
+    def emit(self, cls: Any, **payload: Any) -> Run:
+        seq = len(self.events)
+        self.events.append(cls(
+            tenant_id="acme", run_id=self.run_id, flow_id=self.flow_id, flow_version=self.flow_version, seq=seq,
+            occurred_at=self.now, causation_id=f"{self.run_id}:{seq}", correlation_id=self.run_id, payload=payload,
+        ))  # fmt: skip
+        return self
+
+    def begin(self, payload: Any = None) -> Run:
+        trigger = TriggerInfo(type="webhook", caller="key_hook", payload=payload or {})
+        return (
+            self.emit(ev.RunRequested, trigger=trigger, flow_name=self.flow_id).emit(ev.RunQueued).emit(ev.RunStarted)
+        )
+
+    def step(self, name: str, position: int, action: str = "transform", step_input: Any = None,
+             ok: bool = True, duration_ms: float = 10.0) -> Run:  # fmt: skip
+        self.emit(ev.StepStarted, step=name, position=position, action=action, input=step_input or {})
+        if ok:
+            return self.emit(ev.StepSucceeded, step=name, output={"ok": True}, duration_ms=duration_ms)
+        error = {"category": "VALIDATION", "message": f"{name} rejected"}
+        return self.emit(ev.StepFailed, step=name, error=error, duration_ms=duration_ms)
+
+
+def _runs() -> list[Run]:
+    runs: list[Run] = []
+    # A sync run: a GET that fails twice (TRANSIENT, retried), a transform, a POST, records counted, two
+    # rejected records, logs at three levels; it ends PARTIAL.
+    sync = Run("run_sync_0001", "sync", T0).begin({"since": "2026-11-19"})
+    get = {"method": "GET", "url": "https://crm.example.com/v2/contacts/48213?page=2"}
+    sync.emit(ev.StepStarted, step="read", position=0, action="http_request", input=get, attempt=1)
+    unavailable = {"category": "TRANSIENT", "message": "503 from crm"}
+    retry_at = T0 + timedelta(seconds=1)
+    sync.emit(ev.StepAttemptFailed, step="read", attempt=1, duration_ms=30, error=unavailable, retry_at=retry_at)
+    sync.emit(ev.StepStarted, step="read", position=0, action="http_request", input=get, attempt=2)
+    sync.emit(ev.StepSucceeded, step="read", attempt=2, output={"status": 200}, duration_ms=40)
+    sync.emit(ev.LogEmitted, level="INFO", message="read 5 contacts", step="read")
+    sync.step("map", 1, duration_ms=5)
+    sync.emit(ev.LogEmitted, level="WARNING", message="contact 7 has no email", step="map", fields={"contact": 7})
+    post = {"method": "POST", "url": "https://erp.example.com/api/customers"}
+    sync.step("write", 2, action="http_request", step_input=post, duration_ms=60)
+    sync.emit(ev.RecordsProcessed, step="write", read=5, transformed=5, written=3, skipped=0, failed=2)
+    sync.emit(ev.RecordFailed, step="write", record_key="contact-7", field_path="email",
+              error="email is required", raw_error={"code": "E_REQUIRED", "field": "email"})  # fmt: skip
+    sync.emit(ev.RecordFailed, step="write", record_key="contact-9", field_path="address.zip",
+              error="zip must be 5 digits", raw_error={"code": "E_FORMAT"})  # fmt: skip
+    sync.emit(ev.LogEmitted, level="ERROR", message="2 records rejected", step="write")
+    sync.emit(ev.RunPartiallySucceeded, duration_ms=1500.0)
+    runs.append(sync)
+
+    # "orders": 6 runs; the `push` step fails on 3 of them with messages that differ only in ids and
+    # numbers (one failure group), passes on the rest (flaky). Durations 100, 200, ... 600 ms.
+    for i in range(6):
+        r = Run(f"run_order_{i:04d}", "orders", T0 + timedelta(minutes=10 + i)).begin({"order": i})
+        order_url = f"https://shop.example.com/orders/{1000 + i}"
+        r.step("fetch", 0, action="http_request", step_input={"method": "GET", "url": order_url})
+        if i % 2 == 0:
+            error = {"category": "AUTH", "message": f"token for account {7000 + i} expired at step push (req_{i}abc)"}
+            r.emit(ev.StepStarted, step="push", position=1, action="transform", input={})
+            r.emit(ev.StepFailed, step="push", error=error, duration_ms=5)
+            r.emit(ev.RunFailed, duration_ms=100.0 * (i + 1), failed_step="push", error=error)
+        else:
+            r.step("push", 1)
+            r.emit(ev.RunSucceeded, duration_ms=100.0 * (i + 1))
+        runs.append(r)
+    # One rare error message to search for.
+    rare = Run("run_rare_0001", "orders", T0 + timedelta(minutes=30)).begin()
+    error = {"category": "VALIDATION", "message": "currency XQZ is not supported by the ledger"}
+    rare.emit(ev.StepStarted, step="fetch", position=0, action="transform", input={})
+    rare.emit(ev.StepFailed, step="fetch", error=error, duration_ms=1)
+    rare.emit(ev.RunFailed, duration_ms=50.0, failed_step="fetch", error=error)
+    runs.append(rare)
+    # Still running: no duration yet.
+    runs.append(Run("run_live_0001", "orders", T0 + timedelta(minutes=40)).begin().emit(
+        ev.StepStarted, step="fetch", position=0, action="transform", input={}))  # fmt: skip
+    return runs
+
+
+RUNS = _runs()
+EVENTS = [e for r in RUNS for e in r.events]
+
+
+@dataclass
+class Env:
+    api: str
+    key: str
+
+    async def get(self, path: str, **params: Any) -> httpx.Response:
+        async with httpx.AsyncClient(base_url=self.api, timeout=10) as client:
+            return await client.get(path, params=params, headers={"Authorization": f"Bearer {self.key}"})
+
+    async def ok(self, path: str, **params: Any) -> Any:
+        r = await self.get(path, **params)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+
+@pytest.fixture(scope="module")
+async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
+    async with make_sandbox(infra) as sandbox:
+        conn = await connect(infra.database_url, sandbox.schema)
+        try:
+            await ensure_tenant(conn, "acme", "Acme")
+            _, key = await create_api_key(conn, "acme")
+            # Every event twice: Kafka redelivery must not double any counter.
+            await produce(infra.kafka_bootstrap, sandbox.topics.ledger, EVENTS + EVENTS, sandbox.partitions)
+            stack = Stack.build(sandbox, ("projector", "api"), Path(tmp_path_factory.mktemp("logs")))
+            await stack.start()
+            try:
+                deadline = time.monotonic() + 60
+                while await conn.fetchval("SELECT coalesce(sum(next_offset), 0) FROM projector_offsets") < 2 * len(
+                    EVENTS
+                ):
+                    assert time.monotonic() < deadline, stack["projector"].log_tail()
+                    await asyncio.sleep(0.05)
+                yield Env(stack["api"].url, key)
+            finally:
+                stack.stop()
+        finally:
+            await conn.close()
+
+
+async def test_run_detail_shows_attempts_records_errors_and_breakdown(env: Env) -> None:
+    run = await env.ok("/v1/runs/run_sync_0001")
+    assert run["status"] == "PARTIAL"
+    assert run["trigger"] == {"type": "webhook", "caller": "key_hook", "payload": {"since": "2026-11-19"}}
+    assert run["records"] == {"read": 5, "transformed": 5, "written": 3, "deduped": 0, "skipped": 0, "failed": 2}
+    read = run["steps"][0]
+    assert read["name"] == "read" and read["attempt"] == 2 and read["status"] == "SUCCEEDED"
+    first, second = read["attempts"]
+    assert first["status"] == "FAILED" and first["error"]["category"] == "TRANSIENT"
+    assert first["retry_at"] == "2026-11-20T09:00:01Z"
+    assert second["status"] == "SUCCEEDED" and second["duration_ms"] == 40
+    assert [s["name"] for s in run["steps"]] == ["read", "map", "write"]
+    breakdown = run["duration_breakdown"]
+    assert breakdown["total_ms"] == 1500.0
+    assert breakdown["read_ms"] == 40 and breakdown["transform_ms"] == 5 and breakdown["write_ms"] == 60
+    assert breakdown["queued_ms"] == pytest.approx(200.0)
+
+    errors = (await env.ok("/v1/runs/run_sync_0001/record-errors"))["data"]
+    assert [(e["record_key"], e["field_path"]) for e in errors] == [
+        ("contact-7", "email"),
+        ("contact-9", "address.zip"),
+    ]
+    assert errors[0]["raw_error"] == {"code": "E_REQUIRED", "field": "email"}
+
+    logs = (await env.ok("/v1/runs/run_sync_0001/logs"))["data"]
+    assert [entry["level"] for entry in logs] == ["INFO", "WARNING", "ERROR"]
+    warnings = (await env.ok("/v1/runs/run_sync_0001/logs", level="warning,error"))["data"]
+    assert [entry["message"] for entry in warnings] == ["contact 7 has no email", "2 records rejected"]
+    assert warnings[0]["fields"] == {"contact": 7}
+    bad = await env.get("/v1/runs/run_sync_0001/logs", level="LOUD")
+    assert bad.status_code == 422 and "LOUD" in bad.json()["error"]["message"]
+
+
+async def test_as_of_returns_the_run_as_it_stood_then(env: Env) -> None:
+    sync = next(r for r in RUNS if r.run_id == "run_sync_0001")
+    retrying_at = next(e.seq for e in sync.events if e.type == "StepAttemptFailed")
+    then = await env.ok("/v1/runs/run_sync_0001", as_of=str(retrying_at))
+    assert then["status"] == "RUNNING"
+    assert then["as_of"]["seq"] == retrying_at
+    assert [(s["name"], s["status"]) for s in then["steps"]] == [("read", "RETRYING")]
+    assert then["records"]["written"] == 0
+
+    # By time: just after the first step succeeded.
+    succeeded = next(e for e in sync.events if e.type == "StepSucceeded")
+    at = (succeeded.occurred_at + timedelta(milliseconds=1)).isoformat()
+    later = await env.ok("/v1/runs/run_sync_0001", as_of=at)
+    assert [(s["name"], s["status"]) for s in later["steps"]] == [("read", "SUCCEEDED")]
+    # The latest point in time is the run as it is now.
+    now = await env.ok("/v1/runs/run_sync_0001", as_of=str(len(sync.events) - 1))
+    live = await env.ok("/v1/runs/run_sync_0001")
+    assert now["status"] == live["status"] == "PARTIAL"
+    assert now["records"] == live["records"]
+    assert [s["status"] for s in now["steps"]] == [s["status"] for s in live["steps"]]
+
+    assert (await env.get("/v1/runs/run_sync_0001", as_of="yesterday")).status_code == 422
+    before = await env.get("/v1/runs/run_sync_0001", as_of="2020-01-01T00:00:00Z")
+    assert before.status_code == 404 and before.json()["error"]["code"] == "not_found"
+
+
+async def test_q_finds_error_substrings_and_run_id_fragments(env: Env) -> None:
+    rare = (await env.ok("/v1/runs", q="XQZ is not"))["data"]
+    assert [r["id"] for r in rare] == ["run_rare_0001"]
+    expired = {r["id"] for r in (await env.ok("/v1/runs", q="token for account"))["data"]}
+    assert expired == {"run_order_0000", "run_order_0002", "run_order_0004"}
+    assert [r["id"] for r in (await env.ok("/v1/runs", q="sync_00"))["data"]] == ["run_sync_0001"]
+    # LIKE wildcards are literal characters in q.
+    assert (await env.ok("/v1/runs", q="%"))["data"] == []
+    assert (await env.ok("/v1/runs", q="token", status="SUCCEEDED"))["data"] == []
+
+
+async def test_sort_by_duration_with_cursors_and_offset(env: Env) -> None:
+    fastest_first = (await env.ok("/v1/runs", flow_id="orders", sort="duration", limit=100))["data"]
+    durations = [r["duration_ms"] for r in fastest_first]
+    # The unfinished run has no duration and sorts first ascending.
+    assert durations[0] is None and durations[1:] == sorted(durations[1:])
+    slowest = await env.ok("/v1/runs", flow_id="orders", sort="-duration", limit=3)
+    assert [r["duration_ms"] for r in slowest["data"]] == [600.0, 500.0, 400.0]
+    following = await env.ok("/v1/runs", flow_id="orders", sort="-duration", limit=3, cursor=slowest["next_cursor"])
+    assert [r["duration_ms"] for r in following["data"]] == [300.0, 200.0, 100.0]
+    back = await env.ok("/v1/runs", flow_id="orders", sort="-duration", limit=3, cursor=following["prev_cursor"])
+    assert [r["id"] for r in back["data"]] == [r["id"] for r in slowest["data"]]
+    by_offset = await env.ok("/v1/runs", flow_id="orders", sort="-duration", limit=3, offset=3)
+    assert [r["id"] for r in by_offset["data"]] == [r["id"] for r in following["data"]]
+
+    mixed = await env.get("/v1/runs", sort="created_at", cursor=slowest["next_cursor"])
+    assert mixed.status_code == 400 and "sort" in mixed.json()["error"]["message"]
+    assert (await env.get("/v1/runs", sort="colour")).status_code == 422
+    by_status = (await env.ok("/v1/runs", sort="status", limit=100))["data"]
+    assert [r["status"] for r in by_status] == sorted(r["status"] for r in by_status)
+
+
+async def test_failure_groups_fold_ids_and_numbers_and_suggest_a_next_action(env: Env) -> None:
+    groups = (await env.ok("/v1/analytics/failure-groups", flow_id="orders"))["data"]
+    auth = next(g for g in groups if g["category"] == "AUTH")
+    assert auth["runs"] == 3  # not 6: every event was delivered twice
+    assert auth["step"] == "push"
+    assert auth["message_pattern"] == "token for account <n> expired at step push (<id>)"
+    assert auth["last_run_id"] == "run_order_0004"
+    assert "re-authorise" in auth["next_action"]
+    members = (await env.ok("/v1/runs", error_fingerprint=auth["fingerprint"]))["data"]
+    assert {r["id"] for r in members} == {"run_order_0000", "run_order_0002", "run_order_0004"}
+    assert {g["category"] for g in groups} == {"AUTH", "VALIDATION"}
+    assert (await env.ok("/v1/analytics/failure-groups", category="transient"))["data"] == []
+
+
+async def test_flakiness_pass_rate_percentiles_and_endpoint_coverage(env: Env) -> None:
+    flaky = (await env.ok("/v1/analytics/flakiness", flow_id="orders"))["data"]
+    # push fails half the time (most flaky); fetch failed once in seven (the rare currency error).
+    assert [(f["step"], f["succeeded"], f["failed"], f["score"]) for f in flaky] == [
+        ("push", 3, 3, 1.0),
+        ("fetch", 6, 1, round(2 / 7, 4)),
+    ]
+
+    stats = await env.ok("/v1/analytics/flows/orders", **{"from": "2026-11-20T00:00:00Z", "to": "2026-11-21T00:00:00Z"})
+    assert stats["runs"] == 7  # the unfinished run is not counted yet
+    assert stats["pass_rate"] == round(3 / 7, 4)
+    (day,) = stats["series"]
+    assert day["by_status"] == {"FAILED": 4, "SUCCEEDED": 3}
+    assert day["by_trigger"] == {"webhook": 7}
+    assert day["duration_ms"]["p50"] == 300.0
+    assert day["duration_ms"]["p99"] == pytest.approx(594.0)
+
+    coverage = (await env.ok("/v1/analytics/endpoints"))["data"]
+    assert [(c["method"], c["host"], c["route"], c["calls"]) for c in coverage] == [
+        ("GET", "crm.example.com", "/v2/contacts/{id}", 2),
+        ("POST", "erp.example.com", "/api/customers", 1),
+        ("GET", "shop.example.com", "/orders/{id}", 6),
+    ]
