@@ -49,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
     sub.add_parser("demo", help="fire demo triggers at the running stack and show their progress")
+
+    projector = sub.add_parser("projector", help="rebuild or verify the read models by replaying the ledger")
+    jobs = projector.add_subparsers(dest="job", required=True, metavar="JOB")
+    jobs.add_parser(
+        "rebuild", help="replay the ledger from offset 0 into a shadow schema, compare, and swap it in atomically"
+    )
+    verify = jobs.add_parser("verify", help="replay into a shadow schema and compare with the live one; no swap")
+    verify.add_argument("--keep-shadow", action="store_true", help="leave the shadow schema for inspection")
     return parser
 
 
@@ -122,7 +130,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "demo": cmd_demo}
+def cmd_projector(args: argparse.Namespace) -> int:
+    from services.projector import rebuild
+    from services.projector.settings import ProjectorSettings
+
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    settings = ProjectorSettings()
+
+    def progress(line: str) -> None:
+        print(f"  {line}", file=sys.stderr, flush=True)
+
+    swap = args.job == "rebuild"
+    outcome = asyncio.run(
+        rebuild.run(settings, swap=swap, progress=progress, keep_shadow=getattr(args, "keep_shadow", False))
+    )
+    rate = outcome.events / outcome.seconds if outcome.seconds else 0.0
+    print(f"replayed {outcome.events:,} events in {outcome.seconds:.1f}s ({rate:,.0f} events/s)")
+    print(f"{'table':<20} {'live rows':>10} {'rebuilt rows':>12}  match")
+    for table, ((live_rows, live_sum), (new_rows, new_sum)) in outcome.comparison.tables.items():
+        print(f"{table:<20} {live_rows:>10,} {new_rows:>12,}  {'yes' if live_sum == new_sum else 'NO'}")
+    if outcome.comparison.differing_runs:
+        print("runs that differ (first 100): " + ", ".join(outcome.comparison.differing_runs))
+    if swap:
+        print(f"swapped in the rebuilt schema; the previous one is kept as {outcome.swapped_to!r} "
+              f"(drop it with: DROP SCHEMA \"{outcome.swapped_to}\" CASCADE)")  # fmt: skip
+        return 0
+    print("read models match the ledger" if outcome.comparison.equal else "read models DIFFER from the ledger")
+    return 0 if outcome.comparison.equal else 1
+
+
+COMMANDS = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "demo": cmd_demo, "projector": cmd_projector}
 
 
 def _configure_logging(verbose: bool, daemon: bool) -> None:

@@ -44,3 +44,14 @@ async def publish_flow_events(bootstrap: str, topics: Topics, events: list[FlowE
             await producer.send_and_wait(topics.flows, codec.dumps(event), key=event.flow_id.encode())
     finally:
         await producer.stop()
+
+
+async def topic_partitions(bootstrap: str, topics: list[str]) -> dict[str, list[int]]:
+    """Partition numbers of each topic that exists (missing topics are left out)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_topics(topics)
+    finally:
+        await admin.close()
+    return {d["topic"]: sorted(p["partition"] for p in d["partitions"]) for d in described if d["error_code"] == 0}

@@ -13,7 +13,14 @@ from schemas import codec
 from schemas.topics import Topics
 from services.common.db import create_pool
 from services.projector import metrics
-from services.projector.adapters.store import Positioned, apply_batch, load_offsets
+from services.projector.adapters.store import (
+    Positioned,
+    SchemaGuard,
+    SchemaSwapped,
+    apply_batch,
+    load_offsets,
+    schema_oid,
+)
 from services.projector.settings import ProjectorSettings
 
 log = logging.getLogger(__name__)
@@ -50,10 +57,26 @@ class Projector:
             max_partition_fetch_bytes=4 * 1024 * 1024,
         )
         self.dlq = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
-        self.pool = await create_pool(self.settings.database_url, self.settings.database_schema, max_size=4)
+        await self._connect()
         await self.dlq.start()
         await self.consumer.start()
         self.consumer.subscribe([self.topics.ledger, self.topics.flows], listener=_SeekToStoredOffsets(self))
+
+    async def _connect(self) -> None:
+        self.pool = await create_pool(self.settings.database_url, self.settings.database_schema, max_size=4)
+        async with self.pool.acquire() as conn:
+            self.guard = SchemaGuard(
+                self.settings.database_schema, await schema_oid(conn, self.settings.database_schema)
+            )
+
+    async def _follow_swap(self) -> None:
+        """A rebuild swapped in a new schema: new connections, then carry on from the offsets stored in it."""
+        log.warning("schema %s was replaced by a rebuild; reconnecting and seeking to its offsets", self.guard.name)
+        assert self.pool is not None
+        await self.pool.close()
+        await self._connect()
+        await self.seek_assigned(sorted(self.consumer.assignment()))
+        metrics.SCHEMA_SWAPS.inc()
 
     async def stop(self) -> None:
         await self.consumer.stop()
@@ -96,8 +119,12 @@ class Projector:
             if not batch:
                 continue
             started = time.perf_counter()
-            async with self.pool.acquire() as conn:
-                result = await apply_batch(conn, self.settings.consumer_group, batch)
+            try:
+                async with self.pool.acquire() as conn:
+                    result = await apply_batch(conn, self.settings.consumer_group, batch, self.guard)
+            except SchemaSwapped:
+                await self._follow_swap()
+                continue
             metrics.BATCHES.observe(time.perf_counter() - started)
             metrics.BATCH_SIZE.observe(len(batch))
             metrics.EVENTS.labels("applied").inc(result.events - result.duplicates)

@@ -12,3 +12,6 @@ BATCH_SIZE = Histogram(
 )
 DEAD_LETTERS = Counter("flowtrail_projector_dead_letters_total", "Undecodable records sent to the DLQ")
 ASSIGNED = Gauge("flowtrail_projector_assigned_partitions", "Partitions this process projects")
+SCHEMA_SWAPS = Counter(
+    "flowtrail_projector_schema_swaps_total", "Times a rebuild swapped the schema under this process"
+)

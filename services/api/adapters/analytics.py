@@ -13,7 +13,7 @@ async def flow_series(
     return await pool.fetch(
         """
         SELECT date_trunc($6, hour) AS bucket, status, trigger_type, sum(runs)::bigint AS runs,
-               sum(duration_ms_sum) AS duration_ms_sum, sum(records_written)::bigint AS records_written,
+               sum(duration_ms_sum)::float8 AS duration_ms_sum, sum(records_written)::bigint AS records_written,
                sum(records_failed)::bigint AS records_failed
         FROM flow_hourly
         WHERE tenant_id = $1 AND environment = $2 AND flow_id = $3 AND hour >= date_trunc('hour', $4::timestamptz)

@@ -91,7 +91,8 @@ CREATE TABLE flow_hourly (
     status           text NOT NULL,
     trigger_type     text NOT NULL,
     runs             int NOT NULL,
-    duration_ms_sum  double precision NOT NULL,
+    -- numeric, not float: sums must not depend on how runs were batched, or rebuilds would not compare equal.
+    duration_ms_sum  numeric NOT NULL,
     records_written  bigint NOT NULL,
     records_failed   bigint NOT NULL,
     PRIMARY KEY (tenant_id, flow_id, environment, hour, status, trigger_type)

@@ -87,7 +87,7 @@ _ROLLUP_HOURLY = """
 INSERT INTO flow_hourly AS h (tenant_id, flow_id, environment, hour, status, trigger_type, runs, duration_ms_sum,
                               records_written, records_failed)
 SELECT tenant_id, flow_id, environment, date_trunc('hour', created_at), status, trigger_type, count(*),
-       COALESCE(sum(duration_ms), 0), sum(records_written), sum(records_failed)
+       COALESCE(sum(duration_ms::numeric), 0), sum(records_written), sum(records_failed)
 FROM runs WHERE id = ANY($1::text[])
 GROUP BY 1, 2, 3, 4, 5, 6
 ON CONFLICT (tenant_id, flow_id, environment, hour, status, trigger_type) DO UPDATE SET

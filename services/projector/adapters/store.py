@@ -44,12 +44,12 @@ _RUN_COLUMNS = (
     "id", "tenant_id", "flow_id", "flow_version", "flow_name", "status", "environment", "execution_mode",
     "trigger_type", "caller", "trigger_payload", "tags", "parent_run_id", "retry_of", "bulk_operation_id",
     "failed_step", "error", "error_message", "steps_count", "created_at", "started_at", "finished_at",
-    "updated_at", "duration_ms", "last_seq",
+    "updated_at", "duration_ms", "last_seq", "archived",
 )  # fmt: skip
 _RUN_TYPES = (
     "text", "text", "text", "int", "text", "text", "text", "text", "text", "text", "text", "text",
     "text", "text", "text", "text", "text", "text", "int", "timestamptz", "timestamptz", "timestamptz",
-    "timestamptz", "float8", "int",
+    "timestamptz", "float8", "int", "bool",
 )  # fmt: skip
 # JSON columns travel as text and are cast: asyncpg would read a JSON list inside an array
 # parameter as another array dimension. tags (text[] per row) travels as JSON text for the same reason.
@@ -68,7 +68,7 @@ def _json(value: Any) -> str | None:
     return None if value is None else codec.dumps(value).decode()
 
 
-_RUN_DEFAULTS: dict[str, Any] = {"steps_count": 0}
+_RUN_DEFAULTS: dict[str, Any] = {"steps_count": 0, "archived": False}
 
 _INSERT_RUNS = f"""
 INSERT INTO runs ({", ".join(_RUN_COLUMNS)})
@@ -142,10 +142,44 @@ async def load_offsets(conn: asyncpg.Connection, group: str, topic: str) -> dict
     return {r["partition"]: r["next_offset"] for r in rows}
 
 
-async def apply_batch(conn: asyncpg.Connection, group: str, batch: list[Positioned]) -> BatchResult:
+class SchemaSwapped(Exception):
+    """`flowtrail projector rebuild` replaced the schema this projector was writing to."""
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaGuard:
+    """The schema a projector writes to, by name and by the oid it had when the projector connected."""
+
+    name: str
+    oid: int
+
+    @property
+    def lock_key(self) -> str:
+        return swap_lock_key(self.name)
+
+
+def swap_lock_key(schema: str) -> str:
+    # Batches hold it shared; a rebuild's swap holds it exclusively, so no batch straddles a swap.
+    return f"flowtrail-projector:{schema}"
+
+
+async def schema_oid(conn: asyncpg.Connection, schema: str) -> int:
+    oid = await conn.fetchval("SELECT oid FROM pg_namespace WHERE nspname = $1", schema)
+    if oid is None:
+        raise LookupError(f"schema {schema!r} does not exist")
+    return int(oid)
+
+
+async def apply_batch(
+    conn: asyncpg.Connection, group: str, batch: list[Positioned], guard: SchemaGuard | None = None
+) -> BatchResult:
     ledger = [p for p in batch if isinstance(p.event, EventBase)]
     flows = [p for p in batch if isinstance(p.event, FlowEventBase)]
     async with conn.transaction():
+        if guard is not None:
+            await conn.execute("SELECT pg_advisory_xact_lock_shared(hashtext($1))", guard.lock_key)
+            if await schema_oid(conn, guard.name) != guard.oid:
+                raise SchemaSwapped(guard.name)
         new_events = await _insert_events(conn, ledger)
         changes = plan(new_events)
         await _write_runs(conn, changes)

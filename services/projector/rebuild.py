@@ -1,0 +1,286 @@
+"""`flowtrail projector rebuild | verify`: replay the whole ledger into a shadow schema and compare, then swap.
+
+verify: the live tables' checksums and offsets are read in one snapshot; the shadow replays the log
+up to exactly those offsets and its checksums are compared table by table; runs that differ are
+listed. rebuild: the same replay, then, holding the lock every projector batch takes shared, the
+shadow catches up to the live offsets, the tables are compared, the control-plane tables (keys,
+tenants) are copied over and the schemas are renamed in one transaction. Projectors notice the new
+schema by its oid and carry on from the offsets stored in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from schemas import codec
+from schemas.topics import Topics
+from services.common.db import _quote_ident, connect
+from services.common.kafka import topic_partitions
+from services.common.migrate import migrate
+from services.projector.adapters.store import Positioned, apply_batch, load_offsets, swap_lock_key
+from services.projector.settings import ProjectorSettings
+
+log = logging.getLogger(__name__)
+
+# Every table is either derived from the log (rebuilt and compared; value = its canonical row order)
+# or control-plane state written by the API (copied). A new table must be added to one of the two.
+DERIVED: dict[str, str] = {
+    "runs": "id",
+    "run_steps": "run_id, step",
+    "run_events": "run_id, seq",
+    "step_attempts": "run_id, step, attempt",
+    "run_logs": "run_id, seq",
+    "record_errors": "run_id, seq",
+    "failure_groups": "tenant_id, environment, fingerprint",
+    "flow_hourly": "tenant_id, flow_id, environment, hour, status, trigger_type",
+    "step_outcomes": "tenant_id, environment, flow_id, flow_version, step",
+    "endpoint_coverage": "tenant_id, environment, flow_id, method, host, route",
+    "flows": "tenant_id, id",
+    "flow_versions": "tenant_id, flow_id, version",
+}
+CONTROL: tuple[str, ...] = ("tenants", "api_keys")  # in foreign-key order
+OWN = ("projector_offsets", "schema_migrations")
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Comparison:
+    tables: dict[str, tuple[tuple[int, str], tuple[int, str]]] = field(default_factory=dict)  # live, shadow
+    differing_runs: list[str] = field(default_factory=list)
+
+    @property
+    def differing_tables(self) -> list[str]:
+        return [t for t, (live, shadow) in self.tables.items() if live != shadow]
+
+    @property
+    def equal(self) -> bool:
+        return not self.differing_tables
+
+
+@dataclass
+class Outcome:
+    events: int
+    seconds: float
+    comparison: Comparison
+    swapped_to: str | None = None  # the name the old live schema was renamed to
+
+
+async def checksums(conn: asyncpg.Connection, schema: str) -> dict[str, tuple[int, str]]:
+    """Per derived table: (rows, md5 over every row's md5 in canonical order)."""
+    q = _quote_ident(schema)
+    out = {}
+    for table, order in DERIVED.items():
+        row = await conn.fetchrow(
+            f"SELECT count(*) AS n, md5(coalesce(string_agg(md5(t::text), '' ORDER BY {order}), '')) AS h "
+            f"FROM {q}.{table} t"
+        )
+        out[table] = (int(row["n"]), str(row["h"]))
+    return out
+
+
+async def _check_tables_are_classified(conn: asyncpg.Connection, schema: str) -> None:
+    tables = {r["tablename"] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1", schema)}
+    unknown = sorted(tables - set(DERIVED) - set(CONTROL) - set(OWN))
+    if unknown:
+        raise RuntimeError(
+            f"table(s) {', '.join(unknown)} are neither derived nor control-plane: classify them in {__name__}"
+        )
+
+
+class Replayer:
+    """Reads the ledger and flows topics from offset 0 into the shadow schema, up to target offsets."""
+
+    def __init__(self, settings: ProjectorSettings, shadow: asyncpg.Connection, progress: Progress) -> None:
+        self.settings = settings
+        self.topics = Topics(settings.topic_prefix)
+        self.shadow = shadow
+        self.progress = progress
+        self.events = 0
+        self.started = time.monotonic()
+        self._last_report = 0.0
+
+    async def __aenter__(self) -> Replayer:
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            enable_auto_commit=False,
+            group_id=None,
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+        )
+        await self.consumer.start()
+        known = await topic_partitions(self.settings.kafka_bootstrap, [self.topics.ledger, self.topics.flows])
+        parts = [TopicPartition(topic, p) for topic, partitions in sorted(known.items()) for p in partitions]
+        if not parts:
+            await self.consumer.stop()
+            raise RuntimeError(f"topics {self.topics.ledger} and {self.topics.flows} do not exist: nothing to replay")
+        self.consumer.assign(parts)
+        await self.consumer.seek_to_beginning(*parts)
+        self.partitions = parts
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.consumer.stop()
+
+    async def end_offsets(self) -> dict[TopicPartition, int]:
+        return dict(await self.consumer.end_offsets(self.partitions))
+
+    async def replay_to(self, targets: dict[TopicPartition, int], total_hint: int | None = None) -> None:
+        """Apply every record below each partition's target offset; returns when all are reached."""
+        group = self.settings.consumer_group
+        remaining = {tp for tp in self.partitions if targets.get(tp, 0) > await self.consumer.position(tp)}
+        self.consumer.pause(*[tp for tp in self.partitions if tp not in remaining])
+        self.consumer.resume(*remaining)
+        total = total_hint if total_hint is not None else sum(targets.values())
+        while remaining:
+            fetched = await self.consumer.getmany(
+                *remaining, timeout_ms=500, max_records=self.settings.batch_max_records
+            )
+            batch: list[Positioned] = []
+            for tp, records in fetched.items():
+                decode = codec.decode_flow_event if tp.topic == self.topics.flows else codec.decode_ledger_event
+                for record in records:
+                    if record.offset >= targets[tp]:
+                        # Fetched past the target: the next catch-up starts exactly here.
+                        self.consumer.seek(tp, targets[tp])
+                        break
+                    try:
+                        event = decode(record.value)
+                    except codec.DecodeError:
+                        event = None  # the live projector dead-lettered it; skip it the same way
+                    batch.append(Positioned(tp.topic, tp.partition, record.offset, event))
+            if batch:
+                await apply_batch(self.shadow, group, batch)
+                self.events += len(batch)
+            for tp in list(remaining):
+                if await self.consumer.position(tp) >= targets[tp]:
+                    remaining.discard(tp)
+                    self.consumer.pause(tp)
+            self._report(total)
+        self._report(total, final=True)
+
+    def _report(self, total: int, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - self._last_report < 1.0:
+            return
+        self._last_report = now
+        elapsed = max(now - self.started, 1e-6)
+        rate = self.events / elapsed
+        left = max(total - self.events, 0)
+        eta = f"{left / rate:.0f}s" if rate > 0 and not final else "0s"
+        self.progress(f"replayed {self.events:,}/{total:,} events  {rate:,.0f} events/s  ETA {eta}")
+
+
+def _targets_from(offsets: dict[str, dict[int, int]], partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+    return {tp: offsets.get(tp.topic, {}).get(tp.partition, 0) for tp in partitions}
+
+
+async def _live_offsets(conn: asyncpg.Connection, group: str, topics: Topics) -> dict[str, dict[int, int]]:
+    return {t: await load_offsets(conn, group, t) for t in (topics.ledger, topics.flows)}
+
+
+async def _differing_runs(
+    conn: asyncpg.Connection, live: str, shadow: str, targets: dict[TopicPartition, int], ledger: str, limit: int = 100
+) -> list[str]:
+    """Runs whose row or steps differ, leaving out runs the live projector changed after the compared point."""
+    lq, sq = _quote_ident(live), _quote_ident(shadow)
+    parts = [tp.partition for tp in targets if tp.topic == ledger]
+    offs = [targets[tp] for tp in targets if tp.topic == ledger]
+
+    def per_run(q: str) -> str:
+        return (
+            f"SELECT r.id, md5(r::text) || coalesce((SELECT string_agg(md5(s::text), '' ORDER BY s.step) "
+            f"FROM {q}.run_steps s WHERE s.run_id = r.id), '') AS h FROM {q}.runs r"
+        )
+
+    rows = await conn.fetch(
+        f"""
+        SELECT id FROM (SELECT coalesce(a.id, b.id) AS id FROM ({per_run(lq)}) a FULL JOIN ({per_run(sq)}) b
+                        ON a.id = b.id WHERE a.h IS DISTINCT FROM b.h) d
+        WHERE NOT EXISTS (SELECT 1 FROM {lq}.run_events e JOIN unnest($1::int[], $2::bigint[]) AS o(p, off)
+                          ON e.kafka_partition = o.p WHERE e.run_id = d.id AND e.kafka_offset >= o.off)
+        ORDER BY id LIMIT $3
+        """,
+        parts, offs, limit,
+    )  # fmt: skip
+    return [r["id"] for r in rows]
+
+
+async def run(settings: ProjectorSettings, *, swap: bool, progress: Progress, keep_shadow: bool = False) -> Outcome:
+    live = settings.database_schema
+    shadow = f"{live}__rebuild"
+    topics = Topics(settings.topic_prefix)
+    admin = await connect(settings.database_url, live)
+    try:
+        await migrate(admin, live)
+        await _check_tables_are_classified(admin, live)
+        await admin.execute(f"DROP SCHEMA IF EXISTS {_quote_ident(shadow)} CASCADE")
+        await migrate(admin, shadow)
+        # The live tables and the offsets they reflect, read in one snapshot.
+        async with admin.transaction(isolation="repeatable_read", readonly=True):
+            live_offsets = await _live_offsets(admin, settings.consumer_group, topics)
+            live_sums = await checksums(admin, live)
+        shadow_conn = await connect(settings.database_url, shadow)
+        try:
+            async with Replayer(settings, shadow_conn, progress) as replayer:
+                targets = _targets_from(live_offsets, replayer.partitions)
+                ends = await replayer.end_offsets()
+                progress(f"replaying {sum(targets.values()):,} records of {sum(ends.values()):,} into {shadow}")
+                await replayer.replay_to(targets)
+                if not swap:
+                    comparison = Comparison({t: (live_sums[t], s) for t, s in (await checksums(admin, shadow)).items()})
+                    if not comparison.equal:
+                        comparison.differing_runs = await _differing_runs(admin, live, shadow, targets, topics.ledger)
+                    if not keep_shadow:
+                        await admin.execute(f"DROP SCHEMA IF EXISTS {_quote_ident(shadow)} CASCADE")
+                    return Outcome(replayer.events, time.monotonic() - replayer.started, comparison)
+                outcome = await _swap(settings, admin, shadow_conn, replayer, live, shadow, topics, progress)
+                return outcome
+        finally:
+            await shadow_conn.close()
+    finally:
+        await admin.close()
+
+
+async def _swap(
+    settings: ProjectorSettings,
+    admin: asyncpg.Connection,
+    shadow_conn: asyncpg.Connection,
+    replayer: Replayer,
+    live: str,
+    shadow: str,
+    topics: Topics,
+    progress: Progress,
+) -> Outcome:
+    lq, sq = _quote_ident(live), _quote_ident(shadow)
+    old = f"{live}__old_{datetime.now(UTC):%Y%m%d%H%M%S}"
+    # Catch up without the lock first, so the projectors are held back only for the last stretch.
+    for _ in range(3):
+        current = await _live_offsets(admin, settings.consumer_group, topics)
+        await replayer.replay_to(_targets_from(current, replayer.partitions))
+    async with admin.transaction():
+        progress("holding the projector lock: final catch-up, compare, swap")
+        await admin.execute("SELECT pg_advisory_xact_lock(hashtext($1))", swap_lock_key(live))
+        final = _targets_from(await _live_offsets(admin, settings.consumer_group, topics), replayer.partitions)
+        await replayer.replay_to(final)
+        live_sums = await checksums(admin, live)
+        shadow_sums = await checksums(admin, shadow)
+        comparison = Comparison({t: (live_sums[t], shadow_sums[t]) for t in DERIVED})
+        for table in reversed(CONTROL):
+            await admin.execute(f"DELETE FROM {sq}.{table}")
+        for table in CONTROL:
+            await admin.execute(f"INSERT INTO {sq}.{table} SELECT * FROM {lq}.{table}")
+        await admin.execute(f"ALTER SCHEMA {lq} RENAME TO {_quote_ident(old)}")
+        await admin.execute(f"ALTER SCHEMA {sq} RENAME TO {lq}")
+    return Outcome(replayer.events, time.monotonic() - replayer.started, comparison, swapped_to=old)
+
+
+def main_sync(settings: ProjectorSettings, *, swap: bool, progress: Progress) -> Outcome:
+    return asyncio.run(run(settings, swap=swap, progress=progress))
