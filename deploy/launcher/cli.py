@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify = jobs.add_parser("verify", help="replay into a shadow schema and compare with the live one; no swap")
     verify.add_argument("--keep-shadow", action="store_true", help="leave the shadow schema for inspection")
+    jobs.add_parser("purge", help="apply each tenant's retention now (the projector also does this hourly)")
     return parser
 
 
@@ -130,6 +131,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _purge(settings: CommonSettings) -> int:
+    from datetime import UTC, datetime
+
+    from services.common.db import connect
+    from services.projector import retention
+
+    conn = await connect(settings.database_url, settings.database_schema)
+    try:
+        result = await retention.purge(conn, datetime.now(UTC))
+    finally:
+        await conn.close()
+    print(f"deleted {result.runs_deleted:,} runs past retention; blanked the payloads of {result.payloads_blanked:,}")
+    return 0
+
+
 def cmd_projector(args: argparse.Namespace) -> int:
     from services.projector import rebuild
     from services.projector.settings import ProjectorSettings
@@ -140,6 +156,8 @@ def cmd_projector(args: argparse.Namespace) -> int:
     def progress(line: str) -> None:
         print(f"  {line}", file=sys.stderr, flush=True)
 
+    if args.job == "purge":
+        return asyncio.run(_purge(settings))
     swap = args.job == "rebuild"
     outcome = asyncio.run(
         rebuild.run(settings, swap=swap, progress=progress, keep_shadow=getattr(args, "keep_shadow", False))

@@ -32,12 +32,14 @@ async def serve(settings: ProjectorSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     work = asyncio.create_task(projector.run())
+    purger = asyncio.create_task(projector.retention_loop())
     waiter = asyncio.create_task(stop.wait())
     try:
         done, _ = await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
         if work in done:
             work.result()  # a crash surfaces here and the supervisor restarts the process
     finally:
+        purger.cancel()
         work.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await work

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import UTC, datetime
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -12,7 +13,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from schemas import codec
 from schemas.topics import Topics
 from services.common.db import create_pool
-from services.projector import metrics
+from services.projector import metrics, retention
 from services.projector.adapters.store import (
     Positioned,
     SchemaGuard,
@@ -130,6 +131,19 @@ class Projector:
             metrics.EVENTS.labels("applied").inc(result.events - result.duplicates)
             metrics.EVENTS.labels("duplicate").inc(result.duplicates)
             self.applied_batches += 1
+
+    async def retention_loop(self) -> None:
+        """Purge by each tenant's retention periodically; a failed purge is logged and retried next time."""
+        interval = self.settings.retention_interval_s
+        while interval > 0:
+            assert self.pool is not None
+            try:
+                async with self.pool.acquire() as conn:
+                    result = await retention.purge(conn, datetime.now(UTC))
+                metrics.PURGED_RUNS.inc(result.runs_deleted)
+            except (asyncpg.PostgresError, OSError):
+                log.exception("retention purge failed; retrying in %.0fs", interval)
+            await asyncio.sleep(interval)
 
     async def _dead_letter(self, tp: TopicPartition, offset: int, key: bytes | None, value: bytes, reason: str) -> None:
         metrics.DEAD_LETTERS.inc()

@@ -15,3 +15,4 @@ ASSIGNED = Gauge("flowtrail_projector_assigned_partitions", "Partitions this pro
 SCHEMA_SWAPS = Counter(
     "flowtrail_projector_schema_swaps_total", "Times a rebuild swapped the schema under this process"
 )
+PURGED_RUNS = Counter("flowtrail_projector_purged_runs_total", "Runs deleted by the retention purge")

@@ -10,7 +10,6 @@ schema by its oid and carry on from the offsets stored in it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from schemas.topics import Topics
 from services.common.db import _quote_ident, connect
 from services.common.kafka import topic_partitions
 from services.common.migrate import migrate
+from services.projector import retention
 from services.projector.adapters.store import Positioned, apply_batch, load_offsets, swap_lock_key
 from services.projector.settings import ProjectorSettings
 
@@ -46,7 +46,7 @@ DERIVED: dict[str, str] = {
     "flows": "tenant_id, id",
     "flow_versions": "tenant_id, flow_id, version",
 }
-CONTROL: tuple[str, ...] = ("tenants", "api_keys")  # in foreign-key order
+CONTROL: tuple[str, ...] = ("tenants", "api_keys", "retention_marks")  # in foreign-key order
 OWN = ("projector_offsets", "schema_migrations")
 
 Progress = Callable[[str], None]
@@ -226,6 +226,7 @@ async def run(settings: ProjectorSettings, *, swap: bool, progress: Progress, ke
         # The live tables and the offsets they reflect, read in one snapshot.
         async with admin.transaction(isolation="repeatable_read", readonly=True):
             live_offsets = await _live_offsets(admin, settings.consumer_group, topics)
+            live_marks = await retention.recorded_marks(admin)
             live_sums = await checksums(admin, live)
         shadow_conn = await connect(settings.database_url, shadow)
         try:
@@ -235,6 +236,8 @@ async def run(settings: ProjectorSettings, *, swap: bool, progress: Progress, ke
                 progress(f"replaying {sum(targets.values()):,} records of {sum(ends.values()):,} into {shadow}")
                 await replayer.replay_to(targets)
                 if not swap:
+                    # The live schema has had these purges; the replay brought the purged rows back.
+                    await retention.apply_marks(shadow_conn, live_marks, record=False)
                     comparison = Comparison({t: (live_sums[t], s) for t, s in (await checksums(admin, shadow)).items()})
                     if not comparison.equal:
                         comparison.differing_runs = await _differing_runs(admin, live, shadow, targets, topics.ledger)
@@ -270,6 +273,7 @@ async def _swap(
         await admin.execute("SELECT pg_advisory_xact_lock(hashtext($1))", swap_lock_key(live))
         final = _targets_from(await _live_offsets(admin, settings.consumer_group, topics), replayer.partitions)
         await replayer.replay_to(final)
+        await retention.apply_marks(shadow_conn, await retention.recorded_marks(admin), record=False)
         live_sums = await checksums(admin, live)
         shadow_sums = await checksums(admin, shadow)
         comparison = Comparison({t: (live_sums[t], shadow_sums[t]) for t in DERIVED})
@@ -280,7 +284,3 @@ async def _swap(
         await admin.execute(f"ALTER SCHEMA {lq} RENAME TO {_quote_ident(old)}")
         await admin.execute(f"ALTER SCHEMA {sq} RENAME TO {lq}")
     return Outcome(replayer.events, time.monotonic() - replayer.started, comparison, swapped_to=old)
-
-
-def main_sync(settings: ProjectorSettings, *, swap: bool, progress: Progress) -> Outcome:
-    return asyncio.run(run(settings, swap=swap, progress=progress))

@@ -11,6 +11,8 @@ class ProjectorSettings(CommonSettings):
     # Many events per transaction: one fetch of up to this many records becomes one transaction.
     batch_max_records: int = service_field("projector", "batch_max_records", 5000)
     batch_wait_ms: int = service_field("projector", "batch_wait_ms", 20)
+    # How often the retention purge runs (0 turns it off); the periods themselves are per tenant.
+    retention_interval_s: float = service_field("projector", "retention_interval_s", 3600.0)
 
     @property
     def consumer_group(self) -> str:
