@@ -34,7 +34,8 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
         self.projector = projector
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        pass
+        # Eager rebalancing: everything is revoked, then the new assignment arrives.
+        metrics.ASSIGNED.set(0)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         await self.projector.seek_assigned(assigned)
