@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: setup run up down status demo test test-unit lint fmt schemas bench clean
+.PHONY: setup run up down status demo test test-unit lint fmt schemas bench bench-smoke clean
 
 $(VENV)/.synced: pyproject.toml uv.lock
 	@command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet --disable-pip-version-check uv
@@ -46,8 +46,11 @@ fmt: setup
 schemas: setup ## regenerate schemas/jsonschema from the pydantic models
 	$(PY) -m schemas.generate
 
-bench: setup
+bench: setup ## figures vs raw Kafka/PostgreSQL ceilings; one table, also .state/bench/latest.json (FLOWTRAIL_BENCH_SCALE=smoke|default|full)
 	$(VENV)/bin/pytest -q -s tests/bench
+
+bench-smoke: setup ## the same, tiny: keeps the harness working (CI), under a minute
+	FLOWTRAIL_BENCH_SCALE=smoke $(VENV)/bin/pytest -q -s tests/bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

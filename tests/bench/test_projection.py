@@ -1,0 +1,81 @@
+"""Projection: drain a ledger backlog into the read models; rows/s against raw COPY of the same rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp
+
+from services.common.db import connect
+from tests.bench.ceilings import CopyCeiling
+from tests.bench.load import profiled
+from tests.bench.loaders import bench_sandbox
+from tests.bench.measure import prometheus_values, wait_until
+from tests.bench.procstat import CpuMeter, postgres_pids
+from tests.bench.report import Report, Target
+from tests.bench.scale import Scale
+from tests.conftest import Infra
+from tests.e2e.stack import Stack
+from tests.factories import produce, run_events
+
+
+async def test_projector_drains_a_ledger_backlog(infra: Infra, scale: Scale, report: Report, log_dir: Path,
+                                                 copy_ceiling: CopyCeiling) -> None:  # fmt: skip
+    runs, steps = scale.projection_runs, scale.steps
+    async with bench_sandbox(infra, scale.partitions) as box:
+        events = [e for i in range(runs) for e in run_events(f"run{i:08d}", steps=steps)]
+        total = len(events)
+        await produce(infra.kafka_bootstrap, box.topics.ledger, events, box.partitions)
+        del events
+        db = await connect(infra.database_url, box.schema)
+        stack = profiled(Stack.build(box, ("projector",), log_dir))
+        try:
+            await stack.start()
+            meter = CpuMeter({"projector": [stack["projector"].process.pid], "postgres (all)": postgres_pids()})  # type: ignore[union-attr]
+            meter.start()
+
+            async def projected() -> int:
+                sql = "SELECT coalesce(sum(next_offset), 0) FROM projector_offsets WHERE topic = $1"
+                return int(await db.fetchval(sql, box.topics.ledger))
+
+            # Offsets are stored in the same transaction as the rows: they count committed events exactly.
+            first = 0
+
+            async def started() -> bool:
+                nonlocal first
+                first = await projected()
+                return first > 0
+
+            tail = stack["projector"].log_tail
+            t0 = await wait_until(started, within=scale.timeout_s, interval=0.005, what="first projected batch",
+                                  on_timeout=tail)  # fmt: skip
+
+            async def drained() -> bool:
+                return await projected() >= total
+
+            t1 = await wait_until(drained, within=scale.timeout_s, interval=0.02, what="projection", on_timeout=tail)
+            cpu = meter.stop()
+            async with aiohttp.ClientSession() as s, s.get(stack["projector"].url + "/metrics") as r:
+                metrics = prometheus_values(await r.text())
+        finally:
+            stack.stop()
+        counts = {t: int(await db.fetchval(f"SELECT count(*) FROM {t}")) for t in ("run_events", "runs", "run_steps")}
+        await db.close()
+    assert counts == {"run_events": total, "runs": runs, "run_steps": runs * steps}, counts
+
+    seconds = t1 - t0
+    events_per_s = (total - first) / seconds
+    rows_per_event = sum(counts.values()) / total
+    report.add("projection", f"projector events/s, backlog of {total:,}", events_per_s, "events/s",
+               ceiling="kafka.consume")  # fmt: skip
+    report.add("projection", "projector read-model rows/s", events_per_s * rows_per_event, "rows/s",
+               ceiling="copy.mix", target=Target(">=", 0.6, on="ratio"))  # fmt: skip
+    report.add("cpu", "projector CPU while draining", cpu["projector"], "% core")
+    db_s = metrics.get("flowtrail_projector_batch_seconds_sum", float("nan"))
+    report.details["projection"] = {
+        "events": total, "runs": runs, "steps_per_run": steps, "rows": counts, "measured_from_event": first,
+        "seconds": seconds, "cpu_percent_of_core": cpu,
+        "batches": metrics.get("flowtrail_projector_batch_seconds_count"),
+        # Share of the drain spent inside the batch transaction (SQL); the rest is fetch + decode + fold.
+        "transaction_seconds": db_s, "transaction_share": db_s / seconds if seconds else None,
+    }  # fmt: skip
