@@ -8,7 +8,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from schemas.events import FLOW_EVENT_ADAPTER, LEDGER_ADAPTER, EventBase, FlowEventBase, TriggerReceived
-from schemas.upcasters import upcast
+from schemas.upcasters import UpcastError, upcast
 
 _OPTIONS = orjson.OPT_UTC_Z
 
@@ -49,6 +49,8 @@ def decode_ledger_event(data: bytes | str) -> EventBase:
         return LEDGER_ADAPTER.validate_python(upcast(_load_object(data)))
     except ValidationError as exc:
         raise DecodeError(_reason(exc)) from exc
+    except UpcastError as exc:
+        raise DecodeError(str(exc)) from exc
 
 
 def decode_flow_event(data: bytes | str) -> FlowEventBase:
@@ -56,6 +58,8 @@ def decode_flow_event(data: bytes | str) -> FlowEventBase:
         return FLOW_EVENT_ADAPTER.validate_python(upcast(_load_object(data)))
     except ValidationError as exc:
         raise DecodeError(_reason(exc)) from exc
+    except UpcastError as exc:
+        raise DecodeError(str(exc)) from exc
 
 
 def decode_trigger(data: bytes | str) -> TriggerReceived:
@@ -63,6 +67,8 @@ def decode_trigger(data: bytes | str) -> TriggerReceived:
         return TriggerReceived.model_validate(upcast(_load_object(data)))
     except ValidationError as exc:
         raise DecodeError(_reason(exc)) from exc
+    except UpcastError as exc:
+        raise DecodeError(str(exc)) from exc
 
 
 def ledger_event_from_dict(obj: dict[str, Any]) -> EventBase:
@@ -71,3 +77,5 @@ def ledger_event_from_dict(obj: dict[str, Any]) -> EventBase:
         return LEDGER_ADAPTER.validate_python(upcast(obj))
     except ValidationError as exc:
         raise DecodeError(_reason(exc)) from exc
+    except UpcastError as exc:
+        raise DecodeError(str(exc)) from exc

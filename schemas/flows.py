@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -35,8 +35,9 @@ class Frozen(BaseModel):
 class RetryPolicy(Frozen):
     """Backoff schedule in seconds; the attempt after the last delay is the last one."""
 
-    delays_s: tuple[float, ...] = (1, 5, 30, 300, 1800, 7200)
-    max_elapsed_s: float = 24 * 3600
+    # A negative delay would put retry_at in the past; a non-positive limit would silently never retry.
+    delays_s: tuple[Annotated[float, Field(ge=0)], ...] = (1, 5, 30, 300, 1800, 7200)
+    max_elapsed_s: float = Field(default=24 * 3600, gt=0)
     retry_conflict_once: bool = True
 
 

@@ -16,7 +16,7 @@ from schemas import events as ev
 from schemas.events import ErrorCategory, ErrorInfo, EventBase, TriggerReceived
 from schemas.flows import FlowDefinition, RetryPolicy, StepDefinition
 from schemas.status import RunStatus, StepStatus
-from services.executor.fold import RunState, fold
+from services.executor.fold import RunState, StepState, fold
 from services.executor.templating import TemplateError, check, evaluate, render, truthy
 
 _EVENT_NS = uuid.UUID("6f1d7c1e-9f57-4d55-9a54-2f3a4c1b0e77")
@@ -279,8 +279,11 @@ def _complete_step(out: _Emitter, flow: FlowDefinition, step: StepDefinition, in
     _finish(out, ev.RunFailed, failed_step=step.name, error=error)
 
 
-def _retry_at(policy: RetryPolicy, error: ErrorInfo, attempt: int, step: Any, clock: Clock) -> datetime | None:
-    """When the next attempt runs, or None when this failure is final (seed 000 categories)."""
+def _retry_at(policy: RetryPolicy, error: ErrorInfo, attempt: int, step: StepState, clock: Clock) -> datetime | None:
+    """When the next attempt runs, or None when this failure is final (seed 000 categories).
+
+    `max_elapsed_s` bounds the whole step: it counts from the first attempt's start, not this one's.
+    """
     if error.category == ErrorCategory.TRANSIENT:
         if attempt > len(policy.delays_s):
             return None
@@ -290,7 +293,7 @@ def _retry_at(policy: RetryPolicy, error: ErrorInfo, attempt: int, step: Any, cl
     else:
         return None
     retry_at = clock.now + timedelta(seconds=delay * clock.time_scale)
-    first_started = step.started_at or clock.now
+    first_started = step.first_started_at or step.started_at or clock.now
     if (retry_at - first_started).total_seconds() > policy.max_elapsed_s * clock.time_scale:
         return None
     return retry_at

@@ -14,7 +14,10 @@ from schemas.status import RunStatus, StepStatus
 class StepState:
     status: StepStatus
     attempt: int = 1
+    # The current attempt's start (a delay step's durable timer counts from it) and the first
+    # attempt's start (a retry policy's max_elapsed_s counts from it).
     started_at: datetime | None = None
+    first_started_at: datetime | None = None
     input: Any = None
     output: Any = None
     error: ErrorInfo | None = None
@@ -96,9 +99,12 @@ def fold(state: RunState | None, event: EventBase) -> RunState:
         case "RunStarted":
             changes["started_at"] = event.occurred_at
         case "StepStarted":
+            current = state.steps.get(p.step)
+            first_started_at = current.first_started_at if current else None
             changes["steps"] = _step(
                 state, p.step, status=StepStatus.RUNNING, attempt=p.attempt,
-                started_at=event.occurred_at, input=p.input, retry_at=None,
+                started_at=event.occurred_at, first_started_at=first_started_at or event.occurred_at,
+                input=p.input, retry_at=None,
             )  # fmt: skip
         case "StepAttemptFailed":
             changes["steps"] = _step(

@@ -16,6 +16,10 @@ from jmespath.exceptions import JMESPathError
 from jmespath.parser import ParsedResult
 
 _TEMPLATE = re.compile(r"\{\{\s*(.+?)\s*\}\}")
+# A whole-string match whose expression holds a `}}` followed by a `{{` spans several templates
+# ('{{ a }}-{{ b }}' → 'a }}-{{ b'): that string is interpolated as text, not evaluated as one.
+# A lone `}}` stays allowed, as in '{{ {a: {b: c}} }}' or a nested object literal.
+_SPANS_TEMPLATES = re.compile(r"\}\}.*\{\{")
 
 
 class TemplateError(ValueError):
@@ -41,7 +45,7 @@ def render(value: Any, context: dict[str, Any]) -> Any:
     """Replace `{{ expr }}` in every string; a string that is one whole template keeps the value's type."""
     if isinstance(value, str):
         whole = _TEMPLATE.fullmatch(value.strip())
-        if whole:
+        if whole and not _SPANS_TEMPLATES.search(whole.group(1)):
             return evaluate(whole.group(1), context)
         if "{{" not in value:
             return value
@@ -64,8 +68,12 @@ def _as_text(value: Any) -> str:
 
 
 def truthy(value: Any) -> bool:
-    """JMESPath truthiness: empty list/object/string, false and null are false."""
-    return value not in (None, False, "", [], {})
+    """JMESPath truthiness: empty list/object/string, false and null are false; every number is true."""
+    if value is None or value is False:
+        return False
+    if isinstance(value, str | list | tuple | dict):
+        return len(value) > 0
+    return True
 
 
 def check(operator: str, actual: Any, expected: Any) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from datetime import UTC, datetime
@@ -101,7 +102,22 @@ class Projector:
         log.info("projecting %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
 
     async def run(self) -> None:
-        assert self.pool is not None
+        """Fetch and decode the next batch while the current one is being applied (PostgreSQL works in its
+        own process, so the two overlap); on a schema swap, drop what was read ahead and re-seek."""
+        while True:
+            ahead: asyncio.Queue[list[Positioned]] = asyncio.Queue(maxsize=1)
+            reader = asyncio.create_task(self._read(ahead))
+            try:
+                await self._apply_from(ahead, reader)
+            except SchemaSwapped:
+                pass
+            finally:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+            await self._follow_swap()
+
+    async def _read(self, ahead: asyncio.Queue[list[Positioned]]) -> None:
         while True:
             fetched = await self.consumer.getmany(
                 timeout_ms=self.settings.batch_wait_ms, max_records=self.settings.batch_max_records
@@ -118,15 +134,21 @@ class Projector:
                         batch.append(Positioned(tp.topic, tp.partition, record.offset, None))
                         continue
                     batch.append(Positioned(tp.topic, tp.partition, record.offset, event))
-            if not batch:
-                continue
+            if batch:
+                await ahead.put(batch)
+
+    async def _apply_from(self, ahead: asyncio.Queue[list[Positioned]], reader: asyncio.Task[None]) -> None:
+        assert self.pool is not None
+        while True:
+            next_batch = asyncio.ensure_future(ahead.get())
+            await asyncio.wait({next_batch, reader}, return_when=asyncio.FIRST_COMPLETED)
+            if not next_batch.done():
+                next_batch.cancel()
+                reader.result()  # the reader died: its exception ends the process, the supervisor restarts it
+            batch = next_batch.result()
             started = time.perf_counter()
-            try:
-                async with self.pool.acquire() as conn:
-                    result = await apply_batch(conn, self.settings.consumer_group, batch, self.guard)
-            except SchemaSwapped:
-                await self._follow_swap()
-                continue
+            async with self.pool.acquire() as conn:
+                result = await apply_batch(conn, self.settings.consumer_group, batch, self.guard)
             metrics.BATCHES.observe(time.perf_counter() - started)
             metrics.BATCH_SIZE.observe(len(batch))
             metrics.EVENTS.labels("applied").inc(result.events - result.duplicates)

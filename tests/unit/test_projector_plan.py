@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from dataclasses import asdict
 from datetime import timedelta
@@ -216,35 +215,3 @@ def test_any_split_into_batches_gives_the_same_rows_as_one_batch(
     bounds = [0, *sorted({c for c in cuts if c < len(events)}), len(events)]
     batches = [events[a:b] for a, b in itertools.pairwise(bounds)]
     assert _apply([plan(b) for b in batches]) == _apply([plan(events)])
-
-
-# ---------------------------------------------------------------- duplicates in a batch
-
-
-class _FreshTable:
-    """Stands in for run_events: every (run_id, seq) sent is new, as in an empty table."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, int]] = []
-
-    async def fetch(self, _sql: str, run_ids: list[str], seqs: list[int], *_: Any) -> list[dict[str, Any]]:
-        keys = list(zip(run_ids, seqs, strict=True))
-        assert len(keys) == len(set(keys)), "the same (run_id, seq) was sent twice in one INSERT"
-        self.sent += keys
-        return [{"run_id": r, "seq": s} for r, s in keys]
-
-
-def test_duplicates_in_a_batch_are_planned_once_and_the_first_in_log_order_wins() -> None:
-    events = decided_run()
-    # A redelivery repeats events; a different event with an already-used seq must not replace the first.
-    impostor = events[4].model_copy(update={"event_id": "other", "payload": events[4].payload.model_copy(
-        update={"output": {"forged": True}})})  # fmt: skip
-    batch = [*events[:6], *events[2:6], impostor, *events[6:], events[-1]]
-    positioned = [store.Positioned("ledger", 0, offset, e) for offset, e in enumerate(batch)]
-    table = _FreshTable()
-    new = asyncio.run(store._insert_events(table, positioned))  # type: ignore[arg-type]
-    assert new == events
-    p = plan(new)
-    assert p.new_runs["run-1"]["steps_count"] == 4
-    assert p.step_changes[("run-1", "fetch")].output == {"fetched": 1}
-    assert plan(new) == plan(events)

@@ -1,0 +1,108 @@
+"""Drives a run through the executor's pure decide/fold with a fake clock, as the engine would, without Kafka."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from schemas.events import ErrorCategory, ErrorInfo, EventBase, TriggerInfo, TriggerReceived
+from schemas.flows import FlowDefinition
+from schemas.status import StepStatus
+from services.executor.decide import Clock, Input, StartRun, StepCompleted, TimerFired, decide
+from services.executor.fold import RunState, StepState, fold
+
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+
+def make_flow(*steps: dict[str, Any], **fields: Any) -> FlowDefinition:
+    """A flow of the given step dicts; a step given only a name is a `transform`."""
+    return FlowDefinition.model_validate(
+        {
+            "id": "orders",
+            "tenant_id": "t1",
+            "name": "Orders",
+            "version": 3,
+            "tags": ["sales"],
+            "steps": [{"action": "transform", **s} for s in steps],
+            **fields,
+        }
+    )
+
+
+def make_trigger(run_id: str = "run-1", payload: Any = None, **fields: Any) -> TriggerReceived:
+    return TriggerReceived(
+        trigger_id=f"trg-{run_id}",
+        tenant_id="t1",
+        run_id=run_id,
+        flow_id="orders",
+        trigger=TriggerInfo(type="api", caller="key_1", payload=payload),
+        received_at=T0,
+        **fields,
+    )
+
+
+def error(category: str, message: str = "boom") -> ErrorInfo:
+    return ErrorInfo(category=ErrorCategory(category), message=message)
+
+
+@dataclass
+class Run:
+    """One run: its flow, the events decided so far, the folded state and the fake clock."""
+
+    flow: FlowDefinition | None
+    trigger: TriggerReceived = field(default_factory=make_trigger)
+    now: datetime = T0
+    time_scale: float = 1.0
+    state: RunState | None = None
+    events: list[EventBase] = field(default_factory=list)
+    inputs: list[Input] = field(default_factory=list)
+
+    def feed(self, inp: Input) -> list[EventBase]:
+        out = decide(self.state, self.flow, inp, Clock(now=self.now, time_scale=self.time_scale))
+        for event in out:
+            self.state = fold(self.state, event)
+        self.events += out
+        self.inputs.append(inp)
+        return out
+
+    def start(self) -> list[EventBase]:
+        version = self.flow.version if self.flow else (self.trigger.flow_version or 0)
+        return self.feed(StartRun(self.trigger, version))
+
+    def active(self) -> tuple[str, StepState] | None:
+        assert self.state is not None
+        for name, step in self.state.steps.items():
+            if step.status in (StepStatus.RUNNING, StepStatus.RETRYING):
+                return name, step
+        return None
+
+    def complete(
+        self, *, ok: bool = True, output: Any = None, err: ErrorInfo | None = None, took_s: float = 1.0
+    ) -> list[EventBase]:
+        """The running step's runner returns after `took_s` seconds."""
+        active = self.active()
+        assert active is not None and active[1].status == StepStatus.RUNNING, active
+        name, step = active
+        self.now += timedelta(seconds=took_s)
+        assert self.state is not None
+        return self.feed(
+            StepCompleted(self.state.run_id, name, step.attempt, ok, output, err, duration_ms=took_s * 1000)
+        )
+
+    def fire_timer(self) -> list[EventBase]:
+        """Time passes until the retrying step's retry_at; its timer fires."""
+        active = self.active()
+        assert active is not None and active[1].status == StepStatus.RETRYING, active
+        name, step = active
+        assert step.retry_at is not None
+        self.now = max(self.now, step.retry_at)
+        assert self.state is not None
+        return self.feed(TimerFired(self.state.run_id, name, step.attempt))
+
+    @property
+    def types(self) -> list[str]:
+        return [e.type for e in self.events]
+
+    def of_type(self, name: str) -> list[EventBase]:
+        return [e for e in self.events if e.type == name]
