@@ -291,3 +291,16 @@ async def test_flakiness_pass_rate_percentiles_and_endpoint_coverage(env: Env) -
         ("POST", "erp.example.com", "/api/customers", 1),
         ("GET", "shop.example.com", "/orders/{id}", 6),
     ]
+
+
+async def test_request_ids_are_echoed_and_named_in_errors(env: Env) -> None:
+    async with httpx.AsyncClient(base_url=env.api, timeout=10) as client:
+        headers = {"Authorization": f"Bearer {env.key}", "X-Request-Id": "trace-42"}
+        missing = await client.get("/v1/runs/run_nope", headers=headers)
+        assert missing.status_code == 404
+        assert missing.headers["x-request-id"] == "trace-42"
+        assert missing.json()["error"] == {"code": "not_found", "message": "no run with id 'run_nope'",
+                                           "request_id": "trace-42"}  # fmt: skip
+        fine = await client.get("/v1/runs", headers={"Authorization": f"Bearer {env.key}"})
+        assert fine.headers["x-request-id"].startswith("req_")
+        assert len(fine.headers.get_list("x-request-id")) == 1
