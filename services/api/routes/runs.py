@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import asyncpg
 from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.events import ExecutionMode, TriggerType
 from schemas.status import parse_run_status
@@ -63,72 +64,76 @@ def summary(row: asyncpg.Record) -> dict[str, Any]:
     return {name: row[name] for name in store.SUMMARY_COLUMNS}
 
 
+class RunsQuery(BaseModel):
+    """The query string of GET /v1/runs, validated as one model (much cheaper than one parameter each)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    flow_id: list[str] = []
+    status: list[str] = []
+    trigger_type: list[str] = []
+    execution_mode: list[str] = []
+    caller: list[str] = []
+    environment: str | None = None
+    ids: list[str] = []
+    tags: list[str] = []
+    failed_step: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    from_: datetime | None = Field(default=None, alias="from")
+    to: datetime | None = None
+    include_archived: bool = False
+    q: str | None = Field(default=None, max_length=200)
+    error_fingerprint: str | None = None
+    sort: str = "-created_at"
+    limit: int = Field(default=20, ge=1, le=100)
+    cursor: str | None = None
+    offset: int = Field(default=0, ge=0, le=100_000)
+
+
 @router.get("/v1/runs")
-async def list_runs(
-    request: Request,
-    principal: Reader,
-    flow_id: Many = None,
-    status: Many = None,
-    trigger_type: Many = None,
-    execution_mode: Many = None,
-    caller: Many = None,
-    environment: str | None = None,
-    ids: Many = None,
-    tags: Many = None,
-    failed_step: str | None = None,
-    created_after: datetime | None = None,
-    created_before: datetime | None = None,
-    from_: Annotated[datetime | None, Query(alias="from")] = None,
-    to: datetime | None = None,
-    include_archived: bool = False,
-    q: Annotated[str | None, Query(max_length=200)] = None,
-    error_fingerprint: str | None = None,
-    sort: str = "-created_at",
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: str | None = None,
-    offset: Annotated[int, Query(ge=0, le=100_000)] = 0,
-) -> dict[str, Any]:
+async def list_runs(request: Request, principal: Reader, params: Annotated[RunsQuery, Query()]) -> dict[str, Any]:
     """Runs, newest first unless `sort` says otherwise. `next_cursor` pages on, `prev_cursor` back.
 
     `q` matches a substring of the error message or of the run id. `offset` is for clients that page
     by count (seed 002); cursors stay stable while new runs arrive, offsets do not.
     """
-    if environment is not None and environment.upper() != principal.environment:
+    if params.environment is not None and params.environment.upper() != principal.environment:
         raise ApiError(
             403, "forbidden", f"this API key sees {principal.environment} runs only; use a key of that environment"
         )
-    if cursor and offset:
+    if params.cursor and params.offset:
         raise ApiError(422, "validation_error", "offset: give `cursor` or `offset`, not both")
     try:
-        order = store.Sort.parse(sort)
+        order = store.Sort.parse(params.sort)
     except ValueError as exc:
         raise ApiError(422, "validation_error", f"sort: {exc}") from None
-    if from_ is not None and created_after is not None:
+    if params.from_ is not None and params.created_after is not None:
         raise ApiError(422, "validation_error", "from: give `from` or `created_after`, not both")
-    if to is not None and created_before is not None:
+    if params.to is not None and params.created_before is not None:
         raise ApiError(422, "validation_error", "to: give `to` or `created_before`, not both")
     flt = store.RunFilter(
         tenant_id=principal.tenant_id,
         environment=principal.environment,
-        flow_ids=_many(flow_id),
-        statuses=_statuses(_many(status)),
-        trigger_types=_trigger_types(_many(trigger_type)),
-        execution_modes=_execution_modes(_many(execution_mode)),
-        callers=_many(caller),
-        fingerprint=error_fingerprint,
-        q=q.strip() if q and q.strip() else None,
-        ids=_many(ids),
-        tags=_many(tags),
-        failed_step=failed_step,
-        created_after=_utc(from_ or created_after),
-        created_before=_utc(to or created_before),
-        include_archived=include_archived,
+        flow_ids=_many(params.flow_id),
+        statuses=_statuses(_many(params.status)),
+        trigger_types=_trigger_types(_many(params.trigger_type)),
+        execution_modes=_execution_modes(_many(params.execution_mode)),
+        callers=_many(params.caller),
+        fingerprint=params.error_fingerprint,
+        q=params.q.strip() if params.q and params.q.strip() else None,
+        ids=_many(params.ids),
+        tags=_many(params.tags),
+        failed_step=params.failed_step,
+        created_after=_utc(params.from_ or params.created_after),
+        created_before=_utc(params.to or params.created_before),
+        include_archived=params.include_archived,
     )
     try:
-        position = store.Cursor.decode(cursor, order) if cursor else None
+        position = store.Cursor.decode(params.cursor, order) if params.cursor else None
     except store.CursorError as exc:
         raise ApiError(400, "invalid_request", f"cursor: {exc}") from None
-    page = await store.list_runs(request.app.state.pool, flt, limit, order, position, offset)
+    page = await store.list_runs(request.app.state.pool, flt, params.limit, order, position, params.offset)
     return {"data": [summary(r) for r in page.rows], "next_cursor": page.next_cursor, "prev_cursor": page.prev_cursor}
 
 
