@@ -230,47 +230,187 @@ class RunArchivedPayload(Frozen):
     bulk_operation_id: str | None = None
 
 
-def _event(name: str, payload: type[BaseModel]) -> type[EventBase]:
-    # One small class per event type; the `type` literal is the discriminator.
-    cls = type(
-        name,
-        (EventBase,),
-        {
-            "__annotations__": {"type": Literal[name], "payload": payload},  # type: ignore[valid-type]
-            "type": name,
-            "__module__": __name__,
-            "__doc__": f"Ledger event {name}.",
-        },
-    )
-    return cls
+class RunRequested(EventBase):
+    """Ledger event RunRequested."""
+
+    type: Literal["RunRequested"] = "RunRequested"
+    payload: RunRequestedPayload
 
 
-RunRequested = _event("RunRequested", RunRequestedPayload)
-RunQueued = _event("RunQueued", Empty)
-RunScheduled = _event("RunScheduled", RunScheduledPayload)
-RunBlocked = _event("RunBlocked", ReasonPayload)
-RunQuotaExceeded = _event("RunQuotaExceeded", ReasonPayload)
-RunInvalid = _event("RunInvalid", ReasonPayload)
-RunStarted = _event("RunStarted", Empty)
-StepStarted = _event("StepStarted", StepStartedPayload)
-StepAttemptFailed = _event("StepAttemptFailed", StepAttemptFailedPayload)
-StepSucceeded = _event("StepSucceeded", StepSucceededPayload)
-StepFailed = _event("StepFailed", StepFailedPayload)
-StepSkipped = _event("StepSkipped", StepSkippedPayload)
-StepCanceled = _event("StepCanceled", StepCanceledPayload)
-RecordsProcessed = _event("RecordsProcessed", RecordsProcessedPayload)
-RecordFailed = _event("RecordFailed", RecordFailedPayload)
-LogEmitted = _event("LogEmitted", LogEmittedPayload)
-RunPaused = _event("RunPaused", RunPausedPayload)
-RunResumed = _event("RunResumed", Empty)
-RunCancelRequested = _event("RunCancelRequested", RunCancelRequestedPayload)
-RunCanceled = _event("RunCanceled", RunFinishedPayload)
-RunSucceeded = _event("RunSucceeded", RunFinishedPayload)
-RunPartiallySucceeded = _event("RunPartiallySucceeded", RunFinishedPayload)
-RunFailed = _event("RunFailed", RunFinishedPayload)
-RunTimedOut = _event("RunTimedOut", RunFinishedPayload)
-RunInternalError = _event("RunInternalError", RunFinishedPayload)
-RunArchived = _event("RunArchived", RunArchivedPayload)
+class RunQueued(EventBase):
+    """Ledger event RunQueued."""
+
+    type: Literal["RunQueued"] = "RunQueued"
+    payload: Empty
+
+
+class RunScheduled(EventBase):
+    """Ledger event RunScheduled."""
+
+    type: Literal["RunScheduled"] = "RunScheduled"
+    payload: RunScheduledPayload
+
+
+class RunBlocked(EventBase):
+    """Ledger event RunBlocked."""
+
+    type: Literal["RunBlocked"] = "RunBlocked"
+    payload: ReasonPayload
+
+
+class RunQuotaExceeded(EventBase):
+    """Ledger event RunQuotaExceeded."""
+
+    type: Literal["RunQuotaExceeded"] = "RunQuotaExceeded"
+    payload: ReasonPayload
+
+
+class RunInvalid(EventBase):
+    """Ledger event RunInvalid."""
+
+    type: Literal["RunInvalid"] = "RunInvalid"
+    payload: ReasonPayload
+
+
+class RunStarted(EventBase):
+    """Ledger event RunStarted."""
+
+    type: Literal["RunStarted"] = "RunStarted"
+    payload: Empty
+
+
+class StepStarted(EventBase):
+    """Ledger event StepStarted."""
+
+    type: Literal["StepStarted"] = "StepStarted"
+    payload: StepStartedPayload
+
+
+class StepAttemptFailed(EventBase):
+    """Ledger event StepAttemptFailed."""
+
+    type: Literal["StepAttemptFailed"] = "StepAttemptFailed"
+    payload: StepAttemptFailedPayload
+
+
+class StepSucceeded(EventBase):
+    """Ledger event StepSucceeded."""
+
+    type: Literal["StepSucceeded"] = "StepSucceeded"
+    payload: StepSucceededPayload
+
+
+class StepFailed(EventBase):
+    """Ledger event StepFailed."""
+
+    type: Literal["StepFailed"] = "StepFailed"
+    payload: StepFailedPayload
+
+
+class StepSkipped(EventBase):
+    """Ledger event StepSkipped."""
+
+    type: Literal["StepSkipped"] = "StepSkipped"
+    payload: StepSkippedPayload
+
+
+class StepCanceled(EventBase):
+    """Ledger event StepCanceled."""
+
+    type: Literal["StepCanceled"] = "StepCanceled"
+    payload: StepCanceledPayload
+
+
+class RecordsProcessed(EventBase):
+    """Ledger event RecordsProcessed."""
+
+    type: Literal["RecordsProcessed"] = "RecordsProcessed"
+    payload: RecordsProcessedPayload
+
+
+class RecordFailed(EventBase):
+    """Ledger event RecordFailed."""
+
+    type: Literal["RecordFailed"] = "RecordFailed"
+    payload: RecordFailedPayload
+
+
+class LogEmitted(EventBase):
+    """Ledger event LogEmitted."""
+
+    type: Literal["LogEmitted"] = "LogEmitted"
+    payload: LogEmittedPayload
+
+
+class RunPaused(EventBase):
+    """Ledger event RunPaused."""
+
+    type: Literal["RunPaused"] = "RunPaused"
+    payload: RunPausedPayload
+
+
+class RunResumed(EventBase):
+    """Ledger event RunResumed."""
+
+    type: Literal["RunResumed"] = "RunResumed"
+    payload: Empty
+
+
+class RunCancelRequested(EventBase):
+    """Ledger event RunCancelRequested."""
+
+    type: Literal["RunCancelRequested"] = "RunCancelRequested"
+    payload: RunCancelRequestedPayload
+
+
+class RunCanceled(EventBase):
+    """Ledger event RunCanceled."""
+
+    type: Literal["RunCanceled"] = "RunCanceled"
+    payload: RunFinishedPayload
+
+
+class RunSucceeded(EventBase):
+    """Ledger event RunSucceeded."""
+
+    type: Literal["RunSucceeded"] = "RunSucceeded"
+    payload: RunFinishedPayload
+
+
+class RunPartiallySucceeded(EventBase):
+    """Ledger event RunPartiallySucceeded."""
+
+    type: Literal["RunPartiallySucceeded"] = "RunPartiallySucceeded"
+    payload: RunFinishedPayload
+
+
+class RunFailed(EventBase):
+    """Ledger event RunFailed."""
+
+    type: Literal["RunFailed"] = "RunFailed"
+    payload: RunFinishedPayload
+
+
+class RunTimedOut(EventBase):
+    """Ledger event RunTimedOut."""
+
+    type: Literal["RunTimedOut"] = "RunTimedOut"
+    payload: RunFinishedPayload
+
+
+class RunInternalError(EventBase):
+    """Ledger event RunInternalError."""
+
+    type: Literal["RunInternalError"] = "RunInternalError"
+    payload: RunFinishedPayload
+
+
+class RunArchived(EventBase):
+    """Ledger event RunArchived."""
+
+    type: Literal["RunArchived"] = "RunArchived"
+    payload: RunArchivedPayload
+
 
 LEDGER_EVENT_TYPES: tuple[type[EventBase], ...] = (
     RunRequested, RunQueued, RunScheduled, RunBlocked, RunQuotaExceeded, RunInvalid, RunStarted,
@@ -288,26 +428,26 @@ LedgerEvent = Annotated[
     | RunBlocked
     | RunQuotaExceeded
     | RunInvalid
-    | RunStarted  # type: ignore[valid-type]
+    | RunStarted
     | StepStarted
     | StepAttemptFailed
     | StepSucceeded
     | StepFailed
     | StepSkipped
-    | StepCanceled  # type: ignore[valid-type]
+    | StepCanceled
     | RecordsProcessed
     | RecordFailed
     | LogEmitted
     | RunPaused
     | RunResumed
-    | RunCancelRequested  # type: ignore[valid-type]
+    | RunCancelRequested
     | RunCanceled
     | RunSucceeded
     | RunPartiallySucceeded
     | RunFailed
-    | RunTimedOut  # type: ignore[valid-type]
+    | RunTimedOut
     | RunInternalError
-    | RunArchived,  # type: ignore[valid-type]
+    | RunArchived,
     Field(discriminator="type"),
 ]
 LEDGER_ADAPTER: TypeAdapter[EventBase] = TypeAdapter(LedgerEvent)

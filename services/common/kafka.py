@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
@@ -36,7 +38,7 @@ async def ensure_topics(bootstrap: str, topics: Topics, partitions: int) -> list
         await admin.close()
 
 
-async def publish_flow_events(bootstrap: str, topics: Topics, events: list[FlowEventBase]) -> None:
+async def publish_flow_events(bootstrap: str, topics: Topics, events: Sequence[FlowEventBase]) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
     await producer.start()
     try:

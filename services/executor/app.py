@@ -57,13 +57,14 @@ def create_app(settings: ExecutorSettings) -> tuple[faust.App, faust.TopicT, Eng
 
     app.service(EngineService)
 
-    @app.on_partitions_assigned.connect
+    # faust's signal typing wants the receiver's extra arguments as *args; it passes them positionally.
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
         # Partitions stay paused until this returns: no trigger is processed before the runs of
         # its partition are rebuilt from the ledger.
         await engine.assign(tp.partition for tp in assigned if tp.topic == topics.triggers)
 
-    @app.on_partitions_revoked.connect
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
         await engine.revoke(tp.partition for tp in revoked if tp.topic == topics.triggers)
 
