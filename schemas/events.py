@@ -206,6 +206,29 @@ class RecordFailedPayload(Frozen):
     raw_error: Any = None
 
 
+CANONICAL_ENTITIES = (
+    "customer", "contact", "account", "lead", "opportunity", "product", "product_variant", "order",
+    "order_line_item", "invoice", "payment", "subscription", "refund", "shipment", "inventory",
+)  # fmt: skip
+
+
+class CanonicalRecord(Frozen):
+    """One normalised record as a sync step wrote it; its external ids (source to id) deduplicate it."""
+
+    external_ids: dict[str, str] = Field(min_length=1)
+    data: dict[str, Any] = Field(default_factory=dict)
+    source_updated_at: datetime | None = None
+
+
+class RecordsUpsertedPayload(Frozen):
+    step: str
+    entity: Literal[
+        "customer", "contact", "account", "lead", "opportunity", "product", "product_variant", "order",
+        "order_line_item", "invoice", "payment", "subscription", "refund", "shipment", "inventory",
+    ]  # fmt: skip
+    records: tuple[CanonicalRecord, ...]
+
+
 class LogEmittedPayload(Frozen):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     message: str
@@ -335,6 +358,13 @@ class RecordFailed(EventBase):
     payload: RecordFailedPayload
 
 
+class RecordsUpserted(EventBase):
+    """Ledger event RecordsUpserted: canonical records a sync step wrote, for the data API (seed 003)."""
+
+    type: Literal["RecordsUpserted"] = "RecordsUpserted"
+    payload: RecordsUpsertedPayload
+
+
 class LogEmitted(EventBase):
     """Ledger event LogEmitted."""
 
@@ -415,7 +445,7 @@ class RunArchived(EventBase):
 LEDGER_EVENT_TYPES: tuple[type[EventBase], ...] = (
     RunRequested, RunQueued, RunScheduled, RunBlocked, RunQuotaExceeded, RunInvalid, RunStarted,
     StepStarted, StepAttemptFailed, StepSucceeded, StepFailed, StepSkipped, StepCanceled,
-    RecordsProcessed, RecordFailed, LogEmitted, RunPaused, RunResumed, RunCancelRequested,
+    RecordsProcessed, RecordFailed, RecordsUpserted, LogEmitted, RunPaused, RunResumed, RunCancelRequested,
     RunCanceled, RunSucceeded, RunPartiallySucceeded, RunFailed, RunTimedOut, RunInternalError,
     RunArchived,
 )  # fmt: skip
@@ -437,6 +467,7 @@ LedgerEvent = Annotated[
     | StepCanceled
     | RecordsProcessed
     | RecordFailed
+    | RecordsUpserted
     | LogEmitted
     | RunPaused
     | RunResumed

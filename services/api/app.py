@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.responses import ORJSONResponse
 
-from services.api.routes import analytics, runs
+from services.api.routes import analytics, data, runs
 from services.api.settings import ApiSettings
 from services.common.auth import Authenticator
 from services.common.db import connect, create_pool
@@ -38,4 +38,5 @@ def create_app(settings: ApiSettings) -> FastAPI:
     install(app)
     app.include_router(runs.router)
     app.include_router(analytics.router)
+    app.include_router(data.router)
     return app

@@ -69,6 +69,8 @@ class DetailPlan:
     finished: list[str] = field(default_factory=list)  # runs that reached a final status in this batch
     outcomes: list[StepOutcome] = field(default_factory=list)
     endpoints: list[EndpointCall] = field(default_factory=list)
+    # RecordsUpserted events in log order; their environment comes from the run row, in the store.
+    canonical: list[EventBase] = field(default_factory=list)
 
 
 _ATTEMPT_STATUS = {
@@ -99,6 +101,8 @@ def plan_details(events: list[EventBase]) -> DetailPlan:
                 "record_key": p.record_key, "field_path": p.field_path, "error": p.error, "raw_error": p.raw_error,
                 "occurred_at": event.occurred_at,
             })  # fmt: skip
+        elif t == "RecordsUpserted":
+            out.canonical.append(event)
         elif t == "LogEmitted":
             p = event.payload
             out.logs.append({

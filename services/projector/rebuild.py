@@ -45,9 +45,12 @@ DERIVED: dict[str, str] = {
     "endpoint_coverage": "tenant_id, environment, flow_id, method, host, route",
     "flows": "tenant_id, id",
     "flow_versions": "tenant_id, flow_id, version",
+    "canonical_records": "tenant_id, environment, entity, canonical_id",
+    "canonical_external_ids": "tenant_id, environment, entity, source, external_id",
 }
 CONTROL: tuple[str, ...] = ("tenants", "api_keys", "retention_marks")  # in foreign-key order
-OWN = ("projector_offsets", "schema_migrations")
+# The projector's own bookkeeping: neither replayed nor compared (purged_runs is re-made by the purge marks).
+OWN = ("projector_offsets", "schema_migrations", "purged_runs")
 
 Progress = Callable[[str], None]
 

@@ -16,6 +16,8 @@ from schemas.status import TERMINAL_RUN_STATUSES
 
 log = logging.getLogger(__name__)
 
+# Redeliveries come within minutes of the original append (executor recovery), never weeks later.
+TOMBSTONE_DAYS = timedelta(days=7)
 _TERMINAL = sorted(s.value for s in TERMINAL_RUN_STATUSES)
 # Rows that hang off a run; deleted with it.
 _CHILD_TABLES = ("run_steps", "step_attempts", "run_events", "run_logs", "record_errors")
@@ -51,22 +53,15 @@ async def apply_marks(conn: asyncpg.Connection, marks: list[Marks], *, record: b
     """Purge by the given marks in one transaction. Unfinished runs are never touched."""
     deleted = blanked = 0
     async with conn.transaction():
+        if record:
+            # Projector batches hold this lock shared: none can slip a run past the purge while it runs.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('flowtrail-projector:' || current_schema()))")
         for m in marks:
-            ids = [
-                r["id"]
-                for r in await conn.fetch(
-                    "SELECT id FROM runs WHERE tenant_id = $1 AND created_at < $2 AND status = ANY($3::text[])",
-                    m.tenant_id,
-                    m.runs_before,
-                    _TERMINAL,
-                )
-            ]
-            if ids:
-                for table in _CHILD_TABLES:
-                    await conn.execute(f"DELETE FROM {table} WHERE run_id = ANY($1::text[])", ids)
-                await conn.execute("DELETE FROM runs WHERE id = ANY($1::text[])", ids)
-                deleted += len(ids)
-            blanked += await _blank_payloads(conn, m)
+            ids = await _ids(conn, "tenant_id = $1 AND created_at < $2", m.tenant_id, m.runs_before)
+            deleted += await _delete(conn, ids)
+            ids = await _ids(conn, "tenant_id = $1 AND created_at < $2 AND NOT payloads_purged", m.tenant_id,
+                             m.payloads_before)  # fmt: skip
+            blanked += await _blank(conn, ids)
             if record:
                 await conn.execute(
                     """
@@ -82,17 +77,46 @@ async def apply_marks(conn: asyncpg.Connection, marks: list[Marks], *, record: b
     return PurgeResult(deleted, blanked)
 
 
-async def _blank_payloads(conn: asyncpg.Connection, m: Marks) -> int:
-    ids = [
-        r["id"]
-        for r in await conn.fetch(
-            "SELECT id FROM runs WHERE tenant_id = $1 AND created_at < $2 AND status = ANY($3::text[]) "
-            "AND NOT payloads_purged",
-            m.tenant_id,
-            m.payloads_before,
-            _TERMINAL,
-        )
-    ]
+async def enforce_marks(conn: asyncpg.Connection, run_ids: list[str]) -> None:
+    """Inside a projector batch: runs it just touched that the recorded marks already cover are purged now,
+    so a run finishing (or arriving) after a purge ends up as if it had been there for it."""
+    if not run_ids:
+        return
+    rows = await conn.fetch(
+        """
+        SELECT r.id, r.created_at < m.runs_before AS expired,
+               r.created_at < m.payloads_before AND NOT r.payloads_purged AS blank
+        FROM runs r JOIN retention_marks m ON m.tenant_id = r.tenant_id
+        WHERE r.id = ANY($1::text[]) AND r.status = ANY($2::text[])
+          AND (r.created_at < m.runs_before OR (r.created_at < m.payloads_before AND NOT r.payloads_purged))
+        """,
+        run_ids, _TERMINAL,
+    )  # fmt: skip
+    await _delete(conn, [r["id"] for r in rows if r["expired"]])
+    await _blank(conn, [r["id"] for r in rows if r["blank"] and not r["expired"]])
+
+
+async def _ids(conn: asyncpg.Connection, where: str, *args: object) -> list[str]:
+    n = len(args) + 1
+    rows = await conn.fetch(f"SELECT id FROM runs WHERE {where} AND status = ANY(${n}::text[])", *args, _TERMINAL)
+    return [r["id"] for r in rows]
+
+
+async def _delete(conn: asyncpg.Connection, ids: list[str]) -> int:
+    if not ids:
+        return 0
+    await conn.execute(
+        "INSERT INTO purged_runs (run_id, last_seq) SELECT id, last_seq FROM runs WHERE id = ANY($1::text[]) "
+        "ON CONFLICT (run_id) DO UPDATE SET last_seq = GREATEST(purged_runs.last_seq, EXCLUDED.last_seq)",
+        ids,
+    )
+    for table in _CHILD_TABLES:
+        await conn.execute(f"DELETE FROM {table} WHERE run_id = ANY($1::text[])", ids)
+    await conn.execute("DELETE FROM runs WHERE id = ANY($1::text[])", ids)
+    return len(ids)
+
+
+async def _blank(conn: asyncpg.Connection, ids: list[str]) -> int:
     if not ids:
         return 0
     await conn.execute("UPDATE runs SET trigger_payload = NULL, payloads_purged = true WHERE id = ANY($1::text[])", ids)
@@ -119,6 +143,7 @@ async def purge(conn: asyncpg.Connection, now: datetime) -> PurgeResult:
         return PurgeResult(0, 0)
     try:
         result = await apply_marks(conn, await marks_for(conn, now))
+        await conn.execute("DELETE FROM purged_runs WHERE purged_at < $1", now - TOMBSTONE_DAYS)
     finally:
         await conn.execute("SELECT pg_advisory_unlock(hashtext('flowtrail-retention:' || current_schema()))")
     if result.runs_deleted or result.payloads_blanked:

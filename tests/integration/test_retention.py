@@ -78,8 +78,19 @@ async def test_purge_deletes_old_runs_blanks_old_payloads_and_keeps_the_ledger(
             stuck_run = (await api.get("/v1/runs/run_stuck")).json()
             assert stuck_run["trigger"]["payload"] == {"n": "run_stuck"}
 
+        # A late redelivery of a purged run's events does not bring it back.
+        await produce(sandbox.infra.kafka_bootstrap, sandbox.topics.ledger, ancient, sandbox.partitions)
+        deadline = time.monotonic() + 30
+        while await db.fetchval("SELECT coalesce(sum(next_offset), 0) FROM projector_offsets") < len(everything) + len(
+            ancient
+        ):
+            assert time.monotonic() < deadline, stack["projector"].log_tail()
+            await asyncio.sleep(0.05)
+        assert await db.fetchval("SELECT count(*) FROM runs WHERE id = 'run_ancient'") == 0
+        assert await db.fetchval("SELECT count(*) FROM run_events WHERE run_id = 'run_ancient'") == 0
+
         # The ledger still holds every event, and a verify replays it to the same purged state.
-        assert await _ledger_size(sandbox) == len(everything)
+        assert await _ledger_size(sandbox) == len(everything) + len(ancient)
         settings = ProjectorSettings(
             kafka_bootstrap=sandbox.infra.kafka_bootstrap, database_url=sandbox.infra.database_url,
             database_schema=sandbox.schema, topic_prefix=sandbox.topics.prefix,

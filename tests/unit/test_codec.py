@@ -83,6 +83,13 @@ PAYLOADS: dict[type[BaseModel], st.SearchStrategy[Any]] = {
     ev.RecordFailedPayload: st.builds(
         ev.RecordFailedPayload, step=_text, record_key=_text, field_path=_opt_text, error=_text, raw_error=json_values
     ),
+    ev.RecordsUpsertedPayload: st.builds(
+        ev.RecordsUpsertedPayload, step=_text, entity=st.sampled_from(ev.CANONICAL_ENTITIES),
+        records=st.lists(st.builds(
+            ev.CanonicalRecord, external_ids=st.dictionaries(_text, _text, min_size=1, max_size=3),
+            data=st.dictionaries(_text, json_values, max_size=4), source_updated_at=st.none() | _times,
+        ), max_size=3).map(tuple),
+    ),
     ev.LogEmittedPayload: st.builds(
         ev.LogEmittedPayload, level=st.sampled_from(["DEBUG", "INFO", "WARNING", "ERROR"]), message=_text,
         step=_opt_text, fields=st.dictionaries(_text, json_values, max_size=3),

@@ -17,3 +17,12 @@ CREATE TABLE retention_marks (
 
 ALTER TABLE runs ADD COLUMN payloads_purged boolean NOT NULL DEFAULT false;
 CREATE INDEX runs_created_idx ON runs (created_at);
+
+-- Runs the purge deleted, with their last seq: a late redelivery of one of their events is then still
+-- recognised as a duplicate (run_events, the usual memory, is gone). Pruned a week after the purge.
+CREATE TABLE purged_runs (
+    run_id     text PRIMARY KEY,
+    last_seq   int NOT NULL,
+    purged_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX purged_runs_purged_at_idx ON purged_runs (purged_at);

@@ -7,6 +7,7 @@ from typing import Any
 import asyncpg
 
 from schemas import codec
+from services.projector.adapters.canonical import write_canonical
 from services.projector.details import RECORD_COUNTERS, DetailPlan
 
 
@@ -169,3 +170,4 @@ async def write_details(conn: asyncpg.Connection, plan: DetailPlan) -> None:
             _UPSERT_ENDPOINTS, [e.run_id for e in ep], [e.method for e in ep], [e.host for e in ep],
             [e.route for e in ep], [e.occurred_at for e in ep],
         )  # fmt: skip
+    await write_canonical(conn, plan.canonical)

@@ -9,7 +9,15 @@ import asyncpg
 import orjson
 
 from schemas import codec
-from schemas.events import EventBase, FlowEventBase, FlowPaused, FlowResumed, FlowVersionPublished
+from schemas.events import (
+    TERMINAL_EVENT_STATUS,
+    EventBase,
+    FlowEventBase,
+    FlowPaused,
+    FlowResumed,
+    FlowVersionPublished,
+)
+from services.projector import retention
 from services.projector.adapters.details import write_details
 from services.projector.details import plan_details
 from services.projector.fold import BatchPlan, plan
@@ -188,6 +196,7 @@ async def apply_batch(
         await _write_runs(conn, changes)
         await _write_steps(conn, changes)
         await write_details(conn, plan_details(new_events))
+        await retention.enforce_marks(conn, list({e.run_id for e in new_events if e.type in TERMINAL_EVENT_STATUS}))
         for p in flows:
             await _apply_flow_event(conn, p.event)
         await _save_offsets(conn, group, batch)
@@ -205,7 +214,16 @@ async def _insert_events(conn: asyncpg.Connection, ledger: list[Positioned]) -> 
         unique.setdefault((p.event.run_id, p.event.seq), p)
     if not unique:
         return []
+    purged = await conn.fetch(
+        "SELECT run_id, last_seq FROM purged_runs WHERE run_id = ANY($1::text[])", list({k[0] for k in unique})
+    )
+    if purged:
+        # Events of runs the retention purge already removed: duplicates, as run_events would have said.
+        gone = {r["run_id"]: r["last_seq"] for r in purged}
+        unique = {k: p for k, p in unique.items() if k[0] not in gone or k[1] > gone[k[0]]}
     rows = list(unique.values())
+    if not rows:
+        return []
     # COPY into a per-session staging table, then one INSERT … ON CONFLICT: COPY's binary rows cost far
     # less to send and parse than array parameters, and the payload JSON is passed through unparsed.
     await conn.execute(_STAGE_EVENTS)

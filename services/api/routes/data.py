@@ -1,0 +1,88 @@
+"""GET /api/public/data/{entity} and /{entity}/{id}: the canonical read API of seed 003 (scope data:read)."""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import asyncpg
+import orjson
+from fastapi import APIRouter, Depends, Query, Request
+
+from schemas.events import CANONICAL_ENTITIES
+from services.api.adapters import data as store
+from services.common.auth import Principal, require_scope
+from services.common.http import ApiError
+
+router = APIRouter()
+DataReader = Annotated[Principal, Depends(require_scope("data:read"))]
+
+
+def _entity(entity: str) -> str:
+    if entity not in CANONICAL_ENTITIES:
+        raise ApiError(404, "not_found", f"no entity {entity!r}; entities: {', '.join(CANONICAL_ENTITIES)}")
+    return entity
+
+
+def _record(row: asyncpg.Record, fields: list[str] | None) -> dict[str, Any]:
+    full = {
+        "canonical_id": row["canonical_id"],
+        **row["data"],
+        "external_ids": row["external_ids"],
+        "last_source_update_at": row["last_source_update_at"],
+        "updated_at": row["updated_at"],
+    }
+    if fields is None:
+        return full
+    return {"canonical_id": row["canonical_id"], **{f: full[f] for f in fields if f in full}}
+
+
+def _encode(updated_at: datetime, canonical_id: str) -> str:
+    raw = orjson.dumps([updated_at.isoformat(), canonical_id])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode(cursor: str) -> tuple[datetime, str]:
+    try:
+        at, canonical_id = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return datetime.fromisoformat(at), str(canonical_id)
+    except (ValueError, TypeError) as exc:
+        raise ApiError(400, "invalid_request", "cursor: not one this API returned") from exc
+
+
+@router.get("/api/public/data/{entity}")
+async def list_records(
+    entity: str,
+    request: Request,
+    principal: DataReader,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: str | None = None,
+    updated_since: datetime | None = None,
+    fields: str | None = None,
+) -> dict[str, Any]:
+    """Normalised, deduplicated records, oldest update first; pass `next_cursor` back as `cursor` until null."""
+    since = updated_since.replace(tzinfo=UTC) if updated_since and updated_since.tzinfo is None else updated_since
+    wanted = [f.strip() for f in fields.split(",") if f.strip()] if fields else None
+    rows = await store.list_records(
+        request.app.state.pool, principal.tenant_id, principal.environment, _entity(entity), limit, since,
+        _decode(cursor) if cursor else None,
+    )  # fmt: skip
+    page = rows[:limit]
+    more = len(rows) > limit
+    return {
+        "entity": entity,
+        "count": len(page),
+        "next_cursor": _encode(page[-1]["updated_at"], page[-1]["canonical_id"]) if more else None,
+        "data": [_record(r, wanted) for r in page],
+    }
+
+
+@router.get("/api/public/data/{entity}/{canonical_id}")
+async def get_record(entity: str, canonical_id: str, request: Request, principal: DataReader) -> dict[str, Any]:
+    row = await store.get_record(
+        request.app.state.pool, principal.tenant_id, principal.environment, _entity(entity), canonical_id
+    )
+    if row is None:
+        raise ApiError(404, "not_found", f"no {entity} with canonical_id {canonical_id!r}")
+    return _record(row, None)
