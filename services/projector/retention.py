@@ -78,22 +78,27 @@ async def apply_marks(conn: asyncpg.Connection, marks: list[Marks], *, record: b
 
 
 async def enforce_marks(conn: asyncpg.Connection, run_ids: list[str]) -> None:
-    """Inside a projector batch: runs it just touched that the recorded marks already cover are purged now,
+    """Inside a projector batch: runs it just finished that the recorded marks already cover are purged now,
     so a run finishing (or arriving) after a purge ends up as if it had been there for it."""
     if not run_ids:
         return
+    marks = {m.tenant_id: m for m in await recorded_marks(conn)}
+    if not marks:
+        return
     rows = await conn.fetch(
-        """
-        SELECT r.id, r.created_at < m.runs_before AS expired,
-               r.created_at < m.payloads_before AND NOT r.payloads_purged AS blank
-        FROM runs r JOIN retention_marks m ON m.tenant_id = r.tenant_id
-        WHERE r.id = ANY($1::text[]) AND r.status = ANY($2::text[])
-          AND (r.created_at < m.runs_before OR (r.created_at < m.payloads_before AND NOT r.payloads_purged))
-        """,
-        run_ids, _TERMINAL,
-    )  # fmt: skip
-    await _delete(conn, [r["id"] for r in rows if r["expired"]])
-    await _blank(conn, [r["id"] for r in rows if r["blank"] and not r["expired"]])
+        "SELECT id, tenant_id, created_at, status, payloads_purged FROM runs WHERE id = ANY($1::text[])", run_ids
+    )
+    expired, blank = [], []
+    for r in rows:
+        m = marks.get(r["tenant_id"])
+        if m is None or r["status"] not in _TERMINAL:
+            continue
+        if r["created_at"] < m.runs_before:
+            expired.append(r["id"])
+        elif r["created_at"] < m.payloads_before and not r["payloads_purged"]:
+            blank.append(r["id"])
+    await _delete(conn, expired)
+    await _blank(conn, blank)
 
 
 async def _ids(conn: asyncpg.Connection, where: str, *args: object) -> list[str]:

@@ -15,15 +15,10 @@ def _json(value: Any) -> str:
     return codec.dumps(value).decode()
 
 
-async def write_canonical(conn: asyncpg.Connection, events: list[EventBase]) -> None:
+async def write_canonical(conn: asyncpg.Connection, events: list[EventBase], envs: dict[str, str]) -> None:
+    """`envs`: each run's environment (a record belongs to the environment of the run that wrote it)."""
     if not events:
         return
-    envs = {
-        r["id"]: r["environment"]
-        for r in await conn.fetch(
-            "SELECT id, environment FROM runs WHERE id = ANY($1::text[])", list({e.run_id for e in events})
-        )
-    }
     upserts = [
         Upsert((e.tenant_id, envs.get(e.run_id, "PRODUCTION"), e.payload.entity), record, e.occurred_at, e.run_id)
         for e in events

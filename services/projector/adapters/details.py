@@ -7,6 +7,7 @@ from typing import Any
 import asyncpg
 
 from schemas import codec
+from services.projector import aggregate
 from services.projector.adapters.canonical import write_canonical
 from services.projector.details import RECORD_COUNTERS, DetailPlan
 
@@ -63,17 +64,11 @@ FROM unnest($1::text[], $2::text[], $3::text[]) AS u(id, category, fingerprint)
 WHERE r.id = u.id
 """
 
-# Groups are keyed by the run's tenant and environment, which only the run row knows; it is written
-# (with finished_at and error_message) earlier in the same transaction.
 _UPSERT_GROUPS = """
 INSERT INTO failure_groups AS g (tenant_id, environment, fingerprint, flow_id, step, category, message_pattern,
                                  sample_message, runs, first_seen, last_seen, last_run_id)
-SELECT r.tenant_id, r.environment, u.fingerprint, min(r.flow_id), min(r.failed_step), min(u.category),
-       min(u.pattern), (array_agg(r.error_message ORDER BY r.finished_at DESC, r.id DESC))[1], count(*),
-       min(r.finished_at), max(r.finished_at), (array_agg(r.id ORDER BY r.finished_at DESC, r.id DESC))[1]
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u(id, category, fingerprint, pattern)
-JOIN runs r ON r.id = u.id
-GROUP BY r.tenant_id, r.environment, u.fingerprint
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
+                     $9::int[], $10::timestamptz[], $11::timestamptz[], $12::text[])
 ON CONFLICT (tenant_id, environment, fingerprint) DO UPDATE SET
     runs           = g.runs + EXCLUDED.runs,
     first_seen     = LEAST(g.first_seen, EXCLUDED.first_seen),
@@ -83,14 +78,11 @@ ON CONFLICT (tenant_id, environment, fingerprint) DO UPDATE SET
                           ELSE g.sample_message END
 """
 
-# Finished runs counted into their flow's hour of creation; the run row already holds every column.
 _ROLLUP_HOURLY = """
 INSERT INTO flow_hourly AS h (tenant_id, flow_id, environment, hour, status, trigger_type, runs, duration_ms_sum,
                               records_written, records_failed)
-SELECT tenant_id, flow_id, environment, date_trunc('hour', created_at), status, trigger_type, count(*),
-       COALESCE(sum(duration_ms::numeric), 0), sum(records_written), sum(records_failed)
-FROM runs WHERE id = ANY($1::text[])
-GROUP BY 1, 2, 3, 4, 5, 6
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::int[],
+                     $8::numeric[], $9::bigint[], $10::bigint[])
 ON CONFLICT (tenant_id, flow_id, environment, hour, status, trigger_type) DO UPDATE SET
     runs            = h.runs + EXCLUDED.runs,
     duration_ms_sum = h.duration_ms_sum + EXCLUDED.duration_ms_sum,
@@ -101,12 +93,8 @@ ON CONFLICT (tenant_id, flow_id, environment, hour, status, trigger_type) DO UPD
 _UPSERT_OUTCOMES = """
 INSERT INTO step_outcomes AS o (tenant_id, environment, flow_id, flow_version, step, succeeded, failed, retried,
                                 last_failed_at)
-SELECT r.tenant_id, r.environment, r.flow_id, u.flow_version, u.step, count(*) FILTER (WHERE u.kind = 'succeeded'),
-       count(*) FILTER (WHERE u.kind = 'failed'), count(*) FILTER (WHERE u.kind = 'retried'),
-       max(u.at) FILTER (WHERE u.kind = 'failed')
-FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::timestamptz[]) AS u(id, flow_version, step, kind, at)
-JOIN runs r ON r.id = u.id
-GROUP BY 1, 2, 3, 4, 5
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::text[], $6::int[], $7::int[], $8::int[],
+                     $9::timestamptz[])
 ON CONFLICT (tenant_id, environment, flow_id, flow_version, step) DO UPDATE SET
     succeeded      = o.succeeded + EXCLUDED.succeeded,
     failed         = o.failed + EXCLUDED.failed,
@@ -116,13 +104,23 @@ ON CONFLICT (tenant_id, environment, flow_id, flow_version, step) DO UPDATE SET
 
 _UPSERT_ENDPOINTS = """
 INSERT INTO endpoint_coverage AS e (tenant_id, environment, flow_id, method, host, route, calls, last_seen)
-SELECT r.tenant_id, r.environment, r.flow_id, u.method, u.host, u.route, count(*), max(u.at)
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[]) AS u(id, method, host, route, at)
-JOIN runs r ON r.id = u.id
-GROUP BY 1, 2, 3, 4, 5, 6
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int[],
+                     $8::timestamptz[])
 ON CONFLICT (tenant_id, environment, flow_id, method, host, route) DO UPDATE SET
     calls = e.calls + EXCLUDED.calls, last_seen = GREATEST(e.last_seen, EXCLUDED.last_seen)
 """
+
+# One indexed lookup per batch for every run attribute the aggregates need, instead of a join with
+# `runs` in each aggregate statement (whose plan depends on statistics a young table does not have).
+_LOOKUP_RUNS = """
+SELECT id, tenant_id, environment, flow_id, status, trigger_type, created_at, finished_at, duration_ms,
+       failed_step, error_message, records_written, records_failed
+FROM runs WHERE id = ANY($1::text[])
+"""
+
+
+def _transpose(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    return [[r[i] for r in rows] for i in range(width)]
 
 
 def _columns(rows: list[dict[str, Any]], names: tuple[str, ...], json_names: tuple[str, ...] = ()) -> list[list[Any]]:
@@ -153,21 +151,17 @@ async def write_details(conn: asyncpg.Connection, plan: DetailPlan) -> None:
         ids = list(plan.failures)
         fs = [plan.failures[i] for i in ids]
         await conn.execute(_UPDATE_RUN_FAILURES, ids, [f.category for f in fs], [f.fingerprint for f in fs])
-        await conn.execute(
-            _UPSERT_GROUPS, ids, [f.category for f in fs], [f.fingerprint for f in fs], [f.pattern for f in fs]
-        )
-    if plan.finished:
-        await conn.execute(_ROLLUP_HOURLY, plan.finished)
-    if plan.outcomes:
-        oc = plan.outcomes
-        await conn.execute(
-            _UPSERT_OUTCOMES, [o.run_id for o in oc], [o.flow_version for o in oc], [o.step for o in oc],
-            [o.kind for o in oc], [o.occurred_at for o in oc],
-        )  # fmt: skip
-    if plan.endpoints:
-        ep = plan.endpoints
-        await conn.execute(
-            _UPSERT_ENDPOINTS, [e.run_id for e in ep], [e.method for e in ep], [e.host for e in ep],
-            [e.route for e in ep], [e.occurred_at for e in ep],
-        )  # fmt: skip
-    await write_canonical(conn, plan.canonical)
+    touched = (
+        set(plan.failures) | set(plan.finished) | {o.run_id for o in plan.outcomes}
+        | {e.run_id for e in plan.endpoints} | {e.run_id for e in plan.canonical}
+    )  # fmt: skip
+    runs = {r["id"]: r for r in await conn.fetch(_LOOKUP_RUNS, list(touched))} if touched else {}
+    if plan.failures and (rows := aggregate.failure_groups(plan, runs)):
+        await conn.execute(_UPSERT_GROUPS, *_transpose(rows, 12))
+    if plan.finished and (rows := aggregate.hourly(plan, runs)):
+        await conn.execute(_ROLLUP_HOURLY, *_transpose(rows, 10))
+    if plan.outcomes and (rows := aggregate.outcomes(plan, runs)):
+        await conn.execute(_UPSERT_OUTCOMES, *_transpose(rows, 9))
+    if plan.endpoints and (rows := aggregate.endpoints(plan, runs)):
+        await conn.execute(_UPSERT_ENDPOINTS, *_transpose(rows, 8))
+    await write_canonical(conn, plan.canonical, {i: r["environment"] for i, r in runs.items()})
