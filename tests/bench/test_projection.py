@@ -7,7 +7,9 @@ from pathlib import Path
 import aiohttp
 
 from services.common.db import connect
-from tests.bench.ceilings import CopyCeiling
+from services.projector import rebuild
+from services.projector.settings import ProjectorSettings
+from tests.bench.ceilings import CopyCeiling, KafkaCeiling
 from tests.bench.load import profiled
 from tests.bench.loaders import bench_sandbox
 from tests.bench.measure import prometheus_values, wait_until
@@ -20,7 +22,7 @@ from tests.factories import produce, run_events
 
 
 async def test_projector_drains_a_ledger_backlog(infra: Infra, scale: Scale, report: Report, log_dir: Path,
-                                                 copy_ceiling: CopyCeiling) -> None:  # fmt: skip
+                                                 copy_ceiling: CopyCeiling, kafka_ceiling: KafkaCeiling) -> None:  # fmt: skip
     runs, steps = scale.projection_runs, scale.steps
     async with bench_sandbox(infra, scale.partitions) as box:
         events = [e for i in range(runs) for e in run_events(f"run{i:08d}", steps=steps)]
@@ -61,6 +63,13 @@ async def test_projector_drains_a_ledger_backlog(infra: Infra, scale: Scale, rep
             stack.stop()
         counts = {t: int(await db.fetchval(f"SELECT count(*) FROM {t}")) for t in ("run_events", "runs", "run_steps")}
         await db.close()
+        # Rebuild: `flowtrail projector verify` replays the same ledger into a shadow schema and compares.
+        settings = ProjectorSettings(
+            kafka_bootstrap=infra.kafka_bootstrap, database_url=infra.database_url, database_schema=box.schema,
+            topic_prefix=box.topics.prefix,
+        )  # fmt: skip
+        progress: list[str] = []
+        outcome = await rebuild.run(settings, swap=False, progress=progress.append)
     assert counts == {"run_events": total, "runs": runs, "run_steps": runs * steps}, counts
 
     seconds = t1 - t0
@@ -71,6 +80,10 @@ async def test_projector_drains_a_ledger_backlog(infra: Infra, scale: Scale, rep
     report.add("projection", "projector read-model rows/s", events_per_s * rows_per_event, "rows/s",
                ceiling="copy.mix", target=Target(">=", 0.6, on="ratio"))  # fmt: skip
     report.add("cpu", "projector CPU while draining", cpu["projector"], "% core")
+    assert outcome.comparison.equal, outcome.comparison.differing_tables
+    report.add("rebuild", f"projector verify (replay into a shadow schema) events/s, {outcome.events:,} events",
+               outcome.events / outcome.seconds, "events/s", ceiling="kafka.consume",
+               target=Target(">=", 0.25, on="ratio"))  # fmt: skip
     db_s = metrics.get("flowtrail_projector_batch_seconds_sum", float("nan"))
     report.details["projection"] = {
         "events": total, "runs": runs, "steps_per_run": steps, "rows": counts, "measured_from_event": first,
