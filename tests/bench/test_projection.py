@@ -21,8 +21,9 @@ from tests.e2e.stack import Stack
 from tests.factories import produce, run_events
 
 
-async def test_projector_drains_a_ledger_backlog(infra: Infra, scale: Scale, report: Report, log_dir: Path,
-                                                 copy_ceiling: CopyCeiling, kafka_ceiling: KafkaCeiling) -> None:  # fmt: skip
+async def test_projector_drains_a_ledger_backlog(
+    infra: Infra, scale: Scale, report: Report, log_dir: Path, copy_ceiling: CopyCeiling, kafka_ceiling: KafkaCeiling
+) -> None:
     runs, steps = scale.projection_runs, scale.steps
     async with bench_sandbox(infra, scale.partitions) as box:
         events = [e for i in range(runs) for e in run_events(f"run{i:08d}", steps=steps)]
