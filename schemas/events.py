@@ -120,6 +120,17 @@ class Empty(Frozen):
     pass
 
 
+class CursorWindow(Frozen):
+    """The `updated_since` / `updated_until` bounds a syncing run reads (seed 000); a retry reads the same."""
+
+    updated_since: datetime | None = None
+    updated_until: datetime
+
+
+class RunStartedPayload(Frozen):
+    cursor_window: CursorWindow | None = None
+
+
 class ReasonPayload(Frozen):
     reason: str = ""
     errors: tuple[ErrorInfo, ...] = ()
@@ -299,7 +310,7 @@ class RunStarted(EventBase):
     """Ledger event RunStarted."""
 
     type: Literal["RunStarted"] = "RunStarted"
-    payload: Empty
+    payload: RunStartedPayload
 
 
 class StepStarted(EventBase):

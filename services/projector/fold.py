@@ -48,6 +48,7 @@ class RunChange:
     updated_at: datetime | None = None
     last_seq: int = -1
     archived: bool | None = None
+    cursor_window: dict[str, Any] | None = None
 
 
 @dataclass
@@ -136,6 +137,8 @@ def _apply_run(change: RunChange, event: EventBase) -> None:
     p = event.payload
     if event.type == "RunStarted":
         change.started_at = event.occurred_at
+        if p.cursor_window is not None:
+            change.cursor_window = p.cursor_window.model_dump(mode="json")
     elif event.type in ("StepStarted", "StepSkipped") and getattr(p, "attempt", 1) == 1:
         change.steps_delta += 1
     elif event.type == "RunArchived":

@@ -50,11 +50,10 @@ class Run:
         ))  # fmt: skip
         return self
 
-    def begin(self, payload: Any = None) -> Run:
+    def begin(self, payload: Any = None, window: dict[str, Any] | None = None) -> Run:
         trigger = TriggerInfo(type="webhook", caller="key_hook", payload=payload or {})
-        return (
-            self.emit(ev.RunRequested, trigger=trigger, flow_name=self.flow_id).emit(ev.RunQueued).emit(ev.RunStarted)
-        )
+        self.emit(ev.RunRequested, trigger=trigger, flow_name=self.flow_id).emit(ev.RunQueued)
+        return self.emit(ev.RunStarted, **({"cursor_window": window} if window else {}))
 
     def step(self, name: str, position: int, action: str = "transform", step_input: Any = None,
              ok: bool = True, duration_ms: float = 10.0) -> Run:  # fmt: skip
@@ -65,11 +64,17 @@ class Run:
         return self.emit(ev.StepFailed, step=name, error=error, duration_ms=duration_ms)
 
 
+def live_window(run: Run) -> Any:
+    started = next(e for e in run.events if e.type == "RunStarted")
+    return started.payload.cursor_window.model_dump(mode="json")
+
+
 def _runs() -> list[Run]:
     runs: list[Run] = []
     # A sync run: a GET that fails twice (TRANSIENT, retried), a transform, a POST, records counted, two
     # rejected records, logs at three levels; it ends PARTIAL.
-    sync = Run("run_sync_0001", "sync", T0).begin({"since": "2026-11-19"})
+    window = {"updated_since": "2026-11-19T09:00:00Z", "updated_until": "2026-11-20T09:00:00Z"}
+    sync = Run("run_sync_0001", "sync", T0).begin({"since": "2026-11-19"}, window=window)
     get = {"method": "GET", "url": "https://crm.example.com/v2/contacts/48213?page=2"}
     sync.emit(ev.StepStarted, step="read", position=0, action="http_request", input=get, attempt=1)
     unavailable = {"category": "TRANSIENT", "message": "503 from crm"}
@@ -167,6 +172,7 @@ async def test_run_detail_shows_attempts_records_errors_and_breakdown(env: Env) 
     run = await env.ok("/v1/runs/run_sync_0001")
     assert run["status"] == "PARTIAL"
     assert run["trigger"] == {"type": "webhook", "caller": "key_hook", "payload": {"since": "2026-11-19"}}
+    assert run["cursor_window"] == {"updated_since": "2026-11-19T09:00:00Z", "updated_until": "2026-11-20T09:00:00Z"}
     assert run["records"] == {"read": 5, "transformed": 5, "written": 3, "deduped": 0, "skipped": 0, "failed": 2}
     read = run["steps"][0]
     assert read["name"] == "read" and read["attempt"] == 2 and read["status"] == "SUCCEEDED"
@@ -204,6 +210,7 @@ async def test_as_of_returns_the_run_as_it_stood_then(env: Env) -> None:
     assert then["as_of"]["seq"] == retrying_at
     assert [(s["name"], s["status"]) for s in then["steps"]] == [("read", "RETRYING")]
     assert then["records"]["written"] == 0
+    assert then["cursor_window"] == live_window(sync)
 
     # By time: just after the first step succeeded.
     succeeded = next(e for e in sync.events if e.type == "StepSucceeded")

@@ -83,6 +83,10 @@ PAYLOADS: dict[type[BaseModel], st.SearchStrategy[Any]] = {
     ev.RecordFailedPayload: st.builds(
         ev.RecordFailedPayload, step=_text, record_key=_text, field_path=_opt_text, error=_text, raw_error=json_values
     ),
+    ev.RunStartedPayload: st.builds(
+        ev.RunStartedPayload,
+        cursor_window=st.none() | st.builds(ev.CursorWindow, updated_since=st.none() | _times, updated_until=_times),
+    ),
     ev.RecordsUpsertedPayload: st.builds(
         ev.RecordsUpsertedPayload, step=_text, entity=st.sampled_from(ev.CANONICAL_ENTITIES),
         records=st.lists(st.builds(

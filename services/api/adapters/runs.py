@@ -221,7 +221,7 @@ async def list_runs(
 
 async def get_run(pool: asyncpg.Pool, tenant_id: str, environment: str, run_id: str) -> asyncpg.Record | None:
     return await pool.fetchrow(
-        f"SELECT {_SELECT_SUMMARY}, tenant_id, trigger_payload, error, {_SELECT_RECORDS} FROM runs "
+        f"SELECT {_SELECT_SUMMARY}, tenant_id, trigger_payload, error, cursor_window, {_SELECT_RECORDS} FROM runs "
         "WHERE id = $1 AND tenant_id = $2 AND environment = $3",
         run_id, tenant_id, environment,
     )  # fmt: skip

@@ -171,6 +171,7 @@ def _detail(view: dict[str, Any], trigger_payload: Any, error: Any, steps: list[
     out = {name: view.get(name) for name in store.SUMMARY_COLUMNS}
     out["trigger"] = {"type": view["trigger_type"], "caller": view["caller"], "payload": trigger_payload}
     out["error"] = error
+    out["cursor_window"] = view.get("cursor_window")
     out["records"] = {n: view.get(f"records_{n}", 0) for n in store.RECORD_COUNTERS}
     out["duration_breakdown"] = timeline.breakdown(view, steps)
     out["steps"] = steps

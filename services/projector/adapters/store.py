@@ -55,16 +55,16 @@ _RUN_COLUMNS = (
     "id", "tenant_id", "flow_id", "flow_version", "flow_name", "status", "environment", "execution_mode",
     "trigger_type", "caller", "trigger_payload", "tags", "parent_run_id", "retry_of", "bulk_operation_id",
     "failed_step", "error", "error_message", "steps_count", "created_at", "started_at", "finished_at",
-    "updated_at", "duration_ms", "last_seq", "archived",
+    "updated_at", "duration_ms", "last_seq", "archived", "cursor_window",
 )  # fmt: skip
 _RUN_TYPES = (
     "text", "text", "text", "int", "text", "text", "text", "text", "text", "text", "text", "text",
     "text", "text", "text", "text", "text", "text", "int", "timestamptz", "timestamptz", "timestamptz",
-    "timestamptz", "float8", "int", "bool",
+    "timestamptz", "float8", "int", "bool", "text",
 )  # fmt: skip
 # JSON columns travel as text and are cast: asyncpg would read a JSON list inside an array
 # parameter as another array dimension. tags (text[] per row) travels as JSON text for the same reason.
-_JSON_RUN_COLUMNS = {"trigger_payload", "error", "tags"}
+_JSON_RUN_COLUMNS = {"trigger_payload", "error", "tags", "cursor_window"}
 
 
 def _select(column: str) -> str:
@@ -101,11 +101,12 @@ UPDATE runs r SET
     steps_count   = r.steps_count + u.steps_delta,
     updated_at    = GREATEST(u.updated_at, r.updated_at),
     last_seq      = GREATEST(u.last_seq, r.last_seq),
-    archived      = COALESCE(u.archived, r.archived)
+    archived      = COALESCE(u.archived, r.archived),
+    cursor_window = COALESCE(u.cursor_window::jsonb, r.cursor_window)
 FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::float8[], $6::text[],
-            $7::text[], $8::text[], $9::int[], $10::timestamptz[], $11::int[], $12::bool[])
+            $7::text[], $8::text[], $9::int[], $10::timestamptz[], $11::int[], $12::bool[], $13::text[])
      AS u(id, status, started_at, finished_at, duration_ms, failed_step, error, error_message, steps_delta,
-          updated_at, last_seq, archived)
+          updated_at, last_seq, archived, cursor_window)
 WHERE r.id = u.id
 """
 
@@ -266,6 +267,7 @@ async def _write_runs(conn: asyncpg.Connection, changes: BatchPlan) -> None:
             [c.updated_at for c in rc],
             [c.last_seq for c in rc],
             [c.archived for c in rc],
+            [_json(c.cursor_window) for c in rc],
         )
 
 
