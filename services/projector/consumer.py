@@ -42,6 +42,37 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.projector.seek_assigned(assigned)
 
 
+class _Backlog:
+    """Decoded records waiting for the next transaction; the reader stops fetching once `limit` wait."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.items: list[Positioned] = []
+        self._ready = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+
+    def add(self, batch: list[Positioned]) -> None:
+        if not batch:
+            return
+        self.items.extend(batch)
+        self._ready.set()
+        if len(self.items) >= self.limit:
+            self._room.clear()
+
+    def take(self) -> list[Positioned]:
+        batch, self.items = self.items, []
+        self._ready.clear()
+        self._room.set()
+        return batch
+
+    async def wait(self) -> None:
+        await self._ready.wait()
+
+    async def room(self) -> None:
+        await self._room.wait()
+
+
 class Projector:
     def __init__(self, settings: ProjectorSettings) -> None:
         self.settings = settings
@@ -102,13 +133,14 @@ class Projector:
         log.info("projecting %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
 
     async def run(self) -> None:
-        """Fetch and decode the next batch while the current one is being applied (PostgreSQL works in its
-        own process, so the two overlap); on a schema swap, drop what was read ahead and re-seek."""
+        """Fetch and decode while the previous transaction is applied (PostgreSQL works in its own process,
+        so the two overlap); each transaction takes everything read so far, so under load transactions grow
+        instead of queueing. On a schema swap, drop what was read ahead and re-seek."""
         while True:
-            ahead: asyncio.Queue[list[Positioned]] = asyncio.Queue(maxsize=1)
-            reader = asyncio.create_task(self._read(ahead))
+            backlog = _Backlog(self.settings.batch_max_records)
+            reader = asyncio.create_task(self._read(backlog))
             try:
-                await self._apply_from(ahead, reader)
+                await self._apply_from(backlog, reader)
             except SchemaSwapped:
                 pass
             finally:
@@ -117,8 +149,9 @@ class Projector:
                     await reader
             await self._follow_swap()
 
-    async def _read(self, ahead: asyncio.Queue[list[Positioned]]) -> None:
+    async def _read(self, backlog: _Backlog) -> None:
         while True:
+            await backlog.room()
             fetched = await self.consumer.getmany(
                 timeout_ms=self.settings.batch_wait_ms, max_records=self.settings.batch_max_records
             )
@@ -134,18 +167,17 @@ class Projector:
                         batch.append(Positioned(tp.topic, tp.partition, record.offset, None))
                         continue
                     batch.append(Positioned(tp.topic, tp.partition, record.offset, event))
-            if batch:
-                await ahead.put(batch)
+            backlog.add(batch)
 
-    async def _apply_from(self, ahead: asyncio.Queue[list[Positioned]], reader: asyncio.Task[None]) -> None:
+    async def _apply_from(self, backlog: _Backlog, reader: asyncio.Task[None]) -> None:
         assert self.pool is not None
         while True:
-            next_batch = asyncio.ensure_future(ahead.get())
-            await asyncio.wait({next_batch, reader}, return_when=asyncio.FIRST_COMPLETED)
-            if not next_batch.done():
-                next_batch.cancel()
+            ready = asyncio.ensure_future(backlog.wait())
+            await asyncio.wait({ready, reader}, return_when=asyncio.FIRST_COMPLETED)
+            if not ready.done():
+                ready.cancel()
                 reader.result()  # the reader died: its exception ends the process, the supervisor restarts it
-            batch = next_batch.result()
+            batch = backlog.take()
             started = time.perf_counter()
             async with self.pool.acquire() as conn:
                 result = await apply_batch(conn, self.settings.consumer_group, batch, self.guard)

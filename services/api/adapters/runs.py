@@ -150,10 +150,10 @@ class RunFilter:
         if self.fingerprint is not None:
             add("error_fingerprint = ?", self.fingerprint)
         if self.q:
-            # Substring of an error message or of a run id; both columns carry a trigram index.
+            # Substring of an error message or of a run id; both carry a trigram index (the id's on lower(id)).
             pattern = "%" + self.q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
             args.append(pattern)
-            clauses.append(f"(error_message ILIKE ${len(args)} OR id ILIKE ${len(args)})")
+            clauses.append(f"(error_message ILIKE ${len(args)} OR lower(id) LIKE lower(${len(args)}))")
         if self.ids:
             add("id = ANY(?::text[])", self.ids)
         if self.tags:
