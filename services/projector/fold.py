@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from schemas.events import TERMINAL_EVENT_STATUS, EventBase
+from schemas.status import RunStatus, can_transition
 
 _STATUS = {
     "RunRequested": "CREATED",
@@ -74,6 +75,9 @@ class BatchPlan:
     new_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
     run_changes: dict[str, RunChange] = field(default_factory=dict)
     step_changes: dict[tuple[str, str], StepChange] = field(default_factory=dict)
+    # (run_id, seq, from, to) for status changes the transition table does not allow, seen within the
+    # batch: the executor never decides them, so one here means input out of order or a bug upstream.
+    out_of_order: list[tuple[str, int, str, str]] = field(default_factory=list)
 
 
 def new_run_row(event: EventBase) -> dict[str, Any]:
@@ -103,7 +107,14 @@ def new_run_row(event: EventBase) -> dict[str, Any]:
 def plan(events: list[EventBase]) -> BatchPlan:
     """Fold new events (in log order) into one change per run and per step."""
     out = BatchPlan()
+    last_status: dict[str, str] = {}
     for event in events:
+        status = _STATUS.get(event.type)
+        if status is not None:
+            before = last_status.get(event.run_id)
+            if before is not None and before != status and not can_transition(RunStatus(before), RunStatus(status)):
+                out.out_of_order.append((event.run_id, event.seq, before, status))
+            last_status[event.run_id] = status
         if event.type == "RunRequested":
             out.new_runs[event.run_id] = new_run_row(event)
         else:

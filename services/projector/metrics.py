@@ -16,3 +16,4 @@ SCHEMA_SWAPS = Counter(
     "flowtrail_projector_schema_swaps_total", "Times a rebuild swapped the schema under this process"
 )
 PURGED_RUNS = Counter("flowtrail_projector_purged_runs_total", "Runs deleted by the retention purge")
+OUT_OF_ORDER = Counter("flowtrail_projector_out_of_order_total", "Run status changes the transition table forbids")

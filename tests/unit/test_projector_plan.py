@@ -215,3 +215,14 @@ def test_any_split_into_batches_gives_the_same_rows_as_one_batch(
     bounds = [0, *sorted({c for c in cuts if c < len(events)}), len(events)]
     batches = [events[a:b] for a, b in itertools.pairwise(bounds)]
     assert _apply([plan(b) for b in batches]) == _apply([plan(events)])
+
+
+def test_status_changes_the_transition_table_forbids_are_flagged() -> None:
+    from tests.factories import run_events
+
+    events = run_events("run-x", steps=1)
+    # A RunQueued after the run already succeeded: SUCCEEDED -> QUEUED is not a transition.
+    late = events[1].model_copy(update={"seq": len(events), "event_id": "late"})
+    p = plan([*events, late])
+    assert p.out_of_order == [("run-x", len(events), "SUCCEEDED", "QUEUED")]
+    assert plan(events).out_of_order == []

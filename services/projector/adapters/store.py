@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,10 +18,12 @@ from schemas.events import (
     FlowResumed,
     FlowVersionPublished,
 )
-from services.projector import retention
+from services.projector import metrics, retention
 from services.projector.adapters.details import write_details
 from services.projector.details import plan_details
 from services.projector.fold import BatchPlan, plan
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +197,10 @@ async def apply_batch(
                 raise SchemaSwapped(guard.name)
         new_events = await _insert_events(conn, ledger)
         changes = plan(new_events)
+        for run_id, seq, before, after in changes.out_of_order:
+            metrics.OUT_OF_ORDER.inc()
+            log.warning("run %s seq %s: %s -> %s is not an allowed transition; projected as logged", run_id, seq,
+                        before, after)  # fmt: skip
         await _write_runs(conn, changes)
         await _write_steps(conn, changes)
         await write_details(conn, plan_details(new_events))
