@@ -309,3 +309,19 @@ def test_any_json_object_either_decodes_or_is_a_decode_error(obj: dict[str, Any]
         codec.decode_ledger_event(orjson.dumps(obj))
     except codec.DecodeError:
         pass
+
+
+def test_a_batch_of_triggers_encodes_exactly_as_each_model_would() -> None:
+    template = ev.TriggerReceived(
+        tenant_id="t1", run_id="", flow_id="orders", flow_version=3,
+        trigger=ev.TriggerInfo(type=ev.TriggerType.API, caller="key_1"), execution_mode=ev.ExecutionMode.LIVE,
+    )  # fmt: skip
+    payloads = [{"order_id": "SO-1"}, None, [1, 2], "text"]
+    encoded = codec.dumps_triggers(template, ["r1", "r2", "r3", "r4"], payloads)
+    decoded = [codec.decode_trigger(b) for b in encoded]
+    assert len({d.trigger_id for d in decoded}) == 4
+    for d, run_id, payload, raw in zip(decoded, ["r1", "r2", "r3", "r4"], payloads, encoded, strict=True):
+        trigger = template.trigger.model_copy(update={"payload": payload})
+        alone = template.model_copy(update={"run_id": run_id, "trigger_id": d.trigger_id, "trigger": trigger})
+        assert d == alone
+        assert raw == codec.dumps(alone)

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import ORJSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from schemas import codec
 from schemas.events import ExecutionMode, TriggerInfo, TriggerReceived, TriggerType
 from schemas.flows import Environment
 from schemas.status import TERMINAL_RUN_STATUSES
@@ -69,25 +70,24 @@ async def trigger_flow(
     if len(inputs) > settings.max_batch_inputs:
         raise ApiError(422, "validation_error", f"inputs: at most {settings.max_batch_inputs} per request")
     trigger_type = TriggerType.SCHEDULE if body.mode == "schedule" else TriggerType.API
-    triggers = [
-        TriggerReceived(
-            tenant_id=principal.tenant_id,
-            run_id=new_run_id(),
-            flow_id=flow_id,
-            flow_version=body.flow_version,
-            trigger=TriggerInfo(type=trigger_type, caller=principal.key_id, payload=payload),
-            environment=Environment(principal.environment),
-            execution_mode=ExecutionMode(body.mode),
-        )
-        for payload in inputs
-    ]
+    template = TriggerReceived(
+        tenant_id=principal.tenant_id,
+        run_id="",
+        flow_id=flow_id,
+        flow_version=body.flow_version,
+        trigger=TriggerInfo(type=trigger_type, caller=principal.key_id),
+        environment=Environment(principal.environment),
+        execution_mode=ExecutionMode(body.mode),
+    )
+    run_ids = [new_run_id() for _ in inputs]
+    records = list(zip(run_ids, codec.dumps_triggers(template, run_ids, inputs), strict=True))
     started = time.perf_counter()
-    await request.app.state.trigger_log.append(triggers)
+    await request.app.state.trigger_log.append(records)
     metrics.APPEND_SECONDS.observe(time.perf_counter() - started)
-    metrics.TRIGGERS.labels(body.mode).inc(len(triggers))
+    metrics.TRIGGERS.labels(body.mode).inc(len(records))
     if body.inputs is not None:
-        return ORJSONResponse({"run_ids": [t.run_id for t in triggers], "count": len(triggers)}, status_code=202)
-    run_id = triggers[0].run_id
+        return ORJSONResponse({"run_ids": run_ids, "count": len(run_ids)}, status_code=202)
+    run_id = run_ids[0]
     if body.mode != "live":
         return ORJSONResponse({"run_id": run_id, "status": "QUEUED"}, status_code=202)
     status = await _wait_final(pool, principal.tenant_id, run_id, settings.live_timeout_s)
