@@ -119,36 +119,43 @@ class _Emitter:
 
 def decide(state: RunState | None, flow: FlowDefinition | None, inp: Input, clock: Clock) -> list[EventBase]:
     """`flow` is the run's flow version; None when the trigger names a flow that does not exist."""
+    return decide_and_fold(state, flow, inp, clock)[0]
+
+
+def decide_and_fold(
+    state: RunState | None, flow: FlowDefinition | None, inp: Input, clock: Clock
+) -> tuple[list[EventBase], RunState | None]:
+    """decide(), and the state after its events (folded as they were decided: no second fold)."""
     if state is not None and (inp.id in state.causations or state.terminal):
-        return []
+        return [], state
     out = _Emitter(state, inp.id, clock)
     match inp:
         case StartRun():
             if state is not None:
-                return []
+                return [], state
             _start(out, flow, inp)
-            return out.events
+            return out.events, out.state
         case InternalFailure():
             if state is None:
-                return []
+                return [], state
             _finish(out, ev.RunInternalError, error=ErrorInfo(
                 category=ErrorCategory.INTERNAL, message=inp.message, details={"trace": inp.trace}
             ))  # fmt: skip
-            return out.events
+            return out.events, out.state
     if flow is None:  # an existing run always has its flow version
         raise LookupError(f"flow version of run {out.run.run_id} is unknown")
     match inp:
         case StepCompleted():
             step = out.run.steps.get(inp.step)
             if step is None or step.status != StepStatus.RUNNING or step.attempt != inp.attempt:
-                return []
+                return [], state
             _complete_step(out, flow, flow.step(inp.step), inp)
         case TimerFired():
             step = out.run.steps.get(inp.step)
             if step is None or step.status != StepStatus.RETRYING or step.attempt != inp.attempt:
-                return []
+                return [], state
             _start_step(out, flow, flow.step(inp.step), attempt=inp.attempt + 1)
-    return out.events
+    return out.events, out.state
 
 
 def _start(out: _Emitter, flow: FlowDefinition | None, inp: StartRun) -> None:

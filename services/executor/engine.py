@@ -7,6 +7,7 @@ import logging
 import traceback
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from typing import Any
 
 from schemas.events import EventBase, TriggerReceived
 from schemas.status import StepStatus
@@ -21,12 +22,23 @@ from services.executor.decide import (
     StartRun,
     StepCompleted,
     TimerFired,
-    decide,
+    decide_and_fold,
 )
 from services.executor.fold import RunState, fold
 from services.executor.settings import ExecutorSettings
 
 log = logging.getLogger(__name__)
+
+
+class _EventCounters(dict[str, Any]):
+    """metrics.EVENTS children by event type, resolved once each (labels() per event costs ~6 µs)."""
+
+    def __missing__(self, event_type: str) -> Any:
+        child = self[event_type] = metrics.EVENTS.labels(event_type)
+        return child
+
+
+_EVENT_COUNTERS = _EventCounters()
 
 
 class Engine:
@@ -116,20 +128,20 @@ class Engine:
                 flow = self.flows.get(trigger.tenant_id, trigger.flow_id, trigger.flow_version)
             version = flow.version if flow else (trigger.flow_version or 0)
             self.partition_of[trigger.run_id] = partition
-            pending += await self._apply(None, decide(None, flow, StartRun(trigger, version), self.clock()))
+            pending += await self._apply(*decide_and_fold(None, flow, StartRun(trigger, version), self.clock()))
             metrics.TRIGGERS.labels("started" if flow else "invalid").inc()
             if trigger.run_id in self.runs:
                 self._drive(trigger.run_id)
         if pending:
             await asyncio.gather(*pending)
 
-    async def _apply(self, state: RunState | None, events: list[EventBase]) -> list[asyncio.Future[object]]:
+    async def _apply(self, events: list[EventBase], state: RunState | None) -> list[asyncio.Future[object]]:
+        """`state` is the run after `events` (decide_and_fold folded them as it decided)."""
         if not events:
             return []
         run_id = events[0].run_id
         for event in events:
-            state = fold(state, event)
-            metrics.EVENTS.labels(event.type).inc()
+            _EVENT_COUNTERS[event.type].inc()
         assert state is not None
         if state.terminal:
             self.runs.pop(run_id, None)
@@ -146,7 +158,7 @@ class Engine:
         if state is None:
             return
         flow = self.flows.get(state.tenant_id, state.flow_id, state.flow_version)
-        await self._apply(state, decide(state, flow, inp, self.clock()))
+        await self._apply(*decide_and_fold(state, flow, inp, self.clock()))
 
     # ------------------------------------------------------------------ driving a run
 

@@ -85,7 +85,11 @@ class StepRunners:
             if call.action == "delay":
                 timeout += float(call.input.get("seconds", 0)) * self.time_scale
             output = await asyncio.wait_for(action(call), timeout=timeout)
-            return StepOutcome(ok=True, output=output, duration_ms=_ms(began))
+            duration = _ms(began)
+            if call.action == "delay":
+                # A durable timer runs from the recorded start, which precedes this call: show all of it.
+                duration = max(duration, (datetime.now(UTC) - call.started_at).total_seconds() * 1000)
+            return StepOutcome(ok=True, output=output, duration_ms=duration)
         except StepError as exc:
             return StepOutcome(ok=False, output=exc.output, error=exc.error, duration_ms=_ms(began))
         except TimeoutError:
