@@ -8,7 +8,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.responses import ORJSONResponse
 
-from services.api.routes import analytics, data, runs
+from services.api.adapters.notify import Notifier
+from services.api.routes import analytics, data, runs, stream
 from services.api.settings import ApiSettings
 from services.common.auth import Authenticator
 from services.common.db import connect, create_pool
@@ -28,9 +29,12 @@ def create_app(settings: ApiSettings) -> FastAPI:
             settings.database_url, settings.database_schema, max_size=settings.pool_max_size
         )
         app.state.authenticator = Authenticator(app.state.pool)
+        app.state.notifier = Notifier(settings.database_url, settings.database_schema)
+        await app.state.notifier.start()
         try:
             yield
         finally:
+            await app.state.notifier.stop()
             await app.state.pool.close()
 
     app = FastAPI(title="Flowtrail API", version="1", default_response_class=ORJSONResponse, lifespan=lifespan)
@@ -39,4 +43,5 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(runs.router)
     app.include_router(analytics.router)
     app.include_router(data.router)
+    app.include_router(stream.router)
     return app

@@ -208,6 +208,9 @@ async def apply_batch(
         for p in flows:
             await _apply_flow_event(conn, p.event)
         await _save_offsets(conn, group, batch)
+        if new_events:
+            # Delivered on commit: live streams in the API wake up and read what this batch wrote.
+            await conn.execute("SELECT pg_notify('flowtrail_projected', current_schema())")
     return BatchResult(
         events=len(ledger),
         duplicates=len(ledger) - len(new_events),
