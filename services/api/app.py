@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.responses import ORJSONResponse
 
 from services.api.adapters.notify import Notifier
-from services.api.routes import analytics, data, runs, stream
+from services.api.routes import analytics, data, runs, stream, webhooks
 from services.api.settings import ApiSettings
 from services.common.auth import Authenticator
 from services.common.db import connect, create_pool
@@ -44,4 +44,5 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(analytics.router)
     app.include_router(data.router)
     app.include_router(stream.router)
+    app.include_router(webhooks.router)
     return app

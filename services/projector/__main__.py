@@ -33,6 +33,7 @@ async def serve(settings: ProjectorSettings) -> None:
         loop.add_signal_handler(sig, stop.set)
     work = asyncio.create_task(projector.run())
     purger = asyncio.create_task(projector.retention_loop())
+    sender = asyncio.create_task(projector.webhook_loop())
     waiter = asyncio.create_task(stop.wait())
     try:
         done, _ = await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -40,6 +41,7 @@ async def serve(settings: ProjectorSettings) -> None:
             work.result()  # a crash surfaces here and the supervisor restarts the process
     finally:
         purger.cancel()
+        sender.cancel()
         work.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await work

@@ -15,6 +15,7 @@ from schemas import codec
 from schemas.topics import Topics
 from services.common.db import create_pool
 from services.projector import metrics, retention
+from services.projector.adapters import webhooks
 from services.projector.adapters.store import (
     Positioned,
     SchemaGuard,
@@ -186,6 +187,26 @@ class Projector:
             metrics.EVENTS.labels("applied").inc(result.events - result.duplicates)
             metrics.EVENTS.labels("duplicate").inc(result.duplicates)
             self.applied_batches += 1
+
+    async def webhook_loop(self) -> None:
+        """Sends due webhook deliveries; an error is logged and the loop goes on."""
+        assert self.pool is not None
+        dispatcher = webhooks.Dispatcher(
+            self.pool,
+            allow_private=self.settings.webhook_allow_private_networks,
+            backoff_s=self.settings.webhook_backoff_s,
+        )
+        try:
+            while True:
+                try:
+                    sent = await dispatcher.run_once()
+                except (asyncpg.PostgresError, OSError):
+                    log.exception("webhook dispatch failed; retrying")
+                    sent = 0
+                if not sent:
+                    await asyncio.sleep(self.settings.webhook_poll_s)
+        finally:
+            await dispatcher.close()
 
     async def retention_loop(self) -> None:
         """Purge by each tenant's retention periodically; a failed purge is logged and retried next time."""

@@ -17,3 +17,4 @@ SCHEMA_SWAPS = Counter(
 )
 PURGED_RUNS = Counter("flowtrail_projector_purged_runs_total", "Runs deleted by the retention purge")
 OUT_OF_ORDER = Counter("flowtrail_projector_out_of_order_total", "Run status changes the transition table forbids")
+WEBHOOK_DELIVERIES = Counter("flowtrail_projector_webhook_deliveries_total", "Webhook delivery attempts", ["outcome"])

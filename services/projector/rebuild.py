@@ -48,7 +48,15 @@ DERIVED: dict[str, str] = {
     "canonical_records": "tenant_id, environment, entity, canonical_id",
     "canonical_external_ids": "tenant_id, environment, entity, source, external_id",
 }
-CONTROL: tuple[str, ...] = ("tenants", "api_keys", "retention_marks")  # in foreign-key order
+# In foreign-key order. Webhook deliveries are a record of what was sent, not derived: carried over as is.
+CONTROL: tuple[str, ...] = (
+    "tenants",
+    "api_keys",
+    "retention_marks",
+    "webhook_subscriptions",
+    "webhook_deliveries",
+    "webhook_attempts",
+)
 # The projector's own bookkeeping: neither replayed nor compared (purged_runs is re-made by the purge marks).
 OWN = ("projector_offsets", "schema_migrations", "purged_runs")
 
@@ -160,7 +168,7 @@ class Replayer:
                         event = None  # the live projector dead-lettered it; skip it the same way
                     batch.append(Positioned(tp.topic, tp.partition, record.offset, event))
             if batch:
-                await apply_batch(self.shadow, group, batch)
+                await apply_batch(self.shadow, group, batch, side_effects=False)
                 self.events += len(batch)
             for tp in list(remaining):
                 if await self.consumer.position(tp) >= targets[tp]:

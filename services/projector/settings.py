@@ -13,6 +13,11 @@ class ProjectorSettings(CommonSettings):
     batch_wait_ms: int = service_field("projector", "batch_wait_ms", 20)
     # How often the retention purge runs (0 turns it off); the periods themselves are per tenant.
     retention_interval_s: float = service_field("projector", "retention_interval_s", 3600.0)
+    # Webhooks: how often due deliveries are looked for, the first retry delay (doubling, at most an
+    # hour), and whether receivers on private networks are allowed (local development only).
+    webhook_poll_s: float = service_field("projector", "webhook_poll_s", 0.5)
+    webhook_backoff_s: float = service_field("projector", "webhook_backoff_s", 10.0)
+    webhook_allow_private_networks: bool = service_field("projector", "webhook_allow_private_networks", False)
 
     @property
     def consumer_group(self) -> str:

@@ -19,6 +19,7 @@ from schemas.events import (
     FlowVersionPublished,
 )
 from services.projector import metrics, retention
+from services.projector.adapters import webhooks
 from services.projector.adapters.details import write_details
 from services.projector.details import plan_details
 from services.projector.fold import BatchPlan, plan
@@ -186,8 +187,15 @@ async def schema_oid(conn: asyncpg.Connection, schema: str) -> int:
 
 
 async def apply_batch(
-    conn: asyncpg.Connection, group: str, batch: list[Positioned], guard: SchemaGuard | None = None
+    conn: asyncpg.Connection,
+    group: str,
+    batch: list[Positioned],
+    guard: SchemaGuard | None = None,
+    *,
+    side_effects: bool = True,
 ) -> BatchResult:
+    """One transaction: new events, their row changes, offsets. `side_effects=False` (a rebuild's replay)
+    enqueues no webhook deliveries: those were offered when the events first happened."""
     ledger = [p for p in batch if isinstance(p.event, EventBase)]
     flows = [p for p in batch if isinstance(p.event, FlowEventBase)]
     async with conn.transaction():
@@ -207,6 +215,8 @@ async def apply_batch(
         await retention.enforce_marks(conn, list({e.run_id for e in new_events if e.type in TERMINAL_EVENT_STATUS}))
         for p in flows:
             await _apply_flow_event(conn, p.event)
+        if side_effects:
+            await webhooks.enqueue(conn, new_events, [p.event for p in flows])
         await _save_offsets(conn, group, batch)
         if new_events:
             # Delivered on commit: live streams in the API wake up and read what this batch wrote.

@@ -1,0 +1,161 @@
+"""Webhook deliveries: enqueued inside the projector's batch transaction, sent by a dispatcher loop."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import httpx
+
+from schemas import codec
+from schemas.events import EventBase, FlowEventBase, FlowPaused
+from services.common.webhooks import RUN_EVENTS, sign
+from services.executor.adapters.netguard import BlockedAddress, check_url
+from services.projector import metrics
+
+log = logging.getLogger(__name__)
+_NS = uuid.UUID("0b6f0e55-7a7c-4a39-9f55-1c61b1d2f7a1")
+RETRY_FOR = timedelta(hours=24)
+_SUMMARY = ("id", "flow_id", "flow_version", "flow_name", "status", "environment", "trigger_type", "caller",
+            "failed_step", "error_message", "created_at", "started_at", "finished_at", "duration_ms")  # fmt: skip
+_AT_START = ("id", "flow_id", "flow_version", "flow_name", "environment", "trigger_type", "caller", "created_at")
+
+
+async def enqueue(conn: asyncpg.Connection, events: list[EventBase], flow_events: list[FlowEventBase]) -> int:
+    """One pending delivery per (subscription, event); a redelivered event hits the unique key and adds none."""
+    wanted = [e for e in events if e.type in RUN_EVENTS]
+    paused = [e for e in flow_events if isinstance(e, FlowPaused)]
+    if not wanted and not paused:
+        return 0
+    subs = await conn.fetch("SELECT id, tenant_id, environment, events FROM webhook_subscriptions WHERE active")
+    if not subs:
+        return 0
+    runs = {
+        r["id"]: r
+        for r in await conn.fetch(
+            f"SELECT {', '.join(_SUMMARY)} FROM runs WHERE id = ANY($1::text[])", list({e.run_id for e in wanted})
+        )
+    } if wanted else {}  # fmt: skip
+    rows: list[tuple[Any, ...]] = []
+    for e in wanted:
+        run = runs.get(e.run_id)
+        if run is None:
+            continue
+        name = RUN_EVENTS[e.type]
+        if name == "run.started":
+            # The row may already show a later state (same batch): send only what was true at the start.
+            data = {"run": {**{k: run[k] for k in _AT_START}, "status": "RUNNING", "started_at": e.occurred_at}}
+        else:
+            data = {"run": {k: run[k] for k in _SUMMARY}}
+        rows += _offer(subs, e.tenant_id, run["environment"], name, f"{e.run_id}:{e.seq}", e.occurred_at, data)
+    for f in paused:
+        data = {"flow": {"id": f.flow_id, "version": f.flow_version, "reason": f.reason}}
+        for environment in ("PRODUCTION", "TESTING"):
+            rows += _offer(subs, f.tenant_id, environment, "flow.paused", f"flow:{f.event_id}", f.occurred_at, data)
+    if not rows:
+        return 0
+    cols = list(zip(*rows, strict=True))
+    await conn.execute(
+        """
+        INSERT INTO webhook_deliveries (id, subscription_id, tenant_id, event, event_key, body, next_attempt_at)
+        SELECT i, s, t, e, k, b::jsonb, now()
+        FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) AS u(i, s, t, e, k, b)
+        ON CONFLICT (subscription_id, event_key) DO NOTHING
+        """,
+        *[list(c) for c in cols],
+    )
+    return len(rows)
+
+
+def _offer(subs: list[asyncpg.Record], tenant_id: str, environment: str, name: str, key: str, at: datetime,
+           data: dict[str, Any]) -> list[tuple[Any, ...]]:  # fmt: skip
+    out = []
+    for s in subs:
+        if s["tenant_id"] != tenant_id or s["environment"] != environment or name not in s["events"]:
+            continue
+        delivery_id = "del_" + uuid.uuid5(_NS, f"{s['id']}:{key}").hex[:20]
+        body = {"id": delivery_id, "event": name, "created_at": at, "data": data}
+        out.append((delivery_id, s["id"], tenant_id, name, key, codec.dumps(body).decode()))
+    return out
+
+
+class Dispatcher:
+    """Claims due deliveries with a lease (several projectors may run), posts them signed, records every
+    attempt, and retries non-2xx answers with exponential backoff for up to 24 hours."""
+
+    def __init__(self, pool: asyncpg.Pool, *, allow_private: bool, backoff_s: float, lease_s: float = 60) -> None:
+        self.pool = pool
+        self.allow_private = allow_private
+        self.backoff_s = backoff_s
+        self.lease_s = lease_s
+        self.client = httpx.AsyncClient(timeout=10, follow_redirects=False)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def run_once(self, limit: int = 50) -> int:
+        due = await self.pool.fetch(
+            """
+            UPDATE webhook_deliveries d SET next_attempt_at = now() + make_interval(secs => $1),
+                   first_attempt_at = COALESCE(d.first_attempt_at, now())
+            FROM webhook_subscriptions s
+            WHERE d.id IN (SELECT id FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= now()
+                           ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+              AND s.id = d.subscription_id
+            RETURNING d.id, d.event, d.body, d.attempts, d.first_attempt_at, s.url, s.secret
+            """,
+            self.lease_s, limit,
+        )  # fmt: skip
+        for d in due:
+            await self._deliver(d)
+        return len(due)
+
+    async def _deliver(self, d: asyncpg.Record) -> None:
+        body = codec.dumps(d["body"])
+        attempt = d["attempts"] + 1
+        started = time.perf_counter()
+        code: int | None = None
+        error: str | None = None
+        try:
+            await check_url(d["url"], allow_private=self.allow_private)
+            headers = {
+                "Content-Type": "application/json",
+                "X-Flowtrail-Event": d["event"],
+                "X-Flowtrail-Delivery": d["id"],
+                "X-Flowtrail-Signature": sign(d["secret"], body),
+            }
+            response = await self.client.post(d["url"], content=body, headers=headers)
+            code = response.status_code
+            if not 200 <= code < 300:
+                error = f"answered {code}"
+        except BlockedAddress as exc:
+            error = f"refused: {exc}"
+        except httpx.HTTPError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        now = datetime.now(UTC)
+        delivered = error is None
+        gave_up = not delivered and now + self._delay(attempt) > d["first_attempt_at"] + RETRY_FOR
+        status = "delivered" if delivered else ("failed" if gave_up else "pending")
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO webhook_attempts (delivery_id, attempt, at, status_code, error, duration_ms) "
+                "VALUES ($1, $2, $3, $4, $5, $6)",
+                d["id"], attempt, now, code, error, (time.perf_counter() - started) * 1000,
+            )  # fmt: skip
+            await conn.execute(
+                "UPDATE webhook_deliveries SET attempts = $2, status = $3, last_status_code = $4, last_error = $5, "
+                "next_attempt_at = $6, delivered_at = CASE WHEN $3 = 'delivered' THEN $7::timestamptz END "
+                "WHERE id = $1",
+                d["id"], attempt, status, code, error, now + self._delay(attempt), now,
+            )  # fmt: skip
+        metrics.WEBHOOK_DELIVERIES.labels(status if status != "pending" else "retrying").inc()
+        if not delivered:
+            log.info("webhook %s attempt %d: %s (%s)", d["id"], attempt, error, status)
+
+    def _delay(self, attempt: int) -> timedelta:
+        # 1x, 2x, 4x … the base (10 s by default), at most an hour apart.
+        return timedelta(seconds=min(self.backoff_s * 2 ** (attempt - 1), 3600))

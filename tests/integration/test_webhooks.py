@@ -1,0 +1,185 @@
+"""Signed webhooks end to end: run events become deliveries, a receiver doing the seed-003 verification
+accepts every one and rejects tampered, wrong-secret and stale ones, failures are retried with backoff and
+logged attempt by attempt, redelivery works, and tenants never see each other's subscriptions."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from aiohttp import web
+
+from schemas.events import FlowPaused
+from services.common.auth import create_api_key, ensure_tenant
+from services.common.db import connect
+from services.common.kafka import publish_flow_events
+from services.common.webhooks import sign, verify
+from tests.conftest import Infra, Sandbox, make_sandbox
+from tests.e2e.stack import Stack, free_port
+from tests.factories import produce, run_events
+
+SECRET = "whsec_test_0123456789abcdef"
+
+
+@dataclass
+class Receiver:
+    """Answers 500 to the first `fail_first` deliveries of each id, then 200; keeps what it was sent."""
+
+    fail_first: int = 0
+    received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    seen: dict[str, int] = field(default_factory=dict)
+    url: str = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.received.append((dict(request.headers), body))
+        delivery = request.headers["X-Flowtrail-Delivery"]
+        self.seen[delivery] = self.seen.get(delivery, 0) + 1
+        if self.seen[delivery] <= self.fail_first:
+            return web.Response(status=500, text="try later")
+        return web.Response(status=200)
+
+
+@dataclass
+class Env:
+    sandbox: Sandbox
+    stack: Stack
+    receiver: Receiver
+    admin: str
+    other: str
+
+    def api(self, key: str | None = None) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.stack["api"].url, timeout=10,
+                                 headers={"Authorization": f"Bearer {key or self.admin}"})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
+    receiver = Receiver(fail_first=2)
+    app = web.Application()
+    app.router.add_post("/hooks", receiver.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    receiver.url = f"http://127.0.0.1:{port}/hooks"
+    async with make_sandbox(infra) as sandbox:
+        db = await connect(infra.database_url, sandbox.schema)
+        try:
+            await ensure_tenant(db, "t1", "T1")
+            await ensure_tenant(db, "t2", "T2")
+            _, admin = await create_api_key(db, "t1")
+            _, other = await create_api_key(db, "t2")
+        finally:
+            await db.close()
+        stack = Stack.build(
+            sandbox, ("projector", "api"), tmp_path_factory.mktemp("logs"),
+            FLOWTRAIL_PROJECTOR_WEBHOOK_ALLOW_PRIVATE_NETWORKS="true",
+            FLOWTRAIL_API_WEBHOOK_ALLOW_PRIVATE_NETWORKS="true",
+            FLOWTRAIL_PROJECTOR_WEBHOOK_BACKOFF_S="0.2", FLOWTRAIL_PROJECTOR_WEBHOOK_POLL_S="0.05",
+        )  # fmt: skip
+        await stack.start()
+        try:
+            yield Env(sandbox, stack, receiver, admin, other)
+        finally:
+            stack.stop()
+            await runner.cleanup()
+
+
+async def _wait(check: Any, within: float = 30) -> Any:
+    deadline = time.monotonic() + within
+    while not (result := await check()):
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+    return result
+
+
+async def test_signed_deliveries_with_retries_and_a_full_attempt_log(env: Env) -> None:
+    async with env.api() as api:
+        r = await api.post("/v1/webhooks", json={"url": env.receiver.url, "secret": SECRET,
+                                                 "events": ["run.started", "run.failed", "flow.paused"]})  # fmt: skip
+        assert r.status_code == 201, r.text
+        sub = r.json()
+        assert sub["secret"] == SECRET and sub["events"] == ["flow.paused", "run.failed", "run.started"]
+        assert "secret" not in (await api.get("/v1/webhooks")).json()["data"][0]
+
+        ok = run_events("run-ok", tenant_id="t1", steps=1, start=datetime.now(UTC))
+        bad = run_events("run-bad", tenant_id="t1", steps=2, fail_at=1, start=datetime.now(UTC))
+        foreign = run_events("run-t2", tenant_id="t2", steps=1, fail_at=0, start=datetime.now(UTC))
+        events = ok + bad + foreign
+        # Delivered twice by Kafka: still one delivery per event.
+        await produce(env.sandbox.infra.kafka_bootstrap, env.sandbox.topics.ledger, events + events, 2)
+        pause = FlowPaused(tenant_id="t1", flow_id="f1", flow_version=1, reason="maintenance")
+        await publish_flow_events(env.sandbox.infra.kafka_bootstrap, env.sandbox.topics, [pause])
+
+        last: list[dict[str, Any]] = []
+
+        async def all_delivered() -> list[dict[str, Any]] | None:
+            last[:] = (await api.get(f"/v1/webhooks/{sub['id']}/deliveries")).json()["data"]
+            return last if len(last) == 4 and all(d["status"] == "delivered" for d in last) else None
+
+        try:
+            deliveries = await _wait(all_delivered)
+        except AssertionError:
+            raise AssertionError(f"{last}\n{env.stack['projector'].log_tail()}") from None
+    # run-ok started; run-bad started and failed; the flow paused. run-t2 belongs to another tenant.
+    assert sorted(d["event"] for d in deliveries) == ["flow.paused", "run.failed", "run.started", "run.started"]
+    for d in deliveries:
+        # Two 500s then a 200, each attempt logged with its answer.
+        assert [a["status_code"] for a in d["attempt_log"]] == [500, 500, 200]
+        assert d["attempts"] == 3 and d["delivered_at"] is not None
+        gaps = [(b["at"], a["at"]) for a, b in zip(d["attempt_log"], d["attempt_log"][1:], strict=False)]
+        assert all(datetime.fromisoformat(b) > datetime.fromisoformat(a) for b, a in gaps)
+
+    # The receiver saw every attempt signed with the subscription's secret.
+    assert len(env.receiver.received) == 12
+    for headers, body in env.receiver.received:
+        assert verify(SECRET, body, headers["X-Flowtrail-Signature"])
+        payload = orjson.loads(body)
+        assert headers["X-Flowtrail-Event"] == payload["event"]
+        assert headers["X-Flowtrail-Delivery"] == payload["id"]
+    failed = next(orjson.loads(b) for _, b in env.receiver.received if orjson.loads(b)["event"] == "run.failed")
+    assert failed["data"]["run"]["id"] == "run-bad" and failed["data"]["run"]["failed_step"] == "step1"
+    assert "step1 rejected" in failed["data"]["run"]["error_message"]
+
+
+async def test_the_seed_verification_rejects_tampered_wrong_secret_and_stale_deliveries(env: Env) -> None:
+    headers, body = env.receiver.received[0]
+    signature = headers["X-Flowtrail-Signature"]
+    assert verify(SECRET, body, signature)
+    assert not verify(SECRET, body.replace(b'"event"', b'"evenT"', 1), signature)  # tampered body
+    assert not verify(SECRET, body + b" ", signature)
+    assert not verify("whsec_someone_else_entirely", body, signature)  # wrong secret
+    stale = sign(SECRET, body, timestamp=int(time.time()) - 301)
+    assert not verify(SECRET, body, stale)  # older than five minutes
+    assert not verify(SECRET, body, "v1=abc") and not verify(SECRET, body, "garbage")
+
+
+async def test_redeliver_sends_again_and_tenants_are_isolated(env: Env) -> None:
+    async with env.api() as api:
+        sub = (await api.get("/v1/webhooks")).json()["data"][0]
+        delivery = (await api.get(f"/v1/webhooks/{sub['id']}/deliveries")).json()["data"][0]
+        before = env.receiver.seen[delivery["id"]]
+        r = await api.post(f"/v1/webhooks/deliveries/{delivery['id']}/redeliver")
+        assert r.status_code == 202
+
+        async def resent() -> bool:
+            return env.receiver.seen[delivery["id"]] > before
+
+        await _wait(resent)
+        # The other tenant sees no subscriptions and can touch none.
+        async with env.api(env.other) as other:
+            assert (await other.get("/v1/webhooks")).json()["data"] == []
+            assert (await other.get(f"/v1/webhooks/{sub['id']}/deliveries")).status_code == 404
+            assert (await other.post(f"/v1/webhooks/deliveries/{delivery['id']}/redeliver")).status_code == 404
+            assert (await other.delete(f"/v1/webhooks/{sub['id']}")).status_code == 404
+        bad = await api.post("/v1/webhooks", json={"url": env.receiver.url, "events": ["run.exploded"]})
+        assert bad.status_code == 422 and "run.exploded" in bad.json()["error"]["message"]
+        assert (await api.delete(f"/v1/webhooks/{sub['id']}")).status_code == 204
