@@ -117,6 +117,9 @@ def service_env(settings: CommonSettings) -> dict[str, str]:
         env[f"FLOWTRAIL_{key.upper()}"] = str(value)
     # Local flows call services on loopback, which the executor refuses by default.
     env["FLOWTRAIL_EXECUTOR_ALLOW_PRIVATE_NETWORKS"] = "true"
+    # Local webhook receivers (a script on this machine) are the norm when developing.
+    env.setdefault("FLOWTRAIL_PROJECTOR_WEBHOOK_ALLOW_PRIVATE_NETWORKS", "true")
+    env.setdefault("FLOWTRAIL_API_WEBHOOK_ALLOW_PRIVATE_NETWORKS", "true")
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
