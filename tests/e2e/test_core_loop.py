@@ -101,7 +101,13 @@ async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIt
         await publish_flow_events(infra.kafka_bootstrap, sandbox.topics, [
             FlowVersionPublished(tenant_id=f.tenant_id, flow_id=f.id, flow_version=1, flow=f) for f in _flows(upstream)
         ])  # fmt: skip
-        stack = Stack.build(sandbox, ("ingest", "executor", "projector", "api"), tmp_path_factory.mktemp("logs"))
+        # The broker's minimum session timeout: a killed executor's partitions move on sooner.
+        stack = Stack.build(
+            sandbox,
+            ("ingest", "executor", "projector", "api"),
+            tmp_path_factory.mktemp("logs"),
+            FLOWTRAIL_EXECUTOR_SESSION_TIMEOUT_S="6",
+        )
         await stack.start()
         try:
             conn = await connect(infra.database_url, sandbox.schema)
@@ -273,7 +279,7 @@ async def test_an_executor_killed_mid_run_resumes_it_from_the_ledger(env: Env) -
     executor.start()
     await executor.wait_healthy()
 
-    run = await wait_final(env, run_id, within=40)
+    run = await wait_final(env, run_id, within=90)
     assert run["status"] == "SUCCEEDED"
     events = await events_of(env, run_id)
     assert [e["seq"] for e in events] == list(range(len(events)))
