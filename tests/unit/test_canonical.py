@@ -64,3 +64,39 @@ def test_canonical_ids_are_deterministic_so_a_rebuild_gives_the_same_ids() -> No
     once = merge([up({"shopify": "1042"}, {}, 0)], {}, {})
     again = merge([up({"shopify": "1042"}, {}, 0)], {}, {})
     assert list(once.rows) == list(again.rows)
+
+
+def _apply_in_batches(batches: list[list[Upsert]]) -> dict[str, tuple[object, ...]]:
+    """What the store does: each batch merges on top of the rows and mappings the previous ones left."""
+    rows: dict = {}
+    mappings: dict = {}
+    for batch in batches:
+        out = merge(batch, mappings, rows)
+        for key in out.deleted:
+            rows.pop(key, None)
+        rows.update(out.rows)
+        mappings.update(out.mappings)
+    return {
+        r.canonical_id: (r.external_ids, r.data, r.last_source_update_at, r.created_at, r.updated_at, r.last_run_id)
+        for r in rows.values()
+    }
+
+
+def test_the_result_does_not_depend_on_the_order_updates_arrive_in() -> None:
+    import itertools
+
+    updates = [
+        up({"shopify": "7"}, {"status": "pending", "total": 100}, 0, source_minutes=0),
+        up({"shopify": "7", "netsuite": "SO-7"}, {"status": "paid"}, 60, source_minutes=30),
+        up({"netsuite": "SO-7"}, {"currency": "USD", "status": "stale"}, 61, source_minutes=-30),
+        up({"shopify": "8"}, {"status": "pending"}, 2),
+    ]
+    results = set()
+    for order in itertools.permutations(updates):
+        one_by_one = _apply_in_batches([[u] for u in order])
+        all_at_once = _apply_in_batches([list(order)])
+        assert one_by_one == all_at_once
+        results.add(repr(sorted(one_by_one.items())))
+    assert len(results) == 1
+    (final,) = results
+    assert "'status': 'paid'" in final and "'currency': 'USD'" in final and "'total': 100" in final

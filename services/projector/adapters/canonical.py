@@ -54,7 +54,7 @@ async def write_canonical(conn: asyncpg.Connection, events: list[EventBase], env
             scope = (r["tenant_id"], r["environment"], r["entity"])
             existing[(scope, r["canonical_id"])] = Canonical(
                 scope, r["canonical_id"], r["external_ids"], r["data"], r["last_source_update_at"], r["created_at"],
-                r["updated_at"], r["last_run_id"],
+                r["updated_at"], r["last_run_id"], r["field_stamps"],
             )  # fmt: skip
     merged = merge(upserts, mappings, existing)
     if merged.deleted:
@@ -71,19 +71,20 @@ async def write_canonical(conn: asyncpg.Connection, events: list[EventBase], env
     await conn.execute(
         """
         INSERT INTO canonical_records (tenant_id, environment, entity, canonical_id, external_ids, data,
-                                       last_source_update_at, created_at, updated_at, last_run_id)
-        SELECT t, e, n, i, x::jsonb, d::jsonb, s, c, u, r
+                                       last_source_update_at, created_at, updated_at, last_run_id, field_stamps)
+        SELECT t, e, n, i, x::jsonb, d::jsonb, s, c, u, r, f::jsonb
         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[],
-                    $8::timestamptz[], $9::timestamptz[], $10::text[]) AS k(t, e, n, i, x, d, s, c, u, r)
+                    $8::timestamptz[], $9::timestamptz[], $10::text[], $11::text[])
+             AS k(t, e, n, i, x, d, s, c, u, r, f)
         ON CONFLICT (tenant_id, environment, entity, canonical_id) DO UPDATE SET
             external_ids = EXCLUDED.external_ids, data = EXCLUDED.data,
-            last_source_update_at = EXCLUDED.last_source_update_at, updated_at = EXCLUDED.updated_at,
-            last_run_id = EXCLUDED.last_run_id
+            last_source_update_at = EXCLUDED.last_source_update_at, created_at = EXCLUDED.created_at,
+            updated_at = EXCLUDED.updated_at, last_run_id = EXCLUDED.last_run_id, field_stamps = EXCLUDED.field_stamps
         """,
         [r.scope[0] for r in rows], [r.scope[1] for r in rows], [r.scope[2] for r in rows],
         [r.canonical_id for r in rows], [_json(r.external_ids) for r in rows], [_json(r.data) for r in rows],
         [r.last_source_update_at for r in rows], [r.created_at for r in rows], [r.updated_at for r in rows],
-        [r.last_run_id for r in rows],
+        [r.last_run_id for r in rows], [_json(r.stamps) for r in rows],
     )  # fmt: skip
     m = list(merged.mappings.items())
     await conn.execute(
