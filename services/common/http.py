@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import ORJSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
+
+HTTP_SECONDS = Histogram(
+    "flowtrail_http_request_seconds", "HTTP request latency by service, method, route template and status",
+    ["service", "method", "route", "status"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+)  # fmt: skip
 
 # Seed 003's codes, by HTTP status.
 CODE_BY_STATUS = {
@@ -67,8 +74,9 @@ class RequestIdMiddleware:
     more than the rest of a cached read.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, service: str = "http") -> None:
         self.app = app
+        self.service = service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -83,19 +91,31 @@ class RequestIdMiddleware:
         scope.setdefault("state", {})["request_id"] = rid
         header = (b"x-request-id", rid.encode("latin-1"))
 
+        status = 500
+
         async def send_with_id(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 headers = [h for h in message.get("headers", []) if h[0].lower() != b"x-request-id"]
                 message = {**message, "headers": [*headers, header]}
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        started = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            # The route template, not the path: one series per endpoint, not per run id.
+            route = getattr(scope.get("route"), "path", "<unmatched>")
+            HTTP_SECONDS.labels(self.service, scope["method"], route, str(status)).observe(
+                time.perf_counter() - started
+            )
 
 
 def install(app: FastAPI) -> None:
     """Request ids, error envelope handlers, /healthz and /metrics."""
 
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(RequestIdMiddleware, service=app.title.split()[-1].lower())
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> ORJSONResponse:

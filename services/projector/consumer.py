@@ -184,9 +184,21 @@ class Projector:
                 result = await apply_batch(conn, self.settings.consumer_group, batch, self.guard)
             metrics.BATCHES.observe(time.perf_counter() - started)
             metrics.BATCH_SIZE.observe(len(batch))
+            for status, count in result.finished.items():
+                metrics.RUNS_FINISHED.labels(status).inc(count)
+            self._record_lag(batch)
             metrics.EVENTS.labels("applied").inc(result.events - result.duplicates)
             metrics.EVENTS.labels("duplicate").inc(result.duplicates)
             self.applied_batches += 1
+
+    def _record_lag(self, batch: list[Positioned]) -> None:
+        last: dict[tuple[str, int], int] = {}
+        for p in batch:
+            last[(p.topic, p.partition)] = max(last.get((p.topic, p.partition), -1), p.offset)
+        for (topic, partition), offset in last.items():
+            end = self.consumer.highwater(TopicPartition(topic, partition))
+            if end is not None:
+                metrics.LAG.labels(topic, str(partition)).set(max(0, end - offset - 1))
 
     async def webhook_loop(self) -> None:
         """Sends due webhook deliveries; an error is logged and the loop goes on."""

@@ -18,3 +18,6 @@ SCHEMA_SWAPS = Counter(
 PURGED_RUNS = Counter("flowtrail_projector_purged_runs_total", "Runs deleted by the retention purge")
 OUT_OF_ORDER = Counter("flowtrail_projector_out_of_order_total", "Run status changes the transition table forbids")
 WEBHOOK_DELIVERIES = Counter("flowtrail_projector_webhook_deliveries_total", "Webhook delivery attempts", ["outcome"])
+RUNS_FINISHED = Counter("flowtrail_projector_runs_finished_total", "Runs projected into a final status", ["status"])
+LAG = Gauge("flowtrail_projector_lag_records", "Records behind the partition's end, after the last batch",
+            ["topic", "partition"])  # fmt: skip

@@ -183,3 +183,17 @@ async def test_redeliver_sends_again_and_tenants_are_isolated(env: Env) -> None:
         bad = await api.post("/v1/webhooks", json={"url": env.receiver.url, "events": ["run.exploded"]})
         assert bad.status_code == 422 and "run.exploded" in bad.json()["error"]["message"]
         assert (await api.delete(f"/v1/webhooks/{sub['id']}")).status_code == 204
+
+
+async def test_metrics_show_http_latency_by_route_runs_by_status_and_lag(env: Env) -> None:
+    async with httpx.AsyncClient(timeout=10) as client:
+        api = (await client.get(env.stack["api"].url + "/metrics")).text
+        projector = (await client.get(env.stack["projector"].url + "/metrics")).text
+    # One series per route template, not per id.
+    assert 'flowtrail_http_request_seconds_count{method="GET",route="/v1/webhooks",service="api",status="200"}' in api
+    assert 'route="/v1/webhooks/{subscription_id}/deliveries"' in api
+    assert "run-bad" not in api and "run-ok" not in api
+    assert 'flowtrail_projector_runs_finished_total{status="FAILED"}' in projector
+    assert 'flowtrail_projector_runs_finished_total{status="SUCCEEDED"}' in projector
+    assert "flowtrail_projector_lag_records{" in projector
+    assert 'flowtrail_projector_webhook_deliveries_total{outcome="delivered"}' in projector

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -42,6 +42,7 @@ class BatchResult:
     events: int
     duplicates: int
     runs_changed: int
+    finished: dict[str, int] = field(default_factory=dict)  # final status → runs that reached it
 
 
 _STAGE_EVENTS = """
@@ -221,7 +222,12 @@ async def apply_batch(
         if new_events:
             # Delivered on commit: live streams in the API wake up and read what this batch wrote.
             await conn.execute("SELECT pg_notify('flowtrail_projected', current_schema())")
+    finished: dict[str, int] = {}
+    for e in new_events:
+        if (status := TERMINAL_EVENT_STATUS.get(e.type)) is not None:
+            finished[status] = finished.get(status, 0) + 1
     return BatchResult(
+        finished=finished,
         events=len(ledger),
         duplicates=len(ledger) - len(new_events),
         runs_changed=len(changes.new_runs) + len(changes.run_changes),
