@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 STEP_NAME_PATTERN = r"^[a-zA-Z][a-zA-Z0-9_\-]{0,63}$"
 
@@ -104,3 +105,104 @@ class FlowDefinition(Frozen):
             if s.name == name:
                 return i
         raise KeyError(name)
+
+
+# ---------------------------------------------------------------- action inputs (validated after rendering)
+
+
+class DatabaseQueryInput(Frozen):
+    """`database_query`: one SQL statement with `$1…` parameters on a named connector or a DSN."""
+
+    connector: str | None = None  # a name from FLOWTRAIL_EXECUTOR_CONNECTORS, configured by the operator
+    dsn: str | None = None  # postgresql://user:password@host:port/db; the password is masked wherever shown
+    query: str = Field(min_length=1)
+    params: list[Any] = Field(default_factory=list)  # bound by the server, never formatted into the SQL
+    max_rows: int | None = Field(default=None, ge=1)
+    timeout_s: float | None = Field(default=None, gt=0)  # the statement timeout; the step timeout caps it
+    read_only: bool = False
+
+    @model_validator(mode="after")
+    def _one_connection(self) -> DatabaseQueryInput:
+        if (self.connector is None) == (self.dsn is None):
+            raise ValueError("give exactly one of `connector` (a configured name) or `dsn`")
+        return self
+
+
+class KafkaProduceInput(Frozen):
+    """`kafka_produce`: a string value is sent as UTF-8 text, any other value as JSON; null is a tombstone."""
+
+    connector: str | None = None  # a kafka:// connector; the executor's own cluster when absent
+    topic: str = Field(min_length=1, max_length=249)
+    key: Any = None
+    value: Any = None
+    headers: dict[str, Any] = Field(default_factory=dict)
+    partition: int | None = Field(default=None, ge=0)
+
+
+class KafkaConsumeInput(Frozen):
+    """`kafka_consume`: from a group's committed position, or from `from_offset` (earliest, latest, a number)."""
+
+    connector: str | None = None
+    topic: str = Field(min_length=1, max_length=249)
+    group: str | None = Field(default=None, min_length=1)
+    # Without a group: where to read from. With one: only where a group with no committed offset starts.
+    from_offset: Literal["earliest", "latest"] | Annotated[int, Field(ge=0)] = "earliest"
+    partition: int | None = Field(default=None, ge=0)
+    max_messages: int = Field(default=100, ge=1, le=10_000)
+    timeout_s: float = Field(default=5.0, gt=0)
+
+
+class PythonInput(Frozen):
+    """`python`: the function registered under entry-point group `flowtrail.actions`, called with `input`."""
+
+    function: str = Field(min_length=1)
+    input: Any = None
+
+
+# ---------------------------------------------------------------- secrets in step inputs
+
+MASK = "***"
+# Key names (lower case, letters and digits only) ending like these hold credentials.
+_SECRET_SUFFIXES = (
+    "password", "passwd", "passphrase", "pwd", "secret", "token", "apikey", "authorization", "cookie",
+    "privatekey", "credential", "credentials", "accesskey", "sessionid",
+)  # fmt: skip
+_URL_PASSWORD = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/?#@\s]*:)([^@\s/?#]+)(@)")
+_KEY_VALUE = re.compile(r"(^|[?&;\s])([A-Za-z0-9_.\-]+)=([^&;#\s]*)")
+
+
+def is_secret_key(name: str) -> bool:
+    """`db_password`, `X-Api-Key`, `client_secret`, `Authorization`… (not `max_tokens` or `auth`)."""
+    normalized = "".join(c for c in name.lower() if c.isalnum())
+    return normalized.endswith(_SECRET_SUFFIXES)
+
+
+def mask_text(text: str) -> str:
+    """Hide the password of a URL or DSN and secret `key=value` parameters in a string."""
+    if "://" not in text and "=" not in text:
+        return text
+    text = _URL_PASSWORD.sub(rf"\g<1>{MASK}\g<3>", text)
+    return _KEY_VALUE.sub(lambda m: m.group(0) if not is_secret_key(m.group(2)) or not m.group(3)
+                          else f"{m.group(1)}{m.group(2)}={MASK}", text)  # fmt: skip
+
+
+def mask_secrets(value: Any) -> Any:
+    """A step input as it may be shown: values of secret keys and passwords inside strings are `***`."""
+    if isinstance(value, str):
+        return mask_text(value)
+    if isinstance(value, dict):
+        return {k: MASK if is_secret_key(str(k)) and v not in (None, "") else mask_secrets(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [mask_secrets(v) for v in value]
+    return value
+
+
+def contains_mask(value: Any) -> bool:
+    """Whether `mask_secrets` hid something here (or a value merely contains `***`)."""
+    if isinstance(value, str):
+        return MASK in value
+    if isinstance(value, dict):
+        return any(contains_mask(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(contains_mask(v) for v in value)
+    return False

@@ -55,3 +55,12 @@ async def produce(bootstrap: str, topic: str, events: list[EventBase], partition
             await f
     finally:
         await producer.stop()
+
+
+async def keep_history(conn: Any, *tenant_ids: str) -> None:
+    """Tests that write events at fixed past dates: keep their runs and payloads whatever day the suite runs on
+    (the default retention of 90 days and 7 days for payloads would purge them as the calendar moves on)."""
+    await conn.execute(
+        "UPDATE tenants SET retention_days = 36500, payload_retention_days = 36500 WHERE id = ANY($1::text[])",
+        list(tenant_ids),
+    )

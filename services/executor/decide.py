@@ -14,7 +14,7 @@ from typing import Any
 
 from schemas import events as ev
 from schemas.events import ErrorCategory, ErrorInfo, EventBase, TriggerReceived
-from schemas.flows import FlowDefinition, RetryPolicy, StepDefinition
+from schemas.flows import FlowDefinition, RetryPolicy, StepDefinition, mask_secrets
 from schemas.status import RunStatus, StepStatus
 from services.executor.fold import RunState, StepState, fold
 from services.executor.templating import TemplateError, check, evaluate, render, truthy
@@ -222,7 +222,10 @@ def _start_step(out: _Emitter, flow: FlowDefinition, step: StepDefinition, attem
 
 def _started(flow: FlowDefinition, step: StepDefinition, attempt: int, rendered: Any) -> dict[str, Any]:
     position = flow.position(step.name)
-    return {"step": step.name, "position": position, "action": step.action.value, "attempt": attempt, "input": rendered}
+    # Recorded with secrets masked (DSN passwords, `password`/`token`… keys): the ledger is shown to users.
+    # The engine renders the secrets again for the step runner (adapters.steps.runner_input).
+    return {"step": step.name, "position": position, "action": step.action.value, "attempt": attempt,
+            "input": mask_secrets(rendered)}  # fmt: skip
 
 
 def _fail_before_start(out: _Emitter, flow: FlowDefinition, step: StepDefinition, message: str) -> None:

@@ -14,7 +14,7 @@ from schemas.status import StepStatus
 from services.executor import metrics
 from services.executor.adapters.flows import FlowRegistry
 from services.executor.adapters.ledger import LedgerWriter, read_partition
-from services.executor.adapters.steps import StepCall, StepRunners
+from services.executor.adapters.steps import StepCall, StepRunners, runner_input
 from services.executor.decide import (
     Clock,
     Input,
@@ -46,11 +46,7 @@ class Engine:
         self.settings = settings
         self.ledger = ledger
         self.flows = flows
-        self.runners = StepRunners(
-            allow_private_networks=settings.allow_private_networks,
-            time_scale=settings.time_scale,
-            max_body_bytes=settings.http_max_body_bytes,
-        )
+        self.runners = StepRunners.from_settings(settings)
         self.runs: dict[str, RunState] = {}  # runs not yet terminal
         self.finished: set[str] = set()  # terminal runs: a redelivered trigger for one is ignored
         self.partition_of: dict[str, int] = {}
@@ -87,13 +83,21 @@ class Engine:
                 except ValueError as exc:
                     log.error("cannot fold %s seq %s: %s", event.run_id, event.seq, exc)
             for run_id, state in states.items():
+                live = self.runs.get(run_id)
+                if live is not None and live.next_seq >= state.next_seq:
+                    # Started by a trigger handled while this partition was being replayed: the live state is
+                    # newer than the ledger read, and deciding from the older one would reuse its seqs.
+                    continue
                 if state.terminal:
                     self.finished.add(run_id)
                 else:
                     self.runs[run_id] = state
                     self.partition_of[run_id] = partition
             self.owned.add(partition)
-            resumed = [r for r, p in self.partition_of.items() if p == partition and r in self.runs]
+            # A run that a trigger started during the replay is driven already: a second task would run its steps twice.
+            resumed = [
+                r for r, p in self.partition_of.items() if p == partition and r in self.runs and r not in self.tasks
+            ]
             for run_id in resumed:
                 self._drive(run_id)
             log.info("partition %s: %s events replayed, %s runs resumed", partition, len(events), len(resumed))
@@ -204,7 +208,7 @@ class Engine:
             step=name,
             action=definition.action.value,
             attempt=step.attempt,
-            input=step.input,
+            input=runner_input(state, definition),
             started_at=step.started_at or datetime.now(UTC),
             timeout_s=definition.timeout_s or self.settings.default_step_timeout_s,
         )

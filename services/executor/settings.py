@@ -21,3 +21,9 @@ class ExecutorSettings(CommonSettings):
     trigger_batch_size: int = service_field("executor", "trigger_batch_size", 500)
     # A killed executor's partitions move to a live one after this long without heartbeats.
     session_timeout_s: float = service_field("executor", "session_timeout_s", 10.0)
+    # Named connections for database_query and kafka_* steps, as JSON: {"orders": "postgresql://…",
+    # "events": "kafka://host:9092,host2:9092"}. Steps name them, so flows never hold the credentials.
+    connectors: dict[str, str] = service_field("executor", "connectors", {})
+    # Step outputs past this many bytes of JSON are cut, with `truncated: true` (rows, messages) or a marker.
+    step_output_max_bytes: int = service_field("executor", "step_output_max_bytes", 256 * 1024)
+    db_max_rows: int = service_field("executor", "db_max_rows", 1000)

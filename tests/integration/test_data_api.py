@@ -18,7 +18,7 @@ from services.projector import rebuild
 from services.projector.settings import ProjectorSettings
 from tests.conftest import Sandbox
 from tests.e2e.stack import Stack
-from tests.factories import produce
+from tests.factories import keep_history, produce
 
 T0 = datetime(2026, 6, 12, 18, 0, tzinfo=UTC)
 
@@ -56,6 +56,7 @@ async def test_data_api_lists_pages_and_fetches_deduplicated_records(
     sandbox: Sandbox, db: asyncpg.Connection, tmp_path: Path
 ) -> None:
     await ensure_tenant(db, "acme", "Acme")
+    await keep_history(db, "acme")
     _, key = await create_api_key(db, "acme", scopes=["data:read"])
     _, runs_only = await create_api_key(db, "acme", scopes=["runs:read"])
     first = sync_run("run_sync_1", T0, [("order", [order(n, "pending", 0) for n in range(1, 121)])])

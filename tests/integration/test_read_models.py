@@ -26,7 +26,7 @@ from services.common.auth import create_api_key, ensure_tenant
 from services.common.db import connect
 from tests.conftest import Infra, make_sandbox
 from tests.e2e.stack import Stack
-from tests.factories import produce
+from tests.factories import keep_history, produce
 
 T0 = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
 
@@ -149,6 +149,7 @@ async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIt
         conn = await connect(infra.database_url, sandbox.schema)
         try:
             await ensure_tenant(conn, "acme", "Acme")
+            await keep_history(conn, "acme")
             _, key = await create_api_key(conn, "acme")
             # Every event twice: Kafka redelivery must not double any counter.
             await produce(infra.kafka_bootstrap, sandbox.topics.ledger, EVENTS + EVENTS, sandbox.partitions)

@@ -19,7 +19,7 @@ from services.common.auth import create_api_key, ensure_tenant
 from services.common.db import connect
 from tests.conftest import Infra, Sandbox, make_sandbox
 from tests.e2e.stack import Stack
-from tests.factories import produce
+from tests.factories import keep_history, produce
 
 T0 = datetime(2026, 11, 1, 8, 0, tzinfo=UTC)
 TRIGGERS = ("api", "webhook", "schedule")
@@ -116,6 +116,7 @@ async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIt
         try:
             await ensure_tenant(db, "tenant-a", "A")
             await ensure_tenant(db, "tenant-b", "B")
+            await keep_history(db, "tenant-a", "tenant-b")
             keys = {
                 "live": (await create_api_key(db, "tenant-a"))[1],
                 "test": (await create_api_key(db, "tenant-a", environment="TESTING"))[1],

@@ -56,15 +56,21 @@ async def check_url(url: str, *, allow_private: bool) -> None:
         raise BlockedAddress(f"URL {url!r} has no host")
     if allow_private:
         return
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    await check_host(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+
+
+async def check_host(host: str, port: int) -> None:
+    """Resolve `host` and refuse it when any address it resolves to is blocked (unix sockets included)."""
+    if not host or host.startswith("/"):
+        raise BlockedAddress(f"{host or 'an empty host'} is a local socket; name a public host")
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        raise OSError(f"cannot resolve {parts.hostname}: {exc}") from exc
+        raise OSError(f"cannot resolve {host}: {exc}") from exc
     for info in infos:
         address = str(info[4][0])
         if is_blocked(address):
             raise BlockedAddress(
-                f"{parts.hostname} resolves to {address}, a private or reserved address; "
+                f"{host} resolves to {address}, a private or reserved address; "
                 "set FLOWTRAIL_EXECUTOR_ALLOW_PRIVATE_NETWORKS=true to allow it"
             )

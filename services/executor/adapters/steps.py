@@ -1,11 +1,11 @@
-"""Step runners: the only executor code that touches the outside world (http_request, transform, delay)."""
+"""Step runners: the only executor code that touches the outside world; dispatches each action to its runner."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,38 +13,41 @@ import httpx
 import orjson
 
 from schemas.events import ErrorCategory, ErrorInfo
+from schemas.flows import StepDefinition, contains_mask, mask_secrets, mask_text
+from schemas.status import StepStatus
+from services.executor.adapters.actions_base import StepCall, StepError, StepOutcome
+from services.executor.adapters.actions_db import DatabaseActions
+from services.executor.adapters.actions_kafka import KafkaActions
+from services.executor.adapters.actions_python import PythonActions
 from services.executor.adapters.netguard import BlockedAddress, check_url
+from services.executor.fold import RunState
+from services.executor.settings import ExecutorSettings
+from services.executor.templating import TemplateError, render
+
+__all__ = ["StepCall", "StepError", "StepOutcome", "StepRunners", "classify_status", "runner_input"]
+
+log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class StepCall:
-    run_id: str
-    step: str
-    action: str
-    attempt: int
-    input: Any
-    started_at: datetime
-    timeout_s: float
-
-    @property
-    def idempotency_key(self) -> str:
-        # Stable across redeliveries of the same attempt (DESIGN 2.4).
-        return f"{self.run_id}:{self.step}:{self.attempt}"
-
-
-@dataclass(frozen=True, slots=True)
-class StepOutcome:
-    ok: bool
-    output: Any = None
-    error: ErrorInfo | None = None
-    duration_ms: float = 0
-
-
-class StepError(Exception):
-    def __init__(self, category: ErrorCategory, message: str, *, output: Any = None, **info: Any) -> None:
-        super().__init__(message)
-        self.error = ErrorInfo(category=category, message=message, **info)
-        self.output = output
+def runner_input(state: RunState, definition: StepDefinition) -> Any:
+    """The input a step's runner gets: the recorded one, or when the ledger's copy hides secrets (`***`) the
+    step's input rendered again from the same context `decide` rendered it from, secrets included."""
+    step = state.steps[definition.name]
+    if not contains_mask(step.input):
+        return step.input
+    context = state.context()
+    steps = dict(context["steps"])
+    if step.attempt == 1:
+        steps.pop(definition.name, None)  # decide rendered the first attempt before the step existed
+    else:
+        steps[definition.name] = {"output": None, "status": StepStatus.RETRYING.value}
+    try:
+        rendered = render(dict(definition.input), {**context, "steps": steps})
+    except TemplateError:
+        return step.input
+    if mask_secrets(rendered) != step.input:
+        log.warning("run %s step %s: re-rendered input differs from the recorded one", state.run_id, definition.name)
+    return rendered
 
 
 def classify_status(status: int) -> ErrorCategory:
@@ -59,19 +62,46 @@ def classify_status(status: int) -> ErrorCategory:
 
 
 class StepRunners:
-    def __init__(self, *, allow_private_networks: bool, time_scale: float, max_body_bytes: int) -> None:
+    def __init__(self, *, allow_private_networks: bool, time_scale: float, max_body_bytes: int,
+                 kafka_bootstrap: str = "127.0.0.1:19092", topic_prefix: str = "flowtrail",
+                 connectors: dict[str, str] | None = None, max_output_bytes: int = 256 * 1024,
+                 db_max_rows: int = 1000) -> None:  # fmt: skip
         self.allow_private = allow_private_networks
         self.time_scale = time_scale
         self.max_body = max_body_bytes
         self.http = httpx.AsyncClient(follow_redirects=False)
+        self.db = DatabaseActions(connectors=connectors or {}, allow_private=allow_private_networks,
+                                  max_rows=db_max_rows, max_output_bytes=max_output_bytes)  # fmt: skip
+        self.kafka = KafkaActions(bootstrap=kafka_bootstrap, reserved_prefix=topic_prefix,
+                                  connectors=connectors or {}, max_output_bytes=max_output_bytes)  # fmt: skip
+        self.python = PythonActions(max_output_bytes=max_output_bytes)
         self._actions: dict[str, Callable[[StepCall], Awaitable[Any]]] = {
             "http_request": self._http_request,
             "transform": self._transform,
             "delay": self._delay,
+            "database_query": self.db.query,
+            "kafka_produce": self.kafka.produce,
+            "kafka_consume": self.kafka.consume,
+            "python": self.python.call,
         }
+
+    @classmethod
+    def from_settings(cls, settings: ExecutorSettings) -> StepRunners:
+        return cls(
+            allow_private_networks=settings.allow_private_networks,
+            time_scale=settings.time_scale,
+            max_body_bytes=settings.http_max_body_bytes,
+            kafka_bootstrap=settings.kafka_bootstrap,
+            topic_prefix=settings.topic_prefix,
+            connectors=settings.connectors,
+            max_output_bytes=settings.step_output_max_bytes,
+            db_max_rows=settings.db_max_rows,
+        )
 
     async def close(self) -> None:
         await self.http.aclose()
+        await self.db.close()
+        await self.kafka.close()
 
     async def run(self, call: StepCall) -> StepOutcome:
         began = time.perf_counter()
@@ -140,7 +170,7 @@ class StepRunners:
                 method, content = "GET", None
         assert response is not None
         output = {
-            "request": {"method": method, "url": url, "headers": _redact(headers)},
+            "request": {"method": method, "url": mask_text(url), "headers": mask_secrets(headers)},
             "status": response.status_code,
             "headers": dict(response.headers),
             "body": self._body(response),
@@ -166,13 +196,6 @@ class StepRunners:
                 pass
         text = raw.decode(response.encoding or "utf-8", errors="replace")
         return text + ("…[truncated]" if len(response.content) > self.max_body else "")
-
-
-_SECRET_HEADERS = {"authorization", "proxy-authorization", "cookie", "x-api-key"}
-
-
-def _redact(headers: dict[str, str]) -> dict[str, str]:
-    return {k: ("***" if k.lower() in _SECRET_HEADERS else v) for k, v in headers.items()}
 
 
 def _ms(began: float) -> float:

@@ -1,0 +1,213 @@
+"""`database_query`: one parameterised SQL statement on PostgreSQL; rows back as capped JSON, credentials masked."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from decimal import Decimal, InvalidOperation
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import asyncpg
+import orjson
+
+from schemas.events import ErrorCategory
+from schemas.flows import DatabaseQueryInput, mask_text
+from services.executor.adapters.actions_base import (
+    StepCall,
+    StepError,
+    connector_url,
+    json_safe,
+    json_size,
+    masked_message,
+    parse_input,
+)
+from services.executor.adapters.netguard import BlockedAddress, check_host
+
+log = logging.getLogger(__name__)
+
+SCHEMES = ("postgresql", "postgres")
+CONNECT_TIMEOUT_S = 10.0
+
+
+def classify_sqlstate(sqlstate: str | None) -> ErrorCategory:
+    """SQLSTATE → error category (seed 000): retry what may pass later, surface what will not."""
+    state = sqlstate or ""
+    if state == "42501" or state.startswith("28"):  # insufficient privilege, invalid authorization
+        return ErrorCategory.AUTH
+    if state in ("23505", "40001", "40P01", "55P03"):  # duplicate key, serialization, deadlock, lock not available
+        return ErrorCategory.CONFLICT
+    if state.startswith(("08", "53", "57", "58", "XX")):  # connection, resources, canceled/shutdown, system
+        return ErrorCategory.TRANSIENT
+    return ErrorCategory.VALIDATION  # data, integrity, syntax, undefined objects, read-only transaction…
+
+
+class DatabaseActions:
+    """A small pool per connection string, kept for the next step that uses it."""
+
+    def __init__(self, *, connectors: Mapping[str, str], allow_private: bool, max_rows: int, max_output_bytes: int,
+                 max_pools: int = 16) -> None:  # fmt: skip
+        self.connectors = connectors
+        self.allow_private = allow_private
+        self.max_rows = max_rows
+        self.max_bytes = max_output_bytes
+        self.max_pools = max_pools
+        self._pools: OrderedDict[str, asyncpg.Pool] = OrderedDict()
+        self._closing: set[asyncio.Task[None]] = set()
+
+    async def close(self) -> None:
+        pools, self._pools = list(self._pools.values()), OrderedDict()
+        for pool in pools:
+            try:
+                await asyncio.wait_for(pool.close(), timeout=5)
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                pool.terminate()
+        await asyncio.gather(*self._closing, return_exceptions=True)
+
+    async def query(self, call: StepCall) -> dict[str, Any]:
+        spec = parse_input(DatabaseQueryInput, call.input, "database_query")
+        if spec.connector is not None:
+            # The operator configured it: trusted, private addresses included.
+            dsn = connector_url(self.connectors, spec.connector, SCHEMES, "database")
+        else:
+            assert spec.dsn is not None
+            dsn = spec.dsn
+            await self._guard(dsn)
+        shown = {"connection": mask_text(dsn), "connector": spec.connector, "query": spec.query,
+                 "params": json_safe(spec.params, str)}  # fmt: skip
+        # The server cancels the statement before the step's own timeout, so the error says what happened.
+        statement_timeout = min(spec.timeout_s or call.timeout_s, call.timeout_s * 0.9)
+        max_rows = min(spec.max_rows or self.max_rows, self.max_rows)
+        try:
+            return {**shown, **await self._execute(dsn, spec, statement_timeout, max_rows)}
+        except StepError as exc:
+            exc.output = shown
+            raise
+        except asyncpg.PostgresError as exc:
+            detail = {"detail": mask_text(exc.detail)} if getattr(exc, "detail", None) else {}
+            raise StepError(classify_sqlstate(exc.sqlstate), masked_message(exc), code=exc.sqlstate, output=shown,
+                            details=detail) from exc  # fmt: skip
+        except (asyncpg.ClientConfigurationError, ValueError) as exc:
+            raise StepError(ErrorCategory.VALIDATION, masked_message(exc), code="invalid_dsn", output=shown) from exc
+        except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
+            # Refused, unreachable, reset or a connect that did not finish: the database may be back later.
+            raise StepError(ErrorCategory.TRANSIENT, masked_message(exc), code="network", output=shown) from exc
+
+    async def _execute(self, dsn: str, spec: DatabaseQueryInput, timeout_s: float, max_rows: int) -> dict[str, Any]:
+        pool = await self._pool(dsn)
+        async with pool.acquire(timeout=CONNECT_TIMEOUT_S) as conn, conn.transaction(readonly=spec.read_only):
+            await conn.execute("SELECT set_config('statement_timeout', $1, true)", f"{max(1, int(timeout_s * 1000))}ms")
+            stmt = await conn.prepare(spec.query)
+            expected = stmt.get_parameters()
+            if len(expected) != len(spec.params):
+                raise StepError(ErrorCategory.VALIDATION, f"the query takes {len(expected)} parameter(s) "
+                                f"($1…), {len(spec.params)} given in `params`", code="parameter_count")  # fmt: skip
+            params = [coerce_param(t.name, v) for t, v in zip(expected, spec.params, strict=True)]
+            columns = [a.name for a in stmt.get_attributes()]
+            if columns:
+                # A cursor reads one row past the cap, never the whole result, whatever its size.
+                cursor = await stmt.cursor(*params)
+                records = await cursor.fetch(max_rows + 1)
+            else:
+                records = await stmt.fetch(*params)
+            status = stmt.get_statusmsg() or None
+        rows: list[dict[str, Any]] = []
+        truncated = len(records) > max_rows
+        size = 0
+        for record in records[:max_rows]:
+            row = {key: json_safe(value, _cell) for key, value in record.items()}
+            size += json_size(row)
+            if size > self.max_bytes:
+                truncated = True
+                break
+            rows.append(row)
+        return {"columns": columns, "rows": rows, "row_count": len(rows), "truncated": truncated, "status": status}
+
+    async def _pool(self, dsn: str) -> asyncpg.Pool:
+        pool = self._pools.get(dsn)
+        if pool is not None:
+            self._pools.move_to_end(dsn)
+            return pool
+        pool = await asyncpg.create_pool(dsn, min_size=0, max_size=4, init=_init_connection, timeout=CONNECT_TIMEOUT_S,
+                                         max_inactive_connection_lifetime=60)  # fmt: skip
+        assert pool is not None
+        if dsn in self._pools:  # another step made one meanwhile
+            await pool.close()
+            return self._pools[dsn]
+        self._pools[dsn] = pool
+        while len(self._pools) > self.max_pools:
+            _, oldest = self._pools.popitem(last=False)
+            task = asyncio.create_task(oldest.close())  # waits for the steps still using it
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        return pool
+
+    async def _guard(self, dsn: str) -> None:
+        """A DSN written in a flow may not reach private networks or local sockets unless the deployment allows it."""
+        parts = urlsplit(dsn)
+        if parts.scheme not in SCHEMES:
+            raise StepError(ErrorCategory.VALIDATION, "dsn must be a postgresql:// URL", code="invalid_dsn")
+        if self.allow_private:
+            return
+        hosts: list[tuple[str, int]] = []
+        for item in parts.netloc.rpartition("@")[2].split(","):
+            if item:
+                one = urlsplit(f"//{item}")
+                hosts.append((unquote(one.hostname or item), one.port or 5432))
+        hosts += [(unquote(h), 5432) for h in parse_qs(parts.query).get("host", [])]
+        try:
+            if not hosts:
+                # asyncpg would fall back to PGHOST or a local socket.
+                raise BlockedAddress("the dsn names no host")
+            for host, port in hosts:
+                await check_host(host, port)
+        except BlockedAddress as exc:
+            raise StepError(ErrorCategory.VALIDATION, str(exc), code="blocked_address") from exc
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # json/jsonb as Python values both ways: a dict parameter binds to jsonb, a jsonb column reads as an object.
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(name, encoder=lambda v: orjson.dumps(v).decode(), decoder=orjson.loads,
+                                  schema="pg_catalog", format="text")  # fmt: skip
+
+
+def _cell(value: Any) -> Any:
+    """Column values json_safe does not know: composite rows as objects, ranges, networks, geometry as text."""
+    if isinstance(value, asyncpg.Record):
+        return json_safe(dict(value.items()), _cell)
+    return str(value)
+
+
+_INTS = {"int2", "int4", "int8", "oid"}
+_TEXTS = {"text", "varchar", "bpchar", "name", "citext"}
+
+
+def coerce_param(type_name: str, value: Any) -> Any:
+    """A JSON parameter as the Python type asyncpg binds to the parameter's SQL type (ISO text → timestamp…).
+
+    What cannot be converted is passed as is, and the server's error names the parameter.
+    """
+    if value is None or isinstance(value, bool):
+        return value
+    try:
+        if type_name.startswith("_") and isinstance(value, Sequence) and not isinstance(value, str):
+            return [coerce_param(type_name[1:], v) for v in value]
+        if type_name in ("timestamptz", "timestamp") and isinstance(value, str):
+            return dt.datetime.fromisoformat(value)
+        if type_name == "date" and isinstance(value, str):
+            return dt.date.fromisoformat(value)
+        if type_name == "numeric" and isinstance(value, int | float | str):
+            return Decimal(str(value))
+        if type_name in _INTS and (isinstance(value, str) or (isinstance(value, float) and value.is_integer())):
+            return int(value)
+        if type_name in ("float4", "float8") and isinstance(value, int | str):
+            return float(value)
+        if type_name in _TEXTS and isinstance(value, int | float):
+            return str(value)
+    except (ValueError, InvalidOperation):
+        pass
+    return value
