@@ -1,0 +1,736 @@
+"""`sync_records`: read a window of records from a source, map each, write each to a destination; failures listed."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import re
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, NoReturn
+from urllib.parse import quote, urlsplit
+
+import asyncpg
+import httpx
+import jmespath
+import orjson
+from jmespath.exceptions import JMESPathError
+from pydantic import AfterValidator, Field, field_validator, model_validator
+
+from schemas.events import CANONICAL_ENTITIES, ErrorCategory
+from schemas.flows import Frozen, mask_secrets, mask_text
+from services.executor.adapters.actions_base import (
+    TRUNCATED,
+    StepCall,
+    StepError,
+    cap_output,
+    connector_url,
+    json_safe,
+    masked_message,
+    parse_input,
+)
+from services.executor.adapters.actions_db import SCHEMES, DatabaseActions, classify_sqlstate, coerce_param
+from services.executor.adapters.netguard import BlockedAddress, check_url
+
+HTTP_SCHEMES = ("http", "https")
+RAW_ERROR_BYTES = 2048
+SAMPLE_SIZE = 3
+MAX_REDIRECTS = 5
+IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$"
+
+# ---------------------------------------------------------------- input (validated after rendering)
+
+
+def _jmespath(expression: str) -> str:
+    try:
+        jmespath.compile(expression)
+    except JMESPathError as exc:
+        raise ValueError(f"bad JMESPath {expression!r}: {exc}") from exc
+    return expression
+
+
+JMESPath = Annotated[str, Field(min_length=1), AfterValidator(_jmespath)]
+
+
+class _Endpoint(Frozen):
+    """A URL written in the flow (guarded) or a configured connector (trusted) plus a `path` under it."""
+
+    url: str | None = None
+    connector: str | None = None
+    path: str = ""  # appended to a connector's URL: {"connector": "netsuite", "path": "/orders"}
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeout_s: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> _Endpoint:
+        if (self.url is None) == (self.connector is None):
+            raise ValueError("give exactly one of `url` or `connector` (a configured name)")
+        return self
+
+
+class HttpSource(_Endpoint):
+    kind: Literal["http"]
+    records_path: JMESPath = "@"
+    updated_since_param: str | None = "updated_at_min"  # null: the source takes no such parameter
+    updated_until_param: str | None = "updated_at_max"
+    params: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    # The next page: a URL (followed as is) or a cursor (sent as `cursor_param` with the window); null ends.
+    next_page_path: JMESPath | None = None
+    cursor_param: str = "cursor"
+    max_pages: int = Field(default=100, ge=1, le=100_000)
+
+
+class HttpDestination(_Endpoint):
+    kind: Literal["http"]
+    method: Literal["POST", "PUT", "PATCH"] = "POST"
+    batch: Literal[False] = False  # one request per record, so each is accepted or refused on its own
+    id_path: JMESPath | None = "id"  # the destination's id for the record, in its JSON answer
+    concurrency: int = Field(default=4, ge=1, le=32)  # records in flight at once
+
+
+class _Database(Frozen):
+    connector: str | None = None
+    dsn: str | None = None  # postgresql://user:password@host/db; guarded like database_query's, masked when shown
+
+    @model_validator(mode="after")
+    def _one_connection(self) -> _Database:
+        if (self.connector is None) == (self.dsn is None):
+            raise ValueError("give exactly one of `connector` (a configured name) or `dsn`")
+        return self
+
+
+class PostgresSource(_Database):
+    kind: Literal["postgresql"]
+    query: str = Field(min_length=1)  # `$1` is bound to window.updated_since, `$2` to window.updated_until
+
+
+class PostgresDestination(_Database):
+    kind: Literal["postgresql"]
+    table: str = Field(pattern=IDENTIFIER[:-1] + r"(\.[A-Za-z_][A-Za-z0-9_$]{0,62})?$")  # name or schema.name
+    key_columns: list[Annotated[str, Field(pattern=IDENTIFIER)]] = Field(min_length=1)
+    id_column: Annotated[str, Field(pattern=IDENTIFIER)] | None = None  # RETURNING it as the destination id
+
+
+class SyncWindow(Frozen):
+    updated_since: str | None = None
+    updated_until: str | None = None
+
+    @field_validator("updated_since", "updated_until")
+    @classmethod
+    def _iso(cls, value: str | None) -> str | None:
+        if value is not None and parse_stamp(value) is None:
+            raise ValueError(f"{value!r} is not an ISO 8601 time")
+        return value
+
+
+class SyncRecordsInput(Frozen):
+    """`sync_records`: records of `source` updated in `window`, mapped by `mapping`, written to `destination`."""
+
+    source: Annotated[HttpSource | PostgresSource, Field(discriminator="kind")]
+    destination: Annotated[HttpDestination | PostgresDestination, Field(discriminator="kind")]
+    key: JMESPath  # the record's key in the source, as text
+    mapping: dict[str, JMESPath] = Field(min_length=1)  # destination field → JMESPath over the source record
+    required: list[str] = Field(default_factory=list)  # destination fields a record may not leave null
+    updated_at: JMESPath | None = None
+    filter: JMESPath | None = None  # falsy: the record is skipped
+    entity: str | None = None  # a canonical entity: written records are upserted for the data API
+    system: str | None = Field(default=None, min_length=1)  # the source system's name, e.g. shopify
+    dest_system: str | None = Field(default=None, min_length=1)  # e.g. netsuite
+    window: SyncWindow = SyncWindow()
+    only_keys: list[str] | None = None  # a retry of a PARTIAL run: just these records
+    max_records: int = Field(default=100_000, ge=1)
+
+    @field_validator("only_keys", mode="before")
+    @classmethod
+    def _keys_as_text(cls, value: Any) -> Any:
+        return [k if isinstance(k, str) else key_text(k) for k in value] if isinstance(value, list) else value
+
+    @field_validator("entity")
+    @classmethod
+    def _canonical(cls, value: str | None) -> str | None:
+        if value is not None and value not in CANONICAL_ENTITIES:
+            raise ValueError(f"unknown entity {value!r}; one of {', '.join(CANONICAL_ENTITIES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SyncRecordsInput:
+        if self.entity is not None and self.system is None:
+            raise ValueError("`entity` needs `system`, the source system's name its records are known by")
+        unmapped = [f for f in self.required if f not in self.mapping]
+        if isinstance(self.destination, PostgresDestination):
+            unmapped += [c for c in self.destination.key_columns if c not in self.mapping]
+            unmapped += [c for c in self.mapping if not _is_identifier(c)]
+        if unmapped:
+            raise ValueError(f"fields not in `mapping` (or not column names): {', '.join(unmapped)}")
+        return self
+
+
+# ---------------------------------------------------------------- pure helpers
+
+
+def key_text(value: Any) -> str:
+    """A record key as text: strings as they are, numbers as written in JSON (12, not 12.0 when integral)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return orjson.dumps(value).decode()
+
+
+def parse_stamp(value: Any) -> dt.datetime | None:
+    """An ISO 8601 text or epoch seconds as an aware time (naive means UTC); anything else None."""
+    try:
+        if isinstance(value, str):
+            stamp = dt.datetime.fromisoformat(value)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            stamp = dt.datetime.fromtimestamp(value, dt.UTC)
+        else:
+            return None
+    except (ValueError, OverflowError, OSError):
+        return None
+    return stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=dt.UTC)
+
+
+def error_field_path(body: Any) -> str | None:
+    """The field a destination's JSON error names: `error.field`, `error.path`, `errors[0].field`, FastAPI's loc…"""
+    for expression in _FIELD_PATHS:
+        found = jmespath.search(expression, body) if isinstance(body, dict) else None
+        if isinstance(found, list) and found and all(isinstance(p, str | int) for p in found):
+            parts = [str(p) for p in found]
+            return ".".join(parts[1:] if parts[0] in ("body", "query") and len(parts) > 1 else parts)
+        if isinstance(found, str | int) and not isinstance(found, bool) and str(found):
+            return str(found)
+    return None
+
+
+_FIELD_PATHS = tuple(
+    f"{base}.{name}"
+    for base in ("error", "errors[0]", "error.details[0]", "error.errors[0]", "detail[0]", "@")
+    for name in ("field", "path", "field_path", "pointer", "loc")
+)
+_MESSAGES = ("error.message", "errors[0].message", "detail[0].msg", "message", "detail", "error")
+
+
+def error_message(body: Any, status: int, reason: str) -> str:
+    for expression in _MESSAGES:
+        found = jmespath.search(expression, body) if isinstance(body, dict) else None
+        if isinstance(found, str) and found:
+            return mask_text(f"{status} {reason}: {found}")
+    return f"{status} {reason}"
+
+
+def raw_http_error(status: int, content: bytes, content_type: str) -> dict[str, Any]:
+    """The destination's answer as the user needs to see it: status and body (JSON when it is), ~2 KB at most."""
+    body: Any = None
+    if "json" in content_type and len(content) <= RAW_ERROR_BYTES:
+        try:
+            body = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            body = None
+    if body is None:
+        text = content[:RAW_ERROR_BYTES].decode(errors="replace")
+        body = text + (TRUNCATED if len(content) > RAW_ERROR_BYTES else "")
+    return {"status": status, "body": mask_secrets(body)}
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A source record ready to write: its key, the mapped record and the source's update time."""
+
+    key: str
+    data: dict[str, Any]
+    updated_at: str | None
+
+
+@dataclass
+class Tally:
+    """Counters and per-record failures, shared by the pure phase and the writes."""
+
+    counters: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(("read", "transformed", "written", "deduped", "skipped", "failed"), 0)
+    )
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    def fail(self, key: str, field_path: str | None, error: str, raw_error: Any = None) -> None:
+        self.counters["failed"] += 1
+        self.failures.append({"record_key": key, "field_path": field_path, "error": mask_text(error),
+                              "raw_error": raw_error})  # fmt: skip
+
+
+class _RecordError(Exception):
+    """A JMESPath that failed on one record (a function given the wrong type…): that record fails, not the step."""
+
+    def __init__(self, field_path: str, message: str) -> None:
+        super().__init__(message)
+        self.field_path = field_path
+
+
+def _search(expression: str, record: Any, field_path: str) -> Any:
+    """The expression's value over the record, or the _RecordError saying why it has none (returned, not raised)."""
+    try:
+        return jmespath.search(expression, record)
+    except JMESPathError as exc:
+        return _RecordError(field_path, f"{field_path}: `{expression}` failed: {exc}")
+
+
+def prepare(records: Sequence[Any], spec: SyncRecordsInput, tally: Tally) -> list[Prepared]:
+    """Key, select (only_keys), dedupe, filter and map the records read; no I/O.
+
+    Of several records with one key the newest by `updated_at` is kept (the first when times tie or are absent):
+    a record updated while the window was being paged can appear twice, and its later state is the one to write.
+    Only the records this run takes on are counted `read`: with `only_keys`, the ones named.
+    """
+    wanted = set(spec.only_keys) if spec.only_keys is not None else None
+    kept: dict[str, tuple[Any, dt.datetime | None]] = {}
+    for index, record in enumerate(records):
+        found = _search(spec.key, record, "key")
+        if found is None or isinstance(found, _RecordError):
+            if wanted is None:
+                tally.counters["read"] += 1
+                tally.fail(f"#{index}", "key", str(found) if found else f"key `{spec.key}` gave null")
+            continue
+        key = key_text(found)
+        if wanted is not None and key not in wanted:
+            continue
+        tally.counters["read"] += 1
+        stamp = parse_stamp(_search(spec.updated_at, record, "updated_at")) if spec.updated_at else None
+        if key not in kept:
+            kept[key] = (record, stamp)
+            continue
+        tally.counters["deduped"] += 1
+        previous = kept[key][1]
+        if stamp is not None and (previous is None or stamp > previous):
+            kept[key] = (record, stamp)
+    prepared: list[Prepared] = []
+    for key, (record, stamp) in kept.items():
+        if spec.filter is not None:
+            passes = _search(spec.filter, record, "filter")
+            if isinstance(passes, _RecordError):
+                tally.fail(key, passes.field_path, str(passes))
+                continue
+            if not _truthy(passes):
+                tally.counters["skipped"] += 1
+                continue
+        data = {name: _search(expression, record, name) for name, expression in spec.mapping.items()}
+        problem = next((v for v in data.values() if isinstance(v, _RecordError)), None)
+        missing = next((n for n in spec.required if data[n] is None or data[n] == ""), None)
+        if problem is None and missing is not None:
+            problem = _RecordError(missing, f"{missing} is required; `{spec.mapping[missing]}` gave nothing")
+        if problem is not None:
+            tally.fail(key, problem.field_path, str(problem))
+            continue
+        tally.counters["transformed"] += 1
+        prepared.append(Prepared(key, data, stamp.isoformat() if stamp else None))
+    return prepared
+
+
+def _truthy(value: Any) -> bool:
+    # JMESPath's truth: false, null, "", [] and {} are false; 0 is true.
+    return value is not None and value is not False and value not in ("", [], {})
+
+
+def _is_identifier(name: str) -> bool:
+    return bool(name) and (name[0].isalpha() or name[0] == "_") and all(c.isalnum() or c in "_$" for c in name)
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def upsert_sql(table: str, columns: Sequence[str], key_columns: Sequence[str], id_column: str | None) -> str:
+    """INSERT … ON CONFLICT (keys) DO UPDATE of the other columns: writing a record twice leaves one row."""
+    target = ".".join(quote_ident(part) for part in table.split("."))
+    names = ", ".join(quote_ident(c) for c in columns)
+    values = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
+    others = [c for c in columns if c not in key_columns]
+    action = ("DO UPDATE SET " + ", ".join(f"{quote_ident(c)} = EXCLUDED.{quote_ident(c)}" for c in others)
+              if others else "DO NOTHING")  # fmt: skip
+    returning = f" RETURNING {quote_ident(id_column)}" if id_column else ""
+    keys = ", ".join(quote_ident(c) for c in key_columns)
+    return f"INSERT INTO {target} ({names}) VALUES ({values}) ON CONFLICT ({keys}) {action}{returning}"
+
+
+def window_param(type_name: str, value: str | None, *, low: bool) -> Any:
+    """A window bound for a `$1`/`$2` of the query's type; an open bound is ±infinity for times, else null."""
+    stamp = parse_stamp(value) if value is not None else None
+    if type_name == "timestamptz":
+        return stamp or (dt.datetime.min if low else dt.datetime.max).replace(tzinfo=dt.UTC)
+    if type_name == "timestamp":
+        return stamp.astimezone(dt.UTC).replace(tzinfo=None) if stamp else (dt.datetime.min if low else dt.datetime.max)
+    return coerce_param(type_name, value)
+
+
+def http_category(status: int) -> ErrorCategory | None:
+    """A status that fails the whole step (seed 000), or None for a per-record refusal (other 4xx)."""
+    if status in (401, 403, 407):
+        return ErrorCategory.AUTH
+    if status in (408, 425, 429) or status >= 500:
+        return ErrorCategory.TRANSIENT
+    return None
+
+
+# ---------------------------------------------------------------- the runner
+
+
+class SyncRecordsActions:
+    """Reads the whole window, then writes record by record; the step fails only for what fails every record.
+
+    A destination 5xx (or 408/429) on one record's write fails the whole step as TRANSIENT instead of listing
+    the record: it says the destination is down or throttling, not that the record is wrong, so the records
+    after it would fail the same way, and a PARTIAL run would ask a human to retry what a backoff retry fixes
+    (seed 000). The records written before it are repeated on the retry: an upsert is idempotent, and an HTTP
+    write carries `Idempotency-Key: <run:step:attempt>:<record key>`.
+    """
+
+    def __init__(self, *, connectors: Mapping[str, str], allow_private: bool, max_output_bytes: int,
+                 http: httpx.AsyncClient | None, db: DatabaseActions | None = None) -> None:  # fmt: skip
+        self.connectors = connectors
+        self.allow_private = allow_private
+        self.max_bytes = max_output_bytes
+        self._own_http = http is None
+        self.http = http or httpx.AsyncClient(follow_redirects=False)
+        self._own_db = db is None
+        self.db = db or DatabaseActions(connectors=connectors, allow_private=allow_private, max_rows=1,
+                                        max_output_bytes=max_output_bytes)  # fmt: skip
+
+    async def close(self) -> None:
+        if self._own_http:
+            await self.http.aclose()
+        if self._own_db:
+            await self.db.close()
+
+    async def sync(self, call: StepCall) -> dict[str, Any]:
+        spec = parse_input(SyncRecordsInput, call.input, "sync_records")
+        run = _Run(spec)
+        try:
+            with run.timed("read"):
+                if isinstance(spec.source, HttpSource):
+                    records = await self._read_http(spec.source, spec, call)
+                else:
+                    records = await self._read_postgres(spec.source, spec, call)
+            with run.timed("transform"):
+                prepared = prepare(records, spec, run.tally)
+            run.sample = [p.data for p in prepared[:SAMPLE_SIZE]]
+            with run.timed("write"):
+                if isinstance(spec.destination, HttpDestination):
+                    await self._write_http(spec.destination, prepared, run, call)
+                else:
+                    await self._write_postgres(spec.destination, prepared, run)
+        except StepError as exc:
+            exc.output = run.output(self.max_bytes)  # what was done before the step failed
+            raise
+        return run.output(self.max_bytes)
+
+    # ---------------------------------------------------------------- HTTP
+
+    def _base(self, endpoint: _Endpoint) -> tuple[str, str | None]:
+        """The URL and, for a connector, its trusted origin (the operator configured it, private or not)."""
+        if endpoint.connector is None:
+            assert endpoint.url is not None
+            return endpoint.url, None
+        base = connector_url(self.connectors, endpoint.connector, HTTP_SCHEMES, "http")
+        return (base.rstrip("/") + endpoint.path) if endpoint.path else base, _origin(base)
+
+    async def _guard(self, url: str, trusted: str | None) -> None:
+        if trusted is not None and _origin(url) == trusted:
+            return
+        try:
+            await check_url(url, allow_private=self.allow_private)
+        except BlockedAddress as exc:
+            raise StepError(ErrorCategory.VALIDATION, str(exc), code="blocked_address") from exc
+        except OSError as exc:
+            raise StepError(ErrorCategory.TRANSIENT, masked_message(exc), code="network") from exc
+
+    async def _request(
+        self, method: str, url: str, trusted: str | None, *, timeout_s: float, **kw: Any
+    ) -> httpx.Response:
+        """One request, its redirects followed (a GET only) and every hop guarded; network errors are TRANSIENT."""
+        for _ in range(MAX_REDIRECTS + 1):
+            await self._guard(url, trusted)
+            try:
+                response = await self.http.request(method, url, timeout=timeout_s, **kw)
+            except httpx.TransportError as exc:
+                raise StepError(ErrorCategory.TRANSIENT, f"{method} {mask_text(url)}: {masked_message(exc)}",
+                                code="network") from exc  # fmt: skip
+            if not response.is_redirect or method != "GET" or response.next_request is None:
+                return response
+            url = str(response.next_request.url)
+            kw.pop("params", None)  # the Location carries its own query
+        raise StepError(ErrorCategory.VALIDATION, f"GET {mask_text(url)}: too many redirects", code="redirects")
+
+    async def _read_http(self, source: HttpSource, spec: SyncRecordsInput, call: StepCall) -> list[Any]:
+        url, trusted = self._base(source)
+        window: dict[str, str] = {}
+        if source.updated_since_param and spec.window.updated_since:
+            window[source.updated_since_param] = spec.window.updated_since
+        if source.updated_until_param and spec.window.updated_until:
+            window[source.updated_until_param] = spec.window.updated_until
+        params: dict[str, Any] | None = {**source.params, **window}
+        timeout = min(source.timeout_s or call.timeout_s, call.timeout_s)
+        records: list[Any] = []
+        seen: set[str] = set()
+        for page in range(1, source.max_pages + 1):
+            response = await self._request(
+                "GET", url, trusted, timeout_s=timeout, params=params, headers=source.headers
+            )
+            body = _source_body(response, url)
+            found = _search_or_fail(source.records_path, body, "source.records_path")
+            if found is not None and not isinstance(found, list):
+                raise StepError(ErrorCategory.VALIDATION, f"source.records_path `{source.records_path}` gave a "
+                                f"{type(found).__name__}, not a list", field_path="source.records_path")  # fmt: skip
+            records += found or []
+            if len(records) > spec.max_records:
+                raise _too_many(spec.max_records)
+            following = (
+                _search_or_fail(source.next_page_path, body, "source.next_page_path") if source.next_page_path else None
+            )
+            if following in (None, "", False):
+                return records
+            marker = key_text(following)
+            if marker in seen:
+                raise StepError(ErrorCategory.VALIDATION, f"page {page} points back to an earlier page ({marker!r})",
+                                code="pagination_loop", field_path="source.next_page_path")  # fmt: skip
+            seen.add(marker)
+            if marker.startswith(("http://", "https://")):
+                url, params = marker, None  # the source's own link carries what it needs
+            else:
+                params = {**source.params, **window, source.cursor_param: marker}
+        raise StepError(ErrorCategory.VALIDATION, f"the window holds more than max_pages={source.max_pages} pages; "
+                        "raise source.max_pages or narrow the window", code="too_many_pages")  # fmt: skip
+
+    async def _write_http(self, dest: HttpDestination, prepared: list[Prepared], run: _Run, call: StepCall) -> None:
+        base, trusted = self._base(dest)
+        timeout = min(dest.timeout_s or call.timeout_s, call.timeout_s)
+        for start in range(0, len(prepared), dest.concurrency):
+            chunk = prepared[start : start + dest.concurrency]
+            results = await asyncio.gather(*(self._post(dest, base, trusted, timeout, p, call) for p in chunk),
+                                           return_exceptions=True)  # fmt: skip
+            # Count what this chunk wrote before raising what failed the step, so the output says how far it got.
+            for record, result in zip(chunk, results, strict=True):
+                if isinstance(result, _Refused):
+                    run.tally.fail(record.key, result.field_path, str(result), result.raw_error)
+                elif not isinstance(result, BaseException):
+                    run.written(record, result)
+            failed = next((r for r in results if isinstance(r, BaseException) and not isinstance(r, _Refused)), None)
+            if failed is not None:
+                raise failed
+
+    async def _post(self, dest: HttpDestination, base: str, trusted: str | None, timeout_s: float, record: Prepared,
+                    call: StepCall) -> str | _Refused | None:  # fmt: skip
+        """Write one record: its destination id (None when not given), or why the destination refused it."""
+        url = base.replace("{key}", quote(record.key, safe=""))
+        headers = {**dest.headers, "Content-Type": "application/json",
+                   "Idempotency-Key": f"{call.idempotency_key}:{_header_safe(record.key)}"}  # fmt: skip
+        response = await self._request(dest.method, url, trusted, timeout_s=timeout_s, headers=headers,
+                                       content=orjson.dumps(record.data))  # fmt: skip
+        status = response.status_code
+        if 200 <= status < 300:
+            found = _json(response)
+            value = jmespath.search(dest.id_path, found) if dest.id_path and found is not None else None
+            return key_text(value) if isinstance(value, str | int | float) and not isinstance(value, bool) else None
+        shown = f"{dest.method} {mask_text(url)}"
+        if 300 <= status < 400:
+            raise StepError(ErrorCategory.VALIDATION, f"{shown} answered {status} (a redirect); give the final URL",
+                            status_code=status, code="http_status")  # fmt: skip
+        body = _json(response)
+        category = http_category(status)
+        if category is not None:
+            retry_after = response.headers.get("retry-after")
+            raise StepError(category, f"{shown} answered {error_message(body, status, response.reason_phrase)}",
+                            status_code=status, code="http_status", field_path=None,
+                            details={"retry_after": retry_after} if retry_after else {})  # fmt: skip
+        return _Refused(error_field_path(body), error_message(body, status, response.reason_phrase),
+                       raw_http_error(status, response.content, response.headers.get("content-type", "")))  # fmt: skip
+
+    # ---------------------------------------------------------------- PostgreSQL
+
+    async def _dsn(self, db: _Database) -> str:
+        if db.connector is not None:
+            return connector_url(self.connectors, db.connector, SCHEMES, "database")
+        assert db.dsn is not None
+        await self.db._guard(db.dsn)
+        return db.dsn
+
+    async def _read_postgres(self, source: PostgresSource, spec: SyncRecordsInput, call: StepCall) -> list[Any]:
+        dsn = await self._dsn(source)
+        timeout_ms = max(1, int(call.timeout_s * 900))  # the server cancels first, so the error says why
+        with _postgres_errors():
+            pool = await self.db._pool(dsn)
+            async with pool.acquire() as conn, conn.transaction(readonly=True):
+                await conn.execute("SELECT set_config('statement_timeout', $1, true)", f"{timeout_ms}ms")
+                stmt = await conn.prepare(source.query)
+                types = [t.name for t in stmt.get_parameters()]
+                if len(types) > 2:
+                    message = f"the query takes {len(types)} parameters; only $1 (since) and $2 (until) are bound"
+                    raise StepError(ErrorCategory.VALIDATION, message, code="parameter_count")
+                bounds = (spec.window.updated_since, spec.window.updated_until)
+                params = [window_param(t, bounds[i], low=i == 0) for i, t in enumerate(types)]
+                cursor = await stmt.cursor(*params)
+                rows = await cursor.fetch(spec.max_records + 1)
+        if len(rows) > spec.max_records:
+            raise _too_many(spec.max_records)
+        return [json_safe(dict(row.items()), str) for row in rows]
+
+    async def _write_postgres(self, dest: PostgresDestination, prepared: list[Prepared], run: _Run) -> None:
+        if not prepared:
+            return
+        dsn = await self._dsn(dest)
+        columns = list(prepared[0].data)
+        sql = upsert_sql(dest.table, columns, dest.key_columns, dest.id_column)
+        with _postgres_errors():
+            pool = await self.db._pool(dsn)
+            async with pool.acquire() as conn:
+                stmt = await conn.prepare(sql)
+                types = [t.name for t in stmt.get_parameters()]
+                for record in prepared:
+                    params = [coerce_param(t, record.data[c]) for t, c in zip(types, columns, strict=True)]
+                    try:
+                        row = await stmt.fetchrow(*params)  # its own transaction: a refused row leaves the others
+                    except _REFUSED_ROW as exc:
+                        run.tally.fail(record.key, _pg_field(exc, columns), masked_message(exc), _raw_pg_error(exc))
+                        continue
+                    value = row[0] if row is not None and dest.id_column else None
+                    run.written(record, key_text(json_safe(value, str)) if value is not None else None)
+
+
+@dataclass
+class _Run:
+    """One call's progress; `output` is the step's output contract, also attached to a StepError."""
+
+    spec: SyncRecordsInput
+    tally: Tally = field(default_factory=Tally)
+    upserts: list[dict[str, Any]] = field(default_factory=list)
+    sample: list[dict[str, Any]] = field(default_factory=list)
+    timing: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("read", "transform", "write"), 0.0))
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timing[phase] += (time.perf_counter() - began) * 1000
+
+    def written(self, record: Prepared, dest_id: str | None) -> None:
+        self.tally.counters["written"] += 1
+        if self.spec.entity is None:
+            return
+        assert self.spec.system is not None
+        external_ids = {self.spec.system: record.key}
+        if self.spec.dest_system is not None and dest_id is not None:
+            external_ids[self.spec.dest_system] = dest_id
+        self.upserts.append({"external_ids": external_ids, "data": record.data,
+                             "source_updated_at": record.updated_at})  # fmt: skip
+
+    def output(self, max_bytes: int) -> dict[str, Any]:
+        return {
+            "counters": dict(self.tally.counters),
+            "failures": list(self.tally.failures),
+            "upserts": list(self.upserts),
+            "entity": self.spec.entity,
+            "window": self.spec.window.model_dump(),
+            "timing_ms": {phase: round(ms, 3) for phase, ms in self.timing.items()},
+            "sample": cap_output(mask_secrets(self.sample), max_bytes),
+        }
+
+
+class _Refused(Exception):
+    """The destination refused one record (a 4xx other than auth and throttling): listed, never raised."""
+
+    def __init__(self, field_path: str | None, message: str, raw_error: Any) -> None:
+        super().__init__(message)
+        self.field_path = field_path
+        self.raw_error = raw_error
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+
+
+def _header_safe(key: str) -> str:
+    return key if key.isascii() and key.isprintable() else quote(key, safe="")
+
+
+def _json(response: httpx.Response) -> Any:
+    if "json" not in response.headers.get("content-type", "") or not response.content:
+        return None
+    try:
+        return orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _source_body(response: httpx.Response, url: str) -> Any:
+    status = response.status_code
+    shown = f"GET {mask_text(url)}"
+    if status >= 300:
+        body = _json(response)
+        category = http_category(status) or ErrorCategory.VALIDATION
+        raise StepError(category, f"{shown} answered {error_message(body, status, response.reason_phrase)}",
+                        status_code=status, code="http_status",
+                        details={"raw_error": raw_http_error(status, response.content, "")})  # fmt: skip
+    try:
+        return orjson.loads(response.content)
+    except orjson.JSONDecodeError as exc:
+        raise StepError(ErrorCategory.VALIDATION, f"{shown} answered {status} without a JSON body",
+                        code="not_json") from exc  # fmt: skip
+
+
+def _search_or_fail(expression: str, body: Any, field_path: str) -> Any:
+    try:
+        return jmespath.search(expression, body)
+    except JMESPathError as exc:
+        raise StepError(ErrorCategory.VALIDATION, f"{field_path} `{expression}`: {exc}", field_path=field_path) from exc
+
+
+def _too_many(limit: int) -> StepError:
+    return StepError(ErrorCategory.VALIDATION, f"the window holds more than max_records={limit} records; narrow the "
+                     "window or raise max_records", code="too_many_records")  # fmt: skip
+
+
+# Refusals of one row: constraint violations (class 23), bad data (class 22), a value asyncpg cannot bind.
+_REFUSED_ROW = (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError, asyncpg.exceptions._base.DataError)
+_ARGUMENT = re.compile(r"query argument \$(\d+)")
+
+
+def _pg_field(exc: Exception, columns: Sequence[str]) -> str | None:
+    """The column a refusal names: the server's column_name, else the `$n` asyncpg could not bind."""
+    column = getattr(exc, "column_name", None)
+    if column:
+        return str(column)
+    match = _ARGUMENT.search(str(exc))
+    return columns[int(match.group(1)) - 1] if match and 0 < int(match.group(1)) <= len(columns) else None
+
+
+def _raw_pg_error(exc: Exception) -> dict[str, Any]:
+    """The server's refusal as the user needs to see it: SQLSTATE, message, detail, constraint, column."""
+    raw: dict[str, Any] = {name: getattr(exc, attr, None) for name, attr in _PG_FIELDS}
+    raw["message"] = str(exc)
+    raw = {k: v[:RAW_ERROR_BYTES] if isinstance(v, str) else v for k, v in raw.items()}
+    return mask_secrets({k: v for k, v in raw.items() if v is not None})
+
+
+_PG_FIELDS = (("sqlstate", "sqlstate"), ("detail", "detail"), ("constraint", "constraint_name"),
+              ("column", "column_name"), ("table", "table_name"))  # fmt: skip
+
+
+@contextmanager
+def _postgres_errors() -> Iterator[None]:
+    """Errors of the whole database as StepErrors: SQLSTATE categories, refused connections TRANSIENT, masked."""
+    try:
+        yield
+    except StepError:
+        raise
+    except asyncpg.PostgresError as exc:
+        _raise(classify_sqlstate(exc.sqlstate), exc, exc.sqlstate)
+    except (asyncpg.ClientConfigurationError, ValueError) as exc:
+        _raise(ErrorCategory.VALIDATION, exc, "invalid_dsn")
+    except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
+        _raise(ErrorCategory.TRANSIENT, exc, "network")
+
+
+def _raise(category: ErrorCategory, exc: BaseException, code: str | None) -> NoReturn:
+    raise StepError(category, masked_message(exc), code=code) from exc
