@@ -1,9 +1,24 @@
 """Every Prometheus object of ingest, defined once."""
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 TRIGGERS = Counter("flowtrail_ingest_triggers_total", "Run requests appended to the triggers topic", ["mode"])
 APPEND_SECONDS = Histogram(
     "flowtrail_ingest_append_seconds", "Time until a request's triggers are durable in Kafka",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 2.5, 10),
+)  # fmt: skip
+
+# Scheduler (services/ingest/scheduler.py)
+SCHEDULES = Gauge("flowtrail_ingest_schedules", "Flows with a runnable schedule, paused ones included")
+SCHEDULE_TICKS = Counter("flowtrail_ingest_schedule_ticks_total", "Schedule ticks appended as triggers")
+SCHEDULE_SKIPPED = Counter(
+    "flowtrail_ingest_schedule_skipped_ticks_total",
+    "Missed schedule ticks not fired: older than the newest missed one, or past the catch-up bound",
+)
+SCHEDULE_INVALID = Counter(
+    "flowtrail_ingest_schedule_invalid_total", "Published flow versions whose schedule cannot run (bad cron, …)"
+)
+SCHEDULE_LATENESS = Histogram(
+    "flowtrail_ingest_schedule_lateness_seconds", "From a tick's time until its trigger is durable in Kafka",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60, 600, 3600),
 )  # fmt: skip
