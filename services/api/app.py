@@ -9,12 +9,13 @@ from fastapi import FastAPI
 from fastapi.responses import ORJSONResponse
 
 from services.api.adapters.notify import Notifier
-from services.api.routes import analytics, data, runs, stream, webhooks
+from services.api.routes import analytics, data, keys, runs, stream, webhooks
 from services.api.settings import ApiSettings
 from services.common.auth import Authenticator
 from services.common.db import connect, create_pool
 from services.common.http import install
 from services.common.migrate import migrate
+from services.common.ratelimit import RateLimitHeaders, rate_limiter
 
 
 def create_app(settings: ApiSettings) -> FastAPI:
@@ -28,7 +29,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         app.state.pool = await create_pool(
             settings.database_url, settings.database_schema, max_size=settings.pool_max_size
         )
-        app.state.authenticator = Authenticator(app.state.pool)
+        app.state.authenticator = Authenticator(app.state.pool, limiter=rate_limiter(app.state.pool, settings))
         app.state.notifier = Notifier(settings.database_url, settings.database_schema)
         await app.state.notifier.start()
         try:
@@ -40,9 +41,11 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app = FastAPI(title="Flowtrail API", version="1", default_response_class=ORJSONResponse, lifespan=lifespan)
     app.state.settings = settings
     install(app)
+    app.add_middleware(RateLimitHeaders)
     app.include_router(runs.router)
     app.include_router(analytics.router)
     app.include_router(data.router)
     app.include_router(stream.router)
     app.include_router(webhooks.router)
+    app.include_router(keys.router)
     return app

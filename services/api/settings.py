@@ -11,3 +11,12 @@ class ApiSettings(CommonSettings):
     pool_max_size: int = service_field("api", "pool_max_size", 10)
     # Webhook receivers on private or loopback addresses: local development only.
     webhook_allow_private_networks: bool = service_field("api", "webhook_allow_private_networks", False)
+    # Per-key sliding-window rate limits (seed 003): requests per window, shared by every process serving a
+    # key through PostgreSQL. Reads are GET/HEAD, triggers POST /v1/flows/{id}/trigger, writes the rest.
+    rate_limit_enabled: bool = service_field("api", "rate_limit_enabled", True)
+    rate_limit_reads: int = service_field("api", "rate_limit_reads", 600, ge=1)
+    rate_limit_writes: int = service_field("api", "rate_limit_writes", 120, ge=1)
+    rate_limit_triggers: int = service_field("api", "rate_limit_triggers", 60, ge=1)
+    rate_limit_window_s: int = service_field("api", "rate_limit_window_s", 60, ge=1, le=3600)
+    # How long a rotated key keeps working when the rotate request does not say (`grace_period_s`).
+    key_rotation_grace_s: int = service_field("api", "key_rotation_grace_s", 86_400, ge=0)

@@ -9,17 +9,18 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import math
 import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import asyncpg
 from fastapi import Request
 
 from services.common.http import ApiError
+from services.common.ratelimit import RateLimiter
 
 ALL_SCOPES = ("runs:read", "runs:write", "flows:write", "data:read", "admin")
 PREFIX_BY_ENVIRONMENT = {"PRODUCTION": "ft_live_", "TESTING": "ft_test_"}
@@ -75,7 +76,8 @@ async def create_api_key(
     return key_id, key
 
 
-async def verify_api_key(conn: asyncpg.Connection, key: str) -> Principal | None:
+async def _lookup(conn: asyncpg.Connection, key: str) -> tuple[Principal, float] | None:
+    """The key's Principal and the unix time it stops working (rotation grace end, expiry or revocation)."""
     parts = _split(key)
     if parts is None:
         return None
@@ -86,23 +88,34 @@ async def verify_api_key(conn: asyncpg.Connection, key: str) -> Principal | None
     )
     if row is None or not hmac.compare_digest(bytes(row["key_hash"]), _hash(key)):
         return None
-    now = datetime.now(UTC)
-    if row["revoked_at"] is not None and row["revoked_at"] <= now:
-        return None
-    if row["expires_at"] is not None and row["expires_at"] <= now:
-        return None
     if row["environment"] != environment:
         return None
-    return Principal(row["id"], row["tenant_id"], row["environment"], frozenset(row["scopes"]))
+    ends = [t.timestamp() for t in (row["revoked_at"], row["expires_at"]) if t is not None]
+    valid_until = min(ends, default=math.inf)
+    if valid_until <= time.time():
+        return None
+    return Principal(row["id"], row["tenant_id"], row["environment"], frozenset(row["scopes"])), valid_until
+
+
+async def verify_api_key(conn: asyncpg.Connection, key: str) -> Principal | None:
+    found = await _lookup(conn, key)
+    return None if found is None else found[0]
 
 
 class Authenticator:
-    """Resolves bearer keys, caching hits for a few seconds so the hot path is not a query per request."""
+    """Resolves bearer keys, caching hits for a few seconds so the hot path is not a query per request.
 
-    def __init__(self, pool: asyncpg.Pool, ttl_s: float = _CACHE_TTL_S) -> None:
+    A cached key is dropped the moment its known end passes (a rotated key's grace period, an expiry), so
+    only a revocation or rotation made *after* it was cached can go unseen, and only for `ttl_s`: that is
+    the revocation latency in every other process. The process that revokes forgets the key at once.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, ttl_s: float = _CACHE_TTL_S, limiter: RateLimiter | None = None) -> None:
         self.pool = pool
         self.ttl_s = ttl_s
-        self._cache: dict[bytes, tuple[float, Principal]] = {}
+        self.limiter = limiter
+        # digest -> (monotonic time the entry goes stale, unix time the key stops working, principal)
+        self._cache: dict[bytes, tuple[float, float, Principal]] = {}
 
     async def principal(self, authorization: str | None) -> Principal:
         if not authorization or not authorization.lower().startswith("bearer "):
@@ -110,25 +123,33 @@ class Authenticator:
         key = authorization[7:].strip()
         digest = _hash(key)
         hit = self._cache.get(digest)
-        if hit is not None and hit[0] > time.monotonic():
-            return hit[1]
+        if hit is not None and hit[0] > time.monotonic() and hit[1] > time.time():
+            return hit[2]
         async with self.pool.acquire() as conn:
-            found = await verify_api_key(conn, key)
+            found = await _lookup(conn, key)
         if found is None:
             self._cache.pop(digest, None)
             raise ApiError(401, "unauthorized", "invalid, expired or revoked API key")
         if len(self._cache) > 10_000:
             self._cache.clear()
-        self._cache[digest] = (time.monotonic() + self.ttl_s, found)
-        return found
+        self._cache[digest] = (time.monotonic() + self.ttl_s, found[1], found[0])
+        return found[0]
+
+    def forget(self, key_id: str) -> None:
+        """Drops a key revoked or rotated by this process, so here the change applies to the next request."""
+        for digest in [d for d, (_, _, p) in self._cache.items() if p.key_id == key_id]:
+            del self._cache[digest]
 
 
 def require_scope(scope: str) -> Callable[[Request], Awaitable[Principal]]:
-    """FastAPI dependency: the request's Principal, which must hold `scope` (or `admin`)."""
+    """FastAPI dependency: the request's Principal, which must hold `scope` (or `admin`); counts the request
+    against the key's rate limit first, so refused and forbidden requests use budget too."""
 
     async def dependency(request: Request) -> Principal:
         authenticator: Authenticator = request.app.state.authenticator
         principal = await authenticator.principal(request.headers.get("authorization"))
+        if authenticator.limiter is not None:
+            await authenticator.limiter.enforce(request, principal.key_id)
         if scope not in principal.scopes and "admin" not in principal.scopes:
             raise ApiError(403, "forbidden", f"this API key lacks the {scope!r} scope")
         return principal

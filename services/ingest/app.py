@@ -13,6 +13,7 @@ from services.common.auth import Authenticator
 from services.common.db import connect, create_pool
 from services.common.http import install
 from services.common.migrate import migrate
+from services.common.ratelimit import RateLimitHeaders, rate_limiter
 from services.ingest.adapters.triggers import TriggerLog
 from services.ingest.routes import triggers
 from services.ingest.settings import IngestSettings
@@ -27,7 +28,7 @@ def create_app(settings: IngestSettings) -> FastAPI:
         finally:
             await conn.close()
         app.state.pool = await create_pool(settings.database_url, settings.database_schema)
-        app.state.authenticator = Authenticator(app.state.pool)
+        app.state.authenticator = Authenticator(app.state.pool, limiter=rate_limiter(app.state.pool, settings))
         app.state.trigger_log = TriggerLog(
             settings.kafka_bootstrap, Topics(settings.topic_prefix).triggers, linger_ms=settings.producer_linger_ms
         )
@@ -41,5 +42,6 @@ def create_app(settings: IngestSettings) -> FastAPI:
     app = FastAPI(title="Flowtrail ingest", default_response_class=ORJSONResponse, lifespan=lifespan)
     app.state.settings = settings
     install(app)
+    app.add_middleware(RateLimitHeaders)
     app.include_router(triggers.router)
     return app

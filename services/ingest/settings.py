@@ -12,3 +12,10 @@ class IngestSettings(CommonSettings):
     # `mode: live` waits this long for the run's final status before answering with its current one.
     live_timeout_s: float = service_field("ingest", "live_timeout_s", 30.0)
     producer_linger_ms: int = service_field("ingest", "producer_linger_ms", 5)
+    # Per-key sliding-window rate limits (seed 003): requests per window, shared by every process serving a
+    # key through PostgreSQL. Reads are GET/HEAD, triggers POST /v1/flows/{id}/trigger, writes the rest.
+    rate_limit_enabled: bool = service_field("ingest", "rate_limit_enabled", True)
+    rate_limit_reads: int = service_field("ingest", "rate_limit_reads", 600, ge=1)
+    rate_limit_writes: int = service_field("ingest", "rate_limit_writes", 120, ge=1)
+    rate_limit_triggers: int = service_field("ingest", "rate_limit_triggers", 60, ge=1)
+    rate_limit_window_s: int = service_field("ingest", "rate_limit_window_s", 60, ge=1, le=3600)

@@ -52,6 +52,7 @@ DERIVED: dict[str, str] = {
 CONTROL: tuple[str, ...] = (
     "tenants",
     "api_keys",
+    "rate_limit_windows",
     "retention_marks",
     "webhook_subscriptions",
     "webhook_deliveries",
