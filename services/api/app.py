@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.responses import ORJSONResponse
 
+from schemas.topics import Topics
+from services.api.adapters.flows import FlowLog
 from services.api.adapters.notify import Notifier
-from services.api.routes import analytics, data, keys, runs, stream, webhooks
+from services.api.routes import analytics, data, flows, keys, runs, stream, webhooks
 from services.api.settings import ApiSettings
 from services.common.auth import Authenticator
 from services.common.db import connect, create_pool
 from services.common.http import install
 from services.common.migrate import migrate
 from services.common.ratelimit import RateLimitHeaders, rate_limiter
+
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: ApiSettings) -> FastAPI:
@@ -32,9 +37,16 @@ def create_app(settings: ApiSettings) -> FastAPI:
         app.state.authenticator = Authenticator(app.state.pool, limiter=rate_limiter(app.state.pool, settings))
         app.state.notifier = Notifier(settings.database_url, settings.database_schema)
         await app.state.notifier.start()
+        # Flow writes append to the flows topic; reads need only PostgreSQL, so they go on without Kafka.
+        app.state.flow_log = FlowLog(settings.kafka_bootstrap, Topics(settings.topic_prefix).flows)
+        try:
+            await app.state.flow_log.start()
+        except Exception as exc:
+            log.warning("flows topic not reachable yet (%s); flow writes will retry connecting", exc)
         try:
             yield
         finally:
+            await app.state.flow_log.stop()
             await app.state.notifier.stop()
             await app.state.pool.close()
 
@@ -48,4 +60,5 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(stream.router)
     app.include_router(webhooks.router)
     app.include_router(keys.router)
+    app.include_router(flows.router)
     return app
