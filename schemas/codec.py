@@ -8,7 +8,15 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from schemas.events import FLOW_EVENT_ADAPTER, LEDGER_ADAPTER, EventBase, FlowEventBase, TriggerReceived
+from schemas.events import (
+    COMMAND_ADAPTER,
+    FLOW_EVENT_ADAPTER,
+    LEDGER_ADAPTER,
+    CommandBase,
+    EventBase,
+    FlowEventBase,
+    TriggerReceived,
+)
 from schemas.upcasters import UpcastError, upcast
 
 _OPTIONS = orjson.OPT_UTC_Z
@@ -85,6 +93,15 @@ def decode_flow_event(data: bytes | str) -> FlowEventBase:
 def decode_trigger(data: bytes | str) -> TriggerReceived:
     try:
         return TriggerReceived.model_validate(upcast(_load_object(data)))
+    except ValidationError as exc:
+        raise DecodeError(_reason(exc)) from exc
+    except UpcastError as exc:
+        raise DecodeError(str(exc)) from exc
+
+
+def decode_command(data: bytes | str) -> CommandBase:
+    try:
+        return COMMAND_ADAPTER.validate_python(upcast(_load_object(data)))
     except ValidationError as exc:
         raise DecodeError(_reason(exc)) from exc
     except UpcastError as exc:

@@ -59,6 +59,18 @@ class ErrorInfo(Frozen):
     details: dict[str, Any] = Field(default_factory=dict)
 
 
+class RetryStrategy(StrEnum):
+    FROM_FAILED_STEP = "FROM_FAILED_STEP"
+    ON_LATEST_VERSION = "ON_LATEST_VERSION"
+
+
+class CursorWindow(Frozen):
+    """The `updated_since` / `updated_until` bounds a syncing run reads (seed 000); a retry reads the same."""
+
+    updated_since: datetime | None = None
+    updated_until: datetime
+
+
 class TriggerInfo(Frozen):
     type: TriggerType
     caller: str | None = None  # API key id or user that fired it
@@ -83,6 +95,21 @@ class TriggerReceived(Frozen):
     execution_mode: ExecutionMode = ExecutionMode.ASYNC
     idempotency_key: str | None = None
     received_at: datetime = Field(default_factory=utcnow)
+    # A run that starts later: it waits as SCHEDULED until then.
+    run_at: datetime | None = None
+    # A subflow's child run: the parent run, and the step (and its attempt) that waits for it.
+    parent_run_id: str | None = None
+    parent_step: str | None = None
+    parent_attempt: int | None = None
+    # A retry (seed 001): the run retried, how, and for FROM_FAILED_STEP the outputs of the steps that succeeded.
+    retry_of: str | None = None
+    retry_strategy: RetryStrategy | None = None
+    reuse: dict[str, Any] = Field(default_factory=dict)
+    # The records to process again, by step (a retry of a PARTIAL run processes only the failed ones).
+    only_keys: dict[str, list[str]] = Field(default_factory=dict)
+    # The window a syncing run reads; a retry carries the original run's window.
+    cursor_window: CursorWindow | None = None
+    bulk_operation_id: str | None = None
 
 
 # ---------------------------------------------------------------- ledger (written by the executor)
@@ -114,17 +141,18 @@ class RunRequestedPayload(Frozen):
     retry_of: str | None = None
     bulk_operation_id: str | None = None
     received_at: datetime | None = None
+    parent_step: str | None = None
+    parent_attempt: int | None = None
+    retry_strategy: RetryStrategy | None = None
+    only_keys: dict[str, list[str]] = Field(default_factory=dict)
+    run_at: datetime | None = None
+    cursor_window: CursorWindow | None = None
+    # FROM_FAILED_STEP: step name → its output in the retried run; recorded as that step's StepSucceeded.
+    reuse: dict[str, Any] = Field(default_factory=dict)
 
 
 class Empty(Frozen):
     pass
-
-
-class CursorWindow(Frozen):
-    """The `updated_since` / `updated_until` bounds a syncing run reads (seed 000); a retry reads the same."""
-
-    updated_since: datetime | None = None
-    updated_until: datetime
 
 
 class RunStartedPayload(Frozen):
@@ -143,6 +171,14 @@ class RunScheduledPayload(Frozen):
 class RunPausedPayload(Frozen):
     request_id: str
     step: str | None = None
+    # A human_input step's request: what to ask, and when the wait ends (the run then times out).
+    prompt: Any = None
+    expires_at: datetime | None = None
+
+
+class RunResumedPayload(Frozen):
+    request_id: str | None = None
+    resumed_by: str | None = None
 
 
 class StepStartedPayload(Frozen):
@@ -177,6 +213,8 @@ class StepSucceededPayload(Frozen):
     duration_ms: float = 0
     assertions: tuple[AssertionResult, ...] = ()
     extractions: dict[str, Any] = Field(default_factory=dict)
+    # Not executed again: the output of this step in the run being retried (FROM_FAILED_STEP).
+    reused_from: str | None = None
 
 
 class StepFailedPayload(Frozen):
@@ -394,7 +432,7 @@ class RunResumed(EventBase):
     """Ledger event RunResumed."""
 
     type: Literal["RunResumed"] = "RunResumed"
-    payload: Empty
+    payload: RunResumedPayload
 
 
 class RunCancelRequested(EventBase):
@@ -523,6 +561,50 @@ class FlowResumed(FlowEventBase):
 
 FlowEvent = Annotated[FlowVersionPublished | FlowPaused | FlowResumed, Field(discriminator="type")]
 FLOW_EVENT_ADAPTER: TypeAdapter[FlowEventBase] = TypeAdapter(FlowEvent)
+
+# ---------------------------------------------------------------- commands topic (written by the API, keyed by run_id)
+
+
+class CommandBase(Frozen):
+    """An action on one run; the executor owning the run's partition turns it into ledger events (or ignores it)."""
+
+    type: str  # narrowed by every command class to its name
+    command_id: str = Field(default_factory=new_id)
+    schema_version: int = 1
+    tenant_id: str
+    run_id: str
+    issued_at: datetime = Field(default_factory=utcnow)
+    issued_by: str | None = None  # the API key id, or `executor` for commands runs send each other
+    bulk_operation_id: str | None = None
+
+
+class CancelRun(CommandBase):
+    type: Literal["CancelRun"] = "CancelRun"
+    reason: str = ""
+
+
+class ResumeRun(CommandBase):
+    """Answers a paused human_input step: `payload` becomes the step's output."""
+
+    type: Literal["ResumeRun"] = "ResumeRun"
+    request_id: str
+    payload: Any = None
+
+
+class ChildRunFinished(CommandBase):
+    """Sent by the executor of a subflow's child run to the parent run (`run_id`) when the child ends."""
+
+    type: Literal["ChildRunFinished"] = "ChildRunFinished"
+    child_run_id: str
+    step: str
+    attempt: int
+    status: str
+    output: Any = None
+    error: ErrorInfo | None = None
+
+
+Command = Annotated[CancelRun | ResumeRun | ChildRunFinished, Field(discriminator="type")]
+COMMAND_ADAPTER: TypeAdapter[CommandBase] = TypeAdapter(Command)
 
 # Terminal ledger event type → the run status it sets.
 TERMINAL_EVENT_STATUS = {

@@ -1,4 +1,4 @@
-"""The executor's faust agents: triggers in, runs started; everything else happens in the engine."""
+"""The executor's faust agent: triggers and commands in; everything else happens in the engine."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import faust
 from prometheus_client import generate_latest
 
 from schemas import codec
+from schemas.events import CommandBase, TriggerReceived
 from services.executor import metrics
 from services.executor.engine import Engine
 
@@ -20,27 +21,33 @@ def register(app: faust.App, triggers: faust.TopicT, engine: Engine, dlq_topic: 
 
     # Concurrency 1 per partition (DESIGN 2.3): parallelism comes from partitions and step tasks.
     @app.agent(triggers, concurrency=1)
-    async def consume_triggers(stream: faust.StreamT[Any]) -> None:
+    async def consume_inputs(stream: faust.StreamT[Any]) -> None:
         # Stream.take_events exists; faust's StreamT protocol has not caught up with it.
         async for events in stream.take_events(batch, within=0.005):  # type: ignore[attr-defined]
-            parsed = []
+            parsed: list[tuple[int, TriggerReceived]] = []
+            commands: list[tuple[int, CommandBase]] = []
             for event in events:
+                message = event.message
+                is_command = message.topic.endswith(".commands")
                 try:
-                    parsed.append((event.message.partition, codec.decode_trigger(event.value)))
+                    if is_command:
+                        commands.append((message.partition, codec.decode_command(event.value)))
+                    else:
+                        parsed.append((message.partition, codec.decode_trigger(event.value)))
                 except codec.DecodeError as exc:
-                    metrics.TRIGGERS.labels("dead_lettered").inc()
-                    log.warning("trigger at %s@%s dead-lettered: %s", event.message.partition,
-                                event.message.offset, exc)  # fmt: skip
+                    (metrics.COMMANDS.labels("undecodable", "dead_lettered") if is_command
+                     else metrics.TRIGGERS.labels("dead_lettered")).inc()  # fmt: skip
+                    log.warning("%s at %s@%s dead-lettered: %s", message.topic, message.partition, message.offset, exc)
                     await dlq.send(
                         key=event.key,
                         value=event.value,
-                        headers={
-                            "flowtrail-reason": str(exc).encode(),
-                            "flowtrail-source": triggers.get_topic_name().encode(),
-                        },
+                        headers={"flowtrail-reason": str(exc).encode(), "flowtrail-source": message.topic.encode()},
                     )
-            # Returns once each run's first events are durable; only then may the offsets commit.
-            await engine.on_triggers(parsed)
+            # Each returns once what its inputs caused is durable; only then may the offsets commit.
+            if parsed:
+                await engine.on_triggers(parsed)
+            if commands:
+                await engine.on_commands(commands)
 
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:

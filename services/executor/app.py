@@ -37,7 +37,9 @@ def create_app(settings: ExecutorSettings) -> tuple[faust.App, faust.TopicT, Eng
         web_port=settings.web_port,
         datadir=str(datadir),
     )
-    triggers = app.topic(topics.triggers, value_type=bytes, key_type=bytes, internal=False)
+    # Triggers and commands in one stream: both keyed by run_id with the same partition count, so faust assigns
+    # partition N of both to the worker that owns the runs of ledger partition N.
+    triggers = app.topic(topics.triggers, topics.commands, value_type=bytes, key_type=bytes, internal=False)
     engine = Engine(
         settings,
         LedgerWriter(settings.kafka_bootstrap, topics.ledger, linger_ms=settings.producer_linger_ms),

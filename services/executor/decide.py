@@ -1,8 +1,10 @@
 """decide(state, flow, input) -> events: every run decision, pure and deterministic (DESIGN 2.4).
 
-Inputs are the trigger, a step's result, a due timer and an internal failure. Each carries an id
-that becomes the `causation_id` of what it causes; an input already folded into the state (a
-redelivery after a crash) decides nothing.
+Inputs are the trigger, a step's result, a due timer (retry, schedule, pause expiry, flow deadline), a
+command (cancel, resume, a child run's end), a freed concurrency slot and an internal failure. Each
+carries an id that becomes the `causation_id` of what it causes; an input already folded into the state
+(a redelivery after a crash) decides nothing. What the engine counted (active runs of the flow and the
+tenant) is part of the input, so the decision stays a function of its arguments.
 """
 
 from __future__ import annotations
@@ -13,19 +15,31 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from schemas import events as ev
-from schemas.events import ErrorCategory, ErrorInfo, EventBase, TriggerReceived
-from schemas.flows import FlowDefinition, RetryPolicy, StepDefinition, mask_secrets
+from schemas.events import CancelRun, ChildRunFinished, ErrorCategory, ErrorInfo, EventBase, ResumeRun, TriggerReceived
+from schemas.flows import FlowDefinition, RetryPolicy, StepAction, StepDefinition, mask_secrets
 from schemas.status import RunStatus, StepStatus
 from services.executor.fold import RunState, StepState, fold
+from services.executor.inputs import input_errors
 from services.executor.templating import TemplateError, check, evaluate, render, truthy
 
 _EVENT_NS = uuid.UUID("6f1d7c1e-9f57-4d55-9a54-2f3a4c1b0e77")
 
 
 @dataclass(frozen=True, slots=True)
+class Admission:
+    """What the engine counted when a run asks to start (decide stays a pure function of its input)."""
+
+    flow_active: int = 0  # runs of the flow RUNNING or PAUSED
+    tenant_active: int = 0  # runs of the tenant RUNNING or PAUSED
+    tenant_limit: int | None = None  # the tenant's quota of active runs
+    queued_ahead: int = 0  # BLOCKED runs of the flow that arrived earlier (a new run waits behind them)
+
+
+@dataclass(frozen=True, slots=True)
 class StartRun:
     trigger: TriggerReceived
     flow_version: int
+    admission: Admission = Admission()
 
     @property
     def id(self) -> str:
@@ -70,7 +84,68 @@ class InternalFailure:
         return f"{self.run_id}:internal:{self.at_seq}"
 
 
-Input = StartRun | StepCompleted | TimerFired | InternalFailure
+@dataclass(frozen=True, slots=True)
+class ScheduledDue:
+    """A SCHEDULED run's time has come."""
+
+    run_id: str
+    admission: Admission = Admission()
+
+    @property
+    def id(self) -> str:
+        return f"{self.run_id}:due"
+
+
+@dataclass(frozen=True, slots=True)
+class SlotFreed:
+    """A run of a BLOCKED run's flow ended: the first blocked run (arrival order) asks again."""
+
+    run_id: str
+    admission: Admission = Admission()
+
+    @property
+    def id(self) -> str:
+        return f"{self.run_id}:unblocked"
+
+
+@dataclass(frozen=True, slots=True)
+class PauseExpired:
+    run_id: str
+    request_id: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.run_id}:{self.request_id}:expired"
+
+
+@dataclass(frozen=True, slots=True)
+class DeadlinePassed:
+    """The flow-level timeout: the run has been RUNNING/PAUSED for longer than the flow allows."""
+
+    run_id: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.run_id}:deadline"
+
+
+@dataclass(frozen=True, slots=True)
+class CommandInput:
+    """A command from the commands topic: cancel, resume, or a subflow child's end."""
+
+    command: CancelRun | ResumeRun | ChildRunFinished
+
+    @property
+    def id(self) -> str:
+        c = self.command
+        # A child's end is sent again after a crash with a new command id; its identity is the child.
+        return f"child:{c.child_run_id}:finished" if isinstance(c, ChildRunFinished) else c.command_id
+
+
+Input = (
+    StartRun | StepCompleted | TimerFired | InternalFailure | ScheduledDue | SlotFreed | PauseExpired
+    | DeadlinePassed | CommandInput
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +197,9 @@ def decide(state: RunState | None, flow: FlowDefinition | None, inp: Input, cloc
     return decide_and_fold(state, flow, inp, clock)[0]
 
 
+_FINISHED_OK = frozenset({RunStatus.SUCCEEDED.value, RunStatus.PARTIAL.value})
+
+
 def decide_and_fold(
     state: RunState | None, flow: FlowDefinition | None, inp: Input, clock: Clock
 ) -> tuple[list[EventBase], RunState | None]:
@@ -142,12 +220,19 @@ def decide_and_fold(
                 category=ErrorCategory.INTERNAL, message=inp.message, details={"trace": inp.trace}
             ))  # fmt: skip
             return out.events, out.state
+    if state is None:
+        return [], state
+    if isinstance(inp, CommandInput) and inp.command.tenant_id != state.tenant_id:
+        return [], state  # another tenant's command never touches this run (DESIGN 2.7)
     if flow is None:  # an existing run always has its flow version
         raise LookupError(f"flow version of run {out.run.run_id} is unknown")
+    status = out.run.status
     match inp:
         case StepCompleted():
             step = out.run.steps.get(inp.step)
-            if step is None or step.status != StepStatus.RUNNING or step.attempt != inp.attempt:
+            if status != RunStatus.RUNNING or step is None or step.status != StepStatus.RUNNING:
+                return [], state
+            if step.attempt != inp.attempt:
                 return [], state
             _complete_step(out, flow, flow.step(inp.step), inp)
         case TimerFired():
@@ -155,7 +240,69 @@ def decide_and_fold(
             if step is None or step.status != StepStatus.RETRYING or step.attempt != inp.attempt:
                 return [], state
             _start_step(out, flow, flow.step(inp.step), attempt=inp.attempt + 1)
+        case ScheduledDue():
+            if status != RunStatus.SCHEDULED:
+                return [], state
+            out.emit(ev.RunQueued, {})
+            _admit(out, flow, inp.admission)
+        case SlotFreed():
+            if status != RunStatus.BLOCKED or _over_flow_limit(flow, inp.admission):
+                return [], state  # still no room: stays BLOCKED, nothing recorded
+            out.emit(ev.RunQueued, {})
+            _admit(out, flow, inp.admission)
+        case PauseExpired():
+            pause = out.run.pause
+            if status != RunStatus.PAUSED or pause is None or pause.request_id != inp.request_id:
+                return [], state
+            error = ErrorInfo(category=ErrorCategory.TRANSIENT, code="human_input_timeout",
+                              message=f"no answer to request {inp.request_id} before {pause.expires_at}")  # fmt: skip
+            if pause.step is not None:
+                attempt = out.run.steps[pause.step].attempt
+                out.emit(ev.StepFailed, {"step": pause.step, "attempt": attempt, "error": error})
+            _finish(out, ev.RunTimedOut, failed_step=pause.step, error=error, reason=error.message)
+        case DeadlinePassed():
+            if status not in (RunStatus.RUNNING, RunStatus.PAUSED) or flow.timeout_s is None:
+                return [], state
+            error = ErrorInfo(category=ErrorCategory.TRANSIENT, code="flow_timeout",
+                              message=f"the flow's timeout of {flow.timeout_s:g}s passed")  # fmt: skip
+            _finish(out, ev.RunTimedOut, error=error, reason=error.message)
+        case CommandInput(command=CancelRun() as c):
+            out.emit(ev.RunCancelRequested, {"reason": c.reason, "requested_by": c.issued_by,
+                                              "bulk_operation_id": c.bulk_operation_id})  # fmt: skip
+            _finish(out, ev.RunCanceled, reason=c.reason or "canceled")
+        case CommandInput(command=ResumeRun() as c):
+            pause = out.run.pause
+            if status != RunStatus.PAUSED or pause is None or pause.request_id != c.request_id:
+                return [], state
+            out.emit(ev.RunResumed, {"request_id": c.request_id, "resumed_by": c.issued_by})
+            if pause.step is not None:
+                step = out.run.steps[pause.step]
+                waited = (clock.now - step.started_at).total_seconds() * 1000 if step.started_at else 0
+                answer = StepCompleted(out.run.run_id, pause.step, step.attempt, True, c.payload, None, waited)
+                _complete_step(out, flow, flow.step(pause.step), answer)
+            else:
+                _advance(out, flow)
+        case CommandInput(command=ChildRunFinished() as c):
+            step = out.run.steps.get(c.step)
+            if status != RunStatus.RUNNING or step is None or step.status != StepStatus.RUNNING:
+                return [], state
+            if step.attempt != c.attempt:
+                return [], state
+            _complete_step(out, flow, flow.step(c.step), _child_result(out.run, flow.step(c.step), c, clock))
     return out.events, out.state
+
+
+def _child_result(run: RunState, step: StepDefinition, c: ChildRunFinished, clock: Clock) -> StepCompleted:
+    started = run.steps[c.step].started_at
+    waited = (clock.now - started).total_seconds() * 1000 if started else 0
+    output = {"child_run_id": c.child_run_id, "status": c.status, "output": c.output}
+    if c.status in _FINISHED_OK or not step.input.get("fail_parent_on_failure", True):
+        return StepCompleted(run.run_id, c.step, c.attempt, True, output, None, waited)
+    cause = f": {c.error.message}" if c.error else ""
+    error = ErrorInfo(category=ErrorCategory.VALIDATION, code="subflow_failed",
+                      message=f"child run {c.child_run_id} ended {c.status}{cause}",
+                      details={"child_run_id": c.child_run_id})  # fmt: skip
+    return StepCompleted(run.run_id, c.step, c.attempt, False, output, error, waited)
 
 
 def _start(out: _Emitter, flow: FlowDefinition | None, inp: StartRun) -> None:
@@ -169,19 +316,59 @@ def _start(out: _Emitter, flow: FlowDefinition | None, inp: StartRun) -> None:
             "flow_name": flow.name if flow else "",
             "tags": flow.tags if flow else (),
             "received_at": t.received_at,
+            "parent_run_id": t.parent_run_id,
+            "parent_step": t.parent_step,
+            "parent_attempt": t.parent_attempt,
+            "retry_of": t.retry_of,
+            "retry_strategy": t.retry_strategy,
+            "bulk_operation_id": t.bulk_operation_id,
+            "only_keys": t.only_keys,
+            "run_at": t.run_at,
+            "cursor_window": t.cursor_window,
+            "reuse": t.reuse,
         },
         tenant_id=t.tenant_id,
         run_id=t.run_id,
         flow_id=t.flow_id,
         flow_version=inp.flow_version,
-        correlation_id=t.run_id,
+        correlation_id=t.parent_run_id or t.run_id,
     )
     if flow is None:
         version = f" version {t.flow_version}" if t.flow_version else ""
         out.emit(ev.RunInvalid, {"reason": f"flow {t.flow_id!r}{version} does not exist"})
         return
+    if errors := input_errors(flow, t.trigger.payload):
+        reason = f"the input does not match the flow's input schema: {errors[0].message}"
+        out.emit(ev.RunInvalid, {"reason": reason, "errors": errors})
+        return
+    if t.run_at is not None and t.run_at > out.clock.now:
+        out.emit(ev.RunScheduled, {"run_at": t.run_at})
+        return
     out.emit(ev.RunQueued, {})
-    out.emit(ev.RunStarted, {})
+    _admit(out, flow, inp.admission)
+
+
+def _over_flow_limit(flow: FlowDefinition, admission: Admission) -> bool:
+    limit = flow.concurrency_limit
+    return limit is not None and (admission.flow_active >= limit or admission.queued_ahead > 0)
+
+
+def _admit(out: _Emitter, flow: FlowDefinition, admission: Admission) -> None:
+    """A QUEUED run starts, or is refused by the tenant's quota, or waits BLOCKED for a slot of its flow."""
+    if admission.tenant_limit is not None and admission.tenant_active >= admission.tenant_limit:
+        out.emit(ev.RunQuotaExceeded, {"reason": f"the tenant already has {admission.tenant_active} active runs, "
+                                                 f"its quota is {admission.tenant_limit}"})  # fmt: skip
+        return
+    if _over_flow_limit(flow, admission):
+        out.emit(ev.RunBlocked, {"reason": f"{admission.flow_active} runs of the flow are active, its concurrency "
+                                           f"limit is {flow.concurrency_limit}; waiting for one to end"})  # fmt: skip
+        return
+    run = out.run
+    out.emit(ev.RunStarted, {"cursor_window": run.cursor_window})
+    for step in flow.steps:  # FROM_FAILED_STEP: the steps that succeeded in the retried run are not run again
+        if step.name in run.reuse:
+            out.emit(ev.StepSucceeded, {"step": step.name, "output": run.reuse[step.name],
+                                        "reused_from": run.retry_of})  # fmt: skip
     _advance(out, flow)
 
 
@@ -208,7 +395,10 @@ def _advance(out: _Emitter, flow: FlowDefinition) -> None:
                 continue
         _start_step(out, flow, step, attempt=1)
         return
-    _finish(out, ev.RunSucceeded)
+    if out.run.failed_records:
+        _finish(out, ev.RunPartiallySucceeded, reason=f"{out.run.failed_records} record(s) failed")
+    else:
+        _finish(out, ev.RunSucceeded)
 
 
 def _start_step(out: _Emitter, flow: FlowDefinition, step: StepDefinition, attempt: int) -> None:
@@ -217,7 +407,20 @@ def _start_step(out: _Emitter, flow: FlowDefinition, step: StepDefinition, attem
     except TemplateError as exc:
         _fail_before_start(out, flow, step, str(exc))
         return
+    run = out.run
+    if step.action == StepAction.SYNC_RECORDS:
+        # The window is the run's (a retry reads the same one) and a retry of a PARTIAL run names its failed keys.
+        window = run.cursor_window.model_dump(mode="json") if run.cursor_window else None
+        rendered = {**rendered, "window": window, "only_keys": run.only_keys.get(step.name)}
     out.emit(ev.StepStarted, _started(flow, step, attempt, rendered))
+    if step.action == StepAction.HUMAN_INPUT:
+        # The request id is the attempt's identity: the same after a crash, different for a retried attempt.
+        request_id = "req_" + uuid.uuid5(_EVENT_NS, f"{run.run_id}:{step.name}:{attempt}").hex[:20]
+        expires_at = None
+        if step.timeout_s is not None:
+            expires_at = out.clock.now + timedelta(seconds=step.timeout_s * out.clock.time_scale)
+        out.emit(ev.RunPaused, {"request_id": request_id, "step": step.name, "prompt": rendered,
+                                "expires_at": expires_at})  # fmt: skip
 
 
 def _started(flow: FlowDefinition, step: StepDefinition, attempt: int, rendered: Any) -> dict[str, Any]:
@@ -268,8 +471,9 @@ def _complete_step(out: _Emitter, flow: FlowDefinition, step: StepDefinition, in
         except TemplateError as exc:
             error = ErrorInfo(category=ErrorCategory.VALIDATION, code="extraction_failed", message=str(exc))
         else:
+            output = _record_sync(out, step, inp.output) if step.action == StepAction.SYNC_RECORDS else inp.output
             out.emit(ev.StepSucceeded, {
-                "step": step.name, "attempt": inp.attempt, "output": inp.output,
+                "step": step.name, "attempt": inp.attempt, "output": output,
                 "duration_ms": inp.duration_ms, "assertions": assertions, "extractions": extractions,
             })  # fmt: skip
             _advance(out, flow)
@@ -286,7 +490,34 @@ def _complete_step(out: _Emitter, flow: FlowDefinition, step: StepDefinition, in
         "step": step.name, "attempt": inp.attempt, "error": error, "output": inp.output,
         "duration_ms": inp.duration_ms, "assertions": assertions,
     })  # fmt: skip
-    _finish(out, ev.RunFailed, failed_step=step.name, error=error)
+    # A step that ran out of time ends the run TIMED_OUT (DESIGN 3), any other final failure FAILED.
+    _finish(out, ev.RunTimedOut if error.code == "timeout" else ev.RunFailed, failed_step=step.name, error=error)
+
+
+def _record_sync(out: _Emitter, step: StepDefinition, output: Any) -> Any:
+    """A sync_records result as ledger events: counters, each rejected record, the canonical upserts.
+
+    The step's output keeps the counters and a sample; the records themselves live in their own events.
+    """
+    if not isinstance(output, dict) or not isinstance(output.get("counters"), dict):
+        return output
+    counters = output["counters"]
+    out.emit(ev.RecordsProcessed, {"step": step.name, **{k: int(counters.get(k, 0)) for k in _COUNTERS}})
+    for failure in output.get("failures") or ():
+        out.emit(ev.RecordFailed, {
+            "step": step.name, "record_key": str(failure.get("record_key")), "field_path": failure.get("field_path"),
+            "error": str(failure.get("error") or "rejected"), "raw_error": failure.get("raw_error"),
+        })  # fmt: skip
+    upserts = output.get("upserts") or ()
+    if upserts and output.get("entity"):
+        for i in range(0, len(upserts), _UPSERT_BATCH):
+            out.emit(ev.RecordsUpserted, {"step": step.name, "entity": output["entity"],
+                                          "records": upserts[i : i + _UPSERT_BATCH]})  # fmt: skip
+    return {k: v for k, v in output.items() if k not in ("failures", "upserts")}
+
+
+_COUNTERS = ("read", "transformed", "written", "deduped", "skipped", "failed")
+_UPSERT_BATCH = 500
 
 
 def _retry_at(policy: RetryPolicy, error: ErrorInfo, attempt: int, step: StepState, clock: Clock) -> datetime | None:
@@ -310,13 +541,19 @@ def _retry_at(policy: RetryPolicy, error: ErrorInfo, attempt: int, step: StepSta
 
 
 def _finish(
-    out: _Emitter, cls: type[EventBase], *, failed_step: str | None = None, error: ErrorInfo | None = None
+    out: _Emitter,
+    cls: type[EventBase],
+    *,
+    failed_step: str | None = None,
+    error: ErrorInfo | None = None,
+    reason: str = "",
 ) -> None:
     st = out.run
     began = st.started_at or st.created_at
     duration_ms = (out.clock.now - began).total_seconds() * 1000
-    if st.status == RunStatus.RUNNING:
+    if st.status in (RunStatus.RUNNING, RunStatus.PAUSED):
+        # In-flight steps are abandoned: recorded CANCELED, and a result arriving later is ignored.
         for name, step in st.steps.items():
             if step.status in (StepStatus.RUNNING, StepStatus.RETRYING) and name != failed_step:
                 out.emit(ev.StepCanceled, {"step": name, "attempt": step.attempt})
-    out.emit(cls, {"duration_ms": duration_ms, "failed_step": failed_step, "error": error})
+    out.emit(cls, {"duration_ms": duration_ms, "failed_step": failed_step, "error": error, "reason": reason})

@@ -1,24 +1,49 @@
-"""The run engine: owns the runs of its partitions, feeds inputs to `decide`, appends, runs steps."""
+"""The run engine: owns the runs of its partitions, feeds inputs to `decide`, appends, runs steps.
+
+Timers are not stored anywhere but the ledger: a retry's `retry_at`, a scheduled run's `run_at`, a
+human_input's `expires_at` and the flow deadline (`RunStarted` + the flow's timeout) are all in the
+run's events, so a restarted executor rebuilds them by replaying its partitions and waits again.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import traceback
+import uuid
+from collections import deque
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from schemas.events import EventBase, TriggerReceived
-from schemas.status import StepStatus
+from schemas import codec
+from schemas.events import (
+    CancelRun,
+    ChildRunFinished,
+    CommandBase,
+    EventBase,
+    ResumeRun,
+    TriggerInfo,
+    TriggerReceived,
+    TriggerType,
+)
+from schemas.flows import FlowDefinition, StepAction
+from schemas.status import RunStatus, StepStatus
+from schemas.topics import Topics, partition_for
 from services.executor import metrics
 from services.executor.adapters.flows import FlowRegistry
 from services.executor.adapters.ledger import LedgerWriter, read_partition
 from services.executor.adapters.steps import StepCall, StepRunners, runner_input
 from services.executor.decide import (
+    Admission,
     Clock,
+    CommandInput,
+    DeadlinePassed,
     Input,
     InternalFailure,
+    PauseExpired,
+    ScheduledDue,
+    SlotFreed,
     StartRun,
     StepCompleted,
     TimerFired,
@@ -28,6 +53,8 @@ from services.executor.fold import RunState, fold
 from services.executor.settings import ExecutorSettings
 
 log = logging.getLogger(__name__)
+
+_ACTIVE = (RunStatus.RUNNING, RunStatus.PAUSED)
 
 
 class _EventCounters(dict[str, Any]):
@@ -41,16 +68,37 @@ class _EventCounters(dict[str, Any]):
 _EVENT_COUNTERS = _EventCounters()
 
 
+def child_run_id(parent_run_id: str, step: str, attempt: int) -> str:
+    """A subflow's child run id: the same for every re-execution of the attempt, so a child starts once."""
+    return "run_child_" + uuid.uuid5(uuid.NAMESPACE_URL, f"flowtrail:{parent_run_id}:{step}:{attempt}").hex
+
+
+def run_output(state: RunState) -> Any:
+    """A run's result, as a parent sees it: the output of its last step that succeeded."""
+    done = [s for s in state.steps.values() if s.status == StepStatus.SUCCEEDED]
+    return done[-1].output if done else None
+
+
 class Engine:
     def __init__(self, settings: ExecutorSettings, ledger: LedgerWriter, flows: FlowRegistry) -> None:
         self.settings = settings
         self.ledger = ledger
         self.flows = flows
+        self.topics = Topics(settings.topic_prefix)
         self.runners = StepRunners.from_settings(settings)
         self.runs: dict[str, RunState] = {}  # runs not yet terminal
         self.finished: set[str] = set()  # terminal runs: a redelivered trigger for one is ignored
         self.partition_of: dict[str, int] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        # The step a run is executing now, so a cancel or the flow deadline can abandon it.
+        self.step_tasks: dict[str, asyncio.Task[Any]] = {}
+        # Set when an input arrives for a run whose loop waits (a timer, a human, a child run).
+        self.wakeups: dict[str, asyncio.Event] = {}
+        # Admission: active runs per flow and per tenant, and the BLOCKED runs of each flow in arrival order.
+        self.active_flow: dict[tuple[str, str], int] = {}
+        self.active_tenant: dict[str, int] = {}
+        self.blocked: dict[tuple[str, str], deque[str]] = {}
+        self.children_sent: set[str] = set()
         self.owned: set[int] = set()
         self._started = False
         self._start_lock = asyncio.Lock()
@@ -65,6 +113,14 @@ class Engine:
 
     def clock(self) -> Clock:
         return Clock(now=datetime.now(UTC), time_scale=self.settings.time_scale)
+
+    def _admission(self, tenant_id: str, flow_id: str, *, newcomer: bool = False) -> Admission:
+        limit = self.settings.tenant_quotas.get(tenant_id, self.settings.tenant_max_active_runs)
+        # A new run queues behind the flow's BLOCKED runs: they are unblocked in arrival order.
+        queue = self.blocked.get((tenant_id, flow_id)) if newcomer else None
+        ahead = sum(1 for r in queue if r in self.runs) if queue else 0
+        return Admission(self.active_flow.get((tenant_id, flow_id), 0), self.active_tenant.get(tenant_id, 0), limit,
+                         queued_ahead=ahead)  # fmt: skip
 
     # ------------------------------------------------------------------ partitions
 
@@ -82,7 +138,8 @@ class Engine:
                     states[event.run_id] = fold(states.get(event.run_id), event)
                 except ValueError as exc:
                     log.error("cannot fold %s seq %s: %s", event.run_id, event.seq, exc)
-            for run_id, state in states.items():
+            ended_children: list[RunState] = []
+            for run_id, state in sorted(states.items(), key=lambda item: item[1].created_at):
                 live = self.runs.get(run_id)
                 if live is not None and live.next_seq >= state.next_seq:
                     # Started by a trigger handled while this partition was being replayed: the live state is
@@ -90,10 +147,16 @@ class Engine:
                     continue
                 if state.terminal:
                     self.finished.add(run_id)
+                    if state.parent_run_id is not None:
+                        ended_children.append(state)
                 else:
-                    self.runs[run_id] = state
                     self.partition_of[run_id] = partition
+                    self._track(None, state)
             self.owned.add(partition)
+            # A child that ended just before a crash may not have told its parent: tell it again (the parent
+            # recognises the repeat by the child's id).
+            for child in ended_children:
+                await self._notify_parent(child)
             # A run that a trigger started during the replay is driven already: a second task would run its steps twice.
             resumed = [
                 r for r, p in self.partition_of.items() if p == partition and r in self.runs and r not in self.tasks
@@ -110,8 +173,14 @@ class Engine:
             task = self.tasks.pop(run_id, None)
             if task:
                 task.cancel()
-            self.runs.pop(run_id, None)
+            step_task = self.step_tasks.pop(run_id, None)
+            if step_task:
+                step_task.cancel()
+            state = self.runs.get(run_id)
+            if state is not None:
+                self._track(state, None)
             self.partition_of.pop(run_id, None)
+            self.wakeups.pop(run_id, None)
         self.owned -= gone
         await self.ledger.producer.flush()
 
@@ -132,12 +201,67 @@ class Engine:
                 flow = self.flows.get(trigger.tenant_id, trigger.flow_id, trigger.flow_version)
             version = flow.version if flow else (trigger.flow_version or 0)
             self.partition_of[trigger.run_id] = partition
-            pending += await self._apply(*decide_and_fold(None, flow, StartRun(trigger, version), self.clock()))
+            admission = self._admission(trigger.tenant_id, trigger.flow_id, newcomer=True)
+            pending += await self._apply(*decide_and_fold(None, flow, StartRun(trigger, version, admission),
+                                                          self.clock()))  # fmt: skip
             metrics.TRIGGERS.labels("started" if flow else "invalid").inc()
             if trigger.run_id in self.runs:
                 self._drive(trigger.run_id)
         if pending:
             await asyncio.gather(*pending)
+
+    async def on_commands(self, commands: list[tuple[int, CommandBase]]) -> None:
+        """Cancel, resume and child-ended commands; returns once what they caused is durable."""
+        pending: list[asyncio.Future[object]] = []
+        for _partition, command in commands:
+            state = self.runs.get(command.run_id)
+            if state is None:
+                outcome = "finished" if command.run_id in self.finished else "unknown_run"
+                metrics.COMMANDS.labels(command.type, outcome).inc()
+                continue
+            if not isinstance(command, CancelRun | ResumeRun | ChildRunFinished):
+                continue
+            before = state.next_seq
+            pending += await self.feed(command.run_id, CommandInput(command))
+            after = self.runs.get(command.run_id)
+            changed = after is None or after.next_seq != before
+            metrics.COMMANDS.labels(command.type, "applied" if changed else "ignored").inc()
+            if after is None:
+                # Ended (canceled): abandon the step in flight; its late result would be ignored anyway.
+                step_task = self.step_tasks.pop(command.run_id, None)
+                if step_task is not None:
+                    step_task.cancel()
+            self._wake(command.run_id)
+        if pending:
+            await asyncio.gather(*pending)
+
+    def _wake(self, run_id: str) -> None:
+        if run_id not in self.runs:
+            return
+        if run_id in self.tasks:
+            self.wakeups.setdefault(run_id, asyncio.Event()).set()
+        else:
+            self._drive(run_id)
+
+    def _track(self, before: RunState | None, after: RunState | None) -> None:
+        """Keep the active counts and the blocked queues in step with a run's status change."""
+        was = before is not None and before.status in _ACTIVE
+        now = after is not None and after.status in _ACTIVE
+        ref = after or before
+        assert ref is not None
+        key = (ref.tenant_id, ref.flow_id)
+        if was != now:
+            delta = 1 if now else -1
+            self.active_flow[key] = self.active_flow.get(key, 0) + delta
+            self.active_tenant[ref.tenant_id] = self.active_tenant.get(ref.tenant_id, 0) + delta
+        newly_blocked = after is not None and after.status == RunStatus.BLOCKED
+        if newly_blocked and (before is None or before.status != RunStatus.BLOCKED):
+            assert after is not None
+            self.blocked.setdefault(key, deque()).append(after.run_id)
+        if after is None:
+            self.runs.pop(ref.run_id, None)
+        else:
+            self.runs[ref.run_id] = after
 
     async def _apply(self, events: list[EventBase], state: RunState | None) -> list[asyncio.Future[object]]:
         """`state` is the run after `events` (decide_and_fold folded them as it decided)."""
@@ -147,22 +271,93 @@ class Engine:
         for event in events:
             _EVENT_COUNTERS[event.type].inc()
         assert state is not None
+        before = self.runs.get(run_id)
         if state.terminal:
-            self.runs.pop(run_id, None)
+            self._track(before, None)
             self.finished.add(run_id)
+            self.wakeups.pop(run_id, None)
         else:
-            self.runs[run_id] = state
+            self._track(before, state)
         metrics.ACTIVE_RUNS.set(len(self.runs))
         # Appending failures crash the worker (faust restarts from the ledger): state here must never
         # run ahead of a ledger that did not take the events.
-        return await self.ledger.append(self.partition_of[run_id], events)
+        futures = await self.ledger.append(self.partition_of[run_id], events)
+        if state.terminal:
+            if state.parent_run_id is not None:
+                await asyncio.gather(*futures)  # the parent hears of the end only once it is recorded
+                await self._notify_parent(state)
+            if before is not None and before.status in _ACTIVE:
+                self._release_slot(state.tenant_id, state.flow_id)
+        return futures
 
-    async def feed(self, run_id: str, inp: Input) -> None:
+    def _release_slot(self, tenant_id: str, flow_id: str) -> None:
+        """A run of the flow ended: the first BLOCKED run of the flow (arrival order) asks to start."""
+        queue = self.blocked.get((tenant_id, flow_id))
+        while queue:
+            run_id = queue[0]
+            state = self.runs.get(run_id)
+            if state is None or state.status != RunStatus.BLOCKED:
+                queue.popleft()  # canceled or moved on meanwhile
+                continue
+            self._wake(run_id)
+            return
+
+    async def feed(self, run_id: str, inp: Input) -> list[asyncio.Future[object]]:
         state = self.runs.get(run_id)
         if state is None:
-            return
+            return []
         flow = self.flows.get(state.tenant_id, state.flow_id, state.flow_version)
-        await self._apply(*decide_and_fold(state, flow, inp, self.clock()))
+        return await self._apply(*decide_and_fold(state, flow, inp, self.clock()))
+
+    async def _feed_durably(self, run_id: str, inp: Input) -> None:
+        """Feed an input from the run's own loop. The loop goes on without waiting for the broker's ack: the
+        producer keeps the run's events in order, and a failed append exits the process (adapters.ledger),
+        so the next decision never builds on events the ledger lost."""
+        await self.feed(run_id, inp)
+
+    # ------------------------------------------------------------------ subflows
+
+    async def _start_child(self, state: RunState, flow: FlowDefinition, step_name: str) -> None:
+        """Append the child run's trigger (once per attempt: its run id is derived from the attempt)."""
+        step = state.steps[step_name]
+        child_id = child_run_id(state.run_id, step_name, step.attempt)
+        if child_id in self.children_sent:
+            return
+        spec = runner_input(state, flow.step(step_name)) or {}
+        trigger = TriggerReceived(
+            tenant_id=state.tenant_id,
+            run_id=child_id,
+            flow_id=str(spec.get("flow_id") or ""),
+            flow_version=spec.get("version"),
+            trigger=TriggerInfo(type=TriggerType.SUBFLOW, caller=state.run_id, payload=spec.get("input")),
+            parent_run_id=state.run_id,
+            parent_step=step_name,
+            parent_attempt=step.attempt,
+            trigger_id=f"{child_id}:trigger",
+        )
+        partition = partition_for(child_id, self.settings.partitions)
+        await self.ledger.producer.send_and_wait(
+            self.topics.triggers, codec.dumps(trigger), key=child_id.encode(), partition=partition
+        )
+        self.children_sent.add(child_id)
+
+    async def _notify_parent(self, child: RunState) -> None:
+        assert child.parent_run_id is not None and child.parent_step is not None
+        command = ChildRunFinished(
+            tenant_id=child.tenant_id,
+            run_id=child.parent_run_id,
+            issued_by="executor",
+            child_run_id=child.run_id,
+            step=child.parent_step,
+            attempt=child.parent_attempt or 1,
+            status=child.status.value,
+            output=run_output(child),
+            error=child.last_error,
+        )
+        partition = partition_for(child.parent_run_id, self.settings.partitions)
+        await self.ledger.producer.send_and_wait(
+            self.topics.commands, codec.dumps(command), key=child.parent_run_id.encode(), partition=partition
+        )
 
     # ------------------------------------------------------------------ driving a run
 
@@ -188,41 +383,114 @@ class Engine:
                                           at_seq=state.next_seq)  # fmt: skip
                 await self.feed(run_id, failure)
 
+    async def _wait(self, run_id: str, until: datetime | None) -> None:
+        """Until `until`, or until an input for this run arrives (whichever is first)."""
+        event = self.wakeups.setdefault(run_id, asyncio.Event())
+        timeout = None if until is None else max(0.0, (until - datetime.now(UTC)).total_seconds())
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            pass
+        event.clear()
+
+    def _deadline(self, state: RunState, flow: FlowDefinition) -> datetime | None:
+        if flow.timeout_s is None or state.started_at is None or state.status not in _ACTIVE:
+            return None
+        return state.started_at + timedelta(seconds=flow.timeout_s * self.settings.time_scale)
+
     async def _next(self, state: RunState) -> bool:
-        """Do what the run waits for; False when it waits for nothing this engine can do."""
+        """Do what the run waits for; False when it waits for an input only a command can bring."""
+        run_id = state.run_id
+        flow = self.flows.get(state.tenant_id, state.flow_id, state.flow_version)
+        if flow is None:
+            raise LookupError(f"flow {state.flow_id} v{state.flow_version} is not in the registry")
+        now = datetime.now(UTC)
+        deadline = self._deadline(state, flow)
+        if deadline is not None and now >= deadline:
+            await self._feed_durably(run_id, DeadlinePassed(run_id))
+            return True
+        if state.status == RunStatus.SCHEDULED:
+            assert state.run_at is not None
+            if now < state.run_at:
+                await self._wait(run_id, state.run_at)
+                return True
+            await self._feed_durably(run_id, ScheduledDue(run_id, self._admission(state.tenant_id, state.flow_id)))
+            return True
+        if state.status == RunStatus.BLOCKED:
+            admission = self._admission(state.tenant_id, state.flow_id)
+            queue = self.blocked.get((state.tenant_id, state.flow_id))
+            if queue and queue[0] == run_id:
+                before = state.next_seq
+                await self._feed_durably(run_id, SlotFreed(run_id, admission))
+                after = self.runs.get(run_id)
+                if after is None or after.next_seq != before:
+                    queue.popleft()
+                    self._release_slot(state.tenant_id, state.flow_id)  # room for more than one
+                    return True
+            await self._wait(run_id, None)  # woken when a run of the flow ends
+            return True
+        if state.status == RunStatus.PAUSED:
+            pause = state.pause
+            expires = pause.expires_at if pause else None
+            if pause is not None and expires is not None and now >= expires:
+                await self._feed_durably(run_id, PauseExpired(run_id, pause.request_id))
+                return True
+            until = min((t for t in (expires, deadline) if t is not None), default=None)
+            if until is None:
+                return False  # a resume command drives the run again
+            await self._wait(run_id, until)
+            return True
         active = [(n, s) for n, s in state.steps.items() if s.status in (StepStatus.RUNNING, StepStatus.RETRYING)]
         if not active:
             return False
         name, step = active[0]
         if step.status == StepStatus.RETRYING:
-            due = step.retry_at.timestamp() if step.retry_at else 0
-            await asyncio.sleep(max(0.0, due - datetime.now(UTC).timestamp()))
-            await self.feed(state.run_id, TimerFired(state.run_id, name, step.attempt))
+            due = step.retry_at or now
+            if now < due:
+                await self._wait(run_id, min(due, deadline) if deadline else due)
+                return True
+            await self._feed_durably(run_id, TimerFired(run_id, name, step.attempt))
             return True
-        flow = self.flows.get(state.tenant_id, state.flow_id, state.flow_version)
-        if flow is None:
-            raise LookupError(f"flow {state.flow_id} v{state.flow_version} is not in the registry")
         definition = flow.step(name)
+        if definition.action == StepAction.SUBFLOW:
+            await self._start_child(state, flow, name)
+            if deadline is None:
+                return False  # the child's end (a command) drives the run again
+            await self._wait(run_id, deadline)
+            return True
         call = StepCall(
-            run_id=state.run_id,
+            run_id=run_id,
             step=name,
             action=definition.action.value,
             attempt=step.attempt,
             input=runner_input(state, definition),
-            started_at=step.started_at or datetime.now(UTC),
+            started_at=step.started_at or now,
             timeout_s=definition.timeout_s or self.settings.default_step_timeout_s,
         )
-        outcome = await self.runners.run(call)
+        step_task = asyncio.create_task(self.runners.run(call), name=f"step:{run_id}:{name}:{step.attempt}")
+        self.step_tasks[run_id] = step_task
+        try:
+            timeout = None if deadline is None else max(0.0, (deadline - now).total_seconds())
+            done, _ = await asyncio.wait({step_task}, timeout=timeout)
+        finally:
+            if self.step_tasks.get(run_id) is step_task:
+                del self.step_tasks[run_id]
+        if not done:
+            step_task.cancel()  # the flow deadline passed mid-step: abandon it
+            return True
+        if step_task.cancelled():
+            return True  # abandoned by a cancel: the run has ended
+        outcome = step_task.result()
         metrics.STEP_SECONDS.labels(call.action, "ok" if outcome.ok else "error").observe(outcome.duration_ms / 1000)
-        await self.feed(state.run_id, StepCompleted(
-            state.run_id, name, step.attempt, outcome.ok, outcome.output, outcome.error, outcome.duration_ms
+        await self._feed_durably(run_id, StepCompleted(
+            run_id, name, step.attempt, outcome.ok, outcome.output, outcome.error, outcome.duration_ms
         ))  # fmt: skip
         return True
 
     async def close(self) -> None:
         if self._started:
             await self.ledger.producer.flush()
-        for task in list(self.tasks.values()):
+        for task in [*self.tasks.values(), *self.step_tasks.values()]:
             task.cancel()
-        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        await asyncio.gather(*self.tasks.values(), *self.step_tasks.values(), return_exceptions=True)
         await self.runners.close()

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from schemas.events import TERMINAL_EVENT_STATUS, ErrorInfo, EventBase, TriggerInfo
+from schemas.events import TERMINAL_EVENT_STATUS, CursorWindow, ErrorInfo, EventBase, TriggerInfo
 from schemas.status import RunStatus, StepStatus
 
 
@@ -25,6 +25,15 @@ class StepState:
 
 
 @dataclass(frozen=True, slots=True)
+class Pause:
+    """A human_input step waiting for its answer."""
+
+    request_id: str
+    step: str | None
+    expires_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
 class RunState:
     run_id: str
     tenant_id: str
@@ -40,6 +49,17 @@ class RunState:
     vars: dict[str, Any] = field(default_factory=dict)
     # Every input that already caused events: a redelivered input is recognised and ignored.
     causations: frozenset[str] = frozenset()
+    run_at: datetime | None = None  # SCHEDULED until then
+    pause: Pause | None = None
+    parent_run_id: str | None = None
+    parent_step: str | None = None
+    parent_attempt: int | None = None
+    retry_of: str | None = None
+    only_keys: dict[str, list[str]] = field(default_factory=dict)
+    cursor_window: CursorWindow | None = None
+    reuse: dict[str, Any] = field(default_factory=dict)
+    failed_records: int = 0
+    last_error: ErrorInfo | None = None  # the error the run ended with, for a parent waiting on it
 
     @property
     def terminal(self) -> bool:
@@ -51,7 +71,13 @@ class RunState:
             "trigger": self.trigger.payload,
             "steps": {n: {"output": s.output, "status": s.status.value} for n, s in self.steps.items()},
             "vars": self.vars,
-            "run": {"id": self.run_id, "flow_id": self.flow_id, "flow_version": self.flow_version},
+            "run": {
+                "id": self.run_id,
+                "flow_id": self.flow_id,
+                "flow_version": self.flow_version,
+                "parent_run_id": self.parent_run_id,
+                "cursor_window": self.cursor_window.model_dump(mode="json") if self.cursor_window else None,
+            },
         }
 
 
@@ -87,6 +113,13 @@ def fold(state: RunState | None, event: EventBase) -> RunState:
             correlation_id=event.correlation_id,
             trigger=event.payload.trigger,
             created_at=event.occurred_at,
+            parent_run_id=event.payload.parent_run_id,
+            parent_step=event.payload.parent_step,
+            parent_attempt=event.payload.parent_attempt,
+            retry_of=event.payload.retry_of,
+            only_keys=dict(event.payload.only_keys),
+            cursor_window=event.payload.cursor_window,
+            reuse=dict(event.payload.reuse),
         )
     changes: dict[str, Any] = {
         "next_seq": event.seq + 1,
@@ -98,6 +131,16 @@ def fold(state: RunState | None, event: EventBase) -> RunState:
     match event.type:
         case "RunStarted":
             changes["started_at"] = event.occurred_at
+            if p.cursor_window is not None:
+                changes["cursor_window"] = p.cursor_window
+        case "RecordFailed":
+            changes["failed_records"] = state.failed_records + 1
+        case "RunScheduled":
+            changes["run_at"] = p.run_at
+        case "RunPaused":
+            changes["pause"] = Pause(p.request_id, p.step, p.expires_at)
+        case "RunResumed":
+            changes["pause"] = None
         case "StepStarted":
             current = state.steps.get(p.step)
             first_started_at = current.first_started_at if current else None
@@ -125,6 +168,9 @@ def fold(state: RunState | None, event: EventBase) -> RunState:
             changes["steps"] = _step(state, p.step, status=StepStatus.SKIPPED)
         case "StepCanceled":
             changes["steps"] = _step(state, p.step, status=StepStatus.CANCELED)
+        case "RunFailed" | "RunTimedOut" | "RunInternalError" | "RunCanceled" | "RunPartiallySucceeded":
+            changes["last_error"] = p.error
+            changes["pause"] = None
     return replace(state, **changes)
 
 

@@ -11,3 +11,4 @@ STEP_SECONDS = Histogram(
 )  # fmt: skip
 REPLAY_EVENTS = Counter("flowtrail_executor_replayed_events_total", "Ledger events replayed on assignment")
 INTERNAL_ERRORS = Counter("flowtrail_executor_internal_errors_total", "Runs ended INTERNAL_ERROR")
+COMMANDS = Counter("flowtrail_executor_commands_total", "Commands consumed", ["type", "outcome"])

@@ -48,16 +48,24 @@ _assertions = st.builds(
 )  # fmt: skip
 _triggers = st.builds(ev.TriggerInfo, type=st.sampled_from(ev.TriggerType), caller=_opt_text, payload=json_values)
 
+_windows = st.builds(ev.CursorWindow, updated_since=st.none() | _times, updated_until=_times)
+
 PAYLOADS: dict[type[BaseModel], st.SearchStrategy[Any]] = {
     ev.RunRequestedPayload: st.builds(
         ev.RunRequestedPayload, trigger=_triggers, environment=st.sampled_from(ev.Environment),
         execution_mode=st.sampled_from(ev.ExecutionMode), flow_name=_text, tags=st.tuples(_text, _text),
         parent_run_id=_opt_text, retry_of=_opt_text, bulk_operation_id=_opt_text, received_at=st.none() | _times,
+        parent_step=_opt_text, parent_attempt=st.none() | _nat,
+        retry_strategy=st.none() | st.sampled_from(ev.RetryStrategy),
+        only_keys=st.dictionaries(_text, st.lists(_text, max_size=3), max_size=2), run_at=st.none() | _times,
+        cursor_window=st.none() | _windows, reuse=st.dictionaries(_text, json_values, max_size=2),
     ),
     ev.Empty: st.just(ev.Empty()),
     ev.ReasonPayload: st.builds(ev.ReasonPayload, reason=_text, errors=st.lists(_errors, max_size=2).map(tuple)),
     ev.RunScheduledPayload: st.builds(ev.RunScheduledPayload, run_at=_times),
-    ev.RunPausedPayload: st.builds(ev.RunPausedPayload, request_id=_text, step=_opt_text),
+    ev.RunPausedPayload: st.builds(ev.RunPausedPayload, request_id=_text, step=_opt_text, prompt=json_values,
+                                   expires_at=st.none() | _times),
+    ev.RunResumedPayload: st.builds(ev.RunResumedPayload, request_id=_opt_text, resumed_by=_opt_text),
     ev.StepStartedPayload: st.builds(
         ev.StepStartedPayload, step=_text, position=st.none() | _nat, action=_text, attempt=_nat, input=json_values
     ),
@@ -68,7 +76,7 @@ PAYLOADS: dict[type[BaseModel], st.SearchStrategy[Any]] = {
     ev.StepSucceededPayload: st.builds(
         ev.StepSucceededPayload, step=_text, attempt=_nat, output=json_values, duration_ms=_dur,
         assertions=st.lists(_assertions, max_size=2).map(tuple),
-        extractions=st.dictionaries(_text, json_values, max_size=3),
+        extractions=st.dictionaries(_text, json_values, max_size=3), reused_from=_opt_text,
     ),
     ev.StepFailedPayload: st.builds(
         ev.StepFailedPayload, step=_text, attempt=_nat, error=_errors, output=json_values, duration_ms=_dur,
@@ -85,7 +93,7 @@ PAYLOADS: dict[type[BaseModel], st.SearchStrategy[Any]] = {
     ),
     ev.RunStartedPayload: st.builds(
         ev.RunStartedPayload,
-        cursor_window=st.none() | st.builds(ev.CursorWindow, updated_since=st.none() | _times, updated_until=_times),
+        cursor_window=st.none() | _windows,
     ),
     ev.RecordsUpsertedPayload: st.builds(
         ev.RecordsUpsertedPayload, step=_text, entity=st.sampled_from(ev.CANONICAL_ENTITIES),
@@ -219,6 +227,27 @@ def test_triggers_round_trip(payload: Any, caller: str | None, key: str | None) 
     trigger = ev.TriggerReceived(tenant_id="t1", run_id="r1", flow_id="f1", idempotency_key=key,
                                  trigger=ev.TriggerInfo(type="webhook", caller=caller, payload=payload))  # fmt: skip
     assert codec.decode_trigger(codec.dumps(trigger)) == trigger
+
+
+_commands = st.one_of(
+    st.builds(ev.CancelRun, tenant_id=_text, run_id=_text, reason=_text, issued_by=_opt_text,
+              bulk_operation_id=_opt_text, issued_at=_times),
+    st.builds(ev.ResumeRun, tenant_id=_text, run_id=_text, request_id=_text, payload=json_values, issued_at=_times),
+    st.builds(ev.ChildRunFinished, tenant_id=_text, run_id=_text, child_run_id=_text, step=_text, attempt=_nat,
+              status=_text, output=json_values, error=st.none() | _errors, issued_at=_times),
+)  # fmt: skip
+
+
+@settings(max_examples=50, deadline=None)
+@given(command=_commands)
+def test_commands_round_trip(command: ev.CommandBase) -> None:
+    decoded = codec.decode_command(codec.dumps(command))
+    assert type(decoded) is type(command) and decoded == command
+
+
+def test_an_unknown_command_is_a_decode_error_naming_the_accepted() -> None:
+    with pytest.raises(codec.DecodeError, match="CancelRun"):
+        codec.decode_command(b'{"type": "Explode", "tenant_id": "t", "run_id": "r"}')
 
 
 # ---------------------------------------------------------------- garbage
