@@ -222,14 +222,20 @@ async def test_detail_shows_schedule_connectors_last_run_and_masks_credentials(e
 
 
 async def test_pause_refuses_triggers_until_resumed(env: Env) -> None:
-    await create(env, flow("pausable"))
+    hourly = await create(env, flow("pausable", trigger={"type": "schedule", "interval_s": 3600}))
+    # Interval ticks sit on a grid from the epoch: the next full hour (UTC), as the scheduler computes it.
+    next_hour = datetime.fromisoformat(hourly["schedule"]["next_run_at"])
+    assert next_hour.minute == next_hour.second == 0 and timedelta(0) < next_hour - datetime.now(UTC) <= timedelta(
+        hours=1
+    )
     async with env.client() as api, env.client(service="ingest") as ingest:
         assert (await ingest.post("/v1/flows/pausable/trigger", json={"input": {"n": 1}})).status_code == 202
 
         r = await api.post("/v1/flows/pausable/pause", json={"reason": "supplier maintenance"})
         assert r.status_code == 200, r.text
         assert r.json()["status"] == "paused" and r.json()["projected"] is True
-        assert (await api.get("/v1/flows/pausable")).json()["status"] == "paused"
+        paused = (await api.get("/v1/flows/pausable")).json()
+        assert paused["status"] == "paused" and paused["schedule"]["next_run_at"] is None
         assert [f["id"] for f in (await api.get("/v1/flows", params={"status": "paused"})).json()["data"]] == [
             "pausable"
         ]
@@ -241,6 +247,8 @@ async def test_pause_refuses_triggers_until_resumed(env: Env) -> None:
 
         r = await api.post("/v1/flows/pausable/resume")
         assert r.status_code == 200 and r.json()["status"] == "active"
+        resumed_next = datetime.fromisoformat(r.json()["schedule"]["next_run_at"])
+        assert resumed_next in (next_hour, next_hour + timedelta(hours=1))  # the hour may have turned meanwhile
         accepted = await ingest.post("/v1/flows/pausable/trigger", json={"input": {"n": 3}})
         assert accepted.status_code == 202 and accepted.json()["run_id"].startswith("run_")
 
@@ -262,6 +270,8 @@ async def test_pause_refuses_triggers_until_resumed(env: Env) -> None:
         ({"version": 7}, "version"),
         ({"trigger": {"type": "schedule", "cron": "every day"}}, "trigger.cron"),
         ({"trigger": {"type": "schedule"}}, "trigger"),
+        ({"trigger": {"type": "schedule", "interval_s": 0.5}}, "trigger.interval_s"),
+        ({"trigger": {"type": "webhook", "cron": "* * * * *"}}, "trigger"),
         ({"trigger": {"type": "kafka"}}, "trigger.topic"),
         ({"input_schema": {"type": "not-a-type"}}, "input_schema"),
         ({"environment": "STAGING"}, "environment"),

@@ -12,17 +12,17 @@ from typing import Annotated, Any
 
 import asyncpg
 import jsonschema
-from croniter import croniter
 from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import ORJSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from schemas.events import FlowPaused, FlowResumed, FlowVersionPublished
-from schemas.flows import FlowDefinition, contains_mask, mask_secrets
+from schemas.flows import FlowDefinition, TriggerConfig, contains_mask, mask_secrets
 from schemas.topics import Topics
 from services.api.adapters import flows as store
 from services.common.auth import Principal, require_scope
 from services.common.http import ApiError
+from services.ingest.scheduler import Schedule, ScheduleError
 
 router = APIRouter()
 
@@ -71,13 +71,22 @@ def _one_of(name: str, values: list[str], accepted: tuple[str, ...]) -> list[str
 # ---------------------------------------------------------------- what a flow looks like to a caller
 
 
-def schedule(trigger: dict[str, Any], now: datetime) -> dict[str, Any] | None:
-    """A schedule trigger's cron or interval; for cron, the next fire time (UTC) after `now`."""
+def schedule(trigger: dict[str, Any], now: datetime, active: bool = True) -> dict[str, Any] | None:
+    """A schedule trigger's cron or interval, and when the scheduler fires it next (UTC; none while paused).
+    The tick arithmetic is the scheduler's own, so the answer is the time it will fire."""
     if trigger.get("type") != "schedule":
         return None
-    cron, interval_s = trigger.get("cron"), trigger.get("interval_s")
-    next_run_at = croniter(cron, now).get_next(datetime) if cron and croniter.is_valid(cron) else None
-    return {"cron": cron, "interval_s": interval_s, "timezone": "UTC", "next_run_at": next_run_at}
+    try:
+        ticks = Schedule.of(TriggerConfig.model_validate(trigger))
+    except (ValueError, ScheduleError):
+        ticks = None  # a definition published before schedules were checked: the scheduler skips it too
+    next_run_at = ticks.next_after(now) if ticks is not None and active else None
+    return {
+        "cron": trigger.get("cron"),
+        "interval_s": trigger.get("interval_s"),
+        "timezone": "UTC",
+        "next_run_at": next_run_at,
+    }
 
 
 def connectors(definition: dict[str, Any]) -> list[dict[str, Any]]:
@@ -111,7 +120,7 @@ def summary(row: asyncpg.Record, now: datetime) -> dict[str, Any]:
         "trigger_type": row["trigger_type"],
         "tags": row["tags"],
         "latest_version": row["latest_version"],
-        "schedule": schedule(definition.get("trigger") or {}, now),
+        "schedule": schedule(definition.get("trigger") or {}, now, active=row["status"] == "active"),
         "connectors": [c["name"] for c in connectors(definition)],
         "last_run_at": row["last_run_at"],
         "created_at": row["created_at"],
@@ -196,7 +205,8 @@ async def get_flow_version(flow_id: str, version: int, request: Request, princip
         "flow_id": flow_id,
         "version": row["version"],
         "published_at": row["published_at"],
-        "schedule": schedule(row["definition"].get("trigger") or {}, datetime.now(UTC)),
+        # The version's schedule as configured; when it fires next is the flow's (GET /v1/flows/{id}).
+        "schedule": schedule(row["definition"].get("trigger") or {}, datetime.now(UTC), active=False),
         "connectors": connectors(row["definition"]),
         "definition": shown(row["definition"]),
     }
@@ -214,18 +224,19 @@ def _first_error(exc: ValidationError) -> str:
 
 
 def _check_trigger(definition: FlowDefinition) -> None:
+    """What the scheduler (and the kafka trigger) will need, refused now rather than skipped later."""
     t = definition.trigger
-    if t.type == "schedule":
-        if (t.cron is None) == (t.interval_s is None):
-            raise ApiError(422, "validation_error", "trigger: a schedule trigger takes exactly one of cron, interval_s")
-        if t.cron is not None and not croniter.is_valid(t.cron):
-            raise ApiError(422, "validation_error", f"trigger.cron: {t.cron!r} is not a cron expression")
-        if t.interval_s is not None and t.interval_s <= 0:
-            raise ApiError(422, "validation_error", "trigger.interval_s: must be greater than 0")
-    elif t.cron is not None or t.interval_s is not None:
+    if t.type != "schedule" and (t.cron is not None or t.interval_s is not None):
         raise ApiError(
             422, "validation_error", f"trigger: only a schedule trigger takes cron or interval_s, not {t.type}"
         )
+    try:
+        Schedule.of(t)
+    except ScheduleError as exc:
+        where = "trigger"
+        if (t.cron is None) != (t.interval_s is None):
+            where = "trigger.cron" if t.cron is not None else "trigger.interval_s"
+        raise ApiError(422, "validation_error", f"{where}: {exc}") from None
     if t.type == "kafka" and not t.topic:
         raise ApiError(422, "validation_error", "trigger.topic: a kafka trigger names the topic it reads")
 
@@ -286,7 +297,7 @@ async def _answer(
                 definition = published.model_dump(mode="json")
                 detail["definition"] = shown(definition)
                 detail["connectors"] = connectors(definition)
-                detail["schedule"] = schedule(definition["trigger"], datetime.now(UTC))
+                detail["schedule"] = schedule(definition["trigger"], datetime.now(UTC), detail["status"] == "active")
             return ORJSONResponse({**detail, "version": version, "projected": True}, status_code=ok_status)
     state = request.app.state.flow_log.get(principal.tenant_id, flow_id)
     status = "paused" if state is not None and state.paused else "active"
