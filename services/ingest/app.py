@@ -16,6 +16,7 @@ from services.common.migrate import migrate
 from services.common.ratelimit import RateLimitHeaders, rate_limiter
 from services.ingest.adapters.triggers import TriggerLog
 from services.ingest.routes import triggers
+from services.ingest.scheduler import Scheduler
 from services.ingest.settings import IngestSettings
 
 
@@ -33,9 +34,18 @@ def create_app(settings: IngestSettings) -> FastAPI:
             settings.kafka_bootstrap, Topics(settings.topic_prefix).triggers, linger_ms=settings.producer_linger_ms
         )
         await app.state.trigger_log.start()
+        app.state.scheduler = None
+        if settings.scheduler:
+            app.state.scheduler = Scheduler(
+                settings.kafka_bootstrap, Topics(settings.topic_prefix), app.state.trigger_log,
+                max_catch_up_s=settings.scheduler_max_catch_up_s, poll_s=settings.scheduler_poll_s,
+            )  # fmt: skip
+            await app.state.scheduler.start()
         try:
             yield
         finally:
+            if app.state.scheduler is not None:
+                await app.state.scheduler.stop()
             await app.state.trigger_log.stop()
             await app.state.pool.close()
 

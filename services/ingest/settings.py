@@ -12,6 +12,12 @@ class IngestSettings(CommonSettings):
     # `mode: live` waits this long for the run's final status before answering with its current one.
     live_timeout_s: float = service_field("ingest", "live_timeout_s", 30.0)
     producer_linger_ms: int = service_field("ingest", "producer_linger_ms", 5)
+    # Schedule flows (services/ingest/scheduler.py): on in every replica; a tick fired twice is one run.
+    scheduler: bool = service_field("ingest", "scheduler", True)
+    # After an outage only the newest missed tick fires, and only while at most this old (≥ 1 s: a tick a
+    # moment late still fires).
+    scheduler_max_catch_up_s: float = service_field("ingest", "scheduler_max_catch_up_s", 3600.0, ge=1)
+    scheduler_poll_s: float = service_field("ingest", "scheduler_poll_s", 1.0, gt=0, le=60)
     # Per-key sliding-window rate limits (seed 003): requests per window, shared by every process serving a
     # key through PostgreSQL. Reads are GET/HEAD, triggers POST /v1/flows/{id}/trigger, writes the rest.
     rate_limit_enabled: bool = service_field("ingest", "rate_limit_enabled", True)
