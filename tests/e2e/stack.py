@@ -103,6 +103,12 @@ class Stack:
             **sandbox.env(),
             "FLOWTRAIL_EXECUTOR_ALLOW_PRIVATE_NETWORKS": "true",
             "PYTHONUNBUFFERED": "1",
+            # Rate limits stay on (their cost shows in benchmarks) but never bind unless a test sets its own.
+            **{
+                f"FLOWTRAIL_{service}_RATE_LIMIT_{kind}": "1000000000"
+                for service in ("API", "INGEST")
+                for kind in ("READS", "WRITES", "TRIGGERS")
+            },
             **{PORT_ENV[n]: str(p) for n, p in ports.items()},
             **extra_env,
         }
