@@ -9,6 +9,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from schemas import codec
 from schemas.events import FlowEventBase, FlowPaused, FlowResumed, FlowVersionPublished
@@ -76,8 +77,12 @@ class FlowFollower:
         consumer = self._consumer
         assert consumer is not None
         while True:
-            async with self._lock:
-                await self._poll(consumer, timeout_ms=200)
+            try:
+                async with self._lock:
+                    await self._poll(consumer, timeout_ms=200)
+            except KafkaError as exc:  # the broker away for a while: keep following once it is back
+                log.warning("flows topic unreadable (%s); retrying", exc)
+                await asyncio.sleep(1)
             await asyncio.sleep(0)
 
     async def _poll(self, consumer: AIOKafkaConsumer, timeout_ms: int) -> None:
