@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+import time
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -14,6 +16,12 @@ from schemas.flows import Environment, FlowDefinition
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+def new_run_id() -> str:
+    """`run_<ms since epoch, hex><64 random bits>`: time-ordered, so ids sort roughly by creation and index
+    inserts stay local."""
+    return f"run_{int(time.time() * 1000):012x}{secrets.token_hex(8)}"
 
 
 def utcnow() -> datetime:
@@ -603,7 +611,17 @@ class ChildRunFinished(CommandBase):
     error: ErrorInfo | None = None
 
 
-Command = Annotated[CancelRun | ResumeRun | ChildRunFinished, Field(discriminator="type")]
+class ArchiveRun(CommandBase):
+    """Hide a finished run from default listings (seed 001). The envelope of its RunArchived comes with it: the
+    executor keeps only the ids and next seq of finished runs, not their state."""
+
+    type: Literal["ArchiveRun"] = "ArchiveRun"
+    flow_id: str
+    flow_version: int
+    correlation_id: str
+
+
+Command = Annotated[CancelRun | ResumeRun | ChildRunFinished | ArchiveRun, Field(discriminator="type")]
 COMMAND_ADAPTER: TypeAdapter[CommandBase] = TypeAdapter(Command)
 
 # Terminal ledger event type → the run status it sets.

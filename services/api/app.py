@@ -10,9 +10,10 @@ from fastapi import FastAPI
 from fastapi.responses import ORJSONResponse
 
 from schemas.topics import Topics
+from services.api.adapters.commands import CommandLog
 from services.api.adapters.flows import FlowLog
 from services.api.adapters.notify import Notifier
-from services.api.routes import analytics, data, flows, keys, runs, stream, webhooks
+from services.api.routes import actions, analytics, data, flows, keys, runs, stream, webhooks
 from services.api.settings import ApiSettings
 from services.common.auth import Authenticator
 from services.common.db import connect, create_pool
@@ -43,9 +44,11 @@ def create_app(settings: ApiSettings) -> FastAPI:
             await app.state.flow_log.start()
         except Exception as exc:
             log.warning("flows topic not reachable yet (%s); flow writes will retry connecting", exc)
+        app.state.command_log = CommandLog(settings.kafka_bootstrap, Topics(settings.topic_prefix), settings.partitions)
         try:
             yield
         finally:
+            await app.state.command_log.stop()
             await app.state.flow_log.stop()
             await app.state.notifier.stop()
             await app.state.pool.close()
@@ -54,6 +57,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.state.settings = settings
     install(app)
     app.add_middleware(RateLimitHeaders)
+    app.include_router(actions.router)
     app.include_router(runs.router)
     app.include_router(analytics.router)
     app.include_router(data.router)

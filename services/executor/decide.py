@@ -15,7 +15,16 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from schemas import events as ev
-from schemas.events import CancelRun, ChildRunFinished, ErrorCategory, ErrorInfo, EventBase, ResumeRun, TriggerReceived
+from schemas.events import (
+    ArchiveRun,
+    CancelRun,
+    ChildRunFinished,
+    ErrorCategory,
+    ErrorInfo,
+    EventBase,
+    ResumeRun,
+    TriggerReceived,
+)
 from schemas.flows import FlowDefinition, RetryPolicy, StepAction, StepDefinition, mask_secrets
 from schemas.status import RunStatus, StepStatus
 from services.executor.fold import RunState, StepState, fold
@@ -290,6 +299,22 @@ def decide_and_fold(
                 return [], state
             _complete_step(out, flow, flow.step(c.step), _child_result(out.run, flow.step(c.step), c, clock))
     return out.events, out.state
+
+
+def archive(command: ArchiveRun, next_seq: int, clock: Clock) -> EventBase:
+    """RunArchived for a finished run (decided outside `decide`: the engine keeps no state of finished runs)."""
+    return ev.RunArchived(
+        event_id=uuid.uuid5(_EVENT_NS, f"{command.run_id}:{next_seq}").hex,
+        tenant_id=command.tenant_id,
+        run_id=command.run_id,
+        flow_id=command.flow_id,
+        flow_version=command.flow_version,
+        correlation_id=command.correlation_id,
+        seq=next_seq,
+        occurred_at=clock.now,
+        causation_id=command.command_id,
+        payload=ev.RunArchivedPayload(bulk_operation_id=command.bulk_operation_id),
+    )
 
 
 def _child_result(run: RunState, step: StepDefinition, c: ChildRunFinished, clock: Clock) -> StepCompleted:

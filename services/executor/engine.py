@@ -18,6 +18,7 @@ from typing import Any
 
 from schemas import codec
 from schemas.events import (
+    ArchiveRun,
     CancelRun,
     ChildRunFinished,
     CommandBase,
@@ -47,6 +48,7 @@ from services.executor.decide import (
     StartRun,
     StepCompleted,
     TimerFired,
+    archive,
     decide_and_fold,
 )
 from services.executor.fold import RunState, fold
@@ -87,7 +89,9 @@ class Engine:
         self.topics = Topics(settings.topic_prefix)
         self.runners = StepRunners.from_settings(settings)
         self.runs: dict[str, RunState] = {}  # runs not yet terminal
-        self.finished: set[str] = set()  # terminal runs: a redelivered trigger for one is ignored
+        # Terminal runs and their next seq: a redelivered trigger for one is ignored, an archive appends at that seq.
+        self.finished: dict[str, int] = {}
+        self.archived: set[str] = set()
         self.partition_of: dict[str, int] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
         # The step a run is executing now, so a cancel or the flow deadline can abandon it.
@@ -134,6 +138,8 @@ class Engine:
             for event in events:
                 if event.run_id in self.finished:
                     continue
+                if event.type == "RunArchived":
+                    self.archived.add(event.run_id)
                 try:
                     states[event.run_id] = fold(states.get(event.run_id), event)
                 except ValueError as exc:
@@ -146,7 +152,7 @@ class Engine:
                     # newer than the ledger read, and deciding from the older one would reuse its seqs.
                     continue
                 if state.terminal:
-                    self.finished.add(run_id)
+                    self.finished[run_id] = state.next_seq
                     if state.parent_run_id is not None:
                         ended_children.append(state)
                 else:
@@ -213,7 +219,10 @@ class Engine:
     async def on_commands(self, commands: list[tuple[int, CommandBase]]) -> None:
         """Cancel, resume and child-ended commands; returns once what they caused is durable."""
         pending: list[asyncio.Future[object]] = []
-        for _partition, command in commands:
+        for partition, command in commands:
+            if isinstance(command, ArchiveRun):
+                pending += await self._archive(partition, command)
+                continue
             state = self.runs.get(command.run_id)
             if state is None:
                 outcome = "finished" if command.run_id in self.finished else "unknown_run"
@@ -234,6 +243,19 @@ class Engine:
             self._wake(command.run_id)
         if pending:
             await asyncio.gather(*pending)
+
+    async def _archive(self, partition: int, command: ArchiveRun) -> list[asyncio.Future[object]]:
+        next_seq = self.finished.get(command.run_id)
+        if next_seq is None or command.run_id in self.archived:
+            outcome = (
+                "ignored" if next_seq is not None else ("active" if command.run_id in self.runs else "unknown_run")
+            )
+            metrics.COMMANDS.labels(command.type, outcome).inc()
+            return []
+        self.archived.add(command.run_id)
+        self.finished[command.run_id] = next_seq + 1
+        metrics.COMMANDS.labels(command.type, "applied").inc()
+        return await self.ledger.append(partition, [archive(command, next_seq, self.clock())])
 
     def _wake(self, run_id: str) -> None:
         if run_id not in self.runs:
@@ -274,7 +296,7 @@ class Engine:
         before = self.runs.get(run_id)
         if state.terminal:
             self._track(before, None)
-            self.finished.add(run_id)
+            self.finished[run_id] = state.next_seq
             self.wakeups.pop(run_id, None)
         else:
             self._track(before, state)

@@ -50,6 +50,7 @@ class RunChange:
     last_seq: int = -1
     archived: bool | None = None
     cursor_window: dict[str, Any] | None = None
+    bulk_operation_id: str | None = None  # the last bulk operation that canceled or archived the run
 
 
 @dataclass
@@ -154,6 +155,9 @@ def _apply_run(change: RunChange, event: EventBase) -> None:
         change.steps_delta += 1
     elif event.type == "RunArchived":
         change.archived = True
+        change.bulk_operation_id = p.bulk_operation_id or change.bulk_operation_id
+    elif event.type == "RunCancelRequested":
+        change.bulk_operation_id = p.bulk_operation_id or change.bulk_operation_id
     elif event.type in TERMINAL_EVENT_STATUS:
         change.finished_at = event.occurred_at
         change.duration_ms = getattr(p, "duration_ms", None)

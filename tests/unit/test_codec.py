@@ -235,6 +235,8 @@ _commands = st.one_of(
     st.builds(ev.ResumeRun, tenant_id=_text, run_id=_text, request_id=_text, payload=json_values, issued_at=_times),
     st.builds(ev.ChildRunFinished, tenant_id=_text, run_id=_text, child_run_id=_text, step=_text, attempt=_nat,
               status=_text, output=json_values, error=st.none() | _errors, issued_at=_times),
+    st.builds(ev.ArchiveRun, tenant_id=_text, run_id=_text, flow_id=_text, flow_version=_nat, correlation_id=_text,
+              bulk_operation_id=_opt_text, issued_at=_times),
 )  # fmt: skip
 
 

@@ -121,6 +121,8 @@ class RunFilter:
     created_after: datetime | None = None
     created_before: datetime | None = None
     include_archived: bool = False
+    exclude_ids: list[str] = field(default_factory=list)
+    bulk_operation_id: str | None = None
 
     def where(self) -> tuple[list[str], list[Any]]:
         """SQL conditions and their parameters ($1, $2, … in order)."""
@@ -164,6 +166,10 @@ class RunFilter:
             add("created_at >= ?", self.created_after)
         if self.created_before is not None:
             add("created_at < ?", self.created_before)
+        if self.exclude_ids:
+            add("NOT (id = ANY(?::text[]))", self.exclude_ids)
+        if self.bulk_operation_id is not None:
+            add("bulk_operation_id = ?", self.bulk_operation_id)
         if not self.include_archived:
             clauses.append("NOT archived")
         return clauses, args

@@ -83,6 +83,8 @@ class RunsQuery(BaseModel):
     from_: datetime | None = Field(default=None, alias="from")
     to: datetime | None = None
     include_archived: bool = False
+    # The bulk retry that created a run, or the bulk cancel / archive that last touched it.
+    bulk_operation_id: str | None = None
     q: str | None = Field(default=None, max_length=200)
     error_fingerprint: str | None = None
     sort: str = "-created_at"
@@ -128,6 +130,7 @@ async def list_runs(request: Request, principal: Reader, params: Annotated[RunsQ
         created_after=_utc(params.from_ or params.created_after),
         created_before=_utc(params.to or params.created_before),
         include_archived=params.include_archived,
+        bulk_operation_id=params.bulk_operation_id,
     )
     try:
         position = store.Cursor.decode(params.cursor, order) if params.cursor else None

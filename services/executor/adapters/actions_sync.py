@@ -381,7 +381,8 @@ class SyncRecordsActions:
     the record: it says the destination is down or throttling, not that the record is wrong, so the records
     after it would fail the same way, and a PARTIAL run would ask a human to retry what a backoff retry fixes
     (seed 000). The records written before it are repeated on the retry: an upsert is idempotent, and an HTTP
-    write carries `Idempotency-Key: <run:step:attempt>:<record key>`.
+    write carries `Idempotency-Key: <run>:<step>:<record key>` — the same for every attempt of the step, so a
+    destination that honours the header takes each record of a run once however often the step is retried.
     """
 
     def __init__(self, *, connectors: Mapping[str, str], allow_private: bool, max_output_bytes: int,
@@ -522,7 +523,7 @@ class SyncRecordsActions:
         """Write one record: its destination id (None when not given), or why the destination refused it."""
         url = base.replace("{key}", quote(record.key, safe=""))
         headers = {**dest.headers, "Content-Type": "application/json",
-                   "Idempotency-Key": f"{call.idempotency_key}:{_header_safe(record.key)}"}  # fmt: skip
+                   "Idempotency-Key": f"{call.run_id}:{call.step}:{_header_safe(record.key)}"}  # fmt: skip
         response = await self._request(dest.method, url, trusted, timeout_s=timeout_s, headers=headers,
                                        content=orjson.dumps(record.data))  # fmt: skip
         status = response.status_code

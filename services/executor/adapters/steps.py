@@ -19,6 +19,7 @@ from services.executor.adapters.actions_base import StepCall, StepError, StepOut
 from services.executor.adapters.actions_db import DatabaseActions
 from services.executor.adapters.actions_kafka import KafkaActions
 from services.executor.adapters.actions_python import PythonActions
+from services.executor.adapters.actions_sync import SyncRecordsActions
 from services.executor.adapters.netguard import BlockedAddress, check_url
 from services.executor.fold import RunState
 from services.executor.settings import ExecutorSettings
@@ -75,6 +76,10 @@ class StepRunners:
         self.kafka = KafkaActions(bootstrap=kafka_bootstrap, reserved_prefix=topic_prefix,
                                   connectors=connectors or {}, max_output_bytes=max_output_bytes)  # fmt: skip
         self.python = PythonActions(max_output_bytes=max_output_bytes)
+        # Its output keeps every failed record and upsert (decide turns them into their own ledger events), so
+        # it is capped by the record counts of the source, not by max_output_bytes.
+        self.sync = SyncRecordsActions(connectors=connectors or {}, allow_private=allow_private_networks,
+                                       max_output_bytes=max_output_bytes, http=self.http, db=self.db)  # fmt: skip
         self._actions: dict[str, Callable[[StepCall], Awaitable[Any]]] = {
             "http_request": self._http_request,
             "transform": self._transform,
@@ -83,6 +88,7 @@ class StepRunners:
             "kafka_produce": self.kafka.produce,
             "kafka_consume": self.kafka.consume,
             "python": self.python.call,
+            "sync_records": self.sync.sync,
         }
 
     @classmethod
@@ -100,6 +106,7 @@ class StepRunners:
 
     async def close(self) -> None:
         await self.http.aclose()
+        await self.sync.close()
         await self.db.close()
         await self.kafka.close()
 

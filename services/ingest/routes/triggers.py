@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from typing import Annotated, Any, Literal
 
@@ -12,7 +11,7 @@ from fastapi.responses import ORJSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas import codec
-from schemas.events import ExecutionMode, TriggerInfo, TriggerReceived, TriggerType
+from schemas.events import ExecutionMode, TriggerInfo, TriggerReceived, TriggerType, new_run_id
 from schemas.flows import Environment
 from schemas.status import TERMINAL_RUN_STATUSES
 from services.common.auth import Principal, require_scope
@@ -41,11 +40,6 @@ class TriggerRequest(BaseModel):
         if self.inputs is not None and not self.inputs:
             raise ValueError("`inputs` must hold at least one input")
         return self
-
-
-def new_run_id() -> str:
-    # Time-ordered, so ids sort roughly by creation and index inserts stay local.
-    return f"run_{int(time.time() * 1000):012x}{secrets.token_hex(8)}"
 
 
 @router.post("/v1/flows/{flow_id}/trigger", status_code=202)

@@ -107,11 +107,13 @@ UPDATE runs r SET
     updated_at    = GREATEST(u.updated_at, r.updated_at),
     last_seq      = GREATEST(u.last_seq, r.last_seq),
     archived      = COALESCE(u.archived, r.archived),
-    cursor_window = COALESCE(u.cursor_window::jsonb, r.cursor_window)
+    cursor_window = COALESCE(u.cursor_window::jsonb, r.cursor_window),
+    bulk_operation_id = COALESCE(u.bulk_operation_id, r.bulk_operation_id)
 FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::float8[], $6::text[],
-            $7::text[], $8::text[], $9::int[], $10::timestamptz[], $11::int[], $12::bool[], $13::text[])
+            $7::text[], $8::text[], $9::int[], $10::timestamptz[], $11::int[], $12::bool[], $13::text[],
+            $14::text[])
      AS u(id, status, started_at, finished_at, duration_ms, failed_step, error, error_message, steps_delta,
-          updated_at, last_seq, archived, cursor_window)
+          updated_at, last_seq, archived, cursor_window, bulk_operation_id)
 WHERE r.id = u.id
 """
 
@@ -294,6 +296,7 @@ async def _write_runs(conn: asyncpg.Connection, changes: BatchPlan) -> None:
             [c.last_seq for c in rc],
             [c.archived for c in rc],
             [_json(c.cursor_window) for c in rc],
+            [c.bulk_operation_id for c in rc],
         )
 
 

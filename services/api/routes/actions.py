@@ -1,0 +1,342 @@
+"""Run actions (seed 001): retry, cancel, resume a paused run, archive — one run or many with a bulk filter.
+
+Each action is checked against the read model (the run exists for this tenant and environment, and is in a
+status the action applies to) and sent as a record the executor acts on (adapters.commands). The answer is
+202: the executor records the effect in the ledger moments later, and a run may have moved on meanwhile, in
+which case the executor ignores the action (a cancel that arrives after the run ended changes nothing).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import asyncpg
+from fastapi import APIRouter, Body, Depends, Request
+from fastapi.responses import ORJSONResponse
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from schemas.events import (
+    ArchiveRun,
+    CancelRun,
+    CommandBase,
+    CursorWindow,
+    ExecutionMode,
+    ResumeRun,
+    RetryStrategy,
+    TriggerInfo,
+    TriggerReceived,
+    TriggerType,
+    new_run_id,
+)
+from schemas.flows import Environment
+from schemas.status import TERMINAL_RUN_STATUSES, RunStatus, parse_run_status
+from services.api.adapters import runs as store
+from services.api.adapters.commands import CommandLog
+from services.api.routes.runs import summary
+from services.common.auth import Principal, require_scope
+from services.common.http import ApiError
+
+router = APIRouter()
+Writer = Annotated[Principal, Depends(require_scope("runs:write"))]
+
+_TERMINAL = {s.value for s in TERMINAL_RUN_STATUSES}
+# Cancel applies to runs that have not ended; retry to runs that ended without succeeding (a rerun of a
+# successful run is ON_LATEST_VERSION); archive to runs that ended.
+_CANCELABLE = {s.value for s in RunStatus} - _TERMINAL - {RunStatus.CREATED.value}
+_RETRYABLE = {s.value for s in (RunStatus.FAILED, RunStatus.PARTIAL, RunStatus.TIMED_OUT, RunStatus.CANCELED,
+                                RunStatus.INTERNAL_ERROR, RunStatus.QUOTA_EXCEEDED)}  # fmt: skip
+BULK_MAX = 10_000
+SAMPLE = 10
+
+
+def _log(request: Request) -> CommandLog:
+    return request.app.state.command_log  # type: ignore[no-any-return]
+
+
+async def _run(request: Request, principal: Principal, run_id: str) -> asyncpg.Record:
+    row = await store.get_run(request.app.state.pool, principal.tenant_id, principal.environment, run_id)
+    if row is None:
+        raise ApiError(404, "not_found", f"no run with id {run_id!r}")
+    return row
+
+
+# ---------------------------------------------------------------- bodies
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CancelBody(Strict):
+    reason: str = Field(default="", max_length=500)
+
+
+class RetryBody(Strict):
+    strategy: RetryStrategy = RetryStrategy.FROM_FAILED_STEP
+
+
+class BulkBody(Strict):
+    """Seed 001's bulk filter. `ids`, when given, selects exactly those runs and the other filters are ignored."""
+
+    ids: list[str] | None = Field(default=None, max_length=BULK_MAX)
+    exclude_ids: list[str] = Field(default_factory=list, max_length=BULK_MAX)
+    flow_id: str | list[str] | None = None
+    statuses: list[str] = Field(default_factory=list)
+    failed_step: str | None = None
+    created_after: AwareDatetime | None = None
+    created_before: AwareDatetime | None = None
+    dry_run: bool = False
+
+
+class BulkCancelBody(BulkBody):
+    reason: str = Field(default="", max_length=500)
+
+
+class BulkRetryBody(BulkBody):
+    strategy: RetryStrategy = RetryStrategy.FROM_FAILED_STEP
+
+
+# ---------------------------------------------------------------- retry: a new run linked by retry_of
+
+
+@dataclass
+class _Retry:
+    trigger: TriggerReceived | None
+    skipped: str | None = None
+
+
+async def _plan_retry(
+    conn: asyncpg.Connection, principal: Principal, run: asyncpg.Record, strategy: RetryStrategy, bulk_id: str | None
+) -> _Retry:
+    """The run request of a retry, or why this run cannot be retried."""
+    if run["status"] not in _RETRYABLE:
+        if run["status"] == RunStatus.SUCCEEDED.value and strategy == RetryStrategy.ON_LATEST_VERSION:
+            pass  # a rerun on the latest version
+        elif run["status"] in _TERMINAL:
+            return _Retry(None, f"a {run['status']} run has nothing to retry from; use ON_LATEST_VERSION to rerun it")
+        else:
+            return _Retry(None, f"the run is {run['status']}; retry it once it has ended")
+    if run["payloads_purged"]:
+        return _Retry(None, "the run's trigger payload has been purged by retention; it cannot be replayed")
+    reuse: dict[str, Any] = {}
+    only_keys: dict[str, list[str]] = {}
+    version: int | None = None
+    if strategy == RetryStrategy.FROM_FAILED_STEP:
+        version = run["flow_version"]
+        failed_keys = await conn.fetch(
+            "SELECT step, array_agg(DISTINCT record_key) AS keys FROM record_errors WHERE run_id = $1 GROUP BY step",
+            run["id"],
+        )
+        only_keys = {r["step"]: list(r["keys"]) for r in failed_keys}
+        steps = await conn.fetch(
+            "SELECT step, position, status, output FROM run_steps WHERE run_id = $1 ORDER BY position", run["id"]
+        )
+        failed_at = next((s["position"] for s in steps if s["step"] == run["failed_step"]), None)
+        for s in steps:
+            if s["status"] != "SUCCEEDED" or s["step"] in only_keys:
+                continue  # a step with failed records runs again, for those records only
+            if failed_at is not None and s["position"] > failed_at:
+                continue
+            reuse[s["step"]] = s["output"]
+    window = CursorWindow.model_validate(run["cursor_window"]) if run["cursor_window"] else None
+    trigger = TriggerReceived(
+        tenant_id=principal.tenant_id,
+        run_id=new_run_id(),
+        flow_id=run["flow_id"],
+        flow_version=version,
+        trigger=TriggerInfo(type=TriggerType.RETRY, caller=principal.key_id, payload=run["trigger_payload"]),
+        environment=Environment(run["environment"]),
+        execution_mode=ExecutionMode.ASYNC,
+        retry_of=run["id"],
+        retry_strategy=strategy,
+        reuse=reuse,
+        only_keys=only_keys,
+        cursor_window=window,
+        bulk_operation_id=bulk_id,
+    )
+    return _Retry(trigger)
+
+
+@router.post("/v1/runs/bulk/retry", status_code=202)
+async def bulk_retry(request: Request, principal: Writer, body: BulkRetryBody) -> ORJSONResponse:
+    """Retry every matching run; each new run records the bulk operation id (`GET /v1/runs?bulk_operation_id=`)."""
+    return await _bulk(request, principal, body, "retry")
+
+
+@router.post("/v1/runs/bulk/cancel", status_code=202)
+async def bulk_cancel(request: Request, principal: Writer, body: BulkCancelBody) -> ORJSONResponse:
+    """Cancel every matching run that has not ended (queued, scheduled, blocked, running or paused)."""
+    return await _bulk(request, principal, body, "cancel")
+
+
+@router.post("/v1/runs/bulk/archive", status_code=202)
+async def bulk_archive(request: Request, principal: Writer, body: BulkBody) -> ORJSONResponse:
+    """Archive every matching run that has ended; archived runs leave default listings (`include_archived`)."""
+    return await _bulk(request, principal, body, "archive")
+
+
+@router.post("/v1/runs/{run_id}/retry", status_code=202)
+async def retry(request: Request, principal: Writer, run_id: str, body: RetryBody | None = None) -> ORJSONResponse:
+    """A new run linked by `retry_of`. FROM_FAILED_STEP reuses the outputs of the steps that succeeded and, for a
+    PARTIAL run, processes only the records that failed; ON_LATEST_VERSION starts fresh on the newest version."""
+    strategy = (body or RetryBody()).strategy
+    run = await _run(request, principal, run_id)
+    async with request.app.state.pool.acquire() as conn:
+        plan = await _plan_retry(conn, principal, run, strategy, None)
+    if plan.trigger is None:
+        raise ApiError(409, "conflict", plan.skipped or "the run cannot be retried")
+    await _log(request).send_triggers([plan.trigger])
+    return ORJSONResponse({"id": plan.trigger.run_id, "run_id": plan.trigger.run_id, "retry_of": run_id,
+                           "strategy": strategy.value, "status": "QUEUED"}, status_code=202)  # fmt: skip
+
+
+@router.post("/v1/runs/{run_id}/cancel", status_code=202)
+async def cancel(request: Request, principal: Writer, run_id: str, body: CancelBody | None = None) -> ORJSONResponse:
+    """Stop a run that has not ended; in-flight steps are abandoned and recorded CANCELED."""
+    run = await _run(request, principal, run_id)
+    if run["status"] in _TERMINAL:
+        raise ApiError(409, "conflict", f"the run already ended {run['status']}")
+    reason = (body or CancelBody()).reason
+    await _log(request).send_commands([CancelRun(tenant_id=principal.tenant_id, run_id=run_id,
+                                                 issued_by=principal.key_id, reason=reason)])  # fmt: skip
+    return ORJSONResponse({"run_id": run_id, "status": "CANCEL_REQUESTED"}, status_code=202)
+
+
+@router.post("/v1/runs/{run_id}/resume/{request_id}", status_code=202)
+async def resume(
+    request: Request, principal: Writer, run_id: str, request_id: str, payload: Annotated[Any, Body()] = None
+) -> ORJSONResponse:
+    """Answer the human_input step a run is paused on; the body becomes that step's output."""
+    run = await _run(request, principal, run_id)
+    if run["status"] != RunStatus.PAUSED.value:
+        raise ApiError(409, "conflict", f"the run is {run['status']}, not PAUSED waiting for input")
+    waiting = await request.app.state.pool.fetchval(
+        "SELECT payload->>'request_id' FROM run_events WHERE run_id = $1 AND type = 'RunPaused' "
+        "ORDER BY seq DESC LIMIT 1",
+        run_id,
+    )
+    if waiting != request_id:
+        raise ApiError(409, "conflict", f"the run waits for request {waiting!r}, not {request_id!r}")
+    await _log(request).send_commands([ResumeRun(tenant_id=principal.tenant_id, run_id=run_id,
+                                                 issued_by=principal.key_id, request_id=request_id,
+                                                 payload=payload)])  # fmt: skip
+    return ORJSONResponse({"run_id": run_id, "request_id": request_id, "status": "RESUME_REQUESTED"}, status_code=202)
+
+
+@router.post("/v1/runs/{run_id}/archive", status_code=202)
+async def archive(request: Request, principal: Writer, run_id: str) -> ORJSONResponse:
+    run = await _run(request, principal, run_id)
+    if run["status"] not in _TERMINAL:
+        raise ApiError(409, "conflict", f"the run is {run['status']}; only runs that ended can be archived")
+    if run["archived"]:
+        return ORJSONResponse({"run_id": run_id, "archived": True}, status_code=200)
+    await _log(request).send_commands([_archive_command(principal, run, None)])
+    return ORJSONResponse({"run_id": run_id, "status": "ARCHIVE_REQUESTED"}, status_code=202)
+
+
+def _archive_command(principal: Principal, run: asyncpg.Record, bulk_id: str | None) -> ArchiveRun:
+    return ArchiveRun(tenant_id=principal.tenant_id, run_id=run["id"], issued_by=principal.key_id,
+                      bulk_operation_id=bulk_id, flow_id=run["flow_id"], flow_version=run["flow_version"],
+                      correlation_id=run["parent_run_id"] or run["id"])  # fmt: skip
+
+
+# ---------------------------------------------------------------- bulk
+
+
+def _filter(principal: Principal, body: BulkBody) -> store.RunFilter:
+    if body.ids is not None:
+        return store.RunFilter(tenant_id=principal.tenant_id, environment=principal.environment, ids=body.ids,
+                               exclude_ids=body.exclude_ids, include_archived=True)  # fmt: skip
+    if not (body.flow_id or body.statuses or body.failed_step or body.created_after or body.created_before):
+        message = ("give `ids` or at least one filter (flow_id, statuses, failed_step, created_after, "
+                   "created_before); a bulk action never applies to every run by default")  # fmt: skip
+        raise ApiError(422, "validation_error", message)
+    try:
+        statuses = [parse_run_status(s).value for s in body.statuses]
+    except ValueError as exc:
+        raise ApiError(422, "validation_error", f"statuses: {exc}") from None
+    flows = [body.flow_id] if isinstance(body.flow_id, str) else list(body.flow_id or [])
+    return store.RunFilter(
+        tenant_id=principal.tenant_id,
+        environment=principal.environment,
+        flow_ids=flows,
+        statuses=statuses,
+        failed_step=body.failed_step,
+        created_after=body.created_after.astimezone(UTC) if body.created_after else None,
+        created_before=body.created_before.astimezone(UTC) if body.created_before else None,
+        exclude_ids=body.exclude_ids,
+        include_archived=True,
+    )
+
+
+def _skip_reason(action: Literal["retry", "cancel", "archive"], row: asyncpg.Record) -> str | None:
+    status = row["status"]
+    if action == "cancel" and status not in _CANCELABLE:
+        return f"already {status}"
+    if action == "archive":
+        if status not in _TERMINAL:
+            return f"still {status}"
+        if row["archived"]:
+            return "already archived"
+    return None
+
+
+async def _bulk(
+    request: Request, principal: Principal, body: BulkBody, action: Literal["retry", "cancel", "archive"]
+) -> ORJSONResponse:
+    flt = _filter(principal, body)
+    clauses, args = flt.where()
+    pool = request.app.state.pool
+    rows = await pool.fetch(
+        f"SELECT * FROM runs WHERE {' AND '.join(clauses)} ORDER BY created_at, id LIMIT {BULK_MAX + 1}", *args
+    )
+    if len(rows) > BULK_MAX:
+        raise ApiError(422, "validation_error", f"the filter matches more than {BULK_MAX} runs; narrow it "
+                       "(created_after/created_before) and repeat")  # fmt: skip
+    bulk_id = None if body.dry_run else "bulk_" + secrets.token_hex(10)
+    skipped: Counter[str] = Counter()
+    commands: list[CommandBase] = []
+    triggers: list[TriggerReceived] = []
+    selected: list[asyncpg.Record] = []
+    async with pool.acquire() as conn:
+        for row in rows:
+            reason = _skip_reason(action, row)
+            if reason is None and action == "retry":
+                assert isinstance(body, BulkRetryBody)
+                plan = await _plan_retry(conn, principal, row, body.strategy, bulk_id)
+                reason = plan.skipped
+                if plan.trigger is not None:
+                    triggers.append(plan.trigger)
+            if reason is not None:
+                skipped[reason] += 1
+                continue
+            selected.append(row)
+            if action == "cancel":
+                assert isinstance(body, BulkCancelBody)
+                commands.append(CancelRun(tenant_id=principal.tenant_id, run_id=row["id"], issued_by=principal.key_id,
+                                          reason=body.reason, bulk_operation_id=bulk_id))  # fmt: skip
+            elif action == "archive":
+                commands.append(_archive_command(principal, row, bulk_id))
+    if not body.dry_run:
+        log = _log(request)
+        if commands:
+            await log.send_commands(commands)
+        if triggers:
+            await log.send_triggers(triggers)
+    answer: dict[str, Any] = {
+        "bulk_operation_id": bulk_id,
+        "action": action,
+        "dry_run": body.dry_run,
+        "matched": len(rows),
+        "count": len(selected),
+        "skipped": dict(skipped),
+        "sample": [summary(r) for r in selected[:SAMPLE]],
+        "requested_at": datetime.now(UTC),
+    }
+    if action == "retry" and not body.dry_run:
+        answer["new_run_ids"] = [t.run_id for t in triggers]
+    return ORJSONResponse(answer, status_code=200 if body.dry_run else 202)
