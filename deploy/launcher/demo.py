@@ -74,6 +74,8 @@ async def run_demo(
                 r = await client.get(f"{api_url}/v1/runs/{run_id}", headers=headers)
                 if r.status_code == 200:
                     runs[run_id] = r.json()
+                elif r.status_code == 429:  # over the key's read limit (seed 003): wait as told
+                    await asyncio.sleep(float(r.headers.get("Retry-After", "1")))
                 elif r.status_code != 404:  # 404: not projected yet
                     raise DemoError(f"GET /v1/runs/{run_id} answered {r.status_code}: {r.text}")
             line = _progress(runs, started)
