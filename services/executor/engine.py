@@ -295,7 +295,8 @@ class Engine:
         assert state is not None
         before = self.runs.get(run_id)
         if state.terminal:
-            self._track(before, None)
+            if before is not None:  # a run can end in its first decision (INVALID, QUOTA_EXCEEDED)
+                self._track(before, None)
             self.finished[run_id] = state.next_seq
             self.wakeups.pop(run_id, None)
         else:

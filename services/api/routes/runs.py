@@ -198,7 +198,13 @@ async def get_run(
     for a in await store.get_attempts(pool, run_id):
         attempts.setdefault(a["step"], []).append(_attempt(a))
     steps = [_step(s, attempts.get(s["step"], [])) for s in await store.get_steps(pool, run_id)]
-    return _detail(dict(row), row["trigger_payload"], row["error"], steps)
+    out = _detail(dict(row), row["trigger_payload"], row["error"], steps)
+    if row["status"] == "PAUSED":
+        # What a human must answer: POST /v1/runs/{id}/resume/{request_id} with the answer as the body.
+        out["waiting_for"] = await pool.fetchval(
+            "SELECT payload FROM run_events WHERE run_id = $1 AND type = 'RunPaused' ORDER BY seq DESC LIMIT 1", run_id
+        )
+    return out
 
 
 async def _get_run_as_of(pool: asyncpg.Pool, row: asyncpg.Record, as_of: str) -> dict[str, Any]:

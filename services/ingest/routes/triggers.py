@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import ORJSONResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from schemas import codec
-from schemas.events import ExecutionMode, TriggerInfo, TriggerReceived, TriggerType, new_run_id
+from schemas.events import CursorWindow, ExecutionMode, TriggerInfo, TriggerReceived, TriggerType, new_run_id
 from schemas.flows import Environment
 from schemas.status import TERMINAL_RUN_STATUSES
 from services.common.auth import Principal, require_scope
@@ -30,6 +31,8 @@ class TriggerRequest(BaseModel):
     input: Any = None
     inputs: list[Any] | None = None
     flow_version: int | None = Field(default=None, ge=1)
+    # Run later: the run waits as SCHEDULED until this time (with an offset), then queues like any other.
+    run_at: AwareDatetime | None = None
 
     @model_validator(mode="after")
     def _one_of(self) -> TriggerRequest:
@@ -37,6 +40,8 @@ class TriggerRequest(BaseModel):
             raise ValueError("send either `input` or `inputs`, not both")
         if self.inputs is not None and self.mode == "live":
             raise ValueError("`inputs` is for async and schedule modes; live mode takes one `input`")
+        if self.run_at is not None and self.mode == "live":
+            raise ValueError("`run_at` is for async and schedule modes; a live request waits for the result now")
         if self.inputs is not None and not self.inputs:
             raise ValueError("`inputs` must hold at least one input")
         return self
@@ -64,6 +69,7 @@ async def trigger_flow(
     if len(inputs) > settings.max_batch_inputs:
         raise ApiError(422, "validation_error", f"inputs: at most {settings.max_batch_inputs} per request")
     trigger_type = TriggerType.SCHEDULE if body.mode == "schedule" else TriggerType.API
+    version = body.flow_version or flow["latest_version"]
     template = TriggerReceived(
         tenant_id=principal.tenant_id,
         run_id="",
@@ -72,6 +78,8 @@ async def trigger_flow(
         trigger=TriggerInfo(type=trigger_type, caller=principal.key_id),
         environment=Environment(principal.environment),
         execution_mode=ExecutionMode(body.mode),
+        run_at=body.run_at,
+        cursor_window=await cursor_window(pool, principal.tenant_id, flow_id, version),
     )
     run_ids = [new_run_id() for _ in inputs]
     records = list(zip(run_ids, codec.dumps_triggers(template, run_ids, inputs), strict=True))
@@ -89,6 +97,25 @@ async def trigger_flow(
 
 
 _TERMINAL = {s.value for s in TERMINAL_RUN_STATUSES}
+
+_WINDOW = """
+SELECT (SELECT (r.cursor_window->>'updated_until')::timestamptz FROM runs r
+         WHERE r.tenant_id = $1 AND r.flow_id = $2 AND r.status IN ('SUCCEEDED', 'PARTIAL')
+           AND r.cursor_window IS NOT NULL
+         ORDER BY r.created_at DESC LIMIT 1) AS since
+FROM flow_versions v
+WHERE v.tenant_id = $1 AND v.flow_id = $2 AND v.version = $3
+  AND v.definition->'steps' @> '[{"action": "sync_records"}]'
+"""
+
+
+async def cursor_window(pool: Any, tenant_id: str, flow_id: str, version: int) -> CursorWindow | None:
+    """For a flow that syncs records: the window its run reads, from where the flow's last successful (or
+    partial) run ended up to now (seed 000). None for other flows. A retry carries its original's window."""
+    row = await pool.fetchrow(_WINDOW, tenant_id, flow_id, version)
+    if row is None:
+        return None
+    return CursorWindow(updated_since=row["since"], updated_until=datetime.now(UTC))
 
 
 async def _wait_final(pool: Any, tenant_id: str, run_id: str, timeout_s: float) -> str:

@@ -1,0 +1,463 @@
+"""Every run status and the run actions, on real processes and the real broker (issue: executor lifecycle).
+
+Time runs 100 times faster in the executor (FLOWTRAIL_EXECUTOR_TIME_SCALE=0.01): a `delay` of 100 s, a retry
+backoff, a human_input expiry or a flow timeout of 100 s take one real second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from aiohttp import web
+
+from schemas.events import FlowVersionPublished
+from schemas.flows import FlowDefinition
+from services.common.auth import create_api_key, ensure_tenant
+from services.common.db import connect
+from services.common.kafka import publish_flow_events
+from tests.conftest import Infra, Sandbox, make_sandbox
+from tests.e2e.stack import Stack, free_port
+
+TERMINAL = {"SUCCEEDED", "PARTIAL", "FAILED", "TIMED_OUT", "CANCELED", "INVALID", "QUOTA_EXCEEDED", "INTERNAL_ERROR"}
+
+
+@dataclass
+class Upstream:
+    url: str = ""
+    flaky_fails: bool = True  # /flaky answers 503 until a test flips this
+    slow_s: float = 3.0
+    calls: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Env:
+    sandbox: Sandbox
+    stack: Stack
+    upstream: Upstream
+    key_a: str
+    key_b: str
+    key_q: str
+
+    @property
+    def ingest(self) -> str:
+        return self.stack["ingest"].url
+
+    @property
+    def api(self) -> str:
+        return self.stack["api"].url
+
+
+async def _upstream(state: Upstream) -> web.AppRunner:
+    async def flaky(request: web.Request) -> web.Response:
+        state.calls.append("flaky")
+        if state.flaky_fails:
+            return web.json_response({"error": "warehouse offline"}, status=422)
+        return web.json_response({"reserved": True})
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(state.slow_s)
+        return web.json_response({"late": True})
+
+    app = web.Application()
+    app.router.add_post("/flaky", flaky)
+    app.router.add_get("/slow", slow)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    state.url = f"http://127.0.0.1:{port}"
+    return runner
+
+
+def _flows(upstream: str) -> list[FlowDefinition]:
+    def flow(id: str, steps: list[dict[str, Any]], tenant: str = "tenant-a", **extra: Any) -> FlowDefinition:
+        return FlowDefinition.model_validate({"tenant_id": tenant, "id": id, "name": id.title(), "version": 1,
+                                              "steps": steps, **extra})  # fmt: skip
+
+    shape = {"name": "shape", "action": "transform", "input": {"output": {"ok": True}}}
+    return [
+        flow("quick", [shape]),
+        flow("quick", [shape], tenant="tenant-b"),  # the same flow id in another tenant is another flow
+        flow("limited", [{"name": "hold", "action": "delay", "input": {"seconds": 60}}], concurrency_limit=1),
+        flow("guarded", [shape], input_schema={
+            "type": "object", "required": ["order_id"],
+            "properties": {"order_id": {"type": "string", "pattern": "^SO-"}, "qty": {"type": "integer", "minimum": 1}},
+        }),
+        flow("approval", [
+            {"name": "prepare", "action": "transform", "input": {"output": {"order": "{{ trigger.order_id }}"}}},
+            {"name": "approve", "action": "human_input",
+             "input": {"question": "Ship order {{ steps.prepare.output.order }}?", "fields": ["approved", "by"]}},
+            {"name": "ship", "action": "transform",
+             "input": {"output": {"shipped": "{{ steps.approve.output.approved }}",
+                                  "by": "{{ steps.approve.output.by }}"}}},
+        ]),
+        flow("expiring", [{"name": "approve", "action": "human_input", "input": {"question": "?"}, "timeout_s": 100}]),
+        flow("slowstep", [{"name": "call", "action": "http_request", "timeout_s": 0.3, "retry": {"delays_s": []},
+                           "input": {"method": "GET", "url": upstream + "/slow"}}]),
+        flow("deadline", [shape, {"name": "wait", "action": "delay", "input": {"seconds": 1000}}], timeout_s=50),
+        flow("long", [shape, {"name": "wait", "action": "delay", "input": {"seconds": 3000}}]),
+        flow("child", [{"name": "double", "action": "transform", "input": {"output": {"n": "{{ trigger.n }}",
+                                                                                     "tag": "child"}}}]),
+        flow("failing_child", [{"name": "reserve", "action": "http_request", "retry": {"delays_s": []},
+                                "input": {"method": "POST", "url": upstream + "/flaky", "body": {}}}]),
+        flow("parent", [
+            {"name": "spawn", "action": "subflow", "input": {"flow_id": "child", "input": {"n": "{{ trigger.n }}"}}},
+            {"name": "use", "action": "transform",
+             "input": {"output": {"from_child": "{{ steps.spawn.output.output.n }}"}}},
+        ]),
+        flow("strict_parent", [
+            {"name": "spawn", "action": "subflow", "input": {"flow_id": "failing_child", "input": {}}},
+            {"name": "after", "action": "transform", "input": {"output": {"ran": True}}},
+        ]),
+        flow("lenient_parent", [
+            {"name": "spawn", "action": "subflow",
+             "input": {"flow_id": "failing_child", "input": {}, "fail_parent_on_failure": False}},
+            {"name": "after", "action": "transform", "input": {"output": {"child": "{{ steps.spawn.output.status }}"}}},
+        ]),
+        flow("reserve", [
+            {"name": "price", "action": "transform", "input": {"output": {"total": 42}}},
+            {"name": "reserve", "action": "http_request", "retry": {"delays_s": []},
+             "input": {"method": "POST", "url": upstream + "/flaky",
+                       "body": {"total": "{{ steps.price.output.total }}"}}},
+            {"name": "confirm", "action": "transform",
+             "input": {"output": {"done": "{{ steps.reserve.output.body.reserved }}"}}},
+        ]),
+        flow("metered", [{"name": "hold", "action": "delay", "input": {"seconds": 100}}], tenant="tenant-q"),
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
+    async with make_sandbox(infra) as sandbox:
+        upstream = Upstream()
+        runner = await _upstream(upstream)
+        conn = await connect(infra.database_url, sandbox.schema)
+        try:
+            for tenant in ("tenant-a", "tenant-b", "tenant-q"):
+                await ensure_tenant(conn, tenant, tenant.upper())
+            keys = [(await create_api_key(conn, t))[1] for t in ("tenant-a", "tenant-b", "tenant-q")]
+        finally:
+            await conn.close()
+        flows = _flows(upstream.url)
+        await publish_flow_events(infra.kafka_bootstrap, sandbox.topics, [
+            FlowVersionPublished(tenant_id=f.tenant_id, flow_id=f.id, flow_version=1, flow=f) for f in flows
+        ])  # fmt: skip
+        stack = Stack.build(
+            sandbox,
+            ("ingest", "executor", "projector", "api"),
+            tmp_path_factory.mktemp("logs"),
+            FLOWTRAIL_EXECUTOR_SESSION_TIMEOUT_S="6",
+            FLOWTRAIL_EXECUTOR_TIME_SCALE="0.01",
+            FLOWTRAIL_EXECUTOR_ALLOW_PRIVATE_NETWORKS="true",
+            FLOWTRAIL_EXECUTOR_TENANT_QUOTAS='{"tenant-q": 1}',
+        )
+        await stack.start()
+        try:
+            conn = await connect(infra.database_url, sandbox.schema)
+            try:
+                deadline = time.monotonic() + 30
+                while await conn.fetchval("SELECT count(*) FROM flows") < len(flows):
+                    assert time.monotonic() < deadline, "flows not projected"
+                    await asyncio.sleep(0.05)
+            finally:
+                await conn.close()
+            yield Env(sandbox, stack, upstream, *keys)
+        finally:
+            stack.stop()
+            await runner.cleanup()
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def trigger(env: Env, flow_id: str, payload: Any = None, key: str | None = None, **body: Any) -> str:
+    async with httpx.AsyncClient(timeout=10) as client:
+        r = await client.post(f"{env.ingest}/v1/flows/{flow_id}/trigger", json={"input": payload, **body},
+                              headers=_auth(key or env.key_a))  # fmt: skip
+    assert r.status_code == 202, r.text
+    return str(r.json()["run_id"])
+
+
+async def api(env: Env, method: str, path: str, key: str | None = None, **kwargs: Any) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=env.api, timeout=10) as client:
+        return await client.request(method, path, headers=_auth(key or env.key_a), **kwargs)
+
+
+async def wait_status(
+    env: Env, run_id: str, statuses: set[str] = TERMINAL, within: float = 30, key: str | None = None
+) -> dict[str, Any]:
+    deadline = time.monotonic() + within
+    while True:
+        r = await api(env, "GET", f"/v1/runs/{run_id}", key)
+        if r.status_code == 200 and r.json()["status"] in statuses:
+            return dict(r.json())
+        assert r.status_code in (200, 404), r.text
+        assert time.monotonic() < deadline, f"run {run_id} not {statuses}: {r.text}\n{env.stack['executor'].log_tail()}"
+        await asyncio.sleep(0.05)
+
+
+async def event_types(env: Env, run_id: str, key: str | None = None) -> list[str]:
+    r = await api(env, "GET", f"/v1/runs/{run_id}/events", key, params={"limit": 200})
+    assert r.status_code == 200, r.text
+    events = r.json()["data"]
+    assert [e["seq"] for e in events] == list(range(len(events)))  # gap-free, as the executor numbered them
+    return [e["type"] for e in events]
+
+
+# ---------------------------------------------------------------- statuses
+
+
+async def test_a_run_at_a_future_time_waits_scheduled_then_runs(env: Env) -> None:
+    run_at = datetime.now(UTC) + timedelta(seconds=2)
+    run_id = await trigger(env, "quick", {}, run_at=run_at.isoformat())
+
+    scheduled = await wait_status(env, run_id, {"SCHEDULED"})
+    assert scheduled["started_at"] is None
+    run = await wait_status(env, run_id)
+    assert run["status"] == "SUCCEEDED"
+    assert datetime.fromisoformat(run["started_at"]) >= run_at
+    assert await event_types(env, run_id) == [
+        "RunRequested", "RunScheduled", "RunQueued", "RunStarted", "StepStarted", "StepSucceeded", "RunSucceeded"
+    ]  # fmt: skip
+
+
+async def test_a_flow_at_its_concurrency_limit_blocks_runs_and_unblocks_them_in_arrival_order(env: Env) -> None:
+    ids = [await trigger(env, "limited", {"n": i}) for i in range(3)]
+
+    blocked = [await wait_status(env, run_id, {"BLOCKED", "RUNNING"}) for run_id in ids]
+    assert sorted(r["status"] for r in blocked) == ["BLOCKED", "BLOCKED", "RUNNING"]
+    runs = [await wait_status(env, run_id) for run_id in ids]
+    assert all(r["status"] == "SUCCEEDED" for r in runs)
+    starts = [datetime.fromisoformat(r["started_at"]) for r in runs]
+    ends = [datetime.fromisoformat(r["finished_at"]) for r in runs]
+    assert starts == sorted(starts)  # arrival order
+    assert starts[1] >= ends[0] and starts[2] >= ends[1]  # never two at once
+    assert "RunBlocked" in await event_types(env, ids[2])
+
+
+async def test_a_tenant_over_its_quota_gets_quota_exceeded(env: Env) -> None:
+    first = await trigger(env, "metered", {}, key=env.key_q)
+    await wait_status(env, first, {"RUNNING"}, key=env.key_q)
+    second = await trigger(env, "metered", {}, key=env.key_q)
+
+    refused = await wait_status(env, second, key=env.key_q)
+    assert refused["status"] == "QUOTA_EXCEEDED"
+    assert "quota is 1" in refused["error_message"]
+    assert (await wait_status(env, first, key=env.key_q))["status"] == "SUCCEEDED"
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [({"qty": 2}, "order_id"), ({"order_id": "PO-1"}, "order_id"), ({"order_id": "SO-1", "qty": 0}, "qty")],
+)
+async def test_an_input_that_breaks_the_flow_schema_makes_the_run_invalid_with_the_reason(
+    env: Env, payload: dict[str, Any], field: str
+) -> None:
+    run = await wait_status(env, await trigger(env, "guarded", payload))
+
+    assert run["status"] == "INVALID"
+    assert "input schema" in run["error_message"] and field in run["error_message"]
+    assert run["steps"] == []  # nothing ran
+    ok = await wait_status(env, await trigger(env, "guarded", {"order_id": "SO-7", "qty": 3}))
+    assert ok["status"] == "SUCCEEDED"
+
+
+async def test_an_approval_pauses_on_human_input_and_resumes_with_its_request_id(env: Env) -> None:
+    run_id = await trigger(env, "approval", {"order_id": "SO-9"})
+    paused = await wait_status(env, run_id, {"PAUSED"})
+
+    waiting = paused["waiting_for"]
+    assert waiting["step"] == "approve" and waiting["prompt"]["question"] == "Ship order SO-9?"
+    request_id = waiting["request_id"]
+    wrong = await api(env, "POST", f"/v1/runs/{run_id}/resume/req_wrong", json={"approved": True})
+    assert wrong.status_code == 409 and request_id in wrong.json()["error"]["message"]
+    other_tenant = await api(env, "POST", f"/v1/runs/{run_id}/resume/{request_id}", env.key_b, json={})
+    assert other_tenant.status_code == 404
+
+    r = await api(env, "POST", f"/v1/runs/{run_id}/resume/{request_id}", json={"approved": True, "by": "ops@acme"})
+    assert r.status_code == 202, r.text
+    run = await wait_status(env, run_id)
+    assert run["status"] == "SUCCEEDED"
+    steps = {s["name"]: s for s in run["steps"]}
+    assert steps["approve"]["output"] == {"approved": True, "by": "ops@acme"}
+    assert steps["ship"]["output"] == {"shipped": True, "by": "ops@acme"}
+    types = await event_types(env, run_id)
+    assert types[types.index("RunPaused") + 1] == "RunResumed"
+
+
+async def test_an_unanswered_human_input_times_out(env: Env) -> None:
+    run = await wait_status(env, await trigger(env, "expiring", {}))
+
+    assert run["status"] == "TIMED_OUT"
+    assert run["failed_step"] == "approve" and "no answer" in run["error_message"]
+
+
+async def test_a_step_past_its_timeout_ends_the_run_timed_out(env: Env) -> None:
+    run = await wait_status(env, await trigger(env, "slowstep", {}))
+
+    assert run["status"] == "TIMED_OUT"
+    assert run["failed_step"] == "call" and "timed out" in run["error_message"]
+    assert run["duration_ms"] < env.upstream.slow_s * 1000  # it did not wait for the slow answer
+
+
+async def test_a_run_past_the_flow_timeout_ends_timed_out_and_its_step_canceled(env: Env) -> None:
+    run = await wait_status(env, await trigger(env, "deadline", {}))
+
+    assert run["status"] == "TIMED_OUT"
+    assert "timeout of 50s" in run["error_message"]
+    steps = {s["name"]: s["status"] for s in run["steps"]}
+    assert steps == {"shape": "SUCCEEDED", "wait": "CANCELED"}
+    assert run["duration_ms"] < 5000  # the delay (10 s scaled) was abandoned at the deadline (0.5 s scaled)
+
+
+async def test_cancel_abandons_the_in_flight_step_and_records_it_canceled(env: Env) -> None:
+    run_id = await trigger(env, "long", {})
+    await wait_status(env, run_id, {"RUNNING"})
+    other = await api(env, "POST", f"/v1/runs/{run_id}/cancel", env.key_b, json={})
+    assert other.status_code == 404  # another tenant cannot even see it
+
+    r = await api(env, "POST", f"/v1/runs/{run_id}/cancel", json={"reason": "customer asked"})
+    assert r.status_code == 202, r.text
+    run = await wait_status(env, run_id, within=10)
+    assert run["status"] == "CANCELED"
+    assert {s["name"]: s["status"] for s in run["steps"]}["wait"] == "CANCELED"
+    assert run["duration_ms"] < 10_000
+    again = await api(env, "POST", f"/v1/runs/{run_id}/cancel", json={})
+    assert again.status_code == 409 and "CANCELED" in again.json()["error"]["message"]
+    assert (await event_types(env, run_id))[-3:] == ["RunCancelRequested", "StepCanceled", "RunCanceled"]
+
+
+# ---------------------------------------------------------------- subflows
+
+
+async def test_a_subflow_runs_a_child_and_the_parent_uses_its_output(env: Env) -> None:
+    run = await wait_status(env, await trigger(env, "parent", {"n": 21}))
+
+    assert run["status"] == "SUCCEEDED", run
+    spawn = {s["name"]: s for s in run["steps"]}["spawn"]
+    child_id = spawn["output"]["child_run_id"]
+    assert spawn["output"]["status"] == "SUCCEEDED"
+    child = await wait_status(env, child_id)
+    assert child["parent_run_id"] == run["id"] and child["trigger"]["type"] == "subflow"
+    assert {s["name"]: s for s in run["steps"]}["use"]["output"] == {"from_child": 21}
+
+
+async def test_a_failed_child_fails_its_parent_unless_told_otherwise(env: Env) -> None:
+    env.upstream.flaky_fails = True
+    strict = await wait_status(env, await trigger(env, "strict_parent", {}))
+    lenient = await wait_status(env, await trigger(env, "lenient_parent", {}))
+
+    assert strict["status"] == "FAILED" and strict["failed_step"] == "spawn"
+    assert "ended FAILED" in strict["error_message"]
+    assert "after" not in {s["name"] for s in strict["steps"]}
+    assert lenient["status"] == "SUCCEEDED"
+    assert {s["name"]: s for s in lenient["steps"]}["after"]["output"] == {"child": "FAILED"}
+
+
+# ---------------------------------------------------------------- retry and rerun
+
+
+async def test_retry_from_the_failed_step_reuses_what_succeeded_and_links_the_runs(env: Env) -> None:
+    env.upstream.flaky_fails = True
+    failed = await wait_status(env, await trigger(env, "reserve", {"order": 1}))
+    assert failed["status"] == "FAILED" and failed["failed_step"] == "reserve"
+    env.upstream.flaky_fails = False
+
+    r = await api(env, "POST", f"/v1/runs/{failed['id']}/retry", json={"strategy": "FROM_FAILED_STEP"})
+    assert r.status_code == 202, r.text
+    retried = await wait_status(env, r.json()["run_id"])
+
+    assert retried["status"] == "SUCCEEDED" and retried["retry_of"] == failed["id"]
+    assert retried["trigger"]["type"] == "retry" and retried["trigger"]["payload"] == {"order": 1}
+    steps = {s["name"]: s for s in retried["steps"]}
+    assert steps["price"]["output"] == {"total": 42}  # reused, not run again
+    assert steps["confirm"]["output"] == {"done": True}
+    types = await event_types(env, retried["id"])
+    assert types.count("StepStarted") == 2  # reserve and confirm; price was reused
+    listed = await api(env, "GET", "/v1/runs", params={"ids": retried["id"]})
+    assert listed.json()["data"][0]["retry_of"] == failed["id"]
+
+
+async def test_a_run_that_did_not_fail_cannot_retry_from_a_failed_step_but_can_rerun(env: Env) -> None:
+    ok = await wait_status(env, await trigger(env, "quick", {}))
+    refused = await api(env, "POST", f"/v1/runs/{ok['id']}/retry", json={"strategy": "FROM_FAILED_STEP"})
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "conflict"
+    bad = await api(env, "POST", f"/v1/runs/{ok['id']}/retry", json={"strategy": "SOMETIMES"})
+    assert bad.status_code == 422
+    rerun = await api(env, "POST", f"/v1/runs/{ok['id']}/retry", json={"strategy": "ON_LATEST_VERSION"})
+    assert rerun.status_code == 202
+    assert (await wait_status(env, rerun.json()["run_id"]))["status"] == "SUCCEEDED"
+
+
+# ---------------------------------------------------------------- bulk
+
+
+async def test_bulk_cancel_dry_run_counts_then_cancels_and_records_the_operation(env: Env) -> None:
+    ids = [await trigger(env, "long", {"i": i}) for i in range(3)]
+    for run_id in ids:
+        await wait_status(env, run_id, {"RUNNING"})
+    body = {"flow_id": "long", "statuses": ["RUNNING"], "exclude_ids": [ids[0]]}
+
+    dry = await api(env, "POST", "/v1/runs/bulk/cancel", json={**body, "dry_run": True})
+    assert dry.status_code == 200, dry.text
+    assert dry.json()["count"] >= 2 and dry.json()["bulk_operation_id"] is None
+    assert ids[0] not in {r["id"] for r in dry.json()["sample"]}
+    assert (await wait_status(env, ids[1], {"RUNNING"}))["status"] == "RUNNING"  # a dry run changes nothing
+
+    r = await api(env, "POST", "/v1/runs/bulk/cancel", json=body)
+    assert r.status_code == 202, r.text
+    bulk_id = r.json()["bulk_operation_id"]
+    for run_id in ids[1:]:
+        assert (await wait_status(env, run_id, within=10))["status"] == "CANCELED"
+    assert (await wait_status(env, ids[0], {"RUNNING"}))["status"] == "RUNNING"  # excluded
+    await api(env, "POST", f"/v1/runs/{ids[0]}/cancel", json={})
+
+    touched = await api(env, "GET", "/v1/runs", params={"bulk_operation_id": bulk_id, "limit": 100})
+    assert set(ids[1:]) <= {run["id"] for run in touched.json()["data"]}
+    assert ids[0] not in {run["id"] for run in touched.json()["data"]}
+
+
+async def test_bulk_retry_and_archive_by_failed_step(env: Env) -> None:
+    env.upstream.flaky_fails = True
+    failed = [await wait_status(env, await trigger(env, "reserve", {"order": i})) for i in range(2)]
+    env.upstream.flaky_fails = False
+    ids = [r["id"] for r in failed]
+
+    r = await api(env, "POST", "/v1/runs/bulk/retry", json={"ids": ids, "strategy": "FROM_FAILED_STEP"})
+    assert r.status_code == 202, r.text
+    assert r.json()["count"] == 2 and len(r.json()["new_run_ids"]) == 2
+    retries = [await wait_status(env, run_id) for run_id in r.json()["new_run_ids"]]
+    assert {x["status"] for x in retries} == {"SUCCEEDED"} and {x["retry_of"] for x in retries} == set(ids)
+    made = await api(env, "GET", "/v1/runs", params={"bulk_operation_id": r.json()["bulk_operation_id"]})
+    assert {x["id"] for x in made.json()["data"]} == set(r.json()["new_run_ids"])
+
+    archive = await api(env, "POST", "/v1/runs/bulk/archive", json={"ids": ids})
+    assert archive.status_code == 202 and archive.json()["count"] == 2
+    deadline = time.monotonic() + 15
+    while True:
+        listed = await api(env, "GET", "/v1/runs", params={"ids": ids})
+        if listed.json()["data"] == []:
+            break
+        assert time.monotonic() < deadline, listed.text
+        await asyncio.sleep(0.05)
+    shown = await api(env, "GET", "/v1/runs", params={"ids": ids, "include_archived": "true"})
+    assert {x["id"] for x in shown.json()["data"]} == set(ids) and all(x["archived"] for x in shown.json()["data"])
+    assert (await event_types(env, ids[0]))[-1] == "RunArchived"
+
+
+async def test_bulk_actions_never_reach_another_tenants_runs(env: Env) -> None:
+    theirs = await wait_status(env, await trigger(env, "quick", {}, key=env.key_b), key=env.key_b)
+    r = await api(env, "POST", "/v1/runs/bulk/archive", json={"ids": [theirs["id"]], "dry_run": True})
+    assert r.status_code == 200 and r.json()["count"] == 0
+    everything = await api(env, "POST", "/v1/runs/bulk/cancel", json={})
+    assert everything.status_code == 422 and "filter" in everything.json()["error"]["message"]
+    unknown = await api(env, "POST", "/v1/runs/bulk/cancel", json={"flow_id": "long", "explode": True})
+    assert unknown.status_code == 422
