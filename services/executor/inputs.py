@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
@@ -11,12 +12,12 @@ from schemas.events import ErrorCategory, ErrorInfo
 from schemas.flows import FlowDefinition
 
 _MAX_ERRORS = 20
-# Compiled validators by flow version: a version is immutable, so its validator never changes.
-_validators: dict[tuple[str, str, int], Draft202012Validator | SchemaError] = {}
+# Compiled validators by the schema's canonical JSON: one compile per distinct schema, whatever flow holds it.
+_validators: dict[bytes, Draft202012Validator | SchemaError] = {}
 
 
 def _validator(flow: FlowDefinition) -> Draft202012Validator | SchemaError:
-    key = (flow.tenant_id, flow.id, flow.version)
+    key = orjson.dumps(flow.input_schema, option=orjson.OPT_SORT_KEYS)
     found = _validators.get(key)
     if found is None:
         assert flow.input_schema is not None
