@@ -106,8 +106,19 @@ def breakdown(run: Mapping[str, Any], steps: Iterable[Mapping[str, Any]]) -> dic
         "read_ms": 0.0, "transform_ms": 0.0, "write_ms": 0.0, "wait_ms": 0.0, "other_ms": 0.0,
     }  # fmt: skip
     for s in steps:
-        key = f"{phase(s.get('action'), s.get('input'))}_ms"
-        out[key] = (out[key] or 0.0) + float(s.get("duration_ms") or 0.0)
+        duration = float(s.get("duration_ms") or 0.0)
+        for key, ms in _phases(s, duration).items():
+            out[key] = (out[key] or 0.0) + ms
     if finished is None:
         out["total_ms"] = None
     return out
+
+
+def _phases(step: Mapping[str, Any], duration: float) -> dict[str, float]:
+    """A step's time by phase. A sync_records step reads, maps and writes in one step; its output says how long
+    each took (`timing_ms`), and the rest of its time (setup, recording) is `other`."""
+    timing = step.get("output", {}).get("timing_ms") if isinstance(step.get("output"), dict) else None
+    if step.get("action") == "sync_records" and isinstance(timing, dict):
+        split = {f"{p}_ms": float(timing.get(p) or 0.0) for p in ("read", "transform", "write")}
+        return {**split, "other_ms": max(0.0, duration - sum(split.values()))}
+    return {f"{phase(step.get('action'), step.get('input'))}_ms": duration}

@@ -154,6 +154,15 @@ class SyncRecordsInput(Frozen):
             raise ValueError(f"unknown entity {value!r}; one of {', '.join(CANONICAL_ENTITIES)}")
         return value
 
+    def read_window(self) -> SyncWindow:
+        """The bounds the source is asked for: the run's window, except that a retry of a PARTIAL run (`only_keys`)
+        reads past its `updated_until`. Fixing a refused record at the source (the usual remedy, seed 000) moves
+        the record's update time past the window the original run read, and the retry is there to send the record
+        as it is now; bounded, it would read nothing and succeed having sent nothing."""
+        if self.only_keys is None:
+            return self.window
+        return SyncWindow(updated_since=self.window.updated_since)
+
     @model_validator(mode="after")
     def _consistent(self) -> SyncRecordsInput:
         if self.entity is not None and self.system is None:
@@ -205,12 +214,17 @@ def error_field_path(body: Any) -> str | None:
     return None
 
 
-_FIELD_PATHS = tuple(
-    f"{base}.{name}"
-    for base in ("error", "errors[0]", "error.details[0]", "error.errors[0]", "detail[0]", "@")
-    for name in ("field", "path", "field_path", "pointer", "loc")
-)
-_MESSAGES = ("error.message", "errors[0].message", "detail[0].msg", "message", "detail", "error")
+# NetSuite's REST API (the seed's "Shopify → NetSuite Orders" destination) answers RFC 9457 problem details with
+# its own `o:errorDetails` list: `{"o:errorDetails": [{"detail": "Please enter value(s) for: Email",
+# "o:errorPath": "email", "o:errorCode": "USER_ERROR"}]}`.
+_NETSUITE = '"o:errorDetails"[0]'
+_FIELD_PATHS = (
+    *(f"{base}.{name}"
+      for base in ("error", "errors[0]", "error.details[0]", "error.errors[0]", "detail[0]", "@")
+      for name in ("field", "path", "field_path", "pointer", "loc")),
+    f'{_NETSUITE}."o:errorPath"',
+)  # fmt: skip
+_MESSAGES = ("error.message", "errors[0].message", "detail[0].msg", f"{_NETSUITE}.detail", "message", "detail", "error")
 
 
 def error_message(body: Any, status: int, reason: str) -> str:
@@ -463,11 +477,12 @@ class SyncRecordsActions:
 
     async def _read_http(self, source: HttpSource, spec: SyncRecordsInput, call: StepCall) -> list[Any]:
         url, trusted = self._base(source)
+        bounds = spec.read_window()
         window: dict[str, str] = {}
-        if source.updated_since_param and spec.window.updated_since:
-            window[source.updated_since_param] = spec.window.updated_since
-        if source.updated_until_param and spec.window.updated_until:
-            window[source.updated_until_param] = spec.window.updated_until
+        if source.updated_since_param and bounds.updated_since:
+            window[source.updated_since_param] = bounds.updated_since
+        if source.updated_until_param and bounds.updated_until:
+            window[source.updated_until_param] = bounds.updated_until
         params: dict[str, Any] | None = {**source.params, **window}
         timeout = min(source.timeout_s or call.timeout_s, call.timeout_s)
         records: list[Any] = []
@@ -566,7 +581,8 @@ class SyncRecordsActions:
                 if len(types) > 2:
                     message = f"the query takes {len(types)} parameters; only $1 (since) and $2 (until) are bound"
                     raise StepError(ErrorCategory.VALIDATION, message, code="parameter_count")
-                bounds = (spec.window.updated_since, spec.window.updated_until)
+                read = spec.read_window()
+                bounds = (read.updated_since, read.updated_until)
                 params = [window_param(t, bounds[i], low=i == 0) for i, t in enumerate(types)]
                 cursor = await stmt.cursor(*params)
                 rows = await cursor.fetch(spec.max_records + 1)

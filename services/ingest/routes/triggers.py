@@ -101,7 +101,7 @@ _TERMINAL = {s.value for s in TERMINAL_RUN_STATUSES}
 _WINDOW = """
 SELECT (SELECT (r.cursor_window->>'updated_until')::timestamptz FROM runs r
          WHERE r.tenant_id = $1 AND r.flow_id = $2 AND r.status IN ('SUCCEEDED', 'PARTIAL')
-           AND r.cursor_window IS NOT NULL
+           AND r.cursor_window IS NOT NULL AND r.retry_of IS NULL  -- a retry replays an older window
          ORDER BY r.created_at DESC LIMIT 1) AS since
 FROM flow_versions v
 WHERE v.tenant_id = $1 AND v.flow_id = $2 AND v.version = $3
