@@ -10,12 +10,13 @@ from datetime import UTC, datetime
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
 
 from schemas import codec
 from schemas.topics import Topics
 from services.common.db import create_pool
 from services.projector import metrics, retention
-from services.projector.adapters import webhooks
+from services.projector.adapters import alerts, webhooks
 from services.projector.adapters.store import (
     Positioned,
     SchemaGuard,
@@ -81,6 +82,7 @@ class Projector:
         self.pool: asyncpg.Pool | None = None
         self.ready = asyncio.Event()
         self.applied_batches = 0
+        self._reactors: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         settings = self.settings
@@ -96,6 +98,7 @@ class Projector:
         await self.dlq.start()
         await self.consumer.start()
         self.consumer.subscribe([self.topics.ledger, self.topics.flows], listener=_SeekToStoredOffsets(self))
+        self._reactors = [asyncio.create_task(self.alert_loop()), asyncio.create_task(self.alert_clock_loop())]
 
     async def _connect(self) -> None:
         self.pool = await create_pool(self.settings.database_url, self.settings.database_schema, max_size=4)
@@ -114,6 +117,9 @@ class Projector:
         metrics.SCHEMA_SWAPS.inc()
 
     async def stop(self) -> None:
+        for task in self._reactors:
+            task.cancel()
+        await asyncio.gather(*self._reactors, return_exceptions=True)
         await self.consumer.stop()
         await self.dlq.stop()
         if self.pool:
@@ -219,6 +225,41 @@ class Projector:
                     await asyncio.sleep(self.settings.webhook_poll_s)
         finally:
             await dispatcher.close()
+
+    async def alert_loop(self) -> None:
+        """Sends due alert deliveries; reads self.pool each time, as a rebuild's swap replaces it."""
+        dispatcher = alerts.Dispatcher(self.settings)
+        try:
+            while True:
+                try:
+                    sent = await dispatcher.run_once(self.pool) if self.pool is not None else 0
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                    log.exception("alert dispatch failed; retrying")
+                    sent = 0
+                if not sent:
+                    await asyncio.sleep(self.settings.alert_poll_s)
+        finally:
+            await dispatcher.close()
+
+    async def alert_clock_loop(self) -> None:
+        """The no_success clock. It judges silence as of the last look at the ledger's end, and only once
+        everything that was in the ledger then is projected: a lagging projector has not seen the successes."""
+        interval = self.settings.alert_clock_s
+        looked: tuple[datetime, dict[int, int]] | None = None
+        while interval > 0:
+            try:
+                now = datetime.now(UTC)
+                parts = self.consumer.partitions_for_topic(self.topics.ledger) or set()
+                ends = await self.consumer.end_offsets([TopicPartition(self.topics.ledger, p) for p in parts])
+                if looked is not None and self.pool is not None:
+                    async with self.pool.acquire() as conn:
+                        stored = await load_offsets(conn, self.settings.consumer_group, self.topics.ledger)
+                    if all(stored.get(p, 0) >= end for p, end in looked[1].items()):
+                        await alerts.tick(self.pool, looked[0], lock_key=self.guard.lock_key)
+                looked = (now, {tp.partition: end for tp, end in ends.items()})
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, KafkaError):
+                log.exception("alert clock failed; retrying in %.1fs", interval)
+            await asyncio.sleep(interval)
 
     async def retention_loop(self) -> None:
         """Purge by each tenant's retention periodically; a failed purge is logged and retried next time."""

@@ -47,6 +47,8 @@ DERIVED: dict[str, str] = {
     "flow_versions": "tenant_id, flow_id, version",
     "canonical_records": "tenant_id, environment, entity, canonical_id",
     "canonical_external_ids": "tenant_id, environment, entity, source, external_id",
+    "alert_state": "rule_id",
+    "alert_events": "id",
 }
 # In foreign-key order. Webhook deliveries are a record of what was sent, not derived: carried over as is.
 CONTROL: tuple[str, ...] = (
@@ -57,7 +59,12 @@ CONTROL: tuple[str, ...] = (
     "webhook_subscriptions",
     "webhook_deliveries",
     "webhook_attempts",
+    "alert_rules",
+    "alert_deliveries",
 )
+# Control-plane tables the replay reads (alert rules decide which alerts are derived): copied into the shadow
+# before it replays, and again at the swap with the rest.
+REPLAY_INPUTS = ("alert_rules",)
 # The projector's own bookkeeping: neither replayed nor compared (purged_runs is re-made by the purge marks).
 OWN = ("projector_offsets", "schema_migrations", "purged_runs")
 
@@ -235,6 +242,9 @@ async def run(settings: ProjectorSettings, *, swap: bool, progress: Progress, ke
         await _check_tables_are_classified(admin, live)
         await admin.execute(f"DROP SCHEMA IF EXISTS {_quote_ident(shadow)} CASCADE")
         await migrate(admin, shadow)
+        for table in REPLAY_INPUTS:
+            q_live, q_shadow = _quote_ident(live), _quote_ident(shadow)
+            await admin.execute(f"INSERT INTO {q_shadow}.{table} SELECT * FROM {q_live}.{table}")
         # The live tables and the offsets they reflect, read in one snapshot.
         async with admin.transaction(isolation="repeatable_read", readonly=True):
             live_offsets = await _live_offsets(admin, settings.consumer_group, topics)

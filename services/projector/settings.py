@@ -18,6 +18,20 @@ class ProjectorSettings(CommonSettings):
     webhook_poll_s: float = service_field("projector", "webhook_poll_s", 0.5)
     webhook_backoff_s: float = service_field("projector", "webhook_backoff_s", 10.0)
     webhook_allow_private_networks: bool = service_field("projector", "webhook_allow_private_networks", False)
+    # Alerts: how often due deliveries are looked for and the first retry delay (doubling, at most an hour,
+    # for 24 hours; webhook, Slack and PagerDuty URLs obey the private-network setting above), and how often
+    # the no_success clock looks for silent flows (0 turns the clock off).
+    alert_poll_s: float = service_field("projector", "alert_poll_s", 0.5)
+    alert_backoff_s: float = service_field("projector", "alert_backoff_s", 10.0)
+    alert_clock_s: float = service_field("projector", "alert_clock_s", 15.0)
+    # Email alerts go through this SMTP server; an empty host leaves email deliveries failing with that reason.
+    smtp_host: str = service_field("projector", "smtp_host", "")
+    smtp_port: int = service_field("projector", "smtp_port", 25)
+    smtp_from: str = service_field("projector", "smtp_from", "flowtrail@localhost")
+    smtp_starttls: bool = service_field("projector", "smtp_starttls", False)
+    smtp_username: str = service_field("projector", "smtp_username", "")
+    smtp_password: str = service_field("projector", "smtp_password", "")
+    smtp_timeout_s: float = service_field("projector", "smtp_timeout_s", 10.0)
 
     @property
     def consumer_group(self) -> str:

@@ -19,7 +19,7 @@ from schemas.events import (
     FlowVersionPublished,
 )
 from services.projector import metrics, retention
-from services.projector.adapters import webhooks
+from services.projector.adapters import alerts, webhooks
 from services.projector.adapters.details import write_details
 from services.projector.details import plan_details
 from services.projector.fold import BatchPlan, plan
@@ -218,6 +218,8 @@ async def apply_batch(
         await retention.enforce_marks(conn, list({e.run_id for e in new_events if e.type in TERMINAL_EVENT_STATUS}))
         for p in flows:
             await _apply_flow_event(conn, p.event)
+        # Alert history is derived (a replay recomputes it); only its deliveries are a side effect.
+        await alerts.evaluate(conn, new_events, deliver=side_effects)
         if side_effects:
             await webhooks.enqueue(conn, new_events, [p.event for p in flows])
         await _save_offsets(conn, group, batch)

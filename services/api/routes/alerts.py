@@ -1,0 +1,295 @@
+"""Alert rules per flow and the alert history (seed 000). Admin scope, the caller's tenant and environment only.
+
+Rules are evaluated by the projector from the ledger: a rule judges runs that finish after it was created,
+each by the settings in force when the run finished (every change of settings is kept as a revision), so a
+rebuild replays the same history. Another tenant's rules and alerts answer 404 like missing ones.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import asyncpg
+import orjson
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from services.common.auth import Principal, require_scope
+from services.common.http import ApiError
+from services.executor.adapters.netguard import BlockedAddress, check_url
+from services.projector.alerts import PAGERDUTY_URL
+
+router = APIRouter()
+Admin = Annotated[Principal, Depends(require_scope("admin"))]
+
+Kind = Literal["failed_run", "consecutive_partial", "no_success", "failure_rate"]
+PARAMS: dict[str, tuple[str, ...]] = {
+    "failed_run": (),
+    "consecutive_partial": ("n",),
+    "no_success": ("minutes",),
+    "failure_rate": ("threshold", "window_minutes", "min_runs"),
+}
+_ALL_PARAMS = ("n", "minutes", "threshold", "window_minutes", "min_runs")
+_DEFAULTS: dict[str, Any] = {"min_runs": 1}
+_EMAIL = r"^[^@\s,<>]+@[^@\s,<>]+\.[^@\s,<>]+$"
+
+
+class _Channel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WebhookChannel(_Channel):
+    type: Literal["webhook"]
+    url: str = Field(max_length=2000)
+
+
+class SlackChannel(_Channel):
+    type: Literal["slack"]
+    url: str = Field(max_length=2000)
+
+
+class PagerDutyChannel(_Channel):
+    type: Literal["pagerduty"]
+    routing_key: str = Field(min_length=1, max_length=200)
+    url: str = Field(default=PAGERDUTY_URL, max_length=2000)
+    severity: Literal["critical", "error", "warning", "info"] = "error"
+
+
+class EmailChannel(_Channel):
+    type: Literal["email"]
+    to: list[Annotated[str, Field(pattern=_EMAIL, max_length=320)]] = Field(min_length=1, max_length=20)
+
+
+Channel = Annotated[WebhookChannel | SlackChannel | PagerDutyChannel | EmailChannel, Field(discriminator="type")]
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n: int | None = Field(default=None, ge=1, le=10_000)
+    minutes: float | None = Field(default=None, gt=0, le=527_040)
+    threshold: float | None = Field(default=None, gt=0, le=1)
+    window_minutes: float | None = Field(default=None, gt=0, le=527_040)
+    min_runs: int | None = Field(default=None, ge=1, le=100_000)
+
+
+class NewRule(_Settings):
+    name: str = Field(default="", max_length=200)
+    flow_id: str = Field(min_length=1, max_length=200)
+    kind: Kind
+    channels: list[Channel] = Field(default_factory=list, max_length=10)
+    enabled: bool = True
+    secret: str | None = Field(default=None, min_length=16, max_length=200)
+
+    @model_validator(mode="after")
+    def _params_fit_kind(self) -> NewRule:
+        params_for(self.kind, self.model_dump(include=set(_ALL_PARAMS), exclude_none=True))
+        return self
+
+
+class RuleChange(_Settings):
+    name: str | None = Field(default=None, max_length=200)
+    channels: list[Channel] | None = Field(default=None, max_length=10)
+    enabled: bool | None = None
+
+
+def params_for(kind: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The kind's settings, all present and nothing else (ValueError names what is wrong)."""
+    wanted = PARAMS[kind]
+    extra = sorted(set(given) - set(wanted))
+    if extra:
+        raise ValueError(f"{', '.join(extra)} do(es) not apply to kind {kind!r} (it takes: {', '.join(wanted) or '-'})")
+    params = {k: given.get(k, _DEFAULTS.get(k)) for k in wanted}
+    missing = [k for k, v in params.items() if v is None]
+    if missing:
+        raise ValueError(f"kind {kind!r} needs {', '.join(missing)}")
+    return params
+
+
+async def _check_channels(request: Request, channels: list[Any]) -> None:
+    allow_private = request.app.state.settings.webhook_allow_private_networks
+    for i, channel in enumerate(channels):
+        if channel.type == "email":
+            continue
+        try:
+            await check_url(channel.url, allow_private=allow_private)
+        except (BlockedAddress, ValueError, OSError) as exc:
+            raise ApiError(422, "validation_error", f"channels.{i}.url: {exc}") from None
+
+
+_RULE = """
+    r.id, r.name, r.flow_id, r.kind, r.params, r.channels, r.enabled, r.created_at, r.updated_at,
+    s.open, s.consecutive, s.last_success_at, s.last_success_run_id, s.updated_at AS evaluated_at
+"""
+
+
+def _rule(row: asyncpg.Record) -> dict[str, Any]:
+    out = {k: row[k] for k in ("id", "name", "flow_id", "kind")}
+    out |= {**row["params"], "channels": row["channels"]}
+    out |= {k: row[k] for k in ("enabled", "created_at", "updated_at")}
+    out["state"] = {
+        "open": bool(row["open"]),
+        "consecutive_partial": row["consecutive"] or 0,
+        "last_success_at": row["last_success_at"],
+        "last_success_run_id": row["last_success_run_id"],
+        "evaluated_at": row["evaluated_at"],
+    }
+    return out
+
+
+async def _rule_or_404(conn: Any, principal: Principal, rule_id: str, *, lock: bool = False) -> asyncpg.Record:
+    row = await conn.fetchrow(
+        f"SELECT {_RULE}, r.revisions FROM alert_rules r LEFT JOIN alert_state s ON s.rule_id = r.id "
+        f"WHERE r.id = $1 AND r.tenant_id = $2 AND r.environment = $3 {'FOR UPDATE OF r' if lock else ''}",
+        rule_id, principal.tenant_id, principal.environment,
+    )  # fmt: skip
+    if row is None:
+        raise ApiError(404, "not_found", f"no alert rule with id {rule_id!r}")
+    return row
+
+
+@router.post("/v1/alert-rules", status_code=201)
+async def create_rule(body: NewRule, request: Request, principal: Admin) -> dict[str, Any]:
+    """The secret (which signs generic webhook deliveries) is returned once. The rule judges runs that
+    finish from now on."""
+    await _check_channels(request, body.channels)
+    params = params_for(body.kind, body.model_dump(include=set(_ALL_PARAMS), exclude_none=True))
+    now = datetime.now(UTC)
+    revision = {"since": now.isoformat(), "enabled": body.enabled, "params": params}
+    secret = body.secret or "whsec_" + secrets.token_urlsafe(32)
+    rule_id = "alr_rule_" + secrets.token_hex(8)
+    pool = request.app.state.pool
+    await pool.execute(
+        "INSERT INTO alert_rules (id, tenant_id, environment, name, flow_id, kind, params, channels, enabled, "
+        "revisions, secret, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12)",
+        rule_id, principal.tenant_id, principal.environment, body.name or f"{body.kind} on {body.flow_id}",
+        body.flow_id, body.kind, params, [c.model_dump() for c in body.channels], body.enabled, [revision], secret,
+        now,
+    )  # fmt: skip
+    return {**_rule(await _rule_or_404(pool, principal, rule_id)), "secret": secret}
+
+
+@router.get("/v1/alert-rules")
+async def list_rules(
+    request: Request, principal: Admin, flow_id: Annotated[str | None, Query(max_length=200)] = None
+) -> dict[str, Any]:
+    rows = await request.app.state.pool.fetch(
+        f"SELECT {_RULE} FROM alert_rules r LEFT JOIN alert_state s ON s.rule_id = r.id "
+        "WHERE r.tenant_id = $1 AND r.environment = $2 AND ($3::text IS NULL OR r.flow_id = $3) "
+        "ORDER BY r.created_at, r.id",
+        principal.tenant_id, principal.environment, flow_id,
+    )  # fmt: skip
+    return {"data": [_rule(r) for r in rows]}
+
+
+@router.get("/v1/alert-rules/{rule_id}")
+async def get_rule(rule_id: str, request: Request, principal: Admin) -> dict[str, Any]:
+    return _rule(await _rule_or_404(request.app.state.pool, principal, rule_id))
+
+
+@router.patch("/v1/alert-rules/{rule_id}")
+async def update_rule(rule_id: str, body: RuleChange, request: Request, principal: Admin) -> dict[str, Any]:
+    """Name and channels change what is sent from now on; settings and `enabled` take effect now, as a new
+    revision, so runs that finished earlier keep the verdicts they had. kind and flow_id do not change."""
+    if body.channels is not None:
+        await _check_channels(request, body.channels)
+    pool = request.app.state.pool
+    async with pool.acquire() as conn, conn.transaction():
+        row = await _rule_or_404(conn, principal, rule_id, lock=True)
+        given = body.model_dump(include=set(_ALL_PARAMS), exclude_none=True)
+        try:
+            params = params_for(row["kind"], {**row["params"], **given})
+        except ValueError as exc:
+            raise ApiError(422, "validation_error", str(exc)) from None
+        enabled = row["enabled"] if body.enabled is None else body.enabled
+        revisions = list(row["revisions"])
+        now = datetime.now(UTC)
+        if params != row["params"] or enabled != row["enabled"]:
+            revisions.append({"since": now.isoformat(), "enabled": enabled, "params": params})
+        channels = row["channels"] if body.channels is None else [c.model_dump() for c in body.channels]
+        await conn.execute(
+            "UPDATE alert_rules SET name = $2, params = $3, channels = $4, enabled = $5, revisions = $6, "
+            "updated_at = $7 WHERE id = $1",
+            rule_id, row["name"] if body.name is None else body.name, params, channels, enabled, revisions, now,
+        )  # fmt: skip
+        return _rule(await _rule_or_404(conn, principal, rule_id))
+
+
+@router.delete("/v1/alert-rules/{rule_id}", status_code=204)
+async def delete_rule(rule_id: str, request: Request, principal: Admin) -> None:
+    """Deletes the rule with its state, history and deliveries: a rebuild, which no longer knows the rule,
+    would derive no history for it either."""
+    async with request.app.state.pool.acquire() as conn, conn.transaction():
+        await _rule_or_404(conn, principal, rule_id, lock=True)
+        await conn.execute("DELETE FROM alert_state WHERE rule_id = $1", rule_id)
+        await conn.execute("DELETE FROM alert_events WHERE rule_id = $1", rule_id)
+        await conn.execute("DELETE FROM alert_rules WHERE id = $1", rule_id)
+
+
+_ALERT = """
+    id, rule_id, flow_id, kind, run_id, fired_at, reason, payload, resolved_at, resolved_by_run_id,
+    CASE WHEN resolved_at IS NULL THEN 'open' ELSE 'resolved' END AS status
+"""
+
+
+def _cursor(row: asyncpg.Record) -> str:
+    raw = orjson.dumps([row["fired_at"].isoformat(), row["id"]])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _position(cursor: str) -> tuple[datetime, str]:
+    try:
+        at, alert = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return datetime.fromisoformat(at), str(alert)
+    except (ValueError, TypeError) as exc:
+        raise ApiError(400, "invalid_request", f"cursor: not one this API gave ({exc})") from None
+
+
+@router.get("/v1/alerts")
+async def list_alerts(
+    request: Request,
+    principal: Admin,
+    rule_id: Annotated[str | None, Query(max_length=200)] = None,
+    flow_id: Annotated[str | None, Query(max_length=200)] = None,
+    status: Annotated[Literal["open", "resolved"] | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=500)] = None,
+) -> dict[str, Any]:
+    """Alert history, newest first; `next_cursor` pages on."""
+    at, last = _position(cursor) if cursor else (None, None)
+    rows = await request.app.state.pool.fetch(
+        f"""
+        SELECT {_ALERT} FROM alert_events
+        WHERE tenant_id = $1 AND environment = $2 AND ($3::text IS NULL OR rule_id = $3)
+          AND ($4::text IS NULL OR flow_id = $4)
+          AND ($5::text IS NULL OR (resolved_at IS NULL) = ($5 = 'open'))
+          AND ($6::timestamptz IS NULL OR (fired_at, id) < ($6, $7))
+        ORDER BY fired_at DESC, id DESC LIMIT $8
+        """,
+        principal.tenant_id, principal.environment, rule_id, flow_id, status, at, last, limit + 1,
+    )  # fmt: skip
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return {"data": [dict(r) for r in rows], "next_cursor": _cursor(rows[-1]) if more else None}
+
+
+@router.get("/v1/alerts/{alert_id}")
+async def get_alert(alert_id: str, request: Request, principal: Admin) -> dict[str, Any]:
+    """One alert with every delivery to its channels, each with its attempt log."""
+    pool = request.app.state.pool
+    row = await pool.fetchrow(
+        f"SELECT {_ALERT} FROM alert_events WHERE id = $1 AND tenant_id = $2 AND environment = $3",
+        alert_id, principal.tenant_id, principal.environment,
+    )  # fmt: skip
+    if row is None:
+        raise ApiError(404, "not_found", f"no alert with id {alert_id!r}")
+    deliveries = await pool.fetch(
+        "SELECT id, action, channel_index, channel_type, target, status, attempts, attempt_log, last_status_code, "
+        "last_error, next_attempt_at, created_at, delivered_at, body FROM alert_deliveries WHERE alert_id = $1 "
+        "ORDER BY action DESC, channel_index",
+        alert_id,
+    )
+    return {**dict(row), "deliveries": [dict(d) for d in deliveries]}

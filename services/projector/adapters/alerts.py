@@ -1,0 +1,333 @@
+"""Alerts in PostgreSQL: rules evaluated inside the projector's batch transaction, the no_success clock,
+and a dispatcher that sends each fired or resolved alert to the rule's channels."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import smtplib
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from typing import Any
+
+import asyncpg
+import httpx
+
+from schemas import codec
+from schemas.events import TERMINAL_EVENT_STATUS, EventBase
+from services.common.webhooks import sign
+from services.executor.adapters.netguard import BlockedAddress, check_url
+from services.projector import alerts
+from services.projector.adapters.webhooks import RETRY_FOR
+from services.projector.alerts import Finished, Fire, Resolve, Rule, State
+from services.projector.settings import ProjectorSettings
+
+log = logging.getLogger(__name__)
+_RULE_COLUMNS = "id, tenant_id, environment, flow_id, kind, name, revisions, channels"
+_ALERT_COLUMNS = "id, rule_id, flow_id, kind, run_id, fired_at, reason, payload, resolved_at, resolved_by_run_id"
+
+
+def rule_from(row: asyncpg.Record) -> Rule:
+    revisions = tuple(alerts.Revision.from_json(r) for r in row["revisions"])
+    return Rule(row["id"], row["tenant_id"], row["environment"], row["flow_id"], row["kind"], row["name"], revisions)
+
+
+@dataclass
+class _Outcome:
+    """What one evaluation decided, in the order it decided it."""
+
+    rules: dict[str, tuple[Rule, list[dict[str, Any]]]] = field(default_factory=dict)  # id → rule, channels
+    fired: dict[str, dict[str, Any]] = field(default_factory=dict)  # alert id → row
+    open_fired: dict[str, list[str]] = field(default_factory=dict)  # rule id → alerts fired here, still open
+    resolve_stored: dict[str, Resolve] = field(default_factory=dict)  # rule id → first resolve of earlier alerts
+
+    def apply(self, rule: Rule, actions: Iterable[Fire | Resolve]) -> None:
+        for a in actions:
+            if isinstance(a, Fire):
+                aid = alerts.alert_id(rule.id, a.key)
+                self.fired[aid] = {
+                    "id": aid, "tenant_id": rule.tenant_id, "environment": rule.environment, "rule_id": rule.id,
+                    "flow_id": rule.flow_id, "kind": rule.kind, "run_id": a.run_id, "fired_at": a.at,
+                    "reason": a.reason, "payload": a.details, "resolved_at": None, "resolved_by_run_id": None,
+                }  # fmt: skip
+                self.open_fired.setdefault(rule.id, []).append(aid)
+                continue
+            for aid in self.open_fired.pop(rule.id, []):
+                self.fired[aid].update(resolved_at=a.at, resolved_by_run_id=a.run_id)
+            self.resolve_stored.setdefault(rule.id, a)
+
+
+async def evaluate(conn: asyncpg.Connection, events: list[EventBase], *, deliver: bool) -> int:
+    """Fold this batch's finished runs into every matching rule (in event-time order, so the order partitions
+    interleave in does not matter within a batch). `deliver=False` (a rebuild) records history, sends nothing."""
+    finished = [e for e in events if TERMINAL_EVENT_STATUS.get(e.type) in alerts.OUTCOMES]
+    if not finished:
+        return 0
+    pairs = sorted({(e.tenant_id, e.flow_id) for e in finished})
+    rows = await conn.fetch(
+        f"SELECT {_RULE_COLUMNS} FROM alert_rules WHERE (tenant_id, flow_id) IN "
+        "(SELECT * FROM unnest($1::text[], $2::text[])) ORDER BY id FOR KEY SHARE",
+        [p[0] for p in pairs], [p[1] for p in pairs],
+    )  # fmt: skip
+    if not rows:
+        return 0
+    runs = {
+        r["id"]: r
+        for r in await conn.fetch(
+            "SELECT id, environment, flow_name, error_message, failed_step FROM runs WHERE id = ANY($1::text[])",
+            list({e.run_id for e in finished}),
+        )
+    }
+    finished.sort(key=lambda e: (e.occurred_at, e.run_id))
+    states = await _lock_states(conn, [r["id"] for r in rows])
+    outcome = _Outcome()
+    for row in rows:
+        rule = rule_from(row)
+        outcome.rules[rule.id] = (rule, row["channels"])
+        state = before = states[rule.id]
+        for e in finished:
+            run = runs.get(e.run_id)
+            if e.tenant_id != rule.tenant_id or e.flow_id != rule.flow_id or run is None:
+                continue
+            if run["environment"] != rule.environment:
+                continue
+            done = Finished(e.run_id, TERMINAL_EVENT_STATUS[e.type], e.occurred_at, run["flow_name"],
+                            run["error_message"], run["failed_step"])  # fmt: skip
+            state, actions = alerts.step(rule, state, done)
+            outcome.apply(rule, actions)
+        if state != before:
+            await _save_state(conn, rule.id, state)
+    return await _record(conn, outcome, deliver=deliver)
+
+
+async def tick(pool: asyncpg.Pool, now: datetime, *, lock_key: str) -> int:
+    """The no_success clock: fire for every rule whose flow has been silent too long as of `now`. Takes the
+    lock batches take, so a rebuild's swap never falls between reading the state and writing the alert."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock_shared(hashtext($1))", lock_key)
+        rows = await conn.fetch(
+            f"SELECT {', '.join('r.' + c for c in _RULE_COLUMNS.split(', '))} FROM alert_rules r "
+            "LEFT JOIN alert_state s ON s.rule_id = r.id "
+            "WHERE r.kind = 'no_success' AND r.enabled AND NOT coalesce(s.open, false) ORDER BY r.id FOR KEY SHARE OF r"
+        )
+        if not rows:
+            return 0
+        seen = await _states(conn, [r["id"] for r in rows])
+        due = [r for r in rows if alerts.overdue(rule_from(r), seen.get(r["id"], State()), now)[1]]
+        if not due:
+            return 0
+        # Look again under the lock: a batch may have folded a success in meanwhile.
+        states = await _lock_states(conn, [r["id"] for r in due])
+        outcome = _Outcome()
+        for row in due:
+            rule = rule_from(row)
+            state, fires = alerts.overdue(rule, states[rule.id], now)
+            if fires:
+                outcome.rules[rule.id] = (rule, row["channels"])
+                outcome.apply(rule, fires)
+                await _save_state(conn, rule.id, state)
+        return await _record(conn, outcome, deliver=True)
+
+
+async def _lock_states(conn: asyncpg.Connection, rule_ids: list[str]) -> dict[str, State]:
+    """Rows locked in id order: two projectors (or a projector and the clock) never fold one rule at once."""
+    await conn.execute(
+        "INSERT INTO alert_state (rule_id) SELECT unnest($1::text[]) ORDER BY 1 ON CONFLICT DO NOTHING", rule_ids
+    )
+    return await _states(conn, rule_ids, lock=True)
+
+
+async def _states(conn: asyncpg.Connection, rule_ids: list[str], *, lock: bool = False) -> dict[str, State]:
+    rows = await conn.fetch(
+        'SELECT rule_id, consecutive, last_success_at, last_success_run_id, open, "window", updated_at '
+        f"FROM alert_state WHERE rule_id = ANY($1::text[]) ORDER BY rule_id {'FOR UPDATE' if lock else ''}",
+        rule_ids,
+    )
+    return {
+        r["rule_id"]: State(
+            consecutive=r["consecutive"], last_success_at=r["last_success_at"],
+            last_success_run_id=r["last_success_run_id"], open=r["open"], updated_at=r["updated_at"],
+            window=tuple((datetime.fromisoformat(t), bool(f)) for t, f in r["window"]),
+        )
+        for r in rows
+    }  # fmt: skip
+
+
+async def _save_state(conn: asyncpg.Connection, rule_id: str, s: State) -> None:
+    await conn.execute(
+        """
+        INSERT INTO alert_state AS a (rule_id, consecutive, last_success_at, last_success_run_id, open, "window",
+                                      updated_at)
+        VALUES ($1, $2, $3, $4, $5, $6, $7)
+        ON CONFLICT (rule_id) DO UPDATE SET consecutive = EXCLUDED.consecutive,
+            last_success_at = EXCLUDED.last_success_at, last_success_run_id = EXCLUDED.last_success_run_id,
+            open = EXCLUDED.open, "window" = EXCLUDED."window", updated_at = EXCLUDED.updated_at
+        """,
+        rule_id, s.consecutive, s.last_success_at, s.last_success_run_id, s.open,
+        [[t.isoformat(), f] for t, f in s.window], s.updated_at,
+    )  # fmt: skip
+
+
+async def _record(conn: asyncpg.Connection, outcome: _Outcome, *, deliver: bool) -> int:
+    """Resolve earlier open alerts first (an alert fired in this batch is resolved only by what followed it),
+    then insert the new ones; enqueue a delivery per channel for each fired and each resolved alert."""
+    resolved: list[dict[str, Any]] = []
+    if outcome.resolve_stored:
+        items = list(outcome.resolve_stored.items())
+        rows = await conn.fetch(
+            f"""
+            UPDATE alert_events a SET resolved_at = u.at, resolved_by_run_id = u.run
+            FROM unnest($1::text[], $2::timestamptz[], $3::text[]) AS u(rule, at, run)
+            WHERE a.rule_id = u.rule AND a.resolved_at IS NULL
+            RETURNING {", ".join("a." + c for c in _ALERT_COLUMNS.split(", "))}
+            """,
+            [k for k, _ in items], [r.at for _, r in items], [r.run_id for _, r in items],
+        )  # fmt: skip
+        resolved = [dict(r) for r in rows]
+    fired = list(outcome.fired.values())
+    inserted: set[str] = set()
+    if fired:
+        cols = ("id", "tenant_id", "environment", "rule_id", "flow_id", "kind", "run_id", "fired_at", "reason",
+                "payload", "resolved_at", "resolved_by_run_id")  # fmt: skip
+        types = ("text", "text", "text", "text", "text", "text", "text", "timestamptz", "text", "text",
+                 "timestamptz", "text")  # fmt: skip
+        rows = await conn.fetch(
+            f"INSERT INTO alert_events ({', '.join(cols)}) "
+            f"SELECT {', '.join('u.payload::jsonb' if c == 'payload' else 'u.' + c for c in cols)} "
+            f"FROM unnest({', '.join(f'${i + 1}::{t}[]' for i, t in enumerate(types))}) AS u({', '.join(cols)}) "
+            "ON CONFLICT (id) DO NOTHING RETURNING id",
+            *[[codec.dumps(a[c]).decode() if c == "payload" else a[c] for a in fired] for c in cols],
+        )  # fmt: skip
+        inserted = {r["id"] for r in rows}
+    if deliver:
+        offers = [("trigger", a) for a in fired if a["id"] in inserted]
+        offers += [("resolve", a) for a in fired if a["id"] in inserted and a["resolved_at"] is not None]
+        offers += [("resolve", a) for a in resolved]
+        await _enqueue(conn, outcome, offers)
+    return len(inserted) + len(resolved)
+
+
+def alert_view(a: dict[str, Any]) -> dict[str, Any]:
+    """An alert as channels and the API show it (times as ISO strings)."""
+    out = {c: a[c] for c in _ALERT_COLUMNS.split(", ")}
+    for c in ("fired_at", "resolved_at"):
+        out[c] = out[c].isoformat() if out[c] is not None else None
+    return out
+
+
+async def _enqueue(conn: asyncpg.Connection, outcome: _Outcome, offers: list[tuple[str, dict[str, Any]]]) -> None:
+    rows: list[tuple[Any, ...]] = []
+    for action, a in offers:
+        rule, channels = outcome.rules[a["rule_id"]]
+        view = alert_view(a)
+        for i, channel in enumerate(channels):
+            did = alerts.delivery_id(a["id"], action, i)
+            body = alerts.render(channel, action, view, rule, did)
+            email = channel["type"] == "email"
+            target = ", ".join(channel["to"]) if email else channel.get("url", alerts.PAGERDUTY_URL)
+            rows.append((did, a["id"], rule.id, rule.tenant_id, action, i, channel["type"], target,
+                         codec.dumps(body).decode()))  # fmt: skip
+    if not rows:
+        return
+    await conn.execute(
+        """
+        INSERT INTO alert_deliveries (id, alert_id, rule_id, tenant_id, action, channel_index, channel_type, target,
+                                      body, next_attempt_at)
+        SELECT i, a, r, t, ac, c, ct, tg, b::jsonb, now()
+        FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[], $7::text[], $8::text[],
+                    $9::text[]) AS u(i, a, r, t, ac, c, ct, tg, b)
+        ON CONFLICT (alert_id, action, channel_index) DO NOTHING
+        """,
+        *[list(c) for c in zip(*rows, strict=True)],
+    )
+
+
+class Dispatcher:
+    """Like the webhook dispatcher: claims due deliveries with a lease, sends each to its channel, logs every
+    attempt on the delivery and retries failures with exponential backoff for up to 24 hours."""
+
+    def __init__(self, settings: ProjectorSettings, lease_s: float = 60) -> None:
+        self.settings = settings
+        self.lease_s = lease_s
+        self.client = httpx.AsyncClient(timeout=10, follow_redirects=False)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def run_once(self, pool: asyncpg.Pool, limit: int = 50) -> int:
+        due = await pool.fetch(
+            """
+            UPDATE alert_deliveries d SET next_attempt_at = now() + make_interval(secs => $1),
+                   first_attempt_at = COALESCE(d.first_attempt_at, now())
+            FROM alert_rules r
+            WHERE d.id IN (SELECT id FROM alert_deliveries WHERE status = 'pending' AND next_attempt_at <= now()
+                           ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+              AND r.id = d.rule_id
+            RETURNING d.id, d.action, d.channel_type, d.target, d.body, d.attempts, d.first_attempt_at, r.secret
+            """,
+            self.lease_s, limit,
+        )  # fmt: skip
+        for d in due:
+            await self._deliver(pool, d)
+        return len(due)
+
+    async def _deliver(self, pool: asyncpg.Pool, d: asyncpg.Record) -> None:
+        attempt = d["attempts"] + 1
+        started = time.perf_counter()
+        code: int | None = None
+        error: str | None = None
+        try:
+            if d["channel_type"] == "email":
+                await asyncio.to_thread(self._mail, d["target"], d["body"])
+            else:
+                code = await self._post(d)
+                if not 200 <= code < 300:
+                    error = f"answered {code}"
+        except BlockedAddress as exc:
+            error = f"refused: {exc}"
+        except (httpx.HTTPError, smtplib.SMTPException, OSError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        now = datetime.now(UTC)
+        delay = timedelta(seconds=min(self.settings.alert_backoff_s * 2 ** (attempt - 1), 3600))
+        gave_up = error is not None and now + delay > d["first_attempt_at"] + RETRY_FOR
+        status = "delivered" if error is None else ("failed" if gave_up else "pending")
+        entry = {"attempt": attempt, "at": now.isoformat(), "status_code": code, "error": error,
+                 "duration_ms": round((time.perf_counter() - started) * 1000, 3)}  # fmt: skip
+        await pool.execute(
+            "UPDATE alert_deliveries SET attempts = $2, status = $3, last_status_code = $4, last_error = $5, "
+            "next_attempt_at = $6, delivered_at = CASE WHEN $3 = 'delivered' THEN $7::timestamptz END, "
+            "attempt_log = attempt_log || $8::jsonb WHERE id = $1",
+            d["id"], attempt, status, code, error, now + delay, now, [entry],
+        )  # fmt: skip
+        if error is not None:
+            log.info("alert delivery %s attempt %d: %s (%s)", d["id"], attempt, error, status)
+
+    async def _post(self, d: asyncpg.Record) -> int:
+        await check_url(d["target"], allow_private=self.settings.webhook_allow_private_networks)
+        body = codec.dumps(d["body"])
+        headers = {"Content-Type": "application/json"}
+        if d["channel_type"] == "webhook":
+            headers |= {"X-Flowtrail-Event": d["body"]["event"], "X-Flowtrail-Delivery": d["id"],
+                        "X-Flowtrail-Signature": sign(d["secret"], body)}  # fmt: skip
+        response = await self.client.post(d["target"], content=body, headers=headers)
+        return response.status_code
+
+    def _mail(self, to: str, body: dict[str, Any]) -> None:
+        """Blocking smtplib, run in a thread: one message to every recipient of the channel."""
+        s = self.settings
+        if not s.smtp_host:
+            raise smtplib.SMTPException("FLOWTRAIL_PROJECTOR_SMTP_HOST is not set")
+        message = EmailMessage()
+        message["From"] = s.smtp_from
+        message["To"] = to
+        message["Subject"] = body["subject"]
+        message.set_content(body["text"])
+        with smtplib.SMTP(s.smtp_host, s.smtp_port, timeout=s.smtp_timeout_s) as smtp:
+            if s.smtp_starttls:
+                smtp.starttls()
+            if s.smtp_username:
+                smtp.login(s.smtp_username, s.smtp_password)
+            smtp.send_message(message)
