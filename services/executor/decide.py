@@ -446,6 +446,14 @@ def _start_step(out: _Emitter, flow: FlowDefinition, step: StepDefinition, attem
             expires_at = out.clock.now + timedelta(seconds=step.timeout_s * out.clock.time_scale)
         out.emit(ev.RunPaused, {"request_id": request_id, "step": step.name, "prompt": rendered,
                                 "expires_at": expires_at})  # fmt: skip
+        until = f" until {expires_at.isoformat()}" if expires_at else ""
+        _log(out, "INFO", f"waiting for input on request {request_id}{until}", step.name, request_id=request_id)
+
+
+def _log(out: _Emitter, level: str, message: str, step: str | None = None, **fields: Any) -> None:
+    """A structured log line of the run (GET /v1/runs/{id}/logs). Written on the paths a reader of a run
+    needs explained — retries, failures, pauses — not per successful step, which the step events say."""
+    out.emit(ev.LogEmitted, {"level": level, "message": message, "step": step, "fields": fields})
 
 
 def _started(flow: FlowDefinition, step: StepDefinition, attempt: int, rendered: Any) -> dict[str, Any]:
@@ -510,11 +518,16 @@ def _complete_step(out: _Emitter, flow: FlowDefinition, step: StepDefinition, in
             "step": step.name, "attempt": inp.attempt, "error": error, "retry_at": retry_at,
             "duration_ms": inp.duration_ms,
         })  # fmt: skip
+        _log(out, "WARNING", f"attempt {inp.attempt} failed ({error.category}): {error.message}; next attempt at "
+             f"{retry_at.isoformat()}", step.name, attempt=inp.attempt, category=error.category.value)  # fmt: skip
         return
     out.emit(ev.StepFailed, {
         "step": step.name, "attempt": inp.attempt, "error": error, "output": inp.output,
         "duration_ms": inp.duration_ms, "assertions": assertions,
     })  # fmt: skip
+    attempts = f" after {inp.attempt} attempts" if inp.attempt > 1 else ""
+    _log(out, "ERROR", f"failed{attempts} ({error.category}): {error.message}", step.name, attempt=inp.attempt,
+         category=error.category.value)  # fmt: skip
     # A step that ran out of time ends the run TIMED_OUT (DESIGN 3), any other final failure FAILED.
     _finish(out, ev.RunTimedOut if error.code == "timeout" else ev.RunFailed, failed_step=step.name, error=error)
 

@@ -209,7 +209,7 @@ async def event_types(env: Env, run_id: str, key: str | None = None) -> list[str
     assert r.status_code == 200, r.text
     events = r.json()["data"]
     assert [e["seq"] for e in events] == list(range(len(events)))  # gap-free, as the executor numbered them
-    return [e["type"] for e in events]
+    return [e["type"] for e in events if e["type"] != "LogEmitted"]  # log lines: GET /v1/runs/{id}/logs
 
 
 # ---------------------------------------------------------------- statuses
@@ -370,6 +370,9 @@ async def test_retry_from_the_failed_step_reuses_what_succeeded_and_links_the_ru
     failed = await wait_status(env, await trigger(env, "reserve", {"order": 1}))
     assert failed["status"] == "FAILED" and failed["failed_step"] == "reserve"
     env.upstream.flaky_fails = False
+    logs = (await api(env, "GET", f"/v1/runs/{failed['id']}/logs", params={"level": "ERROR"})).json()["data"]
+    assert [(line["level"], line["step"]) for line in logs] == [("ERROR", "reserve")]
+    assert "VALIDATION" in logs[0]["message"] and "422" in logs[0]["message"]
 
     r = await api(env, "POST", f"/v1/runs/{failed['id']}/retry", json={"strategy": "FROM_FAILED_STEP"})
     assert r.status_code == 202, r.text

@@ -56,12 +56,19 @@ class Run:
     time_scale: float = 1.0
     state: RunState | None = None
     events: list[EventBase] = field(default_factory=list)
+    logs: list[EventBase] = field(default_factory=list)
+    ledger: list[EventBase] = field(default_factory=list)
     inputs: list[Input] = field(default_factory=list)
 
     def feed(self, inp: Input) -> list[EventBase]:
         out = decide(self.state, self.flow, inp, Clock(now=self.now, time_scale=self.time_scale))
         for event in out:
             self.state = fold(self.state, event)
+        # Log lines are their own channel (GET /v1/runs/{id}/logs): kept apart, so `events` reads as the run's
+        # state changes; `ledger` is everything in seq order.
+        self.ledger += out
+        self.logs += [e for e in out if e.type == "LogEmitted"]
+        out = [e for e in out if e.type != "LogEmitted"]
         self.events += out
         self.inputs.append(inp)
         return out

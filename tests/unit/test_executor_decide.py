@@ -460,9 +460,9 @@ def test_any_run_ends_exactly_once_with_gap_free_seq(flow, outcomes, go, crash_a
         _, step = run.active()  # type: ignore[misc]
         if steps_taken == crash_at:
             # A crash before the state was saved: rebuilt from the ledger, a redelivered input decides nothing.
-            assert fold_all(run.events) == run.state
+            assert fold_all(run.ledger) == run.state
             if run.inputs:
-                assert decide(fold_all(run.events), flow, run.inputs[-1], Clock(run.now)) == []
+                assert decide(fold_all(run.ledger), flow, run.inputs[-1], Clock(run.now)) == []
         if step.status == StepStatus.RETRYING:
             run.fire_timer()
             continue
@@ -475,11 +475,11 @@ def test_any_run_ends_exactly_once_with_gap_free_seq(flow, outcomes, go, crash_a
         else:
             run.complete(ok=False, err=error(outcome))
 
-    assert [e.seq for e in run.events] == list(range(len(run.events)))
-    assert len({e.event_id for e in run.events}) == len(run.events)
-    terminal = [e for e in run.events if e.type in TERMINAL_EVENT_STATUS]
-    assert len(terminal) == 1 and terminal[0] is run.events[-1]
-    final = fold_all(run.events)
+    assert [e.seq for e in run.ledger] == list(range(len(run.ledger)))
+    assert len({e.event_id for e in run.ledger}) == len(run.ledger)
+    terminal = [e for e in run.ledger if e.type in TERMINAL_EVENT_STATUS]
+    assert len(terminal) == 1 and terminal[0] is run.ledger[-1]
+    final = fold_all(run.ledger)
     assert final == run.state and final is not None and final.terminal
     # Success exactly when every step succeeded or was skipped; otherwise the failed step is named.
     done = {s.status for s in final.steps.values()}

@@ -256,3 +256,25 @@ def test_a_sync_step_gets_the_run_window_and_failed_records_make_the_run_partial
     assert (failed.record_key, failed.field_path, failed.raw_error) == ("1003", "email", {"status": 400})
     assert "failures" not in run.of_type("StepSucceeded")[0].payload.output  # records live in their own events
     assert status(run) == RunStatus.PARTIAL
+
+
+def test_retries_failures_and_pauses_are_explained_in_log_lines_with_levels() -> None:
+    run = started(Run(make_flow({"name": "call", "retry": {"delays_s": [5]}})))
+    run.complete(ok=False, err=error("TRANSIENT", "HTTP 503"))
+    run.fire_timer()
+    run.complete(ok=False, err=error("TRANSIENT", "HTTP 503"))
+    lines = [(e.payload.level, e.payload.step, e.payload.message) for e in run.logs]
+    assert (
+        lines[0][:2] == ("WARNING", "call") and "attempt 1 failed (TRANSIENT): HTTP 503; next attempt at" in lines[0][2]
+    )
+    assert lines[1] == ("ERROR", "call", "failed after 2 attempts (TRANSIENT): HTTP 503")
+    assert [e.seq for e in run.ledger] == list(range(len(run.ledger)))  # log lines take their place in seq
+    assert paused().logs[0].payload.level == "INFO" and "waiting for input" in paused().logs[0].payload.message
+    assert run_logs_of_a_clean_run() == []
+
+
+def run_logs_of_a_clean_run() -> list[Any]:
+    run = started(Run(make_flow(*TWO)))
+    run.complete(output={})
+    run.complete(output={})
+    return run.logs
