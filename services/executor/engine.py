@@ -104,6 +104,9 @@ class Engine:
         self.blocked: dict[tuple[str, str], deque[str]] = {}
         self.children_sent: set[str] = set()
         self.owned: set[int] = set()
+        # Set once a partition's runs are rebuilt. faust resumes fetching before on_partitions_assigned returns (its
+        # recovery task resumes the streams when there are no tables), so inputs can arrive during the replay.
+        self.replayed: dict[int, asyncio.Event] = {}
         self._started = False
         self._start_lock = asyncio.Lock()
 
@@ -159,6 +162,7 @@ class Engine:
                     self.partition_of[run_id] = partition
                     self._track(None, state)
             self.owned.add(partition)
+            self.replayed.setdefault(partition, asyncio.Event()).set()
             # A child that ended just before a crash may not have told its parent: tell it again (the parent
             # recognises the repeat by the child's id).
             for child in ended_children:
@@ -188,12 +192,24 @@ class Engine:
             self.partition_of.pop(run_id, None)
             self.wakeups.pop(run_id, None)
         self.owned -= gone
+        for partition in gone:
+            # Wake what waits for the old replay (as before, it goes on), and make the next assignment replay again.
+            self.replayed.pop(partition, asyncio.Event()).set()
         await self.ledger.producer.flush()
 
     # ------------------------------------------------------------------ inputs
 
+    async def _until_replayed(self, partitions: Iterable[int]) -> None:
+        """A redelivered trigger or a command must find its run as the ledger has it: handled before the replay,
+        a trigger would start the run again from seq 0 (a second, different event at seqs already used) and a
+        command would be dropped as aimed at an unknown run."""
+        for partition in set(partitions):
+            if partition not in self.owned:
+                await self.replayed.setdefault(partition, asyncio.Event()).wait()
+
     async def on_triggers(self, triggers: list[tuple[int, TriggerReceived]]) -> None:
         """Start a run per new trigger; returns once their first events are durable in the ledger."""
+        await self._until_replayed(p for p, _ in triggers)
         pending: list[asyncio.Future[object]] = []
         for partition, trigger in triggers:
             if trigger.run_id in self.finished or trigger.run_id in self.runs:
@@ -218,6 +234,7 @@ class Engine:
 
     async def on_commands(self, commands: list[tuple[int, CommandBase]]) -> None:
         """Cancel, resume and child-ended commands; returns once what they caused is durable."""
+        await self._until_replayed(p for p, _ in commands)
         pending: list[asyncio.Future[object]] = []
         for partition, command in commands:
             if isinstance(command, ArchiveRun):
