@@ -10,12 +10,14 @@ from typing import Any
 
 import httpx
 
-from deploy.launcher.demo_flows import demo_inputs
+from deploy.launcher.demo_flows import API_TEST, APPROVAL, ORDER_SYNC, demo_inputs
+from deploy.launcher.demo_upstream import DEMO_UPSTREAM_PORT, DemoUpstream, serve
 from schemas.status import TERMINAL_RUN_STATUSES
 from services.common.settings import DEFAULT_API_PORT, DEFAULT_INGEST_PORT, CommonSettings
 
 TERMINAL = {s.value for s in TERMINAL_RUN_STATUSES}
-PLAN = {"demo-order-sync": 5, "demo-invoice-push": 2}
+PLAN = {"demo-order-sync": 5, "demo-invoice-push": 2, ORDER_SYNC: 1, API_TEST: 1, APPROVAL: 1}
+ANSWER = {"approved": True, "carrier": "DHL", "by": "flowtrail demo"}
 
 
 class DemoError(RuntimeError):
@@ -35,6 +37,35 @@ async def _trigger(client: httpx.AsyncClient, url: str, key: str, flow_id: str, 
         await asyncio.sleep(0.2)
 
 
+async def _act(
+    client: httpx.AsyncClient,
+    api_url: str,
+    headers: dict[str, str],
+    run: dict[str, Any],
+    upstream: DemoUpstream,
+    out: Any,
+) -> str | None:
+    """What a person would do next: answer a paused approval, or fix the refused order in the shop and retry the
+    PARTIAL sync (only that order is sent again). Returns the retry's run id."""
+    run_id = run["id"]
+    if run["status"] == "PAUSED" and run.get("waiting_for"):
+        request_id = run["waiting_for"]["request_id"]
+        r = await client.post(f"{api_url}/v1/runs/{run_id}/resume/{request_id}", json=ANSWER, headers=headers)
+        if r.status_code != 202:
+            raise DemoError(f"resume {run_id} answered {r.status_code}: {r.text}")
+        print(f"{run_id} asked {run['waiting_for']['prompt'].get('question')!r}; answered {ANSWER}", file=out)
+    elif run["status"] == "PARTIAL" and run["flow_id"] == ORDER_SYNC:
+        upstream.fix_refused_order()
+        r = await client.post(f"{api_url}/v1/runs/{run_id}/retry", json={"strategy": "FROM_FAILED_STEP"},
+                              headers=headers)  # fmt: skip
+        if r.status_code != 202:
+            raise DemoError(f"retry {run_id} answered {r.status_code}: {r.text}")
+        print(f"{run_id} ended PARTIAL ({run['records']}); fixed the order in the shop and retried it as "
+              f"{r.json()['run_id']}", file=out)  # fmt: skip
+        return str(r.json()["run_id"])
+    return None
+
+
 def _progress(runs: dict[str, dict[str, Any]], started: float) -> str:
     done = sum(1 for r in runs.values() if r.get("status") in TERMINAL)
     counts = Counter(r.get("status", "QUEUED") for r in runs.values())
@@ -52,9 +83,26 @@ async def run_demo(
     ingest_url: str = f"http://127.0.0.1:{DEFAULT_INGEST_PORT}",
     timeout_s: float = 60.0,
     out: Any = None,
+    upstream_port: int = DEMO_UPSTREAM_PORT,
 ) -> dict[str, dict[str, Any]]:
-    """Returns each demo run as the API shows it at the end, keyed by run id."""
+    """Returns each demo run as the API shows it at the end, keyed by run id.
+
+    The seed flows' upstream (a shop, an ERP, a users API, a warehouse) is served on loopback while this runs.
+    """
     out = out or sys.stdout
+    upstream = DemoUpstream.seeded()
+    try:
+        runner = await serve(upstream, upstream_port)
+    except OSError as exc:
+        raise DemoError(f"cannot serve the demo upstream on 127.0.0.1:{upstream_port}: {exc}") from exc
+    try:
+        return await _run_demo(api_key, api_url, ingest_url, timeout_s, out, upstream)
+    finally:
+        await runner.cleanup()
+
+
+async def _run_demo(api_key: str, api_url: str, ingest_url: str, timeout_s: float, out: Any,
+                    upstream: DemoUpstream) -> dict[str, dict[str, Any]]:  # fmt: skip
     tty = hasattr(out, "isatty") and out.isatty()
     started = time.monotonic()
     deadline = started + timeout_s
@@ -67,13 +115,18 @@ async def run_demo(
         print(f"fired {len(flow_of)} triggers: " + ", ".join(f"{n} x {f}" for f, n in PLAN.items()), file=out)
         runs: dict[str, dict[str, Any]] = {run_id: {} for run_id in flow_of}
         last_line = ""
+        handled: set[tuple[str, str]] = set()  # (run, status): a paused run is answered once, not at every poll
         while True:
-            for run_id, run in runs.items():
+            for run_id, run in list(runs.items()):
                 if run.get("status") in TERMINAL:
                     continue
                 r = await client.get(f"{api_url}/v1/runs/{run_id}", headers=headers)
                 if r.status_code == 200:
-                    runs[run_id] = r.json()
+                    runs[run_id] = run = r.json()
+                    if (run_id, run["status"]) not in handled:
+                        handled.add((run_id, run["status"]))
+                        if retry_id := await _act(client, api_url, headers, run, upstream, out):
+                            runs[retry_id], flow_of[retry_id] = {}, f"{flow_of[run_id]} (retry)"
                 elif r.status_code == 429:  # over the key's read limit (seed 003): wait as told
                     await asyncio.sleep(float(r.headers.get("Retry-After", "1")))
                 elif r.status_code != 404:  # 404: not projected yet
@@ -91,10 +144,12 @@ async def run_demo(
             await asyncio.sleep(0.2)
     if tty:
         print(file=out)
-    print(f"\n{'run':<34} {'flow':<18} {'status':<10} {'ms':>7}  failed step / error", file=out)
+    print(f"\n{'run':<34} {'flow':<36} {'status':<10} {'ms':>7}  failed step / error", file=out)
     for run_id, run in runs.items():
         why = f"{run.get('failed_step')}: {run.get('error_message')}" if run.get("failed_step") else ""
+        why = why or run.get("error_message") or ""  # a PARTIAL run says how many records failed
         duration = run.get("duration_ms") or 0
-        print(f"{run_id:<34} {flow_of[run_id]:<18} {run['status']:<10} {duration:>7.0f}  {why}", file=out)
+        print(f"{run_id:<34} {flow_of[run_id]:<36} {run['status']:<10} {duration:>7.0f}  {why}", file=out)
     print(f"\nsee one: curl -H 'Authorization: Bearer {api_key}' {api_url}/v1/runs/{next(iter(runs))}", file=out)
+    print(f"synced orders: curl -H 'Authorization: Bearer {api_key}' {api_url}/api/public/data/order", file=out)
     return runs

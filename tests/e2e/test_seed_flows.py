@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,11 +20,14 @@ import httpx
 import pytest
 from aiohttp import web
 
+from deploy.launcher import demo_flows
+from deploy.launcher.demo import ANSWER, run_demo
 from schemas.events import FlowVersionPublished
 from schemas.flows import FlowDefinition
 from services.common.auth import create_api_key, ensure_tenant
 from services.common.db import connect
 from services.common.kafka import publish_flow_events
+from services.common.settings import CommonSettings
 from tests.conftest import Infra, make_sandbox
 from tests.e2e.stack import Stack, free_port
 
@@ -217,10 +221,13 @@ class Env:
     stack: Stack
     upstream: Upstream
     key: str
+    demo_key: str
+    demo_port: int
 
-    async def api(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def api(self, method: str, path: str, key: str | None = None, **kwargs: Any) -> httpx.Response:
         async with httpx.AsyncClient(base_url=self.stack["api"].url, timeout=10) as client:
-            return await client.request(method, path, headers={"Authorization": f"Bearer {self.key}"}, **kwargs)
+            auth = {"Authorization": f"Bearer {key or self.key}"}
+            return await client.request(method, path, headers=auth, **kwargs)
 
     async def trigger(self, flow_id: str, payload: Any = None) -> str:
         async with httpx.AsyncClient(timeout=10) as client:
@@ -251,16 +258,22 @@ async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIt
         try:
             await ensure_tenant(conn, TENANT, "Acme")
             _, key = await create_api_key(conn, TENANT)
+            await ensure_tenant(conn, demo_flows.DEMO_TENANT, "Demo tenant")
+            _, demo_key = await create_api_key(conn, demo_flows.DEMO_TENANT)
         finally:
             await conn.close()
-        flows = seed_flows(upstream.url)
-        await publish_flow_events(infra.kafka_bootstrap, sandbox.topics, [
-            FlowVersionPublished(tenant_id=f.tenant_id, flow_id=f.id, flow_version=1, flow=f) for f in flows
-        ])  # fmt: skip
         # The sync flow is a schedule flow: the scheduler stays off so that only the test's triggers run it.
         stack = Stack.build(sandbox, ("ingest", "executor", "projector", "api"), tmp_path_factory.mktemp("logs"),
                             FLOWTRAIL_EXECUTOR_ALLOW_PRIVATE_NETWORKS="true",
                             FLOWTRAIL_INGEST_SCHEDULER="false")  # fmt: skip
+        # `flowtrail demo`'s flows, pointed at this stack and at a free port for the demo's own upstream.
+        demo_port = free_port()
+        flows = seed_flows(upstream.url) + demo_flows.demo_flows(
+            ingest=stack["ingest"].url, api=stack["api"].url, upstream=f"http://127.0.0.1:{demo_port}"
+        )
+        await publish_flow_events(infra.kafka_bootstrap, sandbox.topics, [
+            FlowVersionPublished(tenant_id=f.tenant_id, flow_id=f.id, flow_version=1, flow=f) for f in flows
+        ])  # fmt: skip
         await stack.start()
         try:
             conn = await connect(infra.database_url, sandbox.schema)
@@ -271,7 +284,7 @@ async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIt
                     await asyncio.sleep(0.05)
             finally:
                 await conn.close()
-            yield Env(stack, upstream, key)
+            yield Env(stack, upstream, key, demo_key, demo_port)
         finally:
             stack.stop()
             await runner.cleanup()
@@ -418,3 +431,33 @@ async def test_an_approval_pauses_until_resumed_with_its_request_id_then_ships(e
     assert env.upstream.warehouse.shipments == [{"order": "#2001", "carrier": "DHL"}]
     late = await env.api("POST", f"/v1/runs/{run_id}/resume/{waiting['request_id']}", json=answer)
     assert late.status_code == 409  # answered once; the run has moved on
+
+
+# ---------------------------------------------------------------- `flowtrail demo`
+
+
+async def test_the_demo_runs_the_seed_flows_on_its_loopback_upstream_answering_and_retrying_as_a_person(
+    env: Env,
+) -> None:
+    out = io.StringIO()
+    runs = await run_demo(CommonSettings(), env.demo_key, api_url=env.stack["api"].url,
+                          ingest_url=env.stack["ingest"].url, upstream_port=env.demo_port, out=out)  # fmt: skip
+
+    by_flow: dict[str, list[dict[str, Any]]] = {}
+    for run in runs.values():
+        by_flow.setdefault(run["flow_id"], []).append(run)
+    [sync, retry] = sorted(by_flow[demo_flows.ORDER_SYNC], key=lambda r: r["created_at"])
+    assert sync["status"] == "PARTIAL" and sync["records"]["written"] == 4 and sync["records"]["failed"] == 1
+    assert retry["status"] == "SUCCEEDED" and retry["retry_of"] == sync["id"]
+    assert retry["records"]["read"] == 1 and retry["records"]["written"] == 1
+    [api_test] = by_flow[demo_flows.API_TEST]
+    assert api_test["status"] == "SUCCEEDED" and all(a["passed"] for s in api_test["steps"] for a in s["assertions"])
+    [approval] = by_flow[demo_flows.APPROVAL]
+    assert approval["status"] == "SUCCEEDED"
+    assert {s["name"]: s for s in approval["steps"]}["approve"]["output"] == ANSWER
+    assert {r["status"] for r in by_flow["demo-order-sync"]} == {"SUCCEEDED"}
+    assert {r["status"] for r in by_flow["demo-invoice-push"]} == {"FAILED"}  # on purpose
+    shown = out.getvalue()
+    assert "answered" in shown and "retried it as " + retry["id"] in shown and "/api/public/data/order" in shown
+    demo = await env.api("GET", "/api/public/data/order", env.demo_key)
+    assert demo.status_code == 200 and demo.json()["count"] == 5  # the four synced at first, the fixed one after
