@@ -286,6 +286,14 @@ class RecordsUpsertedPayload(Frozen):
     records: tuple[CanonicalRecord, ...]
 
 
+class ConnectorDegradedPayload(Frozen):
+    """A step using a connector hit an AUTH error (seed 000): revoked or expired credentials, not a bad record."""
+
+    connector: str
+    step: str
+    error: ErrorInfo
+
+
 class LogEmittedPayload(Frozen):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     message: str
@@ -422,6 +430,13 @@ class RecordsUpserted(EventBase):
     payload: RecordsUpsertedPayload
 
 
+class ConnectorDegraded(EventBase):
+    """Ledger event ConnectorDegraded."""
+
+    type: Literal["ConnectorDegraded"] = "ConnectorDegraded"
+    payload: ConnectorDegradedPayload
+
+
 class LogEmitted(EventBase):
     """Ledger event LogEmitted."""
 
@@ -502,8 +517,8 @@ class RunArchived(EventBase):
 LEDGER_EVENT_TYPES: tuple[type[EventBase], ...] = (
     RunRequested, RunQueued, RunScheduled, RunBlocked, RunQuotaExceeded, RunInvalid, RunStarted,
     StepStarted, StepAttemptFailed, StepSucceeded, StepFailed, StepSkipped, StepCanceled,
-    RecordsProcessed, RecordFailed, RecordsUpserted, LogEmitted, RunPaused, RunResumed, RunCancelRequested,
-    RunCanceled, RunSucceeded, RunPartiallySucceeded, RunFailed, RunTimedOut, RunInternalError,
+    RecordsProcessed, RecordFailed, RecordsUpserted, ConnectorDegraded, LogEmitted, RunPaused, RunResumed,
+    RunCancelRequested, RunCanceled, RunSucceeded, RunPartiallySucceeded, RunFailed, RunTimedOut, RunInternalError,
     RunArchived,
 )  # fmt: skip
 LEDGER_EVENTS_BY_TYPE: dict[str, type[EventBase]] = {cls.__name__: cls for cls in LEDGER_EVENT_TYPES}
@@ -525,6 +540,7 @@ LedgerEvent = Annotated[
     | RecordsProcessed
     | RecordFailed
     | RecordsUpserted
+    | ConnectorDegraded
     | LogEmitted
     | RunPaused
     | RunResumed

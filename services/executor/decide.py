@@ -512,6 +512,9 @@ def _complete_step(out: _Emitter, flow: FlowDefinition, step: StepDefinition, in
             _advance(out, flow)
             return
     assert error is not None
+    if error.category == ErrorCategory.AUTH:
+        for connector in _connectors(step):
+            out.emit(ev.ConnectorDegraded, {"connector": connector, "step": step.name, "error": error})
     retry_at = _retry_at(step.retry or flow.retry, error, inp.attempt, out.run.steps[step.name], out.clock)
     if retry_at is not None:
         out.emit(ev.StepAttemptFailed, {
@@ -530,6 +533,14 @@ def _complete_step(out: _Emitter, flow: FlowDefinition, step: StepDefinition, in
          category=error.category.value)  # fmt: skip
     # A step that ran out of time ends the run TIMED_OUT (DESIGN 3), any other final failure FAILED.
     _finish(out, ev.RunTimedOut if error.code == "timeout" else ev.RunFailed, failed_step=step.name, error=error)
+
+
+def _connectors(step: StepDefinition) -> list[str]:
+    """The connectors a step names: `connector` in its input, or in its `source` / `destination`."""
+    found = [step.input.get("connector")]
+    found += [part.get("connector") for part in (step.input.get("source"), step.input.get("destination"))
+              if isinstance(part, dict)]  # fmt: skip
+    return [c for c in dict.fromkeys(found) if isinstance(c, str) and c and "{{" not in c]
 
 
 def _record_sync(out: _Emitter, step: StepDefinition, output: Any) -> Any:

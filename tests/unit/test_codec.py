@@ -102,6 +102,7 @@ PAYLOADS: dict[type[BaseModel], st.SearchStrategy[Any]] = {
             data=st.dictionaries(_text, json_values, max_size=4), source_updated_at=st.none() | _times,
         ), max_size=3).map(tuple),
     ),
+    ev.ConnectorDegradedPayload: st.builds(ev.ConnectorDegradedPayload, connector=_text, step=_text, error=_errors),
     ev.LogEmittedPayload: st.builds(
         ev.LogEmittedPayload, level=st.sampled_from(["DEBUG", "INFO", "WARNING", "ERROR"]), message=_text,
         step=_opt_text, fields=st.dictionaries(_text, json_values, max_size=3),

@@ -278,3 +278,22 @@ def run_logs_of_a_clean_run() -> list[Any]:
     run.complete(output={})
     run.complete(output={})
     return run.logs
+
+
+def test_an_auth_error_marks_the_connectors_the_step_names_degraded() -> None:
+    step = {
+        "name": "push",
+        "action": "sync_records",
+        "input": {"source": {"connector": "shopify"}, "destination": {"connector": "netsuite"}},
+    }
+    run = started(Run(make_flow(step)))
+    run.complete(ok=False, err=error("AUTH", "401 token revoked"))
+    degraded = [e.payload for e in run.of_type("ConnectorDegraded")]
+    assert [(d.connector, d.step, d.error.message) for d in degraded] == [
+        ("shopify", "push", "401 token revoked"),
+        ("netsuite", "push", "401 token revoked"),
+    ]
+    assert run.types[-2:] == ["StepFailed", "RunFailed"]  # AUTH is not retried
+    other = started(Run(make_flow({"name": "call", "input": {"connector": "crm"}})))
+    other.complete(ok=False, err=error("VALIDATION"))
+    assert other.of_type("ConnectorDegraded") == []
