@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -15,6 +16,7 @@ from services.common.http import install
 from services.common.migrate import migrate
 from services.common.ratelimit import RateLimitHeaders, rate_limiter
 from services.ingest.adapters.triggers import TriggerLog
+from services.ingest.adapters.windows import cursor_window
 from services.ingest.routes import triggers
 from services.ingest.scheduler import Scheduler
 from services.ingest.settings import IngestSettings
@@ -39,6 +41,7 @@ def create_app(settings: IngestSettings) -> FastAPI:
             app.state.scheduler = Scheduler(
                 settings.kafka_bootstrap, Topics(settings.topic_prefix), app.state.trigger_log,
                 max_catch_up_s=settings.scheduler_max_catch_up_s, poll_s=settings.scheduler_poll_s,
+                windows=functools.partial(cursor_window, app.state.pool),
             )  # fmt: skip
             await app.state.scheduler.start()
         try:

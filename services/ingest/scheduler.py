@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -32,6 +32,7 @@ from croniter import CroniterBadDateError, croniter
 
 from schemas import codec
 from schemas.events import (
+    CursorWindow,
     ExecutionMode,
     FlowEventBase,
     FlowResumed,
@@ -194,6 +195,10 @@ def scheduled_trigger(flow: FlowDefinition, tick: datetime, now: datetime) -> Tr
     )
 
 
+# (tenant, flow, version, the tick) → the cursor window of a syncing flow's run, None for other flows.
+Windows = Callable[[str, str, int, datetime], Awaitable[CursorWindow | None]]
+
+
 class ScaledClock:
     """Schedule time running 1/time_scale times as fast as real time from `origin`: tests see an hour of 1-minute
     ticks in seconds. Schedulers that must agree on ticks share one instance."""
@@ -301,8 +306,11 @@ class Scheduler:
         time_scale: float = 1.0,
         max_catch_up_s: float = 3600.0,
         poll_s: float = 1.0,
+        windows: Windows | None = None,
     ) -> None:
         self.triggers = triggers
+        # A syncing flow's tick reads the window from where its last successful run ended up to the tick.
+        self.windows = windows
         self.clock = clock
         self.time_scale = time_scale
         self.max_catch_up_s = max_catch_up_s
@@ -384,6 +392,8 @@ class Scheduler:
                 dues.append((key, due))
                 if due.fire is not None:
                     fired.append((due.fire, scheduled_trigger(entry.flow, due.fire, now)))
+        if fired and self.windows is not None:
+            fired = [(tick, await self._with_window(t, tick)) for tick, t in fired]
         if fired:
             await self.triggers.append([(t.run_id, codec.dumps(t)) for _, t in fired])
             durable = self.clock()
@@ -400,6 +410,11 @@ class Scheduler:
             if current is not None:
                 current.settle(due.settled)
         self.observed = now
+
+    async def _with_window(self, trigger: TriggerReceived, tick: datetime) -> TriggerReceived:
+        assert self.windows is not None and trigger.flow_version is not None
+        window = await self.windows(trigger.tenant_id, trigger.flow_id, trigger.flow_version, tick)
+        return trigger if window is None else trigger.model_copy(update={"cursor_window": window})
 
     def _log_skipped(self, key: FlowKey, due: Due) -> None:
         metrics.SCHEDULE_SKIPPED.inc(due.skipped)

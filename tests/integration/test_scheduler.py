@@ -5,6 +5,7 @@ ingest app starting its scheduler."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import Counter
@@ -21,8 +22,10 @@ from prometheus_client import REGISTRY
 from schemas import codec
 from schemas.events import ExecutionMode, FlowPaused, FlowResumed, FlowVersionPublished, TriggerReceived, TriggerType
 from schemas.flows import Environment, FlowDefinition, StepDefinition, TriggerConfig
+from services.common.db import create_pool
 from services.common.kafka import publish_flow_events
 from services.ingest.adapters.triggers import TriggerLog
+from services.ingest.adapters.windows import cursor_window
 from services.ingest.app import create_app
 from services.ingest.scheduler import ScaledClock, Scheduler, scheduled_run_id
 from services.ingest.settings import IngestSettings
@@ -291,3 +294,37 @@ async def test_the_ingest_app_runs_the_scheduler_unless_it_is_turned_off(
         await wait_until(two)
     found = await triggers.read()
     assert len({t.run_id for t in found}) == len(found) and {t.flow_id for t in found} == {"every-second"}
+
+
+async def test_a_scheduled_sync_flow_reads_from_where_its_last_successful_run_ended_up_to_the_tick(
+    sandbox: Sandbox, triggers: TriggerReader
+) -> None:
+    syncing = FlowDefinition(
+        id="orders-sync", tenant_id="t1", name="Orders sync", version=1, trigger=TriggerConfig(type="schedule",
+        interval_s=1), steps=(StepDefinition(name="sync", action="sync_records", input={"source": {}}),),
+    )  # fmt: skip
+    last_end = datetime(2029, 12, 31, 23, 0, tzinfo=UTC)
+    pool = await create_pool(sandbox.infra.database_url, sandbox.schema)
+    try:
+        # The read models as the projector leaves them: the version, and a successful run with its window.
+        await pool.execute("INSERT INTO flow_versions (tenant_id, flow_id, version, definition, published_at) "
+                           "VALUES ('t1', 'orders-sync', 1, $1, now())", syncing.model_dump(mode="json"))  # fmt: skip
+        await pool.execute(
+            "INSERT INTO runs (id, tenant_id, flow_id, flow_version, status, environment, execution_mode, trigger_type,"
+            " created_at, updated_at, last_seq, cursor_window) VALUES ('r0', 't1', 'orders-sync', 1, 'SUCCEEDED', "
+            "'PRODUCTION', 'schedule', 'schedule', now(), now(), 9, $1)",
+            {"updated_since": None, "updated_until": last_end.isoformat()},
+        )
+        clock = FakeClock()
+        await publish(sandbox, published(syncing, T0 - timedelta(seconds=5)), published(flow(), T0))
+        async with scheduler(sandbox, clock, windows=functools.partial(cursor_window, pool)) as running:
+            await passed(running, clock)
+            clock.advance(1)
+            await passed(running, clock)
+    finally:
+        await pool.close()
+    found = {t.flow_id: t for t in await triggers.read()}
+    window = found["orders-sync"].cursor_window
+    assert window is not None and window.updated_since == last_end
+    assert window.updated_until == datetime.fromisoformat(found["orders-sync"].trigger.payload["scheduled_for"])
+    assert found["every-second"].cursor_window is None  # a flow that does not sync has no window

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
@@ -12,12 +11,13 @@ from fastapi.responses import ORJSONResponse
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from schemas import codec
-from schemas.events import CursorWindow, ExecutionMode, TriggerInfo, TriggerReceived, TriggerType, new_run_id
+from schemas.events import ExecutionMode, TriggerInfo, TriggerReceived, TriggerType, new_run_id
 from schemas.flows import Environment
 from schemas.status import TERMINAL_RUN_STATUSES
 from services.common.auth import Principal, require_scope
 from services.common.http import ApiError
 from services.ingest import metrics
+from services.ingest.adapters.windows import cursor_window
 
 router = APIRouter()
 
@@ -97,25 +97,6 @@ async def trigger_flow(
 
 
 _TERMINAL = {s.value for s in TERMINAL_RUN_STATUSES}
-
-_WINDOW = """
-SELECT (SELECT (r.cursor_window->>'updated_until')::timestamptz FROM runs r
-         WHERE r.tenant_id = $1 AND r.flow_id = $2 AND r.status IN ('SUCCEEDED', 'PARTIAL')
-           AND r.cursor_window IS NOT NULL AND r.retry_of IS NULL  -- a retry replays an older window
-         ORDER BY r.created_at DESC LIMIT 1) AS since
-FROM flow_versions v
-WHERE v.tenant_id = $1 AND v.flow_id = $2 AND v.version = $3
-  AND v.definition->'steps' @> '[{"action": "sync_records"}]'
-"""
-
-
-async def cursor_window(pool: Any, tenant_id: str, flow_id: str, version: int) -> CursorWindow | None:
-    """For a flow that syncs records: the window its run reads, from where the flow's last successful (or
-    partial) run ended up to now (seed 000). None for other flows. A retry carries its original's window."""
-    row = await pool.fetchrow(_WINDOW, tenant_id, flow_id, version)
-    if row is None:
-        return None
-    return CursorWindow(updated_since=row["since"], updated_until=datetime.now(UTC))
 
 
 async def _wait_final(pool: Any, tenant_id: str, run_id: str, timeout_s: float) -> str:
