@@ -108,14 +108,15 @@ def delivery_id(alert: str, action: str, channel_index: int) -> str:
 def step(rule: Rule, state: State, run: Finished) -> tuple[State, list[Action]]:
     """Fold one finished run of the rule's flow into its state. Every kind resolves its open alert on the
     flow's next success, except failure_rate, which resolves when the rate drops back under the threshold."""
-    revision = rule.in_force(run.at)
-    if revision is None or run.status not in OUTCOMES:
-        return state, []
-    p = revision.params
     actions: list[Action] = []
     if rule.kind == "no_success":
-        state, overdue_fire = overdue(rule, state, run.at, revision)
-        actions += overdue_fire
+        # The silence may have crossed the limit before this run, perhaps under an earlier revision.
+        state, silent = overdue(rule, state, run.at)
+        actions += silent
+    revision = rule.in_force(run.at)
+    if revision is None or run.status not in OUTCOMES:
+        return state, actions
+    p = revision.params
     succeeded = run.status == "SUCCEEDED"
     if rule.kind == "failed_run" and run.status in FAILED:
         reason = f"run {run.run_id} of flow {rule.flow_id} ended {run.status}"
@@ -142,23 +143,30 @@ def step(rule: Rule, state: State, run: Finished) -> tuple[State, list[Action]]:
     return replace(state, updated_at=run.at), actions
 
 
-def overdue(rule: Rule, state: State, now: datetime, revision: Revision | None = None) -> tuple[State, list[Fire]]:
-    """no_success: once `minutes` passed since the last success (or since the rule's settings took effect,
-    whichever is later) with no success, fire — dated when the silence crossed the limit, not when noticed."""
-    revision = revision or rule.in_force(now)
-    if rule.kind != "no_success" or revision is None or state.open:
+def overdue(rule: Rule, state: State, until: datetime) -> tuple[State, list[Fire]]:
+    """no_success: fire once `minutes` passed with no success, counted from the last success or from when
+    the revision took effect, whichever is later — dated when the silence crossed the limit, not when it was
+    noticed, and judged by the revision in force at that moment. The clock asks with `until` = now; a batch
+    asks with the time of the next run, so a replay finds the same silences."""
+    if rule.kind != "no_success" or state.open:
         return state, []
-    base = revision.since if state.last_success_at is None else max(state.last_success_at, revision.since)
-    minutes = revision.params["minutes"]
-    deadline = base + timedelta(minutes=minutes)
-    if now < deadline:
-        return state, []
-    since = f"its last success at {state.last_success_at.isoformat()}" if state.last_success_at else "the rule began"
-    reason = f"no successful run of flow {rule.flow_id} in {minutes:g} min (since {since})"
-    details = {"flow_id": rule.flow_id, "minutes": minutes, "silent_since": base.isoformat(),
-               "last_success_run_id": state.last_success_run_id}  # fmt: skip
-    fire = Fire(f"silence:{base.isoformat()}", deadline, state.last_success_run_id, reason, details)
-    return replace(state, open=True), [fire]
+    revisions = rule.revisions
+    for i, revision in enumerate(revisions):
+        if not revision.enabled or revision.since > until:
+            continue
+        base = revision.since if state.last_success_at is None else max(state.last_success_at, revision.since)
+        minutes = revision.params["minutes"]
+        deadline = base + timedelta(minutes=minutes)
+        if deadline > until or (i + 1 < len(revisions) and deadline >= revisions[i + 1].since):
+            continue
+        last = state.last_success_at
+        since = f"its last success at {last.isoformat()}" if last and last >= revision.since else "the rule took effect"
+        reason = f"no successful run of flow {rule.flow_id} in {minutes:g} min (since {since})"
+        details = {"flow_id": rule.flow_id, "minutes": minutes, "silent_since": base.isoformat(),
+                   "last_success_run_id": state.last_success_run_id}  # fmt: skip
+        fire = Fire(f"silence:{base.isoformat()}", deadline, state.last_success_run_id, reason, details)
+        return replace(state, open=True), [fire]
+    return state, []
 
 
 def _burn(rule: Rule, state: State, run: Finished, p: dict[str, Any]) -> tuple[State, list[Action]]:

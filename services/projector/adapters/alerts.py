@@ -111,7 +111,7 @@ async def tick(pool: asyncpg.Pool, now: datetime, *, lock_key: str) -> int:
         rows = await conn.fetch(
             f"SELECT {', '.join('r.' + c for c in _RULE_COLUMNS.split(', '))} FROM alert_rules r "
             "LEFT JOIN alert_state s ON s.rule_id = r.id "
-            "WHERE r.kind = 'no_success' AND r.enabled AND NOT coalesce(s.open, false) ORDER BY r.id FOR KEY SHARE OF r"
+            "WHERE r.kind = 'no_success' AND NOT coalesce(s.open, false) ORDER BY r.id FOR KEY SHARE OF r"
         )
         if not rows:
             return 0
