@@ -84,6 +84,7 @@ def _flows(upstream: str) -> list[FlowDefinition]:
     shape = {"name": "shape", "action": "transform", "input": {"output": {"ok": True}}}
     return [
         flow("quick", [shape]),
+        flow("versioned", [shape]),
         flow("quick", [shape], tenant="tenant-b"),  # the same flow id in another tenant is another flow
         flow("limited", [{"name": "hold", "action": "delay", "input": {"seconds": 60}}], concurrency_limit=1),
         flow("guarded", [shape], input_schema={
@@ -389,15 +390,35 @@ async def test_retry_from_the_failed_step_reuses_what_succeeded_and_links_the_ru
     assert listed.json()["data"][0]["retry_of"] == failed["id"]
 
 
-async def test_a_run_that_did_not_fail_cannot_retry_from_a_failed_step_but_can_rerun(env: Env) -> None:
-    ok = await wait_status(env, await trigger(env, "quick", {}))
+async def test_a_run_shows_its_flow_version_and_a_rerun_uses_the_latest(env: Env) -> None:
+    ok = await wait_status(env, await trigger(env, "versioned", {}))
+    assert ok["flow"]["version"] == 1 and [s["name"] for s in ok["flow"]["steps"]] == ["shape"]
     refused = await api(env, "POST", f"/v1/runs/{ok['id']}/retry", json={"strategy": "FROM_FAILED_STEP"})
     assert refused.status_code == 409 and refused.json()["error"]["code"] == "conflict"
     bad = await api(env, "POST", f"/v1/runs/{ok['id']}/retry", json={"strategy": "SOMETIMES"})
     assert bad.status_code == 422
+
+    v2 = FlowDefinition.model_validate(
+        {
+            "tenant_id": "tenant-a",
+            "id": "versioned",
+            "name": "Versioned",
+            "version": 2,
+            "steps": [{"name": "reshape", "action": "transform", "input": {"output": 2}}],
+        }
+    )
+    await publish_flow_events(
+        env.sandbox.infra.kafka_bootstrap,
+        env.sandbox.topics,
+        [FlowVersionPublished(tenant_id="tenant-a", flow_id="versioned", flow_version=2, flow=v2)],
+    )
     rerun = await api(env, "POST", f"/v1/runs/{ok['id']}/retry", json={"strategy": "ON_LATEST_VERSION"})
     assert rerun.status_code == 202
-    assert (await wait_status(env, rerun.json()["run_id"]))["status"] == "SUCCEEDED"
+    fresh = await wait_status(env, rerun.json()["run_id"])
+    assert fresh["status"] == "SUCCEEDED" and fresh["flow_version"] == 2 and fresh["retry_of"] == ok["id"]
+    assert [s["name"] for s in fresh["steps"]] == ["reshape"]
+    old = await wait_status(env, ok["id"])
+    assert old["flow"]["version"] == 1 and [s["name"] for s in old["flow"]["steps"]] == ["shape"]  # as it ran
 
 
 # ---------------------------------------------------------------- bulk

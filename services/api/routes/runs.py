@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.events import ExecutionMode, TriggerType
+from schemas.flows import mask_secrets
 from schemas.status import parse_run_status
 from services.api import timeline
 from services.api.adapters import runs as store
@@ -199,6 +200,12 @@ async def get_run(
         attempts.setdefault(a["step"], []).append(_attempt(a))
     steps = [_step(s, attempts.get(s["step"], [])) for s in await store.get_steps(pool, run_id)]
     out = _detail(dict(row), row["trigger_payload"], row["error"], steps)
+    # The flow as this run ran it (seed 004): its immutable version, whatever was published since.
+    flow = await pool.fetchval(
+        "SELECT definition FROM flow_versions WHERE tenant_id = $1 AND flow_id = $2 AND version = $3",
+        principal.tenant_id, row["flow_id"], row["flow_version"],
+    )  # fmt: skip
+    out["flow"] = mask_secrets(flow) if flow is not None else None
     if row["status"] == "PAUSED":
         # What a human must answer: POST /v1/runs/{id}/resume/{request_id} with the answer as the body.
         out["waiting_for"] = await pool.fetchval(
