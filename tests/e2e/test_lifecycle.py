@@ -485,3 +485,24 @@ async def test_bulk_actions_never_reach_another_tenants_runs(env: Env) -> None:
     assert everything.status_code == 422 and "filter" in everything.json()["error"]["message"]
     unknown = await api(env, "POST", "/v1/runs/bulk/cancel", json={"flow_id": "long", "explode": True})
     assert unknown.status_code == 422
+
+
+# ---------------------------------------------------------------- execution modes
+
+
+async def test_live_mode_waits_for_the_final_status_and_answers_the_result(env: Env) -> None:
+    async with httpx.AsyncClient(timeout=40) as client:
+        ok = await client.post(f"{env.ingest}/v1/flows/quick/trigger", json={"mode": "live", "input": {}},
+                               headers=_auth(env.key_a))  # fmt: skip
+        env.upstream.flaky_fails = True
+        failed = await client.post(f"{env.ingest}/v1/flows/reserve/trigger", json={"mode": "live", "input": {}},
+                                   headers=_auth(env.key_a))  # fmt: skip
+        later = await client.post(f"{env.ingest}/v1/flows/quick/trigger",
+                                  json={"mode": "live", "input": {}, "run_at": "2030-01-01T00:00:00Z"},
+                                  headers=_auth(env.key_a))  # fmt: skip
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["status"] == "SUCCEEDED" and ok.json()["output"] == {"ok": True}
+    assert failed.status_code == 200 and failed.json()["status"] == "FAILED"
+    assert failed.json()["output"] == {"total": 42}  # the last step that succeeded
+    assert failed.json()["error"]["category"] == "VALIDATION"
+    assert later.status_code == 422 and "run_at" in later.json()["error"]["message"]

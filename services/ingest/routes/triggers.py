@@ -92,24 +92,33 @@ async def trigger_flow(
     run_id = run_ids[0]
     if body.mode != "live":
         return ORJSONResponse({"run_id": run_id, "status": "QUEUED"}, status_code=202)
-    status = await _wait_final(pool, principal.tenant_id, run_id, settings.live_timeout_s)
-    return ORJSONResponse({"run_id": run_id, "status": status}, status_code=200 if status in _TERMINAL else 202)
+    result = await _wait_final(pool, principal.tenant_id, run_id, settings.live_timeout_s)
+    return ORJSONResponse(result, status_code=200 if result["status"] in _TERMINAL else 202)
 
 
 _TERMINAL = {s.value for s in TERMINAL_RUN_STATUSES}
 
 
-async def _wait_final(pool: Any, tenant_id: str, run_id: str, timeout_s: float) -> str:
-    """Live mode: poll the read model until the run is final or the timeout passes."""
+async def _wait_final(pool: Any, tenant_id: str, run_id: str, timeout_s: float) -> dict[str, Any]:
+    """Live mode (seed 002): poll the read model until the run is final or the timeout passes; a final run
+    answers with its result — the output of its last step that succeeded — and its error."""
     deadline = time.monotonic() + timeout_s
     status = "QUEUED"
     delay = 0.01
     while time.monotonic() < deadline:
-        row = await pool.fetchrow("SELECT status FROM runs WHERE tenant_id = $1 AND id = $2", tenant_id, run_id)
+        row = await pool.fetchrow(
+            "SELECT status, error, duration_ms FROM runs WHERE tenant_id = $1 AND id = $2", tenant_id, run_id
+        )
         if row is not None:
             status = row["status"]
             if status in _TERMINAL:
-                break
+                output = await pool.fetchval(
+                    "SELECT output FROM run_steps WHERE run_id = $1 AND status = 'SUCCEEDED' "
+                    "ORDER BY position DESC LIMIT 1",
+                    run_id,
+                )
+                return {"run_id": run_id, "status": status, "output": output, "error": row["error"],
+                        "duration_ms": row["duration_ms"]}  # fmt: skip
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.2)
-    return status
+    return {"run_id": run_id, "status": status}
