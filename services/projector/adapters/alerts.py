@@ -81,25 +81,26 @@ async def evaluate(conn: asyncpg.Connection, events: list[EventBase], *, deliver
             list({e.run_id for e in finished}),
         )
     }
-    finished.sort(key=lambda e: (e.occurred_at, e.run_id))
+    by_flow: dict[tuple[str, str, str], list[Finished]] = {}
+    for e in sorted(finished, key=lambda e: (e.occurred_at, e.run_id)):
+        if (run := runs.get(e.run_id)) is None:
+            continue  # purged by retention before it was projected
+        done = Finished(e.run_id, TERMINAL_EVENT_STATUS[e.type], e.occurred_at, run["flow_name"],
+                        run["error_message"], run["failed_step"])  # fmt: skip
+        by_flow.setdefault((e.tenant_id, run["environment"], e.flow_id), []).append(done)
     states = await _lock_states(conn, [r["id"] for r in rows])
     outcome = _Outcome()
+    changed: dict[str, State] = {}
     for row in rows:
         rule = rule_from(row)
         outcome.rules[rule.id] = (rule, row["channels"])
-        state = before = states[rule.id]
-        for e in finished:
-            run = runs.get(e.run_id)
-            if e.tenant_id != rule.tenant_id or e.flow_id != rule.flow_id or run is None:
-                continue
-            if run["environment"] != rule.environment:
-                continue
-            done = Finished(e.run_id, TERMINAL_EVENT_STATUS[e.type], e.occurred_at, run["flow_name"],
-                            run["error_message"], run["failed_step"])  # fmt: skip
+        state = states[rule.id]
+        for done in by_flow.get((rule.tenant_id, rule.environment, rule.flow_id), []):
             state, actions = alerts.step(rule, state, done)
             outcome.apply(rule, actions)
-        if state != before:
-            await _save_state(conn, rule.id, state)
+        if state != states[rule.id]:
+            changed[rule.id] = state
+    await _save_states(conn, changed)
     return await _record(conn, outcome, deliver=deliver)
 
 
@@ -128,7 +129,7 @@ async def tick(pool: asyncpg.Pool, now: datetime, *, lock_key: str) -> int:
             if fires:
                 outcome.rules[rule.id] = (rule, row["channels"])
                 outcome.apply(rule, fires)
-                await _save_state(conn, rule.id, state)
+                await _save_states(conn, {rule.id: state})
         return await _record(conn, outcome, deliver=True)
 
 
@@ -156,18 +157,17 @@ async def _states(conn: asyncpg.Connection, rule_ids: list[str], *, lock: bool =
     }  # fmt: skip
 
 
-async def _save_state(conn: asyncpg.Connection, rule_id: str, s: State) -> None:
-    await conn.execute(
+async def _save_states(conn: asyncpg.Connection, states: dict[str, State]) -> None:
+    if not states:
+        return
+    await conn.executemany(
         """
-        INSERT INTO alert_state AS a (rule_id, consecutive, last_success_at, last_success_run_id, open, "window",
-                                      updated_at)
-        VALUES ($1, $2, $3, $4, $5, $6, $7)
-        ON CONFLICT (rule_id) DO UPDATE SET consecutive = EXCLUDED.consecutive,
-            last_success_at = EXCLUDED.last_success_at, last_success_run_id = EXCLUDED.last_success_run_id,
-            open = EXCLUDED.open, "window" = EXCLUDED."window", updated_at = EXCLUDED.updated_at
+        UPDATE alert_state SET consecutive = $2, last_success_at = $3, last_success_run_id = $4, open = $5,
+                               "window" = $6, updated_at = $7
+        WHERE rule_id = $1
         """,
-        rule_id, s.consecutive, s.last_success_at, s.last_success_run_id, s.open,
-        [[t.isoformat(), f] for t, f in s.window], s.updated_at,
+        [(rid, s.consecutive, s.last_success_at, s.last_success_run_id, s.open,
+          [[t.isoformat(), f] for t, f in s.window], s.updated_at) for rid, s in states.items()],
     )  # fmt: skip
 
 
