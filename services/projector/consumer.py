@@ -216,9 +216,12 @@ class Projector:
         )
         try:
             while True:
+                # A rebuild's swap closes the pool and opens one on the new schema: always send through the current.
+                if self.pool is not None:
+                    dispatcher.pool = self.pool
                 try:
                     sent = await dispatcher.run_once()
-                except (asyncpg.PostgresError, OSError):
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
                     log.exception("webhook dispatch failed; retrying")
                     sent = 0
                 if not sent:
