@@ -30,6 +30,8 @@ class Scale:
     batch_inputs: int
     # Queries through the API: runs seeded straight into the read models (the issue asks for 1M and 10M).
     query_runs: int = 5_000
+    # Memory after history: finished 1-step runs written to the ledger before the services start (issue: 1M).
+    history_runs: int = 2_000
     concurrency: int = 32
     steps: int = 10
     record_bytes: int = 500
@@ -50,13 +52,13 @@ SCALES = {
     "default": Scale(
         name="default", partitions=4, kafka_messages=200_000, copy_runs=4_000, list_seed_runs=200_000,
         query_samples=500, projection_runs=5_000, e2e_runs=2_000, latency_runs=400, sequential_runs=20,
-        batch_inputs=100_000, query_runs=1_000_000,
+        batch_inputs=100_000, query_runs=1_000_000, history_runs=100_000,
     ),
     # The issue's sizes: a million ledger events to project.
     "full": Scale(
         name="full", partitions=4, kafka_messages=1_000_000, copy_runs=20_000, list_seed_runs=1_000_000,
         query_samples=2_000, projection_runs=41_667, e2e_runs=10_000, latency_runs=1_000, sequential_runs=50,
-        batch_inputs=100_000, timeout_s=1800, query_runs=10_000_000,
+        batch_inputs=100_000, timeout_s=1800, query_runs=10_000_000, history_runs=1_000_000,
     ),
 }  # fmt: skip
 

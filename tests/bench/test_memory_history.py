@@ -1,0 +1,339 @@
+"""Memory after history (issue 6 item 8): each service's resident memory on a ledger of N finished runs.
+
+The same four services run twice in this module: on an empty ledger (the baseline: steady state after a short
+load) and on a ledger that already holds N finished 1-step runs (written straight to Kafka, as the executor
+writes them). Each figure is the with-history value over the without-history one; "no growth with history"
+is a ratio near 1. Then the executor's own replay code runs in this process on the same ledger, timed and
+under tracemalloc, to say how many bytes a finished run keeps and where they are allocated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import time
+import tracemalloc
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from schemas.events import EventBase, FlowVersionPublished, TriggerInfo, TriggerReceived, TriggerType, new_run_id
+from schemas.flows import FlowDefinition
+from services.common.auth import create_api_key, ensure_tenant
+from services.common.db import connect
+from services.common.kafka import publish_flow_events
+from services.executor.adapters.flows import FlowRegistry
+from services.executor.adapters.ledger import LedgerWriter, read_partition
+from services.executor.decide import Clock, StartRun, StepCompleted, decide_and_fold
+from services.executor.engine import Engine
+from services.executor.settings import ExecutorSettings
+from tests.bench.ceilings import KafkaCeiling
+from tests.bench.load import TENANT, Flowtrail, TriggerClient, noop_flow, profiled
+from tests.bench.loaders import bench_sandbox, produce_history
+from tests.bench.measure import prometheus_values, wait_until
+from tests.bench.report import Ceiling, Report, Target
+from tests.bench.scale import Scale
+from tests.conftest import Infra, Sandbox
+from tests.e2e.stack import Stack
+
+FLOW = noop_flow("bench-history", 1)
+SERVICES = ("executor", "projector", "api", "ingest")
+# The steady load each stack gets before it is measured: enough to fill connection pools and caches.
+LOAD_RUNS = 200
+CONCURRENCY = 32
+MB300 = Target("<=", 300, unit="MB")
+
+
+def finished_run(flow: FlowDefinition) -> list[EventBase]:
+    """One run of `flow` as the executor's own decide() writes it: RunRequested … RunSucceeded, every step
+    succeeding 2 ms after it started. The history is copies of this run."""
+    t0 = datetime.now(UTC)
+    trigger = TriggerReceived(
+        tenant_id=flow.tenant_id, run_id=new_run_id(), flow_id=flow.id, flow_version=flow.version,
+        trigger=TriggerInfo(type=TriggerType.API, caller="key_bench", payload={"order_id": "SO-1", "total_cents": 990}),
+        received_at=t0,
+    )  # fmt: skip
+    events, state = decide_and_fold(None, flow, StartRun(trigger, flow.version), Clock(now=t0))
+    for i, step in enumerate(flow.steps, start=1):
+        done = StepCompleted(trigger.run_id, step.name, 1, True, step.input.get("output"), None, 0.3)
+        more, state = decide_and_fold(state, flow, done, Clock(now=t0 + timedelta(milliseconds=2 * i)))
+        events += more
+    assert state is not None and state.terminal and events[-1].type == "RunSucceeded", [e.type for e in events]
+    return events
+
+
+def vm_mb(pid: int) -> dict[str, float]:
+    """VmRSS (resident now) and VmHWM (the most it was ever resident), MB, from /proc/<pid>/status."""
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out["rss" if line.startswith("VmRSS") else "peak"] = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return out
+
+
+@dataclass
+class Phase:
+    """What one stack measured: memory per service at each point, and how long its startup steps took."""
+
+    memory: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # point → service → rss/peak
+    seconds: dict[str, float] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    def measure(self, ft: Flowtrail, point: str) -> None:
+        pids = ft.pids()
+        for name in SERVICES:
+            process = ft.stack[name].process
+            assert process is not None and process.poll() is None, f"{name} exited:\n{ft.stack[name].log_tail()}"
+        self.memory[point] = {name: vm_mb(pid) for name, pid in pids.items()}
+
+
+@asynccontextmanager
+async def flowtrail_on_history(infra: Infra, scale: Scale, log_dir: Path, runs: int,
+                               phase: Phase) -> AsyncIterator[Flowtrail]:  # fmt: skip
+    """A sandbox whose ledger holds `runs` finished runs of FLOW before the four services start on it."""
+    async with bench_sandbox(infra, scale.partitions) as box:
+        db = await connect(infra.database_url, box.schema)
+        try:
+            await ensure_tenant(db, TENANT, "Benchmarks")
+            _, key = await create_api_key(db, TENANT)
+            await publish_flow_events(infra.kafka_bootstrap, box.topics, [
+                FlowVersionPublished(tenant_id=TENANT, flow_id=FLOW.id, flow_version=FLOW.version, flow=FLOW)
+            ])  # fmt: skip
+            if runs:
+                started = time.monotonic()
+                per_partition = await produce_history(infra.kafka_bootstrap, box.topics.ledger, box.partitions,
+                                                      finished_run(FLOW), runs)  # fmt: skip
+                phase.seconds["write history"] = time.monotonic() - started
+                phase.facts["events_per_partition"] = per_partition
+            logs = log_dir / ("history" if runs else "baseline")
+            logs.mkdir(parents=True, exist_ok=True)
+            stack = profiled(Stack.build(box, SERVICES, logs))
+            spawned = time.monotonic()
+            await stack.start()
+            try:
+                ft = Flowtrail(box, stack, key, db)
+                await _until_caught_up(ft, scale, phase, spawned)
+                yield ft
+            finally:
+                stack.stop()
+        finally:
+            await db.close()
+
+
+async def _until_caught_up(ft: Flowtrail, scale: Scale, phase: Phase, spawned: float) -> None:
+    """Until the executor owns (so has replayed) every partition and the projector has projected every event."""
+    box = ft.sandbox
+
+    async def executor_owns_all() -> bool:
+        try:
+            timeout = aiohttp.ClientTimeout(total=5)
+            async with aiohttp.ClientSession(timeout=timeout) as s, s.get(ft.stack["executor"].url + "/healthz") as r:
+                return len((await r.json())["partitions"]) == box.partitions
+        except (aiohttp.ClientError, TimeoutError):
+            return False  # busy folding a partition: its event loop answers once that is done
+
+    async def projected_all() -> bool:
+        done = await ft.db.fetchval(
+            "SELECT coalesce(sum(next_offset), 0) FROM projector_offsets WHERE topic = $1", box.topics.ledger
+        )
+        flows = await ft.db.fetchval("SELECT count(*) FROM flows")
+        return int(done) >= await ledger_end(box) and int(flows) >= 1
+
+    executor = asyncio.create_task(wait_until(executor_owns_all, within=scale.timeout_s, interval=0.1,
+                                              what="executor replay", on_timeout=ft.log_tails))  # fmt: skip
+    projector = asyncio.create_task(wait_until(projected_all, within=scale.timeout_s, interval=0.2,
+                                               what="projection of the history", on_timeout=ft.log_tails))  # fmt: skip
+    phase.seconds["executor start → every partition replayed"] = await executor - spawned
+    phase.seconds["projector start → history projected"] = await projector - spawned
+
+
+async def ledger_end(box: Sandbox) -> int:
+    consumer = AIOKafkaConsumer(bootstrap_servers=box.infra.kafka_bootstrap, group_id=None)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(box.topics.ledger, p) for p in range(box.partitions)]
+        return sum((await consumer.end_offsets(tps)).values())
+    finally:
+        await consumer.stop()
+
+
+async def steady_load(ft: Flowtrail, scale: Scale) -> list[str]:
+    """LOAD_RUNS runs through ingest, CONCURRENCY at a time, until each is final in the read model."""
+    before = await ft.terminal_count(FLOW.id)
+    client = TriggerClient(ft, CONCURRENCY)
+    try:
+        ids = await client.many(FLOW.id, LOAD_RUNS, CONCURRENCY)
+    finally:
+        await client.close()
+
+    async def all_final() -> bool:
+        return await ft.terminal_count(FLOW.id) >= before + LOAD_RUNS
+
+    await wait_until(all_final, within=scale.timeout_s, interval=0.05, what="steady load", on_timeout=ft.log_tails)
+    statuses = dict(await ft.db.fetch("SELECT status, count(*) FROM runs WHERE id = ANY($1) GROUP BY 1", ids))
+    assert statuses == {"SUCCEEDED": LOAD_RUNS}, statuses
+    return ids
+
+
+async def answers(ft: Flowtrail, run_ids: list[str]) -> None:
+    """Every service answers its health check, and the API serves these runs (each SUCCEEDED) and a runs page."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+        for name in SERVICES:
+            async with s.get(ft.stack[name].url + "/healthz") as r:
+                assert r.status == 200, f"{name} /healthz answered {r.status}: {await r.text()}"
+        auth = {"Authorization": f"Bearer {ft.key}"}
+        for run_id in run_ids:
+            async with s.get(f"{ft.api}/v1/runs/{run_id}", headers=auth) as r:
+                body = await r.json()
+                assert r.status == 200 and body["status"] == "SUCCEEDED", body
+        async with s.get(f"{ft.api}/v1/runs", params={"flow_id": FLOW.id, "limit": "50"}, headers=auth) as r:
+            assert r.status == 200 and len((await r.json())["data"]) == 50, await r.text()
+
+
+async def run_phase(infra: Infra, scale: Scale, log_dir: Path, runs: int) -> Phase:
+    phase = Phase()
+    async with flowtrail_on_history(infra, scale, log_dir, runs, phase) as ft:
+        if runs:
+            final = await ft.db.fetchval("SELECT count(*) FROM runs WHERE status = 'SUCCEEDED'")
+            assert final == runs, f"{final} of the {runs} history runs projected SUCCEEDED"
+            async with aiohttp.ClientSession() as s, s.get(ft.stack["executor"].url + "/metrics") as r:
+                replayed = prometheus_values(await r.text()).get("flowtrail_executor_replayed_events_total")
+            assert replayed == sum(phase.facts["events_per_partition"]), (replayed, phase.facts)
+            oldest = await ft.db.fetchval("SELECT id FROM runs ORDER BY created_at LIMIT 1")
+            phase.measure(ft, "replayed")
+        ids = await steady_load(ft, scale)
+        await answers(ft, ids[-1:] + ([oldest] if runs else []))
+        phase.measure(ft, "load")
+        # The history's last act is the load: the executor's and projector's offsets moved past the old history.
+        phase.facts["ledger_events"] = await ledger_end(ft.sandbox)
+    return phase
+
+
+@pytest.fixture(scope="module")
+async def baseline(infra: Infra, scale: Scale, log_dir: Path) -> Phase:
+    return await run_phase(infra, scale, log_dir, 0)
+
+
+async def test_memory_after_history(baseline: Phase, infra: Infra, scale: Scale, report: Report, log_dir: Path,
+                                    kafka_ceiling: KafkaCeiling) -> None:  # fmt: skip
+    runs = scale.history_runs
+    history = await run_phase(infra, scale, log_dir, runs)
+    events = sum(history.facts["events_per_partition"])
+    base, load = baseline.memory["load"], f"{LOAD_RUNS} runs"
+    for name in SERVICES:
+        steady = report.ceilings[f"memory.{name}"] = Ceiling(
+            f"memory.{name}", f"RSS {name} without history", base[name]["rss"], "MB"
+        )
+        peak = report.ceilings[f"memory.peak.{name}"] = Ceiling(
+            f"memory.peak.{name}", f"peak RSS {name} without history", base[name]["peak"], "MB"
+        )
+        report.add("memory", f"RSS without history, after {load}: {name}", steady.value, "MB", target=MB300)
+        report.add("memory", f"RSS after {runs:,}-run history: {name}", history.memory["replayed"][name]["rss"],
+                   "MB", ceiling=steady.key, target=MB300)  # fmt: skip
+        report.add("memory", f"RSS after {runs:,}-run history + {load}: {name}", history.memory["load"][name]["rss"],
+                   "MB", ceiling=steady.key, target=MB300)  # fmt: skip
+        report.add("memory", f"peak RSS (VmHWM) with {runs:,}-run history: {name}",
+                   history.memory["load"][name]["peak"], "MB", ceiling=peak.key)  # fmt: skip
+    grown = history.memory["load"]["executor"]["rss"] - base["executor"]["rss"]
+    report.add("memory", "executor RSS growth per history run", grown * 2**20 / runs, "B/run",
+               note=f"{grown:.0f} MB over {runs:,} runs")  # fmt: skip
+    key = "executor start → every partition replayed"
+    replay = history.seconds[key] - baseline.seconds[key]
+    report.add("rebuild", f"executor start → {runs:,}-run history replayed", history.seconds[key], "s",
+               note=f"{baseline.seconds[key]:.1f} s without history")  # fmt: skip
+    report.add("rebuild", f"executor replay events/s, {events:,} events (startup without history taken off)",
+               events / replay if replay > 0 else float("nan"), "events/s", ceiling="kafka.consume")  # fmt: skip
+    key = "projector start → history projected"
+    catch_up = history.seconds[key] - baseline.seconds[key]
+    report.add("rebuild", f"projector catch-up on a {events:,}-event history (startup taken off)",
+               events / catch_up if catch_up > 0 else float("nan"), "events/s", ceiling="kafka.consume",
+               note="while the executor replays")  # fmt: skip
+    report.details["memory_history"] = {
+        "history_runs": runs, "history_events": events, "load_runs": LOAD_RUNS,
+        "baseline": {"memory_mb": baseline.memory, "seconds": baseline.seconds, **baseline.facts},
+        "history": {"memory_mb": history.memory, "seconds": history.seconds, **history.facts},
+    }  # fmt: skip
+
+
+async def test_executor_replay_memory_per_run(infra: Infra, scale: Scale, report: Report) -> None:
+    """The executor's replay (Engine.assign) run here on one partition of a history: what it keeps per finished
+    run, its peak per replayed event, and the allocation sites of both (tracemalloc)."""
+    runs = scale.history_runs
+    async with bench_sandbox(infra, scale.partitions) as box:
+        template = finished_run(FLOW)
+        per_partition = await produce_history(infra.kafka_bootstrap, box.topics.ledger, box.partitions, template,
+                                              runs)  # fmt: skip
+        settings = ExecutorSettings(
+            kafka_bootstrap=infra.kafka_bootstrap, database_url=infra.database_url, database_schema=box.schema,
+            topic_prefix=box.topics.prefix, partitions=box.partitions,
+        )  # fmt: skip
+        engine = Engine(settings, LedgerWriter(infra.kafka_bootstrap, box.topics.ledger, linger_ms=5),
+                        FlowRegistry(infra.kafka_bootstrap, box.topics.flows))  # fmt: skip
+        await engine.start()
+        try:
+            # Untraced first: the replay's own speed.
+            started = time.perf_counter()
+            await engine.assign([0])
+            untraced_s = time.perf_counter() - started
+            kept_before = len(engine.finished)
+            # Then one more partition under tracemalloc: what stays after it, and the most held during it.
+            gc.collect()
+            tracemalloc.start(1)
+            before = tracemalloc.take_snapshot()
+            base, _ = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            await engine.assign([1])
+            gc.collect()
+            current, peak = tracemalloc.get_traced_memory()
+            kept = tracemalloc.take_snapshot().compare_to(before, "lineno")
+            tracemalloc.stop()
+            traced_runs = len(engine.finished) - kept_before
+            # And what the decoded events of one partition weigh while the replay holds them in one list.
+            tracemalloc.start(1)
+            held_before = tracemalloc.get_traced_memory()[0]
+            events = await read_partition(infra.kafka_bootstrap, box.topics.ledger, 2)
+            held = tracemalloc.get_traced_memory()[0] - held_before
+            held_by = tracemalloc.take_snapshot().statistics("lineno")[:6]
+            tracemalloc.stop()
+            assert len(events) == per_partition[2]
+            del events
+        finally:
+            await engine.close()
+            await engine.flows.stop()
+            await engine.ledger.stop()
+    # Every history run of both partitions was folded to a finished run, none resumed.
+    assert not engine.runs and len(engine.finished) == (per_partition[0] + per_partition[1]) // len(template)
+    n0, n1, n2 = per_partition[0], per_partition[1], per_partition[2]
+    report.add("rebuild", f"executor replay in-process (Engine.assign), {n0:,} events of one partition",
+               n0 / untraced_s, "events/s", ceiling="kafka.consume")  # fmt: skip
+    report.add("memory", "executor replay: kept per finished run (tracemalloc)", (current - base) / traced_runs,
+               "B/run", note=f"{traced_runs:,} runs")  # fmt: skip
+    report.add("memory", "executor replay: peak held per replayed event (tracemalloc)", (peak - base) / n1,
+               "B/event", note=f"{n1:,} events, peak {(peak - base) / 2**20:.0f} MB")  # fmt: skip
+    report.add("memory", "executor replay: decoded event list per event (read_partition)", held / n2, "B/event",
+               note=f"{n2:,} events")  # fmt: skip
+    report.details["executor_replay_memory"] = {
+        "events_per_partition": per_partition, "untraced_seconds_partition_0": untraced_s,
+        "kept_bytes": current - base, "kept_runs": traced_runs, "peak_bytes": peak - base,
+        "kept_by_line": [_stat(s) for s in kept[:8]], "decoded_list_bytes": held,
+        "decoded_list_by_line": [_stat(s) for s in held_by], "pid": os.getpid(),
+    }  # fmt: skip
+
+
+def _stat(s: Any) -> dict[str, Any]:
+    """A tracemalloc Statistic or StatisticDiff as `dir/file.py:line`, bytes and blocks."""
+    frame = s.traceback[0]
+    where = "/".join(frame.filename.rsplit("/", 2)[-2:])
+    return {"where": f"{where}:{frame.lineno}", "bytes": getattr(s, "size_diff", s.size),
+            "blocks": getattr(s, "count_diff", s.count)}  # fmt: skip
