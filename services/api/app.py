@@ -13,7 +13,7 @@ from schemas.topics import Topics
 from services.api.adapters.commands import CommandLog
 from services.api.adapters.flows import FlowLog
 from services.api.adapters.notify import Notifier
-from services.api.routes import actions, alerts, analytics, data, flows, keys, runs, stream, webhooks
+from services.api.routes import actions, alerts, analytics, connectors, data, flows, keys, runs, stream, webhooks
 from services.api.settings import ApiSettings
 from services.common.auth import Authenticator
 from services.common.db import connect, create_pool
@@ -66,4 +66,5 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(keys.router)
     app.include_router(flows.router)
     app.include_router(alerts.router)
+    app.include_router(connectors.router)
     return app

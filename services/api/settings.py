@@ -11,6 +11,8 @@ class ApiSettings(CommonSettings):
     pool_max_size: int = service_field("api", "pool_max_size", 10)
     # Webhook receivers on private or loopback addresses: local development only.
     webhook_allow_private_networks: bool = service_field("api", "webhook_allow_private_networks", False)
+    # Connectors (their URLs and DSNs, and the checks `verify` makes) on private or loopback addresses.
+    connector_allow_private_networks: bool = service_field("api", "connector_allow_private_networks", False)
     # Per-key sliding-window rate limits (seed 003): requests per window, shared by every process serving a
     # key through PostgreSQL. Reads are GET/HEAD, triggers POST /v1/flows/{id}/trigger, writes the rest.
     rate_limit_enabled: bool = service_field("api", "rate_limit_enabled", True)

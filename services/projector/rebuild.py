@@ -49,10 +49,12 @@ DERIVED: dict[str, str] = {
     "canonical_external_ids": "tenant_id, environment, entity, source, external_id",
     "alert_state": "rule_id",
     "alert_events": "id",
+    "connector_health": "tenant_id, connector",
 }
 # In foreign-key order. Webhook deliveries are a record of what was sent, not derived: carried over as is.
 CONTROL: tuple[str, ...] = (
     "tenants",
+    "connectors",
     "api_keys",
     "rate_limit_windows",
     "retention_marks",

@@ -18,7 +18,7 @@ from schemas.events import (
     FlowResumed,
     FlowVersionPublished,
 )
-from services.projector import metrics, retention
+from services.projector import connectors, metrics, retention
 from services.projector.adapters import alerts, webhooks
 from services.projector.adapters.details import write_details
 from services.projector.details import plan_details
@@ -220,6 +220,7 @@ async def apply_batch(
             await _apply_flow_event(conn, p.event)
         # Alert history is derived (a replay recomputes it); only its deliveries are a side effect.
         await alerts.evaluate(conn, new_events, deliver=side_effects)
+        await connectors.project(conn, new_events, deliver=side_effects)
         if side_effects:
             await webhooks.enqueue(conn, new_events, [p.event for p in flows])
         await _save_offsets(conn, group, batch)

@@ -12,7 +12,8 @@ import asyncpg
 import httpx
 
 from schemas import codec
-from schemas.events import EventBase, FlowEventBase, FlowPaused
+from schemas.events import ConnectorDegraded, EventBase, FlowEventBase, FlowPaused
+from schemas.flows import mask_secrets
 from services.common.webhooks import RUN_EVENTS, sign
 from services.executor.adapters.netguard import BlockedAddress, check_url
 from services.projector import metrics
@@ -56,6 +57,39 @@ async def enqueue(conn: asyncpg.Connection, events: list[EventBase], flow_events
         data = {"flow": {"id": f.flow_id, "version": f.flow_version, "reason": f.reason}}
         for environment in ("PRODUCTION", "TESTING"):
             rows += _offer(subs, f.tenant_id, environment, "flow.paused", f"flow:{f.event_id}", f.occurred_at, data)
+    return await _insert(conn, rows)
+
+
+async def enqueue_connector_degraded(conn: asyncpg.Connection, began: list[ConnectorDegraded]) -> int:
+    """`connector.degraded` for the events that turned a connector degraded (services.projector.connectors
+    picks them: once per transition, not per failing step), to subscriptions of the run's environment."""
+    subs = await conn.fetch("SELECT id, tenant_id, environment, events FROM webhook_subscriptions WHERE active")
+    if not subs or not began:
+        return 0
+    runs = {
+        r["id"]: r
+        for r in await conn.fetch(
+            "SELECT id, environment, flow_name FROM runs WHERE id = ANY($1::text[])", list({e.run_id for e in began})
+        )
+    }
+    rows: list[tuple[Any, ...]] = []
+    for e in began:
+        run = runs.get(e.run_id)
+        if run is None:
+            continue
+        p = e.payload
+        data = {
+            "connector": {"name": p.connector, "status": "degraded", "degraded_since": e.occurred_at},
+            "flow": {"id": e.flow_id, "version": e.flow_version, "name": run["flow_name"]},
+            "run_id": e.run_id, "step": p.step, "error": mask_secrets(p.error.model_dump(mode="json")),
+            "occurred_at": e.occurred_at,
+        }  # fmt: skip
+        key = f"{e.run_id}:{e.seq}"
+        rows += _offer(subs, e.tenant_id, run["environment"], "connector.degraded", key, e.occurred_at, data)
+    return await _insert(conn, rows)
+
+
+async def _insert(conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> int:
     if not rows:
         return 0
     cols = list(zip(*rows, strict=True))

@@ -1,0 +1,361 @@
+"""Connectors (seed 003): register, list with health and the flows using each, get, delete, and verify.
+
+A connector is registered under the name steps use (`connector`, `source.connector`, `destination.connector`).
+Its status comes from connector_health, which the projector derives from the ledger: degraded by a step's
+AUTH error, ok again once a later step using it succeeds (services/projector/connectors.py). `verify` makes a
+real check now (HTTP GET, PostgreSQL `SELECT 1`, Kafka metadata) and reports it; it does not change the
+status, which stays a function of the ledger. Credentials are masked in every answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import secrets
+import time
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+from urllib.parse import urljoin, urlsplit
+
+import asyncpg
+import httpx
+from aiokafka import errors as kerr
+from aiokafka.admin import AIOKafkaAdminClient
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from schemas.events import ErrorCategory, ErrorInfo
+from schemas.flows import mask_secrets, mask_text
+from services.api.routes.flows import connectors as named_connectors
+from services.common.auth import Principal, require_scope
+from services.common.http import ApiError
+from services.executor.adapters.actions_base import StepError, masked_message
+from services.executor.adapters.actions_db import DatabaseActions, classify_sqlstate
+from services.executor.adapters.actions_kafka import classify_kafka
+from services.executor.adapters.netguard import BlockedAddress, check_host, check_url
+from services.executor.adapters.steps import classify_status
+
+router = APIRouter()
+Reader = Annotated[Principal, Depends(require_scope("runs:read"))]
+Admin = Annotated[Principal, Depends(require_scope("admin"))]
+
+KINDS = ("http", "postgresql", "kafka")
+STATUSES = ("ok", "degraded")
+_SCHEMES = {"http": ("http", "https"), "postgresql": ("postgresql", "postgres"), "kafka": ("kafka",)}
+
+
+class ConnectorConfig(BaseModel):
+    """`url` for http (http/https) and kafka (`kafka://host:port[,host:port]`), `dsn` for postgresql."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = Field(default=None, max_length=2000)
+    dsn: str | None = Field(default=None, max_length=2000)
+    # http only: what verify GETs (resolved against `url`; the URL itself when absent), and headers it sends.
+    health_path: str | None = Field(default=None, max_length=500)
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeout_s: float = Field(default=5.0, gt=0, le=30)
+
+
+class NewConnector(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]*$")
+    kind: Literal["http", "postgresql", "kafka"]
+    config: ConnectorConfig
+
+    @model_validator(mode="after")
+    def _fits_kind(self) -> NewConnector:
+        c = self.config
+        field = "dsn" if self.kind == "postgresql" else "url"
+        other = "url" if field == "dsn" else "dsn"
+        value = getattr(c, field)
+        if not value:
+            raise ValueError(f"a {self.kind} connector needs config.{field}")
+        if getattr(c, other) is not None:
+            raise ValueError(f"a {self.kind} connector takes config.{field}, not config.{other}")
+        parts = urlsplit(value)
+        if parts.scheme not in _SCHEMES[self.kind] or not parts.netloc.rpartition("@")[2]:
+            schemes = " or ".join(f"{s}://" for s in _SCHEMES[self.kind])
+            raise ValueError(f"config.{field} must be a {schemes} URL with a host")
+        if self.kind != "http" and (c.health_path is not None or c.headers):
+            raise ValueError("config.health_path and config.headers apply to http connectors only")
+        return self
+
+
+# ---------------------------------------------------------------- what a connector looks like to a caller
+
+_COLUMNS = "c.id, c.name, c.kind, c.config, c.last_verified_at, c.last_verify, c.created_at, c.updated_at"
+_HEALTH = ("degraded_since", "last_error", "last_auth_failure_at", "last_failure_run_id", "last_failure_step",
+           "last_success_at", "last_success_run_id")  # fmt: skip
+_SELECT = f"""
+SELECT {_COLUMNS}, coalesce(h.status, 'ok') AS status, {", ".join("h." + c for c in _HEALTH)}
+FROM connectors c
+LEFT JOIN connector_health h ON h.tenant_id = c.tenant_id AND h.connector = c.name
+"""
+
+
+def _view(row: asyncpg.Record, used_by: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "name": row["name"],
+        "kind": row["kind"],
+        "config": mask_secrets(row["config"]),
+        "status": row["status"],
+        "health": {
+            "degraded_since": row["degraded_since"],
+            "last_error": mask_secrets(row["last_error"]),
+            "last_auth_failure_at": row["last_auth_failure_at"],
+            "last_failure": {"run_id": row["last_failure_run_id"], "step": row["last_failure_step"]}
+            if row["last_failure_run_id"] else None,
+            "last_success_at": row["last_success_at"],
+            "last_success_run_id": row["last_success_run_id"],
+        },
+        "flows": used_by.get(row["name"], []),
+        "last_verified_at": row["last_verified_at"],
+        "last_verify": row["last_verify"],
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+    }  # fmt: skip
+
+
+async def _flows_using(pool: asyncpg.Pool, principal: Principal) -> dict[str, list[dict[str, Any]]]:
+    """Connector name → the flows (of the key's environment, latest version) whose steps name it."""
+    rows = await pool.fetch(
+        "SELECT f.id, f.name, v.definition FROM flows f JOIN flow_versions v ON v.tenant_id = f.tenant_id "
+        "AND v.flow_id = f.id AND v.version = f.latest_version WHERE f.tenant_id = $1 AND f.environment = $2 "
+        "ORDER BY f.id",
+        principal.tenant_id, principal.environment,
+    )  # fmt: skip
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        for c in named_connectors(r["definition"] or {}):
+            out.setdefault(c["name"], []).append({"id": r["id"], "name": r["name"], "steps": c["used_by"]})
+    return out
+
+
+async def _row_or_404(pool: asyncpg.Pool, principal: Principal, connector_id: str) -> asyncpg.Record:
+    row = await pool.fetchrow(f"{_SELECT} WHERE c.tenant_id = $1 AND c.id = $2", principal.tenant_id, connector_id)
+    if row is None:
+        raise ApiError(404, "not_found", f"no connector with id {connector_id!r}")
+    return row
+
+
+def _encode_cursor(name: str) -> str:
+    return base64.urlsafe_b64encode(name.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(text: str) -> str:
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "invalid_request", "cursor: not one this API returned") from None
+
+
+# ---------------------------------------------------------------- endpoints
+
+
+@router.post("/v1/connectors", status_code=201)
+async def create_connector(body: NewConnector, request: Request, principal: Admin) -> dict[str, Any]:
+    """Names are unique per tenant (409). URLs and DSNs on private networks are refused unless the deployment
+    allows them (FLOWTRAIL_API_CONNECTOR_ALLOW_PRIVATE_NETWORKS)."""
+    try:
+        await _guard(body.kind, body.config, request.app.state.settings.connector_allow_private_networks)
+    except (BlockedAddress, OSError) as exc:
+        field = "dsn" if body.kind == "postgresql" else "url"
+        raise ApiError(422, "validation_error", f"config.{field}: {mask_text(str(exc))}") from None
+    pool = request.app.state.pool
+    connector_id = "con_" + secrets.token_hex(8)
+    try:
+        await pool.execute(
+            "INSERT INTO connectors (tenant_id, id, name, kind, config) VALUES ($1, $2, $3, $4, $5)",
+            principal.tenant_id, connector_id, body.name, body.kind, body.config.model_dump(exclude_none=True),
+        )  # fmt: skip
+    except asyncpg.UniqueViolationError:
+        raise ApiError(409, "conflict", f"a connector named {body.name!r} already exists") from None
+    row = await _row_or_404(pool, principal, connector_id)
+    return _view(row, await _flows_using(pool, principal))
+
+
+@router.get("/v1/connectors")
+async def list_connectors(
+    request: Request,
+    principal: Reader,
+    status: Annotated[Literal["ok", "degraded"] | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 50,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    """By name; each with its status and health, and the flows whose steps use it. `meta.total` counts every
+    match of the filter."""
+    pool = request.app.state.pool
+    where = "WHERE c.tenant_id = $1 AND ($2::text IS NULL OR coalesce(h.status, 'ok') = $2)"
+    total = await pool.fetchval(
+        "SELECT count(*) FROM connectors c LEFT JOIN connector_health h ON h.tenant_id = c.tenant_id "
+        f"AND h.connector = c.name {where}",
+        principal.tenant_id, status,
+    )  # fmt: skip
+    after = _decode_cursor(cursor) if cursor else None
+    rows = await pool.fetch(
+        f"{_SELECT} {where} AND ($3::text IS NULL OR c.name > $3) ORDER BY c.name LIMIT $4",
+        principal.tenant_id, status, after, limit + 1,
+    )  # fmt: skip
+    more = len(rows) > limit
+    rows = rows[:limit]
+    used_by = await _flows_using(pool, principal)
+    return {
+        "data": [_view(r, used_by) for r in rows],
+        "next_cursor": _encode_cursor(rows[-1]["name"]) if more and rows else None,
+        "meta": {"total": total, "has_more": more},
+    }
+
+
+@router.get("/v1/connectors/{connector_id}")
+async def get_connector(connector_id: str, request: Request, principal: Reader) -> dict[str, Any]:
+    pool = request.app.state.pool
+    row = await _row_or_404(pool, principal, connector_id)
+    return _view(row, await _flows_using(pool, principal))
+
+
+@router.delete("/v1/connectors/{connector_id}", status_code=204)
+async def delete_connector(connector_id: str, request: Request, principal: Admin) -> None:
+    """Steps naming it keep running (the executor has its own connector settings); its health history stays."""
+    deleted = await request.app.state.pool.fetchval(
+        "DELETE FROM connectors WHERE tenant_id = $1 AND id = $2 RETURNING id", principal.tenant_id, connector_id
+    )
+    if deleted is None:
+        raise ApiError(404, "not_found", f"no connector with id {connector_id!r}")
+
+
+@router.post("/v1/connectors/{connector_id}/verify")
+async def verify_connector(connector_id: str, request: Request, principal: Admin) -> dict[str, Any]:
+    """A real check now, within the connector's `timeout_s`: `{"ok": true, "latency_ms", "detail"}` or
+    `{"ok": false, "latency_ms", "error": {category, message}}` with errors classified as runs classify them
+    (401/403 or a refused login → AUTH, refused connection or timeout → TRANSIENT)."""
+    pool = request.app.state.pool
+    row = await _row_or_404(pool, principal, connector_id)
+    config = ConnectorConfig.model_validate(row["config"])
+    allow_private = request.app.state.settings.connector_allow_private_networks
+    began = time.perf_counter()
+    try:
+        async with asyncio.timeout(config.timeout_s):
+            detail = await _CHECKS[row["kind"]](config, allow_private)
+        result: dict[str, Any] = {"ok": True, "detail": detail}
+    except TimeoutError:
+        error = ErrorInfo(category=ErrorCategory.TRANSIENT, code="timeout",
+                          message=f"no answer within {config.timeout_s:g} s")  # fmt: skip
+        result = {"ok": False, "error": error.model_dump(mode="json", exclude_none=True)}
+    except StepError as exc:
+        result = {"ok": False, "error": exc.error.model_dump(mode="json", exclude_none=True)}
+    checked_at = datetime.now(UTC)
+    result = {"connector_id": connector_id, **mask_secrets(result), "latency_ms": _ms(began), "checked_at": checked_at}
+    await pool.execute(
+        "UPDATE connectors SET last_verified_at = $3, last_verify = $4 WHERE tenant_id = $1 AND id = $2",
+        principal.tenant_id, connector_id, checked_at, result,
+    )  # fmt: skip
+    return result
+
+
+def _ms(began: float) -> float:
+    return round((time.perf_counter() - began) * 1000, 2)
+
+
+# ---------------------------------------------------------------- the private-address guard and the checks
+
+
+async def _guard(kind: str, config: ConnectorConfig, allow_private: bool) -> None:
+    """The executor's guards: check_url for http, its DSN rule for postgresql, check_host per kafka broker."""
+    if kind == "http":
+        assert config.url is not None
+        await check_url(config.url, allow_private=allow_private)
+        if config.health_path is not None:
+            await check_url(urljoin(config.url, config.health_path), allow_private=allow_private)
+    elif allow_private:
+        return
+    elif kind == "postgresql":
+        assert config.dsn is not None
+        guard = DatabaseActions(connectors={}, allow_private=False, max_rows=1, max_output_bytes=1)
+        try:
+            await guard._guard(config.dsn)
+        except StepError as exc:
+            raise BlockedAddress(str(exc)) from None
+    else:
+        for host, port in _brokers(config):
+            await check_host(host, port)
+
+
+def _brokers(config: ConnectorConfig) -> list[tuple[str, int]]:
+    assert config.url is not None
+    out = []
+    for item in config.url.removeprefix("kafka://").split(","):
+        parts = urlsplit(f"//{item.strip()}")
+        if parts.hostname:
+            out.append((parts.hostname, parts.port or 9092))
+    return out
+
+
+async def _guarded(config: ConnectorConfig, kind: str, allow_private: bool) -> None:
+    """Checked again at verify time: the name may resolve elsewhere now."""
+    try:
+        await _guard(kind, config, allow_private)
+    except BlockedAddress as exc:
+        raise StepError(ErrorCategory.VALIDATION, mask_text(str(exc)), code="blocked_address") from None
+    except OSError as exc:
+        raise StepError(ErrorCategory.TRANSIENT, masked_message(exc), code="network") from None
+
+
+async def _check_http(config: ConnectorConfig, allow_private: bool) -> dict[str, Any]:
+    assert config.url is not None
+    await _guarded(config, "http", allow_private)
+    target = urljoin(config.url, config.health_path) if config.health_path else config.url
+    try:
+        async with httpx.AsyncClient(timeout=config.timeout_s, follow_redirects=False) as client:
+            response = await client.get(target, headers=config.headers)
+    except httpx.TimeoutException as exc:
+        raise StepError(ErrorCategory.TRANSIENT, masked_message(exc), code="timeout") from None
+    except httpx.HTTPError as exc:
+        raise StepError(ErrorCategory.TRANSIENT, masked_message(exc), code="network") from None
+    code = response.status_code
+    if code >= 400:
+        raise StepError(classify_status(code), f"GET {mask_text(target)} answered {code} {response.reason_phrase}",
+                        code=f"http_{code}", status_code=code)  # fmt: skip
+    return {"url": mask_text(target), "status_code": code}
+
+
+async def _check_postgresql(config: ConnectorConfig, allow_private: bool) -> dict[str, Any]:
+    assert config.dsn is not None
+    await _guarded(config, "postgresql", allow_private)
+    try:
+        conn = await asyncpg.connect(config.dsn, timeout=config.timeout_s)
+        try:
+            await conn.fetchval("SELECT 1")
+            version = await conn.fetchval("SHOW server_version")
+        finally:
+            await conn.close(timeout=config.timeout_s)
+    except asyncpg.PostgresError as exc:
+        raise StepError(classify_sqlstate(exc.sqlstate), masked_message(exc), code=exc.sqlstate) from None
+    except (asyncpg.ClientConfigurationError, ValueError) as exc:
+        raise StepError(ErrorCategory.VALIDATION, masked_message(exc), code="invalid_dsn") from None
+    except TimeoutError as exc:
+        raise StepError(ErrorCategory.TRANSIENT, masked_message(exc), code="timeout") from None
+    except (OSError, asyncpg.InterfaceError) as exc:
+        # Refused, unreachable or reset: the database may be back later.
+        raise StepError(ErrorCategory.TRANSIENT, masked_message(exc), code="network") from None
+    return {"server_version": version}
+
+
+async def _check_kafka(config: ConnectorConfig, allow_private: bool) -> dict[str, Any]:
+    await _guarded(config, "kafka", allow_private)
+    servers = ",".join(f"{h}:{p}" for h, p in _brokers(config))
+    admin = AIOKafkaAdminClient(bootstrap_servers=servers, client_id="flowtrail-api-verify",
+                                request_timeout_ms=int(config.timeout_s * 1000))  # fmt: skip
+    try:
+        await admin.start()
+        cluster = await admin.describe_cluster()
+    except (kerr.KafkaError, OSError) as exc:
+        raise StepError(classify_kafka(exc), masked_message(exc), code="kafka") from None
+    finally:
+        await admin.close()
+    return {"cluster_id": cluster.get("cluster_id"), "brokers": len(cluster.get("brokers") or ())}
+
+
+_CHECKS = {"http": _check_http, "postgresql": _check_postgresql, "kafka": _check_kafka}
