@@ -120,6 +120,7 @@ def service_env(settings: CommonSettings) -> dict[str, str]:
     # Local webhook receivers (a script on this machine) are the norm when developing.
     env.setdefault("FLOWTRAIL_PROJECTOR_WEBHOOK_ALLOW_PRIVATE_NETWORKS", "true")
     env.setdefault("FLOWTRAIL_API_WEBHOOK_ALLOW_PRIVATE_NETWORKS", "true")
+    env.setdefault("FLOWTRAIL_API_CONNECTOR_ALLOW_PRIVATE_NETWORKS", "true")  # local databases and services
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
