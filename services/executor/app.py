@@ -62,8 +62,8 @@ def create_app(settings: ExecutorSettings) -> tuple[faust.App, faust.TopicT, Eng
     # faust's signal typing wants the receiver's extra arguments as *args; it passes them positionally.
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
-        # Partitions stay paused until this returns: no trigger is processed before the runs of
-        # its partition are rebuilt from the ledger.
+        # faust resumes fetching before this returns (its recovery resumes the streams first when there are no
+        # tables), so the engine itself holds each partition's inputs until its runs are rebuilt from the ledger.
         await engine.assign(tp.partition for tp in assigned if tp.topic == topics.triggers)
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from schemas import codec
 from schemas.events import (
@@ -33,7 +33,7 @@ from schemas.status import RunStatus, StepStatus
 from schemas.topics import Topics, partition_for
 from services.executor import metrics
 from services.executor.adapters.flows import FlowRegistry
-from services.executor.adapters.ledger import LedgerWriter, read_partition
+from services.executor.adapters.ledger import LedgerWriter, iter_partition
 from services.executor.adapters.steps import StepCall, StepRunners, runner_input
 from services.executor.decide import (
     Admission,
@@ -51,10 +51,14 @@ from services.executor.decide import (
     archive,
     decide_and_fold,
 )
+from services.executor.finished import FinishedRuns
 from services.executor.fold import RunState, fold
 from services.executor.settings import ExecutorSettings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+# A child run that ended within this long before a replay tells its parent again (it may have crashed first).
+CHILD_RENOTIFY_WINDOW = timedelta(hours=24)
 
 _ACTIVE = (RunStatus.RUNNING, RunStatus.PAUSED)
 
@@ -90,7 +94,7 @@ class Engine:
         self.runners = StepRunners.from_settings(settings)
         self.runs: dict[str, RunState] = {}  # runs not yet terminal
         # Terminal runs and their next seq: a redelivered trigger for one is ignored, an archive appends at that seq.
-        self.finished: dict[str, int] = {}
+        self.finished = FinishedRuns()
         self.archived: set[str] = set()
         self.partition_of: dict[str, int] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
@@ -102,11 +106,12 @@ class Engine:
         self.active_flow: dict[tuple[str, str], int] = {}
         self.active_tenant: dict[str, int] = {}
         self.blocked: dict[tuple[str, str], deque[str]] = {}
-        self.children_sent: set[str] = set()
+        self.children_sent: dict[str, set[str]] = {}  # by parent run: the child runs whose trigger was sent
         self.owned: set[int] = set()
         # Set once a partition's runs are rebuilt. faust resumes fetching before on_partitions_assigned returns (its
         # recovery task resumes the streams when there are no tables), so inputs can arrive during the replay.
         self.replayed: dict[int, asyncio.Event] = {}
+        self.foreign: set[int] = set()  # partitions the last assignment gave to another worker
         self._started = False
         self._start_lock = asyncio.Lock()
 
@@ -132,49 +137,69 @@ class Engine:
     # ------------------------------------------------------------------ partitions
 
     async def assign(self, partitions: Iterable[int]) -> None:
-        """Rebuild the state of a partition's runs from the ledger, then resume the unfinished ones."""
+        """Rebuild the state of each newly assigned partition's runs from the ledger, then resume the open ones.
+
+        `partitions` is the whole assignment. faust resumes fetching before this returns, so inputs may already
+        be waiting (`_until_replayed`): those of a partition that went to another worker are released to be
+        skipped, those of ours wait for its replay.
+        """
         await self.start()
-        for partition in sorted(set(partitions) - self.owned):
-            events = await read_partition(self.settings.kafka_bootstrap, self.ledger.topic, partition)
-            metrics.REPLAY_EVENTS.inc(len(events))
-            states: dict[str, RunState] = {}
-            for event in events:
-                if event.run_id in self.finished:
+        assigned = set(partitions)
+        for partition in [p for p in self.replayed if p not in assigned and p not in self.owned]:
+            self.foreign.add(partition)
+            self.replayed.pop(partition).set()
+        self.foreign -= assigned
+        for partition in sorted(assigned - self.owned):
+            replayed, resumed = await self._replay(partition)
+            log.info("partition %s: %s events replayed, %s runs resumed", partition, replayed, resumed)
+        self.finished.compact()
+        metrics.ACTIVE_RUNS.set(len(self.runs))
+
+    async def _replay(self, partition: int) -> tuple[int, int]:
+        states: dict[str, RunState] = {}
+        ended_children: list[RunState] = []
+        recent = datetime.now(UTC) - CHILD_RENOTIFY_WINDOW
+        count = 0
+        async for batch in iter_partition(self.settings.kafka_bootstrap, self.ledger.topic, partition):
+            count += len(batch)
+            for event in batch:
+                run_id = event.run_id
+                if (done := self.finished.get(run_id)) is not None:
+                    # Ended: only its next seq matters (an archive appends there).
+                    self.finished[run_id] = max(done, event.seq + 1)
+                    if event.type == "RunArchived":
+                        self.archived.add(run_id)
                     continue
-                if event.type == "RunArchived":
-                    self.archived.add(event.run_id)
                 try:
-                    states[event.run_id] = fold(states.get(event.run_id), event)
+                    state = fold(states.get(run_id), event)
                 except ValueError as exc:
-                    log.error("cannot fold %s seq %s: %s", event.run_id, event.seq, exc)
-            ended_children: list[RunState] = []
-            for run_id, state in sorted(states.items(), key=lambda item: item[1].created_at):
-                live = self.runs.get(run_id)
-                if live is not None and live.next_seq >= state.next_seq:
-                    # Started by a trigger handled while this partition was being replayed: the live state is
-                    # newer than the ledger read, and deciding from the older one would reuse its seqs.
+                    log.error("cannot fold %s seq %s: %s", run_id, event.seq, exc)
                     continue
                 if state.terminal:
+                    # Folded state of ended runs is dropped as the replay goes: memory follows the open runs.
+                    states.pop(run_id, None)
                     self.finished[run_id] = state.next_seq
-                    if state.parent_run_id is not None:
+                    if state.parent_run_id is not None and event.occurred_at >= recent:
                         ended_children.append(state)
                 else:
-                    self.partition_of[run_id] = partition
-                    self._track(None, state)
-            self.owned.add(partition)
-            self.replayed.setdefault(partition, asyncio.Event()).set()
-            # A child that ended just before a crash may not have told its parent: tell it again (the parent
-            # recognises the repeat by the child's id).
-            for child in ended_children:
-                await self._notify_parent(child)
-            # A run that a trigger started during the replay is driven already: a second task would run its steps twice.
-            resumed = [
-                r for r, p in self.partition_of.items() if p == partition and r in self.runs and r not in self.tasks
-            ]
-            for run_id in resumed:
-                self._drive(run_id)
-            log.info("partition %s: %s events replayed, %s runs resumed", partition, len(events), len(resumed))
-        metrics.ACTIVE_RUNS.set(len(self.runs))
+                    states[run_id] = state
+        metrics.REPLAY_EVENTS.inc(count)
+        for run_id, state in sorted(states.items(), key=lambda item: item[1].created_at):
+            live = self.runs.get(run_id)
+            if live is not None and live.next_seq >= state.next_seq:
+                continue  # already live and newer than the ledger read
+            self.partition_of[run_id] = partition
+            self._track(None, state)
+        self.owned.add(partition)
+        self.replayed.setdefault(partition, asyncio.Event()).set()
+        # A child that ended just before a crash may not have told its parent: tell it again (the parent
+        # recognises the repeat by the child's id). Only recent ends: older ones were told long ago.
+        for child in ended_children:
+            await self._notify_parent(child)
+        resumed = [r for r, p in self.partition_of.items() if p == partition and r in self.runs and r not in self.tasks]
+        for run_id in resumed:
+            self._drive(run_id)
+        return count, len(resumed)
 
     async def revoke(self, partitions: Iterable[int]) -> None:
         await self.start()
@@ -191,25 +216,31 @@ class Engine:
                 self._track(state, None)
             self.partition_of.pop(run_id, None)
             self.wakeups.pop(run_id, None)
+            self.children_sent.pop(run_id, None)
         self.owned -= gone
+        # Inputs of these partitions now wait for the next assignment to say whether they are still ours.
         for partition in gone:
-            # Wake what waits for the old replay (as before, it goes on), and make the next assignment replay again.
-            self.replayed.pop(partition, asyncio.Event()).set()
+            self.replayed.pop(partition, None)
         await self.ledger.producer.flush()
 
     # ------------------------------------------------------------------ inputs
 
-    async def _until_replayed(self, partitions: Iterable[int]) -> None:
-        """A redelivered trigger or a command must find its run as the ledger has it: handled before the replay,
-        a trigger would start the run again from seq 0 (a second, different event at seqs already used) and a
-        command would be dropped as aimed at an unknown run."""
-        for partition in set(partitions):
-            if partition not in self.owned:
+    async def _until_replayed(self, inputs: list[tuple[int, T]]) -> list[tuple[int, T]]:
+        """The inputs to handle now: those of owned partitions, once replayed. A redelivered trigger handled before
+        its partition's replay would start its run again from seq 0 (a second, different event at seqs already
+        used), a command would be dropped as aimed at an unknown run. Inputs of a partition that went to another
+        worker are left to it (their offsets are not ours to commit)."""
+        for partition in {p for p, _ in inputs}:
+            if partition not in self.owned and partition not in self.foreign:
                 await self.replayed.setdefault(partition, asyncio.Event()).wait()
+        skipped = [i for i in inputs if i[0] not in self.owned]
+        if skipped:
+            log.warning("%d input(s) of partitions now owned elsewhere left to their owner", len(skipped))
+        return [i for i in inputs if i[0] in self.owned]
 
     async def on_triggers(self, triggers: list[tuple[int, TriggerReceived]]) -> None:
         """Start a run per new trigger; returns once their first events are durable in the ledger."""
-        await self._until_replayed(p for p, _ in triggers)
+        triggers = await self._until_replayed(triggers)
         pending: list[asyncio.Future[object]] = []
         for partition, trigger in triggers:
             if trigger.run_id in self.finished or trigger.run_id in self.runs:
@@ -234,7 +265,7 @@ class Engine:
 
     async def on_commands(self, commands: list[tuple[int, CommandBase]]) -> None:
         """Cancel, resume and child-ended commands; returns once what they caused is durable."""
-        await self._until_replayed(p for p, _ in commands)
+        commands = await self._until_replayed(commands)
         pending: list[asyncio.Future[object]] = []
         for partition, command in commands:
             if isinstance(command, ArchiveRun):
@@ -316,6 +347,7 @@ class Engine:
                 self._track(before, None)
             self.finished[run_id] = state.next_seq
             self.wakeups.pop(run_id, None)
+            self.children_sent.pop(run_id, None)
         else:
             self._track(before, state)
         metrics.ACTIVE_RUNS.set(len(self.runs))
@@ -361,7 +393,8 @@ class Engine:
         """Append the child run's trigger (once per attempt: its run id is derived from the attempt)."""
         step = state.steps[step_name]
         child_id = child_run_id(state.run_id, step_name, step.attempt)
-        if child_id in self.children_sent:
+        sent = self.children_sent.setdefault(state.run_id, set())
+        if child_id in sent:
             return
         spec = runner_input(state, flow.step(step_name)) or {}
         trigger = TriggerReceived(
@@ -379,7 +412,7 @@ class Engine:
         await self.ledger.producer.send_and_wait(
             self.topics.triggers, codec.dumps(trigger), key=child_id.encode(), partition=partition
         )
-        self.children_sent.add(child_id)
+        sent.add(child_id)
 
     async def _notify_parent(self, child: RunState) -> None:
         assert child.parent_run_id is not None and child.parent_step is not None

@@ -50,7 +50,7 @@ async def test_an_executor_bug_ends_the_run_internal_error_with_its_trace_and_ot
             bad, good = _trigger("f1", {"boom": True}), _trigger("f1", {"boom": False})
             await engine.on_triggers([(partition_for(t.run_id, sandbox.partitions), t) for t in (bad, good)])
             deadline = time.monotonic() + 20
-            while not {bad.run_id, good.run_id} <= engine.finished.keys():
+            while not (bad.run_id in engine.finished and good.run_id in engine.finished):
                 assert time.monotonic() < deadline, engine.runs
                 await asyncio.sleep(0.02)
             await engine.ledger.producer.flush()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -65,8 +65,9 @@ def _crash_on_failure(future: asyncio.Future[object]) -> None:
         os._exit(70)
 
 
-async def read_partition(bootstrap: str, topic: str, partition: int) -> list[EventBase]:
-    """Every decodable event of one ledger partition, from offset 0 to the end as of now."""
+async def iter_partition(bootstrap: str, topic: str, partition: int) -> AsyncIterator[list[EventBase]]:
+    """The decodable events of one ledger partition, from offset 0 to the end as of now, a fetched batch at a
+    time: the replay folds as it reads, so memory follows the runs still open, not the partition's history."""
     tp = TopicPartition(topic, partition)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, auto_offset_reset="earliest"
@@ -77,10 +78,10 @@ async def read_partition(bootstrap: str, topic: str, partition: int) -> list[Eve
         end = (await consumer.end_offsets([tp]))[tp]
         # seek() is immediate; seek_to_beginning() can lose a race with the reset that assign() starts.
         consumer.seek(tp, (await consumer.beginning_offsets([tp]))[tp])
-        events: list[EventBase] = []
         position = await consumer.position(tp)
         while position < end:
             batch = await consumer.getmany(tp, timeout_ms=1000, max_records=5000)
+            events: list[EventBase] = []
             for record in batch.get(tp, []):
                 position = record.offset + 1
                 try:
@@ -88,8 +89,14 @@ async def read_partition(bootstrap: str, topic: str, partition: int) -> list[Eve
                 except codec.DecodeError as exc:
                     # The projector dead-letters these; the executor only skips them.
                     log.error("undecodable ledger record %s@%s: %s", tp, record.offset, exc)
+            if events:
+                yield events
             if not batch:
                 position = await consumer.position(tp)
-        return events
     finally:
         await consumer.stop()
+
+
+async def read_partition(bootstrap: str, topic: str, partition: int) -> list[EventBase]:
+    """Every decodable event of one ledger partition (tests and tools; the engine streams with iter_partition)."""
+    return [event async for batch in iter_partition(bootstrap, topic, partition) for event in batch]
