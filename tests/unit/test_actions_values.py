@@ -109,3 +109,24 @@ def test_action_errors_choose_their_category() -> None:
     assert ActionError("x", category=ErrorCategory.CONFLICT).category == ErrorCategory.CONFLICT
     assert ActionError("x").category == ErrorCategory.INTERNAL
     assert ActionError("x", category="bogus").category == ErrorCategory.INTERNAL
+
+
+async def test_every_action_output_past_the_limit_is_recorded_as_a_marked_preview() -> None:
+    from datetime import UTC, datetime
+
+    from services.executor.adapters.steps import StepCall, StepRunners
+
+    runners = StepRunners(allow_private_networks=False, time_scale=1.0, max_body_bytes=1024, max_output_bytes=200)
+    try:
+
+        def call(output: Any) -> StepCall:
+            return StepCall(run_id="r", step="s", action="transform", attempt=1, input={"output": output},
+                            started_at=datetime.now(UTC), timeout_s=5)  # fmt: skip
+
+        big = await runners.run(call({"rows": ["x" * 50] * 20}))
+        small = await runners.run(call({"rows": ["x"]}))
+    finally:
+        await runners.close()
+    assert big.ok and big.output["truncated"] is True and big.output["size_bytes"] > 1000
+    assert big.output["preview"].endswith("…[truncated]") and len(big.output["preview"]) <= 200 + len("…[truncated]")
+    assert small.output == {"rows": ["x"]}

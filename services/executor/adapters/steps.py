@@ -15,7 +15,7 @@ import orjson
 from schemas.events import ErrorCategory, ErrorInfo
 from schemas.flows import StepDefinition, contains_mask, mask_secrets, mask_text
 from schemas.status import StepStatus
-from services.executor.adapters.actions_base import StepCall, StepError, StepOutcome
+from services.executor.adapters.actions_base import StepCall, StepError, StepOutcome, cap_output
 from services.executor.adapters.actions_db import DatabaseActions
 from services.executor.adapters.actions_kafka import KafkaActions
 from services.executor.adapters.actions_python import PythonActions
@@ -70,6 +70,7 @@ class StepRunners:
         self.allow_private = allow_private_networks
         self.time_scale = time_scale
         self.max_body = max_body_bytes
+        self.max_output = max_output_bytes
         self.http = httpx.AsyncClient(follow_redirects=False)
         self.db = DatabaseActions(connectors=connectors or {}, allow_private=allow_private_networks,
                                   max_rows=db_max_rows, max_output_bytes=max_output_bytes)  # fmt: skip
@@ -126,13 +127,23 @@ class StepRunners:
             if call.action == "delay":
                 # A durable timer runs from the recorded start, which precedes this call: show all of it.
                 duration = max(duration, (datetime.now(UTC) - call.started_at).total_seconds() * 1000)
-            return StepOutcome(ok=True, output=output, duration_ms=duration)
+            return StepOutcome(ok=True, output=self._capped(call, output), duration_ms=duration)
         except StepError as exc:
-            return StepOutcome(ok=False, output=exc.output, error=exc.error, duration_ms=_ms(began))
+            return StepOutcome(ok=False, output=self._capped(call, exc.output), error=exc.error, duration_ms=_ms(began))
         except TimeoutError:
             error = ErrorInfo(category=ErrorCategory.TRANSIENT, code="timeout",
                               message=f"step timed out after {call.timeout_s:g}s")  # fmt: skip
             return StepOutcome(ok=False, error=error, duration_ms=_ms(began))
+
+    def _capped(self, call: StepCall, output: Any) -> Any:
+        """Every step's output as recorded: past `step_output_max_bytes` of JSON, a preview with a truncation
+        marker. sync_records is exempt: its records become their own events and the step keeps only counters."""
+        if output is None or call.action == "sync_records":
+            return output
+        try:
+            return cap_output(output, self.max_output)
+        except TypeError:  # not JSON: the codec will say so when the event is built
+            return output
 
     async def _transform(self, call: StepCall) -> Any:
         # The mapping was rendered from the run's context when the step started; it is the output.
