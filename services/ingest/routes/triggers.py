@@ -56,9 +56,11 @@ async def trigger_flow(
 ) -> ORJSONResponse:
     settings = request.app.state.settings
     pool = request.app.state.pool
+    # The key's environment too: a TESTING key must not run a PRODUCTION flow's steps, nor the reverse.
     flow = await pool.fetchrow(
-        "SELECT id, status, latest_version FROM flows WHERE tenant_id = $1 AND id = $2", principal.tenant_id, flow_id
-    )
+        "SELECT id, status, latest_version FROM flows WHERE tenant_id = $1 AND id = $2 AND environment = $3",
+        principal.tenant_id, flow_id, principal.environment,
+    )  # fmt: skip
     if flow is None:
         raise ApiError(404, "not_found", f"no flow with id {flow_id!r}")
     if flow["status"] == "paused":
