@@ -403,6 +403,7 @@ class Engine:
             flow_id=str(spec.get("flow_id") or ""),
             flow_version=spec.get("version"),
             trigger=TriggerInfo(type=TriggerType.SUBFLOW, caller=state.run_id, payload=spec.get("input")),
+            environment=state.environment,  # a TESTING run's children are TESTING runs
             parent_run_id=state.run_id,
             parent_step=step_name,
             parent_attempt=step.attempt,

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from schemas.events import TERMINAL_EVENT_STATUS, CursorWindow, ErrorInfo, EventBase, TriggerInfo
+from schemas.flows import Environment
 from schemas.status import RunStatus, StepStatus
 
 
@@ -59,6 +60,7 @@ class RunState:
     cursor_window: CursorWindow | None = None
     reuse: dict[str, Any] = field(default_factory=dict)
     failed_records: int = 0
+    environment: Environment = Environment.PRODUCTION
     last_error: ErrorInfo | None = None  # the error the run ended with, for a parent waiting on it
 
     @property
@@ -120,6 +122,7 @@ def fold(state: RunState | None, event: EventBase) -> RunState:
             only_keys=dict(event.payload.only_keys),
             cursor_window=event.payload.cursor_window,
             reuse=dict(event.payload.reuse),
+            environment=event.payload.environment,
         )
     changes: dict[str, Any] = {
         "next_seq": event.seq + 1,

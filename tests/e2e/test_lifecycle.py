@@ -44,6 +44,7 @@ class Env:
     key_a: str
     key_b: str
     key_q: str
+    key_test: str  # tenant-a, TESTING
 
     @property
     def ingest(self) -> str:
@@ -113,6 +114,9 @@ def _flows(upstream: str) -> list[FlowDefinition]:
             {"name": "use", "action": "transform",
              "input": {"output": {"from_child": "{{ steps.spawn.output.output.n }}"}}},
         ]),
+        flow("testing_parent", [
+            {"name": "spawn", "action": "subflow", "input": {"flow_id": "child", "input": {"n": 1}}},
+        ], environment="TESTING"),
         flow("strict_parent", [
             {"name": "spawn", "action": "subflow", "input": {"flow_id": "failing_child", "input": {}}},
             {"name": "after", "action": "transform", "input": {"output": {"ran": True}}},
@@ -144,6 +148,7 @@ async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIt
             for tenant in ("tenant-a", "tenant-b", "tenant-q"):
                 await ensure_tenant(conn, tenant, tenant.upper())
             keys = [(await create_api_key(conn, t))[1] for t in ("tenant-a", "tenant-b", "tenant-q")]
+            keys.append((await create_api_key(conn, "tenant-a", environment="TESTING"))[1])
         finally:
             await conn.close()
         flows = _flows(upstream.url)
@@ -361,6 +366,15 @@ async def test_a_failed_child_fails_its_parent_unless_told_otherwise(env: Env) -
     assert "after" not in {s["name"] for s in strict["steps"]}
     assert lenient["status"] == "SUCCEEDED"
     assert {s["name"]: s for s in lenient["steps"]}["after"]["output"] == {"child": "FAILED"}
+
+
+async def test_a_testing_runs_children_are_testing_runs(env: Env) -> None:
+    run = await wait_status(env, await trigger(env, "testing_parent", {}, key=env.key_test), key=env.key_test)
+    assert run["status"] == "SUCCEEDED" and run["environment"] == "TESTING"
+    child_id = run["steps"][0]["output"]["child_run_id"]
+    child = await wait_status(env, child_id, key=env.key_test)
+    assert child["environment"] == "TESTING" and child["parent_run_id"] == run["id"]
+    assert (await api(env, "GET", f"/v1/runs/{child_id}")).status_code == 404  # not a PRODUCTION run
 
 
 # ---------------------------------------------------------------- retry and rerun
