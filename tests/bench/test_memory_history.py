@@ -221,8 +221,7 @@ async def run_phase(infra: Infra, scale: Scale, log_dir: Path, runs: int) -> Pha
         phase.measure(ft, "load")
         # More than the history means the executor replayed it again: its group rebalanced (e.g. a lost session).
         phase.facts["replayed_events_after_load"] = await replayed_events(ft)
-        # The history's last act is the load: the executor's and projector's offsets moved past the old history.
-        phase.facts["ledger_events"] = await ledger_end(ft.sandbox)
+        phase.facts["ledger_events_after_load"] = await ledger_end(ft.sandbox)  # the history's and the load's
     return phase
 
 
