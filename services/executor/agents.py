@@ -51,7 +51,8 @@ def register(app: faust.App, triggers: faust.TopicT, engine: Engine, dlq_topic: 
 
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
-        return web.json({"status": "ok", "active_runs": len(engine.runs), "partitions": sorted(engine.owned)})
+        return web.json({"status": "ok", "active_runs": len(engine.runs), "partitions": sorted(engine.owned),
+                         "replaying": sorted(engine.replaying)})  # fmt: skip
 
     @app.page("/metrics")
     async def prometheus(web: Any, request: Any) -> Any:

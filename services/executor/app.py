@@ -64,7 +64,7 @@ def create_app(settings: ExecutorSettings) -> tuple[faust.App, faust.TopicT, Eng
     async def on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
         # faust resumes fetching before this returns (its recovery resumes the streams first when there are no
         # tables), so the engine itself holds each partition's inputs until its runs are rebuilt from the ledger.
-        await engine.assign(tp.partition for tp in assigned if tp.topic == topics.triggers)
+        await engine.assign((tp.partition for tp in assigned if tp.topic == topics.triggers), background=True)
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import time
 import traceback
 import uuid
 from collections import deque
@@ -112,6 +114,7 @@ class Engine:
         # recovery task resumes the streams when there are no tables), so inputs can arrive during the replay.
         self.replayed: dict[int, asyncio.Event] = {}
         self.foreign: set[int] = set()  # partitions the last assignment gave to another worker
+        self.replaying: dict[int, asyncio.Task[None]] = {}
         self._started = False
         self._start_lock = asyncio.Lock()
 
@@ -136,12 +139,16 @@ class Engine:
 
     # ------------------------------------------------------------------ partitions
 
-    async def assign(self, partitions: Iterable[int]) -> None:
+    async def assign(self, partitions: Iterable[int], *, background: bool = False) -> None:
         """Rebuild the state of each newly assigned partition's runs from the ledger, then resume the open ones.
 
-        `partitions` is the whole assignment. faust resumes fetching before this returns, so inputs may already
-        be waiting (`_until_replayed`): those of a partition that went to another worker are released to be
-        skipped, those of ours wait for its replay.
+        `partitions` is the whole assignment. Inputs may already be waiting (`_until_replayed`: faust resumes
+        fetching before its rebalance callback returns): those of a partition that went to another worker are
+        released to be skipped, those of ours wait for its replay.
+
+        `background=True` (the worker's rebalance callback) starts the replays and returns at once: aiokafka
+        sends no heartbeats while the callback runs, so a replay longer than the session timeout would get the
+        worker dropped from the group, rejoin, and replay everything again, forever.
         """
         await self.start()
         assigned = set(partitions)
@@ -149,11 +156,28 @@ class Engine:
             self.foreign.add(partition)
             self.replayed.pop(partition).set()
         self.foreign -= assigned
-        for partition in sorted(assigned - self.owned):
+        for partition in sorted(assigned - self.owned - self.replaying.keys()):
+            self.replaying[partition] = asyncio.create_task(self._replay_logged(partition), name=f"replay:{partition}")
+        if not background:
+            await asyncio.gather(*[t for p, t in self.replaying.items() if p in assigned])
+
+    async def _replay_logged(self, partition: int) -> None:
+        began = time.perf_counter()
+        try:
             replayed, resumed = await self._replay(partition)
-            log.info("partition %s: %s events replayed, %s runs resumed", partition, replayed, resumed)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The partition's runs are in an unknown state and its inputs wait for this replay: start over clean.
+            log.critical("partition %s: replay failed; exiting to rebuild from the ledger", partition, exc_info=True)
+            os._exit(70)
+        finally:
+            self.replaying.pop(partition, None)
         self.finished.compact()
         metrics.ACTIVE_RUNS.set(len(self.runs))
+        metrics.REPLAY_SECONDS.observe(time.perf_counter() - began)
+        log.info("partition %s: %s events replayed in %.1f s, %s runs resumed", partition, replayed,
+                 time.perf_counter() - began, resumed)  # fmt: skip
 
     async def _replay(self, partition: int) -> tuple[int, int]:
         states: dict[str, RunState] = {}
@@ -221,6 +245,9 @@ class Engine:
         # Inputs of these partitions now wait for the next assignment to say whether they are still ours.
         for partition in gone:
             self.replayed.pop(partition, None)
+            replay = self.replaying.pop(partition, None)
+            if replay is not None:
+                replay.cancel()
         await self.ledger.producer.flush()
 
     # ------------------------------------------------------------------ inputs

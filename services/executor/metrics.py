@@ -12,3 +12,7 @@ STEP_SECONDS = Histogram(
 REPLAY_EVENTS = Counter("flowtrail_executor_replayed_events_total", "Ledger events replayed on assignment")
 INTERNAL_ERRORS = Counter("flowtrail_executor_internal_errors_total", "Runs ended INTERNAL_ERROR")
 COMMANDS = Counter("flowtrail_executor_commands_total", "Commands consumed", ["type", "outcome"])
+REPLAY_SECONDS = Histogram(
+    "flowtrail_executor_replay_seconds", "Time to rebuild one assigned partition's runs from the ledger",
+    buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 1200),
+)  # fmt: skip
