@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.responses import ORJSONResponse
 
 from schemas.topics import Topics
 from services.api.adapters.commands import CommandLog
@@ -16,8 +15,8 @@ from services.api.adapters.notify import Notifier
 from services.api.routes import actions, alerts, analytics, connectors, data, flows, keys, runs, stream, webhooks
 from services.api.settings import ApiSettings
 from services.common.auth import Authenticator
-from services.common.db import connect, create_pool
-from services.common.http import install
+from services.common.db import connect, create_pool, keep_session
+from services.common.http import OrjsonResponse, install
 from services.common.migrate import migrate
 from services.common.ratelimit import RateLimitHeaders, rate_limiter
 
@@ -32,8 +31,10 @@ def create_app(settings: ApiSettings) -> FastAPI:
             await migrate(conn, settings.database_schema)
         finally:
             await conn.close()
+        # The API's pooled connections carry no session state (SET LOCAL and transaction-scoped advisory locks
+        # only; LISTEN has its own connection), so a release skips asyncpg's reset query.
         app.state.pool = await create_pool(
-            settings.database_url, settings.database_schema, max_size=settings.pool_max_size
+            settings.database_url, settings.database_schema, max_size=settings.pool_max_size, reset=keep_session
         )
         app.state.authenticator = Authenticator(app.state.pool, limiter=rate_limiter(app.state.pool, settings))
         app.state.notifier = Notifier(settings.database_url, settings.database_schema)
@@ -53,7 +54,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             await app.state.notifier.stop()
             await app.state.pool.close()
 
-    app = FastAPI(title="Flowtrail API", version="1", default_response_class=ORJSONResponse, lifespan=lifespan)
+    app = FastAPI(title="Flowtrail API", version="1", default_response_class=OrjsonResponse, lifespan=lifespan)
     app.state.settings = settings
     install(app)
     app.add_middleware(RateLimitHeaders)

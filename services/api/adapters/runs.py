@@ -233,6 +233,41 @@ async def get_run(pool: asyncpg.Pool, tenant_id: str, environment: str, run_id: 
     )  # fmt: skip
 
 
+STEP_COLUMNS = (
+    "step", "position", "action", "status", "attempt", "input", "output", "error", "assertions", "extractions",
+    "started_at", "finished_at", "duration_ms",
+)  # fmt: skip
+ATTEMPT_COLUMNS = ("step", "attempt", "status", "error", "retry_at", "started_at", "finished_at", "duration_ms")
+
+
+def _rows(table: str, alias: str, columns: tuple[str, ...], order: str) -> str:
+    """The run's rows of `table` as one array of anonymous records (tuples in `columns` order)."""
+    fields = ", ".join(f"{alias}.{c}" for c in columns)
+    return f"ARRAY(SELECT ROW({fields}) FROM {table} {alias} WHERE {alias}.run_id = r.id ORDER BY {order})"
+
+
+# GET /v1/runs/{id} in one round trip: the run, its steps and attempts, the flow version it ran and, while it
+# is paused, the request a human must answer. The children are read only when the run is the caller's.
+_DETAIL = (
+    f"SELECT {', '.join('r.' + c for c in SUMMARY_COLUMNS)}, r.tenant_id, r.trigger_payload, r.error, "
+    f"r.cursor_window, {', '.join(f'r.records_{n}' for n in RECORD_COUNTERS)}, "
+    f"{_rows('run_steps', 's', STEP_COLUMNS, 's.position')} AS steps, "
+    f"{_rows('step_attempts', 'a', ATTEMPT_COLUMNS, 'a.step, a.attempt')} AS attempts, "
+    "(SELECT f.definition FROM flow_versions f "
+    " WHERE f.tenant_id = r.tenant_id AND f.flow_id = r.flow_id AND f.version = r.flow_version) AS flow, "
+    "CASE WHEN r.status = 'PAUSED' THEN (SELECT e.payload FROM run_events e "
+    " WHERE e.run_id = r.id AND e.type = 'RunPaused' ORDER BY e.seq DESC LIMIT 1) END AS waiting_for "
+    "FROM runs r WHERE r.id = $1 AND r.tenant_id = $2 AND r.environment = $3"
+)
+
+
+async def get_run_detail(pool: asyncpg.Pool, tenant_id: str, environment: str, run_id: str) -> asyncpg.Record | None:
+    """The run as `get_run` returns it plus `steps` and `attempts` (tuples in STEP_COLUMNS / ATTEMPT_COLUMNS
+    order, by position and by step and attempt), `flow` (the definition of the version it ran) and
+    `waiting_for` (the payload of the latest RunPaused while the run is PAUSED)."""
+    return await pool.fetchrow(_DETAIL, run_id, tenant_id, environment)
+
+
 async def get_steps(pool: asyncpg.Pool, run_id: str) -> list[asyncpg.Record]:
     return await pool.fetch(
         "SELECT step, position, action, status, attempt, input, output, error, assertions, extractions, "

@@ -14,8 +14,9 @@ from schemas.flows import mask_secrets
 from schemas.status import parse_run_status
 from services.api import timeline
 from services.api.adapters import runs as store
+from services.api.querystring import QueryString
 from services.common.auth import Principal, require_scope
-from services.common.http import ApiError
+from services.common.http import ApiError, OrjsonResponse
 
 router = APIRouter()
 
@@ -70,14 +71,14 @@ class RunsQuery(BaseModel):
 
     model_config = ConfigDict(populate_by_name=True)
 
-    flow_id: list[str] = []
-    status: list[str] = []
-    trigger_type: list[str] = []
-    execution_mode: list[str] = []
-    caller: list[str] = []
+    flow_id: list[str] = Field(default_factory=list)
+    status: list[str] = Field(default_factory=list)
+    trigger_type: list[str] = Field(default_factory=list)
+    execution_mode: list[str] = Field(default_factory=list)
+    caller: list[str] = Field(default_factory=list)
     environment: str | None = None
-    ids: list[str] = []
-    tags: list[str] = []
+    ids: list[str] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list)
     failed_step: str | None = None
     created_after: datetime | None = None
     created_before: datetime | None = None
@@ -94,13 +95,17 @@ class RunsQuery(BaseModel):
     offset: int = Field(default=0, ge=0, le=100_000)
 
 
-@router.get("/v1/runs")
-async def list_runs(request: Request, principal: Reader, params: Annotated[RunsQuery, Query()]) -> dict[str, Any]:
+_RUNS_QUERY = QueryString(RunsQuery)
+
+
+@router.get("/v1/runs", response_model=dict[str, Any], openapi_extra=_RUNS_QUERY.openapi())
+async def list_runs(request: Request, principal: Reader) -> OrjsonResponse:
     """Runs, newest first unless `sort` says otherwise. `next_cursor` pages on, `prev_cursor` back.
 
     `q` matches a substring of the error message or of the run id. `offset` is for clients that page
     by count (seed 002); cursors stay stable while new runs arrive, offsets do not.
     """
+    params = _RUNS_QUERY.parse(request)
     if params.environment is not None and params.environment.upper() != principal.environment:
         raise ApiError(
             403, "forbidden", f"this API key sees {principal.environment} runs only; use a key of that environment"
@@ -138,14 +143,19 @@ async def list_runs(request: Request, principal: Reader, params: Annotated[RunsQ
     except store.CursorError as exc:
         raise ApiError(400, "invalid_request", f"cursor: {exc}") from None
     page = await store.list_runs(request.app.state.pool, flt, params.limit, order, position, params.offset)
-    return {"data": [summary(r) for r in page.rows], "next_cursor": page.next_cursor, "prev_cursor": page.prev_cursor}
+    return OrjsonResponse(
+        {"data": [summary(r) for r in page.rows], "next_cursor": page.next_cursor, "prev_cursor": page.prev_cursor}
+    )
 
 
-def _attempt(row: asyncpg.Record) -> dict[str, Any]:
-    return {k: row[k] for k in ("attempt", "status", "error", "retry_at", "started_at", "finished_at", "duration_ms")}
+def _attempt(values: tuple[Any, ...]) -> dict[str, Any]:
+    out = dict(zip(store.ATTEMPT_COLUMNS, values, strict=True))
+    del out["step"]
+    return out
 
 
-def _step(row: asyncpg.Record, attempts: list[dict[str, Any]]) -> dict[str, Any]:
+def _step(values: tuple[Any, ...], attempts: list[dict[str, Any]]) -> dict[str, Any]:
+    row = dict(zip(store.STEP_COLUMNS, values, strict=True))
     return {
         "name": row["step"],
         "position": row["position"],
@@ -182,36 +192,32 @@ def _detail(view: dict[str, Any], trigger_payload: Any, error: Any, steps: list[
     return out
 
 
-@router.get("/v1/runs/{run_id}")
+@router.get("/v1/runs/{run_id}", response_model=dict[str, Any])
 async def get_run(
     run_id: str,
     request: Request,
     principal: Reader,
     as_of: Annotated[str | None, Query(description="a seq, or an ISO 8601 timestamp with offset")] = None,
-) -> dict[str, Any]:
+) -> OrjsonResponse:
     """One run: what triggered it, its records counters, duration breakdown, error and every step with its
     input, output, duration and attempts. `?as_of=` returns the run as it stood at that seq or time."""
     pool = request.app.state.pool
-    row = await _run_or_404(request, principal, run_id)
     if as_of is not None:
-        return await _get_run_as_of(pool, row, as_of)
+        return OrjsonResponse(await _get_run_as_of(pool, await _run_or_404(request, principal, run_id), as_of))
+    row = await store.get_run_detail(pool, principal.tenant_id, principal.environment, run_id)
+    if row is None:
+        raise ApiError(404, "not_found", f"no run with id {run_id!r}")
     attempts: dict[str, list[dict[str, Any]]] = {}
-    for a in await store.get_attempts(pool, run_id):
-        attempts.setdefault(a["step"], []).append(_attempt(a))
-    steps = [_step(s, attempts.get(s["step"], [])) for s in await store.get_steps(pool, run_id)]
+    for a in row["attempts"]:
+        attempts.setdefault(a[0], []).append(_attempt(a))
+    steps = [_step(s, attempts.get(s[0], [])) for s in row["steps"]]
     out = _detail(dict(row), row["trigger_payload"], row["error"], steps)
     # The flow as this run ran it (seed 004): its immutable version, whatever was published since.
-    flow = await pool.fetchval(
-        "SELECT definition FROM flow_versions WHERE tenant_id = $1 AND flow_id = $2 AND version = $3",
-        principal.tenant_id, row["flow_id"], row["flow_version"],
-    )  # fmt: skip
-    out["flow"] = mask_secrets(flow) if flow is not None else None
+    out["flow"] = mask_secrets(row["flow"]) if row["flow"] is not None else None
     if row["status"] == "PAUSED":
         # What a human must answer: POST /v1/runs/{id}/resume/{request_id} with the answer as the body.
-        out["waiting_for"] = await pool.fetchval(
-            "SELECT payload FROM run_events WHERE run_id = $1 AND type = 'RunPaused' ORDER BY seq DESC LIMIT 1", run_id
-        )
-    return out
+        out["waiting_for"] = row["waiting_for"]
+    return OrjsonResponse(out)
 
 
 async def _get_run_as_of(pool: asyncpg.Pool, row: asyncpg.Record, as_of: str) -> dict[str, Any]:
