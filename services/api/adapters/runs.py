@@ -268,28 +268,12 @@ async def get_run_detail(pool: asyncpg.Pool, tenant_id: str, environment: str, r
     return await pool.fetchrow(_DETAIL, run_id, tenant_id, environment)
 
 
-async def get_steps(pool: asyncpg.Pool, run_id: str) -> list[asyncpg.Record]:
-    return await pool.fetch(
-        "SELECT step, position, action, status, attempt, input, output, error, assertions, extractions, "
-        "started_at, finished_at, duration_ms FROM run_steps WHERE run_id = $1 ORDER BY position",
-        run_id,
-    )
-
-
 async def get_events(pool: asyncpg.Pool, run_id: str, after_seq: int, limit: int) -> list[asyncpg.Record]:
     return await pool.fetch(
         "SELECT seq, event_id, type, occurred_at, causation_id, payload FROM run_events "
         "WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
         run_id, after_seq, limit,
     )  # fmt: skip
-
-
-async def get_attempts(pool: asyncpg.Pool, run_id: str) -> list[asyncpg.Record]:
-    return await pool.fetch(
-        "SELECT step, attempt, status, error, retry_at, started_at, finished_at, duration_ms FROM step_attempts "
-        "WHERE run_id = $1 ORDER BY step, attempt",
-        run_id,
-    )
 
 
 async def get_events_until(pool: asyncpg.Pool, run_id: str, until: int | datetime) -> list[asyncpg.Record]:
