@@ -6,7 +6,9 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
+import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from schemas import codec
@@ -65,9 +67,9 @@ def _crash_on_failure(future: asyncio.Future[object]) -> None:
         os._exit(70)
 
 
-async def iter_partition(bootstrap: str, topic: str, partition: int) -> AsyncIterator[list[EventBase]]:
-    """The decodable events of one ledger partition, from offset 0 to the end as of now, a fetched batch at a
-    time: the replay folds as it reads, so memory follows the runs still open, not the partition's history."""
+async def iter_partition_raw(bootstrap: str, topic: str, partition: int) -> AsyncIterator[list[dict[str, Any]]]:
+    """The records of one ledger partition as parsed JSON objects, from offset 0 to the end as of now, a fetched
+    batch at a time: the replay folds as it reads, so memory follows the runs still open, not the history."""
     tp = TopicPartition(topic, partition)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, auto_offset_reset="earliest"
@@ -81,16 +83,18 @@ async def iter_partition(bootstrap: str, topic: str, partition: int) -> AsyncIte
         position = await consumer.position(tp)
         while position < end:
             batch = await consumer.getmany(tp, timeout_ms=1000, max_records=5000)
-            events: list[EventBase] = []
+            objects: list[dict[str, Any]] = []
             for record in batch.get(tp, []):
                 position = record.offset + 1
                 try:
-                    events.append(codec.decode_ledger_event(record.value))
-                except codec.DecodeError as exc:
-                    # The projector dead-letters these; the executor only skips them.
+                    obj = orjson.loads(record.value)
+                except orjson.JSONDecodeError as exc:
                     log.error("undecodable ledger record %s@%s: %s", tp, record.offset, exc)
-            if events:
-                yield events
+                    continue
+                if isinstance(obj, dict):
+                    objects.append(obj)
+            if objects:
+                yield objects
             if not batch:
                 position = await consumer.position(tp)
     finally:
@@ -98,5 +102,12 @@ async def iter_partition(bootstrap: str, topic: str, partition: int) -> AsyncIte
 
 
 async def read_partition(bootstrap: str, topic: str, partition: int) -> list[EventBase]:
-    """Every decodable event of one ledger partition (tests and tools; the engine streams with iter_partition)."""
-    return [event async for batch in iter_partition(bootstrap, topic, partition) for event in batch]
+    """Every decodable event of one ledger partition (tests and tools; the engine streams iter_partition_raw)."""
+    events: list[EventBase] = []
+    async for batch in iter_partition_raw(bootstrap, topic, partition):
+        for obj in batch:
+            try:
+                events.append(codec.ledger_event_from_dict(obj))
+            except codec.DecodeError as exc:
+                log.error("undecodable ledger event %s seq %s: %s", obj.get("run_id"), obj.get("seq"), exc)
+    return events
