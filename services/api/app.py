@@ -58,8 +58,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.state.settings = settings
     install(app)
     app.add_middleware(RateLimitHeaders)
-    app.include_router(actions.router)
+    # Routes are matched in this order: the runs reads, the busiest, first (actions holds only POSTs).
     app.include_router(runs.router)
+    app.include_router(actions.router)
     app.include_router(analytics.router)
     app.include_router(data.router)
     app.include_router(stream.router)

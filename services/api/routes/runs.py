@@ -181,6 +181,29 @@ async def _run_or_404(request: Request, principal: Principal, run_id: str) -> as
     return row
 
 
+class _MaskedFlows:
+    """Masked flow definitions by (tenant, flow, version): masking walks every string of the definition with
+    regexes (~90 µs for a 1 KB flow), a tenth of a whole run detail. A version never changes once published;
+    the definition read with the run is still compared with the one masked, so a replaced row is masked anew."""
+
+    def __init__(self, size: int = 512) -> None:
+        self.size = size
+        self._masked: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def get(self, key: tuple[str, str, int], definition: Any) -> Any:
+        hit = self._masked.get(key)
+        if hit is not None and hit[0] == definition:
+            return hit[1]
+        masked = mask_secrets(definition)
+        if len(self._masked) >= self.size:
+            del self._masked[next(iter(self._masked))]
+        self._masked[key] = (definition, masked)
+        return masked
+
+
+_MASKED_FLOWS = _MaskedFlows()
+
+
 def _detail(view: dict[str, Any], trigger_payload: Any, error: Any, steps: list[dict[str, Any]]) -> dict[str, Any]:
     out = {name: view.get(name) for name in store.SUMMARY_COLUMNS}
     out["trigger"] = {"type": view["trigger_type"], "caller": view["caller"], "payload": trigger_payload}
@@ -213,7 +236,8 @@ async def get_run(
     steps = [_step(s, attempts.get(s[0], [])) for s in row["steps"]]
     out = _detail(dict(row), row["trigger_payload"], row["error"], steps)
     # The flow as this run ran it (seed 004): its immutable version, whatever was published since.
-    out["flow"] = mask_secrets(row["flow"]) if row["flow"] is not None else None
+    flow, version = row["flow"], (row["tenant_id"], row["flow_id"], row["flow_version"])
+    out["flow"] = None if flow is None else _MASKED_FLOWS.get(version, flow)
     if row["status"] == "PAUSED":
         # What a human must answer: POST /v1/runs/{id}/resume/{request_id} with the answer as the body.
         out["waiting_for"] = row["waiting_for"]
