@@ -58,9 +58,10 @@ class QueryString(Generic[M]):
         schema = self.model.model_json_schema(mode="validation")
         properties: dict[str, Any] = schema.get("properties", {})
         required = set(schema.get("required", []))
-        return {
-            "parameters": [
-                {"name": name, "in": "query", "required": name in required, "schema": prop}
-                for name, prop in properties.items()
-            ]
-        }
+        parameters = []
+        for name, prop in properties.items():
+            parameter = {"name": name, "in": "query", "required": name in required, "schema": prop}
+            if "description" in prop:
+                parameter["description"] = prop["description"]
+            parameters.append(parameter)
+        return {"parameters": parameters}

@@ -215,15 +215,18 @@ def _detail(view: dict[str, Any], trigger_payload: Any, error: Any, steps: list[
     return out
 
 
-@router.get("/v1/runs/{run_id}", response_model=dict[str, Any])
-async def get_run(
-    run_id: str,
-    request: Request,
-    principal: Reader,
-    as_of: Annotated[str | None, Query(description="a seq, or an ISO 8601 timestamp with offset")] = None,
-) -> OrjsonResponse:
+class RunQuery(BaseModel):
+    as_of: str | None = Field(default=None, description="a seq, or an ISO 8601 timestamp with offset")
+
+
+_RUN_QUERY = QueryString(RunQuery)
+
+
+@router.get("/v1/runs/{run_id}", response_model=dict[str, Any], openapi_extra=_RUN_QUERY.openapi())
+async def get_run(run_id: str, request: Request, principal: Reader) -> OrjsonResponse:
     """One run: what triggered it, its records counters, duration breakdown, error and every step with its
     input, output, duration and attempts. `?as_of=` returns the run as it stood at that seq or time."""
+    as_of = _RUN_QUERY.parse(request).as_of
     pool = request.app.state.pool
     if as_of is not None:
         return OrjsonResponse(await _get_run_as_of(pool, await _run_or_404(request, principal, run_id), as_of))
