@@ -211,6 +211,9 @@ fsync = on
 synchronous_commit = on
 full_page_writes = on
 shared_buffers = 256MB
+# Local SSD/page cache, not spinning disks: with the default 4.0 the planner walked the retention index and
+# filtered ~8,600 rows for a flow + status runs page (4.2 ms) instead of using the flow index (0.65 ms).
+random_page_cost = 1.1
 max_connections = 200
 logging_collector = off
 log_destination = 'stderr'
