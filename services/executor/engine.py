@@ -184,7 +184,9 @@ class Engine:
             log.critical("partition %s: replay failed; exiting to rebuild from the ledger", partition, exc_info=True)
             os._exit(70)
         finally:
-            self.replaying.pop(partition, None)
+            # Only its own entry: a revoke may have cancelled this replay and a new assignment started another.
+            if self.replaying.get(partition) is asyncio.current_task():
+                del self.replaying[partition]
         self.finished.compact()
         metrics.ACTIVE_RUNS.set(len(self.runs))
         metrics.REPLAY_SECONDS.observe(time.perf_counter() - began)
