@@ -272,6 +272,11 @@ async def test_an_input_that_breaks_the_flow_schema_makes_the_run_invalid_with_t
     assert run["status"] == "INVALID"
     assert "input schema" in run["error_message"] and field in run["error_message"]
     assert run["steps"] == []  # nothing ran
+    nothing_failed = await api(env, "POST", f"/v1/runs/{run['id']}/retry", json={"strategy": "FROM_FAILED_STEP"})
+    assert nothing_failed.status_code == 409 and "ON_LATEST_VERSION" in nothing_failed.json()["error"]["message"]
+    rerun = await api(env, "POST", f"/v1/runs/{run['id']}/retry", json={"strategy": "ON_LATEST_VERSION"})
+    assert rerun.status_code == 202  # e.g. after a version that fixes the schema; here it is INVALID again
+    assert (await wait_status(env, rerun.json()["run_id"]))["status"] == "INVALID"
     ok = await wait_status(env, await trigger(env, "guarded", {"order_id": "SO-7", "qty": 3}))
     assert ok["status"] == "SUCCEEDED"
 

@@ -117,13 +117,11 @@ async def _plan_retry(
     conn: asyncpg.Connection, principal: Principal, run: asyncpg.Record, strategy: RetryStrategy, bulk_id: str | None
 ) -> _Retry:
     """The run request of a retry, or why this run cannot be retried."""
-    if run["status"] not in _RETRYABLE:
-        if run["status"] == RunStatus.SUCCEEDED.value and strategy == RetryStrategy.ON_LATEST_VERSION:
-            pass  # a rerun on the latest version
-        elif run["status"] in _TERMINAL:
-            return _Retry(None, f"a {run['status']} run has nothing to retry from; use ON_LATEST_VERSION to rerun it")
-        else:
-            return _Retry(None, f"the run is {run['status']}; retry it once it has ended")
+    if run["status"] not in _TERMINAL:
+        return _Retry(None, f"the run is {run['status']}; retry it once it has ended")
+    if strategy == RetryStrategy.FROM_FAILED_STEP and run["status"] not in _RETRYABLE:
+        # ON_LATEST_VERSION reruns any ended run (a fixed flow, or a corrected input schema for an INVALID one).
+        return _Retry(None, f"a {run['status']} run has nothing to retry from; use ON_LATEST_VERSION to rerun it")
     if run["payloads_purged"]:
         return _Retry(None, "the run's trigger payload has been purged by retention; it cannot be replayed")
     reuse: dict[str, Any] = {}
