@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel, ValidationError
@@ -20,6 +21,7 @@ from schemas.events import (
 from schemas.upcasters import UpcastError, upcast
 
 _OPTIONS = orjson.OPT_UTC_Z
+T = TypeVar("T")
 
 
 class DecodeError(ValueError):
@@ -72,47 +74,32 @@ def _reason(exc: ValidationError) -> str:
     return f"{exc.error_count()} validation error(s); first at {where or '<root>'}: {first['msg']}"
 
 
-def decode_ledger_event(data: bytes | str) -> EventBase:
+def _validated(validate: Callable[[Any], T], obj: dict[str, Any]) -> T:
+    """`obj` upcast to its type's current schema_version and validated; every failure is a DecodeError."""
     try:
-        return LEDGER_ADAPTER.validate_python(upcast(_load_object(data)))
+        return validate(upcast(obj))
     except ValidationError as exc:
         raise DecodeError(_reason(exc)) from exc
     except UpcastError as exc:
         raise DecodeError(str(exc)) from exc
+
+
+def decode_ledger_event(data: bytes | str) -> EventBase:
+    return _validated(LEDGER_ADAPTER.validate_python, _load_object(data))
 
 
 def decode_flow_event(data: bytes | str) -> FlowEventBase:
-    try:
-        return FLOW_EVENT_ADAPTER.validate_python(upcast(_load_object(data)))
-    except ValidationError as exc:
-        raise DecodeError(_reason(exc)) from exc
-    except UpcastError as exc:
-        raise DecodeError(str(exc)) from exc
+    return _validated(FLOW_EVENT_ADAPTER.validate_python, _load_object(data))
 
 
 def decode_trigger(data: bytes | str) -> TriggerReceived:
-    try:
-        return TriggerReceived.model_validate(upcast(_load_object(data)))
-    except ValidationError as exc:
-        raise DecodeError(_reason(exc)) from exc
-    except UpcastError as exc:
-        raise DecodeError(str(exc)) from exc
+    return _validated(TriggerReceived.model_validate, _load_object(data))
 
 
 def decode_command(data: bytes | str) -> CommandBase:
-    try:
-        return COMMAND_ADAPTER.validate_python(upcast(_load_object(data)))
-    except ValidationError as exc:
-        raise DecodeError(_reason(exc)) from exc
-    except UpcastError as exc:
-        raise DecodeError(str(exc)) from exc
+    return _validated(COMMAND_ADAPTER.validate_python, _load_object(data))
 
 
 def ledger_event_from_dict(obj: dict[str, Any]) -> EventBase:
     """An event already parsed from JSON (e.g. read back from a jsonb column) → its model, upcast first."""
-    try:
-        return LEDGER_ADAPTER.validate_python(upcast(obj))
-    except ValidationError as exc:
-        raise DecodeError(_reason(exc)) from exc
-    except UpcastError as exc:
-        raise DecodeError(str(exc)) from exc
+    return _validated(LEDGER_ADAPTER.validate_python, obj)

@@ -419,17 +419,14 @@ class Engine:
             return
 
     async def feed(self, run_id: str, inp: Input) -> list[asyncio.Future[object]]:
+        """Decide on `inp` and queue the events; the futures resolve when they are durable. A run's own loop goes
+        on without waiting for them: the producer keeps the run's events in order, and a failed append exits the
+        process (adapters.ledger), so no decision builds on events the ledger lost."""
         state = self.runs.get(run_id)
         if state is None:
             return []
         flow = self.flows.get(state.tenant_id, state.flow_id, state.flow_version)
         return await self._apply(*decide_and_fold(state, flow, inp, self.clock()))
-
-    async def _feed_durably(self, run_id: str, inp: Input) -> None:
-        """Feed an input from the run's own loop. The loop goes on without waiting for the broker's ack: the
-        producer keeps the run's events in order, and a failed append exits the process (adapters.ledger),
-        so the next decision never builds on events the ledger lost."""
-        await self.feed(run_id, inp)
 
     # ------------------------------------------------------------------ subflows
 
@@ -525,21 +522,21 @@ class Engine:
         now = datetime.now(UTC)
         deadline = self._deadline(state, flow)
         if deadline is not None and now >= deadline:
-            await self._feed_durably(run_id, DeadlinePassed(run_id))
+            await self.feed(run_id, DeadlinePassed(run_id))
             return True
         if state.status == RunStatus.SCHEDULED:
             assert state.run_at is not None
             if now < state.run_at:
                 await self._wait(run_id, state.run_at)
                 return True
-            await self._feed_durably(run_id, ScheduledDue(run_id, self._admission(state.tenant_id, state.flow_id)))
+            await self.feed(run_id, ScheduledDue(run_id, self._admission(state.tenant_id, state.flow_id)))
             return True
         if state.status == RunStatus.BLOCKED:
             admission = self._admission(state.tenant_id, state.flow_id)
             queue = self.blocked.get((state.tenant_id, state.flow_id))
             if queue and queue[0] == run_id:
                 before = state.next_seq
-                await self._feed_durably(run_id, SlotFreed(run_id, admission))
+                await self.feed(run_id, SlotFreed(run_id, admission))
                 after = self.runs.get(run_id)
                 if after is None or after.next_seq != before:
                     queue.popleft()
@@ -551,7 +548,7 @@ class Engine:
             pause = state.pause
             expires = pause.expires_at if pause else None
             if pause is not None and expires is not None and now >= expires:
-                await self._feed_durably(run_id, PauseExpired(run_id, pause.request_id))
+                await self.feed(run_id, PauseExpired(run_id, pause.request_id))
                 return True
             until = min((t for t in (expires, deadline) if t is not None), default=None)
             if until is None:
@@ -567,7 +564,7 @@ class Engine:
             if now < due:
                 await self._wait(run_id, min(due, deadline) if deadline else due)
                 return True
-            await self._feed_durably(run_id, TimerFired(run_id, name, step.attempt))
+            await self.feed(run_id, TimerFired(run_id, name, step.attempt))
             return True
         definition = flow.step(name)
         if definition.action == StepAction.SUBFLOW:
@@ -600,7 +597,7 @@ class Engine:
             return True  # abandoned by a cancel: the run has ended
         outcome = step_task.result()
         metrics.STEP_SECONDS.labels(call.action, "ok" if outcome.ok else "error").observe(outcome.duration_ms / 1000)
-        await self._feed_durably(run_id, StepCompleted(
+        await self.feed(run_id, StepCompleted(
             run_id, name, step.attempt, outcome.ok, outcome.output, outcome.error, outcome.duration_ms
         ))  # fmt: skip
         return True
