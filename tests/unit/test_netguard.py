@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.executor.adapters.netguard import BlockedAddress, check_url, is_blocked
+from services.common.netguard import BlockedAddress, check_url, is_blocked
 
 BLOCKED = [
     "127.0.0.1", "127.255.255.254",  # loopback

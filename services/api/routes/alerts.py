@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.common.auth import Principal, require_scope
 from services.common.http import ApiError
-from services.executor.adapters.netguard import BlockedAddress, check_url
+from services.common.netguard import BlockedAddress, check_url
 from services.projector.alerts import PAGERDUTY_URL
 
 router = APIRouter()

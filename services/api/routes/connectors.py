@@ -13,6 +13,8 @@ import asyncio
 import base64
 import secrets
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import urljoin, urlsplit
@@ -29,10 +31,19 @@ from schemas.flows import mask_secrets, mask_text
 from services.api.routes.flows import connectors as named_connectors
 from services.common.auth import Principal, require_scope
 from services.common.http import ApiError
+from services.common.netguard import (
+    BlockedAddress,
+    KafkaGuard,
+    UnresolvableHost,
+    check_host,
+    check_url,
+    guard_dsn,
+    guarded_client,
+    kafka_bootstrap,
+)
 from services.executor.adapters.actions_base import StepError, masked_message
-from services.executor.adapters.actions_db import DatabaseActions, classify_sqlstate
+from services.executor.adapters.actions_db import classify_sqlstate
 from services.executor.adapters.actions_kafka import classify_kafka
-from services.executor.adapters.netguard import BlockedAddress, check_host, check_url
 from services.executor.adapters.steps import classify_status
 
 router = APIRouter()
@@ -161,7 +172,7 @@ async def create_connector(body: NewConnector, request: Request, principal: Admi
     allows them (FLOWTRAIL_API_CONNECTOR_ALLOW_PRIVATE_NETWORKS)."""
     try:
         await _guard(body.kind, body.config, request.app.state.settings.connector_allow_private_networks)
-    except (BlockedAddress, OSError) as exc:
+    except (BlockedAddress, OSError, ValueError, asyncpg.InterfaceError) as exc:
         field = "dsn" if body.kind == "postgresql" else "url"
         raise ApiError(422, "validation_error", f"config.{field}: {mask_text(str(exc))}") from None
     pool = request.app.state.pool
@@ -263,22 +274,17 @@ def _ms(began: float) -> float:
 
 
 async def _guard(kind: str, config: ConnectorConfig, allow_private: bool) -> None:
-    """The executor's guards: check_url for http, its DSN rule for postgresql, check_host per kafka broker."""
+    """The early check at registration, for a clear 422: http(s) URLs, the DSN's hosts as asyncpg reads them,
+    each kafka broker. Not the defence: verify connects through the connection-level guard."""
     if kind == "http":
         assert config.url is not None
         await check_url(config.url, allow_private=allow_private)
         if config.health_path is not None:
             await check_url(urljoin(config.url, config.health_path), allow_private=allow_private)
-    elif allow_private:
-        return
     elif kind == "postgresql":
         assert config.dsn is not None
-        guard = DatabaseActions(connectors={}, allow_private=False, max_rows=1, max_output_bytes=1)
-        try:
-            await guard._guard(config.dsn)
-        except StepError as exc:
-            raise BlockedAddress(str(exc)) from None
-    else:
+        await guard_dsn(config.dsn, allow_private=allow_private)
+    elif not allow_private:
         for host, port in _brokers(config):
             await check_host(host, port)
 
@@ -293,26 +299,28 @@ def _brokers(config: ConnectorConfig) -> list[tuple[str, int]]:
     return out
 
 
-async def _guarded(config: ConnectorConfig, kind: str, allow_private: bool) -> None:
-    """Checked again at verify time: the name may resolve elsewhere now."""
+@contextmanager
+def _refusals() -> Iterator[None]:
+    """The guard's refusals as verify reports them: checked again at verify time, where it connects."""
     try:
-        await _guard(kind, config, allow_private)
+        yield
     except BlockedAddress as exc:
         raise StepError(ErrorCategory.VALIDATION, mask_text(str(exc)), code="blocked_address") from None
-    except OSError as exc:
-        raise StepError(ErrorCategory.TRANSIENT, masked_message(exc), code="network") from None
+    except UnresolvableHost as exc:
+        raise StepError(ErrorCategory.TRANSIENT, masked_message(exc), code="unresolvable_host") from None
 
 
 async def _check_http(config: ConnectorConfig, allow_private: bool) -> dict[str, Any]:
     assert config.url is not None
-    await _guarded(config, "http", allow_private)
     target = urljoin(config.url, config.health_path) if config.health_path else config.url
     try:
-        async with httpx.AsyncClient(timeout=config.timeout_s, follow_redirects=False) as client:
-            response = await client.get(target, headers=config.headers)
+        with _refusals():
+            await check_url(target, allow_private=True)  # scheme and host; the address where it connects
+            async with guarded_client(allow_private, timeout=config.timeout_s, follow_redirects=False) as client:
+                response = await client.get(target, headers=config.headers)
     except httpx.TimeoutException as exc:
         raise StepError(ErrorCategory.TRANSIENT, masked_message(exc), code="timeout") from None
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise StepError(ErrorCategory.TRANSIENT, masked_message(exc), code="network") from None
     code = response.status_code
     if code >= 400:
@@ -323,9 +331,10 @@ async def _check_http(config: ConnectorConfig, allow_private: bool) -> dict[str,
 
 async def _check_postgresql(config: ConnectorConfig, allow_private: bool) -> dict[str, Any]:
     assert config.dsn is not None
-    await _guarded(config, "postgresql", allow_private)
     try:
-        conn = await asyncpg.connect(config.dsn, timeout=config.timeout_s)
+        with _refusals():
+            pinned = await guard_dsn(config.dsn, allow_private=allow_private)  # connect to what was checked
+        conn = await asyncpg.connect(config.dsn, timeout=config.timeout_s, **pinned)
         try:
             await conn.fetchval("SELECT 1")
             version = await conn.fetchval("SHOW server_version")
@@ -333,7 +342,7 @@ async def _check_postgresql(config: ConnectorConfig, allow_private: bool) -> dic
             await conn.close(timeout=config.timeout_s)
     except asyncpg.PostgresError as exc:
         raise StepError(classify_sqlstate(exc.sqlstate), masked_message(exc), code=exc.sqlstate) from None
-    except (asyncpg.ClientConfigurationError, ValueError) as exc:
+    except (asyncpg.ClientConfigurationError, asyncpg.InternalClientError, ValueError) as exc:
         raise StepError(ErrorCategory.VALIDATION, masked_message(exc), code="invalid_dsn") from None
     except TimeoutError as exc:
         raise StepError(ErrorCategory.TRANSIENT, masked_message(exc), code="timeout") from None
@@ -344,14 +353,25 @@ async def _check_postgresql(config: ConnectorConfig, allow_private: bool) -> dic
 
 
 async def _check_kafka(config: ConnectorConfig, allow_private: bool) -> dict[str, Any]:
-    await _guarded(config, "kafka", allow_private)
-    servers = ",".join(f"{h}:{p}" for h, p in _brokers(config))
+    brokers = _brokers(config)
+    guard = None if allow_private else KafkaGuard()
+    with _refusals():
+        # Bootstrap through the checked addresses; every advertised broker is checked before it is dialled.
+        servers = ",".join(f"{h}:{p}" for h, p in brokers) if guard is None else await kafka_bootstrap(brokers)
     admin = AIOKafkaAdminClient(bootstrap_servers=servers, client_id="flowtrail-api-verify",
                                 request_timeout_ms=int(config.timeout_s * 1000))  # fmt: skip
+    if guard is not None:
+        guard.install(admin._client)
     try:
         await admin.start()
+        if guard is not None:
+            with _refusals():
+                await guard.check_cluster(admin._client)
         cluster = await admin.describe_cluster()
     except (kerr.KafkaError, OSError) as exc:
+        if guard is not None and guard.refused is not None:
+            with _refusals():
+                raise guard.refused from None
         raise StepError(classify_kafka(exc), masked_message(exc), code="kafka") from None
     finally:
         await admin.close()

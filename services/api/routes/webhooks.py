@@ -10,8 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.common.auth import Principal, require_scope
 from services.common.http import ApiError
+from services.common.netguard import BlockedAddress, check_url
 from services.common.webhooks import EVENT_NAMES
-from services.executor.adapters.netguard import BlockedAddress, check_url
 
 router = APIRouter()
 Admin = Annotated[Principal, Depends(require_scope("admin"))]

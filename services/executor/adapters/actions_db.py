@@ -9,13 +9,14 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 import orjson
 
 from schemas.events import ErrorCategory
 from schemas.flows import DatabaseQueryInput, mask_text
+from services.common.netguard import BlockedAddress, UnresolvableHost, guard_dsn
 from services.executor.adapters.actions_base import (
     StepCall,
     StepError,
@@ -25,7 +26,6 @@ from services.executor.adapters.actions_base import (
     masked_message,
     parse_input,
 )
-from services.executor.adapters.netguard import BlockedAddress, check_host
 
 log = logging.getLogger(__name__)
 
@@ -69,20 +69,21 @@ class DatabaseActions:
 
     async def query(self, call: StepCall) -> dict[str, Any]:
         spec = parse_input(DatabaseQueryInput, call.input, "database_query")
+        pinned: dict[str, Any] = {}
         if spec.connector is not None:
             # The operator configured it: trusted, private addresses included.
             dsn = connector_url(self.connectors, spec.connector, SCHEMES, "database")
         else:
             assert spec.dsn is not None
             dsn = spec.dsn
-            await self._guard(dsn)
+            pinned = await self._guard(dsn)
         shown = {"connection": mask_text(dsn), "connector": spec.connector, "query": spec.query,
                  "params": json_safe(spec.params, str)}  # fmt: skip
         # The server cancels the statement before the step's own timeout, so the error says what happened.
         statement_timeout = min(spec.timeout_s or call.timeout_s, call.timeout_s * 0.9)
         max_rows = min(spec.max_rows or self.max_rows, self.max_rows)
         try:
-            return {**shown, **await self._execute(dsn, spec, statement_timeout, max_rows)}
+            return {**shown, **await self._execute(dsn, pinned, spec, statement_timeout, max_rows)}
         except StepError as exc:
             exc.output = shown
             raise
@@ -96,8 +97,9 @@ class DatabaseActions:
             # Refused, unreachable, reset or a connect that did not finish: the database may be back later.
             raise StepError(ErrorCategory.TRANSIENT, masked_message(exc), code="network", output=shown) from exc
 
-    async def _execute(self, dsn: str, spec: DatabaseQueryInput, timeout_s: float, max_rows: int) -> dict[str, Any]:
-        pool = await self._pool(dsn)
+    async def _execute(self, dsn: str, pinned: dict[str, Any], spec: DatabaseQueryInput, timeout_s: float,
+                       max_rows: int) -> dict[str, Any]:  # fmt: skip
+        pool = await self._pool(dsn, pinned)
         async with pool.acquire(timeout=CONNECT_TIMEOUT_S) as conn, conn.transaction(readonly=spec.read_only):
             await conn.execute("SELECT set_config('statement_timeout', $1, true)", f"{max(1, int(timeout_s * 1000))}ms")
             stmt = await conn.prepare(spec.query)
@@ -126,13 +128,15 @@ class DatabaseActions:
             rows.append(row)
         return {"columns": columns, "rows": rows, "row_count": len(rows), "truncated": truncated, "status": status}
 
-    async def _pool(self, dsn: str) -> asyncpg.Pool:
+    async def _pool(self, dsn: str, pinned: dict[str, Any] | None = None) -> asyncpg.Pool:
+        """The DSN's pool; `pinned` (from `_guard`) makes its connections go to the checked addresses, also
+        the ones it opens later: a pool made from a guarded DSN never resolves the DSN's names again."""
         pool = self._pools.get(dsn)
         if pool is not None:
             self._pools.move_to_end(dsn)
             return pool
         pool = await asyncpg.create_pool(dsn, min_size=0, max_size=4, init=_init_connection, timeout=CONNECT_TIMEOUT_S,
-                                         max_inactive_connection_lifetime=60)  # fmt: skip
+                                         max_inactive_connection_lifetime=60, **(pinned or {}))  # fmt: skip
         assert pool is not None
         if dsn in self._pools:  # another step made one meanwhile
             await pool.close()
@@ -145,27 +149,20 @@ class DatabaseActions:
             task.add_done_callback(self._closing.discard)
         return pool
 
-    async def _guard(self, dsn: str) -> None:
-        """A DSN written in a flow may not reach private networks or local sockets unless the deployment allows it."""
-        parts = urlsplit(dsn)
-        if parts.scheme not in SCHEMES:
+    async def _guard(self, dsn: str) -> dict[str, Any]:
+        """A DSN written in a flow may not reach private networks or local sockets unless the deployment allows
+        it. Its hosts are read by asyncpg's own parser, each resolved once and checked; the answer is the
+        connect arguments pinning the connection to the checked addresses (services.common.netguard)."""
+        if urlsplit(dsn).scheme not in SCHEMES:
             raise StepError(ErrorCategory.VALIDATION, "dsn must be a postgresql:// URL", code="invalid_dsn")
-        if self.allow_private:
-            return
-        hosts: list[tuple[str, int]] = []
-        for item in parts.netloc.rpartition("@")[2].split(","):
-            if item:
-                one = urlsplit(f"//{item}")
-                hosts.append((unquote(one.hostname or item), one.port or 5432))
-        hosts += [(unquote(h), 5432) for h in parse_qs(parts.query).get("host", [])]
         try:
-            if not hosts:
-                # asyncpg would fall back to PGHOST or a local socket.
-                raise BlockedAddress("the dsn names no host")
-            for host, port in hosts:
-                await check_host(host, port)
+            return await guard_dsn(dsn, allow_private=self.allow_private)
         except BlockedAddress as exc:
-            raise StepError(ErrorCategory.VALIDATION, str(exc), code="blocked_address") from exc
+            raise StepError(ErrorCategory.VALIDATION, masked_message(exc), code="blocked_address") from exc
+        except UnresolvableHost as exc:
+            raise StepError(ErrorCategory.TRANSIENT, masked_message(exc), code="unresolvable_host") from exc
+        except (asyncpg.InterfaceError, asyncpg.InternalClientError, ValueError) as exc:
+            raise StepError(ErrorCategory.VALIDATION, masked_message(exc), code="invalid_dsn") from exc
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

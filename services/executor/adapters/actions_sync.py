@@ -21,6 +21,7 @@ from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from schemas.events import CANONICAL_ENTITIES, ErrorCategory
 from schemas.flows import Frozen, mask_secrets, mask_text
+from services.common.netguard import BlockedAddress, UnresolvableHost, check_url, guarded_client
 from services.executor.adapters.actions_base import (
     TRUNCATED,
     StepCall,
@@ -32,7 +33,6 @@ from services.executor.adapters.actions_base import (
     parse_input,
 )
 from services.executor.adapters.actions_db import SCHEMES, DatabaseActions, classify_sqlstate, coerce_param
-from services.executor.adapters.netguard import BlockedAddress, check_url
 
 HTTP_SCHEMES = ("http", "https")
 RAW_ERROR_BYTES = 2048
@@ -405,7 +405,10 @@ class SyncRecordsActions:
         self.allow_private = allow_private
         self.max_bytes = max_output_bytes
         self._own_http = http is None
-        self.http = http or httpx.AsyncClient(follow_redirects=False)
+        # URLs written in flows go through the guarded client (resolved once, checked, pinned); a connector's
+        # own origin through a plain one: the operator configured it, private or not.
+        self.http = http or guarded_client(allow_private, follow_redirects=False)
+        self.trusted_http = httpx.AsyncClient(follow_redirects=False)
         self._own_db = db is None
         self.db = db or DatabaseActions(connectors=connectors, allow_private=allow_private, max_rows=1,
                                         max_output_bytes=max_output_bytes)  # fmt: skip
@@ -413,6 +416,7 @@ class SyncRecordsActions:
     async def close(self) -> None:
         if self._own_http:
             await self.http.aclose()
+        await self.trusted_http.aclose()
         if self._own_db:
             await self.db.close()
 
@@ -448,24 +452,30 @@ class SyncRecordsActions:
         base = connector_url(self.connectors, endpoint.connector, HTTP_SCHEMES, "http")
         return (base.rstrip("/") + endpoint.path) if endpoint.path else base, _origin(base)
 
-    async def _guard(self, url: str, trusted: str | None) -> None:
+    async def _guard(self, url: str, trusted: str | None) -> httpx.AsyncClient:
+        """The client for `url`: the connector's own origin is trusted (the operator configured it, private or
+        not); any other URL (a flow's, or where a redirect leads) has its scheme and host checked here and its
+        address where it connects (the guarded client), so no hop reaches a private network."""
         if trusted is not None and _origin(url) == trusted:
-            return
+            return self.trusted_http
         try:
-            await check_url(url, allow_private=self.allow_private)
+            await check_url(url, allow_private=True)  # the URL's form only: nothing is resolved twice
         except BlockedAddress as exc:
             raise StepError(ErrorCategory.VALIDATION, str(exc), code="blocked_address") from exc
-        except OSError as exc:
-            raise StepError(ErrorCategory.TRANSIENT, masked_message(exc), code="network") from exc
+        return self.http
 
     async def _request(
         self, method: str, url: str, trusted: str | None, *, timeout_s: float, **kw: Any
     ) -> httpx.Response:
         """One request, its redirects followed (a GET only) and every hop guarded; network errors are TRANSIENT."""
         for _ in range(MAX_REDIRECTS + 1):
-            await self._guard(url, trusted)
+            client = await self._guard(url, trusted)
             try:
-                response = await self.http.request(method, url, timeout=timeout_s, **kw)
+                response = await client.request(method, url, timeout=timeout_s, **kw)
+            except BlockedAddress as exc:
+                raise StepError(ErrorCategory.VALIDATION, str(exc), code="blocked_address") from exc
+            except UnresolvableHost as exc:
+                raise StepError(ErrorCategory.TRANSIENT, masked_message(exc), code="unresolvable_host") from exc
             except httpx.TransportError as exc:
                 raise StepError(ErrorCategory.TRANSIENT, f"{method} {mask_text(url)}: {masked_message(exc)}",
                                 code="network") from exc  # fmt: skip
@@ -562,18 +572,18 @@ class SyncRecordsActions:
 
     # ---------------------------------------------------------------- PostgreSQL
 
-    async def _dsn(self, db: _Database) -> str:
+    async def _dsn(self, db: _Database) -> tuple[str, dict[str, Any]]:
+        """The DSN and the connect arguments that pin a flow's own DSN to its checked addresses."""
         if db.connector is not None:
-            return connector_url(self.connectors, db.connector, SCHEMES, "database")
+            return connector_url(self.connectors, db.connector, SCHEMES, "database"), {}
         assert db.dsn is not None
-        await self.db._guard(db.dsn)
-        return db.dsn
+        return db.dsn, await self.db._guard(db.dsn)
 
     async def _read_postgres(self, source: PostgresSource, spec: SyncRecordsInput, call: StepCall) -> list[Any]:
-        dsn = await self._dsn(source)
+        dsn, pinned = await self._dsn(source)
         timeout_ms = max(1, int(call.timeout_s * 900))  # the server cancels first, so the error says why
         with _postgres_errors():
-            pool = await self.db._pool(dsn)
+            pool = await self.db._pool(dsn, pinned)
             async with pool.acquire() as conn, conn.transaction(readonly=True):
                 await conn.execute("SELECT set_config('statement_timeout', $1, true)", f"{timeout_ms}ms")
                 stmt = await conn.prepare(source.query)
@@ -593,11 +603,11 @@ class SyncRecordsActions:
     async def _write_postgres(self, dest: PostgresDestination, prepared: list[Prepared], run: _Run) -> None:
         if not prepared:
             return
-        dsn = await self._dsn(dest)
+        dsn, pinned = await self._dsn(dest)
         columns = list(prepared[0].data)
         sql = upsert_sql(dest.table, columns, dest.key_columns, dest.id_column)
         with _postgres_errors():
-            pool = await self.db._pool(dsn)
+            pool = await self.db._pool(dsn, pinned)
             async with pool.acquire() as conn:
                 stmt = await conn.prepare(sql)
                 types = [t.name for t in stmt.get_parameters()]

@@ -15,12 +15,12 @@ import orjson
 from schemas.events import ErrorCategory, ErrorInfo
 from schemas.flows import StepDefinition, contains_mask, mask_secrets, mask_text
 from schemas.status import StepStatus
+from services.common.netguard import BlockedAddress, UnresolvableHost, check_url, guarded_client
 from services.executor.adapters.actions_base import StepCall, StepError, StepOutcome, cap_output
 from services.executor.adapters.actions_db import DatabaseActions
 from services.executor.adapters.actions_kafka import KafkaActions
 from services.executor.adapters.actions_python import PythonActions
 from services.executor.adapters.actions_sync import SyncRecordsActions
-from services.executor.adapters.netguard import BlockedAddress, check_url
 from services.executor.fold import RunState
 from services.executor.settings import ExecutorSettings
 from services.executor.templating import TemplateError, render
@@ -71,7 +71,8 @@ class StepRunners:
         self.time_scale = time_scale
         self.max_body = max_body_bytes
         self.max_output = max_output_bytes
-        self.http = httpx.AsyncClient(follow_redirects=False)
+        # Every connection is resolved once, checked and pinned to the checked address (services.common.netguard).
+        self.http = guarded_client(allow_private_networks, follow_redirects=False)
         self.db = DatabaseActions(connectors=connectors or {}, allow_private=allow_private_networks,
                                   max_rows=db_max_rows, max_output_bytes=max_output_bytes)  # fmt: skip
         self.kafka = KafkaActions(bootstrap=kafka_bootstrap, reserved_prefix=topic_prefix,
@@ -174,11 +175,15 @@ class StepRunners:
         response = None
         for _ in range(int(spec.get("max_redirects", 5)) + 1):
             try:
-                # Every hop is checked, so a public URL cannot redirect into a private network.
-                await check_url(url, allow_private=self.allow_private)
+                # The scheme and host here; the address where each hop connects (guarded_client), so neither a
+                # redirect nor a DNS answer that changes after a check reaches a private network.
+                await check_url(url, allow_private=True)
                 response = await self.http.request(method, url, headers=headers, content=content, timeout=timeout)
             except BlockedAddress as exc:
                 raise StepError(ErrorCategory.VALIDATION, str(exc), code="blocked_address") from exc
+            except UnresolvableHost as exc:
+                # TRANSIENT: a resolver outage looks the same as a name that is gone; retries say which it was.
+                raise StepError(ErrorCategory.TRANSIENT, str(exc), code="unresolvable_host") from exc
             except (httpx.TransportError, OSError) as exc:
                 raise StepError(ErrorCategory.TRANSIENT, f"{type(exc).__name__}: {exc}", code="network") from exc
             if not response.is_redirect:

@@ -18,8 +18,8 @@ import httpx
 
 from schemas import codec
 from schemas.events import TERMINAL_EVENT_STATUS, EventBase
+from services.common.netguard import BlockedAddress, UnresolvableHost, check_url, guarded_client
 from services.common.webhooks import sign
-from services.executor.adapters.netguard import BlockedAddress, check_url
 from services.projector import alerts
 from services.projector.adapters.webhooks import RETRY_FOR
 from services.projector.alerts import Finished, Fire, Resolve, Rule, State
@@ -252,7 +252,8 @@ class Dispatcher:
     def __init__(self, settings: ProjectorSettings, lease_s: float = 60) -> None:
         self.settings = settings
         self.lease_s = lease_s
-        self.client = httpx.AsyncClient(timeout=10, follow_redirects=False)
+        # Resolved once, checked and pinned per connection: the guard is where the delivery connects.
+        self.client = guarded_client(settings.webhook_allow_private_networks, timeout=10, follow_redirects=False)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -288,7 +289,12 @@ class Dispatcher:
                     error = f"answered {code}"
         except BlockedAddress as exc:
             error = f"refused: {exc}"
-        except (httpx.HTTPError, smtplib.SMTPException, OSError) as exc:
+        except UnresolvableHost as exc:
+            error = f"unresolvable: {exc}"
+        except (httpx.HTTPError, httpx.InvalidURL, smtplib.SMTPException, OSError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # whatever one delivery raises is its failed attempt, never the batch's
+            log.exception("alert delivery %s attempt %d raised", d["id"], attempt)
             error = f"{type(exc).__name__}: {exc}"
         now = datetime.now(UTC)
         delay = timedelta(seconds=min(self.settings.alert_backoff_s * 2 ** (attempt - 1), 3600))
@@ -306,7 +312,7 @@ class Dispatcher:
             log.info("alert delivery %s attempt %d: %s (%s)", d["id"], attempt, error, status)
 
     async def _post(self, d: asyncpg.Record) -> int:
-        await check_url(d["target"], allow_private=self.settings.webhook_allow_private_networks)
+        await check_url(d["target"], allow_private=True)  # scheme and host; the address where it connects
         body = codec.dumps(d["body"])
         headers = {"Content-Type": "application/json"}
         if d["channel_type"] == "webhook":

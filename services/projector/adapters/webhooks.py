@@ -14,8 +14,8 @@ import httpx
 from schemas import codec
 from schemas.events import ConnectorDegraded, EventBase, FlowEventBase, FlowPaused
 from schemas.flows import mask_secrets
+from services.common.netguard import BlockedAddress, UnresolvableHost, check_url, guarded_client
 from services.common.webhooks import RUN_EVENTS, sign
-from services.executor.adapters.netguard import BlockedAddress, check_url
 from services.projector import metrics
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,8 @@ class Dispatcher:
         self.allow_private = allow_private
         self.backoff_s = backoff_s
         self.lease_s = lease_s
-        self.client = httpx.AsyncClient(timeout=10, follow_redirects=False)
+        # Resolved once, checked and pinned per connection: the guard is where the delivery connects.
+        self.client = guarded_client(allow_private, timeout=10, follow_redirects=False)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -155,7 +156,7 @@ class Dispatcher:
         code: int | None = None
         error: str | None = None
         try:
-            await check_url(d["url"], allow_private=self.allow_private)
+            await check_url(d["url"], allow_private=True)  # scheme and host; the address where it connects
             headers = {
                 "Content-Type": "application/json",
                 "X-Flowtrail-Event": d["event"],
@@ -168,7 +169,12 @@ class Dispatcher:
                 error = f"answered {code}"
         except BlockedAddress as exc:
             error = f"refused: {exc}"
-        except httpx.HTTPError as exc:
+        except UnresolvableHost as exc:
+            error = f"unresolvable: {exc}"
+        except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # whatever one delivery raises is its failed attempt, never the batch's
+            log.exception("webhook %s attempt %d raised", d["id"], attempt)
             error = f"{type(exc).__name__}: {exc}"
         now = datetime.now(UTC)
         delivered = error is None
