@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 
 TOLERANCE_S = 300
@@ -29,15 +30,44 @@ def sign(secret: str, body: bytes, timestamp: int | None = None) -> str:
     return f"t={t},v1={mac}"
 
 
-def verify(secret: str, body: bytes, header: str, *, now: float | None = None, tolerance_s: int = TOLERANCE_S) -> bool:
-    """What a receiver does: the signature matches this body and secret, and it is not stale."""
+def verify(secret: str | bytes, body: bytes, header: str, *, now: float | None = None,
+           tolerance_s: float = TOLERANCE_S) -> bool:  # fmt: skip
+    """What a receiver does: the signature matches this body and secret, and it is not stale.
+
+    Total: any header string (or anything else) answers True or False, never raises. The header is
+    comma-separated `key=value` items; `t` (ASCII digits, once) and at least one `v1` (64 hex digits; several
+    are allowed, as during a secret rotation, and any one matching is enough); other keys are ignored.
+    """
+    if not isinstance(header, str) or len(header) > _MAX_HEADER:
+        return False
+    stamp: str | None = None
+    given: list[str] = []
+    for item in header.split(","):
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep:
+            return False
+        if key == "t":
+            if stamp is not None:
+                return False  # two timestamps: which one was signed is ambiguous
+            stamp = value
+        elif key == "v1":
+            given.append(value)
+    if stamp is None or not given or not _STAMP.fullmatch(stamp):
+        return False
+    t = int(stamp)
     try:
-        parts = dict(item.split("=", 1) for item in header.split(","))
-        t = int(parts["t"])
-        given = parts["v1"]
-    except (ValueError, KeyError):
+        current = time.time() if now is None else float(now)
+        if not abs(current - t) <= tolerance_s:  # `not <=` so a NaN clock or tolerance is stale too
+            return False
+        key_bytes = secret.encode("utf-8", "surrogatepass") if isinstance(secret, str) else bytes(secret)
+        expected = hmac.new(key_bytes, f"{t}.".encode() + bytes(body), hashlib.sha256).hexdigest()
+    except (TypeError, ValueError, OverflowError):
         return False
-    if abs((time.time() if now is None else now) - t) > tolerance_s:
-        return False
-    expected = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected, given)
+    # Only well-formed candidates reach compare_digest (it refuses non-ASCII str); compared in constant time.
+    return any(hmac.compare_digest(expected, v.lower()) for v in given if _MAC.fullmatch(v))
+
+
+_MAX_HEADER = 8192
+_STAMP = re.compile(r"[0-9]{1,12}", re.ASCII)
+_MAC = re.compile(r"[0-9a-fA-F]{64}", re.ASCII)
