@@ -132,6 +132,16 @@ async def _healthy(client: httpx.AsyncClient, name: str) -> bool:
         return False
 
 
+async def _readiness(client: httpx.AsyncClient, name: str) -> dict[str, Any] | None:
+    """The service's /readyz answer: {"status": "ready"|"unavailable", "checks": {...}}; None when it is down."""
+    try:
+        answer = await client.get(health_url(name).replace("/healthz", "/readyz"))
+        body = answer.json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
 async def collect_status(settings: CommonSettings) -> dict[str, Any]:
     """Everything `flowtrail status` shows, as plain data (also what `--json` prints)."""
     paths = StackPaths.of(settings)
@@ -151,10 +161,13 @@ async def collect_status(settings: CommonSettings) -> dict[str, Any]:
     supervised = stack.get("services", {}) if supervisor_pid and stack.get("supervisor_pid") == supervisor_pid else {}
     async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
         healthy = await asyncio.gather(*(_healthy(client, name) for name in SERVICE_PORTS))
-    for name, up in zip(SERVICE_PORTS, healthy, strict=True):
+        readiness = await asyncio.gather(*(_readiness(client, name) for name in SERVICE_PORTS))
+    for name, up, ready in zip(SERVICE_PORTS, healthy, readiness, strict=True):
         info = supervised.get(name, {})
         components[name] = {
             "up": up,
+            "ready": bool(ready and ready.get("status") == "ready"),
+            "checks": (ready or {}).get("checks", {}),
             "address": health_url(name),
             "pid": info.get("pid"),
             "state": info.get("state"),
@@ -184,7 +197,9 @@ def render_status(status: dict[str, Any]) -> str:
     lines = [f"Flowtrail status (state folder {status['state_dir']})"]
     for name, info in status["components"].items():
         word = "up" if info["up"] else "down"
-        extra = []
+        if info["up"] and "ready" in info:
+            word = "ready" if info["ready"] else "unready"
+        extra = [f"{k}: {v}" for k, v in info.get("checks", {}).items() if v != "ok" and not info.get("ready", True)]
         if info.get("pid"):
             extra.append(f"pid {info['pid']}")
         if info.get("restarts"):
@@ -192,9 +207,9 @@ def render_status(status: dict[str, Any]) -> str:
         if info.get("state") and info["state"] != "running":
             extra.append(str(info["state"]))
         suffix = f"  ({', '.join(extra)})" if extra else ""
-        lines.append(f"  {name:<10} {word:<5} {info['address']}{suffix}")
+        lines.append(f"  {name:<10} {word:<7} {info['address']}{suffix}")
     sup = status["supervisor_pid"]
-    lines.append(f"  {'supervisor':<10} {'up' if sup else 'down':<5} {f'pid {sup}' if sup else ''}".rstrip())
+    lines.append(f"  {'supervisor':<10} {'up' if sup else 'down':<7} {f'pid {sup}' if sup else ''}".rstrip())
     lag = status["consumer_lag"]
     if "error" in lag:
         lines.append(f"Consumer lag: unavailable ({lag['error']})")

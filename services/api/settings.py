@@ -9,6 +9,9 @@ class ApiSettings(CommonSettings):
     host: str = service_field("api", "host", "127.0.0.1")
     port: int = service_field("api", "port", DEFAULT_API_PORT)
     pool_max_size: int = service_field("api", "pool_max_size", 10)
+    # A request body larger than this is refused with 413 before it is read (a flow definition is one Kafka
+    # message, so it must also fit FLOWTRAIL_KAFKA_MAX_MESSAGE_BYTES).
+    max_body_bytes: int = service_field("api", "max_body_bytes", 1024 * 1024, ge=1024)
     # Webhook receivers on private or loopback addresses: local development only.
     webhook_allow_private_networks: bool = service_field("api", "webhook_allow_private_networks", False)
     # Connectors (their URLs and DSNs, and the checks `verify` makes) on private or loopback addresses.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -51,3 +52,14 @@ async def connect(dsn: str, schema: str) -> asyncpg.Connection:
     conn: Any = await asyncpg.connect(dsn, server_settings=_server_settings(schema))
     await _init_connection(conn)
     return conn
+
+
+async def pool_problem(pool: asyncpg.Pool, timeout_s: float = 2.0) -> str | None:
+    """For /readyz: None when the pool can run a query now, else why not."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            async with pool.acquire() as conn:
+                await conn.fetchval("SELECT 1")
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        return f"PostgreSQL unreachable: {exc!r}"
+    return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -53,6 +54,21 @@ def register(app: faust.App, triggers: faust.TopicT, engine: Engine, dlq_topic: 
     async def healthz(web: Any, request: Any) -> Any:
         return web.json({"status": "ok", "active_runs": len(engine.runs), "partitions": sorted(engine.owned),
                          "replaying": sorted(engine.replaying)})  # fmt: skip
+
+    @app.page("/readyz")
+    async def readyz(web: Any, request: Any) -> Any:
+        """503 while inputs would wait: the ledger cannot be reached, or assigned partitions are still replaying."""
+        checks: dict[str, str] = {}
+        try:
+            async with asyncio.timeout(3):
+                await engine.ledger.producer.client.fetch_all_metadata()
+            checks["kafka"] = "ok"
+        except Exception as exc:  # not started, unreachable, timed out: each means not ready
+            checks["kafka"] = f"Kafka unreachable: {exc!r}"
+        checks["partitions"] = (f"replaying {sorted(engine.replaying)}" if engine.replaying
+                                else f"serving {sorted(engine.owned)}")  # fmt: skip
+        ok = checks["kafka"] == "ok" and not engine.replaying
+        return web.json({"status": "ready" if ok else "unavailable", "checks": checks}, status=200 if ok else 503)
 
     @app.page("/metrics")
     async def prometheus(web: Any, request: Any) -> Any:

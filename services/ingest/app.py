@@ -10,9 +10,12 @@ from fastapi import FastAPI
 from fastapi.responses import ORJSONResponse
 
 from schemas.topics import Topics
+from services.common.appender import Appender
 from services.common.auth import Authenticator
-from services.common.db import connect, create_pool
+from services.common.bodylimit import BodyLimit
+from services.common.db import connect, create_pool, pool_problem
 from services.common.http import install
+from services.common.idempotency import Idempotency
 from services.common.migrate import migrate
 from services.common.ratelimit import RateLimitHeaders, rate_limiter
 from services.ingest.adapters.triggers import TriggerLog
@@ -32,10 +35,13 @@ def create_app(settings: IngestSettings) -> FastAPI:
             await conn.close()
         app.state.pool = await create_pool(settings.database_url, settings.database_schema)
         app.state.authenticator = Authenticator(app.state.pool, limiter=rate_limiter(app.state.pool, settings))
-        app.state.trigger_log = TriggerLog(
-            settings.kafka_bootstrap, Topics(settings.topic_prefix).triggers, linger_ms=settings.producer_linger_ms
-        )
-        await app.state.trigger_log.start()
+        # Started without waiting for Kafka: while it is unreachable, triggers answer 503 and /readyz says why.
+        app.state.appender = Appender(
+            settings.kafka_bootstrap, linger_ms=settings.producer_linger_ms, client_id="flowtrail-ingest",
+            max_message_bytes=settings.kafka_max_message_bytes, timeout_s=settings.kafka_append_timeout_s,
+        )  # fmt: skip
+        await app.state.appender.start()
+        app.state.trigger_log = TriggerLog(app.state.appender, Topics(settings.topic_prefix).triggers)
         app.state.scheduler = None
         if settings.scheduler:
             app.state.scheduler = Scheduler(
@@ -49,12 +55,20 @@ def create_app(settings: IngestSettings) -> FastAPI:
         finally:
             if app.state.scheduler is not None:
                 await app.state.scheduler.stop()
-            await app.state.trigger_log.stop()
+            await app.state.appender.stop()
             await app.state.pool.close()
 
     app = FastAPI(title="Flowtrail ingest", default_response_class=ORJSONResponse, lifespan=lifespan)
     app.state.settings = settings
-    install(app)
+    # Innermost first: the key check reads the whole body, which the limit has bounded by then.
+    app.add_middleware(Idempotency)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    install(app, ready=functools.partial(_ready, app))
     app.add_middleware(RateLimitHeaders)
     app.include_router(triggers.router)
     return app
+
+
+async def _ready(app: FastAPI) -> dict[str, str | None]:
+    """What ingest needs to accept a trigger: PostgreSQL (keys, flows) and an append that can reach Kafka."""
+    return {"postgres": await pool_problem(app.state.pool), "kafka": await app.state.appender.check()}

@@ -7,6 +7,10 @@ APPEND_SECONDS = Histogram(
     "flowtrail_ingest_append_seconds", "Time until a request's triggers are durable in Kafka",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 2.5, 10),
 )  # fmt: skip
+APPEND_FAILURES = Counter(
+    "flowtrail_ingest_append_failures_total",
+    "Trigger requests not wholly appended (answered 503); the producer is rebuilt",
+)
 
 # Scheduler (services/ingest/scheduler.py)
 SCHEDULES = Gauge("flowtrail_ingest_schedules", "Flows with a runnable schedule, paused ones included")

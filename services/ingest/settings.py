@@ -9,6 +9,11 @@ class IngestSettings(CommonSettings):
     host: str = service_field("ingest", "host", "127.0.0.1")
     port: int = service_field("ingest", "port", DEFAULT_INGEST_PORT)
     max_batch_inputs: int = service_field("ingest", "max_batch_inputs", 100_000)
+    # A request body larger than this is refused with 413 before it is read (100,000 inputs of ~300 bytes fit).
+    max_body_bytes: int = service_field("ingest", "max_body_bytes", 64 * 1024 * 1024, ge=1024)
+    # One input, as its encoded run request: larger ones are refused with 413 naming the input's index (it is
+    # also capped by what fits one Kafka message, FLOWTRAIL_KAFKA_MAX_MESSAGE_BYTES).
+    max_input_bytes: int = service_field("ingest", "max_input_bytes", 512 * 1024, ge=1024)
     # `mode: live` waits this long for the run's final status before answering with its current one.
     live_timeout_s: float = service_field("ingest", "live_timeout_s", 30.0)
     producer_linger_ms: int = service_field("ingest", "producer_linger_ms", 5)

@@ -16,10 +16,18 @@ def create_web_app(projector: Projector) -> web.Application:
             status=status,
         )
 
+    async def readyz(request: web.Request) -> web.Response:
+        checks = await projector.readiness()
+        ok = all(v == "ok" for v in checks.values())
+        return web.json_response(
+            {"status": "ready" if ok else "unavailable", "checks": checks}, status=200 if ok else 503
+        )
+
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     return app

@@ -14,7 +14,7 @@ from aiokafka.errors import KafkaError
 
 from schemas import codec
 from schemas.topics import Topics
-from services.common.db import create_pool
+from services.common.db import create_pool, pool_problem
 from services.projector import metrics, retention
 from services.projector.adapters import alerts, webhooks
 from services.projector.adapters.store import (
@@ -124,6 +124,18 @@ class Projector:
         await self.dlq.stop()
         if self.pool:
             await self.pool.close()
+
+    async def readiness(self) -> dict[str, str]:
+        """For /readyz: each thing the projector needs to keep the read models current, "ok" or the problem."""
+        checks = {"partitions": "ok" if self.ready.is_set() else "not assigned yet"}
+        checks["postgres"] = "not connected" if self.pool is None else (await pool_problem(self.pool) or "ok")
+        try:
+            async with asyncio.timeout(3):
+                await self.consumer._client.fetch_all_metadata()  # aiokafka exposes no public check
+            checks["kafka"] = "ok"
+        except Exception as exc:  # unreachable or timed out: either means not ready
+            checks["kafka"] = f"Kafka unreachable: {exc!r}"
+        return checks
 
     async def seek_assigned(self, assigned: list[TopicPartition]) -> None:
         assert self.pool is not None

@@ -7,50 +7,37 @@ that no longer applies (a cancel for a run that ended meanwhile).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
-
-from aiokafka import AIOKafkaProducer
 
 from schemas import codec
 from schemas.events import CommandBase, TriggerReceived
 from schemas.topics import Topics, partition_for
+from services.common.appender import Appender
 
 
 class CommandLog:
-    def __init__(self, bootstrap: str, topics: Topics, partitions: int) -> None:
-        self.bootstrap = bootstrap
+    """On the shared Appender: started on first use (the API serves reads while Kafka is unreachable), rebuilt
+    after any failed append, and bounded in time (FLOWTRAIL_KAFKA_APPEND_TIMEOUT_S)."""
+
+    def __init__(self, bootstrap: str, topics: Topics, partitions: int, *, max_message_bytes: int = 1_000_000,
+                 timeout_s: float = 10.0) -> None:  # fmt: skip
         self.topics = topics
         self.partitions = partitions
-        self._producer: AIOKafkaProducer | None = None
-        self._lock = asyncio.Lock()
-
-    async def _started(self) -> AIOKafkaProducer:
-        """Started on first use, so the API serves reads while Kafka is unreachable."""
-        async with self._lock:
-            if self._producer is None:
-                producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
-                                            linger_ms=2)  # fmt: skip
-                await producer.start()
-                self._producer = producer
-            return self._producer
+        self.appender = Appender(bootstrap, linger_ms=2, max_message_bytes=max_message_bytes, timeout_s=timeout_s,
+                                 client_id="flowtrail-api")  # fmt: skip
 
     async def stop(self) -> None:
-        if self._producer is not None:
-            await self._producer.stop()
+        await self.appender.stop()
 
     async def send_commands(self, commands: Sequence[CommandBase]) -> None:
-        """Returns once every command is durable in Kafka."""
+        """Returns once every command is durable in Kafka; raises AppendFailed otherwise."""
         await self._send(self.topics.commands, [(c.run_id, codec.dumps(c)) for c in commands])
 
     async def send_triggers(self, triggers: Sequence[TriggerReceived]) -> None:
-        """Returns once every run request is durable in Kafka."""
+        """Returns once every run request is durable in Kafka; raises AppendFailed otherwise."""
         await self._send(self.topics.triggers, [(t.run_id, codec.dumps(t)) for t in triggers])
 
     async def _send(self, topic: str, records: list[tuple[str, bytes]]) -> None:
-        producer = await self._started()
-        futures = []
-        for run_id, value in records:
-            partition = partition_for(run_id, self.partitions)
-            futures.append(await producer.send(topic, value, key=run_id.encode(), partition=partition))
-        await asyncio.gather(*futures)
+        await self.appender.append(
+            topic, [(run_id.encode(), value, partition_for(run_id, self.partitions)) for run_id, value in records]
+        )

@@ -21,6 +21,7 @@ from typing import Any
 import asyncpg
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaTimeoutError
 
 from schemas import codec
 from schemas.events import FlowEventBase, FlowPaused, FlowResumed, FlowVersionPublished
@@ -56,9 +57,10 @@ class FlowLog:
     to them, so a writer that holds the flow's lock sees every event appended before it took the lock.
     """
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, bootstrap: str, topic: str, *, timeout_s: float = 10.0) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
+        self.timeout_s = timeout_s
         self.flows: dict[tuple[str, str], FlowState] = {}
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
@@ -131,8 +133,30 @@ class FlowLog:
         does, on a producer kept open for the process."""
         await self.start()
         assert self._producer is not None
-        meta = await self._producer.send_and_wait(self.topic, codec.dumps(event), key=event.flow_id.encode())
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                meta = await self._producer.send_and_wait(self.topic, codec.dumps(event), key=event.flow_id.encode())
+        except TimeoutError as exc:
+            await self._reset()
+            raise KafkaTimeoutError(f"the flows topic did not acknowledge within {self.timeout_s:g} s") from exc
+        except BaseException:
+            # A producer that failed once may stay broken (sequence numbers): the next write starts fresh ones.
+            await self._reset()
+            raise
         return Appended(meta.partition, meta.offset)
+
+    async def _reset(self) -> None:
+        async with self._lock:
+            producer, consumer = self._producer, self._consumer
+            self._producer = self._consumer = None
+            self.flows.clear()  # read again from the beginning by the next catch_up
+        for client in (consumer, producer):
+            if client is not None:
+                try:
+                    async with asyncio.timeout(10):
+                        await client.stop()
+                except Exception as exc:
+                    log.info("stopping a dropped flows-topic client: %r", exc)
 
 
 class FlowBusy(Exception):

@@ -14,8 +14,10 @@ from schemas import codec
 from schemas.events import ExecutionMode, TriggerInfo, TriggerReceived, TriggerType, new_run_id
 from schemas.flows import Environment
 from schemas.status import TERMINAL_RUN_STATUSES
+from services.common.appender import Appender, AppendFailed
 from services.common.auth import Principal, require_scope
 from services.common.http import ApiError
+from services.common.idempotency import derived_run_ids, idempotency_key
 from services.ingest import metrics
 from services.ingest.adapters.windows import cursor_window
 
@@ -83,10 +85,19 @@ async def trigger_flow(
         run_at=body.run_at,
         cursor_window=await cursor_window(pool, principal.tenant_id, flow_id, version),
     )
-    run_ids = [new_run_id() for _ in inputs]
+    key = idempotency_key(request.scope["headers"])
+    if key is None:
+        run_ids = [new_run_id() for _ in inputs]
+    else:  # a retry of this request names the same runs: the executor starts each once (DESIGN 2.9)
+        run_ids = derived_run_ids(principal.tenant_id, principal.environment, key, len(inputs))
     records = list(zip(run_ids, codec.dumps_triggers(template, run_ids, inputs), strict=True))
+    _refuse_oversize(records, template, body.inputs is not None, settings, request.app.state.appender)
     started = time.perf_counter()
-    await request.app.state.trigger_log.append(records)
+    try:
+        await request.app.state.trigger_log.append(records)
+    except AppendFailed as exc:
+        metrics.APPEND_FAILURES.inc()
+        raise _incomplete(exc, len(records), keyed=key is not None) from exc
     metrics.APPEND_SECONDS.observe(time.perf_counter() - started)
     metrics.TRIGGERS.labels(body.mode).inc(len(records))
     if body.inputs is not None:
@@ -99,6 +110,42 @@ async def trigger_flow(
 
 
 _TERMINAL = {s.value for s in TERMINAL_RUN_STATUSES}
+
+
+def _refuse_oversize(
+    records: list[tuple[str, bytes]], template: TriggerReceived, batch: bool, settings: Any, appender: Appender
+) -> None:
+    """413 before anything reaches Kafka: an input over FLOWTRAIL_INGEST_MAX_INPUT_BYTES, or whose run request
+    would not fit one Kafka message. Named by its index, so the client knows which one to fix."""
+    envelope = len(codec.dumps_triggers(template, [records[0][0]], [None])[0]) - len(b"null")
+    limit = min(settings.max_input_bytes, appender.max_record_bytes - envelope - len(records[0][0]))
+    for index, (_, value) in enumerate(records):
+        size = len(value) - envelope
+        if size > limit:
+            where = f"inputs[{index}]" if batch else "input"
+            raise ApiError(413, "payload_too_large",
+                           f"{where} is {size:,} bytes as JSON; the limit is {limit:,} bytes per input. "
+                           "Nothing was appended.", details={"index": index, "size": size, "limit": limit})  # fmt: skip
+
+
+def _incomplete(exc: AppendFailed, total: int, *, keyed: bool) -> ApiError:
+    """503 with Retry-After, saying exactly what reached the log, so the client knows what a retry does."""
+    details = {"appended": len(exc.appended), "refused": len(exc.refused), "unknown": len(exc.unknown),
+               "appended_indexes": exc.appended, "unknown_indexes": exc.unknown}  # fmt: skip
+    if exc.nothing_appended:
+        message = f"Kafka could not take the request ({exc.reason}); nothing was appended: it is safe to retry"
+    else:
+        message = (
+            f"the request was appended only in part: {len(exc.appended):,} of {total:,} inputs are durable, "
+            f"{len(exc.refused):,} were refused and {len(exc.unknown):,} are unknown ({exc.reason}). "
+        )
+        message += (
+            "Retry with the same Idempotency-Key: the retry names the same run ids and each run is created once."
+            if keyed
+            else "This request had no Idempotency-Key, so retrying it whole would run the appended inputs again: "
+            "resend only the inputs not listed in details.appended_indexes, with an Idempotency-Key."
+        )
+    return ApiError(503, "kafka_unavailable", message, headers={"Retry-After": "2"}, details=details)
 
 
 async def _wait_final(pool: Any, tenant_id: str, run_id: str, timeout_s: float) -> dict[str, Any]:

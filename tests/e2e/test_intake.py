@@ -1,0 +1,295 @@
+"""Trustworthy intake on real processes: no client's input breaks ingest for anyone else (DESIGN 2.8).
+
+Oversized inputs and bodies are refused with 413 before anything reaches Kafka; a 20,000-input batch and then
+1,000 triggers from three tenants all answer 202 while /readyz stays ready; an Idempotency-Key makes 1,000
+concurrent triggers one run, across ingest processes; a batch the broker takes only in part answers 503 saying
+exactly which inputs are durable, and its retry with the same key completes it with each run exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+from schemas.events import FlowVersionPublished
+from schemas.flows import FlowDefinition
+from schemas.topics import partition_for
+from services.common.auth import create_api_key, ensure_tenant
+from services.common.db import connect
+from services.common.idempotency import derived_run_ids
+from services.common.kafka import publish_flow_events, topic_partitions
+from tests.conftest import Infra, Sandbox, make_sandbox
+from tests.e2e.stack import Service, Stack, free_port
+
+TENANTS = ("t1", "t2", "t3")
+TERMINAL = {"SUCCEEDED", "PARTIAL", "FAILED", "TIMED_OUT", "CANCELED", "INVALID", "QUOTA_EXCEEDED", "INTERNAL_ERROR"}
+MAX_BODY = 8 * 1024 * 1024
+
+
+@dataclass
+class Env:
+    sandbox: Sandbox
+    stack: Stack
+    ingest2: Service
+    keys: dict[str, str]
+
+    @property
+    def ingest(self) -> str:
+        return self.stack["ingest"].url
+
+    @property
+    def api(self) -> str:
+        return self.stack["api"].url
+
+
+def _flow(tenant: str) -> FlowDefinition:
+    return FlowDefinition.model_validate({"tenant_id": tenant, "version": 1, "id": "noop", "name": "No-op", "steps": [
+        {"name": "echo", "action": "transform", "input": {"output": {"n": "{{ trigger.n }}"}}},
+    ]})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
+    async with make_sandbox(infra) as sandbox:
+        conn = await connect(infra.database_url, sandbox.schema)
+        keys = {}
+        try:
+            for tenant in TENANTS:
+                await ensure_tenant(conn, tenant, tenant.upper())
+                keys[tenant] = (await create_api_key(conn, tenant))[1]
+        finally:
+            await conn.close()
+        await publish_flow_events(infra.kafka_bootstrap, sandbox.topics, [
+            FlowVersionPublished(tenant_id=t, flow_id="noop", flow_version=1, flow=_flow(t)) for t in TENANTS
+        ])  # fmt: skip
+        logs = tmp_path_factory.mktemp("logs")
+        stack = Stack.build(sandbox, ("ingest", "executor", "projector", "api"), logs,
+                            FLOWTRAIL_INGEST_MAX_BODY_BYTES=str(MAX_BODY), FLOWTRAIL_INGEST_SCHEDULER="false")  # fmt: skip
+        # A second ingest replica on the same database and topics: idempotency keys hold across processes.
+        ingest2 = Service("ingest", free_port(), {}, logs / "ingest2.log")
+        ingest2.env = {**stack["ingest"].env, "FLOWTRAIL_INGEST_PORT": str(ingest2.port)}
+        await stack.start()
+        ingest2.start()
+        try:
+            await ingest2.wait_healthy()
+            conn = await connect(infra.database_url, sandbox.schema)
+            try:
+                deadline = time.monotonic() + 30
+                while await conn.fetchval("SELECT count(*) FROM flows") < len(TENANTS):
+                    assert time.monotonic() < deadline, "flows not projected"
+                    await asyncio.sleep(0.05)
+            finally:
+                await conn.close()
+            yield Env(sandbox, stack, ingest2, keys)
+        finally:
+            ingest2.stop()
+            stack.stop()
+
+
+def _auth(key: str, **extra: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}", **extra}
+
+
+async def _end_offsets(bootstrap: str, topic: str) -> int:
+    """Records in the topic: what ingest has appended."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        partitions = (await topic_partitions(bootstrap, [topic]))[topic]
+        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
+        return sum(ends.values())
+    finally:
+        await consumer.stop()
+
+
+async def _wait_final(env: Env, run_ids: list[str], key: str, within: float = 90) -> dict[str, str]:
+    """Each run's final status, read from the API."""
+    deadline = time.monotonic() + within
+    final: dict[str, str] = {}
+    async with httpx.AsyncClient(timeout=10, headers=_auth(key)) as client:
+        while len(final) < len(run_ids):
+            for run_id in [r for r in run_ids if r not in final][:200]:
+                answer = await client.get(f"{env.api}/v1/runs/{run_id}")
+                if answer.status_code == 200 and answer.json()["status"] in TERMINAL:
+                    final[run_id] = answer.json()["status"]
+            assert time.monotonic() < deadline, f"{len(run_ids) - len(final)} runs not final"
+            await asyncio.sleep(0.1)
+    return final
+
+
+async def test_oversized_input_and_body_are_413_and_nothing_is_appended(env: Env) -> None:
+    topic = env.sandbox.topics.triggers
+    before = await _end_offsets(env.sandbox.infra.kafka_bootstrap, topic)
+    url = f"{env.ingest}/v1/flows/noop/trigger"
+    async with httpx.AsyncClient(timeout=60, headers=_auth(env.keys["t1"])) as client:
+        one = await client.post(url, json={"input": {"blob": "x" * 2_000_000}})
+        assert one.status_code == 413, one.text
+        error = one.json()["error"]
+        assert error["code"] == "payload_too_large" and error["message"].startswith("input is 2,000,0")
+        assert "Nothing was appended" in error["message"] and error["request_id"]
+
+        # In a batch, the refused input is named by its index; the other inputs are not appended either.
+        batch = [{"n": i} for i in range(5)]
+        batch[3] = {"n": 3, "blob": "y" * 600_000}
+        many = await client.post(url, json={"inputs": batch})
+        assert many.status_code == 413, many.text
+        assert many.json()["error"]["message"].startswith("inputs[3] is 600,0")
+        assert many.json()["error"]["details"]["index"] == 3
+
+        # A body over the limit is refused before it is read: with a Content-Length, and streamed without one.
+        huge = b'{"inputs": [' + b",".join(b'{"n": 1}' for _ in range(MAX_BODY // 8)) + b"]}"
+        declared = await client.post(url, content=huge, headers={"Content-Type": "application/json"})
+        assert declared.status_code == 413 and declared.json()["error"]["code"] == "payload_too_large"
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for start in range(0, len(huge), 256 * 1024):
+                yield huge[start : start + 256 * 1024]
+
+        streamed = await client.post(url, content=chunks(), headers={"Content-Type": "application/json"})
+        assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "payload_too_large"
+    assert await _end_offsets(env.sandbox.infra.kafka_bootstrap, topic) == before
+
+
+async def test_a_huge_batch_then_every_tenant_keeps_triggering_while_ready(env: Env) -> None:
+    topic = env.sandbox.topics.triggers
+    before = await _end_offsets(env.sandbox.infra.kafka_bootstrap, topic)
+    readiness: list[int] = []
+    stop = asyncio.Event()
+
+    async def watch_readyz() -> None:
+        async with httpx.AsyncClient(timeout=10) as client:
+            while not stop.is_set():
+                readiness.append((await client.get(f"{env.ingest}/readyz")).status_code)
+                await asyncio.sleep(0.1)
+
+    watcher = asyncio.create_task(watch_readyz())
+    try:
+        async with httpx.AsyncClient(timeout=120) as client:
+            inputs = [{"n": i, "note": "a normal input of a few dozen bytes"} for i in range(20_000)]
+            big = await client.post(f"{env.ingest}/v1/flows/noop/trigger", json={"inputs": inputs},
+                                    headers=_auth(env.keys["t1"]))  # fmt: skip
+            assert big.status_code == 202, big.text
+            assert big.json()["count"] == 20_000 and len(set(big.json()["run_ids"])) == 20_000
+
+            gate = asyncio.Semaphore(50)
+
+            async def one(i: int) -> httpx.Response:
+                async with gate:
+                    tenant = TENANTS[i % 3]
+                    return await client.post(f"{env.ingest}/v1/flows/noop/trigger", json={"input": {"n": i}},
+                                             headers=_auth(env.keys[tenant]))  # fmt: skip
+
+            answers = await asyncio.gather(*(one(i) for i in range(1_000)))
+    finally:
+        stop.set()
+        await watcher
+    assert [a.status_code for a in answers] == [202] * 1_000, {a.status_code: a.text for a in answers}
+    assert readiness and set(readiness) == {200}, readiness
+    assert await _end_offsets(env.sandbox.infra.kafka_bootstrap, topic) == before + 21_000
+
+
+async def test_one_idempotency_key_makes_one_run_across_replicas(env: Env) -> None:
+    topic = env.sandbox.topics.triggers
+    before = await _end_offsets(env.sandbox.infra.kafka_bootstrap, topic)
+    headers = _auth(env.keys["t2"], **{"Idempotency-Key": "order-42-created"})
+    body = {"input": {"n": 42}}
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=200)) as client:
+        answers = await asyncio.gather(*(
+            client.post(f"{(env.ingest, env.ingest2.url)[i % 2]}/v1/flows/noop/trigger", json=body, headers=headers)
+            for i in range(1_000)
+        ))  # fmt: skip
+        assert {a.status_code for a in answers} == {202}, {a.status_code: a.text for a in answers}
+        run_ids = {a.json()["run_id"] for a in answers}
+        assert len(run_ids) == 1, run_ids
+        assert sum(a.headers.get("Idempotent-Replayed") == "true" for a in answers) == 999
+
+        # Later, on either replica: the same answer, nothing new.
+        again = await client.post(f"{env.ingest2.url}/v1/flows/noop/trigger", json=body, headers=headers)
+        assert again.status_code == 202 and again.json()["run_id"] in run_ids
+        assert again.headers["Idempotent-Replayed"] == "true"
+
+        # The same key with another body is refused and creates nothing.
+        other = await client.post(f"{env.ingest}/v1/flows/noop/trigger", json={"input": {"n": 43}}, headers=headers)
+        assert other.status_code == 422, other.text
+        assert other.json()["error"]["code"] == "idempotency_key_reused"
+
+        # Keys are per tenant: another tenant's identical key is its own request.
+        theirs = await client.post(f"{env.ingest}/v1/flows/noop/trigger", json=body,
+                                   headers=_auth(env.keys["t3"], **{"Idempotency-Key": "order-42-created"}))  # fmt: skip
+        assert theirs.status_code == 202 and theirs.json()["run_id"] not in run_ids
+        assert "Idempotent-Replayed" not in theirs.headers
+
+        bad = await client.post(f"{env.ingest}/v1/flows/noop/trigger", json=body,
+                                headers=_auth(env.keys["t2"], **{"Idempotency-Key": "x" * 300}))  # fmt: skip
+        assert bad.status_code == 400 and "Idempotency-Key" in bad.json()["error"]["message"]
+    assert await _end_offsets(env.sandbox.infra.kafka_bootstrap, topic) == before + 2
+    final = await _wait_final(env, sorted(run_ids), env.keys["t2"])
+    assert set(final.values()) == {"SUCCEEDED"}
+
+
+async def _set_max_message_bytes(bootstrap: str, topic: str, value: int | None) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        configs: dict[str, Any] = {"max.message.bytes": str(value if value is not None else 1_048_588)}
+        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, configs=configs)])
+    finally:
+        await admin.close()
+
+
+async def test_a_batch_taken_in_part_says_so_and_its_keyed_retry_completes_it_once(env: Env) -> None:
+    """The broker refuses one partition's records (its topic's message size was lowered under a running ingest):
+    the answer names the durable inputs; the next requests still succeed; the retry with the key completes it."""
+    bootstrap, topic = env.sandbox.infra.kafka_bootstrap, env.sandbox.topics.triggers
+    key = "nightly-import-2026-12-06"
+    run_ids = derived_run_ids("t3", "PRODUCTION", key, 20)
+    big = {i for i, r in enumerate(run_ids) if partition_for(r, env.sandbox.partitions) == 1}
+    assert 0 < len(big) < 20
+    inputs = [{"n": i, "blob": "z" * (15_000 if i in big else 10)} for i in range(20)]
+    headers = _auth(env.keys["t3"], **{"Idempotency-Key": key})
+    url = f"{env.ingest}/v1/flows/noop/trigger"
+    await _set_max_message_bytes(bootstrap, topic, 12_000)
+    try:
+        async with httpx.AsyncClient(timeout=60) as client:
+            first = await client.post(url, json={"inputs": inputs}, headers=headers)
+            assert first.status_code == 503, first.text
+            assert first.headers["Retry-After"]
+            error = first.json()["error"]
+            assert error["code"] == "kafka_unavailable" and "same Idempotency-Key" in error["message"]
+            assert error["details"]["appended_indexes"] == sorted(set(range(20)) - big)
+            assert error["details"]["refused"] == len(big) and error["details"]["unknown"] == 0
+
+            # The failure poisoned nothing: every tenant's next triggers succeed without restarting ingest.
+            for tenant in TENANTS:
+                ok = await client.post(url, json={"input": {"n": 1}}, headers=_auth(env.keys[tenant]))
+                assert ok.status_code == 202, ok.text
+    finally:
+        await _set_max_message_bytes(bootstrap, topic, None)
+    async with httpx.AsyncClient(timeout=60) as client:
+        deadline = time.monotonic() + 30
+        while True:  # the broker applies a topic's configuration change within moments
+            retry = await client.post(url, json={"inputs": inputs}, headers=headers)
+            if retry.status_code != 503 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        assert retry.status_code == 202, retry.text
+        assert retry.json()["run_ids"] == run_ids
+        replay = await client.post(url, json={"inputs": inputs}, headers=headers)
+        assert replay.status_code == 202 and replay.headers["Idempotent-Replayed"] == "true"
+        assert replay.json()["run_ids"] == run_ids
+    final = await _wait_final(env, run_ids, env.keys["t3"])
+    assert set(final.values()) == {"SUCCEEDED"}
+    async with httpx.AsyncClient(timeout=10, headers=_auth(env.keys["t3"])) as client:
+        for run_id in run_ids:  # each run exactly once: one request, one start, one end
+            events = (await client.get(f"{env.api}/v1/runs/{run_id}/events")).json()["data"]
+            types = [e["type"] for e in events]
+            assert types.count("RunRequested") == 1 and types.count("RunSucceeded") == 1, types
