@@ -113,7 +113,9 @@ def postgres_endpoint(settings: CommonSettings) -> tuple[str, int]:
 def service_env(settings: CommonSettings) -> dict[str, str]:
     """The environment of every service: ours, plus every CommonSettings value as a FLOWTRAIL_* variable."""
     env = dict(os.environ)
-    for key, value in settings.model_dump(mode="json").items():
+    # The secrets key is not passed on from the settings (its dump is masked): a set FLOWTRAIL_SECRETS_KEY is in
+    # os.environ already, otherwise every service reads the same key file.
+    for key, value in settings.model_dump(mode="json", exclude={"secrets_key"}).items():
         env[f"FLOWTRAIL_{key.upper()}"] = str(value)
     # Local flows call services on loopback, which the executor refuses by default.
     env["FLOWTRAIL_EXECUTOR_ALLOW_PRIVATE_NETWORKS"] = "true"

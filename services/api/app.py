@@ -14,6 +14,7 @@ from services.api.adapters.commands import CommandLog
 from services.api.adapters.flows import FlowLog
 from services.api.adapters.notify import Notifier
 from services.api.routes import actions, alerts, analytics, connectors, data, flows, keys, runs, stream, webhooks
+from services.api.routes import secrets as secrets_routes
 from services.api.settings import ApiSettings
 from services.common.auth import Authenticator
 from services.common.db import connect, create_pool, keep_session
@@ -74,4 +75,5 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(flows.router)
     app.include_router(alerts.router)
     app.include_router(connectors.router)
+    app.include_router(secrets_routes.router)
     return app

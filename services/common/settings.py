@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -33,6 +33,20 @@ class CommonSettings(BaseSettings):
     topic_prefix: str = "flowtrail"
     partitions: int = Field(default=4, ge=1, le=256)
     log_level: str = "INFO"
+    # Secrets at rest (docs/secrets.md). FLOWTRAIL_SECRETS_KEY: keys as base64url (32 bytes each), comma-separated,
+    # the first encrypts, all decrypt. Unset: the key file FLOWTRAIL_SECRETS_KEY_FILE (empty: <state_dir>/secrets.key),
+    # one key a line, created with one new key and mode 600 when missing.
+    secrets_key: SecretStr = SecretStr("")
+    secrets_key_file: str = ""
+
+    @property
+    def secrets_key_value(self) -> str:
+        return self.secrets_key.get_secret_value()
+
+    @property
+    def secrets_key_path(self) -> Path:
+        return Path(self.secrets_key_file) if self.secrets_key_file else self.state_dir / "secrets.key"
+
 
 
 def service_field(service: str, name: str, default: Any, **kwargs: Any) -> Any:

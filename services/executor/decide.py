@@ -29,7 +29,15 @@ from schemas.flows import FlowDefinition, RetryPolicy, StepAction, StepDefinitio
 from schemas.status import RunStatus, StepStatus
 from services.executor.fold import RunState, StepState, fold
 from services.executor.inputs import input_errors
-from services.executor.templating import TemplateError, check, evaluate, render, truthy
+from services.executor.templating import (
+    TemplateError,
+    check,
+    evaluate,
+    masked_secrets,
+    render,
+    truthy,
+    with_secrets,
+)
 
 _EVENT_NS = uuid.UUID("6f1d7c1e-9f57-4d55-9a54-2f3a4c1b0e77")
 
@@ -428,7 +436,8 @@ def _advance(out: _Emitter, flow: FlowDefinition) -> None:
 
 def _start_step(out: _Emitter, flow: FlowDefinition, step: StepDefinition, attempt: int) -> None:
     try:
-        rendered = render(dict(step.input), out.run.context())
+        # `{{ secrets.NAME }}` renders as `***` here: the value is read only by the step runner (runner_input).
+        rendered = render(dict(step.input), with_secrets(out.run.context(), masked_secrets(step.input)))
     except TemplateError as exc:
         _fail_before_start(out, flow, step, str(exc))
         return

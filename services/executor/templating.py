@@ -1,6 +1,8 @@
 """Step inputs reference the trigger and earlier steps with `{{ JMESPath }}`; conditions and assertions too.
 
-Pure functions over a context `{"trigger": …, "steps": {name: {"output", "status"}}, "vars": …, "run": …}`.
+Pure functions over a context `{"trigger": …, "steps": {name: {"output", "status"}}, "vars": …, "run": …}`;
+step inputs also see `secrets` (the names they reference: `***` when decide renders them, the values when the
+step runner does; docs/secrets.md).
 JMESPath (a well-kept, side-effect-free query language) rather than `eval`, so a flow definition
 can never run code.
 """
@@ -8,6 +10,7 @@ can never run code.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -15,11 +18,15 @@ import jmespath
 from jmespath.exceptions import JMESPathError
 from jmespath.parser import ParsedResult
 
+from schemas.flows import MASK
+
 _TEMPLATE = re.compile(r"\{\{\s*(.+?)\s*\}\}")
 # A whole-string match whose expression holds a `}}` followed by a `{{` spans several templates
 # ('{{ a }}-{{ b }}' → 'a }}-{{ b'): that string is interpolated as text, not evaluated as one.
 # A lone `}}` stays allowed, as in '{{ {a: {b: c}} }}' or a nested object literal.
 _SPANS_TEMPLATES = re.compile(r"\}\}.*\{\{")
+# `secrets.NAME` or `secrets."NAME"` in an expression, not `x.secrets.NAME` or `steps.secrets…`.
+_SECRET_REF = re.compile(r"(?<![\w.\"'`@])secrets\s*\.\s*(?:([A-Za-z_][A-Za-z0-9_]*)|\"([^\"]+)\")")
 
 
 class TemplateError(ValueError):
@@ -41,20 +48,57 @@ def evaluate(expression: str, context: Any) -> Any:
         raise TemplateError(f"cannot evaluate {expression!r}: {exc}") from exc
 
 
-def render(value: Any, context: dict[str, Any]) -> Any:
-    """Replace `{{ expr }}` in every string; a string that is one whole template keeps the value's type."""
+def render(value: Any, context: dict[str, Any], literal: Callable[[str], Any] | None = None) -> Any:
+    """Replace `{{ expr }}` in every string; a string that is one whole template keeps the value's type.
+
+    `literal`, when given, maps the text outside the templates (the step runner opens inline ciphertexts with
+    it): only what the definition wrote, never what a template produced, so trigger data cannot smuggle a
+    ciphertext or a `{{ secrets… }}` reference into being resolved."""
     if isinstance(value, str):
         whole = _TEMPLATE.fullmatch(value.strip())
         if whole and not _SPANS_TEMPLATES.search(whole.group(1)):
             return evaluate(whole.group(1), context)
         if "{{" not in value:
-            return value
-        return _TEMPLATE.sub(lambda m: _as_text(evaluate(m.group(1), context)), value)
+            return value if literal is None else literal(value)
+        if literal is None:
+            return _TEMPLATE.sub(lambda m: _as_text(evaluate(m.group(1), context)), value)
+        out, pos = [], 0
+        for m in _TEMPLATE.finditer(value):
+            out += [_as_text(literal(value[pos : m.start()])), _as_text(evaluate(m.group(1), context))]
+            pos = m.end()
+        out.append(_as_text(literal(value[pos:])))
+        return "".join(out)
     if isinstance(value, dict):
-        return {k: render(v, context) for k, v in value.items()}
+        return {k: render(v, context, literal) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [render(v, context) for v in value]
+        return [render(v, context, literal) for v in value]
     return value
+
+
+def secret_names(value: Any) -> frozenset[str]:
+    """The secrets a step input references (`{{ secrets.NAME }}`, `{{ secrets."NAME" }}`, inside any expression)."""
+    if isinstance(value, str):
+        if "secrets" not in value or "{{" not in value:
+            return frozenset()
+        return frozenset(
+            a or b for m in _TEMPLATE.finditer(value) for a, b in _SECRET_REF.findall(m.group(1))
+        )  # fmt: skip
+    if isinstance(value, dict):
+        return frozenset().union(*(secret_names(v) for v in value.values()))
+    if isinstance(value, list | tuple):
+        return frozenset().union(*(secret_names(v) for v in value))
+    return frozenset()
+
+
+def with_secrets(context: dict[str, Any], secrets: Mapping[str, Any]) -> dict[str, Any]:
+    """The context with `secrets` to render references from: the real values in the step runner, `***` for each
+    name everywhere else (decide), so what the ledger records shows where a secret went, never its value."""
+    return {**context, "secrets": dict(secrets)} if secrets else context
+
+
+def masked_secrets(value: Any) -> dict[str, str]:
+    """`***` for every secret `value` references."""
+    return dict.fromkeys(secret_names(value), MASK)
 
 
 def _as_text(value: Any) -> str:

@@ -54,6 +54,7 @@ DERIVED: dict[str, str] = {
 # In foreign-key order. Webhook deliveries are a record of what was sent, not derived: carried over as is.
 CONTROL: tuple[str, ...] = (
     "tenants",
+    "secrets",
     "connectors",
     "api_keys",
     "rate_limit_windows",
