@@ -72,8 +72,8 @@ async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIt
             FlowVersionPublished(tenant_id=t, flow_id="noop", flow_version=1, flow=_flow(t)) for t in TENANTS
         ])  # fmt: skip
         logs = tmp_path_factory.mktemp("logs")
-        stack = Stack.build(sandbox, ("ingest", "executor", "projector", "api"), logs,
-                            FLOWTRAIL_INGEST_MAX_BODY_BYTES=str(MAX_BODY), FLOWTRAIL_INGEST_SCHEDULER="false")  # fmt: skip
+        limits = {"FLOWTRAIL_INGEST_MAX_BODY_BYTES": str(MAX_BODY), "FLOWTRAIL_INGEST_SCHEDULER": "false"}
+        stack = Stack.build(sandbox, ("ingest", "executor", "projector", "api"), logs, **limits)
         # A second ingest replica on the same database and topics: idempotency keys hold across processes.
         ingest2 = Service("ingest", free_port(), {}, logs / "ingest2.log")
         ingest2.env = {**stack["ingest"].env, "FLOWTRAIL_INGEST_PORT": str(ingest2.port)}
@@ -138,7 +138,7 @@ async def test_oversized_input_and_body_are_413_and_nothing_is_appended(env: Env
         assert "Nothing was appended" in error["message"] and error["request_id"]
 
         # In a batch, the refused input is named by its index; the other inputs are not appended either.
-        batch = [{"n": i} for i in range(5)]
+        batch: list[dict[str, Any]] = [{"n": i} for i in range(5)]
         batch[3] = {"n": 3, "blob": "y" * 600_000}
         many = await client.post(url, json={"inputs": batch})
         assert many.status_code == 413, many.text
@@ -223,8 +223,8 @@ async def test_one_idempotency_key_makes_one_run_across_replicas(env: Env) -> No
         assert other.json()["error"]["code"] == "idempotency_key_reused"
 
         # Keys are per tenant: another tenant's identical key is its own request.
-        theirs = await client.post(f"{env.ingest}/v1/flows/noop/trigger", json=body,
-                                   headers=_auth(env.keys["t3"], **{"Idempotency-Key": "order-42-created"}))  # fmt: skip
+        same_key = _auth(env.keys["t3"], **{"Idempotency-Key": "order-42-created"})
+        theirs = await client.post(f"{env.ingest}/v1/flows/noop/trigger", json=body, headers=same_key)
         assert theirs.status_code == 202 and theirs.json()["run_id"] not in run_ids
         assert "Idempotent-Replayed" not in theirs.headers
 

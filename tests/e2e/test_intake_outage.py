@@ -1,0 +1,133 @@
+"""A broker restart under trigger load, on a private broker of this test's own (the shared one stays up).
+
+During the outage every trigger answers 503 with Retry-After (never 500) and /readyz answers 503; once the broker is
+back, every trigger succeeds again without restarting ingest: no producer is left broken (DESIGN 2.8).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from deploy.launcher.kafka import KafkaHandle, ensure_kafka, kafka_jar_dir, stop_kafka
+from schemas.topics import Topics
+from services.common.auth import create_api_key, ensure_tenant
+from services.common.db import connect
+from services.common.kafka import ensure_topics
+from tests.conftest import Infra, Sandbox, make_sandbox
+from tests.e2e.stack import Stack, free_port
+
+
+def _private_broker(state: Path, port: int, controller: int) -> KafkaHandle:
+    return ensure_kafka(state, port=port, controller_port=controller, num_partitions=2, timeout=90)
+
+
+@pytest.fixture
+async def outage_env(infra: Infra, tmp_path: Path) -> AsyncIterator[tuple[Sandbox, Stack, str, Path, int, int]]:
+    # The jars the shared broker uses, not a second download.
+    shared = kafka_jar_dir(infra.state_dir)
+    (tmp_path / "cache").mkdir()
+    os.symlink(shared, kafka_jar_dir(tmp_path))
+    port, controller = free_port(), free_port()
+    broker = _private_broker(tmp_path, port, controller)
+    bootstrap = f"127.0.0.1:{port}"
+    try:
+        async with make_sandbox(infra) as shared_sandbox:
+            sandbox = Sandbox(Infra(bootstrap, infra.database_url, infra.state_dir), shared_sandbox.schema,
+                              Topics(prefix=shared_sandbox.topics.prefix), 2)  # fmt: skip
+            await ensure_topics(bootstrap, sandbox.topics, 2)
+            conn = await connect(infra.database_url, sandbox.schema)
+            try:
+                await ensure_tenant(conn, "t1", "T1")
+                key = (await create_api_key(conn, "t1"))[1]
+                # Ingest reads flows from PostgreSQL only: no projector needed for this test.
+                await conn.execute(
+                    "INSERT INTO flows (tenant_id, id, name, latest_version, environment, trigger_type, created_at,"
+                    " updated_at) VALUES ('t1', 'noop', 'No-op', 1, 'PRODUCTION', 'api', now(), now())"
+                )
+            finally:
+                await conn.close()
+            stack = Stack.build(sandbox, ("ingest",), tmp_path / "logs", FLOWTRAIL_KAFKA_APPEND_TIMEOUT_S="3",
+                                FLOWTRAIL_INGEST_SCHEDULER="false")  # fmt: skip
+            (tmp_path / "logs").mkdir(exist_ok=True)
+            await stack.start()
+            try:
+                yield sandbox, stack, key, tmp_path, port, controller
+            finally:
+                stack.stop()
+    finally:
+        stop_kafka(tmp_path, timeout=20)  # whichever broker process runs on its pid file now
+        broker.stop(timeout=5)
+
+
+async def test_a_broker_restart_under_load_is_503_then_every_trigger_succeeds(
+    outage_env: tuple[Sandbox, Stack, str, Path, int, int],
+) -> None:
+    _, stack, key, state, port, controller = outage_env
+    ingest = stack["ingest"].url
+    answers: list[tuple[float, int, str, str | None]] = []
+    stop = asyncio.Event()
+
+    async def load() -> None:
+        async with httpx.AsyncClient(timeout=30, headers={"Authorization": f"Bearer {key}"}) as client:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                r = await client.post(f"{ingest}/v1/flows/noop/trigger", json={"input": {"n": i}})
+                answers.append((time.monotonic(), r.status_code, r.text, r.headers.get("Retry-After")))
+                await asyncio.sleep(0.02)
+
+    loaders = [asyncio.create_task(load()) for _ in range(4)]
+    try:
+        await asyncio.sleep(2)
+        handle = _private_broker(state, port, controller)  # the running broker's handle, to stop it
+        stopped_at = time.monotonic()
+        await asyncio.to_thread(_stop_pid, handle.pid)
+        async with httpx.AsyncClient(timeout=10) as client:
+            deadline = time.monotonic() + 30
+            while (await client.get(f"{ingest}/readyz")).status_code != 503:
+                assert time.monotonic() < deadline, "/readyz never said the broker was gone"
+                await asyncio.sleep(0.2)
+            down = (await client.get(f"{ingest}/readyz")).json()
+            assert down["status"] == "unavailable" and "Kafka" in down["checks"]["kafka"]
+            await asyncio.sleep(4)  # triggers keep coming while the broker is away
+            restarted = await asyncio.to_thread(_private_broker, state, port, controller)
+            restarted_at = time.monotonic()
+            deadline = time.monotonic() + 60
+            while (await client.get(f"{ingest}/readyz")).status_code != 200:
+                assert time.monotonic() < deadline, "ingest did not become ready after the broker came back"
+                await asyncio.sleep(0.2)
+            recovered_at = time.monotonic()
+        await asyncio.sleep(2)
+    finally:
+        stop.set()
+        await asyncio.gather(*loaders)
+    codes = [code for _, code, _, _ in answers]
+    assert 500 not in codes, [text for _, code, text, _ in answers if code == 500][:3]
+    assert set(codes) <= {202, 503}, set(codes)
+    outage = [a for a in answers if stopped_at < a[0] < restarted_at]
+    assert any(code == 503 for _, code, _, _ in outage), "no request saw the outage"
+    for _, code, text, retry_after in answers:
+        if code == 503:
+            assert retry_after is not None and '"kafka_unavailable"' in text, text
+    after = [code for at, code, _, _ in answers if at > recovered_at + 0.5]
+    assert after and set(after) == {202}, after
+    assert restarted.bootstrap == f"127.0.0.1:{port}"
+
+
+def _stop_pid(pid: int | None) -> None:
+    assert pid is not None
+    os.kill(pid, 15)
+    for _ in range(300):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, 9)
