@@ -293,3 +293,54 @@ async def test_a_batch_taken_in_part_says_so_and_its_keyed_retry_completes_it_on
             events = (await client.get(f"{env.api}/v1/runs/{run_id}/events")).json()["data"]
             types = [e["type"] for e in events]
             assert types.count("RunRequested") == 1 and types.count("RunSucceeded") == 1, types
+
+
+async def test_api_writes_honour_idempotency_keys(env: Env) -> None:
+    """Flow writes and run actions on the API: a repeated request with its key changes nothing and answers the
+    first result; another body with the same key is refused; a body over the API's limit is 413."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        flow = {"id": "keyed", "name": "Keyed", "steps": [
+            {"name": "only", "action": "transform", "input": {"output": {"ok": True}}}]}  # fmt: skip
+        headers = _auth(env.keys["t1"], **{"Idempotency-Key": "create-keyed-flow"})
+        first, second = await asyncio.gather(*(client.post(f"{env.api}/v1/flows", json=flow, headers=headers)
+                                               for _ in range(2)))  # fmt: skip
+        assert first.status_code == second.status_code == 201, (first.text, second.text)
+        assert first.json() == second.json()
+        assert [first.headers.get("Idempotent-Replayed"), second.headers.get("Idempotent-Replayed")].count("true") == 1
+        later = await client.post(f"{env.api}/v1/flows", json=flow, headers=headers)
+        assert later.status_code == 201 and later.headers["Idempotent-Replayed"] == "true"
+        changed = await client.post(f"{env.api}/v1/flows", json={**flow, "name": "Other"}, headers=headers)
+        assert changed.status_code == 422 and changed.json()["error"]["code"] == "idempotency_key_reused"
+        # Without the key the same create is a conflict: the flow exists (once).
+        plain = await client.post(f"{env.api}/v1/flows", json=flow, headers=_auth(env.keys["t1"]))
+        assert plain.status_code == 409, plain.text
+
+        run = await client.post(f"{env.ingest}/v1/flows/noop/trigger", json={"input": {"n": 7}},
+                                headers=_auth(env.keys["t1"]))  # fmt: skip
+        run_id = run.json()["run_id"]
+        await _wait_final(env, [run_id], env.keys["t1"])
+        retry_headers = _auth(env.keys["t1"], **{"Idempotency-Key": f"retry-{run_id}"})
+        retry = {"strategy": "ON_LATEST_VERSION"}
+        answers = await asyncio.gather(*(client.post(f"{env.api}/v1/runs/{run_id}/retry", json=retry,
+                                                     headers=retry_headers) for _ in range(20)))  # fmt: skip
+        assert {a.status_code for a in answers} == {202}, [a.text for a in answers]
+        new_ids = {a.json()["run_id"] for a in answers}
+        assert len(new_ids) == 1 and run_id not in new_ids
+        final = await _wait_final(env, sorted(new_ids), env.keys["t1"])
+        assert set(final.values()) == {"SUCCEEDED"}
+        listed = await client.get(f"{env.api}/v1/runs", params={"flow_id": "noop", "limit": 100},
+                                  headers=_auth(env.keys["t1"]))  # fmt: skip
+        retries = [r for r in listed.json()["data"] if r.get("trigger", {}).get("type") == "retry"
+                   or r.get("trigger_type") == "retry"]  # fmt: skip
+        assert len(retries) == 1, retries
+
+        too_big = await client.post(f"{env.api}/v1/flows", content=b"{" + b" " * (2 * 1024 * 1024) + b"}",
+                                    headers={**_auth(env.keys["t1"]), "Content-Type": "application/json"})  # fmt: skip
+        assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "payload_too_large"
+        # Under the body limit but over what one Kafka message holds: refused before the flows topic, not a 5xx.
+        blob = {"id": "blob", "name": "Blob", "steps": [
+            {"name": "only", "action": "transform", "input": {"output": {"text": "b" * 1_030_000}}}]}  # fmt: skip
+        heavy = await client.post(f"{env.api}/v1/flows", json=blob, headers=_auth(env.keys["t1"]))
+        assert heavy.status_code == 413 and "flow definition" in heavy.json()["error"]["message"], heavy.text
+        missing = await client.get(f"{env.api}/v1/flows/blob", headers=_auth(env.keys["t1"]))
+        assert missing.status_code == 404

@@ -25,6 +25,7 @@ from aiokafka.errors import KafkaTimeoutError
 
 from schemas import codec
 from schemas.events import FlowEventBase, FlowPaused, FlowResumed, FlowVersionPublished
+from services.common.http import ApiError
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,13 @@ class FlowLog:
     to them, so a writer that holds the flow's lock sees every event appended before it took the lock.
     """
 
-    def __init__(self, bootstrap: str, topic: str, *, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, bootstrap: str, topic: str, *, timeout_s: float = 10.0, max_message_bytes: int = 1_000_000
+    ) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
         self.timeout_s = timeout_s
+        self.max_message_bytes = max_message_bytes
         self.flows: dict[tuple[str, str], FlowState] = {}
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
@@ -72,7 +76,8 @@ class FlowLog:
         async with self._lock:
             if self._producer is not None:
                 return
-            producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True)
+            producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
+                                        max_request_size=self.max_message_bytes)  # fmt: skip
             consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False)
             try:
                 await producer.start()
@@ -131,11 +136,17 @@ class FlowLog:
     async def append(self, event: FlowEventBase) -> Appended:
         """Durable (acks=all) when this returns; keyed and encoded as `services.common.kafka.publish_flow_events`
         does, on a producer kept open for the process."""
+        value = codec.dumps(event)
+        if len(value) > self.max_message_bytes - 1024:
+            # Before Kafka: a record the broker would refuse gets a 413, not a producer error.
+            limit = self.max_message_bytes - 1024
+            message = f"the flow definition is {len(value):,} bytes as stored; the limit is {limit:,} bytes"
+            raise ApiError(413, "payload_too_large", message)
         await self.start()
         assert self._producer is not None
         try:
             async with asyncio.timeout(self.timeout_s):
-                meta = await self._producer.send_and_wait(self.topic, codec.dumps(event), key=event.flow_id.encode())
+                meta = await self._producer.send_and_wait(self.topic, value, key=event.flow_id.encode())
         except TimeoutError as exc:
             await self._reset()
             raise KafkaTimeoutError(f"the flows topic did not acknowledge within {self.timeout_s:g} s") from exc
