@@ -62,6 +62,8 @@ class FakeDNS:
         if not script:
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         answer = script[min(self.calls[name], len(script)) - 1]
+        if not answer:  # scripted to stop resolving
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         out = []
         for address in answer:
             fam = socket.AF_INET6 if ":" in address else socket.AF_INET

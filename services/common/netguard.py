@@ -141,18 +141,18 @@ async def checked_addresses(host: str, port: int) -> list[str]:
 async def check_url(url: str, *, allow_private: bool) -> None:
     """An early check when a URL is registered: http(s) only, with a host that resolves to public addresses.
     Connections are checked again where they are made (guarded_client)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        raise BlockedAddress(f"scheme {parts.scheme!r} is not allowed; use http or https")
     try:
-        hostname, port = parts.hostname, parts.port
-    except ValueError as exc:  # a port that is not a number or out of range
+        parts = urlsplit(url)
+        scheme, hostname, port = parts.scheme, parts.hostname, parts.port
+    except ValueError as exc:  # an unclosed [IPv6 literal, a port that is not a number or out of range
         raise BlockedAddress(f"URL {url!r} is not valid: {exc}") from None
+    if scheme not in ("http", "https"):
+        raise BlockedAddress(f"scheme {scheme!r} is not allowed; use http or https")
     if not hostname:
         raise BlockedAddress(f"URL {url!r} has no host")
     if allow_private:
         return
-    await check_host(hostname, port or (443 if parts.scheme == "https" else 80))
+    await check_host(hostname, port or (443 if scheme == "https" else 80))
 
 
 async def check_host(host: str, port: int) -> None:
