@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     verify = jobs.add_parser("verify", help="replay into a shadow schema and compare with the live one; no swap")
     verify.add_argument("--keep-shadow", action="store_true", help="leave the shadow schema for inspection")
     jobs.add_parser("purge", help="apply each tenant's retention now (the projector also does this hourly)")
+
+    secrets_cmd = sub.add_parser("secrets", help="the key that encrypts secrets at rest (docs/secrets.md)")
+    secret_jobs = secrets_cmd.add_subparsers(dest="job", required=True, metavar="JOB")
+    secret_jobs.add_parser(
+        "rotate-key",
+        help="add a new key to the key file (it encrypts from now on; the old ones still decrypt) and re-encrypt "
+        "the secrets store and connector configs in PostgreSQL with it",
+    )
     return parser
 
 
@@ -177,7 +185,41 @@ def cmd_projector(args: argparse.Namespace) -> int:
     return 0 if outcome.comparison.equal else 1
 
 
-COMMANDS = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "demo": cmd_demo, "projector": cmd_projector}
+async def _rotate_key(settings: CommonSettings) -> int:
+    from services.common.crypto import Keyring, add_key_to_file, key_id
+    from services.common.db import connect
+    from services.common.migrate import migrate
+    from services.common.secretstore import reencrypt_stored
+
+    if settings.secrets_key_value:
+        raise LauncherError(
+            "FLOWTRAIL_SECRETS_KEY is set, so the key file is not used: put a new key (32 random bytes, base64url) "
+            "first in that variable, keep the old ones after it, restart the services, then run this command"
+        )
+    path = settings.secrets_key_path
+    new, old = add_key_to_file(path)
+    print(f"added key {key_id(new)} to {path}; it encrypts from now on")
+    print(f"kept {len(old)} previous key(s) for decrypting: {', '.join(key_id(k) for k in old)}")
+    keyring = Keyring([new, *old], path)
+    conn = await connect(settings.database_url, settings.database_schema)
+    try:
+        await migrate(conn, settings.database_schema)
+        done = await reencrypt_stored(conn, keyring)
+    finally:
+        await conn.close()
+    print(f"re-encrypted {done.secrets} of {done.secrets_total} stored secret(s) and {done.connectors} of "
+          f"{done.connectors_total} connector config(s) in schema {settings.database_schema!r}")  # fmt: skip
+    print("not rewritten: flow definitions in the flows topic (immutable) and their projection in flow_versions; "
+          "the previous keys stay in the file so they keep working")  # fmt: skip
+    return 0
+
+
+def cmd_secrets(args: argparse.Namespace) -> int:
+    return asyncio.run(_rotate_key(_settings(args)))
+
+
+COMMANDS = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "demo": cmd_demo, "projector": cmd_projector,
+            "secrets": cmd_secrets}  # fmt: skip
 
 
 def _configure_logging(verbose: bool, daemon: bool) -> None:

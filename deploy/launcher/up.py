@@ -39,6 +39,7 @@ from deploy.launcher.stack import (
     write_json_atomic,
 )
 from deploy.launcher.supervisor import Supervisor
+from services.common.crypto import ensure_key_file
 from services.common.settings import REPO_ROOT, CommonSettings
 
 log = logging.getLogger("flowtrail.launcher")
@@ -186,6 +187,21 @@ async def _serve(settings: CommonSettings, paths: StackPaths, infra: _Infra, *, 
             await supervisor.stop_all()
 
 
+def ensure_secrets_key(settings: CommonSettings) -> None:
+    """The key that encrypts secrets at rest (docs/secrets.md): generated into the state folder, mode 600, unless
+    FLOWTRAIL_SECRETS_KEY gives it; every service then reads the same file."""
+    if settings.secrets_key_value:
+        return
+    path = settings.secrets_key_path
+    existed = path.exists()
+    try:
+        ensure_key_file(path)
+    except (OSError, ValueError) as exc:
+        raise LauncherError(f"secrets key {path}: {exc}") from None
+    if not existed:
+        log.info("generated the secrets key in %s (mode 600); keep it: without it stored secrets cannot be read", path)
+
+
 def _already_running(pid: int) -> str:
     return f"Flowtrail is already running (supervisor pid {pid}); see `flowtrail status` or `flowtrail down`"
 
@@ -201,6 +217,7 @@ def run_up(settings: CommonSettings, *, demo: bool) -> int:
     if other is not None and other != os.getpid():
         raise LauncherError(_already_running(other))
     paths.logs.mkdir(parents=True, exist_ok=True)
+    ensure_secrets_key(settings)
     write_pid(paths.supervisor_pid, os.getpid())
     remove_file(paths.stack_json)
     infra = _Infra()

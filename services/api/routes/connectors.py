@@ -30,6 +30,7 @@ from schemas.events import ErrorCategory, ErrorInfo
 from schemas.flows import mask_secrets, mask_text
 from services.api.routes.flows import connectors as named_connectors
 from services.common.auth import Principal, require_scope
+from services.common.crypto import SecretsKeyError, decrypt_text, encrypt_inline, inline_context, plaintexts, redact
 from services.common.http import ApiError
 from services.common.netguard import (
     BlockedAddress,
@@ -41,10 +42,12 @@ from services.common.netguard import (
     guarded_client,
     kafka_bootstrap,
 )
+from services.common.secretstore import keyring_of, read_secrets
 from services.executor.adapters.actions_base import StepError, masked_message
 from services.executor.adapters.actions_db import classify_sqlstate
 from services.executor.adapters.actions_kafka import classify_kafka
 from services.executor.adapters.steps import classify_status
+from services.executor.templating import TemplateError, render, secret_names
 
 router = APIRouter()
 Reader = Annotated[Principal, Depends(require_scope("runs:read"))]
@@ -152,6 +155,34 @@ async def _row_or_404(pool: asyncpg.Pool, principal: Principal, connector_id: st
     return row
 
 
+# ---------------------------------------------------------------- credentials at rest (docs/secrets.md)
+
+
+def _sealed(request: Request, principal: Principal, config: ConnectorConfig) -> dict[str, Any]:
+    """The config as stored: what answers show as `***` (the DSN's password, secret headers) encrypted."""
+    keyring = keyring_of(request.app.state, request.app.state.settings)
+    return encrypt_inline(config.model_dump(exclude_none=True), keyring, inline_context(principal.tenant_id))
+
+
+async def _opened(request: Request, principal: Principal, stored: Any) -> tuple[ConnectorConfig, set[str]]:
+    """The config to use now: its credentials decrypted and `{{ secrets.NAME }}` references read from the store
+    (the key's environment), and the values to keep out of the answer."""
+    keyring = keyring_of(request.app.state, request.app.state.settings)
+    names = secret_names(stored)
+    values = await read_secrets(request.app.state.pool, keyring, principal.tenant_id, principal.environment, names)
+    missing = sorted(names - values.keys())
+    if missing:
+        raise ApiError(422, "secret_not_found", f"the connector's config references secret(s) {', '.join(missing)}, "
+                       f"which the tenant's {principal.environment} secrets do not hold")  # fmt: skip
+    opened: list[Any] = []
+    context = inline_context(principal.tenant_id)
+    try:
+        config = render(stored, {"secrets": values}, lambda text: decrypt_text(text, keyring, context, opened))
+    except (TemplateError, SecretsKeyError) as exc:
+        raise ApiError(422, "validation_error", f"the connector's config cannot be used: {exc}") from None
+    return ConnectorConfig.model_validate(config), plaintexts([*values.values(), *opened])
+
+
 def _encode_cursor(name: str) -> str:
     return base64.urlsafe_b64encode(name.encode()).decode().rstrip("=")
 
@@ -180,7 +211,7 @@ async def create_connector(body: NewConnector, request: Request, principal: Admi
     try:
         await pool.execute(
             "INSERT INTO connectors (tenant_id, id, name, kind, config) VALUES ($1, $2, $3, $4, $5)",
-            principal.tenant_id, connector_id, body.name, body.kind, body.config.model_dump(exclude_none=True),
+            principal.tenant_id, connector_id, body.name, body.kind, _sealed(request, principal, body.config),
         )  # fmt: skip
     except asyncpg.UniqueViolationError:
         raise ApiError(409, "conflict", f"a connector named {body.name!r} already exists") from None
@@ -244,7 +275,7 @@ async def verify_connector(connector_id: str, request: Request, principal: Admin
     (401/403 or a refused login → AUTH, refused connection or timeout → TRANSIENT)."""
     pool = request.app.state.pool
     row = await _row_or_404(pool, principal, connector_id)
-    config = ConnectorConfig.model_validate(row["config"])
+    config, used = await _opened(request, principal, row["config"])
     allow_private = request.app.state.settings.connector_allow_private_networks
     began = time.perf_counter()
     try:
@@ -258,7 +289,8 @@ async def verify_connector(connector_id: str, request: Request, principal: Admin
     except StepError as exc:
         result = {"ok": False, "error": exc.error.model_dump(mode="json", exclude_none=True)}
     checked_at = datetime.now(UTC)
-    result = {"connector_id": connector_id, **mask_secrets(result), "latency_ms": _ms(began), "checked_at": checked_at}
+    result = {"connector_id": connector_id, **redact(mask_secrets(result), used), "latency_ms": _ms(began),
+              "checked_at": checked_at}  # fmt: skip
     await pool.execute(
         "UPDATE connectors SET last_verified_at = $3, last_verify = $4 WHERE tenant_id = $1 AND id = $2",
         principal.tenant_id, connector_id, checked_at, result,
