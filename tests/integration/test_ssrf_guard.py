@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -20,9 +21,12 @@ from aiokafka.client import AIOKafkaClient
 
 from services.api.app import create_app
 from services.api.settings import ApiSettings
+from services.common import netguard
 from services.common.auth import create_api_key, ensure_tenant
 from services.common.db import create_pool
 from services.common.netguard import BlockedAddress, KafkaGuard
+from services.executor.adapters.actions_base import StepCall
+from services.executor.adapters.steps import StepRunners
 from services.projector.adapters import alerts, webhooks
 from services.projector.settings import ProjectorSettings
 from tests.conftest import Infra, Sandbox
@@ -203,3 +207,24 @@ async def test_the_brokers_a_cluster_advertises_are_checked_before_the_client_di
         assert isinstance(guard.refused, BlockedAddress)
     finally:
         await client.close()
+
+
+async def test_a_guarded_dsn_connects_to_the_address_its_single_lookup_answered(
+    infra: Infra, dns: FakeDNS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only here, loopback counts as public, so the guarded path reaches the real database: asyncpg gets the
+    # checked address, and never looks the DSN's name up itself (a second lookup would be counted).
+    monkeypatch.setattr(netguard, "is_blocked", lambda address: False)
+    dns.script("pg.test", ["127.0.0.1"], ["10.9.9.9"])
+    parts = urlsplit(infra.database_url)
+    dsn = infra.database_url.replace(f"@{parts.hostname}:", "@pg.test:", 1)
+    runners = StepRunners(allow_private_networks=False, time_scale=1.0, max_body_bytes=4096)
+    try:
+        call = StepCall(run_id="run-1", step="s", action="database_query", attempt=1, started_at=datetime.now(UTC),
+                        input={"dsn": dsn, "query": "SELECT 41 + 1 AS answer"}, timeout_s=20)  # fmt: skip
+        outcome = await runners.run(call)
+    finally:
+        await runners.close()
+    assert outcome.ok, outcome
+    assert outcome.output["rows"] == [{"answer": 42}]
+    assert dns.calls["pg.test"] == 1
