@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -23,6 +26,8 @@ from services.ingest.adapters.windows import cursor_window
 from services.ingest.routes import triggers
 from services.ingest.scheduler import Scheduler
 from services.ingest.settings import IngestSettings
+
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: IngestSettings) -> FastAPI:
@@ -49,10 +54,14 @@ def create_app(settings: IngestSettings) -> FastAPI:
                 max_catch_up_s=settings.scheduler_max_catch_up_s, poll_s=settings.scheduler_poll_s,
                 windows=functools.partial(cursor_window, app.state.pool),
             )  # fmt: skip
-            await app.state.scheduler.start()
+        # In the background, retried until Kafka answers: ingest serves (and says it is not ready) meanwhile.
+        app.state.scheduler_task = asyncio.create_task(_start_scheduler(app.state.scheduler))
         try:
             yield
         finally:
+            app.state.scheduler_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await app.state.scheduler_task
             if app.state.scheduler is not None:
                 await app.state.scheduler.stop()
             await app.state.appender.stop()
@@ -69,6 +78,24 @@ def create_app(settings: IngestSettings) -> FastAPI:
     return app
 
 
+async def _start_scheduler(scheduler: Scheduler | None) -> None:
+    delay = 0.5
+    while scheduler is not None:
+        try:
+            await scheduler.start()
+            return
+        except Exception as exc:  # Kafka away at start: try again, never give up
+            log.warning("scheduler cannot start yet (%r); retrying in %.1f s", exc, delay)
+            with contextlib.suppress(Exception):
+                await scheduler.stop()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
 async def _ready(app: FastAPI) -> dict[str, str | None]:
-    """What ingest needs to accept a trigger: PostgreSQL (keys, flows) and an append that can reach Kafka."""
-    return {"postgres": await pool_problem(app.state.pool), "kafka": await app.state.appender.check()}
+    """What ingest needs to accept triggers and fire schedules: PostgreSQL (keys, flows), an append that can reach
+    Kafka, and the scheduler started (when it is on)."""
+    task = app.state.scheduler_task
+    scheduler = None if task.done() and task.exception() is None else "not started yet: Kafka unreachable"
+    return {"postgres": await pool_problem(app.state.pool), "kafka": await app.state.appender.check(),
+            "scheduler": scheduler}  # fmt: skip

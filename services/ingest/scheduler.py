@@ -233,22 +233,39 @@ class MarkLog:
                     await admin.create_topics([NewTopic(self.topic, 1, 1, topic_configs=COMPACTED)])
         finally:
             await admin.close()
-        self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True)
-        await self._producer.start()
+        await self._started()
         return await self._read()
+
+    async def _started(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True)
+            try:
+                await producer.start()
+            except BaseException:
+                await producer.stop()
+                raise
+            self._producer = producer
+        return self._producer
 
     async def stop(self) -> None:
         if self._producer is not None:
             await self._producer.stop()
+            self._producer = None
 
     async def append(self, marks: list[tuple[FlowKey, datetime]]) -> None:
-        producer = self._producer
-        assert producer is not None
+        producer = await self._started()
         futures = []
-        for (tenant_id, flow_id), tick in marks:
-            value = codec.dumps({"tenant_id": tenant_id, "flow_id": flow_id, "tick": tick_iso(tick)})
-            futures.append(await producer.send(self.topic, value, key=f"{tenant_id}\x1f{flow_id}".encode()))
-        await asyncio.gather(*futures)
+        try:
+            for (tenant_id, flow_id), tick in marks:
+                value = codec.dumps({"tenant_id": tenant_id, "flow_id": flow_id, "tick": tick_iso(tick)})
+                futures.append(await producer.send(self.topic, value, key=f"{tenant_id}\x1f{flow_id}".encode()))
+            await asyncio.gather(*futures)
+        except BaseException:
+            # A producer that failed once may stay broken (sequence numbers): the next pass starts a fresh one.
+            self._producer = None
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            raise
 
     async def _read(self) -> dict[FlowKey, datetime]:
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None)

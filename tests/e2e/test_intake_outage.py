@@ -131,3 +131,29 @@ def _stop_pid(pid: int | None) -> None:
             return
         time.sleep(0.1)
     os.kill(pid, 9)
+
+
+async def test_ingest_starts_without_kafka_and_is_ready_once_it_answers(
+    outage_env: tuple[Sandbox, Stack, str, Path, int, int],
+) -> None:
+    _, stack, key, state, port, controller = outage_env
+    service = stack["ingest"]
+    await asyncio.to_thread(_stop_pid, _private_broker(state, port, controller).pid)
+    service.kill()
+    service.start()
+    await service.wait_healthy(within=60)  # alive at once, though the broker is away
+    async with httpx.AsyncClient(timeout=30) as client:
+        ready = await client.get(f"{service.url}/readyz")
+        assert ready.status_code == 503 and "Kafka" in ready.json()["checks"]["kafka"], ready.text
+        refused = await client.post(f"{service.url}/v1/flows/noop/trigger", json={"input": {"n": 1}},
+                                    headers={"Authorization": f"Bearer {key}"})  # fmt: skip
+        assert refused.status_code == 503 and refused.headers["Retry-After"], refused.text
+        assert "nothing was appended" in refused.json()["error"]["message"]
+        await asyncio.to_thread(_private_broker, state, port, controller)
+        deadline = time.monotonic() + 60
+        while (await client.get(f"{service.url}/readyz")).status_code != 200:
+            assert time.monotonic() < deadline, (await client.get(f"{service.url}/readyz")).text
+            await asyncio.sleep(0.2)
+        accepted = await client.post(f"{service.url}/v1/flows/noop/trigger", json={"input": {"n": 2}},
+                                     headers={"Authorization": f"Bearer {key}"})  # fmt: skip
+        assert accepted.status_code == 202, accepted.text

@@ -22,6 +22,7 @@ from prometheus_client import REGISTRY
 from schemas import codec
 from schemas.events import ExecutionMode, FlowPaused, FlowResumed, FlowVersionPublished, TriggerReceived, TriggerType
 from schemas.flows import Environment, FlowDefinition, StepDefinition, TriggerConfig
+from services.common.appender import Appender
 from services.common.db import create_pool
 from services.common.kafka import publish_flow_events
 from services.ingest.adapters.triggers import TriggerLog
@@ -98,8 +99,9 @@ async def wait_until(check: Callable[[], Awaitable[Any]], within: float = 20) ->
 
 @asynccontextmanager
 async def scheduler(sandbox: Sandbox, clock: Callable[[], datetime], **options: Any) -> AsyncIterator[Scheduler]:
-    log = TriggerLog(sandbox.infra.kafka_bootstrap, sandbox.topics.triggers, linger_ms=0)
-    await log.start()
+    appender = Appender(sandbox.infra.kafka_bootstrap, linger_ms=0)
+    await appender.start()
+    log = TriggerLog(appender, sandbox.topics.triggers)
     options.setdefault("poll_s", 0.02)
     running = Scheduler(sandbox.infra.kafka_bootstrap, sandbox.topics, log, clock=clock, **options)
     await running.start()
@@ -107,7 +109,7 @@ async def scheduler(sandbox: Sandbox, clock: Callable[[], datetime], **options: 
         yield running
     finally:
         await running.stop()
-        await log.stop()
+        await appender.stop()
 
 
 def flow(flow_id: str = "every-second", version: int = 1, **trigger: Any) -> FlowDefinition:
