@@ -10,6 +10,7 @@ from schemas.events import FlowVersionPublished
 from schemas.flows import FlowDefinition
 from schemas.topics import Topics
 from services.common.auth import create_api_key, ensure_tenant, verify_api_key
+from services.common.crypto import Keyring, open_flow, seal_flow
 from services.common.db import connect
 from services.common.kafka import ensure_topics, publish_flow_events
 from services.common.migrate import migrate
@@ -30,20 +31,28 @@ def _same_definition(a: FlowDefinition, b: FlowDefinition) -> bool:
     return a.model_dump(exclude={"version"}) == b.model_dump(exclude={"version"})
 
 
+def _opened(flow: FlowDefinition, keyring: Keyring) -> FlowDefinition:
+    try:
+        return open_flow(flow, keyring)
+    except ValueError:
+        return flow  # sealed with a key this state folder no longer has: publish the demo again
+
+
 async def publish_if_changed(settings: CommonSettings, flows: list[FlowDefinition]) -> list[int]:
     """Publish each flow as a new version unless its latest version is already this definition."""
     topics = Topics(settings.topic_prefix)
+    keyring = Keyring.from_settings(settings)  # credentials in step inputs go to the topic encrypted
     registry = FlowRegistry(settings.kafka_bootstrap, topics.flows)
     await registry.start()
     try:
         events, versions = [], []
         for flow in flows:
             latest = registry.get(flow.tenant_id, flow.id, None)
-            if latest is not None and _same_definition(latest, flow):
+            if latest is not None and _same_definition(_opened(latest, keyring), flow):
                 versions.append(latest.version)
                 continue
             version = (latest.version + 1) if latest else 1
-            published = flow.model_copy(update={"version": version})
+            published = seal_flow(flow, keyring).model_copy(update={"version": version})
             events.append(
                 FlowVersionPublished(tenant_id=flow.tenant_id, flow_id=flow.id, flow_version=version, flow=published)
             )

@@ -30,7 +30,7 @@ import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from schemas.flows import MASK, is_secret_key
+from schemas.flows import MASK, FlowDefinition, is_secret_key
 
 PREFIX = "enc:v1:"
 TOKEN = re.compile(r"enc:v1:([0-9a-f]{8}):([A-Za-z0-9_\-]{38,})")
@@ -328,6 +328,21 @@ def _around_templates(text: str, literal: Callable[[str], str]) -> str:
         pos = m.end()
     out.append(literal(text[pos:]))
     return "".join(out)
+
+
+def seal_flow(definition: FlowDefinition, keyring: Keyring) -> FlowDefinition:
+    """A flow definition with the credentials in its step inputs encrypted (for its tenant), as the flows topic
+    holds it."""
+    context = inline_context(definition.tenant_id)
+    steps = tuple(s.model_copy(update={"input": encrypt_inline(s.input, keyring, context)}) for s in definition.steps)
+    return definition.model_copy(update={"steps": steps})
+
+
+def open_flow(definition: FlowDefinition, keyring: Keyring) -> FlowDefinition:
+    """The definition as it was written, its step inputs' ciphertexts opened (to compare with a new one)."""
+    context = inline_context(definition.tenant_id)
+    steps = tuple(s.model_copy(update={"input": decrypt_all(s.input, keyring, context)}) for s in definition.steps)
+    return definition.model_copy(update={"steps": steps})
 
 
 # ---------------------------------------------------------------- where a credential is used

@@ -219,3 +219,17 @@ async def test_rotate_key_moves_stored_ciphertexts_to_a_new_key_and_old_ones_sti
     assert after.decrypt(flow_token, inline_context("t1")) == "flow-inline-1"  # the old key is kept
     # A process that loaded the keyring before the rotation still reads the re-encrypted secret.
     assert await read_secrets(db, before, "t1", "PRODUCTION", ["api_token"]) == {"api_token": "stored-1"}
+
+
+async def test_bootstrap_publishes_demo_credentials_encrypted_and_once(sandbox: Sandbox, tmp_path: Path) -> None:
+    from deploy.launcher.bootstrap import publish_if_changed
+    from deploy.launcher.demo_flows import demo_flows
+    from tests.e2e.test_secrets_e2e import _dump_kafka
+
+    settings = CommonSettings(kafka_bootstrap=sandbox.infra.kafka_bootstrap, topic_prefix=sandbox.topics.prefix,
+                              secrets_key_file=str(tmp_path / "secrets.key"))  # fmt: skip
+    flows = demo_flows()
+    first = await publish_if_changed(settings, flows)
+    assert await publish_if_changed(settings, flows) == first  # the same definitions: no new version
+    topic = await _dump_kafka(sandbox)
+    assert b"enc:v1:" in topic and b"ft_live_not-a-real-key" not in topic

@@ -21,7 +21,7 @@ from schemas.flows import FlowDefinition, TriggerConfig, contains_mask, mask_sec
 from schemas.topics import Topics
 from services.api.adapters import flows as store
 from services.common.auth import Principal, require_scope
-from services.common.crypto import encrypt_inline, inline_context
+from services.common.crypto import seal_flow
 from services.common.http import ApiError
 from services.common.secretstore import keyring_of
 from services.ingest.scheduler import Schedule, ScheduleError
@@ -309,10 +309,7 @@ async def _answer(
 def _encrypted(request: Request, definition: FlowDefinition) -> FlowDefinition:
     """Credentials in step inputs (what GET shows as `***`) encrypted before the definition reaches the flows
     topic, and so PostgreSQL; the executor decrypts them when the step runs (docs/secrets.md)."""
-    keyring = keyring_of(request.app.state, request.app.state.settings)
-    context = inline_context(definition.tenant_id)
-    steps = tuple(s.model_copy(update={"input": encrypt_inline(s.input, keyring, context)}) for s in definition.steps)
-    return definition.model_copy(update={"steps": steps})
+    return seal_flow(definition, keyring_of(request.app.state, request.app.state.settings))
 
 
 async def _publish(request: Request, principal: Principal, definition: FlowDefinition, new: bool) -> ORJSONResponse:
