@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas.events import ErrorInfo
+from services.common import netguard
 from services.common.netguard import (
     BLOCKED_NETWORKS,
     BlockedAddress,
@@ -568,3 +569,35 @@ async def test_advertised_kafka_brokers_are_checked_before_the_client_connects(d
     assert isinstance(guard.refused, BlockedAddress) and "broker-2.test" in str(guard.refused)
     with pytest.raises(BlockedAddress):
         await guard.check_cluster(client)
+
+
+async def test_every_redirect_hop_is_guarded_where_it_connects(
+    dns: FakeDNS, dials: Dials, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only here, 127.0.0.1 counts as public (the "public" server that redirects); 127.0.0.2 stays loopback.
+    real = netguard.is_blocked
+    monkeypatch.setattr(netguard, "is_blocked", lambda address: address != "127.0.0.1" and real(address))
+    inside = Listener()
+    server = await asyncio.start_server(inside._accept, "127.0.0.2", 0)
+    inside_port = server.sockets[0].getsockname()[1]
+    dns.script("internal.test", ["127.0.0.2"])
+
+    async def redirect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 302 Found\r\nLocation: http://internal.test:%d/admin\r\nContent-Length: 0\r\n"
+                     b"Connection: close\r\n\r\n" % inside_port)  # fmt: skip
+        await writer.drain()
+        writer.close()
+
+    public = await asyncio.start_server(redirect, "127.0.0.1", 0)
+    runners = StepRunners(allow_private_networks=False, time_scale=1.0, max_body_bytes=4096)
+    try:
+        url = f"http://127.0.0.1:{public.sockets[0].getsockname()[1]}/start"
+        outcome = await run_step(runners, "http_request", {"url": url})
+    finally:
+        await runners.close()
+        for s in (server, public):
+            s.close()
+    category, code, message = refused(outcome)
+    assert (category, code) == ("VALIDATION", "blocked_address") and "internal.test" in message
+    assert inside.accepted == 0 and dials.public() == []
