@@ -30,7 +30,7 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.bodylimit import send_error
-from services.common.http import ApiError
+from services.common.http import DATABASE_DOWN, ApiError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ _WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Not part of a stored answer: they describe the request that carried them, not the result.
 _SKIP_HEADERS = frozenset({b"x-request-id", b"content-length", b"date", b"server", b"retry-after"})
 _SKIP_PREFIX = b"x-ratelimit-"
+_ANSWERED = "idempotency_answered"  # scope state: the response has started, no error envelope can follow
 _NS = uuid.UUID("5b0b7a40-8f5e-4b1e-9a55-1f0d3c2b7e11")
 
 _CLAIM = """
@@ -125,7 +126,15 @@ class Idempotency:
             b"\n".join((scope["method"].encode(), scope["path"].encode(), scope.get("query_string", b""), body))
         ).digest()
         ident = (principal.tenant_id, principal.environment, key)
-        stored = await self._answer(scope, send, ident, fingerprint, body, app_state.pool)
+        try:
+            stored = await self._answer(scope, send, ident, fingerprint, body, app_state.pool)
+        except DATABASE_DOWN:
+            if scope.get("state", {}).get(_ANSWERED):
+                raise
+            await send_error(scope, send, 503, "database_unavailable",
+                             "PostgreSQL is unavailable; nothing was changed: retry after a moment",
+                             {"Retry-After": "2"})  # fmt: skip
+            return
         if stored is not None:
             await _replay(send, stored, scope)
 
@@ -211,6 +220,7 @@ class Idempotency:
         async def capture(message: Message) -> None:
             nonlocal status, headers
             if message["type"] == "http.response.start":
+                scope.setdefault("state", {})[_ANSWERED] = True
                 status = message["status"]
                 headers = list(message.get("headers", []))
             elif message["type"] == "http.response.body":

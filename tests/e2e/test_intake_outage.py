@@ -157,3 +157,88 @@ async def test_ingest_starts_without_kafka_and_is_ready_once_it_answers(
         accepted = await client.post(f"{service.url}/v1/flows/noop/trigger", json={"input": {"n": 2}},
                                      headers={"Authorization": f"Bearer {key}"})  # fmt: skip
         assert accepted.status_code == 202, accepted.text
+
+
+class _Proxy:
+    """A loopback TCP proxy in front of PostgreSQL that the test can cut: open connections drop and new ones are
+    refused, as in a database outage, for this test's ingest only (the shared server stays up for everyone)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def open(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+
+    async def cut(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+        for writer in list(self.writers):
+            writer.transport.abort()
+        self.writers.clear()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+async def test_a_database_outage_is_503_and_triggers_succeed_after_it(
+    infra: Infra,
+    tmp_path: Path,
+) -> None:
+    database = httpx.URL(infra.database_url)
+    proxy = _Proxy(database.port or 5432)
+    await proxy.open()
+    async with make_sandbox(infra) as sandbox:
+        conn = await connect(infra.database_url, sandbox.schema)
+        try:
+            await ensure_tenant(conn, "t1", "T1")
+            key = (await create_api_key(conn, "t1"))[1]
+            await conn.execute(
+                "INSERT INTO flows (tenant_id, id, name, latest_version, environment, trigger_type, created_at,"
+                " updated_at) VALUES ('t1', 'noop', 'No-op', 1, 'PRODUCTION', 'api', now(), now())"
+            )
+        finally:
+            await conn.close()
+        through_proxy = str(database.copy_with(port=proxy.port))
+        stack = Stack.build(sandbox, ("ingest",), tmp_path, FLOWTRAIL_DATABASE_URL=through_proxy,
+                            FLOWTRAIL_INGEST_SCHEDULER="false")  # fmt: skip
+        await stack.start()
+        url = f"{stack['ingest'].url}/v1/flows/noop/trigger"
+        auth = {"Authorization": f"Bearer {key}"}
+        try:
+            async with httpx.AsyncClient(timeout=30) as client:
+                assert (await client.post(url, json={"input": {"n": 0}}, headers=auth)).status_code == 202
+                await proxy.cut()
+                during = [await client.post(url, json={"input": {"n": i}}, headers=auth) for i in range(10)]
+                keyed = await client.post(url, json={"input": {"n": 99}}, headers={**auth, "Idempotency-Key": "k-1"})
+                ready = await client.get(f"{stack['ingest'].url}/readyz")
+                await proxy.open()
+                deadline = time.monotonic() + 30
+                while (await client.get(f"{stack['ingest'].url}/readyz")).status_code != 200:
+                    assert time.monotonic() < deadline, "ingest did not become ready after the database came back"
+                    await asyncio.sleep(0.2)
+                after = [await client.post(url, json={"input": {"n": i}}, headers=auth) for i in range(10)]
+        finally:
+            stack.stop()
+            await proxy.cut()
+    for answer in [*during, keyed]:
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "database_unavailable" and answer.headers["Retry-After"]
+    assert ready.status_code == 503 and "PostgreSQL" in ready.json()["checks"]["postgres"]
+    assert [a.status_code for a in after] == [202] * 10, [a.text for a in after]
