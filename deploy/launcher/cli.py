@@ -61,11 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     secrets_cmd = sub.add_parser("secrets", help="the key that encrypts secrets at rest (docs/secrets.md)")
     secret_jobs = secrets_cmd.add_subparsers(dest="job", required=True, metavar="JOB")
-    secret_jobs.add_parser(
+    rotate = secret_jobs.add_parser(
         "rotate-key",
         help="add a new key to the key file (it encrypts from now on; the old ones still decrypt) and re-encrypt "
         "the secrets store and connector configs in PostgreSQL with it",
     )
+    rotate.add_argument(
+        "--reencrypt-only", action="store_true",
+        help="add no key: re-encrypt with the current first key (after putting a new one first in "
+        "FLOWTRAIL_SECRETS_KEY or the key file yourself)",
+    )  # fmt: skip
     return parser
 
 
@@ -185,22 +190,27 @@ def cmd_projector(args: argparse.Namespace) -> int:
     return 0 if outcome.comparison.equal else 1
 
 
-async def _rotate_key(settings: CommonSettings) -> int:
+async def _rotate_key(settings: CommonSettings, *, reencrypt_only: bool = False) -> int:
     from services.common.crypto import Keyring, add_key_to_file, key_id
     from services.common.db import connect
     from services.common.migrate import migrate
     from services.common.secretstore import reencrypt_stored
 
-    if settings.secrets_key_value:
+    if reencrypt_only:
+        keyring = Keyring.from_settings(settings)
+        print(f"re-encrypting with the current first key {keyring.primary} (of {', '.join(keyring.key_ids)})")
+    elif settings.secrets_key_value:
         raise LauncherError(
             "FLOWTRAIL_SECRETS_KEY is set, so the key file is not used: put a new key (32 random bytes, base64url) "
-            "first in that variable, keep the old ones after it, restart the services, then run this command"
+            "first in that variable, keep the old ones after it, restart the services, then run "
+            "`flowtrail secrets rotate-key --reencrypt-only`"
         )
-    path = settings.secrets_key_path
-    new, old = add_key_to_file(path)
-    print(f"added key {key_id(new)} to {path}; it encrypts from now on")
-    print(f"kept {len(old)} previous key(s) for decrypting: {', '.join(key_id(k) for k in old)}")
-    keyring = Keyring([new, *old], path)
+    else:
+        path = settings.secrets_key_path
+        new, old = add_key_to_file(path)
+        print(f"added key {key_id(new)} to {path}; it encrypts from now on")
+        print(f"kept {len(old)} previous key(s) for decrypting: {', '.join(key_id(k) for k in old)}")
+        keyring = Keyring([new, *old], path)
     conn = await connect(settings.database_url, settings.database_schema)
     try:
         await migrate(conn, settings.database_schema)
@@ -215,7 +225,7 @@ async def _rotate_key(settings: CommonSettings) -> int:
 
 
 def cmd_secrets(args: argparse.Namespace) -> int:
-    return asyncio.run(_rotate_key(_settings(args)))
+    return asyncio.run(_rotate_key(_settings(args), reencrypt_only=args.reencrypt_only))
 
 
 COMMANDS = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "demo": cmd_demo, "projector": cmd_projector,

@@ -16,10 +16,21 @@ import asyncpg
 import httpx
 import pytest
 from aiohttp import web
+from pydantic import SecretStr
 
 from deploy.launcher.cli import _rotate_key
+from deploy.launcher.errors import LauncherError
 from services.common.auth import create_api_key, ensure_tenant
-from services.common.crypto import Keyring, encrypt_inline, ensure_key_file, inline_context, read_key_file
+from services.common.crypto import (
+    Keyring,
+    encode_key,
+    encrypt_inline,
+    ensure_key_file,
+    inline_context,
+    key_id,
+    new_key,
+    read_key_file,
+)
 from services.common.db import connect
 from services.common.secretstore import put_secret, read_secrets
 from services.common.settings import CommonSettings
@@ -233,3 +244,23 @@ async def test_bootstrap_publishes_demo_credentials_encrypted_and_once(sandbox: 
     assert await publish_if_changed(settings, flows) == first  # the same definitions: no new version
     topic = await _dump_kafka(sandbox)
     assert b"enc:v1:" in topic and b"ft_live_not-a-real-key" not in topic
+
+
+async def test_reencrypt_only_moves_stored_secrets_to_the_first_key_of_the_variable(
+    sandbox: Sandbox, db: asyncpg.Connection, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = new_key()
+    await ensure_tenant(db, "t1", "T1")
+    await put_secret(db, Keyring([old]), "t1", "TESTING", "api_token", "stored-2")
+    newer = new_key()
+    keys = SecretStr(f"{encode_key(newer)},{encode_key(old)}")
+    settings = CommonSettings(database_url=sandbox.infra.database_url, database_schema=sandbox.schema,
+                              state_dir=tmp_path, secrets_key=keys)  # fmt: skip
+    with pytest.raises(LauncherError, match="reencrypt-only"):
+        await _rotate_key(settings)
+    assert await _rotate_key(settings, reencrypt_only=True) == 0
+    assert "re-encrypted 1 of 1 stored secret(s)" in capsys.readouterr().out
+    value = await db.fetchval("SELECT value FROM secrets WHERE name = 'api_token'")
+    assert value.startswith(f"enc:v1:{key_id(newer)}:")
+    assert await read_secrets(db, Keyring([newer]), "t1", "TESTING", ["api_token"]) == {"api_token": "stored-2"}
+    assert not (tmp_path / "secrets.key").exists()  # the variable's keys, no file
