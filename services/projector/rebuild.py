@@ -58,6 +58,7 @@ CONTROL: tuple[str, ...] = (
     "connectors",
     "api_keys",
     "rate_limit_windows",
+    "idempotency_keys",
     "retention_marks",
     "webhook_subscriptions",
     "webhook_deliveries",
