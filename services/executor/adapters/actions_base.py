@@ -32,6 +32,9 @@ class StepCall:
     input: Any
     started_at: dt.datetime
     timeout_s: float
+    # Resolved secrets (docs/secrets.md): replaced by `***` in the output before it is capped, so a preview cut
+    # in the middle of one cannot keep a part of it.
+    scrub: frozenset[str] = frozenset()
 
     @property
     def idempotency_key(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -13,26 +14,31 @@ import httpx
 import orjson
 
 from schemas.events import ErrorCategory, ErrorInfo
-from schemas.flows import StepDefinition, contains_mask, mask_secrets, mask_text
+from schemas.flows import StepAction, StepDefinition, contains_mask, mask_secrets, mask_text
 from schemas.status import StepStatus
+from services.common.crypto import contains_ciphertext, redact
 from services.common.netguard import BlockedAddress, UnresolvableHost, check_url, guarded_client
+from services.common.secretstore import SecretReader
 from services.executor.adapters.actions_base import StepCall, StepError, StepOutcome, cap_output
 from services.executor.adapters.actions_db import DatabaseActions
 from services.executor.adapters.actions_kafka import KafkaActions
 from services.executor.adapters.actions_python import PythonActions
 from services.executor.adapters.actions_sync import SyncRecordsActions
+from services.executor.adapters.secret_inputs import PendingInput, resolve, scrub
 from services.executor.fold import RunState
 from services.executor.settings import ExecutorSettings
-from services.executor.templating import TemplateError, render
+from services.executor.templating import TemplateError, masked_secrets, render, secret_names, with_secrets
 
-__all__ = ["StepCall", "StepError", "StepOutcome", "StepRunners", "classify_status", "runner_input"]
+__all__ = ["PendingInput", "StepCall", "StepError", "StepOutcome", "StepRunners", "classify_status", "runner_input"]
 
 log = logging.getLogger(__name__)
 
 
 def runner_input(state: RunState, definition: StepDefinition) -> Any:
     """The input a step's runner gets: the recorded one, or when the ledger's copy hides secrets (`***`) the
-    step's input rendered again from the same context `decide` rendered it from, secrets included."""
+    step's input rendered again from the same context `decide` rendered it from, secrets included. A step whose
+    input references the secrets store or holds inline ciphertexts gets a PendingInput, rendered by the runner
+    right before the call (a subflow or human_input step gets them masked: their input is recorded again)."""
     step = state.steps[definition.name]
     if not contains_mask(step.input):
         return step.input
@@ -42,13 +48,27 @@ def runner_input(state: RunState, definition: StepDefinition) -> Any:
         steps.pop(definition.name, None)  # decide rendered the first attempt before the step existed
     else:
         steps[definition.name] = {"output": None, "status": StepStatus.RETRYING.value}
+    context = {**context, "steps": steps}
+    template = dict(definition.input)
+    names = secret_names(template)
     try:
-        rendered = render(dict(definition.input), {**context, "steps": steps})
+        rendered = render(template, with_secrets(context, masked_secrets(template)))
     except TemplateError:
         return step.input
+    extra: dict[str, Any] = {}
+    if definition.action == StepAction.SYNC_RECORDS and isinstance(step.input, dict):
+        # decide added the run's window and the keys to retry after rendering: not in the definition.
+        extra = {k: step.input.get(k) for k in ("window", "only_keys")}
+        rendered = {**rendered, **extra}
     if mask_secrets(rendered) != step.input:
         log.warning("run %s step %s: re-rendered input differs from the recorded one", state.run_id, definition.name)
+    if (names or contains_ciphertext(template)) and definition.action not in _RECORDED_AGAIN:
+        return PendingInput(state.tenant_id, state.environment.value, template, context, names, extra)
     return rendered
+
+
+# Their input is written to the ledger again (a child's trigger, a pause's prompt): secrets stay masked there.
+_RECORDED_AGAIN = (StepAction.SUBFLOW, StepAction.HUMAN_INPUT)
 
 
 def classify_status(status: int) -> ErrorCategory:
@@ -66,8 +86,9 @@ class StepRunners:
     def __init__(self, *, allow_private_networks: bool, time_scale: float, max_body_bytes: int,
                  kafka_bootstrap: str = "127.0.0.1:19092", topic_prefix: str = "flowtrail",
                  connectors: dict[str, str] | None = None, max_output_bytes: int = 256 * 1024,
-                 db_max_rows: int = 1000) -> None:  # fmt: skip
+                 db_max_rows: int = 1000, secrets: SecretReader | None = None) -> None:  # fmt: skip
         self.allow_private = allow_private_networks
+        self.secrets = secrets  # the tenant secrets store, for inputs that reference it (PendingInput)
         self.time_scale = time_scale
         self.max_body = max_body_bytes
         self.max_output = max_output_bytes
@@ -104,6 +125,7 @@ class StepRunners:
             connectors=settings.connectors,
             max_output_bytes=settings.step_output_max_bytes,
             db_max_rows=settings.db_max_rows,
+            secrets=SecretReader.from_settings(settings),
         )
 
     async def close(self) -> None:
@@ -111,8 +133,30 @@ class StepRunners:
         await self.sync.close()
         await self.db.close()
         await self.kafka.close()
+        if self.secrets is not None:
+            await self.secrets.close()
 
     async def run(self, call: StepCall) -> StepOutcome:
+        if not isinstance(call.input, PendingInput):
+            return await self._run(call)
+        began = time.perf_counter()
+        try:
+            spec, texts = await asyncio.wait_for(resolve(call.input, self.secrets), timeout=call.timeout_s)
+        except StepError as exc:
+            return StepOutcome(ok=False, error=exc.error, duration_ms=_ms(began))
+        except TimeoutError:
+            error = ErrorInfo(category=ErrorCategory.TRANSIENT, code="secrets_unavailable",
+                              message=f"the secrets store did not answer within {call.timeout_s:g}s")  # fmt: skip
+            return StepOutcome(ok=False, error=error, duration_ms=_ms(began))
+        try:
+            outcome = await self._run(dataclasses.replace(call, input=spec, scrub=frozenset(texts)))
+        except Exception as exc:  # an executor bug: recorded with its message as INTERNAL_ERROR, never a secret
+            if any(t in str(exc) for t in texts):
+                raise RuntimeError(f"{type(exc).__name__}: {redact(str(exc), texts)}") from None
+            raise
+        return scrub(outcome, texts)
+
+    async def _run(self, call: StepCall) -> StepOutcome:
         began = time.perf_counter()
         try:
             action = self._actions.get(call.action)
@@ -141,6 +185,8 @@ class StepRunners:
         marker. sync_records is exempt: its records become their own events and the step keeps only counters."""
         if output is None or call.action == "sync_records":
             return output
+        if call.scrub:
+            output = redact(output, set(call.scrub))
         try:
             return cap_output(output, self.max_output)
         except TypeError:  # not JSON: the codec will say so when the event is built
