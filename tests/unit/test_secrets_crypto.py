@@ -133,7 +133,16 @@ def test_inline_encryption_hides_exactly_what_masking_hides_and_masks_the_same(r
     plain = _step_input()
     encrypted = encrypt_inline(plain, ring, CTX)
     text = str(encrypted)
-    for secret in ("k-123456", "tok-abcdef", "key-987654", "pw-secret-1", "cs-555555", "424242", "p-777777", "user-314159"):
+    for secret in (
+        "k-123456",
+        "tok-abcdef",
+        "key-987654",
+        "pw-secret-1",
+        "cs-555555",
+        "424242",
+        "p-777777",
+        "user-314159",
+    ):
         assert secret not in text
     # What is not a credential stays readable, templates included (they are rendered when the step runs).
     assert encrypted["headers"]["Accept"] == "application/json" and encrypted["body"]["count"] == 3
@@ -233,3 +242,47 @@ def test_key_file_ignores_comments_and_refuses_an_empty_file(tmp_path: Path) -> 
     path.write_text("# nothing\n")
     with pytest.raises(ValueError, match="no secrets key"):
         read_key_file(path)
+
+
+# ---------------------------------------------------------------- decide records references masked; the runner resolves
+
+
+def test_the_ledger_records_references_masked_and_the_runner_gets_them_from_the_store(ring: Keyring) -> None:
+    from services.executor.adapters.steps import runner_input
+    from services.executor.fold import fold_all
+    from tests.unit.drive import Run, error, make_flow, make_trigger
+
+    template = {"url": "https://erp.example.com/x", "headers": {"Authorization": "Bearer {{ secrets.erp }}",
+                "X-Echo": "{{ secrets.erp }}", "X-Api-Key": "inline-key-1"}, "n": "{{ trigger.n }}"}  # fmt: skip
+    sealed = encrypt_inline(template, ring, inline_context("t1"))  # drive's flows are tenant t1's
+    flow = make_flow({"name": "call", "action": "http_request", "input": sealed}, retry={"delays_s": [1, 1]})
+    run = Run(flow, make_trigger(payload={"n": 7}))
+    run.start()
+    [started] = run.of_type("StepStarted")
+    assert started.payload.input["headers"] == {"Authorization": MASK, "X-Echo": MASK, "X-Api-Key": MASK}
+    assert started.payload.input["n"] == 7
+    assert run.state is not None and run.flow is not None
+    reader: Any = _Reader(ring, {"erp": "store-value-9"})
+    for state in (run.state, fold_all(run.events)):  # live, and rebuilt from the ledger after a crash
+        pending = runner_input(state, run.flow.step("call"))  # type: ignore[arg-type]
+        assert isinstance(pending, PendingInput) and pending.names == {"erp"}
+        spec, texts = asyncio.run(resolve(pending, reader))
+        assert spec["headers"] == {"Authorization": "Bearer store-value-9", "X-Echo": "store-value-9",
+                                   "X-Api-Key": "inline-key-1"}  # fmt: skip
+        assert spec["n"] == 7 and texts == {"store-value-9", "inline-key-1"}
+    run.complete(ok=False, err=error("TRANSIENT"))
+    run.fire_timer()
+    assert run.of_type("StepStarted")[1].payload.input == started.payload.input
+    assert isinstance(runner_input(run.state, run.flow.step("call")), PendingInput)
+
+
+def test_subflow_and_human_input_steps_get_secrets_masked() -> None:
+    from services.executor.adapters.steps import runner_input
+    from tests.unit.drive import Run, make_flow, make_trigger
+
+    flow = make_flow({"name": "ask", "action": "human_input",
+                      "input": {"token": "{{ secrets.erp }}", "question": "ok?"}})  # fmt: skip
+    run = Run(flow, make_trigger(payload={}))
+    run.start()
+    assert run.state is not None and run.flow is not None
+    assert runner_input(run.state, run.flow.step("ask")) == {"token": MASK, "question": "ok?"}
