@@ -12,14 +12,15 @@ import hmac
 import re
 import time
 
+from schemas.events import TERMINAL_EVENT_STATUS
+
 TOLERANCE_S = 300
 
-# Ledger event type → webhook event name.
+# Ledger event type → webhook event name: `run.started`, and one `run.<status>` per terminal status, derived from
+# the one event → status table so that a new ending cannot go without its webhook.
 RUN_EVENTS = {
     "RunStarted": "run.started",
-    "RunSucceeded": "run.succeeded",
-    "RunPartiallySucceeded": "run.partial",
-    "RunFailed": "run.failed",
+    **{event_type: f"run.{status.lower()}" for event_type, status in TERMINAL_EVENT_STATUS.items()},
 }
 EVENT_NAMES = (*RUN_EVENTS.values(), "connector.degraded", "flow.paused")
 

@@ -197,3 +197,57 @@ async def test_metrics_show_http_latency_by_route_runs_by_status_and_lag(env: En
     assert 'flowtrail_projector_runs_finished_total{status="SUCCEEDED"}' in projector
     assert "flowtrail_projector_lag_records{" in projector
     assert 'flowtrail_projector_webhook_deliveries_total{outcome="delivered"}' in projector
+
+
+def _ended(run_id: str, event_type: str) -> list[Any]:
+    """A run that started and then ended with `event_type` (any terminal event), as the executor writes it."""
+    from schemas import events as ev
+
+    started = run_events(run_id, tenant_id="t1", steps=0, start=datetime.now(UTC))[:3]  # requested, queued, started
+    last = started[-1]
+    ending = getattr(ev, event_type)(
+        tenant_id="t1", run_id=run_id, flow_id=last.flow_id, flow_version=1, seq=3, occurred_at=last.occurred_at,
+        causation_id=f"{run_id}:end", correlation_id=run_id, payload={"reason": f"ended {event_type}"},
+    )  # fmt: skip
+    return [*started, ending]
+
+
+async def test_every_ending_sends_its_webhook_and_a_deleted_subscription_retries_nothing(env: Env) -> None:
+    """One `run.<status>` per terminal status, derived from the status table; a subscription deleted while its
+    deliveries are being retried stops them at once (marked failed, "subscription deleted")."""
+    from schemas.events import TERMINAL_EVENT_STATUS
+
+    names = sorted(f"run.{status.lower()}" for status in TERMINAL_EVENT_STATUS.values())
+    assert len(names) == 8  # every terminal status of DESIGN 3
+    async with env.api() as api:
+        r = await api.post("/v1/webhooks", json={"url": env.receiver.url, "secret": SECRET, "events": names})
+        assert r.status_code == 201, r.text
+        sub = r.json()
+        events = [e for t in TERMINAL_EVENT_STATUS for e in _ended(f"run-end-{t}", t)]
+        await produce(env.sandbox.infra.kafka_bootstrap, env.sandbox.topics.ledger, events, 2)
+
+        async def all_delivered() -> list[dict[str, Any]] | None:
+            data = (await api.get(f"/v1/webhooks/{sub['id']}/deliveries", params={"limit": 100})).json()["data"]
+            return data if len(data) == 8 and all(d["status"] == "delivered" for d in data) else None
+
+        deliveries = await _wait(all_delivered)
+        assert sorted(d["event"] for d in deliveries) == names
+        assert (await api.delete(f"/v1/webhooks/{sub['id']}")).status_code == 204
+
+        # A receiver that is down: deliveries are retried until the subscription is deleted, then never again.
+        down = await api.post("/v1/webhooks", json={"url": env.receiver.url.replace("/hooks", "/down"),
+                                                    "events": ["run.canceled"]})  # fmt: skip
+        assert down.status_code == 201, down.text
+        await produce(env.sandbox.infra.kafka_bootstrap, env.sandbox.topics.ledger, _ended("run-x", "RunCanceled"), 2)
+
+        async def retried() -> dict[str, Any] | None:
+            data = (await api.get(f"/v1/webhooks/{down.json()['id']}/deliveries")).json()["data"]
+            return data[0] if data and data[0]["attempts"] >= 2 and data[0]["status"] == "pending" else None
+
+        await _wait(retried)
+        assert (await api.delete(f"/v1/webhooks/{down.json()['id']}")).status_code == 204
+        stopped = (await api.get(f"/v1/webhooks/{down.json()['id']}/deliveries")).json()["data"][0]
+        assert stopped["status"] == "failed" and stopped["last_error"] == "subscription deleted"
+        await asyncio.sleep(1.0)  # five backoff periods: nothing more is attempted
+        after = (await api.get(f"/v1/webhooks/{down.json()['id']}/deliveries")).json()["data"][0]
+        assert after["attempts"] == stopped["attempts"] and after["status"] == "failed"

@@ -140,7 +140,7 @@ class Dispatcher:
             FROM webhook_subscriptions s
             WHERE d.id IN (SELECT id FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= now()
                            ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED)
-              AND s.id = d.subscription_id
+              AND s.id = d.subscription_id AND s.active
             RETURNING d.id, d.event, d.body, d.attempts, d.first_attempt_at, s.url, s.secret
             """,
             self.lease_s, limit,
