@@ -130,12 +130,17 @@ def _attempt(out: DetailPlan, event: EventBase) -> None:
             if found is not None:
                 out.endpoints.append(EndpointCall(event.run_id, *found, event.occurred_at))
         return
+    # Only what this event carries: the store merges a later batch's change with COALESCE, so a field an
+    # event does not have (StepCanceled has no duration) must leave the earlier value here too, or the row
+    # would depend on where the batches were cut (an attempt canceled while it waits to retry).
     change.finished_at = event.occurred_at
-    change.duration_ms = getattr(p, "duration_ms", None)
+    duration_ms = getattr(p, "duration_ms", None)
+    if duration_ms is not None:
+        change.duration_ms = duration_ms
     error = getattr(p, "error", None)
     if error is not None:
         change.error = error.model_dump(mode="json")
-    if event.type == "StepAttemptFailed":
+    if event.type == "StepAttemptFailed" and p.retry_at is not None:
         change.retry_at = p.retry_at
 
 
