@@ -49,13 +49,14 @@ class SecretError(BaseModel):
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     described = {
+        400: "malformed request: bad JSON, a NUL byte or lone surrogate in a path, query, header or body",
         401: "missing, invalid, expired or revoked API key",
         403: "the key lacks the admin scope",
         404: "no secret of that name in the key's tenant and environment",
         422: "a bad name or value (the message names it)",
         429: "rate limit exceeded; retry after `Retry-After` seconds",
     }
-    return {s: {"model": SecretError, "description": described[s]} for s in (401, 403, 422, 429, *statuses)}
+    return {s: {"model": SecretError, "description": described[s]} for s in (400, 401, 403, 422, 429, *statuses)}
 
 
 class SecretValue(BaseModel):
