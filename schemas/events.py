@@ -79,6 +79,15 @@ class CursorWindow(Frozen):
     updated_until: datetime
 
 
+class ReusedStep(Frozen):
+    """What a step a FROM_FAILED_STEP retry does not run again recorded where it ran; its output is in `reuse`."""
+
+    # The run in which the step ran: the first run of a retry chain that executed it, not a retry that reused it.
+    run_id: str
+    input: Any = None
+    extractions: dict[str, Any] = Field(default_factory=dict)
+
+
 class TriggerInfo(Frozen):
     type: TriggerType
     caller: str | None = None  # API key id or user that fired it
@@ -113,6 +122,8 @@ class TriggerReceived(Frozen):
     retry_of: str | None = None
     retry_strategy: RetryStrategy | None = None
     reuse: dict[str, Any] = Field(default_factory=dict)
+    # The same steps: where each ran, its (masked) input and its extractions (absent from older triggers).
+    reused: dict[str, ReusedStep] = Field(default_factory=dict)
     # The records to process again, by step (a retry of a PARTIAL run processes only the failed ones).
     only_keys: dict[str, list[str]] = Field(default_factory=dict)
     # The window a syncing run reads; a retry carries the original run's window.
@@ -157,6 +168,8 @@ class RunRequestedPayload(Frozen):
     cursor_window: CursorWindow | None = None
     # FROM_FAILED_STEP: step name → its output in the retried run; recorded as that step's StepSucceeded.
     reuse: dict[str, Any] = Field(default_factory=dict)
+    # The same steps: where each ran, its input and extractions (absent from events written before it was recorded).
+    reused: dict[str, ReusedStep] = Field(default_factory=dict)
 
 
 class Empty(Frozen):
@@ -221,8 +234,13 @@ class StepSucceededPayload(Frozen):
     duration_ms: float = 0
     assertions: tuple[AssertionResult, ...] = ()
     extractions: dict[str, Any] = Field(default_factory=dict)
-    # Not executed again: the output of this step in the run being retried (FROM_FAILED_STEP).
+    # Not executed again (FROM_FAILED_STEP): the run in which this step ran and produced this output and these
+    # extractions. Older events name the run retried, which may itself have reused the step.
     reused_from: str | None = None
+    # Set on a reused step only (it has no StepStarted): its index in the flow version, action and input.
+    position: int | None = None
+    action: str | None = None
+    input: Any = None
 
 
 class StepFailedPayload(Frozen):

@@ -359,6 +359,7 @@ def _start(out: _Emitter, flow: FlowDefinition | None, inp: StartRun) -> None:
             "run_at": t.run_at,
             "cursor_window": t.cursor_window,
             "reuse": t.reuse,
+            "reused": t.reused,
         },
         tenant_id=t.tenant_id,
         run_id=t.run_id,
@@ -400,9 +401,25 @@ def _admit(out: _Emitter, flow: FlowDefinition, admission: Admission) -> None:
     out.emit(ev.RunStarted, {"cursor_window": run.cursor_window})
     for step in flow.steps:  # FROM_FAILED_STEP: the steps that succeeded in the retried run are not run again
         if step.name in run.reuse:
-            out.emit(ev.StepSucceeded, {"step": step.name, "output": run.reuse[step.name],
-                                        "reused_from": run.retry_of})  # fmt: skip
+            out.emit(ev.StepSucceeded, _reused(run, flow, step))
     _advance(out, flow)
+
+
+def _reused(run: RunState, flow: FlowDefinition, step: StepDefinition) -> dict[str, Any]:
+    """A reused step's StepSucceeded: the output, extractions and input it had in the run where it ran, at its
+    place in the flow, so the next retry of this run reuses it again and later steps see its variables."""
+    output = run.reuse[step.name]
+    was = run.reused.get(step.name)
+    extractions = dict(was.extractions) if was else {}
+    if step.extract and not extractions:
+        # A retry requested before extractions were carried: they are a pure function of the output.
+        try:
+            extractions = {var: evaluate(expr, output) for var, expr in step.extract.items()}
+        except TemplateError:
+            extractions = {}
+    return {"step": step.name, "output": output, "extractions": extractions,
+            "reused_from": was.run_id if was else run.retry_of, "position": flow.position(step.name),
+            "action": step.action.value, "input": was.input if was else None}  # fmt: skip
 
 
 def _advance(out: _Emitter, flow: FlowDefinition) -> None:

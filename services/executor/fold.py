@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from schemas.events import TERMINAL_EVENT_STATUS, CursorWindow, ErrorInfo, EventBase, TriggerInfo
+from schemas.events import TERMINAL_EVENT_STATUS, CursorWindow, ErrorInfo, EventBase, ReusedStep, TriggerInfo
 from schemas.flows import Environment
 from schemas.status import RunStatus, StepStatus
 
@@ -59,6 +59,7 @@ class RunState:
     only_keys: dict[str, list[str]] = field(default_factory=dict)
     cursor_window: CursorWindow | None = None
     reuse: dict[str, Any] = field(default_factory=dict)
+    reused: dict[str, ReusedStep] = field(default_factory=dict)
     failed_records: int = 0
     environment: Environment = Environment.PRODUCTION
     last_error: ErrorInfo | None = None  # the error the run ended with, for a parent waiting on it
@@ -122,6 +123,7 @@ def fold(state: RunState | None, event: EventBase) -> RunState:
             only_keys=dict(event.payload.only_keys),
             cursor_window=event.payload.cursor_window,
             reuse=dict(event.payload.reuse),
+            reused=dict(event.payload.reused),
             environment=event.payload.environment,
         )
     changes: dict[str, Any] = {

@@ -69,6 +69,7 @@ class StepChange:
     started_at: datetime | None = None
     finished_at: datetime | None = None
     duration_ms: float | None = None
+    reused_from: str | None = None  # FROM_FAILED_STEP: the run in which the step ran; not run again here
 
 
 @dataclass
@@ -98,6 +99,7 @@ def new_run_row(event: EventBase) -> dict[str, Any]:
         "tags": list(p.tags),
         "parent_run_id": p.parent_run_id,
         "retry_of": p.retry_of,
+        "retry_strategy": p.retry_strategy.value if p.retry_strategy else None,
         "bulk_operation_id": p.bulk_operation_id,
         "created_at": event.occurred_at,
         "updated_at": event.occurred_at,
@@ -206,6 +208,12 @@ def _step_event(out: BatchPlan, event: EventBase) -> None:
             change.extractions = p.extractions
             change.finished_at = event.occurred_at
             change.error = None
+            if p.reused_from is not None:
+                # A reused step has no StepStarted: its StepSucceeded carries its action and input (older events
+                # do not, nor a position: those sort last).
+                change.action = p.action or change.action
+                change.input = p.input if p.input is not None else change.input
+                change.reused_from = p.reused_from
         case "StepFailed":
             change.attempt = p.attempt
             change.output = p.output

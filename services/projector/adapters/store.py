@@ -60,12 +60,12 @@ _RUN_COLUMNS = (
     "id", "tenant_id", "flow_id", "flow_version", "flow_name", "status", "environment", "execution_mode",
     "trigger_type", "caller", "trigger_payload", "tags", "parent_run_id", "retry_of", "bulk_operation_id",
     "failed_step", "error", "error_message", "steps_count", "created_at", "started_at", "finished_at",
-    "updated_at", "duration_ms", "last_seq", "archived", "cursor_window",
+    "updated_at", "duration_ms", "last_seq", "archived", "cursor_window", "retry_strategy",
 )  # fmt: skip
 _RUN_TYPES = (
     "text", "text", "text", "int", "text", "text", "text", "text", "text", "text", "text", "text",
     "text", "text", "text", "text", "text", "text", "int", "timestamptz", "timestamptz", "timestamptz",
-    "timestamptz", "float8", "int", "bool", "text",
+    "timestamptz", "float8", "int", "bool", "text", "text",
 )  # fmt: skip
 # JSON columns travel as text and are cast: asyncpg would read a JSON list inside an array
 # parameter as another array dimension. tags (text[] per row) travels as JSON text for the same reason.
@@ -119,14 +119,15 @@ WHERE r.id = u.id
 
 _UPSERT_STEPS = """
 INSERT INTO run_steps AS s (run_id, step, position, status, action, attempt, input, output, error, assertions,
-                            extractions, started_at, finished_at, duration_ms)
+                            extractions, started_at, finished_at, duration_ms, reused_from)
 SELECT u.run_id, u.step, u.position, u.status, u.action, COALESCE(u.attempt, 1), u.input::jsonb,
        u.output::jsonb, u.error::jsonb, u.assertions::jsonb, u.extractions::jsonb, u.started_at, u.finished_at,
-       u.duration_ms
+       u.duration_ms, u.reused_from
 FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[], $6::int[], $7::text[], $8::text[],
-            $9::text[], $10::text[], $11::text[], $12::timestamptz[], $13::timestamptz[], $14::float8[])
+            $9::text[], $10::text[], $11::text[], $12::timestamptz[], $13::timestamptz[], $14::float8[],
+            $15::text[])
      AS u(run_id, step, position, status, action, attempt, input, output, error, assertions,
-          extractions, started_at, finished_at, duration_ms)
+          extractions, started_at, finished_at, duration_ms, reused_from)
 ON CONFLICT (run_id, step) DO UPDATE SET
     position    = LEAST(EXCLUDED.position, s.position),
     status      = EXCLUDED.status,
@@ -141,7 +142,8 @@ ON CONFLICT (run_id, step) DO UPDATE SET
     started_at  = COALESCE(EXCLUDED.started_at, s.started_at),
     finished_at = CASE WHEN EXCLUDED.status IN ('RUNNING', 'RETRYING') THEN NULL
                        ELSE COALESCE(EXCLUDED.finished_at, s.finished_at) END,
-    duration_ms = COALESCE(EXCLUDED.duration_ms, s.duration_ms)
+    duration_ms = COALESCE(EXCLUDED.duration_ms, s.duration_ms),
+    reused_from = COALESCE(EXCLUDED.reused_from, s.reused_from)
 """
 
 _SAVE_OFFSETS = """
@@ -323,6 +325,7 @@ async def _write_steps(conn: asyncpg.Connection, changes: BatchPlan) -> None:
         [c.started_at for c in sc],
         [c.finished_at for c in sc],
         [c.duration_ms for c in sc],
+        [c.reused_from for c in sc],
     )
 
 
