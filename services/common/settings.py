@@ -48,7 +48,6 @@ class CommonSettings(BaseSettings):
         return Path(self.secrets_key_file) if self.secrets_key_file else self.state_dir / "secrets.key"
 
 
-
 def service_field(service: str, name: str, default: Any, **kwargs: Any) -> Any:
     """A service's own setting, read from `FLOWTRAIL_<SERVICE>_<NAME>` (STYLE: settings names)."""
     env = f"FLOWTRAIL_{service}_{name}".upper()
