@@ -538,7 +538,8 @@ def _complete_step(out: _Emitter, flow: FlowDefinition, step: StepDefinition, in
             _advance(out, flow)
             return
     assert error is not None
-    if error.category == ErrorCategory.AUTH:
+    # Seed 003: "auth or quota errors" degrade the connector (a 429 is TRANSIENT, so it is still retried).
+    if error.category == ErrorCategory.AUTH or error.status_code == 429:
         for connector in _connectors(step):
             out.emit(ev.ConnectorDegraded, {"connector": connector, "step": step.name, "error": error})
     retry_at = _retry_at(step.retry or flow.retry, error, inp.attempt, out.run.steps[step.name], out.clock)

@@ -1,6 +1,7 @@
-"""Connector health from the ledger, folded in the projector's batch transaction (seed 000: AUTH degrades).
+"""Connector health from the ledger, folded in the projector's batch transaction (seeds 000, 003: auth or
+quota errors degrade).
 
-A connector is degraded by a ConnectorDegraded event (a step naming it hit an AUTH error) and is ok again
+A connector is degraded by a ConnectorDegraded event (a step naming it hit an AUTH error or a 429) and is ok again
 once a later step whose input named it succeeds (the StepStarted input the projector recorded). "Later" is
 event time, never arrival order, so whichever order partitions interleave in, live or in a rebuild, the row
 comes out the same: degraded exactly when the newest AUTH failure is newer than the newest success, and

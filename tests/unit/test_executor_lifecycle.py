@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from schemas.events import CancelRun, ChildRunFinished, CursorWindow, ResumeRun, RetryStrategy
+from schemas.events import CancelRun, ChildRunFinished, CursorWindow, ErrorCategory, ErrorInfo, ResumeRun, RetryStrategy
 from schemas.status import RunStatus, StepStatus
 from services.executor.decide import (
     Admission,
@@ -297,3 +297,16 @@ def test_an_auth_error_marks_the_connectors_the_step_names_degraded() -> None:
     other = started(Run(make_flow({"name": "call", "input": {"connector": "crm"}})))
     other.complete(ok=False, err=error("VALIDATION"))
     assert other.of_type("ConnectorDegraded") == []
+
+
+def test_a_quota_error_degrades_the_connector_and_is_still_retried() -> None:
+    """Seed 003: auth *or quota* errors degrade a connector; a 429 stays TRANSIENT, so the step is retried."""
+    run = started(Run(make_flow({"name": "call", "input": {"connector": "crm"}, "retry": {"delays_s": [1, 1]}})))
+    throttled = ErrorInfo(category=ErrorCategory.TRANSIENT, message="429 Too Many Requests", status_code=429)
+    run.complete(ok=False, err=throttled)
+    degraded = [e.payload for e in run.of_type("ConnectorDegraded")]
+    assert [(d.connector, d.error.status_code) for d in degraded] == [("crm", 429)]
+    assert run.types[-1] == "StepAttemptFailed"  # retried, not failed
+    unavailable = started(Run(make_flow({"name": "call", "input": {"connector": "crm"}})))
+    unavailable.complete(ok=False, err=ErrorInfo(category=ErrorCategory.TRANSIENT, message="503", status_code=503))
+    assert unavailable.of_type("ConnectorDegraded") == []
