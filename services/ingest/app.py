@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from fastapi.responses import ORJSONResponse
 
 from schemas.topics import Topics
+from services.common.accepted import record_accepted_triggers
 from services.common.appender import Appender
 from services.common.auth import Authenticator
 from services.common.bodylimit import BodyLimit
@@ -53,6 +54,7 @@ def create_app(settings: IngestSettings) -> FastAPI:
                 settings.kafka_bootstrap, Topics(settings.topic_prefix), app.state.trigger_log,
                 max_catch_up_s=settings.scheduler_max_catch_up_s, poll_s=settings.scheduler_poll_s,
                 windows=functools.partial(cursor_window, app.state.pool),
+                accepted=functools.partial(record_accepted_triggers, app.state.pool),
             )  # fmt: skip
         # In the background, retried until Kafka answers: ingest serves (and says it is not ready) meanwhile.
         app.state.scheduler_task = asyncio.create_task(_start_scheduler(app.state.scheduler))

@@ -324,8 +324,10 @@ class Scheduler:
         max_catch_up_s: float = 3600.0,
         poll_s: float = 1.0,
         windows: Windows | None = None,
+        accepted: Callable[[list[TriggerReceived]], Awaitable[None]] | None = None,
     ) -> None:
         self.triggers = triggers
+        self.accepted = accepted
         # A syncing flow's tick reads the window from where its last successful run ended up to the tick.
         self.windows = windows
         self.clock = clock
@@ -413,6 +415,8 @@ class Scheduler:
             fired = [(tick, await self._with_window(t, tick)) for tick, t in fired]
         if fired:
             await self.triggers.append([(t.run_id, codec.dumps(t)) for _, t in fired])
+            if self.accepted is not None:  # a tick's run is visible from the moment it is durable
+                await self.accepted([t for _, t in fired])
             durable = self.clock()
             for tick, _ in fired:
                 metrics.SCHEDULE_LATENESS.observe((durable - tick).total_seconds())

@@ -101,7 +101,8 @@ def new_run_row(event: EventBase) -> dict[str, Any]:
         "retry_of": p.retry_of,
         "retry_strategy": p.retry_strategy.value if p.retry_strategy else None,
         "bulk_operation_id": p.bulk_operation_id,
-        "created_at": event.occurred_at,
+        # Accepted, not picked up: the time ingest (or the API) answered 202, so queued time shows a backlog.
+        "created_at": p.received_at or event.occurred_at,
         "updated_at": event.occurred_at,
         "last_seq": event.seq,
     }

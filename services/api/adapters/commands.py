@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import asyncpg
+
 from schemas import codec
 from schemas.events import CommandBase, TriggerReceived
 from schemas.topics import Topics, partition_for
+from services.common.accepted import record_accepted_triggers
 from services.common.appender import Appender
 
 
@@ -20,7 +23,8 @@ class CommandLog:
     after any failed append, and bounded in time (FLOWTRAIL_KAFKA_APPEND_TIMEOUT_S)."""
 
     def __init__(self, bootstrap: str, topics: Topics, partitions: int, *, max_message_bytes: int = 1_000_000,
-                 timeout_s: float = 10.0) -> None:  # fmt: skip
+                 timeout_s: float = 10.0, pool: asyncpg.Pool | None = None) -> None:  # fmt: skip
+        self.pool = pool
         self.topics = topics
         self.partitions = partitions
         self.appender = Appender(bootstrap, linger_ms=2, max_message_bytes=max_message_bytes, timeout_s=timeout_s,
@@ -34,8 +38,11 @@ class CommandLog:
         await self._send(self.topics.commands, [(c.run_id, codec.dumps(c)) for c in commands])
 
     async def send_triggers(self, triggers: Sequence[TriggerReceived]) -> None:
-        """Returns once every run request is durable in Kafka; raises AppendFailed otherwise."""
+        """Returns once every run request is durable in Kafka, and visible as QUEUED (a retry answers 202 with its run
+        id: DESIGN 2.9); raises AppendFailed otherwise."""
         await self._send(self.topics.triggers, [(t.run_id, codec.dumps(t)) for t in triggers])
+        if self.pool is not None:
+            await record_accepted_triggers(self.pool, triggers)
 
     async def _send(self, topic: str, records: list[tuple[str, bytes]]) -> None:
         await self.appender.append(

@@ -14,6 +14,7 @@ from schemas import codec
 from schemas.events import ExecutionMode, TriggerInfo, TriggerReceived, TriggerType, new_run_id
 from schemas.flows import Environment
 from schemas.status import TERMINAL_RUN_STATUSES
+from services.common.accepted import record_accepted
 from services.common.appender import Appender, AppendFailed
 from services.common.auth import Principal, require_scope
 from services.common.http import ApiError
@@ -99,12 +100,15 @@ async def trigger_flow(
         metrics.APPEND_FAILURES.inc()
         raise _incomplete(exc, len(records), keyed=key is not None) from exc
     metrics.APPEND_SECONDS.observe(time.perf_counter() - started)
+    # Visible from the 202 on (DESIGN 2.9): QUEUED or SCHEDULED with the accepted time, until the projector's row.
+    await record_accepted(pool, template, run_ids, inputs, flow_version=version)
     metrics.TRIGGERS.labels(body.mode).inc(len(records))
     if body.inputs is not None:
         return ORJSONResponse({"run_ids": run_ids, "count": len(run_ids)}, status_code=202)
     run_id = run_ids[0]
     if body.mode != "live":
-        return ORJSONResponse({"run_id": run_id, "status": "QUEUED"}, status_code=202)
+        status = "SCHEDULED" if body.run_at is not None else "QUEUED"
+        return ORJSONResponse({"run_id": run_id, "status": status}, status_code=202)
     result = await _wait_final(pool, principal.tenant_id, run_id, settings.live_timeout_s)
     return ORJSONResponse(result, status_code=200 if result["status"] in _TERMINAL else 202)
 

@@ -91,7 +91,8 @@ INSERT INTO runs ({", ".join(_RUN_COLUMNS)})
 SELECT {", ".join(_select(c) for c in _RUN_COLUMNS)}
 FROM unnest({", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(_RUN_TYPES))})
      AS u({", ".join(_RUN_COLUMNS)})
-ON CONFLICT (id) DO NOTHING
+ON CONFLICT (id) DO UPDATE SET ({", ".join(_RUN_COLUMNS)}) = ({", ".join(f"excluded.{c}" for c in _RUN_COLUMNS)})
+WHERE runs.last_seq < 0  -- the placeholder written at acceptance (services/common/accepted.py) is replaced whole
 """
 
 _UPDATE_RUNS = """
