@@ -54,18 +54,24 @@ STEP_TRANSITIONS: dict[StepStatus, frozenset[StepStatus]] = {
 }
 TERMINAL_STEP_STATUSES: frozenset[StepStatus] = frozenset({S.SUCCEEDED, S.FAILED, S.SKIPPED, S.CANCELED})
 
-# Names the seeds use, mapped onto ours; the API accepts them in filters and documents them.
-RUN_STATUS_ALIASES: dict[str, RunStatus] = {
-    "PENDING": R.QUEUED,
-    "INPROGRESS": R.RUNNING,
-    "IN_PROGRESS": R.RUNNING,
-    "SUCCESSFUL": R.SUCCEEDED,
-    "PASSED": R.SUCCEEDED,
-    "PARTIAL_SUCCEEDED": R.PARTIAL,
-    "ERROR": R.FAILED,
-    "STOPPED": R.CANCELED,
-    "CANCELLED": R.CANCELED,
-    "TIMEOUT": R.TIMED_OUT,
+# The seeds' words, each meaning a set of our statuses (one table; the API accepts them in filters and bulk bodies,
+# in any case, and docs/runs.md lists them). Seed 000: Pending, InProgress, Successful, Partial, Error, Canceled;
+# seed 001: TIMEOUT, STOPPED; seed 002: PARTIAL_SUCCEEDED, STOPPED; seed 004: passed, failed, error, cancelled,
+# timed_out/timeout. "Error" and "failure" mean any run that ended in error, whichever way it did.
+ENDED_IN_ERROR: frozenset[RunStatus] = frozenset({R.FAILED, R.TIMED_OUT, R.INTERNAL_ERROR, R.QUOTA_EXCEEDED, R.INVALID})
+RUN_STATUS_ALIASES: dict[str, frozenset[RunStatus]] = {
+    "PENDING": frozenset({R.CREATED, R.QUEUED, R.SCHEDULED, R.BLOCKED}),
+    "INPROGRESS": frozenset({R.RUNNING, R.PAUSED}),
+    "IN_PROGRESS": frozenset({R.RUNNING, R.PAUSED}),
+    "SUCCESSFUL": frozenset({R.SUCCEEDED}),
+    "SUCCESS": frozenset({R.SUCCEEDED}),
+    "PASSED": frozenset({R.SUCCEEDED}),
+    "PARTIAL_SUCCEEDED": frozenset({R.PARTIAL}),
+    "ERROR": ENDED_IN_ERROR,
+    "FAILURE": ENDED_IN_ERROR,
+    "STOPPED": frozenset({R.CANCELED}),
+    "CANCELLED": frozenset({R.CANCELED}),
+    "TIMEOUT": frozenset({R.TIMED_OUT}),
 }
 
 
@@ -81,11 +87,11 @@ def is_terminal(status: RunStatus) -> bool:
     return status in TERMINAL_RUN_STATUSES
 
 
-def parse_run_status(name: str) -> RunStatus:
-    """Our name or a seed's alias (any case) → RunStatus; ValueError names the accepted values."""
+def parse_run_statuses(name: str) -> frozenset[RunStatus]:
+    """Our name or a seed's word (any case) → the statuses it means; ValueError names the accepted values."""
     key = name.strip().upper()
     if key in RunStatus.__members__:
-        return RunStatus(key)
+        return frozenset({RunStatus(key)})
     if key in RUN_STATUS_ALIASES:
         return RUN_STATUS_ALIASES[key]
     accepted = ", ".join([*RunStatus.__members__, *RUN_STATUS_ALIASES])
