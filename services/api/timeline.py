@@ -62,7 +62,7 @@ def as_of(run: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) -> dict[str
             "name": c.step, "position": c.position, "action": c.action, "status": c.status, "attempt": c.attempt or 1,
             "input": c.input, "output": c.output, "error": c.error, "assertions": c.assertions or [],
             "extractions": c.extractions or {}, "started_at": c.started_at, "finished_at": c.finished_at,
-            "duration_ms": c.duration_ms, "attempts": attempts.get(c.step, []),
+            "duration_ms": c.duration_ms, "attempts": attempts.get(c.step, []), "reused_from": c.reused_from,
         }
         for c in steps
     ]  # fmt: skip

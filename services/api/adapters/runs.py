@@ -123,6 +123,7 @@ class RunFilter:
     include_archived: bool = False
     exclude_ids: list[str] = field(default_factory=list)
     bulk_operation_id: str | None = None
+    retry_of: str | None = None
 
     def where(self) -> tuple[list[str], list[Any]]:
         """SQL conditions and their parameters ($1, $2, … in order)."""
@@ -170,6 +171,8 @@ class RunFilter:
             add("NOT (id = ANY(?::text[]))", self.exclude_ids)
         if self.bulk_operation_id is not None:
             add("bulk_operation_id = ?", self.bulk_operation_id)
+        if self.retry_of is not None:
+            add("retry_of = ?", self.retry_of)  # runs_retry_of_idx
         if not self.include_archived:
             clauses.append("NOT archived")
         return clauses, args
@@ -235,7 +238,7 @@ async def get_run(pool: asyncpg.Pool, tenant_id: str, environment: str, run_id: 
 
 STEP_COLUMNS = (
     "step", "position", "action", "status", "attempt", "input", "output", "error", "assertions", "extractions",
-    "started_at", "finished_at", "duration_ms",
+    "started_at", "finished_at", "duration_ms", "reused_from",
 )  # fmt: skip
 ATTEMPT_COLUMNS = ("step", "attempt", "status", "error", "retry_at", "started_at", "finished_at", "duration_ms")
 
@@ -246,13 +249,19 @@ def _rows(table: str, alias: str, columns: tuple[str, ...], order: str) -> str:
     return f"ARRAY(SELECT ROW({fields}) FROM {table} {alias} WHERE {alias}.run_id = r.id ORDER BY {order})"
 
 
-# GET /v1/runs/{id} in one round trip: the run, its steps and attempts, the flow version it ran and, while it
-# is paused, the request a human must answer. The children are read only when the run is the caller's.
+RETRY_COLUMNS = ("id", "retry_strategy", "status", "created_at")
+
+# GET /v1/runs/{id} in one round trip: the run, its steps and attempts, the flow version it ran, its retries
+# (runs_retry_of_idx) and, while it is paused, the request a human must answer. The children are read only when
+# the run is the caller's.
 _DETAIL = (
     f"SELECT {', '.join('r.' + c for c in SUMMARY_COLUMNS)}, r.tenant_id, r.trigger_payload, r.error, "
     f"r.cursor_window, {', '.join(f'r.records_{n}' for n in RECORD_COUNTERS)}, "
     f"{_rows('run_steps', 's', STEP_COLUMNS, 's.position')} AS steps, "
     f"{_rows('step_attempts', 'a', ATTEMPT_COLUMNS, 'a.step, a.attempt')} AS attempts, "
+    f"r.retry_strategy, ARRAY(SELECT ROW({', '.join('x.' + c for c in RETRY_COLUMNS)}) FROM runs x "
+    " WHERE x.retry_of = r.id AND x.tenant_id = r.tenant_id AND x.environment = r.environment "
+    " ORDER BY x.created_at, x.id) AS retries, "
     "(SELECT f.definition FROM flow_versions f "
     " WHERE f.tenant_id = r.tenant_id AND f.flow_id = r.flow_id AND f.version = r.flow_version) AS flow, "
     "CASE WHEN r.status = 'PAUSED' THEN (SELECT e.payload FROM run_events e "
@@ -263,7 +272,8 @@ _DETAIL = (
 
 async def get_run_detail(pool: asyncpg.Pool, tenant_id: str, environment: str, run_id: str) -> asyncpg.Record | None:
     """The run as `get_run` returns it plus `steps` and `attempts` (tuples in STEP_COLUMNS / ATTEMPT_COLUMNS
-    order, by position and by step and attempt), `flow` (the definition of the version it ran) and
+    order, by position and by step and attempt), `retry_strategy`, `retries` (tuples in RETRY_COLUMNS order,
+    oldest first), `flow` (the definition of the version it ran) and
     `waiting_for` (the payload of the latest RunPaused while the run is PAUSED)."""
     return await pool.fetchrow(_DETAIL, run_id, tenant_id, environment)
 

@@ -36,6 +36,7 @@ from schemas.flows import Environment
 from schemas.status import TERMINAL_RUN_STATUSES, RunStatus, parse_run_status
 from services.api.adapters import runs as store
 from services.api.adapters.commands import CommandLog
+from services.api.retry import Reuse, plan_reuse
 from services.api.routes.runs import summary
 from services.common.auth import Principal, require_scope
 from services.common.http import ApiError
@@ -124,7 +125,7 @@ async def _plan_retry(
         return _Retry(None, f"a {run['status']} run has nothing to retry from; use ON_LATEST_VERSION to rerun it")
     if run["payloads_purged"]:
         return _Retry(None, "the run's trigger payload has been purged by retention; it cannot be replayed")
-    reuse: dict[str, Any] = {}
+    reuse = Reuse()
     only_keys: dict[str, list[str]] = {}
     version: int | None = None
     if strategy == RetryStrategy.FROM_FAILED_STEP:
@@ -135,15 +136,10 @@ async def _plan_retry(
         )
         only_keys = {r["step"]: list(r["keys"]) for r in failed_keys}
         steps = await conn.fetch(
-            "SELECT step, position, status, output FROM run_steps WHERE run_id = $1 ORDER BY position", run["id"]
+            "SELECT step, status, input, output, extractions, reused_from FROM run_steps WHERE run_id = $1", run["id"]
         )
-        failed_at = next((s["position"] for s in steps if s["step"] == run["failed_step"]), None)
-        for s in steps:
-            if s["status"] != "SUCCEEDED" or s["step"] in only_keys:
-                continue  # a step with failed records runs again, for those records only
-            if failed_at is not None and s["position"] > failed_at:
-                continue
-            reuse[s["step"]] = s["output"]
+        # Every step that succeeded, here or earlier in the retry chain; a step with failed records runs again.
+        reuse = plan_reuse(run["id"], steps, rerun=only_keys)
     window = CursorWindow.model_validate(run["cursor_window"]) if run["cursor_window"] else None
     trigger = TriggerReceived(
         tenant_id=principal.tenant_id,
@@ -155,7 +151,8 @@ async def _plan_retry(
         execution_mode=ExecutionMode.ASYNC,
         retry_of=run["id"],
         retry_strategy=strategy,
-        reuse=reuse,
+        reuse=reuse.outputs,
+        reused=reuse.steps,
         only_keys=only_keys,
         cursor_window=window,
         bulk_operation_id=bulk_id,

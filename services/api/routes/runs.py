@@ -87,6 +87,8 @@ class RunsQuery(BaseModel):
     include_archived: bool = False
     # The bulk retry that created a run, or the bulk cancel / archive that last touched it.
     bulk_operation_id: str | None = None
+    # The retries of a run (FROM_FAILED_STEP or ON_LATEST_VERSION): the runs whose `retry_of` it is.
+    retry_of: str | None = Field(default=None, max_length=200)
     q: str | None = Field(default=None, max_length=200)
     error_fingerprint: str | None = None
     sort: str = "-created_at"
@@ -137,6 +139,7 @@ async def list_runs(request: Request, principal: Reader) -> OrjsonResponse:
         created_before=_utc(params.to or params.created_before),
         include_archived=params.include_archived,
         bulk_operation_id=params.bulk_operation_id,
+        retry_of=params.retry_of,
     )
     try:
         position = store.Cursor.decode(params.cursor, order) if params.cursor else None
@@ -171,6 +174,7 @@ def _step(values: tuple[Any, ...], attempts: list[dict[str, Any]]) -> dict[str, 
         "finished_at": row["finished_at"],
         "duration_ms": row["duration_ms"],
         "attempts": attempts,
+        "reused_from": row["reused_from"],  # FROM_FAILED_STEP: not run again here; the run where it ran
     }
 
 
@@ -238,6 +242,9 @@ async def get_run(run_id: str, request: Request, principal: Reader) -> OrjsonRes
         attempts.setdefault(a[0], []).append(_attempt(a))
     steps = [_step(s, attempts.get(s[0], [])) for s in row["steps"]]
     out = _detail(dict(row), row["trigger_payload"], row["error"], steps)
+    # Lineage: how this run retried its `retry_of`, and the runs that retried this one (oldest first).
+    out["retry_strategy"] = row["retry_strategy"]
+    out["retries"] = [dict(zip(("id", "strategy", "status", "created_at"), r, strict=True)) for r in row["retries"]]
     # The flow as this run ran it (seed 004): its immutable version, whatever was published since.
     flow, version = row["flow"], (row["tenant_id"], row["flow_id"], row["flow_version"])
     out["flow"] = None if flow is None else _MASKED_FLOWS.get(version, flow)
@@ -259,6 +266,7 @@ async def _get_run_as_of(pool: asyncpg.Pool, row: asyncpg.Record, as_of: str) ->
         raise ApiError(404, "not_found", f"run {row['id']!r} as of {as_of}: {exc}") from None
     out = _detail(view, view.get("trigger_payload"), view.get("error"), view["steps"])
     out["as_of"] = {"seq": view["last_seq"], "occurred_at": events[-1]["occurred_at"]}
+    out["retry_strategy"] = view.get("retry_strategy")
     return out
 
 
