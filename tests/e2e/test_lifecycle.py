@@ -522,6 +522,19 @@ async def test_live_mode_waits_for_the_final_status_and_answers_the_result(env: 
     assert ok.status_code == 200, ok.text
     assert ok.json()["status"] == "SUCCEEDED" and ok.json()["output"] == {"ok": True}
     assert failed.status_code == 200 and failed.json()["status"] == "FAILED"
-    assert failed.json()["output"] == {"total": 42}  # the last step that succeeded
+    # No result for a failed run (an earlier step's output is not its result); the failing step's own, labelled.
+    assert failed.json()["output"] is None and failed.json()["failed_step"]
+    assert "failed_step_output" in failed.json()
     assert failed.json()["error"]["category"] == "VALIDATION"
     assert later.status_code == 422 and "run_at" in later.json()["error"]["message"]
+
+
+async def test_live_mode_answers_a_pause_at_once_with_what_it_waits_for(env: Env) -> None:
+    started = time.monotonic()
+    async with httpx.AsyncClient(timeout=40) as client:
+        body = {"mode": "live", "input": {"order_id": "SO-77"}}
+        paused = await client.post(f"{env.ingest}/v1/flows/approval/trigger", json=body, headers=_auth(env.key_a))
+    assert time.monotonic() - started < 10  # not the 30 s live timeout
+    assert paused.status_code == 202 and paused.json()["status"] == "PAUSED", paused.text
+    waiting = paused.json()["waiting_for"]
+    assert waiting["step"] == "approve" and waiting["prompt"]["question"] == "Ship order SO-77?"

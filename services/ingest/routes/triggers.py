@@ -114,6 +114,7 @@ async def trigger_flow(
 
 
 _TERMINAL = {s.value for s in TERMINAL_RUN_STATUSES}
+_SUCCEEDED = {"SUCCEEDED", "PARTIAL"}
 
 
 def _refuse_oversize(
@@ -153,18 +154,23 @@ def _incomplete(exc: AppendFailed, total: int, *, keyed: bool) -> ApiError:
 
 
 async def _wait_final(pool: Any, tenant_id: str, run_id: str, timeout_s: float) -> dict[str, Any]:
-    """Live mode (seed 002): poll the read model until the run is final or the timeout passes; a final run
-    answers with its result — the output of its last step that succeeded — and its error."""
+    """Live mode (seed 002): poll the read model until the run is final or paused, or the timeout passes.
+
+    A run that succeeded (or partly) answers its output — that of its last step that succeeded. A run that ended
+    otherwise answers no output: its error, the step that failed and that step's own output (`failed_step_output`,
+    an upstream's error body, say), never an earlier step's result. A paused run answers at once with `waiting_for`
+    (the human_input request to answer)."""
     deadline = time.monotonic() + timeout_s
     status = "QUEUED"
     delay = 0.01
     while time.monotonic() < deadline:
         row = await pool.fetchrow(
-            "SELECT status, error, duration_ms FROM runs WHERE tenant_id = $1 AND id = $2", tenant_id, run_id
-        )
+            "SELECT status, error, duration_ms, failed_step FROM runs WHERE tenant_id = $1 AND id = $2",
+            tenant_id, run_id,
+        )  # fmt: skip
         if row is not None:
             status = row["status"]
-            if status in _TERMINAL:
+            if status in _SUCCEEDED:
                 output = await pool.fetchval(
                     "SELECT output FROM run_steps WHERE run_id = $1 AND status = 'SUCCEEDED' "
                     "ORDER BY position DESC LIMIT 1",
@@ -172,6 +178,22 @@ async def _wait_final(pool: Any, tenant_id: str, run_id: str, timeout_s: float) 
                 )
                 return {"run_id": run_id, "status": status, "output": output, "error": row["error"],
                         "duration_ms": row["duration_ms"]}  # fmt: skip
+            if status in _TERMINAL:
+                failed_output = None
+                if row["failed_step"] is not None:
+                    failed_output = await pool.fetchval(
+                        "SELECT output FROM run_steps WHERE run_id = $1 AND step = $2", run_id, row["failed_step"]
+                    )
+                return {"run_id": run_id, "status": status, "output": None, "error": row["error"],
+                        "failed_step": row["failed_step"], "failed_step_output": failed_output,
+                        "duration_ms": row["duration_ms"]}  # fmt: skip
+            if status == "PAUSED":
+                waiting = await pool.fetchval(
+                    "SELECT payload FROM run_events WHERE run_id = $1 AND type = 'RunPaused' ORDER BY seq DESC LIMIT 1",
+                    run_id,
+                )
+                if waiting is not None:
+                    return {"run_id": run_id, "status": status, "waiting_for": waiting}
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.2)
     return {"run_id": run_id, "status": status}
