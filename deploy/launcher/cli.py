@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify = jobs.add_parser("verify", help="replay into a shadow schema and compare with the live one; no swap")
     verify.add_argument("--keep-shadow", action="store_true", help="leave the shadow schema for inspection")
+    verify.add_argument("--show", type=int, default=20, metavar="N",
+                        help="differing keys listed per table, with the columns that differ (default 20)")  # fmt: skip
     jobs.add_parser("purge", help="apply each tenant's retention now (the projector also does this hourly)")
 
     secrets_cmd = sub.add_parser("secrets", help="the key that encrypts secrets at rest (docs/secrets.md)")
@@ -173,19 +175,24 @@ def cmd_projector(args: argparse.Namespace) -> int:
         return asyncio.run(_purge(settings))
     swap = args.job == "rebuild"
     outcome = asyncio.run(
-        rebuild.run(settings, swap=swap, progress=progress, keep_shadow=getattr(args, "keep_shadow", False))
-    )
+        rebuild.run(
+            settings, swap=swap, progress=progress, keep_shadow=getattr(args, "keep_shadow", False),
+            show=getattr(args, "show", 20),
+        )
+    )  # fmt: skip
     rate = outcome.events / outcome.seconds if outcome.seconds else 0.0
     print(f"replayed {outcome.events:,} events in {outcome.seconds:.1f}s ({rate:,.0f} events/s)")
     print(f"{'table':<20} {'live rows':>10} {'rebuilt rows':>12}  match")
     for table, ((live_rows, live_sum), (new_rows, new_sum)) in outcome.comparison.tables.items():
         print(f"{table:<20} {live_rows:>10,} {new_rows:>12,}  {'yes' if live_sum == new_sum else 'NO'}")
-    if outcome.comparison.differing_runs:
-        print("runs that differ (first 100): " + ", ".join(outcome.comparison.differing_runs))
     if swap:
         print(f"swapped in the rebuilt schema; the previous one is kept as {outcome.swapped_to!r} "
               f"(drop it with: DROP SCHEMA \"{outcome.swapped_to}\" CASCADE)")  # fmt: skip
         return 0
+    if not outcome.comparison.equal:
+        # Each differing table: the first differing keys (run_id first where the table has one), the columns
+        # that differ with both values, rows only one side has; then the runs those keys belong to.
+        print(rebuild.describe(outcome.comparison))
     print("read models match the ledger" if outcome.comparison.equal else "read models DIFFER from the ledger")
     return 0 if outcome.comparison.equal else 1
 

@@ -1,11 +1,15 @@
 """`flowtrail projector rebuild | verify`: replay the whole ledger into a shadow schema and compare, then swap.
 
 verify: the live tables' checksums and offsets are read in one snapshot; the shadow replays the log
-up to exactly those offsets and its checksums are compared table by table; runs that differ are
-listed. rebuild: the same replay, then, holding the lock every projector batch takes shared, the
-shadow catches up to the live offsets, the tables are compared, the control-plane tables (keys,
-tenants) are copied over and the schemas are renamed in one transaction. Projectors notice the new
-schema by its oid and carry on from the offsets stored in it.
+up to exactly those offsets and its checksums are compared table by table. The snapshot stays open
+through the replay, so for a table that differs the rows are compared key by key against the live rows
+as of that same point (services/projector/compare.py): the first differing keys, the columns that differ
+and the runs they belong to are reported.
+
+rebuild: the same replay, then, holding the lock every projector batch takes shared, the shadow catches
+up to the live offsets, the tables are compared, the control-plane tables (keys, tenants) are copied
+over and the schemas are renamed in one transaction. Projectors notice the new schema by its oid and
+carry on from the offsets stored in it.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from schemas.topics import Topics
 from services.common.db import _quote_ident, connect
 from services.common.kafka import topic_partitions
 from services.common.migrate import migrate
-from services.projector import retention
+from services.projector import compare, retention
 from services.projector.adapters.store import Positioned, apply_batch, load_offsets, swap_lock_key
 from services.projector.settings import ProjectorSettings
 
@@ -82,6 +86,8 @@ Progress = Callable[[str], None]
 class Comparison:
     tables: dict[str, tuple[tuple[int, str], tuple[int, str]]] = field(default_factory=dict)  # live, shadow
     differing_runs: list[str] = field(default_factory=list)
+    # verify: per differing table, how many keys differ and the first of them with the columns that differ.
+    rows: dict[str, compare.TableDifference] = field(default_factory=dict)
 
     @property
     def differing_tables(self) -> list[str]:
@@ -90,6 +96,23 @@ class Comparison:
     @property
     def equal(self) -> bool:
         return not self.differing_tables
+
+
+def describe(comparison: Comparison) -> str:
+    """verify's report of what differs, for a person (the CLI prints it, tests show it when they fail)."""
+    if comparison.equal:
+        return "read models match the ledger"
+    lines = []
+    for table in comparison.differing_tables:
+        (live_rows, _), (rebuilt_rows, _) = comparison.tables[table]
+        diff = comparison.rows.get(table)
+        if diff is None:
+            lines.append(f"{table}: {live_rows:,} live rows, {rebuilt_rows:,} rebuilt, checksums differ")
+        else:
+            lines += compare.describe_rows(table, diff)
+    if comparison.differing_runs:
+        lines.append("runs that differ: " + ", ".join(comparison.differing_runs))
+    return "\n".join(lines)
 
 
 @dataclass
@@ -212,34 +235,28 @@ async def _live_offsets(conn: asyncpg.Connection, group: str, topics: Topics) ->
     return {t: await load_offsets(conn, group, t) for t in (topics.ledger, topics.flows)}
 
 
-async def _differing_runs(
-    conn: asyncpg.Connection, live: str, shadow: str, targets: dict[TopicPartition, int], ledger: str, limit: int = 100
-) -> list[str]:
-    """Runs whose row or steps differ, leaving out runs the live projector changed after the compared point."""
-    lq, sq = _quote_ident(live), _quote_ident(shadow)
-    parts = [tp.partition for tp in targets if tp.topic == ledger]
-    offs = [targets[tp] for tp in targets if tp.topic == ledger]
-
-    def per_run(q: str) -> str:
-        return (
-            f"SELECT r.id, md5(r::text) || coalesce((SELECT string_agg(md5(s::text), '' ORDER BY s.step) "
-            f"FROM {q}.run_steps s WHERE s.run_id = r.id), '') AS h FROM {q}.runs r WHERE r.last_seq >= 0"
-        )
-
-    rows = await conn.fetch(
-        f"""
-        SELECT id FROM (SELECT coalesce(a.id, b.id) AS id FROM ({per_run(lq)}) a FULL JOIN ({per_run(sq)}) b
-                        ON a.id = b.id WHERE a.h IS DISTINCT FROM b.h) d
-        WHERE NOT EXISTS (SELECT 1 FROM {lq}.run_events e JOIN unnest($1::int[], $2::bigint[]) AS o(p, off)
-                          ON e.kafka_partition = o.p WHERE e.run_id = d.id AND e.kafka_offset >= o.off)
-        ORDER BY id LIMIT $3
-        """,
-        parts, offs, limit,
-    )  # fmt: skip
-    return [r["id"] for r in rows]
+async def _differing_rows(
+    comparison: Comparison,
+    live: asyncpg.Connection,
+    live_schema: str,
+    shadow: asyncpg.Connection,
+    shadow_schema: str,
+    limit: int,
+) -> None:
+    """Key-wise comparison of each differing table; `live` reads the snapshot the live checksums came from."""
+    async with shadow.transaction(isolation="repeatable_read", readonly=True):
+        for table in comparison.differing_tables:
+            comparison.rows[table] = await compare.diff_table(
+                live, live_schema, shadow, shadow_schema, table, DERIVED[table],
+                where=_ONLY_DERIVED.get(table, ""), limit=limit,
+            )  # fmt: skip
+    comparison.differing_runs = compare.differing_runs(comparison.rows)
 
 
-async def run(settings: ProjectorSettings, *, swap: bool, progress: Progress, keep_shadow: bool = False) -> Outcome:
+async def run(
+    settings: ProjectorSettings, *, swap: bool, progress: Progress, keep_shadow: bool = False, show: int = 20
+) -> Outcome:
+    """`show`: verify lists up to this many differing keys per table."""
     live = settings.database_schema
     shadow = f"{live}__rebuild"
     topics = Topics(settings.topic_prefix)
@@ -252,11 +269,15 @@ async def run(settings: ProjectorSettings, *, swap: bool, progress: Progress, ke
         for table in REPLAY_INPUTS:
             q_live, q_shadow = _quote_ident(live), _quote_ident(shadow)
             await admin.execute(f"INSERT INTO {q_shadow}.{table} SELECT * FROM {q_live}.{table}")
-        # The live tables and the offsets they reflect, read in one snapshot.
-        async with admin.transaction(isolation="repeatable_read", readonly=True):
-            live_offsets = await _live_offsets(admin, settings.consumer_group, topics)
-            live_marks = await retention.recorded_marks(admin)
-            live_sums = await checksums(admin, live)
+        # The live tables and the offsets they reflect, read in one snapshot. verify keeps it open (read only)
+        # until the comparison is done, so differing rows are read as of the offsets the shadow replays to.
+        snapshot = admin.transaction(isolation="repeatable_read", readonly=True)
+        await snapshot.start()
+        live_offsets = await _live_offsets(admin, settings.consumer_group, topics)
+        live_marks = await retention.recorded_marks(admin)
+        live_sums = await checksums(admin, live)
+        if swap:
+            await snapshot.commit()
         shadow_conn = await connect(settings.database_url, shadow)
         try:
             async with Replayer(settings, shadow_conn, progress) as replayer:
@@ -267,9 +288,13 @@ async def run(settings: ProjectorSettings, *, swap: bool, progress: Progress, ke
                 if not swap:
                     # The live schema has had these purges; the replay brought the purged rows back.
                     await retention.apply_marks(shadow_conn, live_marks, record=False)
-                    comparison = Comparison({t: (live_sums[t], s) for t, s in (await checksums(admin, shadow)).items()})
+                    # On the shadow's own connection: the snapshot predates every row the replay wrote.
+                    comparison = Comparison(
+                        {t: (live_sums[t], s) for t, s in (await checksums(shadow_conn, shadow)).items()}
+                    )
                     if not comparison.equal:
-                        comparison.differing_runs = await _differing_runs(admin, live, shadow, targets, topics.ledger)
+                        await _differing_rows(comparison, admin, live, shadow_conn, shadow, show)
+                    await snapshot.commit()
                     if not keep_shadow:
                         await admin.execute(f"DROP SCHEMA IF EXISTS {_quote_ident(shadow)} CASCADE")
                     return Outcome(replayer.events, time.monotonic() - replayer.started, comparison)
@@ -278,6 +303,8 @@ async def run(settings: ProjectorSettings, *, swap: bool, progress: Progress, ke
         finally:
             await shadow_conn.close()
     finally:
+        if admin.is_in_transaction():
+            await snapshot.rollback()
         await admin.close()
 
 
