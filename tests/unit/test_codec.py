@@ -49,6 +49,8 @@ _assertions = st.builds(
 _triggers = st.builds(ev.TriggerInfo, type=st.sampled_from(ev.TriggerType), caller=_opt_text, payload=json_values)
 
 _windows = st.builds(ev.CursorWindow, updated_since=st.none() | _times, updated_until=_times)
+_reused = st.builds(ev.ReusedStep, run_id=_text, input=json_values,
+                    extractions=st.dictionaries(_text, json_values, max_size=2))  # fmt: skip
 
 PAYLOADS: dict[type[BaseModel], st.SearchStrategy[Any]] = {
     ev.RunRequestedPayload: st.builds(
@@ -59,6 +61,7 @@ PAYLOADS: dict[type[BaseModel], st.SearchStrategy[Any]] = {
         retry_strategy=st.none() | st.sampled_from(ev.RetryStrategy),
         only_keys=st.dictionaries(_text, st.lists(_text, max_size=3), max_size=2), run_at=st.none() | _times,
         cursor_window=st.none() | _windows, reuse=st.dictionaries(_text, json_values, max_size=2),
+        reused=st.dictionaries(_text, _reused, max_size=2),
     ),
     ev.Empty: st.just(ev.Empty()),
     ev.ReasonPayload: st.builds(ev.ReasonPayload, reason=_text, errors=st.lists(_errors, max_size=2).map(tuple)),
@@ -77,6 +80,7 @@ PAYLOADS: dict[type[BaseModel], st.SearchStrategy[Any]] = {
         ev.StepSucceededPayload, step=_text, attempt=_nat, output=json_values, duration_ms=_dur,
         assertions=st.lists(_assertions, max_size=2).map(tuple),
         extractions=st.dictionaries(_text, json_values, max_size=3), reused_from=_opt_text,
+        position=st.none() | _nat, action=_opt_text, input=json_values,
     ),
     ev.StepFailedPayload: st.builds(
         ev.StepFailedPayload, step=_text, attempt=_nat, error=_errors, output=json_values, duration_ms=_dur,
