@@ -30,7 +30,9 @@ class QueryString(Generic[M]):
     field takes every value, any other the last one; errors are the same RequestValidationError, so the same
     envelope (`validation_error`, `<field>: <message>`)."""
 
-    def __init__(self, model: type[M]) -> None:
+    def __init__(self, model: type[M], aliases: dict[str, str] | None = None) -> None:
+        """`aliases`: other names a parameter is accepted under (the seeds'), each mapped to the parameter's own
+        name. A repeating parameter is also accepted as `name[]`."""
         self.model = model
         self.repeating = frozenset(
             name
@@ -38,10 +40,18 @@ class QueryString(Generic[M]):
             if _repeats(field.annotation)
             for name in (field.alias or field_name, field_name)
         )
+        self.aliases = dict(aliases or {})
+        for name in sorted(self.repeating):
+            self.aliases.setdefault(f"{name}[]", name)
+        for alias, target in list(self.aliases.items()):
+            if target in self.repeating and not alias.endswith("[]"):
+                self.aliases.setdefault(f"{alias}[]", target)
 
     def parse(self, request: Request) -> M:
         values: dict[str, Any] = {}
+        aliases = self.aliases
         for name, value in request.query_params.multi_items():
+            name = aliases.get(name, name)
             if name in self.repeating:
                 values.setdefault(name, []).append(value)
             else:
@@ -64,4 +74,9 @@ class QueryString(Generic[M]):
             if "description" in prop:
                 parameter["description"] = prop["description"]
             parameters.append(parameter)
+        for alias, target in self.aliases.items():
+            if target in properties:
+                description = f"the same as `{target}` (an alias)"
+                parameters.append({"name": alias, "in": "query", "required": False, "schema": properties[target],
+                                   "description": description})  # fmt: skip
         return {"parameters": parameters}

@@ -8,6 +8,7 @@ from typing import Any
 
 from schemas.codec import DecodeError, ledger_event_from_dict
 from schemas.events import EventBase
+from services.common.contract import parse_count, parse_timestamp
 from services.projector.details import RECORD_COUNTERS, plan_details
 from services.projector.fold import plan
 
@@ -71,12 +72,9 @@ def as_of(run: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) -> dict[str
 
 def parse_as_of(text: str) -> int | datetime:
     """`?as_of=12` is a seq; anything else must be an ISO 8601 timestamp."""
-    if text.isdigit():
-        return int(text)
-    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    if value.tzinfo is None:
-        raise ValueError("a timestamp needs its UTC offset, e.g. 2026-11-24T10:00:00Z")
-    return value
+    if text.isascii() and text.isdigit():
+        return parse_count(text)
+    return parse_timestamp(text)
 
 
 _READ_ACTIONS = {"database_query", "kafka_consume"}

@@ -10,6 +10,7 @@ import base64
 import hashlib
 import hmac
 import math
+import re
 import secrets
 import time
 import uuid
@@ -19,12 +20,14 @@ from dataclasses import dataclass
 import asyncpg
 from fastapi import Request
 
-from services.common.http import ApiError
+from services.common.contract import SCOPE_ATTRIBUTE
+from services.common.http import ApiError, check_query_names, raise_bad_input
 from services.common.ratelimit import RateLimiter
 
 ALL_SCOPES = ("runs:read", "runs:write", "flows:write", "data:read", "admin")
 PREFIX_BY_ENVIRONMENT = {"PRODUCTION": "ft_live_", "TESTING": "ft_test_"}
 _LOOKUP_CHARS = 12
+_KEY_CHARS = re.compile(r"[A-Za-z0-9_-]{1,200}")
 _CACHE_TTL_S = 5.0
 
 
@@ -41,6 +44,8 @@ def _hash(key: str) -> bytes:
 
 
 def _split(key: str) -> tuple[str, str] | None:
+    if not _KEY_CHARS.fullmatch(key):
+        return None  # never a key we issued; and text such as NUL must not reach the prefix lookup
     for environment, prefix in PREFIX_BY_ENVIRONMENT.items():
         if key.startswith(prefix) and len(key) > len(prefix) + _LOOKUP_CHARS:
             return environment, key[len(prefix) : len(prefix) + _LOOKUP_CHARS]
@@ -141,17 +146,34 @@ class Authenticator:
             del self._cache[digest]
 
 
+async def authenticate(request: Request) -> Principal:
+    """The request's Principal (401 without a valid key), counted against the key's rate limit (429)."""
+    cached: Principal | None = request.scope.get("state", {}).get("principal")
+    if cached is not None:
+        return cached
+    authenticator: Authenticator = request.app.state.authenticator
+    principal = await authenticator.principal(request.headers.get("authorization"))
+    if authenticator.limiter is not None:
+        await authenticator.limiter.enforce(request, principal.key_id)
+    request.scope["state"]["principal"] = principal
+    return principal
+
+
 def require_scope(scope: str) -> Callable[[Request], Awaitable[Principal]]:
     """FastAPI dependency: the request's Principal, which must hold `scope` (or `admin`); counts the request
-    against the key's rate limit first, so refused and forbidden requests use budget too."""
+    against the key's rate limit first, so refused and forbidden requests use budget too.
+
+    Every input check that does not depend on the route's own parameters comes after it, in one order for every
+    route: 401, 429, 403, then 400 for bytes that must not reach PostgreSQL or Kafka (NUL, lone surrogates, huge
+    numbers), then 422 for query parameters the route does not document."""
 
     async def dependency(request: Request) -> Principal:
-        authenticator: Authenticator = request.app.state.authenticator
-        principal = await authenticator.principal(request.headers.get("authorization"))
-        if authenticator.limiter is not None:
-            await authenticator.limiter.enforce(request, principal.key_id)
+        principal = await authenticate(request)
         if scope not in principal.scopes and "admin" not in principal.scopes:
             raise ApiError(403, "forbidden", f"this API key lacks the {scope!r} scope")
+        raise_bad_input(request)
+        check_query_names(request)
         return principal
 
+    setattr(dependency, SCOPE_ATTRIBUTE, scope)  # the OpenAPI marks the route as needing a bearer key
     return dependency

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 import asyncpg
 from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import ORJSONResponse
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field
 
 from schemas.events import (
     ArchiveRun,
@@ -33,12 +33,14 @@ from schemas.events import (
     new_run_id,
 )
 from schemas.flows import Environment
-from schemas.status import TERMINAL_RUN_STATUSES, RunStatus, parse_run_status
+from schemas.status import TERMINAL_RUN_STATUSES, RunStatus, parse_run_statuses
 from services.api.adapters import runs as store
 from services.api.adapters.commands import CommandLog
+from services.api.models import ActionAccepted, AlreadyArchived, BulkResult, RetryAccepted
 from services.api.retry import Reuse, plan_reuse
 from services.api.routes.runs import summary
 from services.common.auth import Principal, require_scope
+from services.common.contract import Timestamp
 from services.common.http import ApiError
 
 router = APIRouter()
@@ -84,17 +86,47 @@ class RetryBody(Strict):
     strategy: RetryStrategy = RetryStrategy.FROM_FAILED_STEP
 
 
-class BulkBody(Strict):
-    """Seed 001's bulk filter. `ids`, when given, selects exactly those runs and the other filters are ignored."""
+def _listed(value: Any) -> Any:
+    """One value where a list is expected (`"uid": "run_1"`, `"statuses": "FAILED"`) is a list of one."""
+    return [value] if isinstance(value, str) else value
 
-    ids: list[str] | None = Field(default=None, max_length=BULK_MAX)
-    exclude_ids: list[str] = Field(default_factory=list, max_length=BULK_MAX)
-    flow_id: str | list[str] | None = None
-    statuses: list[str] = Field(default_factory=list)
-    failed_step: str | None = None
-    created_after: AwareDatetime | None = None
-    created_before: AwareDatetime | None = None
-    dry_run: bool = False
+
+def _names(*names: str) -> AliasChoices:
+    """A field's own name, then the seeds' names for it (docs/api-contract.md); the OpenAPI shows the first."""
+    return AliasChoices(*names)
+
+
+Listed = BeforeValidator(_listed)
+
+
+class BulkBody(Strict):
+    """Seed 001's bulk filter. `ids`, when given, selects exactly those runs and the other filters are ignored.
+    The GET /v1/runs aliases are accepted too (`flowId`, `action_name`, `status`, `failedStepName`, ...)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    ids: Annotated[list[Annotated[str, Field(max_length=200)]] | None, Listed] = Field(
+        default=None, max_length=BULK_MAX, validation_alias=_names("ids", "ids[]", "uid")
+    )
+    exclude_ids: Annotated[list[Annotated[str, Field(max_length=200)]], Listed] = Field(
+        default_factory=list, max_length=BULK_MAX, validation_alias=_names("exclude_ids", "excludeIds")
+    )
+    flow_id: str | list[str] | None = Field(default=None, validation_alias=_names("flow_id", "flowId", "action_name"))
+    statuses: Annotated[list[str], Listed] = Field(
+        default_factory=list, max_length=100, validation_alias=_names("statuses", "status", "status[]")
+    )
+    failed_step: str | None = Field(default=None, validation_alias=_names("failed_step", "failedStepName"))
+    caller: str | None = Field(default=None, validation_alias=_names("caller", "user_uid"))
+    created_after: Timestamp | None = Field(default=None, validation_alias=_names("created_after", "createdAfter"))
+    created_before: Timestamp | None = Field(default=None, validation_alias=_names("created_before", "createdBefore"))
+    # Bulk actions reach archived runs unless told not to.
+    include_archived: bool = Field(default=True, validation_alias=_names("include_archived", "includeArchived"))
+    # Seed 002's `workspace_uid`, seed 001's `projectId`: must name the key's own tenant (403 otherwise).
+    tenant_id: str | None = Field(default=None, validation_alias=_names("tenant_id", "workspace_uid", "projectId"))
+    dry_run: bool = Field(default=False, validation_alias=_names("dry_run", "dryRun"))
+
+
+_DRY_RUN: dict[int | str, dict[str, Any]] = {200: {"model": BulkResult, "description": "a dry run: nothing changed"}}
 
 
 class BulkCancelBody(BulkBody):
@@ -160,25 +192,45 @@ async def _plan_retry(
     return _Retry(trigger)
 
 
-@router.post("/v1/runs/bulk/retry", status_code=202)
+@router.post(
+    "/v1/runs/bulk/retry",
+    status_code=202,
+    response_model_exclude_unset=True,
+    response_model=BulkResult,
+    responses=_DRY_RUN,
+)
 async def bulk_retry(request: Request, principal: Writer, body: BulkRetryBody) -> ORJSONResponse:
     """Retry every matching run; each new run records the bulk operation id (`GET /v1/runs?bulk_operation_id=`)."""
     return await _bulk(request, principal, body, "retry")
 
 
-@router.post("/v1/runs/bulk/cancel", status_code=202)
+@router.post(
+    "/v1/runs/bulk/cancel",
+    status_code=202,
+    response_model_exclude_unset=True,
+    response_model=BulkResult,
+    responses=_DRY_RUN,
+)
 async def bulk_cancel(request: Request, principal: Writer, body: BulkCancelBody) -> ORJSONResponse:
     """Cancel every matching run that has not ended (queued, scheduled, blocked, running or paused)."""
     return await _bulk(request, principal, body, "cancel")
 
 
-@router.post("/v1/runs/bulk/archive", status_code=202)
+@router.post(
+    "/v1/runs/bulk/archive",
+    status_code=202,
+    response_model_exclude_unset=True,
+    response_model=BulkResult,
+    responses=_DRY_RUN,
+)
 async def bulk_archive(request: Request, principal: Writer, body: BulkBody) -> ORJSONResponse:
     """Archive every matching run that has ended; archived runs leave default listings (`include_archived`)."""
     return await _bulk(request, principal, body, "archive")
 
 
-@router.post("/v1/runs/{run_id}/retry", status_code=202)
+@router.post(
+    "/v1/runs/{run_id}/retry", status_code=202, response_model_exclude_unset=True, response_model=RetryAccepted
+)
 async def retry(request: Request, principal: Writer, run_id: str, body: RetryBody | None = None) -> ORJSONResponse:
     """A new run linked by `retry_of`. FROM_FAILED_STEP reuses the outputs of the steps that succeeded and, for a
     PARTIAL run, processes only the records that failed; ON_LATEST_VERSION starts fresh on the newest version."""
@@ -193,7 +245,9 @@ async def retry(request: Request, principal: Writer, run_id: str, body: RetryBod
                            "strategy": strategy.value, "status": "QUEUED"}, status_code=202)  # fmt: skip
 
 
-@router.post("/v1/runs/{run_id}/cancel", status_code=202)
+@router.post(
+    "/v1/runs/{run_id}/cancel", status_code=202, response_model_exclude_unset=True, response_model=ActionAccepted
+)
 async def cancel(request: Request, principal: Writer, run_id: str, body: CancelBody | None = None) -> ORJSONResponse:
     """Stop a run that has not ended; in-flight steps are abandoned and recorded CANCELED."""
     run = await _run(request, principal, run_id)
@@ -205,7 +259,12 @@ async def cancel(request: Request, principal: Writer, run_id: str, body: CancelB
     return ORJSONResponse({"run_id": run_id, "status": "CANCEL_REQUESTED"}, status_code=202)
 
 
-@router.post("/v1/runs/{run_id}/resume/{request_id}", status_code=202)
+@router.post(
+    "/v1/runs/{run_id}/resume/{request_id}",
+    status_code=202,
+    response_model_exclude_unset=True,
+    response_model=ActionAccepted,
+)
 async def resume(
     request: Request, principal: Writer, run_id: str, request_id: str, payload: Annotated[Any, Body()] = None
 ) -> ORJSONResponse:
@@ -226,7 +285,13 @@ async def resume(
     return ORJSONResponse({"run_id": run_id, "request_id": request_id, "status": "RESUME_REQUESTED"}, status_code=202)
 
 
-@router.post("/v1/runs/{run_id}/archive", status_code=202)
+@router.post(
+    "/v1/runs/{run_id}/archive",
+    status_code=202,
+    response_model_exclude_unset=True,
+    response_model=ActionAccepted,
+    responses={200: {"model": AlreadyArchived, "description": "archived already"}},
+)
 async def archive(request: Request, principal: Writer, run_id: str) -> ORJSONResponse:
     run = await _run(request, principal, run_id)
     if run["status"] not in _TERMINAL:
@@ -247,15 +312,18 @@ def _archive_command(principal: Principal, run: asyncpg.Record, bulk_id: str | N
 
 
 def _filter(principal: Principal, body: BulkBody) -> store.RunFilter:
+    if body.tenant_id is not None and body.tenant_id != principal.tenant_id:
+        raise ApiError(403, "forbidden", "tenant_id (workspace_uid, projectId): this key acts on its own tenant only")
     if body.ids is not None:
         return store.RunFilter(tenant_id=principal.tenant_id, environment=principal.environment, ids=body.ids,
-                               exclude_ids=body.exclude_ids, include_archived=True)  # fmt: skip
-    if not (body.flow_id or body.statuses or body.failed_step or body.created_after or body.created_before):
-        message = ("give `ids` or at least one filter (flow_id, statuses, failed_step, created_after, "
+                               exclude_ids=body.exclude_ids, include_archived=body.include_archived)  # fmt: skip
+    if not (body.flow_id or body.statuses or body.failed_step or body.caller or body.created_after
+            or body.created_before):  # fmt: skip
+        message = ("give `ids` or at least one filter (flow_id, statuses, failed_step, caller, created_after, "
                    "created_before); a bulk action never applies to every run by default")  # fmt: skip
         raise ApiError(422, "validation_error", message)
     try:
-        statuses = [parse_run_status(s).value for s in body.statuses]
+        statuses = sorted({s.value for name in body.statuses for s in parse_run_statuses(name)})
     except ValueError as exc:
         raise ApiError(422, "validation_error", f"statuses: {exc}") from None
     flows = [body.flow_id] if isinstance(body.flow_id, str) else list(body.flow_id or [])
@@ -265,10 +333,11 @@ def _filter(principal: Principal, body: BulkBody) -> store.RunFilter:
         flow_ids=flows,
         statuses=statuses,
         failed_step=body.failed_step,
-        created_after=body.created_after.astimezone(UTC) if body.created_after else None,
-        created_before=body.created_before.astimezone(UTC) if body.created_before else None,
+        callers=[body.caller] if body.caller else [],
+        created_after=body.created_after,
+        created_before=body.created_before,
         exclude_ids=body.exclude_ids,
-        include_archived=True,
+        include_archived=body.include_archived,
     )
 
 

@@ -14,9 +14,10 @@ from typing import Annotated, Any, Literal
 
 import asyncpg
 import orjson
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from services.api.models import AlertDetail, AlertRule, AlertRules, Alerts, NewAlertRule
 from services.common.auth import Principal, require_scope
 from services.common.http import ApiError
 from services.common.netguard import BlockedAddress, check_url
@@ -151,7 +152,7 @@ async def _rule_or_404(conn: Any, principal: Principal, rule_id: str, *, lock: b
     return row
 
 
-@router.post("/v1/alert-rules", status_code=201)
+@router.post("/v1/alert-rules", status_code=201, response_model_exclude_unset=True, response_model=NewAlertRule)
 async def create_rule(body: NewRule, request: Request, principal: Admin) -> dict[str, Any]:
     """The secret (which signs generic webhook deliveries) is returned once. The rule judges runs that
     finish from now on."""
@@ -172,7 +173,7 @@ async def create_rule(body: NewRule, request: Request, principal: Admin) -> dict
     return {**_rule(await _rule_or_404(pool, principal, rule_id)), "secret": secret}
 
 
-@router.get("/v1/alert-rules")
+@router.get("/v1/alert-rules", response_model_exclude_unset=True, response_model=AlertRules)
 async def list_rules(
     request: Request, principal: Admin, flow_id: Annotated[str | None, Query(max_length=200)] = None
 ) -> dict[str, Any]:
@@ -185,12 +186,12 @@ async def list_rules(
     return {"data": [_rule(r) for r in rows]}
 
 
-@router.get("/v1/alert-rules/{rule_id}")
+@router.get("/v1/alert-rules/{rule_id}", response_model_exclude_unset=True, response_model=AlertRule)
 async def get_rule(rule_id: str, request: Request, principal: Admin) -> dict[str, Any]:
     return _rule(await _rule_or_404(request.app.state.pool, principal, rule_id))
 
 
-@router.patch("/v1/alert-rules/{rule_id}")
+@router.patch("/v1/alert-rules/{rule_id}", response_model_exclude_unset=True, response_model=AlertRule)
 async def update_rule(rule_id: str, body: RuleChange, request: Request, principal: Admin) -> dict[str, Any]:
     """Name and channels change what is sent from now on; settings and `enabled` take effect now, as a new
     revision, so runs that finished earlier keep the verdicts they had. kind and flow_id do not change."""
@@ -218,7 +219,7 @@ async def update_rule(rule_id: str, body: RuleChange, request: Request, principa
         return _rule(await _rule_or_404(conn, principal, rule_id))
 
 
-@router.delete("/v1/alert-rules/{rule_id}", status_code=204)
+@router.delete("/v1/alert-rules/{rule_id}", status_code=204, response_class=Response)
 async def delete_rule(rule_id: str, request: Request, principal: Admin) -> None:
     """Deletes the rule with its state, history and deliveries: a rebuild, which no longer knows the rule,
     would derive no history for it either."""
@@ -248,7 +249,7 @@ def _position(cursor: str) -> tuple[datetime, str]:
         raise ApiError(400, "invalid_request", f"cursor: not one this API gave ({exc})") from None
 
 
-@router.get("/v1/alerts")
+@router.get("/v1/alerts", response_model_exclude_unset=True, response_model=Alerts)
 async def list_alerts(
     request: Request,
     principal: Admin,
@@ -276,7 +277,7 @@ async def list_alerts(
     return {"data": [dict(r) for r in rows], "next_cursor": _cursor(rows[-1]) if more else None}
 
 
-@router.get("/v1/alerts/{alert_id}")
+@router.get("/v1/alerts/{alert_id}", response_model_exclude_unset=True, response_model=AlertDetail)
 async def get_alert(alert_id: str, request: Request, principal: Admin) -> dict[str, Any]:
     """One alert with every delivery to its channels, each with its attempt log."""
     pool = request.app.state.pool

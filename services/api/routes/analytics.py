@@ -9,7 +9,9 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from schemas.events import ErrorCategory
 from services.api.adapters import analytics as store
+from services.api.models import Endpoints, FailureGroups, FlakySteps, FlowAnalytics
 from services.common.auth import Principal, require_scope
+from services.common.contract import Timestamp
 from services.common.http import ApiError
 
 router = APIRouter()
@@ -28,26 +30,25 @@ NEXT_ACTION = {
 }
 
 
-def _utc(value: datetime) -> datetime:
-    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
-
-
 def _window(since: datetime | None, until: datetime | None) -> tuple[datetime, datetime]:
     """Default: the last seven days."""
-    end = _utc(until) if until is not None else datetime.now(UTC)
-    start = _utc(since) if since is not None else end - timedelta(days=7)
+    end = until if until is not None else datetime.now(UTC)
+    try:
+        start = since if since is not None else end - timedelta(days=7)
+    except OverflowError:
+        raise ApiError(422, "validation_error", "to: too early to count seven days back from; give `from`") from None
     if start >= end:
         raise ApiError(422, "validation_error", "from: must be before `to`")
     return start, end
 
 
-@router.get("/v1/analytics/flows/{flow_id}")
+@router.get("/v1/analytics/flows/{flow_id}", response_model_exclude_unset=True, response_model=FlowAnalytics)
 async def flow_analytics(
     flow_id: str,
     request: Request,
     principal: Reader,
-    from_: Annotated[datetime | None, Query(alias="from")] = None,
-    to: datetime | None = None,
+    from_: Annotated[Timestamp | None, Query(alias="from")] = None,
+    to: Timestamp | None = None,
     bucket: Literal["hour", "day"] = "day",
 ) -> dict[str, Any]:
     """Per bucket: runs by status and trigger, pass rate, duration p50/p95/p99 and records processed."""
@@ -91,7 +92,7 @@ async def flow_analytics(
     }
 
 
-@router.get("/v1/analytics/flakiness")
+@router.get("/v1/analytics/flakiness", response_model_exclude_unset=True, response_model=FlakySteps)
 async def flaky_steps(
     request: Request,
     principal: Reader,
@@ -103,7 +104,7 @@ async def flaky_steps(
     return {"data": [dict(r) for r in rows]}
 
 
-@router.get("/v1/analytics/failure-groups")
+@router.get("/v1/analytics/failure-groups", response_model_exclude_unset=True, response_model=FailureGroups)
 async def failure_groups(
     request: Request,
     principal: Reader,
@@ -123,7 +124,7 @@ async def failure_groups(
     return {"data": [{**dict(r), "next_action": NEXT_ACTION[r["category"]]} for r in rows]}
 
 
-@router.get("/v1/analytics/endpoints")
+@router.get("/v1/analytics/endpoints", response_model_exclude_unset=True, response_model=Endpoints)
 async def endpoint_coverage(request: Request, principal: Reader, flow_id: str | None = None) -> dict[str, Any]:
     """Hosts and routes (ids folded into `{id}`) that http_request steps called, with call counts."""
     rows = await store.endpoints(request.app.state.pool, principal.tenant_id, principal.environment, flow_id)

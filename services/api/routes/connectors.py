@@ -23,11 +23,12 @@ import asyncpg
 import httpx
 from aiokafka import errors as kerr
 from aiokafka.admin import AIOKafkaAdminClient
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.events import ErrorCategory, ErrorInfo
 from schemas.flows import mask_secrets, mask_text
+from services.api.models import Connector, ConnectorCheck, Connectors
 from services.api.routes.flows import connectors as named_connectors
 from services.common.auth import Principal, require_scope
 from services.common.crypto import SecretsKeyError, decrypt_text, encrypt_inline, inline_context, plaintexts, redact
@@ -197,7 +198,7 @@ def _decode_cursor(text: str) -> str:
 # ---------------------------------------------------------------- endpoints
 
 
-@router.post("/v1/connectors", status_code=201)
+@router.post("/v1/connectors", status_code=201, response_model_exclude_unset=True, response_model=Connector)
 async def create_connector(body: NewConnector, request: Request, principal: Admin) -> dict[str, Any]:
     """Names are unique per tenant (409). URLs and DSNs on private networks are refused unless the deployment
     allows them (FLOWTRAIL_API_CONNECTOR_ALLOW_PRIVATE_NETWORKS)."""
@@ -219,7 +220,7 @@ async def create_connector(body: NewConnector, request: Request, principal: Admi
     return _view(row, await _flows_using(pool, principal))
 
 
-@router.get("/v1/connectors")
+@router.get("/v1/connectors", response_model_exclude_unset=True, response_model=Connectors)
 async def list_connectors(
     request: Request,
     principal: Reader,
@@ -251,14 +252,14 @@ async def list_connectors(
     }
 
 
-@router.get("/v1/connectors/{connector_id}")
+@router.get("/v1/connectors/{connector_id}", response_model_exclude_unset=True, response_model=Connector)
 async def get_connector(connector_id: str, request: Request, principal: Reader) -> dict[str, Any]:
     pool = request.app.state.pool
     row = await _row_or_404(pool, principal, connector_id)
     return _view(row, await _flows_using(pool, principal))
 
 
-@router.delete("/v1/connectors/{connector_id}", status_code=204)
+@router.delete("/v1/connectors/{connector_id}", status_code=204, response_class=Response)
 async def delete_connector(connector_id: str, request: Request, principal: Admin) -> None:
     """Steps naming it keep running (the executor has its own connector settings); its health history stays."""
     deleted = await request.app.state.pool.fetchval(
@@ -268,7 +269,7 @@ async def delete_connector(connector_id: str, request: Request, principal: Admin
         raise ApiError(404, "not_found", f"no connector with id {connector_id!r}")
 
 
-@router.post("/v1/connectors/{connector_id}/verify")
+@router.post("/v1/connectors/{connector_id}/verify", response_model_exclude_unset=True, response_model=ConnectorCheck)
 async def verify_connector(connector_id: str, request: Request, principal: Admin) -> dict[str, Any]:
     """A real check now, within the connector's `timeout_s`: `{"ok": true, "latency_ms", "detail"}` or
     `{"ok": false, "latency_ms", "error": {category, message}}` with errors classified as runs classify them

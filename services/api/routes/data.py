@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any
 
 import asyncpg
@@ -12,7 +12,9 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from schemas.events import CANONICAL_ENTITIES
 from services.api.adapters import data as store
+from services.api.models import CanonicalRecord, CanonicalRecords
 from services.common.auth import Principal, require_scope
+from services.common.contract import Timestamp
 from services.common.http import ApiError
 
 router = APIRouter()
@@ -51,18 +53,18 @@ def _decode(cursor: str) -> tuple[datetime, str]:
         raise ApiError(400, "invalid_request", "cursor: not one this API returned") from exc
 
 
-@router.get("/api/public/data/{entity}")
+@router.get("/api/public/data/{entity}", response_model_exclude_unset=True, response_model=CanonicalRecords)
 async def list_records(
     entity: str,
     request: Request,
     principal: DataReader,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: str | None = None,
-    updated_since: datetime | None = None,
+    updated_since: Timestamp | None = None,
     fields: str | None = None,
 ) -> dict[str, Any]:
     """Normalised, deduplicated records, oldest update first; pass `next_cursor` back as `cursor` until null."""
-    since = updated_since.replace(tzinfo=UTC) if updated_since and updated_since.tzinfo is None else updated_since
+    since = updated_since
     wanted = [f.strip() for f in fields.split(",") if f.strip()] if fields else None
     rows = await store.list_records(
         request.app.state.pool, principal.tenant_id, principal.environment, _entity(entity), limit, since,
@@ -78,7 +80,9 @@ async def list_records(
     }
 
 
-@router.get("/api/public/data/{entity}/{canonical_id}")
+@router.get(
+    "/api/public/data/{entity}/{canonical_id}", response_model_exclude_unset=True, response_model=CanonicalRecord
+)
 async def get_record(entity: str, canonical_id: str, request: Request, principal: DataReader) -> dict[str, Any]:
     row = await store.get_record(
         request.app.state.pool, principal.tenant_id, principal.environment, _entity(entity), canonical_id

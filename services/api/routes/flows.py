@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import asyncpg
 import jsonschema
-from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi import APIRouter, Body, Depends, Path, Query, Request
 from fastapi.responses import ORJSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -20,7 +20,9 @@ from schemas.events import FlowPaused, FlowResumed, FlowVersionPublished
 from schemas.flows import FlowDefinition, TriggerConfig, contains_mask, mask_secrets
 from schemas.topics import Topics
 from services.api.adapters import flows as store
+from services.api.models import FlowDetail, FlowPending, FlowsPage, FlowVersion, FlowWritten
 from services.common.auth import Principal, require_scope
+from services.common.contract import INT32_MAX
 from services.common.crypto import seal_flow
 from services.common.http import ApiError
 from services.common.secretstore import keyring_of
@@ -33,6 +35,7 @@ Writer = Annotated[Principal, Depends(require_scope("flows:write"))]
 Many = Annotated[list[str] | None, Query()]
 
 # How long a write waits for the projector before answering 202 instead of the projected flow.
+_PENDING: dict[int | str, dict[str, Any]] = {202: {"model": FlowPending, "description": "durable, not projected yet"}}
 PROJECTION_WAIT_S = 3.0
 STATUSES = ("active", "paused")
 TRIGGER_TYPES = ("manual", "api", "webhook", "schedule", "kafka")
@@ -160,7 +163,7 @@ class FlowsQuery(BaseModel):
     cursor: str | None = None
 
 
-@router.get("/v1/flows")
+@router.get("/v1/flows", response_model_exclude_unset=True, response_model=FlowsPage)
 async def list_flows(request: Request, principal: Reader, params: Annotated[FlowsQuery, Query()]) -> dict[str, Any]:
     """The key's tenant's flows in the key's environment, newest first; `meta.total` counts every match."""
     if params.environment is not None and params.environment.upper() != principal.environment:
@@ -188,7 +191,7 @@ async def list_flows(request: Request, principal: Reader, params: Annotated[Flow
     }
 
 
-@router.get("/v1/flows/{flow_id}")
+@router.get("/v1/flows/{flow_id}", response_model_exclude_unset=True, response_model=FlowDetail)
 async def get_flow(flow_id: str, request: Request, principal: Reader) -> dict[str, Any]:
     """The flow with its latest definition, every version, its schedule and the connectors its steps use."""
     detail = await _detail(request, principal, flow_id)
@@ -197,8 +200,10 @@ async def get_flow(flow_id: str, request: Request, principal: Reader) -> dict[st
     return detail
 
 
-@router.get("/v1/flows/{flow_id}/versions/{version}")
-async def get_flow_version(flow_id: str, version: int, request: Request, principal: Reader) -> dict[str, Any]:
+@router.get("/v1/flows/{flow_id}/versions/{version}", response_model_exclude_unset=True, response_model=FlowVersion)
+async def get_flow_version(
+    flow_id: str, version: Annotated[int, Path(ge=1, le=INT32_MAX)], request: Request, principal: Reader
+) -> dict[str, Any]:
     """One immutable version: what a run of that version ran."""
     row = await store.get_version(request.app.state.pool, principal.tenant_id, principal.environment, flow_id, version)
     if row is None:
@@ -337,13 +342,21 @@ async def _publish(request: Request, principal: Principal, definition: FlowDefin
     return await _answer(request, principal, definition.id, version, at, 201, definition)
 
 
-@router.post("/v1/flows", status_code=201)
+@router.post(
+    "/v1/flows", status_code=201, response_model_exclude_unset=True, response_model=FlowWritten, responses=_PENDING
+)
 async def create_flow(body: FlowBody, request: Request, principal: Writer) -> ORJSONResponse:
     """Version 1 of a new flow, in the key's tenant and environment."""
     return await _publish(request, principal, _definition(body, principal), new=True)
 
 
-@router.post("/v1/flows/{flow_id}/versions", status_code=201)
+@router.post(
+    "/v1/flows/{flow_id}/versions",
+    status_code=201,
+    response_model_exclude_unset=True,
+    response_model=FlowWritten,
+    responses=_PENDING,
+)
 async def publish_version(flow_id: str, body: FlowBody, request: Request, principal: Writer) -> ORJSONResponse:
     """The next immutable version (latest + 1); runs already started keep the version they started on."""
     return await _publish(request, principal, _definition(body, principal, flow_id), new=False)
@@ -381,7 +394,9 @@ async def _set_paused(
     return await _answer(request, principal, flow_id, state.latest_version, at, 200)
 
 
-@router.post("/v1/flows/{flow_id}/pause")
+@router.post(
+    "/v1/flows/{flow_id}/pause", response_model_exclude_unset=True, response_model=FlowWritten, responses=_PENDING
+)
 async def pause_flow(
     flow_id: str, request: Request, principal: Writer, body: PauseRequest | None = None
 ) -> ORJSONResponse:
@@ -389,6 +404,8 @@ async def pause_flow(
     return await _set_paused(request, principal, flow_id, True, body.reason if body else "")
 
 
-@router.post("/v1/flows/{flow_id}/resume")
+@router.post(
+    "/v1/flows/{flow_id}/resume", response_model_exclude_unset=True, response_model=FlowWritten, responses=_PENDING
+)
 async def resume_flow(flow_id: str, request: Request, principal: Writer) -> ORJSONResponse:
     return await _set_paused(request, principal, flow_id, False, "")

@@ -10,9 +10,10 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import asyncpg
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from services.api.models import ApiKey, ApiKeys, NewApiKey, RotatedApiKey
 from services.common.auth import ALL_SCOPES, PREFIX_BY_ENVIRONMENT, Principal, create_api_key, require_scope
 from services.common.http import ApiError
 from services.common.ratelimit import forget_key
@@ -74,7 +75,7 @@ async def _key_or_404(conn: asyncpg.Connection, principal: Principal, key_id: st
     return row
 
 
-@router.post("/v1/api-keys", status_code=201)
+@router.post("/v1/api-keys", status_code=201, response_model_exclude_unset=True, response_model=NewApiKey)
 async def create_key(body: NewKey, request: Request, principal: Admin) -> dict[str, Any]:
     """The plaintext `key` is in this answer only: store it in a secret manager."""
     if body.environment not in _environments(principal):
@@ -87,7 +88,7 @@ async def create_key(body: NewKey, request: Request, principal: Admin) -> dict[s
     return {**_public(row), "key": key}
 
 
-@router.get("/v1/api-keys")
+@router.get("/v1/api-keys", response_model_exclude_unset=True, response_model=ApiKeys)
 async def list_keys(request: Request, principal: Admin) -> dict[str, Any]:
     """Newest first, revoked and expired ones included; never the key or its hash."""
     rows = await request.app.state.pool.fetch(
@@ -98,13 +99,15 @@ async def list_keys(request: Request, principal: Admin) -> dict[str, Any]:
     return {"data": [_public(r) for r in rows]}
 
 
-@router.get("/v1/api-keys/{key_id}")
+@router.get("/v1/api-keys/{key_id}", response_model_exclude_unset=True, response_model=ApiKey)
 async def get_key(key_id: str, request: Request, principal: Admin) -> dict[str, Any]:
     async with request.app.state.pool.acquire() as conn:
         return _public(await _key_or_404(conn, principal, key_id))
 
 
-@router.post("/v1/api-keys/{key_id}/rotate", status_code=201)
+@router.post(
+    "/v1/api-keys/{key_id}/rotate", status_code=201, response_model_exclude_unset=True, response_model=RotatedApiKey
+)
 async def rotate_key(key_id: str, request: Request, principal: Admin, body: Rotation | None = None) -> dict[str, Any]:
     """A new key with the same name, environment and scopes; the old one works until the grace period ends."""
     grace = body.grace_period_s if body and body.grace_period_s is not None else None
@@ -143,13 +146,13 @@ async def _revoke(request: Request, principal: Principal, key_id: str) -> dict[s
     return _public(row)
 
 
-@router.post("/v1/api-keys/{key_id}/revoke")
+@router.post("/v1/api-keys/{key_id}/revoke", response_model_exclude_unset=True, response_model=ApiKey)
 async def revoke_key(key_id: str, request: Request, principal: Admin) -> dict[str, Any]:
     """Stops the key now (a key may revoke itself); revoking twice keeps the first time."""
     return await _revoke(request, principal, key_id)
 
 
-@router.delete("/v1/api-keys/{key_id}", status_code=204)
+@router.delete("/v1/api-keys/{key_id}", status_code=204, response_class=Response)
 async def delete_key(key_id: str, request: Request, principal: Admin) -> None:
     """Same as revoke: the row stays, so runs keep naming the key that triggered them."""
     await _revoke(request, principal, key_id)

@@ -11,11 +11,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.events import ExecutionMode, TriggerType
 from schemas.flows import mask_secrets
-from schemas.status import parse_run_status
+from schemas.status import parse_run_statuses
 from services.api import timeline
 from services.api.adapters import runs as store
+from services.api.models import RunDetail, RunEvents, RunLogs, RunRecordErrors, RunsPage
 from services.api.querystring import QueryString
 from services.common.auth import Principal, require_scope
+from services.common.contract import INT32_MAX, Timestamp
 from services.common.http import ApiError, OrjsonResponse
 
 router = APIRouter()
@@ -37,7 +39,7 @@ def _utc(value: datetime | None) -> datetime | None:
 
 def _statuses(values: list[str]) -> list[str]:
     try:
-        return sorted({parse_run_status(v).value for v in values})
+        return sorted({s.value for v in values for s in parse_run_statuses(v)})
     except ValueError as exc:
         raise ApiError(422, "validation_error", f"status: {exc}") from None
 
@@ -80,11 +82,13 @@ class RunsQuery(BaseModel):
     ids: list[str] = Field(default_factory=list)
     tags: list[str] = Field(default_factory=list)
     failed_step: str | None = None
-    created_after: datetime | None = None
-    created_before: datetime | None = None
-    from_: datetime | None = Field(default=None, alias="from")
-    to: datetime | None = None
+    created_after: Timestamp | None = None
+    created_before: Timestamp | None = None
+    from_: Timestamp | None = Field(default=None, alias="from")
+    to: Timestamp | None = None
     include_archived: bool = False
+    # Seed 002's `workspace_uid`, seed 001's `projectId`: must name the key's own tenant (403 otherwise).
+    tenant_id: str | None = Field(default=None, max_length=200)
     # The bulk retry that created a run, or the bulk cancel / archive that last touched it.
     bulk_operation_id: str | None = None
     # The retries of a run (FROM_FAILED_STEP or ON_LATEST_VERSION): the runs whose `retry_of` it is.
@@ -97,10 +101,23 @@ class RunsQuery(BaseModel):
     offset: int = Field(default=0, ge=0, le=100_000)
 
 
-_RUNS_QUERY = QueryString(RunsQuery)
+# The seeds' names for Flowtrail's parameters (docs/api-contract.md): seed 001's camelCase, seed 002's names.
+SEED_ALIASES = {
+    "flowId": "flow_id",
+    "action_name": "flow_id",
+    "failedStepName": "failed_step",
+    "createdAfter": "created_after",
+    "createdBefore": "created_before",
+    "includeArchived": "include_archived",
+    "uid": "ids",
+    "user_uid": "caller",
+    "workspace_uid": "tenant_id",
+    "projectId": "tenant_id",
+}
+_RUNS_QUERY = QueryString(RunsQuery, SEED_ALIASES)
 
 
-@router.get("/v1/runs", response_model=dict[str, Any], openapi_extra=_RUNS_QUERY.openapi())
+@router.get("/v1/runs", response_model_exclude_unset=True, response_model=RunsPage, openapi_extra=_RUNS_QUERY.openapi())
 async def list_runs(request: Request, principal: Reader) -> OrjsonResponse:
     """Runs, newest first unless `sort` says otherwise. `next_cursor` pages on, `prev_cursor` back.
 
@@ -108,6 +125,8 @@ async def list_runs(request: Request, principal: Reader) -> OrjsonResponse:
     by count (seed 002); cursors stay stable while new runs arrive, offsets do not.
     """
     params = _RUNS_QUERY.parse(request)
+    if params.tenant_id is not None and params.tenant_id != principal.tenant_id:
+        raise ApiError(403, "forbidden", "tenant_id (workspace_uid, projectId): this API key sees its own tenant only")
     if params.environment is not None and params.environment.upper() != principal.environment:
         raise ApiError(
             403, "forbidden", f"this API key sees {principal.environment} runs only; use a key of that environment"
@@ -226,7 +245,9 @@ class RunQuery(BaseModel):
 _RUN_QUERY = QueryString(RunQuery)
 
 
-@router.get("/v1/runs/{run_id}", response_model=dict[str, Any], openapi_extra=_RUN_QUERY.openapi())
+@router.get(
+    "/v1/runs/{run_id}", response_model_exclude_unset=True, response_model=RunDetail, openapi_extra=_RUN_QUERY.openapi()
+)
 async def get_run(run_id: str, request: Request, principal: Reader) -> OrjsonResponse:
     """One run: what triggered it, its records counters, duration breakdown, error and every step with its
     input, output, duration and attempts. `?as_of=` returns the run as it stood at that seq or time."""
@@ -270,12 +291,12 @@ async def _get_run_as_of(pool: asyncpg.Pool, row: asyncpg.Record, as_of: str) ->
     return out
 
 
-@router.get("/v1/runs/{run_id}/events")
+@router.get("/v1/runs/{run_id}/events", response_model_exclude_unset=True, response_model=RunEvents)
 async def get_run_events(
     run_id: str,
     request: Request,
     principal: Reader,
-    after_seq: Annotated[int, Query(ge=-1)] = -1,
+    after_seq: Annotated[int, Query(ge=-1, le=INT32_MAX)] = -1,
     limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
 ) -> dict[str, Any]:
     """The run's own ledger in `seq` order; page with `after_seq` = the last `seq` seen."""
@@ -298,14 +319,14 @@ async def get_run_events(
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
-@router.get("/v1/runs/{run_id}/logs")
+@router.get("/v1/runs/{run_id}/logs", response_model_exclude_unset=True, response_model=RunLogs)
 async def get_run_logs(
     run_id: str,
     request: Request,
     principal: Reader,
     level: Many = None,
     step: str | None = None,
-    after_seq: Annotated[int, Query(ge=-1)] = -1,
+    after_seq: Annotated[int, Query(ge=-1, le=INT32_MAX)] = -1,
     limit: Annotated[int, Query(ge=1, le=1000)] = 500,
 ) -> dict[str, Any]:
     """The run's structured log lines, filterable by level (several allowed) and step."""
@@ -318,13 +339,13 @@ async def get_run_logs(
     return {"data": [dict(r) for r in rows], "has_more": len(rows) == limit}
 
 
-@router.get("/v1/runs/{run_id}/record-errors")
+@router.get("/v1/runs/{run_id}/record-errors", response_model_exclude_unset=True, response_model=RunRecordErrors)
 async def get_run_record_errors(
     run_id: str,
     request: Request,
     principal: Reader,
     step: str | None = None,
-    after_seq: Annotated[int, Query(ge=-1)] = -1,
+    after_seq: Annotated[int, Query(ge=-1, le=INT32_MAX)] = -1,
     limit: Annotated[int, Query(ge=1, le=1000)] = 500,
 ) -> dict[str, Any]:
     """Each rejected record: its key, the offending field path and the destination's raw error."""

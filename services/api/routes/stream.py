@@ -12,39 +12,57 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
 from schemas.events import TERMINAL_EVENT_STATUS
+from schemas.status import TERMINAL_RUN_STATUSES
 from services.api.adapters import runs as store
 from services.api.routes.runs import _many, _run_or_404, _statuses, summary
 from services.common.auth import Principal, require_scope
+from services.common.contract import INT32_MAX, parse_count, parse_timestamp
 from services.common.http import ApiError
 
 router = APIRouter()
+TERMINAL_STATUSES = frozenset(s.value for s in TERMINAL_RUN_STATUSES)
 Reader = Annotated[Principal, Depends(require_scope("runs:read"))]
 # How long a stream sleeps without a projector notification before reading anyway, and the keep-alive.
 IDLE_S = 5.0
 PING_S = 15
 # Runs of different partitions commit out of occurred_at order: re-read this far back and skip what was sent.
 REORDER_WINDOW = timedelta(seconds=10)
+_EVENT = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"}, "event": {"type": "string"}, "retry": {"type": "integer"},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+}  # fmt: skip
+_SSE: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Server-Sent Events: `id`, `event` and `data` (JSON) per event",
+          "content": {"text/event-stream": {"itemSchema": _EVENT}}}
+}  # fmt: skip
 
 
 def _json(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_UTC_Z).decode()
 
 
-@router.get("/v1/runs/{run_id}/stream")
+@router.get("/v1/runs/{run_id}/stream", response_class=EventSourceResponse, responses=_SSE)
 async def stream_run(
     run_id: str,
     request: Request,
     principal: Reader,
-    after_seq: Annotated[int | None, Query(ge=-1)] = None,
+    after_seq: Annotated[int | None, Query(ge=-1, le=INT32_MAX)] = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> EventSourceResponse:
     """Every event of the run in `seq` order (`id` = seq), then the stream ends after the final status."""
-    await _run_or_404(request, principal, run_id)
+    run = await _run_or_404(request, principal, run_id)
+    # A run that had ended when the stream opened has all its events projected: after the last, the stream ends
+    # (a client resuming past the end would otherwise wait for events that never come).
+    ended = run["status"] in TERMINAL_STATUSES
     start = after_seq if after_seq is not None else -1
     if last_event_id:
-        if not last_event_id.isdigit():
-            raise ApiError(400, "invalid_request", "Last-Event-ID: expected the seq of the last event seen")
-        start = int(last_event_id)
+        try:
+            start = parse_count(last_event_id)
+        except ValueError:
+            raise ApiError(400, "invalid_request", "Last-Event-ID: expected the seq of the last event seen") from None
     pool, notifier = request.app.state.pool, request.app.state.notifier
 
     async def events() -> AsyncIterator[ServerSentEvent]:
@@ -58,6 +76,8 @@ async def stream_run(
                 if r["type"] in TERMINAL_EVENT_STATUS:
                     return
             if len(rows) < 500:
+                if ended:
+                    return
                 await notifier.wait(IDLE_S)
 
     return EventSourceResponse(events(), ping=PING_S)
@@ -66,12 +86,14 @@ async def stream_run(
 def _cursor(text: str) -> tuple[datetime, str]:
     at, _, run_id = text.partition("|")
     try:
-        return datetime.fromisoformat(at), run_id
-    except ValueError:
+        since = parse_timestamp(at)
+        since - REORDER_WINDOW
+        return since, run_id
+    except (ValueError, OverflowError):
         raise ApiError(400, "invalid_request", "Last-Event-ID: expected '<updated_at>|<run id>'") from None
 
 
-@router.get("/v1/stream")
+@router.get("/v1/stream", response_class=EventSourceResponse, responses=_SSE)
 async def stream_runs(
     request: Request,
     principal: Reader,

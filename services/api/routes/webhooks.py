@@ -5,9 +5,10 @@ from __future__ import annotations
 import secrets
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from services.api.models import NewWebhookSubscription, Redelivery, WebhookDeliveries, WebhookSubscriptions
 from services.common.auth import Principal, require_scope
 from services.common.http import ApiError
 from services.common.netguard import BlockedAddress, check_url
@@ -36,7 +37,7 @@ class NewSubscription(BaseModel):
 _PUBLIC = "id, url, events, active, created_at"
 
 
-@router.post("/v1/webhooks", status_code=201)
+@router.post("/v1/webhooks", status_code=201, response_model_exclude_unset=True, response_model=NewWebhookSubscription)
 async def create_subscription(body: NewSubscription, request: Request, principal: Admin) -> dict[str, Any]:
     """The secret is returned once; deliveries are signed with it (see the README for verifying them)."""
     settings = request.app.state.settings
@@ -55,7 +56,7 @@ async def create_subscription(body: NewSubscription, request: Request, principal
     return {**dict(row), "secret": secret}
 
 
-@router.get("/v1/webhooks")
+@router.get("/v1/webhooks", response_model_exclude_unset=True, response_model=WebhookSubscriptions)
 async def list_subscriptions(request: Request, principal: Admin) -> dict[str, Any]:
     rows = await request.app.state.pool.fetch(
         f"SELECT {_PUBLIC} FROM webhook_subscriptions WHERE tenant_id = $1 AND environment = $2 ORDER BY created_at",
@@ -73,7 +74,7 @@ async def _subscription_or_404(request: Request, principal: Principal, subscript
         raise ApiError(404, "not_found", f"no webhook subscription with id {subscription_id!r}")
 
 
-@router.delete("/v1/webhooks/{subscription_id}", status_code=204)
+@router.delete("/v1/webhooks/{subscription_id}", status_code=204, response_class=Response)
 async def delete_subscription(subscription_id: str, request: Request, principal: Admin) -> None:
     """Stops new deliveries; the delivery log stays readable."""
     await _subscription_or_404(request, principal, subscription_id)
@@ -82,7 +83,9 @@ async def delete_subscription(subscription_id: str, request: Request, principal:
     )
 
 
-@router.get("/v1/webhooks/{subscription_id}/deliveries")
+@router.get(
+    "/v1/webhooks/{subscription_id}/deliveries", response_model_exclude_unset=True, response_model=WebhookDeliveries
+)
 async def list_deliveries(
     subscription_id: str,
     request: Request,
@@ -110,7 +113,12 @@ async def list_deliveries(
     return {"data": [{**dict(r), "attempt_log": attempts.get(r["id"], [])} for r in rows]}
 
 
-@router.post("/v1/webhooks/deliveries/{delivery_id}/redeliver", status_code=202)
+@router.post(
+    "/v1/webhooks/deliveries/{delivery_id}/redeliver",
+    status_code=202,
+    response_model_exclude_unset=True,
+    response_model=Redelivery,
+)
 async def redeliver(delivery_id: str, request: Request, principal: Admin) -> dict[str, Any]:
     """Sends the delivery again now (same id, fresh 24-hour retry window), whatever its status."""
     row = await request.app.state.pool.fetchrow(
