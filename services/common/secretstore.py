@@ -152,6 +152,10 @@ class SecretReader:
                 self._pool = await create_pool(self.database_url, self.schema, min_size=0, max_size=2)
             return self._pool
 
+    async def pool(self) -> asyncpg.Pool:
+        """The executor's pool on the control-plane tables (secrets, connectors), opened on first use."""
+        return await self._get_pool()
+
     async def read(self, tenant_id: str, environment: str, names: Collection[str]) -> dict[str, str]:
         return await read_secrets(await self._get_pool(), self.keyring, tenant_id, environment, names)
 

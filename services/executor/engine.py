@@ -581,6 +581,8 @@ class Engine:
             input=runner_input(state, definition),
             started_at=step.started_at or now,
             timeout_s=definition.timeout_s or self.settings.default_step_timeout_s,
+            tenant_id=state.tenant_id,
+            environment=state.environment.value,
         )
         step_task = asyncio.create_task(self.runners.run(call), name=f"step:{run_id}:{name}:{step.attempt}")
         self.step_tasks[run_id] = step_task

@@ -178,7 +178,7 @@ async def test_bad_queries_and_inputs_are_validation_errors(runners: StepRunners
     _, code, message = failed(await query(runners, "SELECT $1::int"))
     assert code == "parameter_count" and "takes 1 parameter" in message
     _, code, message = failed(await run(runners, "database_query", {"connector": "nope", "query": "SELECT 1"}))
-    assert code == "unknown_connector" and "configured: main" in message  # the kafka connector is not listed
+    assert code == "unknown_connector" and "deployment-wide: main," in message  # the kafka connector is not listed
     _, code, message = failed(await run(runners, "database_query", {"query": "SELECT 1"}))
     assert code == "invalid_input" and "exactly one of `connector`" in message
     _, code, _ = failed(await query(runners, f"SELECT * FROM {orders}", parmas=[]))
@@ -317,7 +317,7 @@ async def test_flowtrail_and_broker_topics_are_refused(runners: StepRunners, san
     _, code, message = failed(await run(runners, "kafka_consume", {"topic": f"missing.{uuid.uuid4().hex}"}))
     assert code == "unknown_topic" and "does not exist" in message
     _, code, message = failed(await run(runners, "kafka_produce", {"topic": "t", "connector": "main"}))
-    assert code == "unknown_connector" and "configured: events" in message
+    assert code == "unknown_connector" and "deployment-wide: events," in message
 
 
 # ---------------------------------------------------------------- python

@@ -35,6 +35,9 @@ class StepCall:
     # Resolved secrets (docs/secrets.md): replaced by `***` in the output before it is capped, so a preview cut
     # in the middle of one cannot keep a part of it.
     scrub: frozenset[str] = frozenset()
+    # Whose step it is: the tenant's own connectors and secrets are the ones it may use.
+    tenant_id: str = ""
+    environment: str = "PRODUCTION"
 
     @property
     def idempotency_key(self) -> str:
@@ -67,17 +70,6 @@ def parse_input(model: type[M], value: Any, action: str) -> M:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'input'}: {e['msg']}" for e in exc.errors())
         raise StepError(ErrorCategory.VALIDATION, f"{action} input: {problems}", code="invalid_input",
                         field_path=path or None) from exc  # fmt: skip
-
-
-def connector_url(connectors: Mapping[str, str], name: str, schemes: tuple[str, ...], kind: str) -> str:
-    """The URL of a configured connector of this kind; an unknown name is a VALIDATION error listing the known."""
-    url = connectors.get(name)
-    if url is None or not url.startswith(tuple(f"{s}://" for s in schemes)):
-        known = sorted(n for n, u in connectors.items() if u.startswith(tuple(f"{s}://" for s in schemes)))
-        listed = ", ".join(known) or "none"
-        message = f"no {kind} connector named {name!r}; configured: {listed} (FLOWTRAIL_EXECUTOR_CONNECTORS)"
-        raise StepError(ErrorCategory.VALIDATION, message, code="unknown_connector")
-    return url
 
 
 def json_safe(value: Any, fallback: Callable[[Any], Any] | None = None) -> Any:

@@ -20,12 +20,12 @@ from services.common.netguard import BlockedAddress, UnresolvableHost, guard_dsn
 from services.executor.adapters.actions_base import (
     StepCall,
     StepError,
-    connector_url,
     json_safe,
     json_size,
     masked_message,
     parse_input,
 )
+from services.executor.adapters.connectors import ConnectorRegistry, as_registry
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,9 @@ def classify_sqlstate(sqlstate: str | None) -> ErrorCategory:
 class DatabaseActions:
     """A small pool per connection string, kept for the next step that uses it."""
 
-    def __init__(self, *, connectors: Mapping[str, str], allow_private: bool, max_rows: int, max_output_bytes: int,
-                 max_pools: int = 16) -> None:  # fmt: skip
-        self.connectors = connectors
+    def __init__(self, *, connectors: ConnectorRegistry | Mapping[str, str], allow_private: bool, max_rows: int,
+                 max_output_bytes: int, max_pools: int = 16) -> None:  # fmt: skip
+        self.connectors = as_registry(connectors)
         self.allow_private = allow_private
         self.max_rows = max_rows
         self.max_bytes = max_output_bytes
@@ -71,8 +71,11 @@ class DatabaseActions:
         spec = parse_input(DatabaseQueryInput, call.input, "database_query")
         pinned: dict[str, Any] = {}
         if spec.connector is not None:
-            # The operator configured it: trusted, private addresses included.
-            dsn = connector_url(self.connectors, spec.connector, SCHEMES, "database")
+            connector = await self.connectors.resolve(call.tenant_id, call.environment, spec.connector, SCHEMES,
+                                                      "database")  # fmt: skip
+            dsn = connector.url
+            # The operator's own connectors are trusted, private addresses included; a tenant's are guarded.
+            pinned = {} if connector.trusted else await self._guard(dsn)
         else:
             assert spec.dsn is not None
             dsn = spec.dsn

@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -15,15 +16,16 @@ from aiokafka.structs import OffsetAndMetadata
 
 from schemas.events import ErrorCategory
 from schemas.flows import KafkaConsumeInput, KafkaProduceInput
+from services.common.netguard import BlockedAddress, KafkaGuard, UnresolvableHost, kafka_bootstrap
 from services.executor.adapters.actions_base import (
     StepCall,
     StepError,
     b64,
-    connector_url,
     json_size,
     masked_message,
     parse_input,
 )
+from services.executor.adapters.connectors import ConnectorRegistry, as_registry
 
 T = TypeVar("T")
 IDEMPOTENCY_HEADER = "flowtrail-idempotency-key"
@@ -52,12 +54,14 @@ def classify_kafka(exc: BaseException) -> ErrorCategory:
 class KafkaActions:
     """One idempotent producer per cluster, shared by every step; a short-lived consumer per `kafka_consume`."""
 
-    def __init__(self, *, bootstrap: str, reserved_prefix: str, connectors: Mapping[str, str],
-                 max_output_bytes: int) -> None:  # fmt: skip
+    def __init__(self, *, bootstrap: str, reserved_prefix: str, connectors: ConnectorRegistry | Mapping[str, str],
+                 max_output_bytes: int, allow_private: bool = False) -> None:  # fmt: skip
         self.bootstrap = bootstrap
+        self.allow_private = allow_private
+        self._guarded: set[str] = set()  # bootstrap strings of tenant connectors: their clients check every broker
         # Flowtrail's own topics (and the broker's): a flow may neither forge ledger events nor read other tenants'.
         self.reserved = (f"{reserved_prefix}.", f"{reserved_prefix}-", "__")
-        self.connectors = connectors
+        self.connectors = as_registry(connectors)
         self.max_bytes = max_output_bytes
         self._producers: dict[str, AIOKafkaProducer] = {}
         self._admins: dict[str, AIOKafkaAdminClient] = {}
@@ -71,15 +75,31 @@ class KafkaActions:
         for admin in admins:
             await admin.close()
 
-    def _cluster(self, connector: str | None, topic: str) -> str:
+    async def _cluster(self, call: StepCall, connector: str | None, topic: str) -> str:
+        """The bootstrap servers to use. A tenant's own connector is guarded like a flow's URL: its bootstrap servers
+        resolved once and checked (the client dials the checked addresses) and every broker the cluster advertises
+        checked before it is dialled (`_guarded` clients); the operator's connectors and cluster are trusted."""
         if connector is None:
             servers = self.bootstrap
         else:
-            servers = connector_url(self.connectors, connector, ("kafka",), "kafka").removeprefix("kafka://")
+            resolved = await self.connectors.resolve(call.tenant_id, call.environment, connector, ("kafka",), "kafka")
+            servers = resolved.url.removeprefix("kafka://")
+            if not resolved.trusted and not self.allow_private:
+                try:
+                    servers = await kafka_bootstrap(_hosts(servers))
+                except BlockedAddress as exc:
+                    raise StepError(ErrorCategory.VALIDATION, str(exc), code="blocked_address") from exc
+                except UnresolvableHost as exc:
+                    raise StepError(ErrorCategory.TRANSIENT, str(exc), code="unresolvable_host") from exc
+                self._guarded.add(servers)
         if servers == self.bootstrap and (topic.startswith(self.reserved) or topic == self.reserved[0][:-1]):
             raise StepError(ErrorCategory.VALIDATION, f"topic {topic!r} belongs to Flowtrail or the broker; "
                             "flows may not read or write it", code="reserved_topic")  # fmt: skip
         return servers
+
+    def _guard(self, servers: str, client: Any) -> None:
+        if servers in self._guarded:
+            KafkaGuard().install(client)
 
     async def _producer(self, servers: str) -> AIOKafkaProducer:
         async with self._lock:
@@ -87,6 +107,7 @@ class KafkaActions:
             if producer is None:
                 producer = AIOKafkaProducer(bootstrap_servers=servers, acks="all", enable_idempotence=True,
                                             linger_ms=2, client_id="flowtrail-executor-steps")  # fmt: skip
+                self._guard(servers, producer.client)
                 await producer.start()
                 self._producers[servers] = producer
             return producer
@@ -96,6 +117,7 @@ class KafkaActions:
             admin = self._admins.get(servers)
             if admin is None:
                 admin = AIOKafkaAdminClient(bootstrap_servers=servers, client_id="flowtrail-executor-steps")
+                self._guard(servers, admin._client)
                 await admin.start()
                 self._admins[servers] = admin
             return admin
@@ -104,7 +126,7 @@ class KafkaActions:
 
     async def produce(self, call: StepCall) -> dict[str, Any]:
         spec = parse_input(KafkaProduceInput, call.input, "kafka_produce")
-        servers = self._cluster(spec.connector, spec.topic)
+        servers = await self._cluster(call, spec.connector, spec.topic)
         # The attempt's idempotency key rides along, so a record sent again after a crash is recognisable.
         headers = {**{str(k): _text(v) for k, v in spec.headers.items()}, IDEMPOTENCY_HEADER: call.idempotency_key}
         key, value = _encode(spec.key), _encode(spec.value)
@@ -121,11 +143,12 @@ class KafkaActions:
 
     async def consume(self, call: StepCall) -> dict[str, Any]:
         spec = parse_input(KafkaConsumeInput, call.input, "kafka_consume")
-        servers = self._cluster(spec.connector, spec.topic)
+        servers = await self._cluster(call, spec.connector, spec.topic)
         # Return what was read before the step's own timeout would throw it away.
         wait_s = min(spec.timeout_s, call.timeout_s * 0.8)
         consumer = AIOKafkaConsumer(bootstrap_servers=servers, group_id=spec.group, enable_auto_commit=False,
                                     client_id="flowtrail-executor-steps", auto_offset_reset="earliest")  # fmt: skip
+        self._guard(servers, consumer._client)
         try:
             await consumer.start()
             try:
@@ -298,3 +321,12 @@ def _iso(timestamp_ms: int | None) -> str | None:
     if timestamp_ms is None or timestamp_ms < 0:
         return None
     return dt.datetime.fromtimestamp(timestamp_ms / 1000, dt.UTC).isoformat(timespec="milliseconds")
+
+
+def _hosts(servers: str) -> list[tuple[str, int]]:
+    """`host:port,host:port` (IPv6 in brackets) as (host, port) pairs; 9092 when a port is missing."""
+    out = []
+    for item in filter(None, (x.strip() for x in servers.split(","))):
+        parts = urlsplit(f"//{item}")
+        out.append((parts.hostname or item, parts.port or 9092))
+    return out

@@ -27,12 +27,12 @@ from services.executor.adapters.actions_base import (
     StepCall,
     StepError,
     cap_output,
-    connector_url,
     json_safe,
     masked_message,
     parse_input,
 )
 from services.executor.adapters.actions_db import SCHEMES, DatabaseActions, classify_sqlstate, coerce_param
+from services.executor.adapters.connectors import ConnectorRegistry, as_registry
 
 HTTP_SCHEMES = ("http", "https")
 RAW_ERROR_BYTES = 2048
@@ -399,9 +399,9 @@ class SyncRecordsActions:
     destination that honours the header takes each record of a run once however often the step is retried.
     """
 
-    def __init__(self, *, connectors: Mapping[str, str], allow_private: bool, max_output_bytes: int,
+    def __init__(self, *, connectors: ConnectorRegistry | Mapping[str, str], allow_private: bool, max_output_bytes: int,
                  http: httpx.AsyncClient | None, db: DatabaseActions | None = None) -> None:  # fmt: skip
-        self.connectors = connectors
+        self.connectors = as_registry(connectors)
         self.allow_private = allow_private
         self.max_bytes = max_output_bytes
         self._own_http = http is None
@@ -436,7 +436,7 @@ class SyncRecordsActions:
                 if isinstance(spec.destination, HttpDestination):
                     await self._write_http(spec.destination, prepared, run, call)
                 else:
-                    await self._write_postgres(spec.destination, prepared, run)
+                    await self._write_postgres(spec.destination, prepared, run, call)
         except StepError as exc:
             exc.output = run.output(self.max_bytes)  # what was done before the step failed
             raise
@@ -444,13 +444,17 @@ class SyncRecordsActions:
 
     # ---------------------------------------------------------------- HTTP
 
-    def _base(self, endpoint: _Endpoint) -> tuple[str, str | None]:
-        """The URL and, for a connector, its trusted origin (the operator configured it, private or not)."""
+    async def _base(self, endpoint: _Endpoint, call: StepCall) -> tuple[str, str | None, dict[str, str]]:
+        """The URL, the trusted origin of an operator-configured connector (private or not; a tenant's own connector
+        is guarded like a flow's URL) and the connector's headers (the endpoint's own override them)."""
         if endpoint.connector is None:
             assert endpoint.url is not None
-            return endpoint.url, None
-        base = connector_url(self.connectors, endpoint.connector, HTTP_SCHEMES, "http")
-        return (base.rstrip("/") + endpoint.path) if endpoint.path else base, _origin(base)
+            return endpoint.url, None, {}
+        connector = await self.connectors.resolve(call.tenant_id, call.environment, endpoint.connector,
+                                                  HTTP_SCHEMES, "http")  # fmt: skip
+        base = connector.url
+        url = (base.rstrip("/") + endpoint.path) if endpoint.path else base
+        return url, _origin(base) if connector.trusted else None, connector.headers
 
     async def _guard(self, url: str, trusted: str | None) -> httpx.AsyncClient:
         """The client for `url`: the connector's own origin is trusted (the operator configured it, private or
@@ -486,7 +490,7 @@ class SyncRecordsActions:
         raise StepError(ErrorCategory.VALIDATION, f"GET {mask_text(url)}: too many redirects", code="redirects")
 
     async def _read_http(self, source: HttpSource, spec: SyncRecordsInput, call: StepCall) -> list[Any]:
-        url, trusted = self._base(source)
+        url, trusted, defaults = await self._base(source, call)
         bounds = spec.read_window()
         window: dict[str, str] = {}
         if source.updated_since_param and bounds.updated_since:
@@ -499,7 +503,7 @@ class SyncRecordsActions:
         seen: set[str] = set()
         for page in range(1, source.max_pages + 1):
             response = await self._request(
-                "GET", url, trusted, timeout_s=timeout, params=params, headers=source.headers
+                "GET", url, trusted, timeout_s=timeout, params=params, headers={**defaults, **source.headers}
             )
             body = _source_body(response, url)
             found = _search_or_fail(source.records_path, body, "source.records_path")
@@ -527,12 +531,12 @@ class SyncRecordsActions:
                         "raise source.max_pages or narrow the window", code="too_many_pages")  # fmt: skip
 
     async def _write_http(self, dest: HttpDestination, prepared: list[Prepared], run: _Run, call: StepCall) -> None:
-        base, trusted = self._base(dest)
+        base, trusted, defaults = await self._base(dest, call)
         timeout = min(dest.timeout_s or call.timeout_s, call.timeout_s)
         for start in range(0, len(prepared), dest.concurrency):
             chunk = prepared[start : start + dest.concurrency]
-            results = await asyncio.gather(*(self._post(dest, base, trusted, timeout, p, call) for p in chunk),
-                                           return_exceptions=True)  # fmt: skip
+            results = await asyncio.gather(*(self._post(dest, base, trusted, timeout, p, call, defaults)
+                                             for p in chunk), return_exceptions=True)  # fmt: skip
             # Count what this chunk wrote before raising what failed the step, so the output says how far it got.
             for record, result in zip(chunk, results, strict=True):
                 if isinstance(result, _Refused):
@@ -544,10 +548,10 @@ class SyncRecordsActions:
                 raise failed
 
     async def _post(self, dest: HttpDestination, base: str, trusted: str | None, timeout_s: float, record: Prepared,
-                    call: StepCall) -> str | _Refused | None:  # fmt: skip
+                    call: StepCall, defaults: dict[str, str]) -> str | _Refused | None:  # fmt: skip
         """Write one record: its destination id (None when not given), or why the destination refused it."""
         url = base.replace("{key}", quote(record.key, safe=""))
-        headers = {**dest.headers, "Content-Type": "application/json",
+        headers = {**defaults, **dest.headers, "Content-Type": "application/json",
                    "Idempotency-Key": f"{call.run_id}:{call.step}:{_header_safe(record.key)}"}  # fmt: skip
         response = await self._request(dest.method, url, trusted, timeout_s=timeout_s, headers=headers,
                                        content=orjson.dumps(record.data))  # fmt: skip
@@ -572,15 +576,18 @@ class SyncRecordsActions:
 
     # ---------------------------------------------------------------- PostgreSQL
 
-    async def _dsn(self, db: _Database) -> tuple[str, dict[str, Any]]:
-        """The DSN and the connect arguments that pin a flow's own DSN to its checked addresses."""
+    async def _dsn(self, db: _Database, call: StepCall) -> tuple[str, dict[str, Any]]:
+        """The DSN and the connect arguments that pin a flow's own DSN (or a tenant connector's) to its checked
+        addresses; an operator-configured connector is trusted."""
         if db.connector is not None:
-            return connector_url(self.connectors, db.connector, SCHEMES, "database"), {}
+            connector = await self.connectors.resolve(call.tenant_id, call.environment, db.connector, SCHEMES,
+                                                      "database")  # fmt: skip
+            return connector.url, {} if connector.trusted else await self.db._guard(connector.url)
         assert db.dsn is not None
         return db.dsn, await self.db._guard(db.dsn)
 
     async def _read_postgres(self, source: PostgresSource, spec: SyncRecordsInput, call: StepCall) -> list[Any]:
-        dsn, pinned = await self._dsn(source)
+        dsn, pinned = await self._dsn(source, call)
         timeout_ms = max(1, int(call.timeout_s * 900))  # the server cancels first, so the error says why
         with _postgres_errors():
             pool = await self.db._pool(dsn, pinned)
@@ -600,10 +607,12 @@ class SyncRecordsActions:
             raise _too_many(spec.max_records)
         return [json_safe(dict(row.items()), str) for row in rows]
 
-    async def _write_postgres(self, dest: PostgresDestination, prepared: list[Prepared], run: _Run) -> None:
+    async def _write_postgres(
+        self, dest: PostgresDestination, prepared: list[Prepared], run: _Run, call: StepCall
+    ) -> None:
         if not prepared:
             return
-        dsn, pinned = await self._dsn(dest)
+        dsn, pinned = await self._dsn(dest, call)
         columns = list(prepared[0].data)
         sql = upsert_sql(dest.table, columns, dest.key_columns, dest.id_column)
         with _postgres_errors():

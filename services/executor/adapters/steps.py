@@ -24,6 +24,7 @@ from services.executor.adapters.actions_db import DatabaseActions
 from services.executor.adapters.actions_kafka import KafkaActions
 from services.executor.adapters.actions_python import PythonActions
 from services.executor.adapters.actions_sync import SyncRecordsActions
+from services.executor.adapters.connectors import ConnectorRegistry
 from services.executor.adapters.secret_inputs import PendingInput, resolve, scrub
 from services.executor.fold import RunState
 from services.executor.settings import ExecutorSettings
@@ -94,14 +95,16 @@ class StepRunners:
         self.max_output = max_output_bytes
         # Every connection is resolved once, checked and pinned to the checked address (services.common.netguard).
         self.http = guarded_client(allow_private_networks, follow_redirects=False)
-        self.db = DatabaseActions(connectors=connectors or {}, allow_private=allow_private_networks,
+        # One registry: the tenant's connectors (POST /v1/connectors), then the operator's (…_EXECUTOR_CONNECTORS).
+        self.connectors = ConnectorRegistry(connectors or {}, secrets)
+        self.db = DatabaseActions(connectors=self.connectors, allow_private=allow_private_networks,
                                   max_rows=db_max_rows, max_output_bytes=max_output_bytes)  # fmt: skip
-        self.kafka = KafkaActions(bootstrap=kafka_bootstrap, reserved_prefix=topic_prefix,
-                                  connectors=connectors or {}, max_output_bytes=max_output_bytes)  # fmt: skip
+        self.kafka = KafkaActions(bootstrap=kafka_bootstrap, reserved_prefix=topic_prefix, connectors=self.connectors,
+                                  max_output_bytes=max_output_bytes, allow_private=allow_private_networks)  # fmt: skip
         self.python = PythonActions(max_output_bytes=max_output_bytes)
         # Its output keeps every failed record and upsert (decide turns them into their own ledger events), so
         # it is capped by the record counts of the source, not by max_output_bytes.
-        self.sync = SyncRecordsActions(connectors=connectors or {}, allow_private=allow_private_networks,
+        self.sync = SyncRecordsActions(connectors=self.connectors, allow_private=allow_private_networks,
                                        max_output_bytes=max_output_bytes, http=self.http, db=self.db)  # fmt: skip
         self._actions: dict[str, Callable[[StepCall], Awaitable[Any]]] = {
             "http_request": self._http_request,
