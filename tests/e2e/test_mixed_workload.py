@@ -152,12 +152,13 @@ def _flows(up: str) -> list[FlowDefinition]:
              "input": {"method": "POST", "url": up + "/gate/{{ trigger.key }}", "body": {"n": "{{ trigger.n }}"}}},
             {"name": "confirm", "action": "transform", "input": {"output": {"ok": "{{ steps.reserve.output.body }}"}}},
         ]),
-        # Waits 3000 s (30 s) to retry: canceled, or past the flow deadline, while it waits.
-        flow("stuck", [shape(0), call("/down", retry={"delays_s": [3000]})]),
-        flow("deadline_retrying", [shape(0), call("/down", retry={"delays_s": [3000]})], timeout_s=100),
+        # Waits 30,000 s (5 min) to retry: canceled, or past the flow deadline, while it waits. Long enough that
+        # under a soak's backlog none retries before the last has failed once.
+        flow("stuck", [shape(0), call("/down", retry={"delays_s": [30_000]})]),
+        flow("deadline_retrying", [shape(0), call("/down", retry={"delays_s": [3000]})], timeout_s=300),
         flow("deadline", [shape(0), delay(1000)], timeout_s=50),
         flow("slowstep", [call("/slow", timeout_s=0.3, retry={"delays_s": [1]})]),
-        flow("long", [shape(0), delay(3000)]),
+        flow("long", [shape(0), delay(60_000)]),
         flow("approval", [
             shape(0),
             {"name": "approve", "action": "human_input", "input": {"question": "Ship {{ trigger.n }}?"}},
