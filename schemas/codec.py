@@ -18,6 +18,7 @@ from schemas.events import (
     FlowEventBase,
     TriggerReceived,
 )
+from schemas.flows import STORED_FLOW
 from schemas.upcasters import UpcastError, upcast
 
 _OPTIONS = orjson.OPT_UTC_Z
@@ -89,7 +90,9 @@ def decode_ledger_event(data: bytes | str) -> EventBase:
 
 
 def decode_flow_event(data: bytes | str) -> FlowEventBase:
-    return _validated(FLOW_EVENT_ADAPTER.validate_python, _load_object(data))
+    """A flows-topic event; a published definition is read as it was accepted then (STORED_FLOW: checks added to
+    publishing since do not apply to it)."""
+    return _validated(lambda obj: FLOW_EVENT_ADAPTER.validate_python(obj, context=STORED_FLOW), _load_object(data))
 
 
 def decode_trigger(data: bytes | str) -> TriggerReceived:

@@ -33,6 +33,7 @@ from services.executor.templating import (
     TemplateError,
     check,
     evaluate,
+    extract,
     masked_secrets,
     render,
     truthy,
@@ -414,7 +415,7 @@ def _reused(run: RunState, flow: FlowDefinition, step: StepDefinition) -> dict[s
     if step.extract and not extractions:
         # A retry requested before extractions were carried: they are a pure function of the output.
         try:
-            extractions = {var: evaluate(expr, output) for var, expr in step.extract.items()}
+            extractions = {var: extract(expr, output) for var, expr in step.extract.items()}
         except TemplateError:
             extractions = {}
     return {"step": step.name, "output": output, "extractions": extractions,
@@ -497,24 +498,29 @@ def _fail_before_start(out: _Emitter, flow: FlowDefinition, step: StepDefinition
     _finish(out, ev.RunFailed, failed_step=step.name, error=error)
 
 
-def _assert(step: StepDefinition, output: Any) -> tuple[list[dict[str, Any]], ErrorInfo | None]:
+def _assert(
+    step: StepDefinition, output: Any, context: dict[str, Any]
+) -> tuple[list[dict[str, Any]], ErrorInfo | None]:
     results: list[dict[str, Any]] = []
     first_failure: ErrorInfo | None = None
     for a in step.assertions:
+        expected = a.expected
         try:
+            # `{{ vars.user_id }}` in `expected`: rendered from the run's context now, as a step input is.
+            expected = render(a.expected, context)
             actual = evaluate(a.expression, output)
-            passed = check(a.operator, actual, a.expected)
+            passed = check(a.operator, actual, expected)
         except TemplateError as exc:
             actual, passed = str(exc), False
         results.append(
-            {"expression": a.expression, "operator": a.operator, "expected": a.expected, "actual": actual,
+            {"expression": a.expression, "operator": a.operator, "expected": expected, "actual": actual,
              "passed": passed}
         )  # fmt: skip
         if not passed and first_failure is None:
             first_failure = ErrorInfo(
                 category=ErrorCategory.VALIDATION,
                 code="assertion_failed",
-                message=f"assertion failed: {a.expression} {a.operator} {a.expected!r}, actual {actual!r}",
+                message=f"assertion failed: {a.expression} {a.operator} {expected!r}, actual {actual!r}",
             )
     return results, first_failure
 
@@ -523,10 +529,10 @@ def _complete_step(out: _Emitter, flow: FlowDefinition, step: StepDefinition, in
     error = inp.error
     assertions: list[dict[str, Any]] = []
     if inp.ok:
-        assertions, error = _assert(step, inp.output)
+        assertions, error = _assert(step, inp.output, out.run.context())
     if inp.ok and error is None:
         try:
-            extractions = {var: evaluate(expr, inp.output) for var, expr in step.extract.items()}
+            extractions = {var: extract(expr, inp.output) for var, expr in step.extract.items()}
         except TemplateError as exc:
             error = ErrorInfo(category=ErrorCategory.VALIDATION, code="extraction_failed", message=str(exc))
         else:

@@ -1,4 +1,6 @@
-"""Step inputs reference the trigger and earlier steps with `{{ JMESPath }}`; conditions and assertions too.
+"""Step inputs reference the trigger and earlier steps with `{{ expression }}`; conditions, assertions (their
+`expected` too) and extractions are expressions. An expression starting with `$` is JSONPath (RFC 9535), any other
+JMESPath (schemas/expressions.py, docs/flows.md).
 
 Pure functions over a context `{"trigger": …, "steps": {name: {"output", "status"}}, "vars": …, "run": …}`;
 step inputs also see `secrets` (the names they reference: `***` when decide renders them, the values when the
@@ -9,7 +11,6 @@ can never run code.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import Any
@@ -17,16 +18,13 @@ from typing import Any
 import jmespath
 from jmespath.exceptions import JMESPathError
 from jmespath.parser import ParsedResult
+from jsonpath import JSONPath, JSONPathError
 
+from schemas.expressions import SECRET_REF as _SECRET_REF
+from schemas.expressions import SPANS_TEMPLATES as _SPANS_TEMPLATES
+from schemas.expressions import TEMPLATE as _TEMPLATE
+from schemas.expressions import ExpressionError, compile_jsonpath, is_jsonpath, jsonpath_values
 from schemas.flows import MASK
-
-_TEMPLATE = re.compile(r"\{\{\s*(.+?)\s*\}\}")
-# A whole-string match whose expression holds a `}}` followed by a `{{` spans several templates
-# ('{{ a }}-{{ b }}' → 'a }}-{{ b'): that string is interpolated as text, not evaluated as one.
-# A lone `}}` stays allowed, as in '{{ {a: {b: c}} }}' or a nested object literal.
-_SPANS_TEMPLATES = re.compile(r"\}\}.*\{\{")
-# `secrets.NAME` or `secrets."NAME"` in an expression, not `x.secrets.NAME` or `steps.secrets…`.
-_SECRET_REF = re.compile(r"(?<![\w.\"'`@])secrets\s*\.\s*(?:([A-Za-z_][A-Za-z0-9_]*)|\"([^\"]+)\")")
 
 
 class TemplateError(ValueError):
@@ -41,11 +39,41 @@ def _compile(expression: str) -> ParsedResult:
         raise TemplateError(f"bad expression {expression!r}: {exc}") from exc
 
 
+def _compile_jsonpath(expression: str) -> JSONPath:
+    try:
+        return compile_jsonpath(expression)
+    except ExpressionError as exc:
+        raise TemplateError(f"bad expression {expression!r}: {exc.reason}") from exc
+
+
+def _nodes(expression: str, context: Any) -> list[Any]:
+    try:
+        return jsonpath_values(_compile_jsonpath(expression), context)
+    except (JSONPathError, RecursionError) as exc:
+        raise TemplateError(f"cannot evaluate {expression!r}: {exc}") from exc
+
+
 def evaluate(expression: str, context: Any) -> Any:
+    """The expression's value over `context`: JSONPath when it starts with `$` (one node: its value; several: a
+    list of their values; none: null), else JMESPath."""
+    if is_jsonpath(expression):
+        nodes = _nodes(expression, context)
+        return nodes[0] if len(nodes) == 1 else (nodes or None)
     try:
         return _compile(expression).search(context)
     except JMESPathError as exc:
         raise TemplateError(f"cannot evaluate {expression!r}: {exc}") from exc
+
+
+def extract(expression: str, output: Any) -> Any:
+    """An extraction's value over a step's output: as `evaluate`, except that a JSONPath matching no node is an
+    error (the step fails `extraction_failed`); a JMESPath that finds nothing is null, as it always was."""
+    if is_jsonpath(expression):
+        nodes = _nodes(expression, output)
+        if not nodes:
+            raise TemplateError(f"{expression!r} matched nothing in the step's output")
+        return nodes[0] if len(nodes) == 1 else nodes
+    return evaluate(expression, output)
 
 
 def render(value: Any, context: dict[str, Any], literal: Callable[[str], Any] | None = None) -> Any:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from schemas.events import ErrorCategory, ErrorInfo, EventBase, TriggerInfo, TriggerReceived
-from schemas.flows import FlowDefinition
+from schemas.flows import STORED_FLOW, FlowDefinition
 from schemas.status import StepStatus
 from services.executor.decide import Clock, Input, StartRun, StepCompleted, TimerFired, decide
 from services.executor.fold import RunState, StepState, fold
@@ -17,17 +17,25 @@ T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 def make_flow(*steps: dict[str, Any], **fields: Any) -> FlowDefinition:
     """A flow of the given step dicts; a step given only a name is a `transform`."""
-    return FlowDefinition.model_validate(
-        {
-            "id": "orders",
-            "tenant_id": "t1",
-            "name": "Orders",
-            "version": 3,
-            "tags": ["sales"],
-            "steps": [{"action": "transform", **s} for s in steps],
-            **fields,
-        }
-    )
+    return FlowDefinition.model_validate(_flow_fields(steps, fields))
+
+
+def make_stored_flow(*steps: dict[str, Any], **fields: Any) -> FlowDefinition:
+    """`make_flow` as the executor reads a version from the flows topic: published before a check that would
+    refuse it now (an expression that does not compile), so it still loads and fails only the run."""
+    return FlowDefinition.model_validate(_flow_fields(steps, fields), context=STORED_FLOW)
+
+
+def _flow_fields(steps: tuple[dict[str, Any], ...], fields: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": "orders",
+        "tenant_id": "t1",
+        "name": "Orders",
+        "version": 3,
+        "tags": ["sales"],
+        "steps": [{"action": "transform", **s} for s in steps],
+        **fields,
+    }
 
 
 def make_trigger(run_id: str = "run-1", payload: Any = None, **fields: Any) -> TriggerReceived:

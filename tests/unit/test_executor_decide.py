@@ -12,7 +12,7 @@ from schemas.events import TERMINAL_EVENT_STATUS
 from schemas.status import RunStatus, StepStatus
 from services.executor.decide import Clock, InternalFailure, StartRun, StepCompleted, TimerFired, decide
 from services.executor.fold import fold, fold_all
-from tests.unit.drive import T0, Run, error, make_flow, make_trigger
+from tests.unit.drive import T0, Run, error, make_flow, make_stored_flow, make_trigger
 
 THREE = ({"name": "fetch"}, {"name": "shape"}, {"name": "push"})
 
@@ -113,7 +113,7 @@ def test_a_skipped_last_step_still_ends_the_run() -> None:
 
 
 def test_run_condition_that_cannot_be_evaluated_fails_the_run_as_validation() -> None:
-    run = Run(make_flow({"name": "a", "run_condition": "trigger.[["}))
+    run = Run(make_stored_flow({"name": "a", "run_condition": "trigger.[["}))  # refused at publish today
     run.start()
     assert run.types[-3:] == ["StepStarted", "StepFailed", "RunFailed"]
     err = run.events[-1].payload.error
@@ -169,7 +169,7 @@ def test_step_input_renders_the_trigger_payload_keeping_types() -> None:
 
 
 def test_bad_input_template_fails_the_run_before_the_step_runs() -> None:
-    run = Run(make_flow({"name": "a", "input": {"x": "{{ trigger.[ }}"}}))
+    run = Run(make_stored_flow({"name": "a", "input": {"x": "{{ trigger.[ }}"}}))  # refused at publish today
     run.start()
     assert run.types[-3:] == ["StepStarted", "StepFailed", "RunFailed"]
     assert run.of_type("StepFailed")[0].payload.error.code == "template_error"
