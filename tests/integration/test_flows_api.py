@@ -14,8 +14,11 @@ from typing import Any
 import httpx
 import pytest
 
+from schemas.events import FlowVersionPublished
+from schemas.flows import STORED_FLOW, FlowDefinition
 from services.common.auth import create_api_key, ensure_tenant
 from services.common.db import connect
+from services.common.kafka import publish_flow_events
 from tests.conftest import Infra, Sandbox, make_sandbox
 from tests.e2e.stack import Stack
 from tests.factories import produce, run_events
@@ -333,3 +336,63 @@ async def test_a_write_while_the_projector_is_down_is_accepted_and_shows_once_pr
             return (await api.get("/v1/flows/while-down")).status_code == 200
 
         await _wait(shown)
+
+
+# ---------------------------------------------------------------- expressions compiled at publish (issue 12 item 8)
+
+
+def users_flow(flow_id: str, extract: dict[str, str], **fields: Any) -> dict[str, Any]:
+    return {"id": flow_id, "name": "Users", "steps": [
+        {"name": "create", "action": "http_request", "input": {"method": "POST", "url": "https://users.example/u"}},
+        {"name": "fetch_user", "action": "http_request",
+         "input": {"url": "https://users.example/u/{{ vars.user_id }}"}, "extract": extract,
+         "assertions": [{"expression": "$.body.id", "expected": "{{ vars.user_id }}"}]},
+    ], **fields}  # fmt: skip
+
+
+async def test_an_expression_that_does_not_compile_is_a_422_naming_the_step_and_the_expression(env: Env) -> None:
+    async with env.client() as api:
+        r = await api.post("/v1/flows", json=users_flow("bad-paths", {"user_id": "$.user["}))
+        assert error(r, 422, "validation_error") == (
+            "steps: steps[1] (fetch_user).extract.user_id: invalid JSONPath '$.user[': unexpected end of query"
+        )
+        error(await api.get("/v1/flows/bad-paths"), 404, "not_found")
+        bad_condition = users_flow("bad-paths", {}, steps=[{"name": "a", "action": "transform",
+                                                             "run_condition": "vars.[ok"}])  # fmt: skip
+        assert error(await api.post("/v1/flows", json=bad_condition), 422, "validation_error").startswith(
+            "steps: steps[0] (a).run_condition: invalid JMESPath 'vars.[ok'"
+        )
+        # The same check on a new version; the flow keeps its valid version 1.
+        await create(env, users_flow("good-paths", {"user_id": "$.body.id"}))
+        body = users_flow("good-paths", {"user_id": "body.id"})
+        body["steps"][0]["input"]["body"] = {"email": "{{ lenght(trigger.email) }}"}
+        r = await api.post("/v1/flows/good-paths/versions", json=body)
+        assert error(r, 422, "validation_error") == (
+            "steps: steps[0] (create).input.body.email: invalid JMESPath 'lenght(trigger.email)': unknown function "
+            "lenght()"
+        )
+        latest = (await api.get("/v1/flows/good-paths")).json()
+        assert latest["latest_version"] == 1
+        assert latest["definition"]["steps"][1]["extract"] == {"user_id": "$.body.id"}
+
+
+async def test_a_version_published_before_the_check_still_loads_and_a_new_one_can_follow(env: Env) -> None:
+    # Version 1 went to the flows topic before expressions were checked: the API, projector and executor decode
+    # it all the same (what the topic holds is the truth), and the flow can be fixed with version 2.
+    old = FlowDefinition.model_validate(
+        {**users_flow("legacy-paths", {"user_id": "$.user["}), "tenant_id": "tenant-a", "version": 1},
+        context=STORED_FLOW,
+    )
+    published = FlowVersionPublished(tenant_id="tenant-a", flow_id=old.id, flow_version=1, flow=old)
+    await publish_flow_events(env.sandbox.infra.kafka_bootstrap, env.sandbox.topics, [published])
+    async with env.client() as api:
+
+        async def projected() -> dict[str, Any] | None:
+            r = await api.get("/v1/flows/legacy-paths")
+            return dict(r.json()) if r.status_code == 200 else None
+
+        shown = await _wait(projected)
+        assert shown["definition"]["steps"][1]["extract"] == {"user_id": "$.user["}
+        r = await api.post("/v1/flows/legacy-paths/versions", json=users_flow("legacy-paths", {"user_id": "$.user"}))
+        assert r.status_code in (201, 202), r.text
+        assert r.json()["version"] == 2
