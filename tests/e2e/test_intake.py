@@ -202,7 +202,9 @@ async def test_one_idempotency_key_makes_one_run_across_replicas(env: Env) -> No
     before = await _end_offsets(env.sandbox.infra.kafka_bootstrap, topic)
     headers = _auth(env.keys["t2"], **{"Idempotency-Key": "order-42-created"})
     body = {"input": {"n": 42}}
-    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=200)) as client:
+    # Generous: on a busy 2-core machine 1,000 requests queue for a connection well past a default pool timeout.
+    timeout = httpx.Timeout(60.0, pool=300.0)
+    async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=100)) as client:
         answers = await asyncio.gather(*(
             client.post(f"{(env.ingest, env.ingest2.url)[i % 2]}/v1/flows/noop/trigger", json=body, headers=headers)
             for i in range(1_000)

@@ -104,6 +104,7 @@ class OwnedByA:
     canonical_ids: list[str] = field(default_factory=list)
     fingerprint: str = ""
     bulk_operation_id: str = ""
+    secret_name: str = ""  # a name is no secret (B may hold one of its own by that name); its value is
 
     def secrets(self) -> set[str]:
         """Text that may appear in no answer to B: A's random ids and the mark on A's names and outputs."""
@@ -268,6 +269,8 @@ async def _control_plane(w: World) -> None:
     con = await w.ok("POST", "/v1/connectors", w.key_b, 201,
                      json={"name": "erp", "kind": "http", "config": {"url": f"{url}/b-erp"}})  # fmt: skip
     w.b.connector_id = con["id"]
+    w.a.secret_name = "A_SHOP_TOKEN"
+    await w.ok("PUT", f"/v1/secrets/{w.a.secret_name}", w.key_a, 201, json={"value": f"{PRIVATE}-secret-value"})
 
 
 async def _runs(w: World) -> None:
@@ -403,6 +406,7 @@ async def a_view(w: World, ignore_runs: Collection[str] = ()) -> dict[str, Any]:
         view[f"connector {connector_id}"] = {k: con[k] for k in ("name", "config", "last_verified_at", "updated_at")}
     for canonical_id in a.canonical_ids:
         view[f"record {canonical_id}"] = await w.ok("GET", f"/api/public/data/order/{canonical_id}", key)
+    view["secret"] = await w.ok("GET", f"/v1/secrets/{a.secret_name}", key)
     return view
 
 
@@ -436,6 +440,7 @@ PATH_VALUES: dict[str, Callable[[World], list[str]]] = {
     "connector_id": lambda w: w.a.connector_ids,
     "entity": lambda w: ["order"],
     "canonical_id": lambda w: w.a.canonical_ids,
+    "name": lambda w: [w.a.secret_name],
 }
 
 # A valid body for each route that takes one, so a refusal can only come from whose id it is.
@@ -448,7 +453,12 @@ BODIES: dict[tuple[str, str], Any] = {
     ("POST", "/v1/flows/{flow_id}/pause"): {"reason": "B was here"},
     ("PATCH", "/v1/alert-rules/{rule_id}"): {"enabled": False, "name": "B was here"},
     ("POST", "/v1/flows/{flow_id}/trigger"): {"input": {"who": "b"}},
+    ("PUT", "/v1/secrets/{name}"): {"value": "B's own value"},
 }
+
+# Routes that name a resource in the caller's own namespace: B writing one by A's name makes B's own (A's is untouched,
+# as a_view checks), so B's answer is this status, not 404.
+OWN_NAMESPACE: dict[tuple[str, str], int] = {("PUT", "/v1/secrets/{name}"): 201}
 
 
 async def _b_runs_of(w: World, flow_id: str) -> int:
@@ -532,7 +542,13 @@ async def test_every_route_with_a_path_parameter_answers_b_404_for_a_s_ids_and_c
             if leaked := w.leaks(text, allowed=values):
                 problems.append(f"{where} shows A's {leaked}: {text[:300]}")
             empty = EMPTY_ANSWERS.get((route.method, route.path))
-            if status == 200 and empty is not None:
+            own = OWN_NAMESPACE.get((route.method, route.path))
+            if own is not None:
+                if status != own:
+                    problems.append(f"{where}, not {own} (B's own {values}): {text[:300]}")
+                # Gone again, so B's reads and deletes of that name below concern A's only (and must be 404).
+                assert (await w.call("DELETE", path, w.key_b)).status_code == 204
+            elif status == 200 and empty is not None:
                 if not await empty(w, values, orjson.loads(text)):
                     problems.append(f"{where} is not empty: {text[:300]}")
             elif status != 404 or orjson.loads(text)["error"]["code"] != "not_found":
