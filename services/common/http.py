@@ -8,9 +8,12 @@ import math
 import re
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import asyncpg
 import orjson
+from aiokafka.errors import KafkaError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -18,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.common.appender import AppendFailed
 from services.common.contract import document
 
 log = logging.getLogger(__name__)
@@ -36,7 +40,7 @@ CODE_BY_STATUS = {
     404: "not_found",
     405: "invalid_request",
     409: "conflict",
-    413: "invalid_request",
+    413: "payload_too_large",
     415: "invalid_request",
     422: "validation_error",
     429: "rate_limited",
@@ -58,12 +62,17 @@ class OrjsonResponse(JSONResponse):
 class ApiError(Exception):
     """Raise anywhere in a request: it becomes the error envelope with this status and code."""
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers or {}
+        # Machine-readable facts about the failure (which inputs were appended…), under `error.details`.
+        self.details = details
 
 
 def request_id(request: Request) -> str:
@@ -71,11 +80,15 @@ def request_id(request: Request) -> str:
 
 
 def error_response(
-    request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
-) -> OrjsonResponse:
+    request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None,
+    details: dict[str, Any] | None = None,
+) -> OrjsonResponse:  # fmt: skip
     rid = request_id(request)
+    error: dict[str, Any] = {"code": code, "message": message, "request_id": rid}
+    if details is not None:
+        error["details"] = details
     return OrjsonResponse(
-        {"error": {"code": code, "message": message, "request_id": rid}},
+        {"error": error},
         status_code=status,
         headers={**(headers or {}), "X-Request-Id": rid},
     )
@@ -288,8 +301,22 @@ class RequestIdMiddleware:
             )
 
 
-def install(app: FastAPI) -> None:
-    """Request ids, error envelope handlers, /healthz and /metrics."""
+DATABASE_DOWN: tuple[type[Exception], ...] = (
+    ConnectionError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+def install(app: FastAPI, ready: Callable[[], Awaitable[dict[str, str | None]]] | None = None) -> None:
+    """Request ids, error envelope handlers, /healthz, /readyz and /metrics.
+
+    `ready` names each dependency the service needs to do its job with None when it is fine, else the problem:
+    /readyz answers 503 while any has one (/healthz stays liveness: the process answers).
+    """
 
     app.add_middleware(RequestIdMiddleware, service=app.title.split()[-1].lower())
 
@@ -303,7 +330,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> OrjsonResponse:
-        return error_response(request, exc.status, exc.code, exc.message, exc.headers)
+        return error_response(request, exc.status, exc.code, exc.message, exc.headers, exc.details)
 
     async def _refused_first(request: Request) -> OrjsonResponse | None:
         """FastAPI parses a JSON body before any dependency runs: the key is checked (401) and the request counted
@@ -340,14 +367,49 @@ def install(app: FastAPI) -> None:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         return error_response(request, 422, "validation_error", f"{where}: {first.get('msg')}{more}")
 
+    @app.exception_handler(AppendFailed)
+    async def _append_failed(request: Request, exc: AppendFailed) -> OrjsonResponse:
+        if exc.nothing_appended:
+            message = f"Kafka could not take the request ({exc.reason}); nothing was appended: it is safe to retry"
+        else:
+            message = (f"Kafka took the request only in part ({exc.reason}); retry with the same Idempotency-Key "
+                       "to complete it")  # fmt: skip
+        return error_response(request, 503, "kafka_unavailable", message, {"Retry-After": "2"})
+
+    async def _database_unavailable(request: Request, exc: Exception) -> OrjsonResponse:
+        log.warning("request %s: PostgreSQL unavailable: %r", request_id(request), exc)
+        return error_response(request, 503, "database_unavailable",
+                              "PostgreSQL is unavailable; nothing was changed: retry after a moment",
+                              {"Retry-After": "2"})  # fmt: skip
+
+    # A database outage is the service's condition, not the client's fault nor a bug: 503, not 500.
+    for exc_class in DATABASE_DOWN:
+        app.add_exception_handler(exc_class, _database_unavailable)  # type: ignore[arg-type]
+
+    @app.exception_handler(KafkaError)
+    async def _kafka_error(request: Request, exc: KafkaError) -> OrjsonResponse:
+        return error_response(request, 503, "kafka_unavailable",
+                              f"Kafka is unavailable ({exc!r}); it is unknown whether the write took effect: retry "
+                              "with the same Idempotency-Key", {"Retry-After": "2"})  # fmt: skip
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> OrjsonResponse:
         log.exception("request %s failed: %s %s", request_id(request), request.method, request.url.path)
-        return error_response(request, 500, "internal_error", "internal error; safe to retry with backoff")
+        # Whether the request took effect is unknown here: only a retry with the same Idempotency-Key is safe.
+        message = ("internal error; it is unknown whether the request took effect: retry with the same "
+                   "Idempotency-Key (a retry without one may repeat it)")  # fmt: skip
+        return error_response(request, 500, "internal_error", message)
 
     @app.get("/healthz", include_in_schema=False)
     async def _healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def _readyz() -> OrjsonResponse:
+        checks = await ready() if ready is not None else {}
+        ok = all(problem is None for problem in checks.values())
+        body = {"status": "ready" if ok else "unavailable", "checks": {k: v or "ok" for k, v in checks.items()}}
+        return OrjsonResponse(body, status_code=200 if ok else 503, headers={} if ok else {"Retry-After": "5"})
 
     @app.get("/metrics", include_in_schema=False)
     async def _metrics() -> Response:

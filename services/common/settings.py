@@ -33,6 +33,11 @@ class CommonSettings(BaseSettings):
     topic_prefix: str = "flowtrail"
     partitions: int = Field(default=4, ge=1, le=256)
     log_level: str = "INFO"
+    # The broker's message.max.bytes (Kafka's default is 1,048,588): no producer batch is built larger, and a
+    # single trigger, command or flow definition that cannot fit is refused with 413 before it reaches Kafka.
+    kafka_max_message_bytes: int = Field(default=1_000_000, ge=16_384)
+    # How long an append waits for Kafka's acknowledgement before the request answers 503 (with Retry-After).
+    kafka_append_timeout_s: float = Field(default=10.0, gt=0, le=120)
     # Secrets at rest (docs/secrets.md). FLOWTRAIL_SECRETS_KEY: keys as base64url (32 bytes each), comma-separated,
     # the first encrypts, all decrypt. Unset: the key file FLOWTRAIL_SECRETS_KEY_FILE (empty: <state_dir>/secrets.key),
     # one key a line, created with one new key and mode 600 when missing.

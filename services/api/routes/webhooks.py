@@ -76,11 +76,16 @@ async def _subscription_or_404(request: Request, principal: Principal, subscript
 
 @router.delete("/v1/webhooks/{subscription_id}", status_code=204, response_class=Response)
 async def delete_subscription(subscription_id: str, request: Request, principal: Admin) -> None:
-    """Stops new deliveries; the delivery log stays readable."""
+    """Stops new deliveries and the retries of pending ones (marked failed, "subscription deleted"); the delivery
+    log stays readable."""
     await _subscription_or_404(request, principal, subscription_id)
-    await request.app.state.pool.execute(
-        "UPDATE webhook_subscriptions SET active = false WHERE id = $1", subscription_id
-    )
+    async with request.app.state.pool.acquire() as conn, conn.transaction():
+        await conn.execute("UPDATE webhook_subscriptions SET active = false WHERE id = $1", subscription_id)
+        await conn.execute(
+            "UPDATE webhook_deliveries SET status = 'failed', last_error = 'subscription deleted' "
+            "WHERE subscription_id = $1 AND status = 'pending'",
+            subscription_id,
+        )
 
 
 @router.get(
