@@ -96,23 +96,58 @@ def phase(action: str | None, step_input: Any) -> str:
 
 
 def breakdown(run: Mapping[str, Any], steps: Iterable[Mapping[str, Any]]) -> dict[str, float | None]:
-    """Wall clock, time queued before the first step, and step time by phase."""
+    """Where a run's time went, in parts that add up: queued + wait + read + transform + write + other = total.
+
+    `total_ms` is the wall clock from acceptance to the final status (`queued_ms` the wait before the first step
+    plus the run's own duration). Each attempt of each step counts toward its phase (read, transform, write; delays
+    and human_input pauses are `wait`), and so does the time between a failed attempt and the next one (its retry
+    backoff, `wait`). Steps reused from an earlier run ran there: they count nothing here. `other_ms` is what is
+    left: the executor's own time between steps. While the run is not final, total and other are null.
+    """
     created, started, finished = run.get("created_at"), run.get("started_at"), run.get("finished_at")
+    queued = (started - created).total_seconds() * 1000 if created and started else None
     out: dict[str, float | None] = {
-        "total_ms": run.get("duration_ms"),
-        "queued_ms": (started - created).total_seconds() * 1000 if created and started else None,
-        "read_ms": 0.0, "transform_ms": 0.0, "write_ms": 0.0, "wait_ms": 0.0, "other_ms": 0.0,
+        "total_ms": None, "queued_ms": queued,
+        "read_ms": 0.0, "transform_ms": 0.0, "write_ms": 0.0, "wait_ms": 0.0, "other_ms": None,
     }  # fmt: skip
     for s in steps:
-        duration = float(s.get("duration_ms") or 0.0)
-        for key, ms in _phases(s, duration).items():
+        if s.get("reused_from"):
+            continue
+        for key, ms in _phases(s).items():
             out[key] = (out[key] or 0.0) + ms
-    if finished is None:
-        out["total_ms"] = None
+    duration = run.get("duration_ms")
+    if duration is None and finished and started:
+        duration = (finished - started).total_seconds() * 1000
+    if finished is not None and duration is not None:
+        total = (queued or 0.0) + float(duration)
+        counted = sum(float(out[k] or 0.0) for k in ("queued_ms", "read_ms", "transform_ms", "write_ms", "wait_ms"))
+        out["total_ms"] = total
+        out["other_ms"] = max(0.0, total - counted)
+    else:
+        out["other_ms"] = None
     return out
 
 
-def _phases(step: Mapping[str, Any], duration: float) -> dict[str, float]:
+def _phases(step: Mapping[str, Any]) -> dict[str, float]:
+    """A step's time by phase: each attempt's, and the backoff between attempts as wait."""
+    attempts = [a for a in step.get("attempts") or () if a.get("duration_ms") is not None]
+    if not attempts:
+        return _attempt_phases(step, float(step.get("duration_ms") or 0.0))
+    out: dict[str, float] = {}
+    previous_end = None
+    for attempt in attempts:
+        # The output's read/transform/write split (sync_records) is the last attempt's own.
+        shaped = step if attempt is attempts[-1] else {**step, "output": None}
+        for key, ms in _attempt_phases(shaped, float(attempt["duration_ms"])).items():
+            out[key] = out.get(key, 0.0) + ms
+        begun = attempt.get("started_at")
+        if previous_end is not None and begun is not None and begun > previous_end:
+            out["wait_ms"] = out.get("wait_ms", 0.0) + (begun - previous_end).total_seconds() * 1000
+        previous_end = attempt.get("finished_at")
+    return out
+
+
+def _attempt_phases(step: Mapping[str, Any], duration: float) -> dict[str, float]:
     """A step's time by phase. A sync_records step reads, maps and writes in one step; its output says how long
     each took (`timing_ms`), and the rest of its time (setup, recording) is `other`."""
     timing = step.get("output", {}).get("timing_ms") if isinstance(step.get("output"), dict) else None

@@ -183,9 +183,14 @@ async def test_run_detail_shows_attempts_records_errors_and_breakdown(env: Env) 
     assert second["status"] == "SUCCEEDED" and second["duration_ms"] == 40
     assert [s["name"] for s in run["steps"]] == ["read", "map", "write"]
     breakdown = run["duration_breakdown"]
-    assert breakdown["total_ms"] == 1500.0
-    assert breakdown["read_ms"] == 40 and breakdown["transform_ms"] == 5 and breakdown["write_ms"] == 60
-    assert breakdown["queued_ms"] == pytest.approx(200.0)
+    # From acceptance to the end: queued 200 ms, then the run's own 1,500 ms.
+    assert breakdown["total_ms"] == pytest.approx(1700.0) and breakdown["queued_ms"] == pytest.approx(200.0)
+    # Both attempts of the read (30 + 40 ms) count as reading, and the backoff between them (the failed attempt
+    # ended at its event, the next began 100 ms later) as waiting.
+    assert breakdown["read_ms"] == 70 and breakdown["transform_ms"] == 5 and breakdown["write_ms"] == 60
+    assert breakdown["wait_ms"] == pytest.approx(100.0)
+    parts = ("queued_ms", "wait_ms", "read_ms", "transform_ms", "write_ms", "other_ms")
+    assert sum(breakdown[p] for p in parts) == pytest.approx(breakdown["total_ms"])
 
     errors = (await env.ok("/v1/runs/run_sync_0001/record-errors"))["data"]
     assert [(e["record_key"], e["field_path"]) for e in errors] == [
