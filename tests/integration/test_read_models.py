@@ -203,6 +203,9 @@ async def test_run_detail_shows_attempts_records_errors_and_breakdown(env: Env) 
     assert [entry["level"] for entry in logs] == ["INFO", "WARNING", "ERROR"]
     warnings = (await env.ok("/v1/runs/run_sync_0001/logs", level="warning,error"))["data"]
     assert [entry["message"] for entry in warnings] == ["contact 7 has no email", "2 records rejected"]
+    at_least = (await env.ok("/v1/runs/run_sync_0001/logs", level="WARNING"))["data"]  # a minimum: errors too
+    assert [entry["level"] for entry in at_least] == ["WARNING", "ERROR"]
+    assert [e["level"] for e in (await env.ok("/v1/runs/run_sync_0001/logs", level="error"))["data"]] == ["ERROR"]
     assert warnings[0]["fields"] == {"contact": 7}
     bad = await env.get("/v1/runs/run_sync_0001/logs", level="LOUD")
     assert bad.status_code == 422 and "LOUD" in bad.json()["error"]["message"]

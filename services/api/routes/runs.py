@@ -329,11 +329,14 @@ async def get_run_logs(
     after_seq: Annotated[int, Query(ge=-1, le=INT32_MAX)] = -1,
     limit: Annotated[int, Query(ge=1, le=1000)] = 500,
 ) -> dict[str, Any]:
-    """The run's structured log lines, filterable by level (several allowed) and step."""
+    """The run's structured log lines, by step and by level: `level` is a minimum, as in every log viewer
+    (`WARNING` shows warnings and errors; with several, the lowest counts)."""
     levels = [v.upper() for v in _many(level)]
     unknown = [v for v in levels if v not in _LEVELS]
     if unknown:
         raise ApiError(422, "validation_error", f"level: unknown {unknown[0]!r}; accepted: {', '.join(_LEVELS)}")
+    if levels:
+        levels = list(_LEVELS[min(_LEVELS.index(v) for v in levels) :])
     await _run_or_404(request, principal, run_id)
     rows = await store.get_logs(request.app.state.pool, run_id, levels, step, after_seq, limit)
     return {"data": [dict(r) for r in rows], "has_more": len(rows) == limit}
