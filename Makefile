@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: setup run up down status demo test test-unit lint fmt schemas soak bench bench-smoke clean
+.PHONY: setup run up down status demo test test-unit fuzz lint fmt schemas soak bench bench-smoke clean
 
 $(VENV)/.synced: pyproject.toml uv.lock
 	@command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet --disable-pip-version-check uv
@@ -33,6 +33,9 @@ test: setup ## every test, on a real Kafka broker and PostgreSQL that the sessio
 
 test-unit: setup
 	$(VENV)/bin/pytest -q tests/unit
+
+fuzz: setup ## schemathesis over the API's and ingest's OpenAPI, 20,000 cases (FLOWTRAIL_FUZZ_CASES); output in .state/contract/
+	FLOWTRAIL_FUZZ_CASES=$${FLOWTRAIL_FUZZ_CASES:-20000} $(VENV)/bin/pytest -q -s tests/e2e/test_contract.py -k schemathesis
 
 lint: setup
 	$(VENV)/bin/ruff check .
