@@ -21,9 +21,11 @@ import httpx
 import pytest
 
 from schemas import events as ev
-from schemas.events import EventBase, TriggerInfo
+from schemas.events import EventBase, FlowVersionPublished, TriggerInfo
+from schemas.flows import FlowDefinition
 from services.common.auth import create_api_key, ensure_tenant
 from services.common.db import connect
+from services.common.kafka import publish_flow_events
 from tests.conftest import Infra, make_sandbox
 from tests.e2e.stack import Stack
 from tests.factories import keep_history, produce
@@ -143,6 +145,12 @@ class Env:
         return r.json()
 
 
+def _flow(flow_id: str) -> FlowDefinition:
+    step = {"name": "only", "action": "transform", "input": {"output": {}}}
+    return FlowDefinition.model_validate({"tenant_id": "acme", "id": flow_id, "name": flow_id, "version": 1,
+                                          "steps": [step]})  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
     async with make_sandbox(infra) as sandbox:
@@ -153,11 +161,17 @@ async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIt
             _, key = await create_api_key(conn, "acme")
             # Every event twice: Kafka redelivery must not double any counter.
             await produce(infra.kafka_bootstrap, sandbox.topics.ledger, EVENTS + EVENTS, sandbox.partitions)
+            # The flows the runs belong to (analytics answers 404 for a flow that does not exist).
+            published = [
+                FlowVersionPublished(tenant_id="acme", flow_id=flow_id, flow_version=1, flow=_flow(flow_id))
+                for flow_id in ("orders", "sync")
+            ]
+            await publish_flow_events(infra.kafka_bootstrap, sandbox.topics, published)
             stack = Stack.build(sandbox, ("projector", "api"), Path(tmp_path_factory.mktemp("logs")))
             await stack.start()
             try:
                 deadline = time.monotonic() + 60
-                while await conn.fetchval("SELECT coalesce(sum(next_offset), 0) FROM projector_offsets") < 2 * len(
+                while await conn.fetchval("SELECT coalesce(sum(next_offset), 0) FROM projector_offsets") < 2 + 2 * len(
                     EVENTS
                 ):
                     assert time.monotonic() < deadline, stack["projector"].log_tail()
@@ -292,6 +306,8 @@ async def test_flakiness_pass_rate_percentiles_and_endpoint_coverage(env: Env) -
         ("fetch", 6, 1, round(2 / 7, 4)),
     ]
 
+    nope = await env.get("/v1/analytics/flows/nope")
+    assert nope.status_code == 404 and nope.json()["error"]["code"] == "not_found"
     stats = await env.ok("/v1/analytics/flows/orders", **{"from": "2026-11-20T00:00:00Z", "to": "2026-11-21T00:00:00Z"})
     assert stats["runs"] == 7  # the unfinished run is not counted yet
     assert stats["pass_rate"] == round(3 / 7, 4)

@@ -54,6 +54,12 @@ async def flow_analytics(
     """Per bucket: runs by status and trigger, pass rate, duration p50/p95/p99 and records processed."""
     since, until = _window(from_, to)
     pool = request.app.state.pool
+    known = await pool.fetchval(
+        "SELECT true FROM flows WHERE tenant_id = $1 AND id = $2 AND environment = $3",
+        principal.tenant_id, flow_id, principal.environment,
+    )  # fmt: skip
+    if not known:
+        raise ApiError(404, "not_found", f"no flow with id {flow_id!r}")
     args = (principal.tenant_id, principal.environment, flow_id, since, until, bucket)
     buckets: dict[datetime, dict[str, Any]] = {}
 
