@@ -12,9 +12,15 @@ _VARIABLE = re.compile(
     r"(?P<url>https?://[^\s'\"]+)"
     r"|(?P<uuid>\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b)"
     r"|(?P<email>[\w.+-]+@[\w-]+\.[\w.-]+)"
-    r"|(?P<id>\b(?:run|key|req|evt)_[0-9A-Za-z]+\b)"
+    # A short lowercase prefix, an underscore and a tail with a digit: Flowtrail's own ids (run_, run_child_,
+    # run_sched_, del_, con_…) and most APIs' (cus_NffrFeUfNV2Hib).
+    r"|(?P<id>\b[a-z]{2,10}_(?=[0-9A-Za-z_-]*\d)[0-9A-Za-z_-]{4,}\b)"
     r"|(?P<time>\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:?\d{2})?)"
     r"|(?P<hex>\b(?=[0-9a-fA-F]*\d)[0-9a-fA-F]{12,}\b)"
+    # Business keys keep their prefix, whatever the number's length: SO-7 and SO-1042 are both SO-<n>.
+    r"|(?P<key>\b[A-Za-z]{1,10}-\d+\b)"
+    # Opaque ids: letters and at least two digits mixed, six characters or more (u-bdb68b43, a1b2c3).
+    r"|(?P<opaque>\b(?=[A-Za-z-]*\d[A-Za-z-]*\d)(?=[0-9-]*[A-Za-z])[0-9A-Za-z][0-9A-Za-z-]{5,}\b)"
     r"|(?P<str>'[^']*'|\"[^\"]*\")"
     r"|(?P<n>\b\d+(?:\.\d+)?\b)"
 )
@@ -22,10 +28,20 @@ _VARIABLE = re.compile(
 
 def _replace(match: re.Match[str]) -> str:
     kind = match.lastgroup or "n"
-    return _url_pattern(match.group(0)) if kind == "url" else f"<{kind}>"
+    if kind == "url":
+        return _url_pattern(match.group(0))
+    if kind == "key":
+        return match.group(0).rsplit("-", 1)[0] + "-<n>"
+    return f"<{kind}>"
 
 
-_ID_SEGMENT = re.compile(r"^(?:\d+|[0-9a-fA-F-]{16,}|[A-Za-z]+[-_]\d[\w-]*)$")
+_ID_SEGMENT = re.compile(
+    r"^(?:\d+"  # 42
+    r"|[0-9a-fA-F-]{16,}"  # uuids, long hex
+    r"|[A-Za-z]+[-_]\d[\w-]*"  # SO-1042
+    r"|[a-z]{2,10}_(?=[\w-]*\d)[\w-]{4,}"  # run_child_8d7c…, cus_NffrFeUfNV2Hib
+    r"|(?=[A-Za-z-]*\d[A-Za-z-]*\d)(?=[0-9-]*[A-Za-z])[0-9A-Za-z][0-9A-Za-z-]{5,})$"  # u-bdb68b43
+)
 
 
 def _url_pattern(url: str) -> str:
