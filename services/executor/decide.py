@@ -281,9 +281,17 @@ def decide_and_fold(
         case DeadlinePassed():
             if status not in (RunStatus.RUNNING, RunStatus.PAUSED) or flow.timeout_s is None:
                 return [], state
+            # The step that was running is the one the timeout names (a diagnosis points at it); it fails with the
+            # run's error rather than being canceled like a bystander.
+            running = next((name for name, s in out.run.steps.items()
+                            if s.status in (StepStatus.RUNNING, StepStatus.RETRYING)), None)  # fmt: skip
+            where = f" while step {running!r} was running" if running is not None else ""
             error = ErrorInfo(category=ErrorCategory.TRANSIENT, code="flow_timeout",
-                              message=f"the flow's timeout of {flow.timeout_s:g}s passed")  # fmt: skip
-            _finish(out, ev.RunTimedOut, error=error, reason=error.message)
+                              message=f"the flow timeout of {flow.timeout_s:g}s passed{where}",
+                              details={"step": running} if running is not None else {})  # fmt: skip
+            if running is not None:
+                out.emit(ev.StepFailed, {"step": running, "attempt": out.run.steps[running].attempt, "error": error})
+            _finish(out, ev.RunTimedOut, failed_step=running, error=error, reason=error.message)
         case CommandInput(command=CancelRun() as c):
             out.emit(ev.RunCancelRequested, {"reason": c.reason, "requested_by": c.issued_by,
                                               "bulk_operation_id": c.bulk_operation_id})  # fmt: skip

@@ -319,13 +319,24 @@ async def test_a_step_past_its_timeout_ends_the_run_timed_out(env: Env) -> None:
     assert run["duration_ms"] < env.upstream.slow_s * 1000  # it did not wait for the slow answer
 
 
-async def test_a_run_past_the_flow_timeout_ends_timed_out_and_its_step_canceled(env: Env) -> None:
+async def test_a_run_past_the_flow_timeout_ends_timed_out_naming_the_step_it_was_in(env: Env) -> None:
     run = await wait_status(env, await trigger(env, "deadline", {}))
 
     assert run["status"] == "TIMED_OUT"
-    assert "timeout of 50s" in run["error_message"]
+    assert run["error_message"] == "the flow timeout of 50s passed while step 'wait' was running"
+    assert run["failed_step"] == "wait"
     steps = {s["name"]: s["status"] for s in run["steps"]}
-    assert steps == {"shape": "SUCCEEDED", "wait": "CANCELED"}
+    assert steps == {"shape": "SUCCEEDED", "wait": "FAILED"}
+    # Its failure group names the step and says what to do about a timeout, not "retries are automatic".
+    deadline = time.monotonic() + 20
+    while True:
+        groups = (await api(env, "GET", "/v1/analytics/failure-groups")).json()["data"]
+        group = next((g for g in groups if g["flow_id"] == "deadline"), None)
+        if group is not None or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    assert group is not None and group["step"] == "wait"
+    assert "timeout" in group["next_action"] and "retries are automatic" not in group["next_action"]
     assert run["duration_ms"] < 5000  # the delay (10 s scaled) was abandoned at the deadline (0.5 s scaled)
 
 

@@ -153,12 +153,15 @@ def test_a_step_timeout_that_is_not_retried_ends_the_run_timed_out() -> None:
     assert run.types[-2:] == ["StepFailed", "RunTimedOut"]
 
 
-def test_the_flow_deadline_cancels_the_running_step_and_times_out() -> None:
+def test_the_flow_deadline_fails_the_running_step_and_names_it() -> None:
     run = started(Run(make_flow(*TWO, timeout_s=30)))
     run.now += timedelta(seconds=31)
     run.feed(DeadlinePassed("run-1"))
-    assert run.types[-2:] == ["StepCanceled", "RunTimedOut"]
-    assert "timeout of 30s" in run.events[-1].payload.error.message
+    # The running step is the one the timeout names: it fails with the run's error, and the run says which it was.
+    assert run.types[-2:] == ["StepFailed", "RunTimedOut"]
+    ended = run.events[-1].payload
+    assert ended.failed_step == "fetch" and ended.error.code == "flow_timeout"
+    assert ended.error.message == "the flow timeout of 30s passed while step 'fetch' was running"
     assert started(Run(make_flow(*TWO))).feed(DeadlinePassed("run-1")) == []  # no flow timeout: nothing
 
 

@@ -30,6 +30,22 @@ NEXT_ACTION = {
 }
 
 
+# Errors Flowtrail words itself, whose next action is more precise than their category's (by message pattern).
+NEXT_ACTION_BY_PATTERN = (
+    ("the flow timeout of", "The run passed its flow's timeout while the failed step was running: make that step "
+     "faster (or give it its own timeout_s) or raise the flow's timeout_s, then retry the runs from the failed step."),
+    ("no answer to request", "Nobody answered the human_input request before it expired: answer sooner or raise the "
+     "step's timeout_s, then retry the runs."),
+)  # fmt: skip
+
+
+def next_action(category: str, pattern: str) -> str:
+    for prefix, action in NEXT_ACTION_BY_PATTERN:
+        if pattern.startswith(prefix):
+            return action
+    return NEXT_ACTION[category]
+
+
 def _window(since: datetime | None, until: datetime | None) -> tuple[datetime, datetime]:
     """Default: the last seven days."""
     end = until if until is not None else datetime.now(UTC)
@@ -127,7 +143,7 @@ async def failure_groups(
         request.app.state.pool, principal.tenant_id, principal.environment, flow_id,
         category.upper() if category else None, limit,
     )  # fmt: skip
-    return {"data": [{**dict(r), "next_action": NEXT_ACTION[r["category"]]} for r in rows]}
+    return {"data": [{**dict(r), "next_action": next_action(r["category"], r["message_pattern"] or "")} for r in rows]}
 
 
 @router.get("/v1/analytics/endpoints", response_model_exclude_unset=True, response_model=Endpoints)
