@@ -21,7 +21,8 @@ _VARIABLE = re.compile(
     r"|(?P<key>\b[A-Za-z]{1,10}-\d+\b)"
     # Opaque ids: letters and at least two digits mixed, six characters or more (u-bdb68b43, a1b2c3).
     r"|(?P<opaque>\b(?=[A-Za-z-]*\d[A-Za-z-]*\d)(?=[0-9-]*[A-Za-z])[0-9A-Za-z][0-9A-Za-z-]{5,}\b)"
-    r"|(?P<str>'[^']*'|\"[^\"]*\")"
+    # A quote opens a value only where a word does not end: the apostrophe of "flow's" or "can't" is no quote.
+    r"|(?P<str>(?<![A-Za-z])'[^']*'|\"[^\"]*\")"
     r"|(?P<n>\b\d+(?:\.\d+)?\b)"
 )
 

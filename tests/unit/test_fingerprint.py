@@ -51,3 +51,8 @@ def test_named_segments_and_versions_stay(path: str) -> None:
 def test_different_errors_stay_different() -> None:
     assert normalise("token expired") != normalise("token revoked")
     assert fingerprint("f", "a", "AUTH", "x") != fingerprint("f", "b", "AUTH", "x")  # another step
+
+
+def test_an_apostrophe_is_no_quote() -> None:
+    pattern = normalise("the flow's step 'push' can't reach 'erp'")
+    assert pattern == "the flow's step <str> can't reach <str>"
