@@ -30,7 +30,7 @@ from jsonpath import JSONPath, JSONPathEnvironment, JSONPathError
 if TYPE_CHECKING:
     from schemas.flows import StepDefinition
 
-# `{{ expr }}` in a string; shared with the renderer (services/executor/templating.py) so that what is checked at
+# `{{ expr }}` in a string; shared with the renderer (services/common/templating.py) so that what is checked at
 # publish is exactly what is evaluated at run time.
 TEMPLATE = re.compile(r"\{\{\s*(.+?)\s*\}\}")
 # A whole-string match whose expression holds a `}}` followed by a `{{` spans several templates

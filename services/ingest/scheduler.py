@@ -19,198 +19,41 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
-from croniter import CroniterBadDateError, croniter
 
 from schemas import codec
 from schemas.events import (
-    CursorWindow,
-    ExecutionMode,
     FlowEventBase,
     FlowResumed,
     FlowVersionPublished,
-    TriggerInfo,
     TriggerReceived,
-    TriggerType,
     utcnow,
 )
-from schemas.flows import FlowDefinition, TriggerConfig
+from schemas.flows import FlowDefinition
 from schemas.topics import COMPACTED, Topics
 from services.common.flowfollow import FlowFollower, FlowKey
+from services.common.schedule import (
+    COUNT_CAP,
+    Clock,
+    Due,
+    Schedule,
+    ScheduleError,
+    Windows,
+    as_utc,
+    plan,
+    scheduled_trigger,
+    tick_iso,
+)
 from services.ingest import metrics
 from services.ingest.adapters.triggers import TriggerLog
 
 log = logging.getLogger(__name__)
-
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-MIN_INTERVAL_S = 1.0
-# Counting the missed ticks of a per-second cron over months would stall the loop: beyond this, "at least".
-COUNT_CAP = 10_000
-_RUN_NS = uuid.UUID("e1acf6a7-abb3-4f88-a3ef-16abc34d858d")
-
-Clock = Callable[[], datetime]
-
-
-class ScheduleError(ValueError):
-    """A schedule trigger that cannot run; the message says why, for the operator reading the log."""
-
-
-def _utc(t: datetime) -> datetime:
-    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
-
-
-def _micros(t: datetime) -> int:
-    d = _utc(t) - EPOCH
-    return (d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds
-
-
-def _at(micros: int) -> datetime:
-    return EPOCH + timedelta(microseconds=micros)
-
-
-# ---------------------------------------------------------------- tick arithmetic (pure)
-
-
-@dataclass(frozen=True, slots=True)
-class Schedule:
-    """A flow's tick times: a cron expression, or an interval in microseconds."""
-
-    cron: str | None = None
-    interval_us: int = 0
-
-    @classmethod
-    def of(cls, trigger: TriggerConfig) -> Schedule | None:
-        """The schedule of a trigger config; None when it is not a `schedule` trigger, ScheduleError when bad."""
-        if trigger.type != "schedule":
-            return None
-        if trigger.cron is not None and trigger.interval_s is not None:
-            raise ScheduleError("give either `cron` or `interval_s`, not both")
-        if trigger.cron is not None:
-            return cls.from_cron(trigger.cron)
-        if trigger.interval_s is not None:
-            if not trigger.interval_s >= MIN_INTERVAL_S:  # also refuses NaN
-                raise ScheduleError(f"`interval_s` must be at least {MIN_INTERVAL_S:g} s, got {trigger.interval_s!r}")
-            return cls(interval_us=round(trigger.interval_s * 1_000_000))
-        raise ScheduleError("a `schedule` trigger needs `cron` or `interval_s`")
-
-    @classmethod
-    def from_cron(cls, expression: str) -> Schedule:
-        if not croniter.is_valid(expression):
-            raise ScheduleError(
-                f"{expression!r} is not a cron expression (5 fields, UTC: minute hour day-of-month month "
-                "day-of-week; a 6th for seconds)"
-            )
-        schedule = cls(cron=expression)
-        if schedule.next_after(datetime(2000, 1, 1, tzinfo=UTC)) is None:
-            raise ScheduleError(f"cron {expression!r} matches no date")
-        return schedule
-
-    def next_after(self, t: datetime) -> datetime | None:
-        """The first tick strictly after `t` (None: the cron matches no later date)."""
-        if self.cron is None:
-            return _at((_micros(t) // self.interval_us + 1) * self.interval_us)
-        try:
-            return _utc(croniter(self.cron, _utc(t)).get_next(datetime))
-        except CroniterBadDateError:
-            return None
-
-    def latest_at(self, t: datetime) -> datetime | None:
-        """The last tick at or before `t`."""
-        if self.cron is None:
-            return _at(_micros(t) // self.interval_us * self.interval_us)
-        t = _utc(t)
-        if self.next_after(t - timedelta(microseconds=1)) == t:
-            return t
-        try:
-            return _utc(croniter(self.cron, t).get_prev(datetime))
-        except CroniterBadDateError:
-            return None
-
-    def count_between(self, after: datetime, before: datetime) -> int:
-        """How many ticks lie strictly between the two times (at most COUNT_CAP)."""
-        if self.cron is None:
-            first = _micros(after) // self.interval_us + 1
-            last = -(-_micros(before) // self.interval_us) - 1
-            return max(0, min(last - first + 1, COUNT_CAP))
-        ticks = croniter(self.cron, _utc(after))
-        count = 0
-        try:
-            while count < COUNT_CAP and _utc(ticks.get_next(datetime)) < before:
-                count += 1
-        except CroniterBadDateError:
-            pass
-        return count
-
-
-@dataclass(frozen=True, slots=True)
-class Due:
-    """What one pass does about one flow: fire `fire` (or nothing), skip `skipped` ticks, settle up to `settled`."""
-
-    fire: datetime | None
-    skipped: int
-    settled: datetime
-
-
-def plan(schedule: Schedule, settled: datetime, now: datetime, max_catch_up_s: float) -> Due | None:
-    """The missed-tick policy over the ticks in (settled, now]: the newest fires unless older than
-    `max_catch_up_s`; every other one is skipped. None when no tick is due."""
-    newest = schedule.latest_at(now)
-    if newest is None or newest <= settled:
-        return None
-    skipped = schedule.count_between(settled, newest)
-    if (now - newest).total_seconds() > max_catch_up_s:
-        return Due(None, skipped + 1, newest)
-    return Due(newest, skipped, newest)
-
-
-def tick_iso(tick: datetime) -> str:
-    return _utc(tick).isoformat().replace("+00:00", "Z")
-
-
-def scheduled_run_id(tenant_id: str, flow_id: str, tick: datetime) -> str:
-    """The same id for a tick in every process, so a tick fired twice starts one run."""
-    return "run_sched_" + uuid.uuid5(_RUN_NS, f"{tenant_id}\x1f{flow_id}\x1f{tick_iso(tick)}").hex
-
-
-def scheduled_trigger(flow: FlowDefinition, tick: datetime, now: datetime) -> TriggerReceived:
-    run_id = scheduled_run_id(flow.tenant_id, flow.id, tick)
-    return TriggerReceived(
-        trigger_id=run_id.removeprefix("run_sched_"),  # deterministic too: a re-fired tick is the same input
-        tenant_id=flow.tenant_id,
-        run_id=run_id,
-        flow_id=flow.id,
-        flow_version=flow.version,  # the version whose schedule produced the tick
-        trigger=TriggerInfo(type=TriggerType.SCHEDULE, caller="scheduler", payload={"scheduled_for": tick_iso(tick)}),
-        environment=flow.environment,
-        execution_mode=ExecutionMode.SCHEDULE,
-        received_at=now,
-    )
-
-
-# (tenant, flow, version, the tick) → the cursor window of a syncing flow's run, None for other flows.
-Windows = Callable[[str, str, int, datetime], Awaitable[CursorWindow | None]]
-
-
-class ScaledClock:
-    """Schedule time running 1/time_scale times as fast as real time from `origin`: tests see an hour of 1-minute
-    ticks in seconds. Schedulers that must agree on ticks share one instance."""
-
-    def __init__(self, origin: datetime, time_scale: float) -> None:
-        self.origin = _utc(origin)
-        self.time_scale = time_scale
-        self._started = time.monotonic()
-
-    def __call__(self) -> datetime:
-        return self.origin + timedelta(seconds=(time.monotonic() - self._started) / self.time_scale)
-
 
 # ---------------------------------------------------------------- settled ticks (Kafka)
 
@@ -280,7 +123,7 @@ class MarkLog:
                 for record in (await consumer.getmany(tp, timeout_ms=500)).get(tp, []):
                     try:
                         mark = codec.loads(record.value)
-                        key, tick = (mark["tenant_id"], mark["flow_id"]), _utc(datetime.fromisoformat(mark["tick"]))
+                        key, tick = (mark["tenant_id"], mark["flow_id"]), as_utc(datetime.fromisoformat(mark["tick"]))
                     except (ValueError, KeyError, TypeError) as exc:
                         log.error("unreadable schedule mark at offset %s: %s", record.offset, exc)
                         continue
@@ -373,10 +216,10 @@ class Scheduler:
                 self._entries.pop(key, None)
             else:
                 # A new version's schedule applies from its publication: its first tick is the next one after.
-                since = [_utc(event.occurred_at)] + [t for t in (self._marked.get(key), entry and entry.settled) if t]
+                since = [as_utc(event.occurred_at)] + [t for t in (self._marked.get(key), entry and entry.settled) if t]
                 self._entries[key] = _Entry(flow, schedule, max(since))
         elif isinstance(event, FlowResumed) and entry is not None:
-            entry.settle(_utc(event.occurred_at))  # ticks while paused are not missed ones: the next one fires
+            entry.settle(as_utc(event.occurred_at))  # ticks while paused are not missed ones: the next one fires
         metrics.SCHEDULES.set(len(self._entries))
         self._wake.set()
 

@@ -17,7 +17,6 @@ FAILED = frozenset({"FAILED", "TIMED_OUT", "INTERNAL_ERROR"})
 # The outcomes of a flow's work. CANCELED, INVALID and QUOTA_EXCEEDED say nothing about the flow's health:
 # they neither break a streak nor count in a failure rate.
 OUTCOMES = FAILED | {"SUCCEEDED", "PARTIAL"}
-PAGERDUTY_URL = "https://events.pagerduty.com/v2/enqueue"
 _NS = uuid.UUID("5d0c8f4e-3b7a-4e55-9a8e-7f2c1d6b9e30")
 
 

@@ -28,7 +28,8 @@ from services.common.kafka import publish_flow_events
 from services.ingest.adapters.triggers import TriggerLog
 from services.ingest.adapters.windows import cursor_window
 from services.ingest.app import create_app
-from services.ingest.scheduler import ScaledClock, Scheduler, scheduled_run_id
+from services.common.schedule import ScaledClock, scheduled_run_id
+from services.ingest.scheduler import Scheduler
 from services.ingest.settings import IngestSettings
 from tests.conftest import Sandbox
 

@@ -12,7 +12,7 @@ from schemas import codec
 from schemas.events import FlowVersionPublished
 from schemas.expressions import ExpressionError, compile_expression, expression_errors, is_jsonpath
 from schemas.flows import STORED_FLOW, FlowDefinition
-from services.executor.templating import TemplateError, evaluate, extract
+from services.common.templating import TemplateError, evaluate, extract
 from tests.unit.drive import Run, make_flow, make_stored_flow, make_trigger
 
 

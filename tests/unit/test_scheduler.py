@@ -8,7 +8,7 @@ import pytest
 
 from schemas.events import ExecutionMode, TriggerType
 from schemas.flows import Environment, FlowDefinition, StepDefinition, TriggerConfig
-from services.ingest.scheduler import (
+from services.common.schedule import (
     COUNT_CAP,
     Schedule,
     ScheduleError,

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.executor.templating import TemplateError, check, evaluate, render, truthy
+from services.common.templating import TemplateError, check, evaluate, render, truthy
 
 CTX: dict[str, Any] = {
     "trigger": {"order_id": "SO-1", "total": 1250, "ratio": 0.5, "paid": True, "items": [{"sku": "a"}, {"sku": "b"}],

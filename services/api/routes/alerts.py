@@ -19,9 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.api.models import AlertDetail, AlertRule, AlertRules, Alerts, NewAlertRule
 from services.common.auth import Principal, require_scope
+from services.common.channels import PAGERDUTY_URL
 from services.common.http import ApiError
 from services.common.netguard import BlockedAddress, check_url
-from services.projector.alerts import PAGERDUTY_URL
 
 router = APIRouter()
 Admin = Annotated[Principal, Depends(require_scope("admin"))]

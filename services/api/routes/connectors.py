@@ -32,6 +32,7 @@ from services.api.models import Connector, ConnectorCheck, Connectors
 from services.api.routes.flows import connectors as named_connectors
 from services.common.auth import Principal, require_scope
 from services.common.crypto import SecretsKeyError, decrypt_text, encrypt_inline, inline_context, plaintexts, redact
+from services.common.failures import StepError, classify_kafka, classify_sqlstate, classify_status, masked_message
 from services.common.http import ApiError
 from services.common.netguard import (
     BlockedAddress,
@@ -44,11 +45,7 @@ from services.common.netguard import (
     kafka_bootstrap,
 )
 from services.common.secretstore import keyring_of, read_secrets
-from services.executor.adapters.actions_base import StepError, masked_message
-from services.executor.adapters.actions_db import classify_sqlstate
-from services.executor.adapters.actions_kafka import classify_kafka
-from services.executor.adapters.steps import classify_status
-from services.executor.templating import TemplateError, render, secret_names
+from services.common.templating import TemplateError, render, secret_names
 
 router = APIRouter()
 Reader = Annotated[Principal, Depends(require_scope("runs:read"))]

@@ -25,8 +25,8 @@ from services.common.auth import Principal, require_scope
 from services.common.contract import INT32_MAX
 from services.common.crypto import seal_flow
 from services.common.http import ApiError
+from services.common.schedule import Schedule, ScheduleError
 from services.common.secretstore import keyring_of
-from services.ingest.scheduler import Schedule, ScheduleError
 
 router = APIRouter()
 

@@ -17,7 +17,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from schemas.events import ErrorCategory, ErrorInfo
-from schemas.flows import mask_text
+from services.common.failures import StepError
 
 TRUNCATED = "…[truncated]"
 M = TypeVar("M", bound=BaseModel)
@@ -51,13 +51,6 @@ class StepOutcome:
     output: Any = None
     error: ErrorInfo | None = None
     duration_ms: float = 0
-
-
-class StepError(Exception):
-    def __init__(self, category: ErrorCategory, message: str, *, output: Any = None, **info: Any) -> None:
-        super().__init__(message)
-        self.error = ErrorInfo(category=category, message=message, **info)
-        self.output = output
 
 
 def parse_input(model: type[M], value: Any, action: str) -> M:
@@ -125,9 +118,3 @@ def cap_output(value: Any, max_bytes: int) -> Any:
 
 def b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode()
-
-
-def masked_message(exc: BaseException) -> str:
-    """`Type: message` with any password a client library echoed (a DSN, a URL) hidden."""
-    text = str(exc) or type(exc).__name__
-    return mask_text(f"{type(exc).__name__}: {text}")

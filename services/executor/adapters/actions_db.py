@@ -16,13 +16,13 @@ import orjson
 
 from schemas.events import ErrorCategory
 from schemas.flows import DatabaseQueryInput, mask_text
+from services.common.failures import classify_sqlstate, masked_message
 from services.common.netguard import BlockedAddress, UnresolvableHost, guard_dsn
 from services.executor.adapters.actions_base import (
     StepCall,
     StepError,
     json_safe,
     json_size,
-    masked_message,
     parse_input,
 )
 from services.executor.adapters.connectors import ConnectorRegistry, as_registry
@@ -31,18 +31,6 @@ log = logging.getLogger(__name__)
 
 SCHEMES = ("postgresql", "postgres")
 CONNECT_TIMEOUT_S = 10.0
-
-
-def classify_sqlstate(sqlstate: str | None) -> ErrorCategory:
-    """SQLSTATE → error category (seed 000): retry what may pass later, surface what will not."""
-    state = sqlstate or ""
-    if state == "42501" or state.startswith("28"):  # insufficient privilege, invalid authorization
-        return ErrorCategory.AUTH
-    if state in ("23505", "40001", "40P01", "55P03"):  # duplicate key, serialization, deadlock, lock not available
-        return ErrorCategory.CONFLICT
-    if state.startswith(("08", "53", "57", "58", "XX")):  # connection, resources, canceled/shutdown, system
-        return ErrorCategory.TRANSIENT
-    return ErrorCategory.VALIDATION  # data, integrity, syntax, undefined objects, read-only transaction…
 
 
 class DatabaseActions:

@@ -16,39 +16,19 @@ from aiokafka.structs import OffsetAndMetadata
 
 from schemas.events import ErrorCategory
 from schemas.flows import KafkaConsumeInput, KafkaProduceInput
+from services.common.failures import classify_kafka, masked_message
 from services.common.netguard import BlockedAddress, KafkaGuard, UnresolvableHost, kafka_bootstrap
 from services.executor.adapters.actions_base import (
     StepCall,
     StepError,
     b64,
     json_size,
-    masked_message,
     parse_input,
 )
 from services.executor.adapters.connectors import ConnectorRegistry, as_registry
 
 T = TypeVar("T")
 IDEMPOTENCY_HEADER = "flowtrail-idempotency-key"
-_AUTH_ERRORS = (
-    kerr.TopicAuthorizationFailedError, kerr.GroupAuthorizationFailedError, kerr.ClusterAuthorizationFailedError,
-    kerr.TransactionalIdAuthorizationFailed, kerr.SaslAuthenticationFailed, kerr.AuthenticationFailedError,
-    kerr.UnsupportedSaslMechanismError,
-)  # fmt: skip
-_CONFLICT_ERRORS = (kerr.CommitFailedError, kerr.IllegalGenerationError, kerr.UnknownMemberIdError,
-                    kerr.RebalanceInProgressError)  # fmt: skip
-
-
-def classify_kafka(exc: BaseException) -> ErrorCategory:
-    """Kafka client error → error category (seed 000)."""
-    if isinstance(exc, _AUTH_ERRORS):
-        return ErrorCategory.AUTH
-    if isinstance(exc, _CONFLICT_ERRORS):  # the group is in use by live members: its position moved
-        return ErrorCategory.CONFLICT
-    if isinstance(exc, kerr.KafkaTimeoutError | kerr.KafkaConnectionError | OSError | TimeoutError):
-        return ErrorCategory.TRANSIENT
-    if getattr(exc, "retriable", False):
-        return ErrorCategory.TRANSIENT
-    return ErrorCategory.VALIDATION  # too large, invalid topic, bad configuration…
 
 
 class KafkaActions:

@@ -21,6 +21,7 @@ from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from schemas.events import CANONICAL_ENTITIES, ErrorCategory
 from schemas.flows import Frozen, mask_secrets, mask_text
+from services.common.failures import masked_message
 from services.common.netguard import BlockedAddress, UnresolvableHost, check_url, guarded_client
 from services.executor.adapters.actions_base import (
     TRUNCATED,
@@ -28,7 +29,6 @@ from services.executor.adapters.actions_base import (
     StepError,
     cap_output,
     json_safe,
-    masked_message,
     parse_input,
 )
 from services.executor.adapters.actions_db import SCHEMES, DatabaseActions, classify_sqlstate, coerce_param

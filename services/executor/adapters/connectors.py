@@ -23,8 +23,8 @@ import asyncpg
 from schemas.events import ErrorCategory
 from services.common.crypto import SecretsKeyError, decrypt_text, inline_context
 from services.common.secretstore import SecretReader
+from services.common.templating import TemplateError, render, secret_names
 from services.executor.adapters.actions_base import StepError
-from services.executor.templating import TemplateError, render, secret_names
 
 _KIND_OF_SCHEME = {"http": "http", "https": "http", "postgresql": "postgresql", "postgres": "postgresql",
                    "kafka": "kafka"}  # fmt: skip

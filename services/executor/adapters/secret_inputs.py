@@ -14,8 +14,8 @@ import asyncpg
 from schemas.events import ErrorCategory
 from services.common.crypto import PREFIX, SecretsKeyError, decrypt_text, inline_context, plaintexts, redact
 from services.common.secretstore import SecretReader
+from services.common.templating import TemplateError, render, with_secrets
 from services.executor.adapters.actions_base import StepError, StepOutcome
-from services.executor.templating import TemplateError, render, with_secrets
 
 
 @dataclass(frozen=True, slots=True)

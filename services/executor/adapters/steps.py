@@ -17,8 +17,10 @@ from schemas.events import ErrorCategory, ErrorInfo
 from schemas.flows import StepAction, StepDefinition, contains_mask, mask_secrets, mask_text
 from schemas.status import StepStatus
 from services.common.crypto import contains_ciphertext, redact
+from services.common.failures import classify_status
 from services.common.netguard import BlockedAddress, UnresolvableHost, check_url, guarded_client
 from services.common.secretstore import SecretReader
+from services.common.templating import TemplateError, masked_secrets, render, secret_names, with_secrets
 from services.executor.adapters.actions_base import StepCall, StepError, StepOutcome, cap_output
 from services.executor.adapters.actions_db import DatabaseActions
 from services.executor.adapters.actions_kafka import KafkaActions
@@ -28,7 +30,6 @@ from services.executor.adapters.connectors import ConnectorRegistry
 from services.executor.adapters.secret_inputs import PendingInput, resolve, scrub
 from services.executor.fold import RunState
 from services.executor.settings import ExecutorSettings
-from services.executor.templating import TemplateError, masked_secrets, render, secret_names, with_secrets
 
 __all__ = ["PendingInput", "StepCall", "StepError", "StepOutcome", "StepRunners", "classify_status", "runner_input"]
 
@@ -70,17 +71,6 @@ def runner_input(state: RunState, definition: StepDefinition) -> Any:
 
 # Their input is written to the ledger again (a child's trigger, a pause's prompt): secrets stay masked there.
 _RECORDED_AGAIN = (StepAction.SUBFLOW, StepAction.HUMAN_INPUT)
-
-
-def classify_status(status: int) -> ErrorCategory:
-    """HTTP status → error category (seed 000)."""
-    if status in (401, 403):
-        return ErrorCategory.AUTH
-    if status == 409:
-        return ErrorCategory.CONFLICT
-    if status in (408, 425, 429) or status >= 500:
-        return ErrorCategory.TRANSIENT
-    return ErrorCategory.VALIDATION
 
 
 class StepRunners:

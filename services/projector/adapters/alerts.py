@@ -18,6 +18,7 @@ import httpx
 
 from schemas import codec
 from schemas.events import TERMINAL_EVENT_STATUS, EventBase
+from services.common.channels import PAGERDUTY_URL
 from services.common.netguard import BlockedAddress, UnresolvableHost, check_url, guarded_client
 from services.common.webhooks import sign
 from services.projector import alerts
@@ -227,7 +228,7 @@ async def _enqueue(conn: asyncpg.Connection, outcome: _Outcome, offers: list[tup
             did = alerts.delivery_id(a["id"], action, i)
             body = alerts.render(channel, action, view, rule, did)
             email = channel["type"] == "email"
-            target = ", ".join(channel["to"]) if email else channel.get("url", alerts.PAGERDUTY_URL)
+            target = ", ".join(channel["to"]) if email else channel.get("url", PAGERDUTY_URL)
             rows.append((did, a["id"], rule.id, rule.tenant_id, action, i, channel["type"], target,
                          codec.dumps(body).decode()))  # fmt: skip
     if not rows:
