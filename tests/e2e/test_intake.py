@@ -72,7 +72,10 @@ async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIt
             FlowVersionPublished(tenant_id=t, flow_id="noop", flow_version=1, flow=_flow(t)) for t in TENANTS
         ])  # fmt: skip
         logs = tmp_path_factory.mktemp("logs")
-        limits = {"FLOWTRAIL_INGEST_MAX_BODY_BYTES": str(MAX_BODY), "FLOWTRAIL_INGEST_SCHEDULER": "false"}
+        # A long append timeout: on a loaded 2-core machine an acknowledgement can take seconds, and this module is
+        # about limits and keys, not outages (tests/e2e/test_intake_outage.py has those).
+        limits = {"FLOWTRAIL_INGEST_MAX_BODY_BYTES": str(MAX_BODY), "FLOWTRAIL_INGEST_SCHEDULER": "false",
+                  "FLOWTRAIL_KAFKA_APPEND_TIMEOUT_S": "60"}  # fmt: skip
         stack = Stack.build(sandbox, ("ingest", "executor", "projector", "api"), logs, **limits)
         # A second ingest replica on the same database and topics: idempotency keys hold across processes.
         ingest2 = Service("ingest", free_port(), {}, logs / "ingest2.log")
