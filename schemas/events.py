@@ -217,6 +217,9 @@ class StepAttemptFailedPayload(Frozen):
     error: ErrorInfo
     retry_at: datetime | None = None
     duration_ms: float = 0
+    # What the attempt answered (an http_request's status and body preview), capped and masked like a step's
+    # output; absent on events written before it was recorded.
+    output: Any = None
 
 
 class AssertionResult(Frozen):
@@ -256,6 +259,13 @@ class StepSkippedPayload(Frozen):
     step: str
     position: int | None = None
     reason: str = ""
+    # What the step would have done, and why it did not: its action, its input as rendered (secrets masked; null
+    # when it cannot be rendered, e.g. it names a step that was skipped too), its run_condition and the value
+    # that condition evaluated to. Absent on events written before they were recorded.
+    action: str | None = None
+    input: Any = None
+    run_condition: str | None = None
+    condition_value: Any = None
 
 
 class StepCanceledPayload(Frozen):

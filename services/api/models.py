@@ -97,6 +97,11 @@ class StepAttempt(Out):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     duration_ms: float | None = None
+    output: JSON = Field(
+        default=None,
+        description="what this attempt answered (an http_request's status, headers and body preview), capped and "
+        "masked like the step's output",
+    )
 
 
 class RunStep(Out):
@@ -116,6 +121,9 @@ class RunStep(Out):
     attempts: list[StepAttempt] = []
     reused_from: str | None = Field(
         default=None, description="FROM_FAILED_STEP: not run again in this run; the run in which the step ran"
+    )
+    reason: str | None = Field(
+        default=None, description="a SKIPPED step: why it did not run (its run_condition and what it evaluated to)"
     )
 
 

@@ -55,6 +55,7 @@ def as_of(run: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) -> dict[str
             {
                 "attempt": a.attempt, "status": a.status, "error": a.error, "retry_at": a.retry_at,
                 "started_at": a.started_at, "finished_at": a.finished_at, "duration_ms": a.duration_ms,
+                "output": a.output,
             }
         )  # fmt: skip
     steps = sorted(batch.step_changes.values(), key=lambda c: c.position)
@@ -64,6 +65,7 @@ def as_of(run: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) -> dict[str
             "input": c.input, "output": c.output, "error": c.error, "assertions": c.assertions or [],
             "extractions": c.extractions or {}, "started_at": c.started_at, "finished_at": c.finished_at,
             "duration_ms": c.duration_ms, "attempts": attempts.get(c.step, []), "reused_from": c.reused_from,
+            "reason": c.reason,
         }
         for c in steps
     ]  # fmt: skip

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
+
 from schemas import events as ev
 from schemas.events import (
     ArchiveRun,
@@ -438,19 +440,12 @@ def _advance(out: _Emitter, flow: FlowDefinition) -> None:
             continue
         if step.run_condition is not None:
             try:
-                run_it = truthy(evaluate(step.run_condition, out.run.context()))
+                value = evaluate(step.run_condition, out.run.context())
             except TemplateError as exc:
                 _fail_before_start(out, flow, step, str(exc))
                 return
-            if not run_it:
-                out.emit(
-                    ev.StepSkipped,
-                    {
-                        "step": step.name,
-                        "position": flow.position(step.name),
-                        "reason": f"run_condition false: {step.run_condition}",
-                    },
-                )
+            if not truthy(value):
+                out.emit(ev.StepSkipped, _skipped(out.run, flow, step, value))
                 continue
         _start_step(out, flow, step, attempt=1)
         return
@@ -458,6 +453,24 @@ def _advance(out: _Emitter, flow: FlowDefinition) -> None:
         _finish(out, ev.RunPartiallySucceeded, reason=f"{out.run.failed_records} record(s) failed")
     else:
         _finish(out, ev.RunSucceeded)
+
+
+def _skipped(run: RunState, flow: FlowDefinition, step: StepDefinition, value: Any) -> dict[str, Any]:
+    """A skipped step's StepSkipped: what it would have done (action, input rendered and masked as a started
+    step's) and why not (its run_condition and what that evaluated to)."""
+    try:
+        rendered = mask_secrets(render(dict(step.input), with_secrets(run.context(), masked_secrets(step.input))))
+    except TemplateError:
+        rendered = None  # e.g. it names a step that was skipped too: nothing to render, and nothing ran
+    if value is False:
+        was = "was false"
+    elif value is None:
+        was = "was null"
+    else:  # a falsy value other than false and null: 0 is truthy, so only an empty string, list or object
+        was = f"evaluated to {orjson.dumps(value).decode()}, which is false"
+    return {"step": step.name, "position": flow.position(step.name), "action": step.action.value,
+            "input": rendered, "run_condition": step.run_condition, "condition_value": value,
+            "reason": f"run_condition {orjson.dumps(step.run_condition).decode()} {was}"}  # fmt: skip
 
 
 def _start_step(out: _Emitter, flow: FlowDefinition, step: StepDefinition, attempt: int) -> None:
@@ -558,9 +571,10 @@ def _complete_step(out: _Emitter, flow: FlowDefinition, step: StepDefinition, in
             out.emit(ev.ConnectorDegraded, {"connector": connector, "step": step.name, "error": error})
     retry_at = _retry_at(step.retry or flow.retry, error, inp.attempt, out.run.steps[step.name], out.clock)
     if retry_at is not None:
+        # The attempt's output (capped and masked by the runner, as a StepFailed's): what the upstream answered.
         out.emit(ev.StepAttemptFailed, {
             "step": step.name, "attempt": inp.attempt, "error": error, "retry_at": retry_at,
-            "duration_ms": inp.duration_ms,
+            "duration_ms": inp.duration_ms, "output": inp.output,
         })  # fmt: skip
         _log(out, "WARNING", f"attempt {inp.attempt} failed ({error.category}): {error.message}; next attempt at "
              f"{retry_at.isoformat()}", step.name, attempt=inp.attempt, category=error.category.value)  # fmt: skip

@@ -28,6 +28,7 @@ class AttemptChange:
     started_at: datetime | None = None
     finished_at: datetime | None = None
     duration_ms: float | None = None
+    output: Any = None  # what the attempt answered (capped and masked by the executor, as a step's output)
 
 
 @dataclass
@@ -109,10 +110,36 @@ def plan_details(events: list[EventBase]) -> DetailPlan:
                 "run_id": event.run_id, "seq": event.seq, "tenant_id": event.tenant_id, "level": p.level,
                 "step": p.step, "message": p.message, "fields": dict(p.fields), "occurred_at": event.occurred_at,
             })  # fmt: skip
+        if t in ("StepStarted", "StepSucceeded", "StepSkipped"):
+            out.logs.append(step_log(event))
         elif t in TERMINAL_EVENT_STATUS:
             out.finished.append(event.run_id)
             _failure(out, event)
     return out
+
+
+def step_log(event: EventBase) -> dict[str, Any]:
+    """The INFO line a step's start, success or skip reads as in GET /v1/runs/{id}/logs: derived from that event
+    alone, at its seq, so every run has a readable log with no LogEmitted per step in the ledger (issue 18 counts
+    events per run) and a rebuild writes the same line. Migration 0023 writes the same lines, in SQL, for events
+    projected before it: change a message here and there together (tests/integration/test_step_logs.py)."""
+    p = event.payload
+    fields: dict[str, Any]
+    match event.type:
+        case "StepStarted":
+            message = f"step {p.step} started ({p.action}, attempt {p.attempt})"
+            fields = {"attempt": p.attempt, "action": p.action}
+        case "StepSucceeded" if p.reused_from is not None:
+            message = f"step {p.step} reused from run {p.reused_from}, not run again"
+            fields = {"attempt": p.attempt, "reused_from": p.reused_from}
+        case "StepSucceeded":
+            message = f"step {p.step} succeeded in {int(p.duration_ms)} ms (attempt {p.attempt})"
+            fields = {"attempt": p.attempt, "duration_ms": p.duration_ms}
+        case _:  # StepSkipped
+            message = f"step {p.step} skipped: {p.reason or 'its run_condition was false'}"
+            fields = {"reason": p.reason}
+    return {"run_id": event.run_id, "seq": event.seq, "tenant_id": event.tenant_id, "level": "INFO", "step": p.step,
+            "message": message, "fields": fields, "occurred_at": event.occurred_at}  # fmt: skip
 
 
 def _attempt(out: DetailPlan, event: EventBase) -> None:
@@ -140,6 +167,9 @@ def _attempt(out: DetailPlan, event: EventBase) -> None:
     error = getattr(p, "error", None)
     if error is not None:
         change.error = error.model_dump(mode="json")
+    output = getattr(p, "output", None)
+    if output is not None:
+        change.output = output
     if event.type == "StepAttemptFailed" and p.retry_at is not None:
         change.retry_at = p.retry_at
 

@@ -70,6 +70,7 @@ class StepChange:
     finished_at: datetime | None = None
     duration_ms: float | None = None
     reused_from: str | None = None  # FROM_FAILED_STEP: the run in which the step ran; not run again here
+    reason: str | None = None  # why a skipped step did not run: its run_condition and what it evaluated to
 
 
 @dataclass
@@ -222,5 +223,11 @@ def _step_event(out: BatchPlan, event: EventBase) -> None:
             change.assertions = [a.model_dump(mode="json") for a in p.assertions]
             change.error = p.error.model_dump(mode="json")
             change.finished_at = event.occurred_at
-        case "StepSkipped" | "StepCanceled":
+        case "StepSkipped":
+            # What the step would have done and why it did not (older events carry the reason only).
+            change.action = p.action or change.action
+            change.input = p.input if p.input is not None else change.input
+            change.reason = p.reason or None
+            change.finished_at = event.occurred_at
+        case "StepCanceled":
             change.finished_at = event.occurred_at

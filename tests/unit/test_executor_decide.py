@@ -93,6 +93,49 @@ def test_false_run_condition_skips_the_step_and_the_run_still_succeeds() -> None
     assert run.state.steps["b"].status == StepStatus.SKIPPED
 
 
+def test_a_skipped_step_records_its_action_masked_input_condition_and_value() -> None:
+    step = {"name": "notify", "action": "http_request", "run_condition": "trigger.total > `100`",
+            "input": {"url": "https://hooks.example/{{ trigger.id }}", "token": "{{ trigger.token }}",
+                      "auth": "{{ secrets.HOOK_KEY }}"}}  # fmt: skip
+    run = Run(make_flow(step), make_trigger(payload={"total": 40, "id": "o-1", "token": "tok-1"}))
+    run.start()
+    skipped = run.of_type("StepSkipped")[0].payload
+    assert (skipped.step, skipped.position, skipped.action) == ("notify", 0, "http_request")
+    # Rendered from the run's context and masked as a started step's input: a secret is never read to skip.
+    assert skipped.input == {"url": "https://hooks.example/o-1", "token": "***", "auth": "***"}
+    assert (skipped.run_condition, skipped.condition_value) == ("trigger.total > `100`", False)
+    assert skipped.reason == 'run_condition "trigger.total > `100`" was false'
+    assert run.types[-1] == "RunSucceeded"
+
+
+@pytest.mark.parametrize(
+    ("payload", "was"),
+    [
+        ({}, "was null"),
+        ({"go": ""}, 'evaluated to "", which is false'),
+        ({"go": []}, "evaluated to [], which is false"),
+    ],
+)
+def test_a_skip_reason_says_what_a_falsy_condition_evaluated_to(payload: dict[str, object], was: str) -> None:
+    run = Run(make_flow({"name": "a", "run_condition": "trigger.go"}), make_trigger(payload=payload))
+    run.start()
+    skipped = run.of_type("StepSkipped")[0].payload
+    assert skipped.reason == f'run_condition "trigger.go" {was}'
+    assert skipped.condition_value == payload.get("go")
+
+
+def test_a_skipped_step_whose_input_cannot_render_is_skipped_with_no_input() -> None:
+    # `b` counts the items `a` returned, but `a` was skipped too: nothing to render, and `b` does not run anyway.
+    run = Run(make_flow({"name": "a", "run_condition": "`false`"},
+                        {"name": "b", "run_condition": "steps.a.output",
+                         "input": {"n": "{{ length(steps.a.output.items) }}"}}))  # fmt: skip
+    run.start()
+    a, b = (e.payload for e in run.of_type("StepSkipped"))
+    assert a.input == {} and (b.action, b.input) == ("transform", None)
+    assert b.reason == 'run_condition "steps.a.output" was null'
+    assert run.types[-1] == "RunSucceeded"
+
+
 def test_true_run_condition_runs_the_step() -> None:
     run = Run(make_flow({"name": "a", "run_condition": "trigger.send"}), make_trigger(payload={"send": True}))
     run.start()
@@ -219,6 +262,18 @@ def test_a_step_that_recovers_after_a_transient_error_succeeds() -> None:
     assert run.types[3:] == ["StepStarted", "StepAttemptFailed", "StepStarted", "StepSucceeded", "StepStarted",
                              "StepSucceeded", "RunSucceeded"]  # fmt: skip
     assert run.of_type("StepSucceeded")[0].payload.attempt == 2
+
+
+def test_a_retried_attempt_keeps_what_the_upstream_answered() -> None:
+    run = Run(make_flow({"name": "a"}))
+    run.start()
+    answer = {"status": 503, "body": "upstream busy"}
+    run.complete(ok=False, output=answer, err=error("TRANSIENT", "GET … answered 503"))
+    failed = run.events[-1]
+    assert failed.type == "StepAttemptFailed" and failed.payload.output == answer
+    run.fire_timer()
+    run.complete(output={"status": 200})
+    assert run.of_type("StepSucceeded")[0].payload.output == {"status": 200}
 
 
 @pytest.mark.parametrize("category", ["AUTH", "VALIDATION", "INTERNAL"])

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from schemas.events import EventBase
 from services.projector.adapters import store
+from services.projector.details import plan_details
 from services.projector.fold import BatchPlan, StepChange, plan
 from tests.factories import run_events
 from tests.unit.drive import T0, Run, error, make_flow, make_trigger
@@ -72,6 +73,61 @@ def test_a_failed_run_records_the_failed_step_and_error() -> None:
                             "field_path": None, "details": {}}  # fmt: skip
     notify = p.step_changes[("run-1", "notify")]
     assert notify.status == "FAILED" and notify.output == {"status": 422} and notify.error["message"] == "rejected"
+
+
+def test_a_skipped_step_shows_its_action_input_and_reason() -> None:
+    gate = plan(decided_run()).step_changes[("run-1", "gate")]
+    assert (gate.status, gate.action, gate.input) == ("SKIPPED", "transform", {})
+    assert gate.reason == 'run_condition "`false`" was false'
+    assert gate.finished_at is not None and gate.started_at is None
+
+
+def test_a_skipped_step_of_an_older_event_keeps_its_reason_only() -> None:
+    events = decided_run()
+    old = next(e for e in events if e.type == "StepSkipped")
+    payload = old.payload.model_copy(update={"action": None, "input": None, "reason": "run_condition false: `false`"})
+    at = events.index(old)
+    gate = plan([*events[:at], old.model_copy(update={"payload": payload}), *events[at + 1 :]]).step_changes[
+        ("run-1", "gate")
+    ]
+    assert (gate.action, gate.input, gate.reason) == (None, None, "run_condition false: `false`")
+
+
+def test_every_attempt_keeps_its_output_and_each_step_event_reads_as_an_info_line() -> None:
+    run = Run(make_flow({"name": "fetch"}, {"name": "gate", "run_condition": "`false`"}), make_trigger("run-1"))
+    run.start()
+    run.complete(ok=False, err=error("TRANSIENT", "503 Service Unavailable"), output={"status": 503, "body": "busy"})
+    run.fire_timer()
+    run.complete(output={"status": 200, "body": {"ok": True}}, took_s=0.25)
+    details = plan_details(run.ledger)
+    first, second = (details.attempts[("run-1", "fetch", n)] for n in (1, 2))
+    assert (first.status, first.output) == ("FAILED", {"status": 503, "body": "busy"})
+    assert (second.status, second.output) == ("SUCCEEDED", {"status": 200, "body": {"ok": True}})
+    # The derived lines sit at their events' seqs, among the executor's own (the retry's WARNING): one log in seq order.
+    lines = sorted(details.logs, key=lambda line: line["seq"])
+    assert [(line["level"], line["message"]) for line in lines] == [
+        ("INFO", "step fetch started (transform, attempt 1)"),
+        ("WARNING", lines[1]["message"]),
+        ("INFO", "step fetch started (transform, attempt 2)"),
+        ("INFO", "step fetch succeeded in 250 ms (attempt 2)"),
+        ("INFO", 'step gate skipped: run_condition "`false`" was false'),
+    ]
+    assert lines[1]["message"].startswith("attempt 1 failed (TRANSIENT)")
+    by_seq = {e.seq: e for e in run.ledger}
+    assert [by_seq[line["seq"]].type for line in lines] == [
+        "StepStarted", "LogEmitted", "StepStarted", "StepSucceeded", "StepSkipped",
+    ]  # fmt: skip
+    assert lines[3]["fields"] == {"attempt": 2, "duration_ms": 250.0} and lines[3]["step"] == "fetch"
+    assert lines[4]["fields"] == {"reason": 'run_condition "`false`" was false'}
+    assert len({line["seq"] for line in lines}) == len(lines)
+
+
+def test_a_reused_step_reads_as_reused_not_as_run() -> None:
+    run = Run(make_flow({"name": "fetch"}, {"name": "push"}),
+              make_trigger("run-2", retry_of="run-1", reuse={"fetch": {"n": 1}}))  # fmt: skip
+    run.start()
+    lines = [line["message"] for line in plan_details(run.ledger).logs]
+    assert lines == ["step fetch reused from run run-1, not run again", "step push started (transform, attempt 1)"]
 
 
 def test_retries_leave_one_step_change_showing_the_last_attempt() -> None:
@@ -181,7 +237,7 @@ def _merge_step(old: dict[str, Any] | None, new: StepChange) -> dict[str, Any]:
     out["position"] = min(new.position, old["position"])
     out["status"] = new.status
     out["attempt"] = max(new.attempt or 1, old["attempt"])
-    for key in ("action", "input", "output", "assertions", "extractions", "started_at", "duration_ms"):
+    for key in ("action", "input", "output", "assertions", "extractions", "started_at", "duration_ms", "reason"):
         if row[key] is not None:
             out[key] = row[key]
     out["error"] = None if new.status == "SUCCEEDED" else (new.error if new.error is not None else old["error"])

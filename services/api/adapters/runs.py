@@ -238,9 +238,11 @@ async def get_run(pool: asyncpg.Pool, tenant_id: str, environment: str, run_id: 
 
 STEP_COLUMNS = (
     "step", "position", "action", "status", "attempt", "input", "output", "error", "assertions", "extractions",
-    "started_at", "finished_at", "duration_ms", "reused_from",
+    "started_at", "finished_at", "duration_ms", "reused_from", "reason",
 )  # fmt: skip
-ATTEMPT_COLUMNS = ("step", "attempt", "status", "error", "retry_at", "started_at", "finished_at", "duration_ms")
+ATTEMPT_COLUMNS = (
+    "step", "attempt", "status", "error", "retry_at", "started_at", "finished_at", "duration_ms", "output",
+)  # fmt: skip
 
 
 def _rows(table: str, alias: str, columns: tuple[str, ...], order: str) -> str:

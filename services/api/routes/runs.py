@@ -194,6 +194,7 @@ def _step(values: tuple[Any, ...], attempts: list[dict[str, Any]]) -> dict[str, 
         "duration_ms": row["duration_ms"],
         "attempts": attempts,
         "reused_from": row["reused_from"],  # FROM_FAILED_STEP: not run again here; the run where it ran
+        "reason": row["reason"],  # a skipped step: its run_condition and what it evaluated to
     }
 
 

@@ -18,16 +18,17 @@ def _json(value: Any) -> str | None:
 
 _UPSERT_ATTEMPTS = """
 INSERT INTO step_attempts AS a (run_id, step, attempt, status, input, error, retry_at, started_at, finished_at,
-                                duration_ms)
+                                duration_ms, output)
 SELECT u.run_id, u.step, u.attempt, u.status, u.input::jsonb, u.error::jsonb, u.retry_at, u.started_at,
-       u.finished_at, u.duration_ms
+       u.finished_at, u.duration_ms, u.output::jsonb
 FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[], $6::text[], $7::timestamptz[],
-            $8::timestamptz[], $9::timestamptz[], $10::float8[])
-     AS u(run_id, step, attempt, status, input, error, retry_at, started_at, finished_at, duration_ms)
+            $8::timestamptz[], $9::timestamptz[], $10::float8[], $11::text[])
+     AS u(run_id, step, attempt, status, input, error, retry_at, started_at, finished_at, duration_ms, output)
 ON CONFLICT (run_id, step, attempt) DO UPDATE SET
     status      = EXCLUDED.status,
     input       = COALESCE(EXCLUDED.input, a.input),
     error       = COALESCE(EXCLUDED.error, a.error),
+    output      = COALESCE(EXCLUDED.output, a.output),
     retry_at    = COALESCE(EXCLUDED.retry_at, a.retry_at),
     started_at  = COALESCE(EXCLUDED.started_at, a.started_at),
     finished_at = COALESCE(EXCLUDED.finished_at, a.finished_at),
@@ -136,6 +137,7 @@ async def write_details(conn: asyncpg.Connection, plan: DetailPlan) -> None:
             [a.run_id for a in at], [a.step for a in at], [a.attempt for a in at], [a.status for a in at],
             [_json(a.input) for a in at], [_json(a.error) for a in at], [a.retry_at for a in at],
             [a.started_at for a in at], [a.finished_at for a in at], [a.duration_ms for a in at],
+            [_json(a.output) for a in at],
         )  # fmt: skip
     if plan.logs:
         names: tuple[str, ...] = ("run_id", "seq", "tenant_id", "level", "step", "message", "fields", "occurred_at")

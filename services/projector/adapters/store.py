@@ -120,15 +120,15 @@ WHERE r.id = u.id
 
 _UPSERT_STEPS = """
 INSERT INTO run_steps AS s (run_id, step, position, status, action, attempt, input, output, error, assertions,
-                            extractions, started_at, finished_at, duration_ms, reused_from)
+                            extractions, started_at, finished_at, duration_ms, reused_from, reason)
 SELECT u.run_id, u.step, u.position, u.status, u.action, COALESCE(u.attempt, 1), u.input::jsonb,
        u.output::jsonb, u.error::jsonb, u.assertions::jsonb, u.extractions::jsonb, u.started_at, u.finished_at,
-       u.duration_ms, u.reused_from
+       u.duration_ms, u.reused_from, u.reason
 FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[], $6::int[], $7::text[], $8::text[],
             $9::text[], $10::text[], $11::text[], $12::timestamptz[], $13::timestamptz[], $14::float8[],
-            $15::text[])
+            $15::text[], $16::text[])
      AS u(run_id, step, position, status, action, attempt, input, output, error, assertions,
-          extractions, started_at, finished_at, duration_ms, reused_from)
+          extractions, started_at, finished_at, duration_ms, reused_from, reason)
 ON CONFLICT (run_id, step) DO UPDATE SET
     position    = LEAST(EXCLUDED.position, s.position),
     status      = EXCLUDED.status,
@@ -144,7 +144,8 @@ ON CONFLICT (run_id, step) DO UPDATE SET
     finished_at = CASE WHEN EXCLUDED.status IN ('RUNNING', 'RETRYING') THEN NULL
                        ELSE COALESCE(EXCLUDED.finished_at, s.finished_at) END,
     duration_ms = COALESCE(EXCLUDED.duration_ms, s.duration_ms),
-    reused_from = COALESCE(EXCLUDED.reused_from, s.reused_from)
+    reused_from = COALESCE(EXCLUDED.reused_from, s.reused_from),
+    reason      = COALESCE(EXCLUDED.reason, s.reason)
 """
 
 _SAVE_OFFSETS = """
@@ -327,6 +328,7 @@ async def _write_steps(conn: asyncpg.Connection, changes: BatchPlan) -> None:
         [c.finished_at for c in sc],
         [c.duration_ms for c in sc],
         [c.reused_from for c in sc],
+        [c.reason for c in sc],
     )
 
 
