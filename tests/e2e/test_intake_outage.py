@@ -24,6 +24,21 @@ from tests.conftest import Infra, Sandbox, make_sandbox
 from tests.e2e.stack import Stack, free_port
 
 
+async def _tenant_with_a_flow(infra: Infra, schema: str) -> str:
+    """Tenant t1 with flow `noop` and an API key. Ingest reads flows from PostgreSQL only: no projector needed."""
+    conn = await connect(infra.database_url, schema)
+    try:
+        await ensure_tenant(conn, "t1", "T1")
+        key = (await create_api_key(conn, "t1"))[1]
+        await conn.execute(
+            "INSERT INTO flows (tenant_id, id, name, latest_version, environment, trigger_type, created_at,"
+            " updated_at) VALUES ('t1', 'noop', 'No-op', 1, 'PRODUCTION', 'api', now(), now())"
+        )
+    finally:
+        await conn.close()
+    return str(key)
+
+
 def _private_broker(state: Path, port: int, controller: int) -> KafkaHandle:
     return ensure_kafka(state, port=port, controller_port=controller, num_partitions=2, timeout=90)
 
@@ -42,17 +57,7 @@ async def outage_env(infra: Infra, tmp_path: Path) -> AsyncIterator[tuple[Sandbo
             sandbox = Sandbox(Infra(bootstrap, infra.database_url, infra.state_dir), shared_sandbox.schema,
                               Topics(prefix=shared_sandbox.topics.prefix), 2)  # fmt: skip
             await ensure_topics(bootstrap, sandbox.topics, 2)
-            conn = await connect(infra.database_url, sandbox.schema)
-            try:
-                await ensure_tenant(conn, "t1", "T1")
-                key = (await create_api_key(conn, "t1"))[1]
-                # Ingest reads flows from PostgreSQL only: no projector needed for this test.
-                await conn.execute(
-                    "INSERT INTO flows (tenant_id, id, name, latest_version, environment, trigger_type, created_at,"
-                    " updated_at) VALUES ('t1', 'noop', 'No-op', 1, 'PRODUCTION', 'api', now(), now())"
-                )
-            finally:
-                await conn.close()
+            key = await _tenant_with_a_flow(infra, sandbox.schema)
             stack = Stack.build(sandbox, ("ingest",), tmp_path / "logs", FLOWTRAIL_KAFKA_APPEND_TIMEOUT_S="3",
                                 FLOWTRAIL_INGEST_SCHEDULER="false")  # fmt: skip
             (tmp_path / "logs").mkdir(exist_ok=True)
@@ -205,16 +210,7 @@ async def test_a_database_outage_is_503_and_triggers_succeed_after_it(
     proxy = _Proxy(database.port or 5432)
     await proxy.open()
     async with make_sandbox(infra) as sandbox:
-        conn = await connect(infra.database_url, sandbox.schema)
-        try:
-            await ensure_tenant(conn, "t1", "T1")
-            key = (await create_api_key(conn, "t1"))[1]
-            await conn.execute(
-                "INSERT INTO flows (tenant_id, id, name, latest_version, environment, trigger_type, created_at,"
-                " updated_at) VALUES ('t1', 'noop', 'No-op', 1, 'PRODUCTION', 'api', now(), now())"
-            )
-        finally:
-            await conn.close()
+        key = await _tenant_with_a_flow(infra, sandbox.schema)
         through_proxy = str(database.copy_with(port=proxy.port))
         stack = Stack.build(sandbox, ("ingest",), tmp_path, FLOWTRAIL_DATABASE_URL=through_proxy,
                             FLOWTRAIL_INGEST_SCHEDULER="false")  # fmt: skip
