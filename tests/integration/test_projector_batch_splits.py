@@ -23,6 +23,10 @@ from services.projector.adapters.store import Positioned, apply_batch
 from tests.unit.drive import Run, error, make_flow, make_trigger
 
 TWO = ({"name": "fetch"}, {"name": "push"})
+ANATOMY = ({"name": "fetch", "action": "http_request", "input": {"url": "https://api.example.com/{{ trigger.id }}"}},
+           {"name": "notify", "run_condition": "steps.fetch.output.body.total > `100`",
+            "input": {"total": "{{ steps.fetch.output.body.total }}", "token": "tok-1"}},
+           {"name": "push"})  # fmt: skip
 APPROVAL = ({"name": "prepare"}, {"name": "approve", "action": "human_input", "input": {"q": "ok?"}, "timeout_s": 60},
             {"name": "ship"})  # fmt: skip
 
@@ -114,6 +118,15 @@ def _shapes() -> list[Run]:
 
     blocked = _run("r_blocked", *TWO, admission=Admission(flow_active=1), flow={"concurrency_limit": 1})
     runs.append(blocked)
+    # Step anatomy: an http_request answered 503 then 200 (each attempt keeps its answer), a step skipped by its
+    # run_condition (action, input, reason), and an INFO line per start, success and skip in run_logs.
+    anatomy = _run("r_anatomy", *ANATOMY)
+    anatomy.complete(ok=False, err=error("TRANSIENT", "GET answered 503"), output={"status": 503, "body": "busy"},
+                     took_s=0.25)  # fmt: skip
+    anatomy.fire_timer()
+    anatomy.complete(output={"status": 200, "body": {"total": 40}})
+    anatomy.complete(output={"b": 2})
+    runs.append(anatomy)
     return runs
 
 
@@ -183,3 +196,36 @@ async def test_an_attempt_canceled_while_waiting_to_retry_keeps_its_duration_in_
         ))  # fmt: skip
     assert rows[0] == rows[1]
     assert dict(rows[0]) == {"status": "CANCELED", "duration_ms": 250.0, "error": "503 from upstream", "retry_at": True}
+
+async def test_step_anatomy_is_the_same_in_any_batching(db: asyncpg.Connection) -> None:
+    """A skipped step's action, input and reason, each attempt's answer and the derived INFO lines, whether the
+    run's events arrive in one batch or one per batch."""
+    run = next(r for r in _shapes() if r.trigger.run_id == "r_anatomy")
+    seen = []
+    for batches in ([run.ledger], [[e] for e in run.ledger]):
+        offset = itertools.count()
+        await _project(db, [[(next(offset), e) for e in b] for b in batches])
+        seen.append((
+            [dict(r) for r in await db.fetch("SELECT step, action, input, reason FROM run_steps ORDER BY position")],
+            [dict(r) for r in await db.fetch("SELECT step, attempt, status, output FROM step_attempts "
+                                             "ORDER BY step, attempt")],
+            [dict(r) for r in await db.fetch("SELECT seq, level, step, message FROM run_logs ORDER BY seq")],
+        ))  # fmt: skip
+    assert seen[0] == seen[1]
+    steps, attempts, logs = seen[0]
+    assert steps[1] == {"step": "notify", "action": "transform", "input": {"total": 40, "token": "***"},
+                        "reason": 'run_condition "steps.fetch.output.body.total > `100`" was false'}  # fmt: skip
+    assert [(a["step"], a["attempt"], a["status"], a["output"]) for a in attempts] == [
+        ("fetch", 1, "FAILED", {"status": 503, "body": "busy"}),
+        ("fetch", 2, "SUCCEEDED", {"status": 200, "body": {"total": 40}}),
+        ("push", 1, "SUCCEEDED", {"b": 2}),
+    ]
+    assert [(line["level"], line["message"]) for line in logs] == [
+        ("INFO", "step fetch started (http_request, attempt 1)"),
+        ("WARNING", logs[1]["message"]),
+        ("INFO", "step fetch started (http_request, attempt 2)"),
+        ("INFO", "step fetch succeeded in 1000 ms (attempt 2)"),
+        ("INFO", 'step notify skipped: run_condition "steps.fetch.output.body.total > `100`" was false'),
+        ("INFO", "step push started (transform, attempt 1)"),
+        ("INFO", "step push succeeded in 1000 ms (attempt 1)"),
+    ]

@@ -81,7 +81,8 @@ def _runs() -> list[Run]:
     sync.emit(ev.StepStarted, step="read", position=0, action="http_request", input=get, attempt=1)
     unavailable = {"category": "TRANSIENT", "message": "503 from crm"}
     retry_at = T0 + timedelta(seconds=1)
-    sync.emit(ev.StepAttemptFailed, step="read", attempt=1, duration_ms=30, error=unavailable, retry_at=retry_at)
+    sync.emit(ev.StepAttemptFailed, step="read", attempt=1, duration_ms=30, error=unavailable, retry_at=retry_at,
+              output={"status": 503, "body": "crm is busy"})  # fmt: skip
     sync.emit(ev.StepStarted, step="read", position=0, action="http_request", input=get, attempt=2)
     sync.emit(ev.StepSucceeded, step="read", attempt=2, output={"status": 200}, duration_ms=40)
     sync.emit(ev.LogEmitted, level="INFO", message="read 5 contacts", step="read")
@@ -195,6 +196,8 @@ async def test_run_detail_shows_attempts_records_errors_and_breakdown(env: Env) 
     assert first["status"] == "FAILED" and first["error"]["category"] == "TRANSIENT"
     assert first["retry_at"] == "2026-11-20T09:00:01Z"
     assert second["status"] == "SUCCEEDED" and second["duration_ms"] == 40
+    # Each attempt keeps what the upstream answered: the 503's body too, not only the last attempt's output.
+    assert first["output"] == {"status": 503, "body": "crm is busy"} and second["output"] == {"status": 200}
     assert [s["name"] for s in run["steps"]] == ["read", "map", "write"]
     breakdown = run["duration_breakdown"]
     # From acceptance to the end: queued 200 ms, then the run's own 1,500 ms.
@@ -214,7 +217,22 @@ async def test_run_detail_shows_attempts_records_errors_and_breakdown(env: Env) 
     assert errors[0]["raw_error"] == {"code": "E_REQUIRED", "field": "email"}
 
     logs = (await env.ok("/v1/runs/run_sync_0001/logs"))["data"]
-    assert [entry["level"] for entry in logs] == ["INFO", "WARNING", "ERROR"]
+    # The executor's lines, and in seq order among them an INFO line for each step start and success (derived by
+    # the projector from those events).
+    assert [(entry["level"], entry["message"]) for entry in logs] == [
+        ("INFO", "step read started (http_request, attempt 1)"),
+        ("INFO", "step read started (http_request, attempt 2)"),
+        ("INFO", "step read succeeded in 40 ms (attempt 2)"),
+        ("INFO", "read 5 contacts"),
+        ("INFO", "step map started (transform, attempt 1)"),
+        ("INFO", "step map succeeded in 5 ms (attempt 1)"),
+        ("WARNING", "contact 7 has no email"),
+        ("INFO", "step write started (http_request, attempt 1)"),
+        ("INFO", "step write succeeded in 60 ms (attempt 1)"),
+        ("ERROR", "2 records rejected"),
+    ]
+    assert [entry["seq"] for entry in logs] == sorted(entry["seq"] for entry in logs)
+    assert logs[2]["step"] == "read" and logs[2]["fields"] == {"attempt": 2, "duration_ms": 40.0}
     warnings = (await env.ok("/v1/runs/run_sync_0001/logs", level="warning,error"))["data"]
     assert [entry["message"] for entry in warnings] == ["contact 7 has no email", "2 records rejected"]
     at_least = (await env.ok("/v1/runs/run_sync_0001/logs", level="WARNING"))["data"]  # a minimum: errors too
