@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass, field
 
 from deploy.launcher.demo_flows import DEMO_TENANT, demo_flows
+from deploy.launcher.errors import LauncherError
 from schemas.events import FlowVersionPublished
 from schemas.flows import FlowDefinition
 from schemas.topics import Topics
@@ -13,7 +14,7 @@ from services.common.auth import create_api_key, ensure_tenant, verify_api_key
 from services.common.crypto import Keyring, open_flow, seal_flow
 from services.common.db import connect
 from services.common.kafka import ensure_topics, publish_flow_events
-from services.common.migrate import migrate
+from services.common.migrate import MigrationChanged, migrate
 from services.common.settings import CommonSettings
 from services.executor.adapters.flows import FlowRegistry
 
@@ -70,7 +71,10 @@ async def bootstrap(settings: CommonSettings) -> BootstrapResult:
         log.info("created topics %s", ", ".join(created))
     conn = await connect(settings.database_url, settings.database_schema)
     try:
-        await migrate(conn, settings.database_schema)
+        try:
+            await migrate(conn, settings.database_schema)
+        except MigrationChanged as exc:
+            raise LauncherError(str(exc)) from None
         await ensure_tenant(conn, DEMO_TENANT, "Demo tenant")
         # Keep the key of the previous `up` when it still works, so scripts holding it go on working.
         key_file = settings.state_dir / "api_key"

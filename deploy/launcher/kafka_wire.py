@@ -1,50 +1,55 @@
-"""A tiny synchronous Kafka probe: one Metadata request over a plain socket, no event loop needed."""
+"""Is a Kafka broker answering? One Metadata round trip through aiokafka's own client, callable from plain code.
+
+The launcher asks it while it waits for a broker it started, and `flowtrail status` asks it; both are synchronous,
+so the probe runs on an event loop of its own (in a thread when the caller already runs one). aiokafka negotiates the
+API version with the broker, so the probe keeps working across Kafka releases.
+"""
 
 from __future__ import annotations
 
-import socket
-import struct
+import asyncio
+import concurrent.futures
+import logging
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
-_METADATA_API_KEY = 3
-_METADATA_VERSION = 1
-_CORRELATION_ID = 0x464C5754  # "FLWT"
-_CLIENT_ID = b"flowtrail-launcher"
+from aiokafka.client import AIOKafkaClient
+from aiokafka.errors import KafkaError
 
-
-def _metadata_request() -> bytes:
-    header = struct.pack(">hhih", _METADATA_API_KEY, _METADATA_VERSION, _CORRELATION_ID, len(_CLIENT_ID))
-    # Metadata v1 body: an empty topic array asks for brokers only, no topics.
-    body = struct.pack(">i", 0)
-    payload = header + _CLIENT_ID + body
-    return struct.pack(">i", len(payload)) + payload
+T = TypeVar("T")
+_CLIENT_ID = "flowtrail-launcher"
 
 
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
-    chunks = bytearray()
-    while len(chunks) < size:
-        chunk = sock.recv(size - len(chunks))
-        if not chunk:
-            raise ConnectionError("connection closed mid-response")
-        chunks += chunk
-    return bytes(chunks)
+async def _broker_count(bootstrap: str, limit_s: float) -> int | None:
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, client_id=_CLIENT_ID, request_timeout_ms=int(limit_s * 1000))
+    try:
+        async with asyncio.timeout(limit_s):
+            await client.bootstrap()
+        return len(client.cluster.brokers())
+    except (KafkaError, OSError, TimeoutError):
+        return None
+    finally:
+        await client.close()
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:  # the caller's loop is busy: another thread
+        return pool.submit(asyncio.run, coro).result()
 
 
 def kafka_broker_count(port: int, host: str = "127.0.0.1", timeout: float = 2.0) -> int | None:
     """How many brokers a Metadata request to ``host:port`` lists; None when no Kafka answers there."""
+    quiet = logging.getLogger("aiokafka")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # "unable to bootstrap" is the expected answer while a broker starts
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.settimeout(timeout)
-            sock.sendall(_metadata_request())
-            (size,) = struct.unpack(">i", _recv_exactly(sock, 4))
-            if size < 8 or size > 16 * 1024 * 1024:
-                return None
-            response = _recv_exactly(sock, size)
-    except (OSError, ConnectionError, struct.error):
-        return None
-    correlation_id, brokers = struct.unpack_from(">ii", response)
-    if correlation_id != _CORRELATION_ID or brokers < 0:
-        return None
-    return int(brokers)
+        return _run(_broker_count(f"{host}:{port}", timeout))
+    finally:
+        quiet.setLevel(level)
 
 
 def kafka_answers(port: int, host: str = "127.0.0.1", timeout: float = 2.0) -> bool:
