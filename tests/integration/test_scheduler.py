@@ -25,10 +25,10 @@ from schemas.flows import Environment, FlowDefinition, StepDefinition, TriggerCo
 from services.common.appender import Appender
 from services.common.db import create_pool
 from services.common.kafka import publish_flow_events
+from services.common.schedule import ScaledClock, scheduled_run_id
 from services.ingest.adapters.triggers import TriggerLog
 from services.ingest.adapters.windows import cursor_window
 from services.ingest.app import create_app
-from services.common.schedule import ScaledClock, scheduled_run_id
 from services.ingest.scheduler import Scheduler
 from services.ingest.settings import IngestSettings
 from tests.conftest import Sandbox

@@ -29,9 +29,9 @@ from services.common.crypto import (
     reencrypt_all,
 )
 from services.common.settings import CommonSettings
+from services.common.templating import masked_secrets, render, secret_names, with_secrets
 from services.executor.adapters.actions_base import StepOutcome
 from services.executor.adapters.secret_inputs import PendingInput, resolve, scrub
-from services.common.templating import masked_secrets, render, secret_names, with_secrets
 
 CTX = inline_context("tenant-a")
 
