@@ -339,6 +339,29 @@ async def test_api_writes_honour_idempotency_keys(env: Env) -> None:
                    or r.get("trigger_type") == "retry"]  # fmt: skip
         assert len(retries) == 1, retries
 
+        # A bulk retry whose first answer was lost (its key released, as after a 5xx) and is sent again with the same
+        # key names the same new runs: each retried run gets one retry, not two.
+        originals = [(await client.post(f"{env.ingest}/v1/flows/noop/trigger", json={"input": {"n": i}},
+                                        headers=_auth(env.keys["t1"]))).json()["run_id"] for i in range(3)]  # fmt: skip
+        await _wait_final(env, originals, env.keys["t1"])
+        bulk = {"ids": originals, "strategy": "ON_LATEST_VERSION"}
+        bulk_headers = _auth(env.keys["t1"], **{"Idempotency-Key": "bulk-retry-1"})
+        first_bulk = await client.post(f"{env.api}/v1/runs/bulk/retry", json=bulk, headers=bulk_headers)
+        assert first_bulk.status_code == 202, first_bulk.text
+        conn = await connect(env.sandbox.infra.database_url, env.sandbox.schema)
+        try:
+            await conn.execute("DELETE FROM idempotency_keys WHERE key = 'bulk-retry-1'")
+        finally:
+            await conn.close()
+        again_bulk = await client.post(f"{env.api}/v1/runs/bulk/retry", json=bulk, headers=bulk_headers)
+        assert again_bulk.status_code == 202 and "Idempotent-Replayed" not in again_bulk.headers  # it ran again
+        assert sorted(again_bulk.json()["new_run_ids"]) == sorted(first_bulk.json()["new_run_ids"])
+        await _wait_final(env, first_bulk.json()["new_run_ids"], env.keys["t1"])
+        for original in originals:
+            listed = await client.get(f"{env.api}/v1/runs", params={"retry_of": original},
+                                      headers=_auth(env.keys["t1"]))  # fmt: skip
+            assert len(listed.json()["data"]) == 1, listed.text
+
         too_big = await client.post(f"{env.api}/v1/flows", content=b"{" + b" " * (2 * 1024 * 1024) + b"}",
                                     headers={**_auth(env.keys["t1"]), "Content-Type": "application/json"})  # fmt: skip
         assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "payload_too_large"

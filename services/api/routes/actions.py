@@ -42,6 +42,7 @@ from services.api.routes.runs import summary
 from services.common.auth import Principal, require_scope
 from services.common.contract import Timestamp
 from services.common.http import ApiError
+from services.common.idempotency import derived_run_ids, idempotency_key
 
 router = APIRouter()
 Writer = Annotated[Principal, Depends(require_scope("runs:write"))]
@@ -146,8 +147,22 @@ class _Retry:
     skipped: str | None = None
 
 
+def _retry_run_id(request: Request, principal: Principal, retried: str) -> str:
+    """A fresh id, or with an Idempotency-Key one derived from it and the retried run: a request retried after a
+    partial failure names the same new runs, and the executor starts each once (docs/intake.md)."""
+    key = idempotency_key(request.scope["headers"])
+    if key is None:
+        return new_run_id()
+    return derived_run_ids(principal.tenant_id, principal.environment, f"{key}\x1fretry\x1f{retried}", 1)[0]
+
+
 async def _plan_retry(
-    conn: asyncpg.Connection, principal: Principal, run: asyncpg.Record, strategy: RetryStrategy, bulk_id: str | None
+    conn: asyncpg.Connection,
+    principal: Principal,
+    run: asyncpg.Record,
+    strategy: RetryStrategy,
+    bulk_id: str | None,
+    run_id: str,
 ) -> _Retry:
     """The run request of a retry, or why this run cannot be retried."""
     if run["status"] not in _TERMINAL:
@@ -175,7 +190,7 @@ async def _plan_retry(
     window = CursorWindow.model_validate(run["cursor_window"]) if run["cursor_window"] else None
     trigger = TriggerReceived(
         tenant_id=principal.tenant_id,
-        run_id=new_run_id(),
+        run_id=run_id,
         flow_id=run["flow_id"],
         flow_version=version,
         trigger=TriggerInfo(type=TriggerType.RETRY, caller=principal.key_id, payload=run["trigger_payload"]),
@@ -237,7 +252,7 @@ async def retry(request: Request, principal: Writer, run_id: str, body: RetryBod
     strategy = (body or RetryBody()).strategy
     run = await _run(request, principal, run_id)
     async with request.app.state.pool.acquire() as conn:
-        plan = await _plan_retry(conn, principal, run, strategy, None)
+        plan = await _plan_retry(conn, principal, run, strategy, None, _retry_run_id(request, principal, run_id))
     if plan.trigger is None:
         raise ApiError(409, "conflict", plan.skipped or "the run cannot be retried")
     await _log(request).send_triggers([plan.trigger])
@@ -365,7 +380,12 @@ async def _bulk(
     if len(rows) > BULK_MAX:
         raise ApiError(422, "validation_error", f"the filter matches more than {BULK_MAX} runs; narrow it "
                        "(created_after/created_before) and repeat")  # fmt: skip
-    bulk_id = None if body.dry_run else "bulk_" + secrets.token_hex(10)
+    key = idempotency_key(request.scope["headers"])
+    # With an Idempotency-Key, a retry of this request after a partial failure is the same bulk operation.
+    bulk_id = None if body.dry_run else "bulk_" + (
+        secrets.token_hex(10) if key is None
+        else derived_run_ids(principal.tenant_id, principal.environment, f"{key}\x1fbulk", 1)[0][4:24]
+    )  # fmt: skip
     skipped: Counter[str] = Counter()
     commands: list[CommandBase] = []
     triggers: list[TriggerReceived] = []
@@ -375,7 +395,8 @@ async def _bulk(
             reason = _skip_reason(action, row)
             if reason is None and action == "retry":
                 assert isinstance(body, BulkRetryBody)
-                plan = await _plan_retry(conn, principal, row, body.strategy, bulk_id)
+                plan = await _plan_retry(conn, principal, row, body.strategy, bulk_id,
+                                         _retry_run_id(request, principal, row["id"]))  # fmt: skip
                 reason = plan.skipped
                 if plan.trigger is not None:
                     triggers.append(plan.trigger)
