@@ -34,8 +34,10 @@ test: setup ## every test, on a real Kafka broker and PostgreSQL that the sessio
 test-unit: setup
 	$(VENV)/bin/pytest -q tests/unit
 
-fuzz: setup ## schemathesis over the API's and ingest's OpenAPI, 20,000 cases (FLOWTRAIL_FUZZ_CASES); output in .state/contract/
-	FLOWTRAIL_FUZZ_CASES=$${FLOWTRAIL_FUZZ_CASES:-20000} $(VENV)/bin/pytest -q -s tests/e2e/test_contract.py -k schemathesis
+fuzz: setup ## schemathesis over the API's and ingest's OpenAPI, 20,000 cases (FLOWTRAIL_FUZZ_CASES); output in .state/contract/fuzz/
+	rm -rf .state/contract/fuzz
+	FLOWTRAIL_FUZZ_CASES=$${FLOWTRAIL_FUZZ_CASES:-20000} FLOWTRAIL_CONTRACT_REPORTS=.state/contract/fuzz \
+		$(VENV)/bin/pytest -q -s tests/e2e/test_contract.py -k schemathesis
 
 lint: setup
 	$(VENV)/bin/ruff check .
