@@ -54,6 +54,45 @@ STEP_TRANSITIONS: dict[StepStatus, frozenset[StepStatus]] = {
 }
 TERMINAL_STEP_STATUSES: frozenset[StepStatus] = frozenset({S.SUCCEEDED, S.FAILED, S.SKIPPED, S.CANCELED})
 
+# The one event → status table: the run status a run event puts the run in, the status a step event puts its step
+# in, and the outcome it records for that attempt. The executor's and the projector's folds, the webhooks, alerts and
+# streams all read these; a new event or status is added here once.
+RUN_STATUS_BY_EVENT: dict[str, RunStatus] = {
+    "RunRequested": R.CREATED,
+    "RunQueued": R.QUEUED,
+    "RunScheduled": R.SCHEDULED,
+    "RunBlocked": R.BLOCKED,
+    "RunStarted": R.RUNNING,
+    "RunPaused": R.PAUSED,
+    "RunResumed": R.RUNNING,
+    "RunSucceeded": R.SUCCEEDED,
+    "RunPartiallySucceeded": R.PARTIAL,
+    "RunFailed": R.FAILED,
+    "RunTimedOut": R.TIMED_OUT,
+    "RunCanceled": R.CANCELED,
+    "RunInvalid": R.INVALID,
+    "RunQuotaExceeded": R.QUOTA_EXCEEDED,
+    "RunInternalError": R.INTERNAL_ERROR,
+}
+# The events that end a run, and the status each ends it in.
+TERMINAL_RUN_EVENTS: dict[str, RunStatus] = {t: s for t, s in RUN_STATUS_BY_EVENT.items() if s in TERMINAL_RUN_STATUSES}
+# A failed attempt that will be retried leaves its step RETRYING; the attempt itself FAILED.
+STEP_STATUS_BY_EVENT: dict[str, StepStatus] = {
+    "StepStarted": S.RUNNING,
+    "StepAttemptFailed": S.RETRYING,
+    "StepSucceeded": S.SUCCEEDED,
+    "StepFailed": S.FAILED,
+    "StepSkipped": S.SKIPPED,
+    "StepCanceled": S.CANCELED,
+}
+ATTEMPT_STATUS_BY_EVENT: dict[str, StepStatus] = {
+    "StepStarted": S.RUNNING,
+    "StepAttemptFailed": S.FAILED,
+    "StepSucceeded": S.SUCCEEDED,
+    "StepFailed": S.FAILED,
+    "StepCanceled": S.CANCELED,
+}
+
 # The seeds' words, each meaning a set of our statuses (one table; the API accepts them in filters and bulk bodies,
 # in any case, and docs/runs.md lists them). Seed 000: Pending, InProgress, Successful, Partial, Error, Canceled;
 # seed 001: TIMEOUT, STOPPED; seed 002: PARTIAL_SUCCEEDED, STOPPED; seed 004: passed, failed, error, cancelled,

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from schemas.events import TERMINAL_EVENT_STATUS, CursorWindow, ErrorInfo, EventBase, ReusedStep, TriggerInfo
+from schemas.events import CursorWindow, ErrorInfo, EventBase, ReusedStep, TriggerInfo
 from schemas.flows import Environment
-from schemas.status import RunStatus, StepStatus
+from schemas.status import RUN_STATUS_BY_EVENT, TERMINAL_RUN_STATUSES, RunStatus, StepStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,16 +84,9 @@ class RunState:
         }
 
 
-_TERMINAL = frozenset(RunStatus(s) for s in TERMINAL_EVENT_STATUS.values())
-_STATUS_BY_EVENT: dict[str, RunStatus] = {
-    "RunQueued": RunStatus.QUEUED,
-    "RunScheduled": RunStatus.SCHEDULED,
-    "RunBlocked": RunStatus.BLOCKED,
-    "RunStarted": RunStatus.RUNNING,
-    "RunPaused": RunStatus.PAUSED,
-    "RunResumed": RunStatus.RUNNING,
-    **{t: RunStatus(s) for t, s in TERMINAL_EVENT_STATUS.items()},
-}
+_TERMINAL = TERMINAL_RUN_STATUSES
+# RunRequested creates the state (CREATED); every later run event moves it as the one table says.
+_STATUS_BY_EVENT: dict[str, RunStatus] = {t: s for t, s in RUN_STATUS_BY_EVENT.items() if t != "RunRequested"}
 
 
 def _step(state: RunState, name: str, **changes: Any) -> dict[str, StepState]:

@@ -8,7 +8,14 @@ from typing import Any
 
 from schemas.events import ErrorCategory, ErrorInfo, EventBase, TriggerInfo, TriggerReceived
 from schemas.flows import STORED_FLOW, FlowDefinition
-from schemas.status import StepStatus
+from schemas.status import (
+    RUN_STATUS_BY_EVENT,
+    STEP_STATUS_BY_EVENT,
+    RunStatus,
+    StepStatus,
+    can_step_transition,
+    can_transition,
+)
 from services.executor.decide import Clock, Input, StartRun, StepCompleted, TimerFired, decide
 from services.executor.fold import RunState, StepState, fold
 
@@ -54,6 +61,23 @@ def error(category: str, message: str = "boom") -> ErrorInfo:
     return ErrorInfo(category=ErrorCategory(category), message=message)
 
 
+def _check_transition(state: RunState | None, event: EventBase) -> None:
+    """Every status change decide emits is one the transition table allows (schemas/status.py): every test that
+    drives a run through this harness checks it, on every event."""
+    run_status = RUN_STATUS_BY_EVENT.get(event.type)
+    before = RunStatus.CREATED if state is None else state.status
+    if run_status is not None and event.type != "RunRequested" and run_status != before:
+        assert can_transition(before, run_status), f"{event.type}: run {before} -> {run_status} is not in the table"
+    step_status = STEP_STATUS_BY_EVENT.get(event.type)
+    if step_status is not None and state is not None:
+        name = event.payload.step  # type: ignore[attr-defined]
+        current = state.steps.get(name)
+        was = current.status if current is not None else StepStatus.PENDING
+        reused = event.type == "StepSucceeded" and getattr(event.payload, "reused_from", None)
+        if step_status != was and not reused:
+            assert can_step_transition(was, step_status), f"{event.type}: step {name} {was} -> {step_status}"
+
+
 @dataclass
 class Run:
     """One run: its flow, the events decided so far, the folded state and the fake clock."""
@@ -71,6 +95,7 @@ class Run:
     def feed(self, inp: Input) -> list[EventBase]:
         out = decide(self.state, self.flow, inp, Clock(now=self.now, time_scale=self.time_scale))
         for event in out:
+            _check_transition(self.state, event)
             self.state = fold(self.state, event)
         # Log lines are their own channel (GET /v1/runs/{id}/logs): kept apart, so `events` reads as the run's
         # state changes; `ledger` is everything in seq order.

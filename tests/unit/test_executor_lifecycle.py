@@ -313,3 +313,17 @@ def test_a_quota_error_degrades_the_connector_and_is_still_retried() -> None:
     unavailable = started(Run(make_flow({"name": "call", "input": {"connector": "crm"}})))
     unavailable.complete(ok=False, err=ErrorInfo(category=ErrorCategory.TRANSIENT, message="503", status_code=503))
     assert unavailable.of_type("ConnectorDegraded") == []
+
+
+def test_the_harness_checks_every_transition_against_the_table() -> None:
+    """Every run this module and test_executor_decide drive is checked event by event (tests/unit/drive.py); the check
+    refuses what the table forbids, so a decide that emitted it would fail those tests."""
+    from tests.unit.drive import _check_transition
+
+    run = started(Run(make_flow(*TWO)))
+    run.complete(output={})
+    run.complete(output={})
+    assert run.state is not None and run.state.status == RunStatus.SUCCEEDED
+    restarted = next(e for e in run.events if e.type == "RunStarted")
+    with pytest.raises(AssertionError, match="SUCCEEDED -> RUNNING"):
+        _check_transition(run.state, restarted)
