@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from schemas.flows import Environment, FlowDefinition
+from schemas.status import TERMINAL_RUN_EVENTS
 
 
 def new_id() -> str:
@@ -669,13 +670,5 @@ Command = Annotated[CancelRun | ResumeRun | ChildRunFinished | ArchiveRun, Field
 COMMAND_ADAPTER: TypeAdapter[CommandBase] = TypeAdapter(Command)
 
 # Terminal ledger event type → the run status it sets.
-TERMINAL_EVENT_STATUS = {
-    "RunSucceeded": "SUCCEEDED",
-    "RunPartiallySucceeded": "PARTIAL",
-    "RunFailed": "FAILED",
-    "RunTimedOut": "TIMED_OUT",
-    "RunCanceled": "CANCELED",
-    "RunInvalid": "INVALID",
-    "RunQuotaExceeded": "QUOTA_EXCEEDED",
-    "RunInternalError": "INTERNAL_ERROR",
-}
+# Event type → the terminal status it ends a run in (values as text), from the one table in schemas/status.py.
+TERMINAL_EVENT_STATUS: dict[str, str] = {t: s.value for t, s in TERMINAL_RUN_EVENTS.items()}

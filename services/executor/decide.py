@@ -29,9 +29,7 @@ from schemas.events import (
 )
 from schemas.flows import FlowDefinition, RetryPolicy, StepAction, StepDefinition, mask_secrets
 from schemas.status import RunStatus, StepStatus
-from services.executor.fold import RunState, StepState, fold
-from services.executor.inputs import input_errors
-from services.executor.templating import (
+from services.common.templating import (
     TemplateError,
     check,
     evaluate,
@@ -41,6 +39,8 @@ from services.executor.templating import (
     truthy,
     with_secrets,
 )
+from services.executor.fold import RunState, StepState, fold
+from services.executor.inputs import input_errors
 
 _EVENT_NS = uuid.UUID("6f1d7c1e-9f57-4d55-9a54-2f3a4c1b0e77")
 
