@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from schemas.events import TERMINAL_EVENT_STATUS, EventBase
+from schemas.status import ATTEMPT_STATUS_BY_EVENT
 from services.projector.fingerprint import endpoint, fingerprint
 
 RECORD_COUNTERS = ("read", "transformed", "written", "deduped", "skipped", "failed")
@@ -74,13 +75,7 @@ class DetailPlan:
     canonical: list[EventBase] = field(default_factory=list)
 
 
-_ATTEMPT_STATUS = {
-    "StepStarted": "RUNNING",
-    "StepAttemptFailed": "FAILED",
-    "StepSucceeded": "SUCCEEDED",
-    "StepFailed": "FAILED",
-    "StepCanceled": "CANCELED",
-}
+_ATTEMPT_STATUS = {t: s.value for t, s in ATTEMPT_STATUS_BY_EVENT.items()}  # the one table, schemas/status.py
 
 
 def plan_details(events: list[EventBase]) -> DetailPlan:

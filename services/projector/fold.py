@@ -11,26 +11,11 @@ from datetime import datetime
 from typing import Any
 
 from schemas.events import TERMINAL_EVENT_STATUS, EventBase
-from schemas.status import RunStatus, can_transition
+from schemas.status import RUN_STATUS_BY_EVENT, STEP_STATUS_BY_EVENT, RunStatus, can_transition
 
-_STATUS = {
-    "RunRequested": "CREATED",
-    "RunQueued": "QUEUED",
-    "RunScheduled": "SCHEDULED",
-    "RunBlocked": "BLOCKED",
-    "RunStarted": "RUNNING",
-    "RunPaused": "PAUSED",
-    "RunResumed": "RUNNING",
-    **TERMINAL_EVENT_STATUS,
-}
-_STEP_STATUS = {
-    "StepStarted": "RUNNING",
-    "StepAttemptFailed": "RETRYING",
-    "StepSucceeded": "SUCCEEDED",
-    "StepFailed": "FAILED",
-    "StepSkipped": "SKIPPED",
-    "StepCanceled": "CANCELED",
-}
+# Event → status, as text, from the one table (schemas/status.py).
+_STATUS = {t: s.value for t, s in RUN_STATUS_BY_EVENT.items()}
+_STEP_STATUS = {t: s.value for t, s in STEP_STATUS_BY_EVENT.items()}
 
 
 @dataclass
