@@ -1,4 +1,4 @@
-"""Ledger, flow and trigger events: frozen pydantic models in one discriminated union each (DESIGN 4)."""
+"""Ledger, flow and trigger events: frozen pydantic models in one discriminated union each (architecture.md: events)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def utcnow() -> datetime:
 
 class Frozen(BaseModel):
     # Readers ignore fields they do not know, so an optional field can be added without a
-    # schema_version bump (DESIGN 4).
+    # schema_version bump (architecture.md: events).
     model_config = ConfigDict(frozen=True, extra="ignore")
 
 

@@ -1,4 +1,4 @@
-"""Flow definitions: immutable versions of a flow's trigger config, steps and policies (DESIGN 5)."""
+"""Flow definitions: immutable versions of a flow's trigger config, steps and policies (docs/flows.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Writes (or with --check, verifies) schemas/jsonschema/: one JSON Schema per event type, per DESIGN 4."""
+"""Writes (or with --check, verifies) schemas/jsonschema/: one JSON Schema per event type (docs/architecture.md)."""
 
 from __future__ import annotations
 

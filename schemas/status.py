@@ -1,4 +1,4 @@
-"""The run and step status transition table (DESIGN 3): the executor decides with it, the projector checks with it."""
+"""The run and step status table (docs/architecture.md, vocabulary): transitions, terminal sets, event → status."""
 
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ class Topics:
 
 # Topics keyed by run_id share one partition count, so partition N of the triggers and
 # the ledger belong to the same executor instance. Flows are few: one partition keeps
-# their order total. The ledger is kept forever: it is the truth (DESIGN 2.1).
+# their order total. The ledger is kept forever: it is the truth (invariant 1).
 KEEP_FOREVER = {"retention.ms": "-1", "retention.bytes": "-1"}
 COMPACTED = {"cleanup.policy": "compact"}
 

@@ -1,4 +1,4 @@
-"""Upcasters: functions `upcast_<type>_v<n>_v<n+1>(dict) -> dict` run before validation (DESIGN 4).
+"""Upcasters: functions `upcast_<type>_v<n>_v<n+1>(dict) -> dict` run before validation (architecture.md: events).
 
 No breaking change has shipped yet, so the table is empty; a change that bumps an event's
 schema_version adds its function here and a test that decodes a stored v<n> event.

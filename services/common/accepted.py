@@ -1,4 +1,4 @@
-"""A run exists from the moment it is accepted (DESIGN 2.9): the `runs` row an edge writes right after its triggers
+"""A run exists from the moment it is accepted (invariant 9): the `runs` row an edge writes right after its triggers
 are durable in Kafka, before it answers 202.
 
 The row says what is known at acceptance — QUEUED (SCHEDULED for `run_at`), the accepted time as `created_at`, the

@@ -2,7 +2,7 @@
 
 After any produce error — a record the broker refuses, a broker restart, a timeout, an out-of-order sequence —
 the producer is dropped and the next append builds a new one, so one client's failed request never fails the
-requests after it (DESIGN 2.8). The idempotent producer's sequence numbers are per producer id: a fresh producer
+requests after it (invariant 8). The idempotent producer's sequence numbers are per producer id: a fresh producer
 gets a fresh id, so nothing of the broken one's state carries over.
 
 Every append is bounded in time and reports exactly which records are durable, which were refused and which

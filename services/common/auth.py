@@ -1,7 +1,7 @@
 """API keys: `ft_live_…`/`ft_test_…`, 256 random bits, stored only as a SHA-256 hash, found by prefix.
 
 Every request's key resolves to a Principal (tenant, environment, scopes); all queries and
-commands are scoped by it (DESIGN 2.7).
+commands are scoped by it (invariant 7).
 """
 
 from __future__ import annotations

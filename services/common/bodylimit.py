@@ -1,4 +1,4 @@
-"""Request body size limit for every FastAPI service, enforced before the body is read or parsed (DESIGN 2.8).
+"""Request body size limit for every FastAPI service, enforced before the body is read or parsed (invariant 8).
 
 A declared Content-Length over the limit is refused at once; a body sent without one (chunked) is counted as it
 arrives and refused the moment it passes the limit, so no client can make a service buffer more than the limit.

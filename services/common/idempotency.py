@@ -8,7 +8,7 @@
   polling the shared row. A request abandoned by a dead process is taken over once its lease ends.
 - A 5xx answer (Kafka unavailable, an append that did not complete) is not stored: the key is released, so a retry
   with it runs the request again. Ingest derives run ids from the key, so that retry names the same runs and the
-  executor starts each once (DESIGN 2.9).
+  executor starts each once (invariant 9).
 
 Keys are scoped by the caller's tenant and environment. A request whose bearer key does not authenticate passes
 through untouched and gets its 401 from the route.

@@ -16,7 +16,7 @@ def main() -> None:
     settings = ExecutorSettings()
     app, triggers, engine = create_app(settings)
     register(app, triggers, engine, Topics(settings.topic_prefix).dlq, settings.trigger_batch_size)
-    # DEBUG logging inside aiokafka's send costs ~11% CPU (DESIGN 8): keep the clients at WARNING.
+    # DEBUG logging inside aiokafka's send costs ~11% CPU (docs/decisions.md): keep the clients at WARNING.
     for noisy in ("aiokafka", "kafka", "faust", "mode", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     worker = faust.Worker(app, loglevel=settings.log_level, quiet=True)

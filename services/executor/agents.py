@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 def register(app: faust.App, triggers: faust.TopicT, engine: Engine, dlq_topic: str, batch: int) -> None:
     dlq = app.topic(dlq_topic, value_type=bytes, key_type=bytes, internal=False)
 
-    # Concurrency 1 per partition (DESIGN 2.3): parallelism comes from partitions and step tasks.
+    # Concurrency 1 per partition (invariant 3): parallelism comes from partitions and step tasks.
     @app.agent(triggers, concurrency=1)
     async def consume_inputs(stream: faust.StreamT[Any]) -> None:
         # Stream.take_events exists; faust's StreamT protocol has not caught up with it.

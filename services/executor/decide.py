@@ -1,4 +1,4 @@
-"""decide(state, flow, input) -> events: every run decision, pure and deterministic (DESIGN 2.4).
+"""decide(state, flow, input) -> events: every run decision, pure and deterministic (invariant 4).
 
 Inputs are the trigger, a step's result, a due timer (retry, schedule, pause expiry, flow deadline), a
 command (cancel, resume, a child run's end), a freed concurrency slot and an internal failure. Each
@@ -243,7 +243,7 @@ def decide_and_fold(
     if state is None:
         return [], state
     if isinstance(inp, CommandInput) and inp.command.tenant_id != state.tenant_id:
-        return [], state  # another tenant's command never touches this run (DESIGN 2.7)
+        return [], state  # another tenant's command never touches this run (invariant 7)
     if flow is None:  # an existing run always has its flow version
         raise LookupError(f"flow version of run {out.run.run_id} is unknown")
     status = out.run.status
@@ -586,7 +586,7 @@ def _complete_step(out: _Emitter, flow: FlowDefinition, step: StepDefinition, in
     attempts = f" after {inp.attempt} attempts" if inp.attempt > 1 else ""
     _log(out, "ERROR", f"failed{attempts} ({error.category}): {error.message}", step.name, attempt=inp.attempt,
          category=error.category.value)  # fmt: skip
-    # A step that ran out of time ends the run TIMED_OUT (DESIGN 3), any other final failure FAILED.
+    # A step that ran out of time ends the run TIMED_OUT (architecture.md: vocabulary), any other final failure FAILED.
     _finish(out, ev.RunTimedOut if error.code == "timeout" else ev.RunFailed, failed_step=step.name, error=error)
 
 

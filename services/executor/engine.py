@@ -489,7 +489,7 @@ class Engine:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            # An executor bug: recorded with its trace, and the run still ends (DESIGN 2.5).
+            # An executor bug: recorded with its trace, and the run still ends (invariant 5).
             log.exception("run %s: internal error", run_id)
             metrics.INTERNAL_ERRORS.inc()
             state = self.runs.get(run_id)

@@ -1,4 +1,4 @@
-"""fold(state, event) -> state: a run's state derived from its ledger events alone (DESIGN 2.3)."""
+"""fold(state, event) -> state: a run's state derived from its ledger events alone (invariant 3)."""
 
 from __future__ import annotations
 

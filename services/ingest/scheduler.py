@@ -1,4 +1,4 @@
-"""The scheduler: one TriggerReceived per tick of every active cron or interval flow (DESIGN 1, seed 002 `schedule`).
+"""The scheduler: one TriggerReceived per tick of every active cron or interval flow (schedule triggers).
 
 Ticks are computed in UTC: a cron expression (croniter: 5 fields, or a 6th for seconds), or `interval_s`
 on a grid counted from the Unix epoch, so every process computes the same ticks whenever it started.

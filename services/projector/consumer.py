@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Offsets live in PostgreSQL with the rows (DESIGN 2.3); Kafka's committed offsets are not used."""
+    """Offsets live in PostgreSQL with the rows (invariant 3); Kafka's committed offsets are not used."""
 
     def __init__(self, projector: Projector) -> None:
         self.projector = projector

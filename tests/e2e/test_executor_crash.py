@@ -1,4 +1,4 @@
-"""A SIGKILLed executor with steps in flight and timers pending loses and repeats nothing (DESIGN 2, items 2 to 5).
+"""A SIGKILLed executor with steps in flight and timers pending loses and repeats nothing (invariants 2 to 5).
 
 At the moment of the kill there are http_request steps waiting on a slow upstream, steps in retry backoff, `delay`
 steps, SCHEDULED runs, PAUSED human_input runs (one expiring), a run under a flow deadline and fresh triggers. The
@@ -317,7 +317,7 @@ async def crash(env: Env, runs: dict[str, list[str]], soon_due_by: datetime) -> 
     killed_at = datetime.now(UTC)
     assert len(in_flight) == slow
 
-    # The `soon` timers fall due while no executor runs (DESIGN 2.5: "a timer is due while nothing is running").
+    # The `soon` timers fall due while no executor runs (invariant 5: "a timer is due while nothing is running").
     async def overdue() -> bool:
         return datetime.now(UTC) > soon_due_by
 
@@ -356,7 +356,7 @@ def ledger_by_run(ledger: list[EventBase], group_of: dict[str, str]) -> dict[str
                              f"{seen.causation_id}, then {event.type} caused by {event.causation_id}")  # fmt: skip
         # A repeat of the same event is allowed: the idempotent producer can still write a record twice across a
         # crash (a batch retried by a producer session that died), and consumers keep the first in log order
-        # (DESIGN 2.3). A *different* event at a used seq is a second decision from stale state: the trap 2.3 names.
+        # (invariant 3). A *different* event at a used seq is a second decision from stale state: the trap 2.3 names.
     assert not conflicts, f"{len(conflicts)} seqs carry two different events:\n" + "\n".join(conflicts)
     by_run: dict[str, list[EventBase]] = defaultdict(list)
     for event in sorted(first.values(), key=lambda e: e.seq):

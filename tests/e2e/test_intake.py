@@ -1,4 +1,4 @@
-"""Trustworthy intake on real processes: no client's input breaks ingest for anyone else (DESIGN 2.8).
+"""Trustworthy intake on real processes: no client's input breaks ingest for anyone else (invariant 8).
 
 Oversized inputs and bodies are refused with 413 before anything reaches Kafka; a 20,000-input batch and then
 1,000 triggers from three tenants all answer 202 while /readyz stays ready; an Idempotency-Key makes 1,000

@@ -1,7 +1,7 @@
 """A broker restart under trigger load, on a private broker of this test's own (the shared one stays up).
 
 During the outage every trigger answers 503 with Retry-After (never 500) and /readyz answers 503; once the broker is
-back, every trigger succeeds again without restarting ingest: no producer is left broken (DESIGN 2.8).
+back, every trigger succeeds again without restarting ingest: no producer is left broken (invariant 8).
 """
 
 from __future__ import annotations

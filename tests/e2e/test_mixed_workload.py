@@ -1,5 +1,5 @@
 """A mixed workload of every run shape on the real stack, then `flowtrail projector verify`: it must be equal
-(DESIGN 2.1, issue 12: verify differed after ~110,000 runs of retries, cancels, timeouts, pauses, subflows...).
+(invariant 1, issue 12: verify differed after ~110,000 runs of retries, cancels, timeouts, pauses, subflows...).
 
 Mostly cheap 1-3 step runs fired in batch triggers, around them: step retries with backoff (an upstream that
 fails the first attempts), FROM_FAILED_STEP chains (fail, retry that fails again, retry that succeeds; single

@@ -1,4 +1,4 @@
-"""Tenants never see or touch each other's data, through any endpoint (DESIGN 2.7), on real processes.
+"""Tenants never see or touch each other's data, through any endpoint (invariant 7), on real processes.
 
 Tenant A owns one of everything (flows, runs of every kind, a webhook subscription with a delivery, an alert
 rule with an alert, API keys, connectors, canonical records); tenant B owns a few of its own, some named

@@ -1,4 +1,4 @@
-"""A run exists from the moment it is accepted (DESIGN 2.9), on real processes.
+"""A run exists from the moment it is accepted (invariant 9), on real processes.
 
 With no executor running, every run ingest answers 202 for is at once in `GET /v1/runs/{id}` and in the list: QUEUED
 (SCHEDULED for `run_at`), `created_at` the accepted time, the trigger shown; `verify` is equal meanwhile. Once an

@@ -420,7 +420,7 @@ async def test_tenants_never_see_each_others_connectors_or_health(env: Env) -> N
 
 
 async def test_health_is_the_same_whatever_order_and_batches_the_events_arrive_in(infra: Infra) -> None:
-    """Live and rebuilt projections must agree (DESIGN 2.1): one batch in log order against one event per batch
+    """Live and rebuilt projections must agree (invariant 1): one batch in log order against one event per batch
     with the runs interleaved newest first (each run's own events stay in order, as partitions keep them)."""
     t0 = datetime(2030, 1, 1, tzinfo=UTC)
     runs = [

@@ -1,5 +1,5 @@
 """An executor bug (an exception outside any step runner's own error handling) ends the run INTERNAL_ERROR with
-its trace, on the real broker: the run still ends (DESIGN 2.5) and the engine goes on with other runs."""
+its trace, on the real broker: the run still ends (invariant 5) and the engine goes on with other runs."""
 
 from __future__ import annotations
 

@@ -218,7 +218,7 @@ async def test_every_ending_sends_its_webhook_and_a_deleted_subscription_retries
     from schemas.events import TERMINAL_EVENT_STATUS
 
     names = sorted(f"run.{status.lower()}" for status in TERMINAL_EVENT_STATUS.values())
-    assert len(names) == 8  # every terminal status of DESIGN 3
+    assert len(names) == 8  # every terminal status of architecture.md: vocabulary
     async with env.api() as api:
         r = await api.post("/v1/webhooks", json={"url": env.receiver.url, "secret": SECRET, "events": names})
         assert r.status_code == 201, r.text

@@ -337,7 +337,7 @@ def test_malformed_envelope_values_are_decode_errors_too(change: dict[str, Any])
 @settings(max_examples=200, deadline=None)
 @given(obj=st.dictionaries(st.sampled_from(["type", "schema_version", "seq", "run_id", "payload"]), json_values))
 def test_any_json_object_either_decodes_or_is_a_decode_error(obj: dict[str, Any]) -> None:
-    # Only DecodeError may escape: consumers dead-letter it and move on (DESIGN 2.6).
+    # Only DecodeError may escape: consumers dead-letter it and move on (invariant 6).
     # Values for `type` and `schema_version` that crash upcast() are covered by the xfail test above.
     if not isinstance(obj.get("type", ""), str) or not isinstance(obj.get("schema_version", 1), int):
         obj["type"], obj["schema_version"] = "RunQueued", 1

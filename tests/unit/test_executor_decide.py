@@ -435,7 +435,7 @@ def test_result_for_a_step_that_is_not_running_is_ignored() -> None:
     assert decide(run.state, run.flow, TimerFired("run-1", "fetch", 1), clock) == []  # not retrying
 
 
-# ---------------------------------------------------------------- redelivery (DESIGN 2.3)
+# ---------------------------------------------------------------- redelivery (invariant 3)
 
 
 def test_redelivered_trigger_decides_nothing() -> None:

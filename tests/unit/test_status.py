@@ -1,4 +1,4 @@
-"""The run/step transition table, checked over every (from, to) pair against DESIGN 3 written out here."""
+"""The run/step transition table, checked over every (from, to) pair against docs/architecture.md written out here."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ EXPECTED_RUN: dict[str, set[str]] = {
     "RUNNING": {"PAUSED", "SUCCEEDED", "PARTIAL", "FAILED", "TIMED_OUT", "CANCELED", "INTERNAL_ERROR"},
     "PAUSED": {"RUNNING", "CANCELED", "TIMED_OUT"},
 }
-# Deliberate additions of schemas/status.py beyond DESIGN 3:
+# Deliberate additions of schemas/status.py beyond architecture.md: vocabulary:
 # a scheduled run becomes due and joins the queue, or is canceled before it is due;
 EXPECTED_RUN["SCHEDULED"] = {"QUEUED", "CANCELED"}
 # a run blocked by the concurrency limit can be canceled while it waits.
@@ -81,7 +81,7 @@ def test_non_terminal_run_statuses_all_have_a_way_out_and_reach_a_terminal_one()
                 if can_transition(current, dst) and dst not in seen:
                     seen.add(dst)
                     frontier.append(dst)
-        assert seen & TERMINAL_RUN_STATUSES, f"{src} can never end (DESIGN 2.5)"
+        assert seen & TERMINAL_RUN_STATUSES, f"{src} can never end (invariant 5)"
 
 
 def test_terminal_step_statuses_have_no_way_out() -> None:

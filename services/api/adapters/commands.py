@@ -1,7 +1,7 @@
 """Run actions leave the API as records: commands (cancel, resume, archive) on the commands topic and retries
 as new run requests on the triggers topic, each keyed by run id so it reaches the executor owning that run.
 
-The API never writes the ledger (DESIGN 2.2): the executor turns these into ledger events, or ignores one
+The API never writes the ledger (invariant 2): the executor turns these into ledger events, or ignores one
 that no longer applies (a cancel for a run that ended meanwhile).
 """
 
@@ -39,7 +39,7 @@ class CommandLog:
 
     async def send_triggers(self, triggers: Sequence[TriggerReceived]) -> None:
         """Returns once every run request is durable in Kafka, and visible as QUEUED (a retry answers 202 with its run
-        id: DESIGN 2.9); raises AppendFailed otherwise."""
+        id: invariant 9); raises AppendFailed otherwise."""
         await self._send(self.topics.triggers, [(t.run_id, codec.dumps(t)) for t in triggers])
         if self.pool is not None:
             await record_accepted_triggers(self.pool, triggers)

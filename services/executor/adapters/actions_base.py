@@ -41,7 +41,7 @@ class StepCall:
 
     @property
     def idempotency_key(self) -> str:
-        # Stable across redeliveries of the same attempt (DESIGN 2.4).
+        # Stable across redeliveries of the same attempt (invariant 4).
         return f"{self.run_id}:{self.step}:{self.attempt}"
 
 

@@ -89,7 +89,7 @@ async def trigger_flow(
     key = idempotency_key(request.scope["headers"])
     if key is None:
         run_ids = [new_run_id() for _ in inputs]
-    else:  # a retry of this request names the same runs: the executor starts each once (DESIGN 2.9)
+    else:  # a retry of this request names the same runs: the executor starts each once (invariant 9)
         run_ids = derived_run_ids(principal.tenant_id, principal.environment, key, len(inputs))
     records = list(zip(run_ids, codec.dumps_triggers(template, run_ids, inputs), strict=True))
     _refuse_oversize(records, template, body.inputs is not None, settings, request.app.state.appender)
@@ -100,7 +100,7 @@ async def trigger_flow(
         metrics.APPEND_FAILURES.inc()
         raise _incomplete(exc, len(records), keyed=key is not None) from exc
     metrics.APPEND_SECONDS.observe(time.perf_counter() - started)
-    # Visible from the 202 on (DESIGN 2.9): QUEUED or SCHEDULED with the accepted time, until the projector's row.
+    # Visible from the 202 on (invariant 9): QUEUED or SCHEDULED with the accepted time, until the projector's row.
     await record_accepted(pool, template, run_ids, inputs, flow_version=version)
     metrics.TRIGGERS.labels(body.mode).inc(len(records))
     if body.inputs is not None:
