@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 import asyncpg
 
 from schemas.status import TERMINAL_RUN_STATUSES
+from services.projector.adapters import search
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,8 @@ async def _blank(conn: asyncpg.Connection, ids: list[str]) -> int:
         """,
         ids,
     )
+    # The search text held previews of those outputs (upstream bodies): derived again from what is left.
+    await search.recompute(conn, ids)
     return len(ids)
 
 

@@ -32,6 +32,25 @@ from tests.conftest import Infra
 from tests.e2e.stack import Stack
 
 RARE = "currency XQZ is not supported by the ledger"
+# Record errors (RecordFailed) and a failed step's upstream body, in runs.search_details as the projector folds them
+# (migration 0024's search_pieces and search_fold): one refusal on every PARTIAL run, a rare one on a handful, and
+# the OAuth body of every "401 Unauthorized" failure.
+REFUSED = "Please enter value(s) for: Email"
+REFUSED_RARE = "Please enter value(s) for: Tax Registration XQW"
+_SEED_RECORD_ERRORS = """
+UPDATE runs SET search_details = search_fold(search_details, search_pieces('RecordFailed', jsonb_build_object(
+    'error', $1::text, 'raw_error', jsonb_build_object('status', 400, 'body', jsonb_build_object(
+        'o:errorDetails', jsonb_build_array(jsonb_build_object(
+            'detail', $1::text, 'o:errorPath', 'email', 'o:errorCode', 'USER_ERROR',
+            'record', 'c-' || right(id, 6))))))))
+WHERE {where}
+"""
+_SEED_BODIES = """
+UPDATE runs SET search_details = search_fold(search_details, search_pieces('StepFailed', jsonb_build_object(
+    'output', jsonb_build_object('status', 401, 'body', jsonb_build_object(
+        'error', 'invalid_token', 'error_description', 'The access token expired', 'request_id', right(id, 12))))))
+WHERE error_message LIKE '401 Unauthorized%'
+"""
 CONCURRENCY = 16
 
 
@@ -116,6 +135,14 @@ async def test_runs_api_queries_at_scale(infra: Infra, scale: Scale, report: Rep
                 "(SELECT id FROM runs WHERE tenant_id = 't1' AND environment = 'PRODUCTION' ORDER BY id LIMIT 7)",
                 RARE,
             )
+            await conn.execute(_SEED_RECORD_ERRORS.format(where="status = 'PARTIAL'"), REFUSED)
+            await conn.execute(
+                _SEED_RECORD_ERRORS.format(where="id IN (SELECT id FROM runs WHERE tenant_id = 't1' AND environment = "
+                                           "'PRODUCTION' ORDER BY id DESC LIMIT 7)"),
+                REFUSED_RARE,
+            )  # fmt: skip
+            await conn.execute(_SEED_BODIES)
+            searchable = await conn.fetchval("SELECT count(*) FROM runs WHERE search_details IS NOT NULL")
             big = await conn.fetchval(
                 "SELECT id FROM runs WHERE tenant_id = 't1' AND environment = 'PRODUCTION' ORDER BY created_at DESC "
                 "OFFSET 1000 LIMIT 1"
@@ -163,6 +190,21 @@ async def test_runs_api_queries_at_scale(infra: Infra, scale: Scale, report: Rep
                     "/v1/runs",
                     {"q": "upstream unavailable"},
                 ),
+                "search, record error, rare": (
+                    lambda pool: list_runs(pool, RunFilter("t1", "PRODUCTION", q="Tax Registration XQW"), 20, newest),
+                    "/v1/runs",
+                    {"q": "Tax Registration XQW"},
+                ),
+                "search, record error, common": (
+                    lambda pool: list_runs(pool, RunFilter("t1", "PRODUCTION", q="value(s) for: Email"), 20, newest),
+                    "/v1/runs",
+                    {"q": "value(s) for: Email"},
+                ),
+                "search, upstream 401 body": (
+                    lambda pool: list_runs(pool, RunFilter("t1", "PRODUCTION", q="access token expired"), 20, newest),
+                    "/v1/runs",
+                    {"q": "access token expired"},
+                ),
                 "get run with 20 steps": (lambda pool: _whole_run(pool, big), f"/v1/runs/{big}", {}),
             }
             raw: dict[str, dict[str, Any]] = {}
@@ -184,6 +226,8 @@ async def test_runs_api_queries_at_scale(infra: Infra, scale: Scale, report: Rep
                                              timeout=timeout) as api:  # fmt: skip
                 found = orjson.loads((await _get(api, "/v1/runs", {"q": "XQZ is not", "limit": 100}))[1])["data"]
                 assert len(found) == 7
+                found = orjson.loads((await _get(api, "/v1/runs", {"q": "Tax Registration XQW", "limit": 100}))[1])
+                assert len(found["data"]) == 7
                 detail = orjson.loads((await _get(api, f"/v1/runs/{big}", {}))[1])
                 assert len(detail["steps"]) == 20
                 client = await _http_latency(api, "/healthz", {}, scale.query_samples)
@@ -209,4 +253,10 @@ async def test_runs_api_queries_at_scale(infra: Infra, scale: Scale, report: Rep
     report.add("query", "GET /healthz p50 (client ceiling)", client["p50_ms"], "ms")
     report.add("query", f"API p95, search rare substring ({label})", http["search, rare substring"]["p95_ms"], "ms",
                target=Target("<=", 25, unit="ms"))  # fmt: skip
+    report.add("query", f"API p95, search record error rare substring ({label})",
+               http["search, record error, rare"]["p95_ms"], "ms", target=Target("<=", 25, unit="ms"))  # fmt: skip
+    report.add("query", f"API p95, search record error common substring ({label})",
+               http["search, record error, common"]["p95_ms"], "ms", target=Target("<=", 25, unit="ms"))  # fmt: skip
+    report.add("query", f"runs with search details (record errors, upstream bodies) of {n:,}", searchable, "runs")
     report.details["queries"] = {"runs": n, "seed_seconds": seeded_s, "raw": raw, "http": http, "client": client}
+    report.details["queries"]["searchable_runs"] = searchable

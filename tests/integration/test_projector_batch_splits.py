@@ -118,6 +118,7 @@ def _shapes() -> list[Run]:
 
     blocked = _run("r_blocked", *TWO, admission=Admission(flow_active=1), flow={"concurrency_limit": 1})
     runs.append(blocked)
+
     # Step anatomy: an http_request answered 503 then 200 (each attempt keeps its answer), a step skipped by its
     # run_condition (action, input, reason), and an INFO line per start, success and skip in run_logs.
     anatomy = _run("r_anatomy", *ANATOMY)
@@ -127,7 +128,32 @@ def _shapes() -> list[Run]:
     anatomy.complete(output={"status": 200, "body": {"total": 40}})
     anatomy.complete(output={"b": 2})
     runs.append(anatomy)
+    runs += _searched()
     return runs
+
+
+def _refused(i: int, message: str = "Please enter value(s) for: Email") -> dict[str, Any]:
+    body = {"o:errorDetails": [{"detail": message, "o:errorCode": "USER_ERROR", "record": f"c-{i}"}]}
+    return {"record_key": f"c-{i}", "field_path": "email", "error": message, "raw_error": {"status": 400, "body": body}}
+
+
+def _searched() -> list[Run]:
+    """Runs whose events feed runs.search_details (`q`): record errors, repeated and past the per-run bound, and a
+    failed http_request step with the upstream's 401 body."""
+    sync = ({"name": "sync", "action": "sync_records", "input": {}}, {"name": "call", "action": "http_request",
+            "input": {"url": "https://crm.example.com/me"}, "retry": {"delays_s": []}})  # fmt: skip
+    refused = _run("r_records_then_401", *sync)
+    # One reason many times (it counts once), then another; the step passes with its records refused.
+    failures = [_refused(i) for i in range(4)] + [_refused(9, "Invalid zip XQ-90210")]
+    refused.complete(output={"counters": {"read": 6, "written": 1, "failed": 5}, "failures": failures})
+    body = {"error": "invalid_token", "error_description": "The access token expired"}
+    refused.complete(ok=False, err=error("AUTH", "GET https://crm.example.com/me answered 401 Unauthorized"),
+                     output={"status": 401, "headers": {"content-type": "application/json"}, "body": body})  # fmt: skip
+    # Far more refused records than the search text holds: it stops at its bound wherever the batches are cut.
+    flood = _run("r_records_flood", sync[0])
+    many = [_refused(i, f"record {i} refused: field {i % 7} is invalid") for i in range(400)]
+    flood.complete(output={"counters": {"read": 400, "failed": 400}, "failures": many})
+    return [refused, flood]
 
 
 def _ledger() -> list[EventBase]:
@@ -167,7 +193,9 @@ def _splits(n: int) -> dict[str, list[list[int]]]:
 
 async def test_any_split_of_the_log_into_batches_gives_the_same_rows(db: asyncpg.Connection) -> None:
     ledger = _ledger()
-    assert {"StepAttemptFailed", "StepCanceled", "RunPaused", "RunResumed", "RunTimedOut"} <= {e.type for e in ledger}
+    assert {"StepAttemptFailed", "StepCanceled", "RunPaused", "RunResumed", "RunTimedOut", "RecordFailed"} <= {
+        e.type for e in ledger
+    }
     splits = _splits(len(ledger))
     schema = await db.fetchval("SELECT current_schema()")
     await _project(db, [[(i, ledger[i]) for i in b] for b in splits.pop("one batch")])
@@ -196,6 +224,26 @@ async def test_an_attempt_canceled_while_waiting_to_retry_keeps_its_duration_in_
         ))  # fmt: skip
     assert rows[0] == rows[1]
     assert dict(rows[0]) == {"status": "CANCELED", "duration_ms": 250.0, "error": "503 from upstream", "retry_at": True}
+
+
+async def test_search_text_is_bounded_and_the_same_in_any_batching(db: asyncpg.Connection) -> None:
+    """runs.search_details (what `q` finds besides id and error): the same text whether a run's events arrive in one
+    batch or one per batch, a repeated record error once, at most 4,096 characters however many records fail."""
+    texts = []
+    for run in _searched():
+        for batches in ([run.ledger], [[e] for e in run.ledger]):
+            offset = itertools.count()
+            await _project(db, [[(next(offset), e) for e in b] for b in batches])
+            texts.append(await db.fetchval("SELECT search_details FROM runs WHERE id = $1", run.trigger.run_id))
+    refused, refused_split, flood, flood_split = texts
+    assert refused == refused_split and flood == flood_split
+    # The message once, then each record's own raw error (they differ by the record they name), in seq order.
+    assert refused.count("Please enter value(s) for: Email") == 1 + 4
+    assert refused.startswith("Please enter value(s) for: Email\nbody: o:errorDetails: detail: Please enter")
+    assert "Invalid zip XQ-90210" in refused and "c-3" in refused
+    assert "error_description: The access token expired" in refused and "invalid_token" in refused
+    assert len(flood) == 4096 and flood.startswith("record 0 refused")
+
 
 async def test_step_anatomy_is_the_same_in_any_batching(db: asyncpg.Connection) -> None:
     """A skipped step's action, input and reason, each attempt's answer and the derived INFO lines, whether the

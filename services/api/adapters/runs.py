@@ -21,6 +21,12 @@ RECORD_COUNTERS = ("read", "transformed", "written", "deduped", "skipped", "fail
 _SELECT_RECORDS = ", ".join(f"records_{n}" for n in RECORD_COUNTERS)
 
 
+# What `q` searches, exactly as runs_search_idx indexes it (migration 0024): the planner uses the index only for
+# this expression, to the character. search_details is the projector's text of the run's record errors and of the
+# upstream's answer to a failed step (services/projector/adapters/search.py).
+SEARCH_TEXT = "(id || E'\\n' || coalesce(error_message, '') || E'\\n' || coalesce(search_details, ''))"
+
+
 class CursorError(ValueError):
     """A cursor this API did not hand out, or one from another query."""
 
@@ -153,10 +159,10 @@ class RunFilter:
         if self.fingerprint is not None:
             add("error_fingerprint = ?", self.fingerprint)
         if self.q:
-            # Substring of an error message or of a run id; both carry a trigram index (the id's on lower(id)).
+            # A case-insensitive substring of the run id, its error message or its search details (record errors,
+            # upstream bodies), through the one trigram index on SEARCH_TEXT.
             pattern = "%" + self.q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            args.append(pattern)
-            clauses.append(f"(error_message ILIKE ${len(args)} OR lower(id) LIKE lower(${len(args)}))")
+            add(f"{SEARCH_TEXT} ILIKE ?", pattern)
         if self.ids:
             add("id = ANY(?::text[])", self.ids)
         if self.tags:

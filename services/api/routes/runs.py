@@ -93,7 +93,12 @@ class RunsQuery(BaseModel):
     bulk_operation_id: str | None = None
     # The retries of a run (FROM_FAILED_STEP or ON_LATEST_VERSION): the runs whose `retry_of` it is.
     retry_of: str | None = Field(default=None, max_length=200)
-    q: str | None = Field(default=None, max_length=200)
+    q: str | None = Field(
+        default=None,
+        max_length=200,
+        description="case-insensitive substring of the run id, error message, record errors or a failed step's "
+        "upstream answer",
+    )
     error_fingerprint: str | None = None
     sort: str = "-created_at"
     limit: int = Field(default=20, ge=1, le=100)
@@ -121,8 +126,9 @@ _RUNS_QUERY = QueryString(RunsQuery, SEED_ALIASES)
 async def list_runs(request: Request, principal: Reader) -> OrjsonResponse:
     """Runs, newest first unless `sort` says otherwise. `next_cursor` pages on, `prev_cursor` back.
 
-    `q` matches a substring of the error message or of the run id. `offset` is for clients that page
-    by count (seed 002); cursors stay stable while new runs arrive, offsets do not.
+    `q` matches a case-insensitive substring of the run id, its error message, its record errors (message and
+    the destination's raw error) or the upstream's answer to a failed step (a preview of the body). `offset` is for
+    clients that page by count (seed 002); cursors stay stable while new runs arrive, offsets do not.
     """
     params = _RUNS_QUERY.parse(request)
     if params.tenant_id is not None and params.tenant_id != principal.tenant_id:

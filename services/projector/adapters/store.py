@@ -19,7 +19,7 @@ from schemas.events import (
     FlowVersionPublished,
 )
 from services.projector import connectors, metrics, retention
-from services.projector.adapters import alerts, webhooks
+from services.projector.adapters import alerts, search, webhooks
 from services.projector.adapters.details import write_details
 from services.projector.details import plan_details
 from services.projector.fold import BatchPlan, plan
@@ -219,6 +219,7 @@ async def apply_batch(
         await _write_runs(conn, changes)
         await _write_steps(conn, changes)
         await write_details(conn, plan_details(new_events))
+        await search.append(conn, new_events)
         await retention.enforce_marks(conn, list({e.run_id for e in new_events if e.type in TERMINAL_EVENT_STATUS}))
         for p in flows:
             await _apply_flow_event(conn, p.event)
