@@ -9,7 +9,8 @@ import pytest
 
 from schemas.events import ErrorCategory
 from services.executor.adapters.actions_base import TRUNCATED, StepError, parse_input
-from services.executor.adapters.actions_sync import (
+from services.executor.adapters.actions_sync import window_param
+from services.executor.sync import (
     SyncRecordsInput,
     Tally,
     error_field_path,
@@ -18,7 +19,6 @@ from services.executor.adapters.actions_sync import (
     prepare,
     raw_http_error,
     upsert_sql,
-    window_param,
 )
 
 BASE: dict[str, Any] = {
