@@ -35,7 +35,8 @@ class NewKey(BaseModel):
 
     name: str = Field(default="", max_length=200)
     environment: Literal["PRODUCTION", "TESTING"] = "PRODUCTION"
-    scopes: list[str] = Field(min_length=1)
+    # Checked below for a message naming the unknown scope; the OpenAPI lists the accepted ones.
+    scopes: list[str] = Field(min_length=1, json_schema_extra={"items": {"type": "string", "enum": list(ALL_SCOPES)}})
 
     @field_validator("scopes")
     @classmethod
