@@ -181,6 +181,14 @@ def parse_timestamp(text: str) -> datetime:
     return _in_utc(value)
 
 
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+AnyCase = BeforeValidator(_lower)
+"""For an enumeration documented in lower case: the value is accepted in any case (`?status=OPEN`)."""
+
+
 def parse_count(text: str, maximum: int = INT32_MAX) -> int:
     """A non-negative decimal up to `maximum` (a column's range); ValueError otherwise (`isdigit` alone takes '²'
     and 10**30)."""

@@ -483,3 +483,18 @@ async def test_a_finished_runs_stream_resumed_past_its_end_closes_at_once(env: E
             r = await client.get(f"/v1/runs/{RUN_IDS[0]}/stream?{query}")
             assert r.status_code == 200, r.text
             assert time.monotonic() - started < 3, (query, time.monotonic() - started, r.text[:300])
+
+
+async def test_enumerations_are_accepted_in_any_case(env: Env) -> None:
+    async with env.client(env.api) as client:
+        for path in (
+            "/v1/runs?status=Succeeded&trigger_type=API&execution_mode=Async",
+            "/v1/runs/run_contract_1/logs?level=error",
+            "/v1/flows?status=ACTIVE&trigger_type=Schedule",
+            "/v1/alerts?status=OPEN",
+            "/v1/connectors?status=Degraded",
+            "/v1/analytics/failure-groups?category=validation",
+        ):
+            r = await client.get(path)
+            assert r.status_code == 200, (path, r.text)
+        _envelope(await client.get("/v1/alerts?status=closed"), 422, "validation_error")

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from services.api.models import AlertDetail, AlertRule, AlertRules, Alerts, NewAlertRule
 from services.common.auth import Principal, require_scope
 from services.common.channels import PAGERDUTY_URL
+from services.common.contract import AnyCase
 from services.common.http import ApiError
 from services.common.netguard import BlockedAddress, check_url
 
@@ -255,7 +256,7 @@ async def list_alerts(
     principal: Admin,
     rule_id: Annotated[str | None, Query(max_length=200)] = None,
     flow_id: Annotated[str | None, Query(max_length=200)] = None,
-    status: Annotated[Literal["open", "resolved"] | None, Query()] = None,
+    status: Annotated[Literal["open", "resolved"] | None, Query(), AnyCase] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=500)] = None,
 ) -> dict[str, Any]:

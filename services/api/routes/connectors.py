@@ -31,6 +31,7 @@ from schemas.flows import mask_secrets, mask_text
 from services.api.models import Connector, ConnectorCheck, Connectors
 from services.api.routes.flows import connectors as named_connectors
 from services.common.auth import Principal, require_scope
+from services.common.contract import AnyCase
 from services.common.crypto import SecretsKeyError, decrypt_text, encrypt_inline, inline_context, plaintexts, redact
 from services.common.failures import StepError, classify_kafka, classify_sqlstate, classify_status, masked_message
 from services.common.http import ApiError
@@ -221,7 +222,7 @@ async def create_connector(body: NewConnector, request: Request, principal: Admi
 async def list_connectors(
     request: Request,
     principal: Reader,
-    status: Annotated[Literal["ok", "degraded"] | None, Query()] = None,
+    status: Annotated[Literal["ok", "degraded"] | None, Query(), AnyCase] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
     cursor: str | None = None,
 ) -> dict[str, Any]:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import secrets
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.api.models import NewWebhookSubscription, Redelivery, WebhookDeliveries, WebhookSubscriptions
 from services.common.auth import Principal, require_scope
+from services.common.contract import AnyCase
 from services.common.http import ApiError
 from services.common.netguard import BlockedAddress, check_url
 from services.common.webhooks import EVENT_NAMES
@@ -95,7 +96,7 @@ async def list_deliveries(
     subscription_id: str,
     request: Request,
     principal: Admin,
-    status: Annotated[str | None, Query(pattern="^(pending|delivered|failed)$")] = None,
+    status: Annotated[Literal["pending", "delivered", "failed"] | None, Query(), AnyCase] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> dict[str, Any]:
     """Newest first, each with every attempt (time, HTTP status or error, duration)."""
