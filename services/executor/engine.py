@@ -31,10 +31,11 @@ from schemas.events import (
     TriggerReceived,
     TriggerType,
 )
-from schemas.flows import FlowDefinition, StepAction
+from schemas.flows import FlowDefinition
 from schemas.status import RunStatus, StepStatus
 from schemas.topics import Topics, partition_for
 from services.executor import metrics
+from services.executor import next as next_action
 from services.executor.adapters.flows import FlowRegistry
 from services.executor.adapters.ledger import LedgerWriter, iter_partition_raw
 from services.executor.adapters.steps import StepCall, StepRunners, runner_input
@@ -508,71 +509,55 @@ class Engine:
             pass
         event.clear()
 
-    def _deadline(self, state: RunState, flow: FlowDefinition) -> datetime | None:
-        if flow.timeout_s is None or state.started_at is None or state.status not in _ACTIVE:
-            return None
-        return state.started_at + timedelta(seconds=flow.timeout_s * self.settings.time_scale)
-
     async def _next(self, state: RunState) -> bool:
-        """Do what the run waits for; False when it waits for an input only a command can bring."""
+        """Carry out what the run waits for (services/executor/next.py chooses); False when only a command can
+        drive it on."""
         run_id = state.run_id
         flow = self.flows.get(state.tenant_id, state.flow_id, state.flow_version)
         if flow is None:
             raise LookupError(f"flow {state.flow_id} v{state.flow_version} is not in the registry")
         now = datetime.now(UTC)
-        deadline = self._deadline(state, flow)
-        if deadline is not None and now >= deadline:
-            await self.feed(run_id, DeadlinePassed(run_id))
-            return True
-        if state.status == RunStatus.SCHEDULED:
-            assert state.run_at is not None
-            if now < state.run_at:
-                await self._wait(run_id, state.run_at)
-                return True
-            await self.feed(run_id, ScheduledDue(run_id, self._admission(state.tenant_id, state.flow_id)))
-            return True
-        if state.status == RunStatus.BLOCKED:
-            admission = self._admission(state.tenant_id, state.flow_id)
-            queue = self.blocked.get((state.tenant_id, state.flow_id))
-            if queue and queue[0] == run_id:
+        queue = self.blocked.get((state.tenant_id, state.flow_id))
+        first_blocked = queue is not None and len(queue) > 0 and queue[0] == run_id
+        action = next_action.choose(state, flow, now, time_scale=self.settings.time_scale, first_blocked=first_blocked)
+        match action:
+            case next_action.Deadline():
+                await self.feed(run_id, DeadlinePassed(run_id))
+            case next_action.ScheduledDue():
+                await self.feed(run_id, ScheduledDue(run_id, self._admission(state.tenant_id, state.flow_id)))
+            case next_action.TryUnblock():
+                assert queue is not None
                 before = state.next_seq
-                await self.feed(run_id, SlotFreed(run_id, admission))
+                await self.feed(run_id, SlotFreed(run_id, self._admission(state.tenant_id, state.flow_id)))
                 after = self.runs.get(run_id)
                 if after is None or after.next_seq != before:
                     queue.popleft()
                     self._release_slot(state.tenant_id, state.flow_id)  # room for more than one
-                    return True
-            await self._wait(run_id, None)  # woken when a run of the flow ends
-            return True
-        if state.status == RunStatus.PAUSED:
-            pause = state.pause
-            expires = pause.expires_at if pause else None
-            if pause is not None and expires is not None and now >= expires:
-                await self.feed(run_id, PauseExpired(run_id, pause.request_id))
-                return True
-            until = min((t for t in (expires, deadline) if t is not None), default=None)
-            if until is None:
-                return False  # a resume command drives the run again
-            await self._wait(run_id, until)
-            return True
-        active = [(n, s) for n, s in state.steps.items() if s.status in (StepStatus.RUNNING, StepStatus.RETRYING)]
-        if not active:
-            return False
-        name, step = active[0]
-        if step.status == StepStatus.RETRYING:
-            due = step.retry_at or now
-            if now < due:
-                await self._wait(run_id, min(due, deadline) if deadline else due)
-                return True
-            await self.feed(run_id, TimerFired(run_id, name, step.attempt))
-            return True
+                else:
+                    await self._wait(run_id, None)  # woken when a run of the flow ends
+            case next_action.ExpirePause(request_id):
+                await self.feed(run_id, PauseExpired(run_id, request_id))
+            case next_action.FireTimer(name, attempt):
+                await self.feed(run_id, TimerFired(run_id, name, attempt))
+            case next_action.Wait(until):
+                await self._wait(run_id, until)
+            case next_action.StartChild(name, until):
+                await self._start_child(state, flow, name)
+                if until is None:
+                    return False  # the child's end (a command) drives the run again
+                await self._wait(run_id, until)
+            case next_action.RunStep(name):
+                await self._run_step(state, flow, name, next_action.deadline(state, flow, self.settings.time_scale))
+            case next_action.Idle():
+                return False
+        return True
+
+    async def _run_step(self, state: RunState, flow: FlowDefinition, name: str, deadline: datetime | None) -> None:
+        """Run the step's runner, abandoning it when the flow deadline passes, and feed its outcome to decide."""
+        run_id = state.run_id
+        step = state.steps[name]
         definition = flow.step(name)
-        if definition.action == StepAction.SUBFLOW:
-            await self._start_child(state, flow, name)
-            if deadline is None:
-                return False  # the child's end (a command) drives the run again
-            await self._wait(run_id, deadline)
-            return True
+        now = datetime.now(UTC)
         call = StepCall(
             run_id=run_id,
             step=name,
@@ -594,15 +579,14 @@ class Engine:
                 del self.step_tasks[run_id]
         if not done:
             step_task.cancel()  # the flow deadline passed mid-step: abandon it
-            return True
+            return
         if step_task.cancelled():
-            return True  # abandoned by a cancel: the run has ended
+            return  # abandoned by a cancel: the run has ended
         outcome = step_task.result()
         metrics.STEP_SECONDS.labels(call.action, "ok" if outcome.ok else "error").observe(outcome.duration_ms / 1000)
         await self.feed(run_id, StepCompleted(
             run_id, name, step.attempt, outcome.ok, outcome.output, outcome.error, outcome.duration_ms
         ))  # fmt: skip
-        return True
 
     async def close(self) -> None:
         if self._started:

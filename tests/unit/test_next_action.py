@@ -1,0 +1,83 @@
+"""What a live run waits for next (services/executor/next.py), from states the real `decide` produced."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from schemas.events import ResumeRun
+from services.executor import next as nxt
+from services.executor.decide import Admission, CommandInput, StartRun
+from tests.unit.drive import T0, Run, error, make_flow, make_trigger
+
+TWO = ({"name": "fetch"}, {"name": "push"})
+
+
+def started(run: Run, admission: Admission | None = None) -> Run:
+    run.feed(StartRun(run.trigger, run.flow.version if run.flow else 0, admission or Admission()))
+    return run
+
+
+def choose(run: Run, *, first_blocked: bool = False, after_s: float = 0.0) -> nxt.Action:
+    assert run.state is not None and run.flow is not None
+    return nxt.choose(run.state, run.flow, run.now + timedelta(seconds=after_s), time_scale=1.0,
+                      first_blocked=first_blocked)  # fmt: skip
+
+
+def test_a_running_step_is_run_and_a_finished_run_waits_for_nothing() -> None:
+    run = started(Run(make_flow(*TWO)))
+    assert choose(run) == nxt.RunStep("fetch")
+    run.complete(output={})
+    assert choose(run) == nxt.RunStep("push")
+    run.complete(output={})
+    assert choose(run) == nxt.Idle()
+
+
+def test_a_retrying_step_waits_for_its_timer_then_fires_it_and_the_deadline_comes_first() -> None:
+    run = started(Run(make_flow({"name": "call", "retry": {"delays_s": [30]}})))
+    run.complete(ok=False, err=error("TRANSIENT"))
+    assert run.state is not None
+    retry_at = run.state.steps["call"].retry_at
+    assert retry_at is not None
+    assert choose(run) == nxt.Wait(retry_at)
+    assert choose(run, after_s=31) == nxt.FireTimer("call", 1)
+    limited = started(Run(make_flow({"name": "call", "retry": {"delays_s": [300]}}, timeout_s=10)))
+    limited.complete(ok=False, err=error("TRANSIENT"), took_s=1)
+    assert limited.state is not None and limited.state.started_at is not None
+    assert choose(limited) == nxt.Wait(limited.state.started_at + timedelta(seconds=10))  # the deadline, not 300 s
+    assert choose(limited, after_s=10) == nxt.Deadline()
+
+
+def test_a_scheduled_run_waits_for_its_time_then_is_due() -> None:
+    run = started(Run(make_flow(*TWO), make_trigger(run_at=T0 + timedelta(minutes=5))))
+    assert choose(run) == nxt.Wait(T0 + timedelta(minutes=5))
+    assert choose(run, after_s=300) == nxt.ScheduledDue()
+
+
+def test_only_the_oldest_blocked_run_tries_for_a_slot() -> None:
+    run = started(Run(make_flow(*TWO, concurrency_limit=1)), Admission(flow_active=1))
+    assert choose(run, first_blocked=True) == nxt.TryUnblock()
+    assert choose(run, first_blocked=False) == nxt.Wait(None)
+
+
+def test_a_pause_waits_for_its_expiry_or_a_resume() -> None:
+    ask = {"name": "approve", "action": "human_input", "input": {"question": "ok?"}, "timeout_s": 60}
+    run = started(Run(make_flow(ask)))
+    assert run.state is not None and run.state.pause is not None
+    pause = run.state.pause
+    assert choose(run) == nxt.Wait(pause.expires_at)
+    assert choose(run, after_s=61) == nxt.ExpirePause(pause.request_id)
+    forever = started(Run(make_flow({**ask, "timeout_s": None})))
+    assert choose(forever) == nxt.Idle()  # only a resume drives it on
+    assert forever.state is not None and forever.state.pause is not None
+    resume = ResumeRun(tenant_id="t1", run_id="run-1", request_id=forever.state.pause.request_id, data={"ok": True})
+    forever.feed(CommandInput(resume))
+    assert choose(forever) == nxt.Idle()  # the run ended after its only step
+
+
+def test_a_subflow_step_starts_its_child_and_waits_until_the_deadline() -> None:
+    child = {"name": "child", "action": "subflow", "input": {"flow_id": "other"}}
+    run = started(Run(make_flow(child)))
+    assert choose(run) == nxt.StartChild("child", None)
+    timed = started(Run(make_flow(child, timeout_s=20)))
+    assert timed.state is not None and timed.state.started_at is not None
+    assert choose(timed) == nxt.StartChild("child", timed.state.started_at + timedelta(seconds=20))
