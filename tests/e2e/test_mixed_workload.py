@@ -443,7 +443,13 @@ async def test_verify_equals_live_after_a_mixed_workload_of_every_run_shape(env:
     canceled_waiting = await env.db.fetchval(
         "SELECT count(*) FROM step_attempts WHERE status = 'CANCELED' AND retry_at IS NOT NULL"
     )
-    assert canceled_waiting >= n(30) + n(20), canceled_waiting  # stuck (canceled) and deadline_retrying runs
+    assert canceled_waiting >= n(30), canceled_waiting  # stuck runs, canceled while a step waited to retry
+    # deadline_retrying runs: the flow timeout passed while a step waited to retry; that step fails, named by it.
+    failed_waiting = await env.db.fetchval(
+        "SELECT count(*) FROM runs r JOIN run_steps s ON s.run_id = r.id WHERE r.flow_id = 'deadline_retrying' "
+        "AND r.status = 'TIMED_OUT' AND s.status = 'FAILED' AND r.failed_step = s.step"
+    )
+    assert failed_waiting >= n(20), failed_waiting
     assert await env.db.fetchval("SELECT count(*) FROM step_attempts WHERE attempt = 3 AND status = 'SUCCEEDED'")
     assert await env.db.fetchval("SELECT count(*) FROM run_events WHERE type = 'RunBlocked'")
     assert await env.db.fetchval("SELECT count(*) FROM record_errors") >= n(10) + 2
