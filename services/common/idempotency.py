@@ -6,8 +6,9 @@
 - The same key with a different request is 422 `idempotency_key_reused`.
 - Requests with a key that is still running wait for its result: in this process on a future, across processes by
   polling the shared row. A request abandoned by a dead process is taken over once its lease ends.
-- A 5xx answer (Kafka unavailable, an append that did not complete) is not stored: the key is released, so a retry
-  with it runs the request again. Ingest derives run ids from the key, so that retry names the same runs and the
+- Only answers of requests that did something are stored (2xx). A 4xx (the request was refused: bad input, an
+  unknown or paused flow, a rate limit) or a 5xx (Kafka unavailable, an append that did not complete) releases the
+  key, so a corrected request or a retry with it runs again. Ingest derives run ids from the key, so that retry names the same runs and the
   executor starts each once (invariant 9).
 
 Keys are scoped by the caller's tenant and environment. A request whose bearer key does not authenticate passes
@@ -30,7 +31,7 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.bodylimit import send_error
-from services.common.http import DATABASE_DOWN, ApiError
+from services.common.http import BAD_INPUT, DATABASE_DOWN, ApiError
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,10 @@ class Idempotency:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        if scope.get("state", {}).get(BAD_INPUT) is not None:
+            # NUL bytes, lone surrogates, numbers out of range: nothing to remember; the route answers its 4xx.
+            await self.app(scope, _once(body), send)
+            return
         fingerprint = hashlib.sha256(
             b"\n".join((scope["method"].encode(), scope["path"].encode(), scope.get("query_string", b""), body))
         ).digest()
@@ -208,14 +213,7 @@ class Idempotency:
         status = 500
         headers: list[tuple[bytes, bytes]] = []
         parts: list[bytes] = []
-        sent = False
-
-        async def receive_body() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return {"type": "http.disconnect"}
+        receive_body = _once(body)
 
         async def capture(message: Message) -> None:
             nonlocal status, headers
@@ -234,8 +232,9 @@ class Idempotency:
             raise
         stored = Stored(status, [(k, v) for k, v in headers if k.lower() not in _SKIP_HEADERS
                                  and not k.lower().startswith(_SKIP_PREFIX)], b"".join(parts))  # fmt: skip
-        # Answers that say nothing about the request itself are not kept: a retry must be able to succeed.
-        if status >= 500 or status in (401, 403, 408, 429):
+        # Only what the request did is kept (Stripe's rule): a refusal (4xx: bad input, an unknown flow, a paused one,
+        # a rate limit) or a failure (5xx) changed nothing, so the key stays free for the corrected or later request.
+        if status >= 400:
             await self._release(pool, ident)
             return stored
         async with pool.acquire() as conn:
@@ -257,6 +256,20 @@ class Idempotency:
         except (asyncpg.PostgresError, OSError) as exc:
             # Its lease ends it: a retry takes the key over then.
             log.warning("could not release idempotency key %r: %r", ident[2], exc)
+
+
+def _once(body: bytes) -> Receive:
+    """A `receive` that hands the app the body already read, then a disconnect."""
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    return receive
 
 
 def _stored(row: asyncpg.Record) -> Stored:

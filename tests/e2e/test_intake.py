@@ -372,3 +372,25 @@ async def test_api_writes_honour_idempotency_keys(env: Env) -> None:
         assert heavy.status_code == 413 and "flow definition" in heavy.json()["error"]["message"], heavy.text
         missing = await client.get(f"{env.api}/v1/flows/blob", headers=_auth(env.keys["t1"]))
         assert missing.status_code == 404
+
+
+async def test_bad_input_with_an_idempotency_key_is_a_4xx_and_keeps_no_key(env: Env) -> None:
+    """The idempotency layer reads a keyed request before the routes do: every class of bad input still gets its 4xx
+    (never a 5xx or a dropped connection), and the key stays free for the corrected request."""
+    headers = {**_auth(env.keys["t2"]), "Idempotency-Key": "bad-input-1", "Content-Type": "application/json"}
+    cases = [
+        (f"{env.ingest}/v1/flows/noop%00/trigger", b'{"input": {}}'),  # NUL in the path
+        (f"{env.ingest}/v1/flows/noop/trigger", b'{"input": {"a": "x\\u0000y"}}'),  # NUL in a JSON string
+        (f"{env.ingest}/v1/flows/noop/trigger", b'{"input": {"a": "\\udc00"}}'),  # a lone surrogate
+        (f"{env.ingest}/v1/flows/noop/trigger", b'{"input": {"n": 1' + b"0" * 40 + b"}}"),  # beyond 64 bits
+        (f"{env.ingest}/v1/flows/noop/trigger", b'{"input": '),  # malformed JSON
+        (f"{env.api}/v1/flows/x%00/pause", b"{}"),
+        (f"{env.api}/v1/flows", b'{"id": "a\\u0000b", "name": "n", "steps": []}'),
+    ]
+    async with httpx.AsyncClient(timeout=30) as client:
+        for url, body in cases:
+            answer = await client.post(url, content=body, headers=headers)
+            assert 400 <= answer.status_code < 500, (url, body, answer.status_code, answer.text)
+            assert answer.json()["error"]["code"] in ("invalid_request", "validation_error", "not_found"), answer.text
+        fixed = await client.post(f"{env.ingest}/v1/flows/noop/trigger", json={"input": {"n": 1}}, headers=headers)
+        assert fixed.status_code == 202 and "Idempotent-Replayed" not in fixed.headers, fixed.text
