@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import ORJSONResponse
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas import codec
 from schemas.events import ExecutionMode, TriggerInfo, TriggerReceived, TriggerType, new_run_id
@@ -17,6 +17,7 @@ from schemas.status import TERMINAL_RUN_STATUSES
 from services.common.accepted import record_accepted
 from services.common.appender import Appender, AppendFailed
 from services.common.auth import Principal, require_scope
+from services.common.contract import INT32_MAX, AnyCase, Timestamp
 from services.common.http import ApiError
 from services.common.idempotency import derived_run_ids, idempotency_key
 from services.ingest import metrics
@@ -30,12 +31,13 @@ class TriggerRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["live", "async", "schedule"] = "async"
+    # Any case: seed 002 writes LIVE and ASYNC.
+    mode: Annotated[Literal["live", "async", "schedule"], AnyCase] = "async"
     input: Any = None
     inputs: list[Any] | None = None
-    flow_version: int | None = Field(default=None, ge=1)
-    # Run later: the run waits as SCHEDULED until this time (with an offset), then queues like any other.
-    run_at: AwareDatetime | None = None
+    flow_version: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    # Run later: the run waits as SCHEDULED until this time (RFC 3339 with an offset), then queues like any other.
+    run_at: Timestamp | None = None
 
     @model_validator(mode="after")
     def _one_of(self) -> TriggerRequest:
@@ -50,7 +52,38 @@ class TriggerRequest(BaseModel):
         return self
 
 
-@router.post("/v1/flows/{flow_id}/trigger", status_code=202)
+class TriggerAccepted(BaseModel):
+    """202: one run accepted (QUEUED, or SCHEDULED for `run_at`), visible at `GET /v1/runs/{run_id}` from now on."""
+
+    run_id: str
+    status: Literal["QUEUED", "SCHEDULED"]
+
+
+class BatchAccepted(BaseModel):
+    """202: every input accepted, one run each, in input order."""
+
+    run_ids: list[str]
+    count: int
+
+
+class LiveResult(BaseModel):
+    """Live mode: 200 with the final status (output only on success; the failing step's own output labelled), or 202
+    with the current status (`waiting_for` while PAUSED) when the live timeout passed first."""
+
+    run_id: str
+    status: str
+    output: Any = None
+    error: Any = None
+    failed_step: str | None = None
+    failed_step_output: Any = None
+    waiting_for: Any = None
+    duration_ms: float | None = None
+
+
+@router.post(
+    "/v1/flows/{flow_id}/trigger", status_code=202, response_model=TriggerAccepted | BatchAccepted | LiveResult,
+    responses={200: {"model": LiveResult, "description": "live mode: the run's final status"}},
+)  # fmt: skip
 async def trigger_flow(
     flow_id: str,
     body: TriggerRequest,
