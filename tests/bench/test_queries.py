@@ -33,22 +33,22 @@ from tests.e2e.stack import Stack
 
 RARE = "currency XQZ is not supported by the ledger"
 # Record errors (RecordFailed) and a failed step's upstream body, in runs.search_details as the projector folds them
-# (migration 0024's search_pieces and search_fold): one refusal on every PARTIAL run, a rare one on a handful, and
+# (migration 0024's search_fold): one refusal on every PARTIAL run, a rare one on a handful, and
 # the OAuth body of every "401 Unauthorized" failure.
 REFUSED = "Please enter value(s) for: Email"
 REFUSED_RARE = "Please enter value(s) for: Tax Registration XQW"
 _SEED_RECORD_ERRORS = """
-UPDATE runs SET search_details = search_fold(search_details, search_pieces('RecordFailed', jsonb_build_object(
-    'error', $1::text, 'raw_error', jsonb_build_object('status', 400, 'body', jsonb_build_object(
-        'o:errorDetails', jsonb_build_array(jsonb_build_object(
+UPDATE runs SET search_details = search_fold(search_details, ARRAY[jsonb_build_object('type', 'RecordFailed',
+    'payload', jsonb_build_object('error', $1::text, 'raw_error', jsonb_build_object('status', 400,
+        'body', jsonb_build_object('o:errorDetails', jsonb_build_array(jsonb_build_object(
             'detail', $1::text, 'o:errorPath', 'email', 'o:errorCode', 'USER_ERROR',
-            'record', 'c-' || right(id, 6))))))))
+            'record', 'c-' || right(id, 6)))))))])
 WHERE {where}
 """
 _SEED_BODIES = """
-UPDATE runs SET search_details = search_fold(search_details, search_pieces('StepFailed', jsonb_build_object(
-    'output', jsonb_build_object('status', 401, 'body', jsonb_build_object(
-        'error', 'invalid_token', 'error_description', 'The access token expired', 'request_id', right(id, 12))))))
+UPDATE runs SET search_details = search_fold(search_details, ARRAY[jsonb_build_object('type', 'StepFailed',
+    'payload', jsonb_build_object('output', jsonb_build_object('status', 401, 'body', jsonb_build_object(
+        'error', 'invalid_token', 'error_description', 'The access token expired', 'request_id', right(id, 12)))))])
 WHERE error_message LIKE '401 Unauthorized%'
 """
 CONCURRENCY = 16

@@ -6,79 +6,62 @@
 -- with search_fold (services/projector/adapters/search.py), and the same functions fill it here and after a payload
 -- purge — so the text is the same whatever the batch boundaries, in a rebuild and after this upgrade.
 
--- The searchable text of a JSON value, at most `budget` characters: strings as they are, numbers and booleans as
--- JSON, object members as `key: value`, all joined by spaces in jsonb's own order (so live and backfill agree).
+-- The searchable text of a JSON value, at most `budget` characters: a string as it is; anything else as its JSON
+-- text without quotes and brackets, with its escapes undone (`{"error": "invalid_token"}` → `error: invalid_token`),
+-- members in jsonb's own order (so live and backfill agree). String functions only, no regular expression or walk of
+-- the value: this runs for every record error the projector sees.
 CREATE OR REPLACE FUNCTION search_json_text(j jsonb, budget int) RETURNS text
-LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
-DECLARE
-    acc text := '';
-    part text;
-    k text;
-    v jsonb;
-BEGIN
-    IF j IS NULL OR budget <= 0 THEN
-        RETURN NULL;
-    END IF;
-    CASE jsonb_typeof(j)
-        WHEN 'null' THEN
-            RETURN NULL;
-        WHEN 'string' THEN
-            RETURN left(j #>> '{}', budget);
-        WHEN 'object' THEN
-            FOR k, v IN SELECT e.key, e.value FROM jsonb_each(j) AS e LOOP
-                EXIT WHEN length(acc) >= budget;
-                part := search_json_text(v, budget - length(acc));
-                part := CASE WHEN part IS NULL OR part = '' THEN k ELSE k || ': ' || part END;
-                acc := CASE WHEN acc = '' THEN part ELSE acc || ' ' || part END;
-            END LOOP;
-        WHEN 'array' THEN
-            FOR v IN SELECT e.value FROM jsonb_array_elements(j) AS e LOOP
-                EXIT WHEN length(acc) >= budget;
-                part := search_json_text(v, budget - length(acc));
-                CONTINUE WHEN part IS NULL OR part = '';
-                acc := CASE WHEN acc = '' THEN part ELSE acc || ' ' || part END;
-            END LOOP;
-        ELSE
-            RETURN left(j::text, budget);
-    END CASE;
-    RETURN NULLIF(left(acc, budget), '');
-END
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE jsonb_typeof(j)
+        WHEN 'null' THEN NULL
+        WHEN 'string' THEN left(j #>> '{}', budget)
+        ELSE left(translate(replace(replace(replace(replace(left(j::text, 2 * budget),
+                                    '\"', ''), '\n', ' '), '\t', ' '), '\\', '\'), '[]{}"', ''), budget)
+    END
 $$;
 
--- What one ledger event adds to its run's search text, in order; NULLs add nothing. Whitespace runs become one
--- space (a q with single spaces finds text that had newlines). Only these two event types carry pieces:
--- services/projector/adapters/search.py SEARCHED_TYPES names the same.
+-- A piece as it is searched: line breaks and tabs as spaces, runs of spaces as one, trimmed (a q with single spaces
+-- finds text that had newlines); NULL when nothing is left.
+CREATE OR REPLACE FUNCTION search_clean(t text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT NULLIF(CASE WHEN strpos(btrim(translate(t, E'\n\r\t', '   ')), '  ') > 0
+                       THEN regexp_replace(btrim(translate(t, E'\n\r\t', '   ')), ' {2,}', ' ', 'g')
+                       ELSE btrim(translate(t, E'\n\r\t', '   ')) END, '')
+$$;
+
+-- What one ledger event adds to its run's search text, in order; NULL elements add nothing. Only these two event
+-- types carry pieces: services/projector/adapters/search.py SEARCHED_TYPES names the same.
 CREATE OR REPLACE FUNCTION search_pieces(kind text, payload jsonb) RETURNS text[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT ARRAY(
-        SELECT btrim(regexp_replace(x.piece, '\s+', ' ', 'g'))
-        FROM unnest(CASE kind
-            WHEN 'RecordFailed' THEN ARRAY[
-                left(payload->>'error', 500),
-                search_json_text(payload->'raw_error', 1000)]
-            WHEN 'StepFailed' THEN ARRAY[
-                search_json_text(payload->'output'->'body', 1500),
-                search_json_text(payload->'error'->'details'->'raw_error', 1000)]
-            ELSE '{}'::text[]
-        END) WITH ORDINALITY AS x(piece, n)
-        WHERE x.piece IS NOT NULL
-        ORDER BY x.n
-    )
+    SELECT CASE kind
+        WHEN 'RecordFailed' THEN ARRAY[
+            search_clean(left(payload->>'error', 500)),
+            search_clean(search_json_text(payload->'raw_error', 1000))]
+        WHEN 'StepFailed' THEN ARRAY[
+            search_clean(search_json_text(payload->'output'->'body', 1500)),
+            search_clean(search_json_text(payload->'error'->'details'->'raw_error', 1000))]
+        ELSE '{}'::text[]
+    END
 $$;
 
--- Appends pieces to a run's search text in order: a piece already in the text adds nothing (a thousand records
--- refused for one reason cost that reason once), and the text stops at 4,096 characters. A left fold, so
+-- Appends the pieces of events (in seq order; each `{"type": …, "payload": …}`) to a run's search text: a piece
+-- already in the text adds nothing (a thousand records refused for one reason cost that reason once), and the text
+-- stops at 4,096 characters — the events after that are not even read. A left fold, so
 -- search_fold(search_fold(s, a), b) = search_fold(s, a || b): batch boundaries do not show.
-CREATE OR REPLACE FUNCTION search_fold(current text, pieces text[]) RETURNS text
+CREATE OR REPLACE FUNCTION search_fold(current text, events jsonb[]) RETURNS text
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
 DECLARE
     s text := coalesce(current, '');
+    e jsonb;
     p text;
 BEGIN
-    FOREACH p IN ARRAY coalesce(pieces, '{}'::text[]) LOOP
+    FOREACH e IN ARRAY coalesce(events, '{}'::jsonb[]) LOOP
         EXIT WHEN length(s) >= 4096;
-        CONTINUE WHEN p IS NULL OR p = '' OR strpos(s, p) > 0;
-        s := left(CASE WHEN s = '' THEN p ELSE s || E'\n' || p END, 4096);
+        FOREACH p IN ARRAY search_pieces(e->>'type', e->'payload') LOOP
+            EXIT WHEN length(s) >= 4096;
+            CONTINUE WHEN p IS NULL OR strpos(s, p) > 0;
+            s := left(CASE WHEN s = '' THEN p ELSE s || E'\n' || p END, 4096);
+        END LOOP;
     END LOOP;
     RETURN NULLIF(s, '');
 END
@@ -89,11 +72,10 @@ ALTER TABLE runs ADD COLUMN IF NOT EXISTS search_details text;
 -- Runs projected before this migration: their text from their events, as the projector would have folded it.
 UPDATE runs r SET search_details = x.text
 FROM (
-    SELECT e.run_id, search_fold(NULL, array_agg(p.piece ORDER BY e.seq, p.n)) AS text
-    FROM run_events e
-    CROSS JOIN LATERAL unnest(search_pieces(e.type, e.payload)) WITH ORDINALITY AS p(piece, n)
-    WHERE e.type IN ('RecordFailed', 'StepFailed')
-    GROUP BY e.run_id
+    SELECT run_id, search_fold(NULL, array_agg(jsonb_build_object('type', type, 'payload', payload) ORDER BY seq)) AS text
+    FROM run_events
+    WHERE type IN ('RecordFailed', 'StepFailed')
+    GROUP BY run_id
 ) x
 WHERE r.id = x.run_id AND x.text IS NOT NULL;
 
