@@ -46,7 +46,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
         await app.state.notifier.start()
         # Flow writes append to the flows topic; reads need only PostgreSQL, so they go on without Kafka.
         app.state.flow_log = FlowLog(
-            settings.kafka_bootstrap, Topics(settings.topic_prefix).flows, timeout_s=settings.kafka_append_timeout_s,
+            settings.kafka_bootstrap,
+            Topics(settings.topic_prefix).flows,
+            timeout_s=settings.kafka_append_timeout_s,
             max_message_bytes=settings.kafka_max_message_bytes,
         )
         try:

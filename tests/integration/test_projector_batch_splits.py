@@ -1,4 +1,4 @@
-"""Batch boundaries must not show in the read models (DESIGN 2.1: a rebuild equals the live projection).
+"""Batch boundaries must not show in the read models (invariant 1: a rebuild equals the live projection).
 
 The live projector and a rebuild's replay cut the same log into different batches (live: whatever arrived
 while the previous transaction ran; replay: up to `batch_max_records`), and the live one sees redeliveries.

@@ -1,4 +1,4 @@
-"""The SQL behind the runs API. Every query takes the caller's tenant and environment (DESIGN 2.7)."""
+"""The SQL behind the runs API. Every query takes the caller's tenant and environment (invariant 7)."""
 
 from __future__ import annotations
 
