@@ -8,8 +8,8 @@
   polling the shared row. A request abandoned by a dead process is taken over once its lease ends.
 - Only answers of requests that did something are stored (2xx). A 4xx (the request was refused: bad input, an
   unknown or paused flow, a rate limit) or a 5xx (Kafka unavailable, an append that did not complete) releases the
-  key, so a corrected request or a retry with it runs again. Ingest derives run ids from the key, so that retry names the same runs and the
-  executor starts each once (invariant 9).
+  key, so a corrected request or a retry with it runs again. Ingest derives run ids from the key, so that retry
+  names the same runs and the executor starts each once (invariant 9).
 
 Keys are scoped by the caller's tenant and environment. A request whose bearer key does not authenticate passes
 through untouched and gets its 401 from the route.
