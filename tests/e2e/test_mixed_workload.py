@@ -216,7 +216,12 @@ class Env:
             r = await self.client.post(f"{self.stack['ingest'].url}/v1/flows/{flow_id}/trigger",
                                        json={"inputs": chunk, **body}, headers=self.auth(key))  # fmt: skip
             assert r.status_code == 202, r.text
-            ids += r.json()["run_ids"]
+            accepted = r.json()["run_ids"]
+            # Visible from the 202 on (invariant 9): every accepted run is in the read model at once, whatever the
+            # backlog of the executor and the projector.
+            visible = await self.db.fetchval("SELECT count(*) FROM runs WHERE id = ANY($1::text[])", accepted)
+            assert visible == len(accepted), f"{len(accepted) - visible} of {len(accepted)} accepted runs not visible"
+            ids += accepted
         self.fired += len(ids)
         return ids
 
@@ -232,6 +237,8 @@ class Env:
         else:
             new = [(await self.api("POST", f"/v1/runs/{i}/retry", json=body)).json()["run_id"] for i in run_ids]
         assert len(new) == len(run_ids)
+        visible = await self.db.fetchval("SELECT count(*) FROM runs WHERE id = ANY($1::text[])", list(new))
+        assert visible == len(new), f"{len(new) - visible} of {len(new)} accepted retries not visible"
         self.fired += len(new)
         return list(new)
 
