@@ -68,6 +68,10 @@ class Appender:
         self.timeout_s = timeout_s
         self.client_id = client_id
         self._producer: AIOKafkaProducer | None = None
+        # Appends still using each producer: a dropped one is stopped only when none is (stopping it under another
+        # request would fail that request's batches with ProducerClosed).
+        self._users: dict[int, int] = {}
+        self._retired: set[int] = set()
         self._lock = asyncio.Lock()
         self._partitions: dict[str, int] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -118,13 +122,32 @@ class Appender:
             return self._producer
 
     def _discard(self, producer: AIOKafkaProducer) -> None:
-        """Drop a producer after a failure; its own stop (which may wait for in-flight batches) runs aside."""
+        """Drop a producer after a failure: the next append builds a new one; this one is stopped (aside: its stop
+        may wait for in-flight batches) once no append uses it any more."""
         if self._producer is producer:
             self._producer = None
             self._partitions.clear()
-            task = asyncio.get_running_loop().create_task(_stop_quietly(producer))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+        self._retired.add(id(producer))
+        if not self._users.get(id(producer)):
+            self._stop_aside(producer)
+
+    def _stop_aside(self, producer: AIOKafkaProducer) -> None:
+        self._retired.discard(id(producer))
+        task = asyncio.get_running_loop().create_task(_stop_quietly(producer))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def _use(self, producer: AIOKafkaProducer) -> None:
+        self._users[id(producer)] = self._users.get(id(producer), 0) + 1
+
+    def _done_with(self, producer: AIOKafkaProducer) -> None:
+        left = self._users[id(producer)] - 1
+        if left:
+            self._users[id(producer)] = left
+            return
+        del self._users[id(producer)]
+        if id(producer) in self._retired:
+            self._stop_aside(producer)
 
     def _failed(self, reason: str) -> None:
         self.last_error = reason
@@ -147,23 +170,40 @@ class Appender:
         for index, (key, value, _) in enumerate(records):
             if len(key) + len(value) > self.max_record_bytes:
                 raise ValueError(f"record {index} is larger than one batch ({self.max_record_bytes} bytes)")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s  # one bound for the whole append: handing over and acknowledgement
         try:
-            producer = await self._started()
+            async with asyncio.timeout_at(deadline):
+                producer = await self._started()
         except (KafkaError, OSError, TimeoutError) as exc:
             self._failed(repr(exc))
             raise AppendFailed(f"Kafka is unreachable: {exc!r}", refused=list(range(len(records)))) from exc
+        self._use(producer)
         try:
-            batches = await self._send(producer, topic, records)
+            await self._append(producer, topic, records, deadline)
+        finally:
+            self._done_with(producer)
+
+    async def _append(
+        self, producer: AIOKafkaProducer, topic: str, records: Sequence[tuple[bytes, bytes, int | None]],
+        deadline: float,
+    ) -> None:  # fmt: skip
+        batches: list[tuple[asyncio.Future[object], list[int]]] = []
+        send_error: BaseException | None = None
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._send(producer, topic, records, batches)
         except (KafkaError, OSError, TimeoutError) as exc:
-            # Nothing was handed to the producer yet (metadata or buffer): nothing can be in the log.
-            self._discard(producer)
-            self._failed(repr(exc))
-            raise AppendFailed(f"Kafka refused the append: {exc!r}", refused=list(range(len(records)))) from exc
-        done, pending = await asyncio.wait([f for f, _ in batches], timeout=self.timeout_s)
+            # The batches handed over before the error may still reach the log: they are waited for below. Only the
+            # records never handed over are known not to be appended.
+            send_error = exc
+        handed = {i for _, indexes in batches for i in indexes}
+        refused = [i for i in range(len(records)) if i not in handed]
+        timeout = max(0.0, deadline - asyncio.get_running_loop().time())
+        done, pending = await asyncio.wait([f for f, _ in batches], timeout=timeout) if batches else (set(), set())
         appended: list[int] = []
-        refused: list[int] = []
         unknown: list[int] = []
-        first_error: BaseException | None = None
+        first_error: BaseException | None = send_error
         for future, indexes in batches:
             if future not in done:
                 unknown += indexes
@@ -183,30 +223,32 @@ class Appender:
         raise AppendFailed(reason, appended=sorted(appended), refused=sorted(refused), unknown=sorted(unknown))
 
     async def _send(
-        self, producer: AIOKafkaProducer, topic: str, records: Sequence[tuple[bytes, bytes, int | None]]
-    ) -> list[tuple[asyncio.Future[object], list[int]]]:
+        self,
+        producer: AIOKafkaProducer,
+        topic: str,
+        records: Sequence[tuple[bytes, bytes, int | None]],
+        batches: list[tuple[asyncio.Future[object], list[int]]],
+    ) -> None:
         """Per-partition batches built here, each within the broker's message size: for a 100,000-record request,
-        one future per batch instead of one per record."""
+        one future per batch instead of one per record. Each batch handed over is added to `batches` at once, so a
+        failure part way leaves the list saying what may reach the log."""
         partitions = await self.partitions(topic)
         builders: dict[int, tuple[object, list[int]]] = {}
-        batches: list[tuple[asyncio.Future[object], list[int]]] = []
-        async with asyncio.timeout(self.timeout_s):
-            for index, (key, value, partition) in enumerate(records):
-                p = partition if partition is not None else partition_for(key.decode(), partitions)
-                entry = builders.get(p)
-                if entry is None:
-                    entry = builders[p] = (producer.create_batch(), [])
+        for index, (key, value, partition) in enumerate(records):
+            p = partition if partition is not None else partition_for(key.decode(), partitions)
+            entry = builders.get(p)
+            if entry is None:
+                entry = builders[p] = (producer.create_batch(), [])
+            builder, indexes = entry
+            if builder.append(key=key, value=value, timestamp=None) is None:  # type: ignore[attr-defined]
+                batches.append((await producer.send_batch(builder, topic, partition=p), indexes))  # type: ignore[arg-type]
+                entry = builders[p] = (producer.create_batch(), [])
                 builder, indexes = entry
-                if builder.append(key=key, value=value, timestamp=None) is None:  # type: ignore[attr-defined]
-                    batches.append((await producer.send_batch(builder, topic, partition=p), indexes))  # type: ignore[arg-type]
-                    entry = builders[p] = (producer.create_batch(), [])
-                    builder, indexes = entry
-                    builder.append(key=key, value=value, timestamp=None)  # type: ignore[attr-defined]
-                indexes.append(index)
-            for p, (builder, indexes) in builders.items():
-                if indexes:
-                    batches.append((await producer.send_batch(builder, topic, partition=p), indexes))  # type: ignore[arg-type]
-        return batches
+                builder.append(key=key, value=value, timestamp=None)  # type: ignore[attr-defined]
+            indexes.append(index)
+        for p, (builder, indexes) in builders.items():
+            if indexes:
+                batches.append((await producer.send_batch(builder, topic, partition=p), indexes))  # type: ignore[arg-type]
 
     async def check(self) -> str | None:
         """For /readyz: None when an append could go out now, else why not. A metadata round trip at most."""
