@@ -42,12 +42,18 @@ def create_app(settings: IngestSettings) -> FastAPI:
         app.state.pool = await create_pool(settings.database_url, settings.database_schema)
         app.state.authenticator = Authenticator(app.state.pool, limiter=rate_limiter(app.state.pool, settings))
         # Started without waiting for Kafka: while it is unreachable, triggers answer 503 and /readyz says why.
-        app.state.appender = Appender(
-            settings.kafka_bootstrap, linger_ms=settings.producer_linger_ms, client_id="flowtrail-ingest",
-            max_message_bytes=settings.kafka_max_message_bytes, timeout_s=settings.kafka_append_timeout_s,
+        app.state.appender, app.state.bulk_appender = (
+            Appender(
+                settings.kafka_bootstrap, linger_ms=settings.producer_linger_ms, client_id=client_id,
+                max_message_bytes=settings.kafka_max_message_bytes, timeout_s=settings.kafka_append_timeout_s,
+            )
+            for client_id in ("flowtrail-ingest", "flowtrail-ingest-bulk")
         )  # fmt: skip
         await app.state.appender.start()
-        app.state.trigger_log = TriggerLog(app.state.appender, Topics(settings.topic_prefix).triggers)
+        await app.state.bulk_appender.start()
+        app.state.trigger_log = TriggerLog(
+            app.state.appender, Topics(settings.topic_prefix).triggers, bulk=app.state.bulk_appender
+        )
         app.state.scheduler = None
         if settings.scheduler:
             app.state.scheduler = Scheduler(
@@ -67,6 +73,7 @@ def create_app(settings: IngestSettings) -> FastAPI:
             if app.state.scheduler is not None:
                 await app.state.scheduler.stop()
             await app.state.appender.stop()
+            await app.state.bulk_appender.stop()
             await app.state.pool.close()
 
     app = FastAPI(title="Flowtrail ingest", default_response_class=ORJSONResponse, lifespan=lifespan)
