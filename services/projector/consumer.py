@@ -92,6 +92,10 @@ class Projector:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=4 * 1024 * 1024,
+            # A topic created moments before can be missing from the broker's first metadata answer: the group then
+            # assigns nothing, and only a metadata refresh (default every 5 minutes) brings the rebalance that fixes
+            # it. Refreshing often bounds that wait to seconds.
+            metadata_max_age_ms=3_000,
         )
         self.dlq = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
         await self._connect()
