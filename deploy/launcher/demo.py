@@ -127,7 +127,7 @@ async def _run_demo(api_key: str, api_url: str, ingest_url: str, timeout_s: floa
                         handled.add((run_id, run["status"]))
                         if retry_id := await _act(client, api_url, headers, run, upstream, out):
                             runs[retry_id], flow_of[retry_id] = {}, f"{flow_of[run_id]} (retry)"
-                elif r.status_code == 429:  # over the key's read limit (seed 003): wait as told
+                elif r.status_code == 429:  # over the key's read limit (docs/api-contract.md): wait as told
                     await asyncio.sleep(float(r.headers.get("Retry-After", "1")))
                 elif r.status_code != 404:  # 404: not projected yet
                     raise DemoError(f"GET /v1/runs/{run_id} answered {r.status_code}: {r.text}")

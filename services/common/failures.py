@@ -28,7 +28,7 @@ def masked_message(exc: BaseException) -> str:
 
 
 def classify_status(status: int) -> ErrorCategory:
-    """HTTP status → error category (seed 000)."""
+    """HTTP status → error category (docs/architecture.md#vocabulary)."""
     if status in (401, 403):
         return ErrorCategory.AUTH
     if status == 409:
@@ -39,7 +39,7 @@ def classify_status(status: int) -> ErrorCategory:
 
 
 def classify_sqlstate(sqlstate: str | None) -> ErrorCategory:
-    """SQLSTATE → error category (seed 000): retry what may pass later, surface what will not."""
+    """SQLSTATE → error category (docs/architecture.md#vocabulary): retry what may pass later, surface what will not."""
     state = sqlstate or ""
     if state == "42501" or state.startswith("28"):  # insufficient privilege, invalid authorization
         return ErrorCategory.AUTH
@@ -60,7 +60,7 @@ _CONFLICT_ERRORS = (kerr.CommitFailedError, kerr.IllegalGenerationError, kerr.Un
 
 
 def classify_kafka(exc: BaseException) -> ErrorCategory:
-    """Kafka client error → error category (seed 000)."""
+    """Kafka client error → error category (docs/architecture.md#vocabulary)."""
     if isinstance(exc, _AUTH_ERRORS):
         return ErrorCategory.AUTH
     if isinstance(exc, _CONFLICT_ERRORS):  # the group is in use by live members: its position moved

@@ -1,4 +1,5 @@
-"""Per-key sliding-window rate limits (seed 003), kept in PostgreSQL so every API and ingest process shares them.
+"""Per-key sliding-window rate limits (docs/api-contract.md), kept in PostgreSQL so every API and ingest process
+shares them.
 
 Reads (GET/HEAD) 600, writes (POST/PUT/PATCH/DELETE) 120 and triggers (POST /v1/flows/{id}/trigger) 60 requests
 per minute by default. Each request costs one upsert: the key's row holds the admitted counts of the current
