@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,6 @@ from services.common.settings import (
     DEFAULT_KAFKA_PORT,
     DEFAULT_POSTGRES_PORT,
     DEFAULT_PROJECTOR_METRICS_PORT,
-    REPO_ROOT,
     CommonSettings,
 )
 
@@ -129,10 +127,7 @@ def service_env(settings: CommonSettings) -> dict[str, str]:
 
 def service_specs(settings: CommonSettings) -> list[ServiceSpec]:
     env = service_env(settings)
-    return [
-        ServiceSpec(name=name, argv=[sys.executable, "-m", f"services.{name}"], env=env, cwd=REPO_ROOT)
-        for name in SERVICE_PORTS
-    ]
+    return [ServiceSpec.service(name, env) for name in SERVICE_PORTS]
 
 
 async def wait_healthy(supervisor: Supervisor, limit: float = HEALTH_TIMEOUT) -> None:

@@ -8,6 +8,7 @@ import ctypes
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections import deque
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.launcher.procs import open_log
+from services.common.settings import REPO_ROOT
 
 log = logging.getLogger("flowtrail.launcher")
 
@@ -50,6 +52,35 @@ class ServiceSpec:
     argv: list[str]
     env: dict[str, str] | None = None
     cwd: Path | None = None
+
+    @classmethod
+    def service(cls, name: str, env: dict[str, str]) -> ServiceSpec:
+        """A Flowtrail service (`python -m services.<name>` from the repository root) with the full environment
+        `env`: how `flowtrail up` and the e2e tests' stack both run one."""
+        return cls(name=name, argv=[sys.executable, "-m", f"services.{name}"], env=env, cwd=REPO_ROOT)
+
+
+def open_child_log(path: Path, spec: ServiceSpec) -> int:
+    """Open a child's log for appending (rotated when large) and mark where this start begins; an fd to close."""
+    log_fd = open_log(path)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    os.write(log_fd, f"----- {stamp} flowtrail supervisor: starting {' '.join(spec.argv)}\n".encode())
+    return log_fd
+
+
+def spawn_options(spec: ServiceSpec, log_fd: int) -> dict[str, Any]:
+    """Keyword arguments for `asyncio.create_subprocess_exec` or `subprocess.Popen` that run `spec` as a child:
+    stdout and stderr to the log, its own process group (so a stop reaches grandchildren), and SIGTERM when the
+    parent dies without stopping it."""
+    return {
+        "stdin": subprocess.DEVNULL,
+        "stdout": log_fd,
+        "stderr": subprocess.STDOUT,
+        "env": spec.env,
+        "cwd": spec.cwd,
+        "start_new_session": True,
+        "preexec_fn": _die_with_parent if _prctl is not None else None,
+    }
 
 
 @dataclass
@@ -115,20 +146,9 @@ class Supervisor:
 
     async def _spawn(self, child: _Child) -> None:
         spec = child.spec
-        log_fd = open_log(self.log_path(spec.name))
+        log_fd = open_child_log(self.log_path(spec.name), spec)
         try:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            os.write(log_fd, f"----- {stamp} flowtrail supervisor: starting {' '.join(spec.argv)}\n".encode())
-            child.process = await asyncio.create_subprocess_exec(
-                *spec.argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_fd,
-                stderr=asyncio.subprocess.STDOUT,
-                env=spec.env,
-                cwd=spec.cwd,
-                start_new_session=True,
-                preexec_fn=_die_with_parent if _prctl is not None else None,
-            )
+            child.process = await asyncio.create_subprocess_exec(*spec.argv, **spawn_options(spec, log_fd))
         finally:
             os.close(log_fd)
         child.state = "running"
