@@ -76,7 +76,11 @@ def _reason(exc: ValidationError) -> str:
 
 
 def _validated(validate: Callable[[Any], T], obj: dict[str, Any]) -> T:
-    """`obj` upcast to its type's current schema_version and validated; every failure is a DecodeError."""
+    """`obj` upcast to its type's current schema_version and validated; every failure is a DecodeError.
+
+    Unknown fields are ignored here, where stored records are read, though models refuse them where code builds
+    them: a reader older than a new optional field, or newer than a dropped one, still reads every record
+    (docs/decisions.md#unknown-fields)."""
     try:
         return validate(upcast(obj))
     except ValidationError as exc:
@@ -86,23 +90,25 @@ def _validated(validate: Callable[[Any], T], obj: dict[str, Any]) -> T:
 
 
 def decode_ledger_event(data: bytes | str) -> EventBase:
-    return _validated(LEDGER_ADAPTER.validate_python, _load_object(data))
+    return _validated(lambda obj: LEDGER_ADAPTER.validate_python(obj, extra="ignore"), _load_object(data))
 
 
 def decode_flow_event(data: bytes | str) -> FlowEventBase:
     """A flows-topic event; a published definition is read as it was accepted then (STORED_FLOW: checks added to
     publishing since do not apply to it)."""
-    return _validated(lambda obj: FLOW_EVENT_ADAPTER.validate_python(obj, context=STORED_FLOW), _load_object(data))
+    return _validated(
+        lambda obj: FLOW_EVENT_ADAPTER.validate_python(obj, context=STORED_FLOW, extra="ignore"), _load_object(data)
+    )
 
 
 def decode_trigger(data: bytes | str) -> TriggerReceived:
-    return _validated(TriggerReceived.model_validate, _load_object(data))
+    return _validated(lambda obj: TriggerReceived.model_validate(obj, extra="ignore"), _load_object(data))
 
 
 def decode_command(data: bytes | str) -> CommandBase:
-    return _validated(COMMAND_ADAPTER.validate_python, _load_object(data))
+    return _validated(lambda obj: COMMAND_ADAPTER.validate_python(obj, extra="ignore"), _load_object(data))
 
 
 def ledger_event_from_dict(obj: dict[str, Any]) -> EventBase:
     """An event already parsed from JSON (e.g. read back from a jsonb column) → its model, upcast first."""
-    return _validated(LEDGER_ADAPTER.validate_python, obj)
+    return _validated(lambda o: LEDGER_ADAPTER.validate_python(o, extra="ignore"), obj)
