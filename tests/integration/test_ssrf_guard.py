@@ -30,25 +30,15 @@ from services.executor.adapters.steps import StepRunners
 from services.projector.adapters import alerts, webhooks
 from services.projector.settings import ProjectorSettings
 from tests.conftest import Infra, Sandbox
-from tests.netguard_support import Dials, FakeDNS, Listener, install_dial_guard, install_fake_dns, open_listener
-
-PUBLIC_LOOKING = "93.184.216.34"  # never dialled: the dial guard refuses it
-
-
-@pytest.fixture
-def dns(monkeypatch: pytest.MonkeyPatch) -> FakeDNS:
-    return install_fake_dns(monkeypatch)
-
-
-@pytest.fixture
-def dials(monkeypatch: pytest.MonkeyPatch) -> Dials:
-    return install_dial_guard(monkeypatch)
-
-
-@pytest.fixture
-async def listener() -> AsyncIterator[Listener]:
-    async with open_listener() as box:
-        yield box
+from tests.netguard_support import (  # the fixtures are asked for by name: dns, dials, listener
+    PUBLIC_LOOKING,
+    Dials,
+    FakeDNS,
+    Listener,
+    dials_fixture,  # noqa: F401
+    dns_fixture,  # noqa: F401
+    listener_fixture,  # noqa: F401
+)
 
 
 @pytest.fixture

@@ -35,7 +35,15 @@ from services.common.netguard import (
 from services.executor.adapters.actions_base import StepCall, StepError, StepOutcome
 from services.executor.adapters.actions_sync import SyncRecordsActions
 from services.executor.adapters.steps import StepRunners
-from tests.netguard_support import Dials, FakeDNS, Listener, install_dial_guard, install_fake_dns, open_listener
+from tests.netguard_support import (  # the fixtures are asked for by name: dns, dials, listener
+    PUBLIC_LOOKING,
+    Dials,
+    FakeDNS,
+    Listener,
+    dials_fixture,  # noqa: F401
+    dns_fixture,  # noqa: F401
+    listener_fixture,  # noqa: F401
+)
 
 BLOCKED = [
     "127.0.0.1", "127.255.255.254",  # loopback
@@ -237,24 +245,6 @@ def test_the_blocked_list_is_explicit_and_reviewable() -> None:
 #
 # Network rule: nothing here connects anywhere but loopback, and no name is looked up on the network (FakeDNS
 # answers every lookup; the dial guard refuses any non-loopback connection httpcore is asked to make).
-
-PUBLIC_LOOKING = "93.184.216.34"  # never dialled: the dial guard refuses it in the test
-
-
-@pytest.fixture
-def dns(monkeypatch: pytest.MonkeyPatch) -> FakeDNS:
-    return install_fake_dns(monkeypatch)
-
-
-@pytest.fixture
-def dials(monkeypatch: pytest.MonkeyPatch) -> Dials:
-    return install_dial_guard(monkeypatch)
-
-
-@pytest.fixture
-async def listener() -> AsyncIterator[Listener]:
-    async with open_listener() as box:
-        yield box
 
 
 @pytest.fixture
