@@ -2,8 +2,8 @@
 
 `decide` says what an input does to a run; this says which input the run is waiting for — its flow deadline, its
 scheduled time, a free slot, a human's answer or its expiry, a retry's timer, a step to run, a child to start — or that
-it waits for a command only. The engine (`engine.py`) carries the choice out: it feeds inputs to `decide`, sleeps,
-or runs a step. Unit-tested like `decide` (tests/unit/test_next_action.py).
+it waits for a command only. The run loop (`runloop.py`) carries the choice out and decides nothing itself: it feeds
+inputs to `decide`, sleeps, or runs a step. Unit-tested like `decide` (tests/unit/test_next_action.py).
 """
 
 from __future__ import annotations
@@ -46,7 +46,10 @@ class FireTimer:
 
 @dataclass(frozen=True, slots=True)
 class RunStep:
+    """Run the step's runner, abandoning it at `until` (the flow deadline; None: no deadline)."""
+
     step: str
+    until: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,4 +110,4 @@ def choose(state: RunState, flow: FlowDefinition, now: datetime, *, time_scale: 
         return FireTimer(name, step.attempt)
     if flow.step(name).action == StepAction.SUBFLOW:
         return StartChild(name, due)
-    return RunStep(name)
+    return RunStep(name, due)

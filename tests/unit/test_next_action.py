@@ -47,6 +47,13 @@ def test_a_retrying_step_waits_for_its_timer_then_fires_it_and_the_deadline_come
     assert choose(limited, after_s=10) == nxt.Deadline()
 
 
+def test_a_step_of_a_flow_with_a_timeout_runs_until_the_flow_deadline_at_most() -> None:
+    run = started(Run(make_flow(*TWO, timeout_s=20)))
+    assert run.state is not None and run.state.started_at is not None
+    assert choose(run) == nxt.RunStep("fetch", run.state.started_at + timedelta(seconds=20))
+    assert choose(started(Run(make_flow(*TWO)))) == nxt.RunStep("fetch", None)  # no timeout: no deadline
+
+
 def test_a_scheduled_run_waits_for_its_time_then_is_due() -> None:
     run = started(Run(make_flow(*TWO), make_trigger(run_at=T0 + timedelta(minutes=5))))
     assert choose(run) == nxt.Wait(T0 + timedelta(minutes=5))
@@ -69,7 +76,7 @@ def test_a_pause_waits_for_its_expiry_or_a_resume() -> None:
     forever = started(Run(make_flow({**ask, "timeout_s": None})))
     assert choose(forever) == nxt.Idle()  # only a resume drives it on
     assert forever.state is not None and forever.state.pause is not None
-    resume = ResumeRun(tenant_id="t1", run_id="run-1", request_id=forever.state.pause.request_id, data={"ok": True})
+    resume = ResumeRun(tenant_id="t1", run_id="run-1", request_id=forever.state.pause.request_id, payload={"ok": True})
     forever.feed(CommandInput(resume))
     assert choose(forever) == nxt.Idle()  # the run ended after its only step
 

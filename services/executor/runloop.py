@@ -1,0 +1,208 @@
+"""The run loop: one task per live run carrying out what `next.choose` returns — feed an input to `decide`, sleep
+until a time or an input, run a step, start a child run — and nothing it did not choose.
+
+Timers are not stored anywhere but the ledger: a retry's `retry_at`, a scheduled run's `run_at`, a human_input's
+`expires_at` and the flow deadline (`RunStarted` + the flow's timeout) are all in the run's events, so a restarted
+executor rebuilds them by replaying its partitions and waits again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import traceback
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from schemas.flows import FlowDefinition
+from services.executor import metrics
+from services.executor import next as next_action
+from services.executor.adapters.flows import FlowRegistry
+from services.executor.adapters.steps import StepCall, StepRunners, runner_input
+from services.executor.admission import LiveRuns
+from services.executor.decide import (
+    DeadlinePassed,
+    Input,
+    InternalFailure,
+    PauseExpired,
+    ScheduledDue,
+    SlotFreed,
+    StepCompleted,
+    TimerFired,
+)
+from services.executor.fold import RunState
+from services.executor.settings import ExecutorSettings
+from services.executor.subflows import Subflows
+
+log = logging.getLogger(__name__)
+
+# Decide on an input for a run and queue the events (the engine's `feed`); the futures resolve when they are durable.
+Feed = Callable[[str, Input], Awaitable[list[asyncio.Future[object]]]]
+
+
+class RunLoop:
+    """Each live run's task, the step it is executing now, and the event that wakes it when an input arrives."""
+
+    def __init__(self, settings: ExecutorSettings, flows: FlowRegistry, live: LiveRuns, subflows: Subflows,
+                 runners: StepRunners, feed: Feed) -> None:  # fmt: skip
+        self.settings = settings
+        self.flows = flows
+        self.live = live
+        self.subflows = subflows
+        self.runners = runners
+        self.feed = feed
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        # The step a run is executing now, so a cancel or the flow deadline can abandon it.
+        self.step_tasks: dict[str, asyncio.Task[Any]] = {}
+        # Set when an input arrives for a run whose loop waits (a timer, a human, a child run).
+        self.wakeups: dict[str, asyncio.Event] = {}
+
+    def drive(self, run_id: str) -> None:
+        task = asyncio.create_task(self._run_loop(run_id), name=f"run:{run_id}")
+        self.tasks[run_id] = task
+        task.add_done_callback(lambda _t: self.tasks.pop(run_id, None))
+
+    def wake(self, run_id: str) -> None:
+        """An input arrived for the run: its waiting loop goes on (or a loop starts, if it has none)."""
+        if run_id not in self.live:
+            return
+        if run_id in self.tasks:
+            self.wakeups.setdefault(run_id, asyncio.Event()).set()
+        else:
+            self.drive(run_id)
+
+    def release_slot(self, tenant_id: str, flow_id: str) -> None:
+        """A run of the flow ended: the first BLOCKED run of the flow (arrival order) asks to start."""
+        run_id = self.live.next_blocked(tenant_id, flow_id)
+        if run_id is not None:
+            self.wake(run_id)
+
+    def ended(self, run_id: str) -> None:
+        self.wakeups.pop(run_id, None)
+
+    def abandon_step(self, run_id: str) -> None:
+        """The run ended (canceled): its step in flight is abandoned; its late result would be ignored anyway."""
+        step_task = self.step_tasks.pop(run_id, None)
+        if step_task is not None:
+            step_task.cancel()
+
+    def stop(self, run_id: str) -> None:
+        """The run moved to another worker: its loop and step stop here."""
+        task = self.tasks.pop(run_id, None)
+        if task:
+            task.cancel()
+        self.abandon_step(run_id)
+        self.wakeups.pop(run_id, None)
+
+    async def close(self) -> None:
+        for task in [*self.tasks.values(), *self.step_tasks.values()]:
+            task.cancel()
+        await asyncio.gather(*self.tasks.values(), *self.step_tasks.values(), return_exceptions=True)
+
+    async def _run_loop(self, run_id: str) -> None:
+        try:
+            while (state := self.live.get(run_id)) is not None:
+                if not await self._next(state):
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # An executor bug: recorded with its trace, and the run still ends (invariant 5).
+            log.exception("run %s: internal error", run_id)
+            metrics.INTERNAL_ERRORS.inc()
+            state = self.live.get(run_id)
+            if state is not None:
+                failure = InternalFailure(run_id, f"{type(exc).__name__}: {exc}", traceback.format_exc(),
+                                          at_seq=state.next_seq)  # fmt: skip
+                await self.feed(run_id, failure)
+
+    async def _wait(self, run_id: str, until: datetime | None) -> None:
+        """Until `until`, or until an input for this run arrives (whichever is first)."""
+        event = self.wakeups.setdefault(run_id, asyncio.Event())
+        timeout = None if until is None else max(0.0, (until - datetime.now(UTC)).total_seconds())
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            pass
+        event.clear()
+
+    async def _next(self, state: RunState) -> bool:
+        """Carry out what the run waits for (`next.choose` chooses); False when only a command can drive it on."""
+        run_id = state.run_id
+        flow = self.flows.get(state.tenant_id, state.flow_id, state.flow_version)
+        if flow is None:
+            raise LookupError(f"flow {state.flow_id} v{state.flow_version} is not in the registry")
+        action = next_action.choose(state, flow, datetime.now(UTC), time_scale=self.settings.time_scale,
+                                    first_blocked=self.live.first_blocked(state))  # fmt: skip
+        match action:
+            case next_action.Deadline():
+                await self.feed(run_id, DeadlinePassed(run_id))
+            case next_action.ScheduledDue():
+                await self.feed(run_id, ScheduledDue(run_id, self.live.admission(state.tenant_id, state.flow_id)))
+            case next_action.TryUnblock():
+                await self._try_unblock(state)
+            case next_action.ExpirePause(request_id):
+                await self.feed(run_id, PauseExpired(run_id, request_id))
+            case next_action.FireTimer(name, attempt):
+                await self.feed(run_id, TimerFired(run_id, name, attempt))
+            case next_action.Wait(until):
+                await self._wait(run_id, until)
+            case next_action.StartChild(name, until):
+                await self.subflows.start_child(state, flow, name)
+                if until is None:
+                    return False  # the child's end (a command) drives the run again
+                await self._wait(run_id, until)
+            case next_action.RunStep(name, until):
+                await self._run_step(state, flow, name, until)
+            case next_action.Idle():
+                return False
+        return True
+
+    async def _try_unblock(self, state: RunState) -> None:
+        """Ask for a slot; when the run moved on, the next BLOCKED run of the flow may try too (room for more than
+        one), else wait until a run of the flow ends."""
+        run_id, before = state.run_id, state.next_seq
+        await self.feed(run_id, SlotFreed(run_id, self.live.admission(state.tenant_id, state.flow_id)))
+        after = self.live.get(run_id)
+        if after is None or after.next_seq != before:
+            self.live.unblocked(state)
+            self.release_slot(state.tenant_id, state.flow_id)
+        else:
+            await self._wait(run_id, None)
+
+    async def _run_step(self, state: RunState, flow: FlowDefinition, name: str, deadline: datetime | None) -> None:
+        """Run the step's runner, abandoning it when the flow deadline passes, and feed its outcome to decide."""
+        run_id = state.run_id
+        step = state.steps[name]
+        definition = flow.step(name)
+        now = datetime.now(UTC)
+        call = StepCall(
+            run_id=run_id,
+            step=name,
+            action=definition.action.value,
+            attempt=step.attempt,
+            input=runner_input(state, definition),
+            started_at=step.started_at or now,
+            timeout_s=definition.timeout_s or self.settings.default_step_timeout_s,
+            tenant_id=state.tenant_id,
+            environment=state.environment.value,
+        )
+        step_task = asyncio.create_task(self.runners.run(call), name=f"step:{run_id}:{name}:{step.attempt}")
+        self.step_tasks[run_id] = step_task
+        try:
+            timeout = None if deadline is None else max(0.0, (deadline - now).total_seconds())
+            done, _ = await asyncio.wait({step_task}, timeout=timeout)
+        finally:
+            if self.step_tasks.get(run_id) is step_task:
+                del self.step_tasks[run_id]
+        if not done:
+            step_task.cancel()  # the flow deadline passed mid-step: abandon it
+            return
+        if step_task.cancelled():
+            return  # abandoned by a cancel: the run has ended
+        outcome = step_task.result()
+        metrics.STEP_SECONDS.labels(call.action, "ok" if outcome.ok else "error").observe(outcome.duration_ms / 1000)
+        await self.feed(run_id, StepCompleted(
+            run_id, name, step.attempt, outcome.ok, outcome.output, outcome.error, outcome.duration_ms
+        ))  # fmt: skip
