@@ -9,7 +9,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from schemas.expressions import expression_errors
+from schemas.expressions import (
+    ExpressionError,
+    _strings,  # the same walk the steps' check uses
+    compile_expression,
+    expression_errors,
+    template_expressions,
+)
 
 STEP_NAME_PATTERN = r"^[a-zA-Z][a-zA-Z0-9_\-]{0,63}$"
 # The validation context of a definition read back from the flows topic (schemas.codec): it was checked when it
@@ -73,11 +79,63 @@ class StepDefinition(Frozen):
     extract: dict[str, str] = Field(default_factory=dict)
 
 
+KAFKA_TOPIC_PATTERN = r"^[a-zA-Z0-9._\-]{1,249}$"
+_KAFKA_FIELDS = ("key_pattern", "filter", "input", "value_format", "start_from", "resume_from")
+
+
 class TriggerConfig(Frozen):
+    """How runs of a flow start. A `kafka` trigger reads `topic` and makes one run per message that passes
+    `key_pattern` and `filter`, with `input` rendered from the message (docs/kafka-triggers.md)."""
+
     type: Literal["manual", "api", "webhook", "schedule", "kafka"] = "manual"
     cron: str | None = None
     interval_s: float | None = None
     topic: str | None = None
+    # kafka: a regular expression the whole key (UTF-8) must match; a message without a key never matches.
+    key_pattern: str | None = None
+    # kafka: JMESPath (JSONPath when it starts with `$`) over the decoded value; the message runs when truthy.
+    filter: str | None = None
+    # kafka: the run input, `{{ … }}` templates over value, key, headers, topic, partition, offset, timestamp;
+    # absent: the decoded value itself.
+    input: Any = None
+    # kafka: the value as JSON (an undecodable one is dead-lettered) or as UTF-8 text.
+    value_format: Literal["json", "text"] = "json"
+    # kafka: where a subscription with no committed position starts: at the first message produced after this
+    # version was published, at the oldest message kept, or at the next message produced.
+    start_from: Literal["published", "earliest", "latest"] = "published"
+    # kafka: after a pause, go on from the message where consumption stopped, or skip to the newest.
+    resume_from: Literal["stopped", "newest"] = "stopped"
+
+    @model_validator(mode="after")
+    def _kafka_options(self, info: ValidationInfo) -> TriggerConfig:
+        """The kafka options only on a kafka trigger, and each compiles; not re-checked for a stored version."""
+        if isinstance(info.context, dict) and info.context.get(_STORED):
+            return self
+        if self.type != "kafka":
+            # Set to something else than its default (a dump of any trigger carries every field, at its default).
+            given = [n for n in _KAFKA_FIELDS if getattr(self, n) != type(self).model_fields[n].default]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only a kafka trigger takes these, not {self.type}")
+            return self
+        problems = []
+        if self.topic is not None and not re.fullmatch(KAFKA_TOPIC_PATTERN, self.topic):
+            problems.append(f"topic: {self.topic!r} is not a Kafka topic name (1 to 249 of a-z A-Z 0-9 . _ -)")
+        if self.key_pattern is not None:
+            try:
+                re.compile(self.key_pattern)
+            except re.error as exc:
+                problems.append(f"key_pattern: not a regular expression: {exc}")
+        expressions = [("filter", self.filter)] if self.filter is not None else []
+        expressions += [(place, e) for place, text in _strings(self.input, "input")
+                        for e in template_expressions(text)]  # fmt: skip
+        for place, expression in expressions:
+            try:
+                compile_expression(expression)
+            except ExpressionError as exc:
+                problems.append(f"{place}: {exc}")
+        if problems:
+            raise PydanticCustomError("flow_expression", "{problems}", {"problems": "; ".join(problems)})
+        return self
 
 
 class FlowDefinition(Frozen):

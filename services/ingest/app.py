@@ -22,6 +22,7 @@ from services.common.http import install
 from services.common.idempotency import Idempotency
 from services.common.migrate import migrate
 from services.common.ratelimit import RateLimitHeaders, rate_limiter
+from services.ingest.adapters.kafka_triggers import KafkaTriggers
 from services.ingest.adapters.triggers import TriggerLog
 from services.ingest.adapters.windows import cursor_window
 from services.ingest.routes import triggers
@@ -64,14 +65,26 @@ def create_app(settings: IngestSettings) -> FastAPI:
             )  # fmt: skip
         # In the background, retried until Kafka answers: ingest serves (and says it is not ready) meanwhile.
         app.state.scheduler_task = asyncio.create_task(_start_scheduler(app.state.scheduler))
+        app.state.kafka_triggers = None
+        if settings.kafka_triggers:
+            app.state.kafka_triggers = KafkaTriggers(
+                settings.kafka_bootstrap, Topics(settings.topic_prefix), app.state.trigger_log, app.state.appender,
+                windows=functools.partial(cursor_window, app.state.pool), batch=settings.kafka_trigger_batch,
+                max_value_bytes=settings.max_input_bytes, max_executor_lag=settings.kafka_trigger_max_executor_lag,
+                allowed_topics=settings.kafka_trigger_topics,
+                session_timeout_ms=settings.kafka_trigger_session_timeout_ms,
+            )  # fmt: skip
+        app.state.kafka_triggers_task = asyncio.create_task(_start_scheduler(app.state.kafka_triggers))
         try:
             yield
         finally:
-            app.state.scheduler_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await app.state.scheduler_task
-            if app.state.scheduler is not None:
-                await app.state.scheduler.stop()
+            for task in (app.state.scheduler_task, app.state.kafka_triggers_task):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            for background in (app.state.scheduler, app.state.kafka_triggers):
+                if background is not None:
+                    await background.stop()
             await app.state.appender.stop()
             await app.state.bulk_appender.stop()
             await app.state.pool.close()
@@ -87,14 +100,15 @@ def create_app(settings: IngestSettings) -> FastAPI:
     return app
 
 
-async def _start_scheduler(scheduler: Scheduler | None) -> None:
+async def _start_scheduler(scheduler: Scheduler | KafkaTriggers | None) -> None:
+    """Starts the scheduler (or the kafka triggers), retried until Kafka answers."""
     delay = 0.5
     while scheduler is not None:
         try:
             await scheduler.start()
             return
         except Exception as exc:  # Kafka away at start: try again, never give up
-            log.warning("scheduler cannot start yet (%r); retrying in %.1f s", exc, delay)
+            log.warning("%s cannot start yet (%r); retrying in %.1f s", type(scheduler).__name__, exc, delay)
             with contextlib.suppress(Exception):
                 await scheduler.stop()
             await asyncio.sleep(delay)
@@ -103,8 +117,9 @@ async def _start_scheduler(scheduler: Scheduler | None) -> None:
 
 async def _ready(app: FastAPI) -> dict[str, str | None]:
     """What ingest needs to accept triggers and fire schedules: PostgreSQL (keys, flows), an append that can reach
-    Kafka, and the scheduler started (when it is on)."""
-    task = app.state.scheduler_task
-    scheduler = None if task.done() and task.exception() is None else "not started yet: Kafka unreachable"
-    return {"postgres": await pool_problem(app.state.pool), "kafka": await app.state.appender.check(),
-            "scheduler": scheduler}  # fmt: skip
+    Kafka, and the scheduler and the kafka triggers started (when they are on)."""
+    started = {
+        name: None if task.done() and task.exception() is None else "not started yet: Kafka unreachable"
+        for name, task in (("scheduler", app.state.scheduler_task), ("kafka_triggers", app.state.kafka_triggers_task))
+    }
+    return {"postgres": await pool_problem(app.state.pool), "kafka": await app.state.appender.check(), **started}

@@ -30,3 +30,15 @@ class IngestSettings(CommonSettings):
     rate_limit_writes: int = service_field("ingest", "rate_limit_writes", 120, ge=1)
     rate_limit_triggers: int = service_field("ingest", "rate_limit_triggers", 60, ge=1)
     rate_limit_window_s: int = service_field("ingest", "rate_limit_window_s", 60, ge=1, le=3600)
+    # Kafka-triggered flows (docs/kafka-triggers.md): on in every replica; replicas share each flow's partitions.
+    kafka_triggers: bool = service_field("ingest", "kafka_triggers", True)
+    # Messages fetched, made into runs and appended at once per flow: the bound on what is in flight.
+    kafka_trigger_batch: int = service_field("ingest", "kafka_trigger_batch", 500, ge=1, le=1000)
+    # Backpressure: no message is fetched while the executor has more triggers than this still to take (0: off).
+    kafka_trigger_max_executor_lag: int = service_field("ingest", "kafka_trigger_max_executor_lag", 20_000, ge=0)
+    # The topics a flow may read (a regular expression over the whole name); Flowtrail's own never.
+    kafka_trigger_topics: str = service_field("ingest", "kafka_trigger_topics", ".*")
+    # How soon a dead replica's partitions go to the others.
+    kafka_trigger_session_timeout_ms: int = service_field(
+        "ingest", "kafka_trigger_session_timeout_ms", 10_000, ge=1000, le=300_000
+    )
