@@ -16,21 +16,28 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, TypeAlias
 
 import httpx
+import orjson
 import pytest
 from aiohttp import web
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
-from schemas.events import FlowVersionPublished
+from schemas import codec
+from schemas.events import EventBase, FlowVersionPublished
 from schemas.flows import FlowDefinition
 from schemas.status import TERMINAL_RUN_STATUSES
 from services.common.auth import create_api_key, ensure_tenant
 from services.common.db import connect
-from services.common.kafka import publish_flow_events
+from services.common.kafka import publish_flow_events, topic_partitions
+from services.projector import rebuild
+from services.projector.settings import ProjectorSettings
 from tests.conftest import Infra, Sandbox, make_sandbox
 from tests.e2e.stack import Stack, free_port
 
@@ -43,13 +50,21 @@ def auth(key: str, **extra: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}", **extra}
 
 
-async def wait_until(check: Callable[[], Awaitable[Any]], within: float = 30, what: str = "condition") -> Any:
-    """Poll `check` every 50 ms until it returns something truthy (returned); fail after `within` seconds."""
+async def wait_until(check: Callable[[], Awaitable[Any]], within: float = 30, what: str = "condition",
+                     every: float = 0.05, logs: Callable[[], str] | None = None) -> Any:  # fmt: skip
+    """Poll `check` every `every` seconds until it returns something truthy (returned); fail after `within` seconds
+    (with `logs()` in the message when given)."""
     deadline = time.monotonic() + within
     while not (result := await check()):
-        assert time.monotonic() < deadline, f"{what} not met within {within} s"
-        await asyncio.sleep(0.05)
+        assert time.monotonic() < deadline, f"{what} not met within {within} s" + (f"\n{logs()}" if logs else "")
+        await asyncio.sleep(every)
     return result
+
+
+async def wait_sql(db: Any, query: str, *args: Any, within: float = 30, what: str | None = None,
+                   logs: Callable[[], str] | None = None, every: float = 0.05) -> Any:  # fmt: skip
+    """Poll `query`'s first value on `db` (a connection or a pool) until it is truthy; that value."""
+    return await wait_until(lambda: db.fetchval(query, *args), within, what or query, every=every, logs=logs)
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,7 @@ class KeySpec:
     tenant: str
     environment: str | None = None
     scopes: Sequence[str] | None = None
+    name: str | None = None  # the key's own name, as GET /v1/api-keys shows it
 
 
 def flow(tenant: str, flow_id: str, steps: list[dict[str, Any]], **fields: Any) -> FlowDefinition:
@@ -89,6 +105,11 @@ async def _at_least(conn: Any, count: int) -> bool:
 
 async def make_keys(sandbox: Sandbox, keys: Mapping[str, KeySpec | str]) -> dict[str, str]:
     """Create every tenant named in `keys` and one API key per name; name → plaintext key."""
+    return {name: key for name, (_, key) in (await make_keys_with_ids(sandbox, keys)).items()}
+
+
+async def make_keys_with_ids(sandbox: Sandbox, keys: Mapping[str, KeySpec | str]) -> dict[str, tuple[str, str]]:
+    """Create every tenant named in `keys` and one API key per name; name → (key id, plaintext key)."""
     specs = {name: KeySpec(spec) if isinstance(spec, str) else spec for name, spec in keys.items()}
     conn = await connect(sandbox.infra.database_url, sandbox.schema)
     try:
@@ -101,10 +122,134 @@ async def make_keys(sandbox: Sandbox, keys: Mapping[str, KeySpec | str]) -> dict
                 options["environment"] = spec.environment
             if spec.scopes is not None:
                 options["scopes"] = list(spec.scopes)
-            out[name] = (await create_api_key(conn, spec.tenant, **options))[1]
+            if spec.name is not None:
+                options["name"] = spec.name
+            out[name] = await create_api_key(conn, spec.tenant, **options)
         return out
     finally:
         await conn.close()
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Call:
+    """One request a stub upstream was sent; `status` is its answer's, None while it is being answered."""
+
+    method: str
+    path: str
+    headers: Mapping[str, str]
+    body: bytes
+    at: datetime
+    status: int | None = None
+
+    @property
+    def answered(self) -> bool:
+        return self.status is not None
+
+    @property
+    def key(self) -> str:
+        """The Idempotency-Key a step runner sends with every attempt ('' without one)."""
+        return self.headers.get("Idempotency-Key", "")
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+@dataclass
+class Upstream:
+    """A stub upstream HTTP server on loopback: its base URL and every request it was sent, in order."""
+
+    url: str = ""
+    requests: list[Call] = field(default_factory=list)
+
+    @property
+    def calls(self) -> list[tuple[str, str]]:  # (method, path)
+        return [(c.method, c.path) for c in self.requests]
+
+    @property
+    def bodies(self) -> list[bytes]:
+        return [c.body for c in self.requests]
+
+    def count(self, path: str) -> int:
+        return sum(1 for c in self.requests if c.path == path)
+
+    def seen(self, path: str, method: str | None = None) -> list[Call]:
+        return [c for c in self.requests if c.path == path and method in (None, c.method)]
+
+    def in_flight(self, path: str) -> list[Call]:
+        return [c for c in self.seen(path) if not c.answered]
+
+    def statuses(self, path: str, method: str | None = None) -> list[int | None]:
+        """What each request to `path` was answered, in order."""
+        return [c.status for c in self.seen(path, method)]
+
+
+CALL = web.RequestKey("call", Call)  # the recorded Call, on each request a stub upstream handles
+
+
+@asynccontextmanager
+async def stub_upstream(routes: Mapping[tuple[str, str], Handler]) -> AsyncIterator[Upstream]:
+    """Serve `routes` ((method, path) → aiohttp handler) on a free loopback port, recording every request."""
+    upstream = Upstream()
+
+    @web.middleware
+    async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
+        call = Call(request.method, request.path, dict(request.headers), await request.read(), datetime.now(UTC))
+        upstream.requests.append(call)
+        request[CALL] = call
+        response = await handler(request)
+        call.status = response.status
+        return response
+
+    app = web.Application(middlewares=[record], client_max_size=64 * 1024 * 1024)
+    for (method, path), handler in routes.items():
+        app.router.add_route(method, path, handler)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    upstream.url = f"http://127.0.0.1:{port}"
+    try:
+        yield upstream
+    finally:
+        await runner.cleanup()
+
+
+def answer(body: Any = None, status: int = 200) -> Handler:
+    """A handler that always answers `body` as JSON with `status`."""
+
+    async def handle(request: web.Request) -> web.Response:
+        return web.json_response(body, status=status)
+
+    return handle
+
+
+def delayed(seconds: float, handler: Handler) -> Handler:
+    """`handler`, answering `seconds` late (a slow upstream)."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(seconds)
+        return await handler(request)
+
+    return handle
+
+
+def first_calls(times: int | Callable[[Call], int], first: Handler, then: Handler,
+                per: Callable[[Call], Any] = lambda call: call.path) -> Handler:  # fmt: skip
+    """The first `times` requests of each `per(call)` (default: each path) are answered by `first`, later ones by
+    `then`: an upstream that fails before it works (`first=answer({...}, 503)`), or is slow only the first time."""
+    seen: Counter[Any] = Counter()
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        call = request[CALL]
+        group = per(call)
+        seen[group] += 1
+        limit = times(call) if callable(times) else times
+        return await (first if seen[group] <= limit else then)(request)
+
+    return handle
 
 
 @dataclass
@@ -114,6 +259,9 @@ class Env:
     sandbox: Sandbox
     stack: Stack
     keys: dict[str, str]
+    http: httpx.AsyncClient = field(default_factory=lambda: httpx.AsyncClient(timeout=30))
+    upstream: Upstream = field(default_factory=Upstream)
+    key_ids: dict[str, str] = field(default_factory=dict)
 
     @property
     def infra(self) -> Infra:
@@ -136,13 +284,23 @@ class Env:
         """An HTTP client for one service, authenticated with `key` (a name in `keys` or a plaintext key)."""
         return httpx.AsyncClient(base_url=self.url(service), timeout=timeout, headers=auth(self._key(key)))
 
+    async def request(self, service: str, method: str, path: str, key: str | None = None,
+                      **kwargs: Any) -> httpx.Response:  # fmt: skip
+        """One request to a service with `key`'s Authorization (and any `headers` given), on the shared client."""
+        headers = {**auth(self._key(key)), **kwargs.pop("headers", {})}
+        return await self.http.request(method, self.url(service) + path, headers=headers, **kwargs)
+
     async def api(self, method: str, path: str, key: str | None = None, **kwargs: Any) -> httpx.Response:
-        async with self.client("api", key) as client:
-            return await client.request(method, path, **kwargs)
+        return await self.request("api", method, path, key, **kwargs)
 
     async def ingest(self, method: str, path: str, key: str | None = None, **kwargs: Any) -> httpx.Response:
-        async with self.client("ingest", key) as client:
-            return await client.request(method, path, **kwargs)
+        return await self.request("ingest", method, path, key, **kwargs)
+
+    async def ok(self, method: str, path: str, key: str | None = None, status: int = 200, **kwargs: Any) -> Any:
+        """An API request that must answer `status`; its JSON body (None when empty)."""
+        r = await self.api(method, path, key, **kwargs)
+        assert r.status_code == status, f"{method} {path}: {r.status_code} {r.text}"
+        return r.json() if r.content else None
 
     async def trigger(self, flow_id: str, payload: Any = None, key: str | None = None, **body: Any) -> str:
         """Trigger one run through ingest (must be accepted: 202); its run id."""
@@ -156,11 +314,34 @@ class Env:
         assert r.status_code == 202, r.text
         return [str(run_id) for run_id in r.json()["run_ids"]]
 
+    async def create_flow(self, body: Mapping[str, Any], key: str | None = None) -> None:
+        """Publish a flow through `POST /v1/flows` and wait until the API shows it (a 202 is written, not yet
+        projected)."""
+        r = await self.api("POST", "/v1/flows", key, json=body)
+        assert r.status_code in (201, 202), r.text
+
+        async def shown() -> bool:
+            return (await self.api("GET", f"/v1/flows/{body['id']}", key)).status_code == 200
+
+        await wait_until(shown, 30, f"flow {body['id']} projected")
+
+    async def publish(self, flows: Sequence[FlowDefinition]) -> None:
+        """Publish flow versions to the flows topic and wait until the projector has them all."""
+        conn = await self.db()
+        try:
+            before = await conn.fetchval("SELECT count(*) FROM flows")
+        finally:
+            await conn.close()
+        await wait_flows_projected(self.sandbox, before + await publish_flows(self.sandbox, flows))
+
     async def run(self, run_id: str, key: str | None = None) -> dict[str, Any] | None:
         """The run's detail, or None while it is not (yet) visible to this key."""
         r = await self.api("GET", f"/v1/runs/{run_id}", key)
         assert r.status_code in (200, 404), r.text
         return dict(r.json()) if r.status_code == 200 else None
+
+    def log_tails(self) -> str:
+        return "\n".join(f"--- {n}\n{s.log_tail()}" for n, s in self.stack.services.items())
 
     async def wait_status(self, run_id: str, statuses: Iterable[str] = TERMINAL, within: float = 30,
                           key: str | None = None) -> dict[str, Any]:  # fmt: skip
@@ -172,9 +353,34 @@ class Env:
             if run is not None and run["status"] in wanted:
                 return run
             if time.monotonic() > deadline:
-                where = "\n".join(f"--- {n}\n{s.log_tail()}" for n, s in self.stack.services.items())
-                raise AssertionError(f"run {run_id} not {sorted(wanted)} within {within} s: {run}\n{where}")
+                raise AssertionError(f"run {run_id} not {sorted(wanted)} within {within} s: {run}\n{self.log_tails()}")
             await asyncio.sleep(0.05)
+
+    async def wait_step(self, run_id: str, step: str, statuses: Iterable[str], within: float = 30,
+                        key: str | None = None) -> dict[str, Any]:  # fmt: skip
+        """Wait until the run's step `step` is in one of `statuses`; the run's detail."""
+        wanted = set(statuses)
+
+        async def reached() -> dict[str, Any] | None:
+            run = await self.run(run_id, key)
+            return run if step_status(run, step) in wanted else None
+
+        return dict(await wait_until(reached, within, f"run {run_id} step {step} {sorted(wanted)}", every=0.02,
+                                     logs=self.log_tails))  # fmt: skip
+
+    async def wait_all(self, run_ids: Sequence[str], key: str | None = None, within: float = 90) -> dict[str, str]:
+        """Wait until every run is final; run id → final status."""
+        final: dict[str, str] = {}
+
+        async def done() -> bool:
+            for run_id in [r for r in run_ids if r not in final][:200]:
+                run = await self.run(run_id, key)
+                if run is not None and run["status"] in TERMINAL:
+                    final[run_id] = run["status"]
+            return len(final) == len(run_ids)
+
+        await wait_until(done, within, f"{len(run_ids)} runs final", every=0.1)
+        return final
 
     async def events(self, run_id: str, key: str | None = None, limit: int = 500) -> list[dict[str, Any]]:
         """The run's events from the API, checked gap-free (seq 0..n-1, as the executor numbered them)."""
@@ -193,6 +399,16 @@ class Env:
         return await connect(self.infra.database_url, self.sandbox.schema)
 
 
+def steps_of(run: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """A run detail's steps by name."""
+    return {s["name"]: s for s in run["steps"]}
+
+
+def step_status(run: Mapping[str, Any] | None, step: str) -> str | None:
+    """The status of a run's step `step` (None without a run or before the step began)."""
+    return next((s["status"] for s in run["steps"] if s["name"] == step), None) if run else None
+
+
 @asynccontextmanager
 async def running(
     infra: Infra,
@@ -203,57 +419,80 @@ async def running(
     services: Sequence[str] = ALL_SERVICES,
     partitions: int = 2,
     env: Mapping[str, str] | None = None,
+    upstream: Upstream | None = None,
 ) -> AsyncIterator[Env]:
     """A sandbox, its tenants and keys (default: one key `a` for tenant-a), `flows` published and projected, and
     `services` running as real processes with the extra environment `env`. Everything is stopped on exit."""
     async with make_sandbox(infra, partitions) as sandbox:
-        made = await make_keys(sandbox, keys or {"a": "tenant-a"})
+        made = await make_keys_with_ids(sandbox, keys or {"a": "tenant-a"})
         published = await publish_flows(sandbox, flows)
         stack = Stack.build(sandbox, tuple(services), tmp_path_factory.mktemp("logs"), **dict(env or {}))
         await stack.start()
         try:
-            if published and "projector" in services:
-                await wait_flows_projected(sandbox, published)
-            yield Env(sandbox, stack, made)
+            async with httpx.AsyncClient(timeout=30) as http:
+                if published and "projector" in services:
+                    await wait_flows_projected(sandbox, published)
+                yield Env(sandbox, stack, {n: k for n, (_, k) in made.items()}, http, upstream or Upstream(),
+                          {n: i for n, (i, _) in made.items()})  # fmt: skip
         finally:
             stack.stop()
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# ---------------------------------------------------------------- Kafka and the projector, read directly
 
 
-@dataclass
-class Upstream:
-    """A stub upstream HTTP server on loopback: its base URL and every request it was sent, in order."""
-
-    url: str = ""
-    calls: list[tuple[str, str]] = field(default_factory=list)  # (method, path)
-    bodies: list[bytes] = field(default_factory=list)
-
-    def count(self, path: str) -> int:
-        return sum(1 for _, p in self.calls if p == path)
-
-
-@asynccontextmanager
-async def stub_upstream(routes: Mapping[tuple[str, str], Handler]) -> AsyncIterator[Upstream]:
-    """Serve `routes` ((method, path) → aiohttp handler) on a free loopback port, recording every request."""
-    upstream = Upstream()
-
-    @web.middleware
-    async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
-        upstream.calls.append((request.method, request.path))
-        upstream.bodies.append(await request.read())
-        return await handler(request)
-
-    app = web.Application(middlewares=[record], client_max_size=64 * 1024 * 1024)
-    for (method, path), handler in routes.items():
-        app.router.add_route(method, path, handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    upstream.url = f"http://127.0.0.1:{port}"
+async def end_offsets(bootstrap: str, topics: Sequence[str]) -> dict[TopicPartition, int]:
+    """The end offset of every partition of `topics` (those that exist)."""
+    known = await topic_partitions(bootstrap, list(topics))
+    parts = [TopicPartition(t, p) for t, ps in known.items() for p in ps]
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
     try:
-        yield upstream
+        return dict(await consumer.end_offsets(parts))
     finally:
-        await runner.cleanup()
+        await consumer.stop()
+
+
+Record: TypeAlias = ConsumerRecord[bytes, bytes]
+
+
+async def topic_records(bootstrap: str, topics: Sequence[str], within: float = 30) -> list[Record]:
+    """Every record of `topics` from offset 0 to the end as it was when called: partition after partition, each in
+    log order."""
+    known = await topic_partitions(bootstrap, list(topics))
+    parts = [TopicPartition(t, p) for t in topics for p in known.get(t, [])]
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    try:
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        ends = await consumer.end_offsets(parts)
+        records: list[Record] = []
+        for tp in parts:
+            deadline = time.monotonic() + within
+            while await consumer.position(tp) < ends[tp]:
+                assert time.monotonic() < deadline, f"{tp} not read to its end"
+                batch = await consumer.getmany(tp, timeout_ms=1000, max_records=5000)
+                records += [r for r in batch.get(tp, []) if r.offset < ends[tp]]
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def ledger(sandbox: Sandbox) -> list[EventBase]:
+    """The sandbox's whole ledger topic from offset 0, decoded: partition after partition, each in log order."""
+    records = await topic_records(sandbox.infra.kafka_bootstrap, [sandbox.topics.ledger])
+    return [codec.decode_ledger_event(r.value) for r in records if r.value is not None]
+
+
+def projector_settings(sandbox: Sandbox) -> ProjectorSettings:
+    return ProjectorSettings(kafka_bootstrap=sandbox.infra.kafka_bootstrap, database_url=sandbox.infra.database_url,
+                             database_schema=sandbox.schema, topic_prefix=sandbox.topics.prefix)  # fmt: skip
+
+
+async def assert_verify_equal(sandbox: Sandbox) -> rebuild.Outcome:
+    """`flowtrail projector verify`: a rebuild from the ledger must equal the live read models (invariant 1)."""
+    progress: list[str] = []
+    outcome = await rebuild.run(projector_settings(sandbox), swap=False, progress=progress.append)
+    assert outcome.comparison.equal, (rebuild.describe(outcome.comparison), progress)
+    return outcome

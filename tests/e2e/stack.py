@@ -1,4 +1,6 @@
-"""Starts Flowtrail's services as real processes pointed at one test sandbox, on free ports."""
+"""Starts Flowtrail's services as real processes pointed at one test sandbox, on free ports, the way the launcher
+starts them (deploy/launcher/supervisor.py: the same command, log file and process group) but one process each,
+never restarted, so a test can kill one with SIGKILL and start it again itself."""
 
 from __future__ import annotations
 
@@ -7,14 +9,13 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-from services.common.settings import REPO_ROOT
+from deploy.launcher.supervisor import ServiceSpec, open_child_log, spawn_options
 from tests.conftest import Sandbox
 
 PORT_ENV = {
@@ -44,15 +45,12 @@ class Service:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", f"services.{self.name}"],
-            cwd=REPO_ROOT,
-            env={**os.environ, **self.env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        spec = ServiceSpec.service(self.name, {**os.environ, **self.env})
+        log_fd = open_child_log(self.log_path, spec)
+        try:
+            self.process = subprocess.Popen(spec.argv, **spawn_options(spec, log_fd))
+        finally:
+            os.close(log_fd)
 
     async def wait_healthy(self, within: float = 60.0) -> None:
         deadline = time.monotonic() + within
@@ -76,6 +74,12 @@ class Service:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(10)
 
+    async def restart(self, within: float = 60.0) -> None:
+        """Killed (SIGKILL) if running, started again, healthy."""
+        self.kill()
+        self.start()
+        await self.wait_healthy(within)
+
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             self.process.terminate()
@@ -95,6 +99,8 @@ class Service:
 class Stack:
     sandbox: Sandbox
     services: dict[str, Service] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # what every service gets, but its own port
+    log_dir: Path = Path()
 
     @classmethod
     def build(cls, sandbox: Sandbox, names: tuple[str, ...], log_dir: Path, **extra_env: str) -> Stack:
@@ -112,12 +118,22 @@ class Stack:
             **{PORT_ENV[n]: str(p) for n, p in ports.items()},
             **extra_env,
         }
-        return cls(sandbox, {n: Service(n, ports[n], env, log_dir / f"{n}.log") for n in names})
+        services = {n: Service(n, ports[n], env, log_dir / f"{n}.log") for n in names}
+        return cls(sandbox, services, env, log_dir)
 
-    async def start(self) -> None:
-        for service in self.services.values():
+    def add(self, name: str, key: str) -> Service:
+        """One more process of service `name` on a free port, not started, known as `key`: a second replica, or a
+        service started after the others."""
+        port = free_port()
+        self.services[key] = Service(name, port, {**self.env, PORT_ENV[name]: str(port)}, self.log_dir / f"{key}.log")
+        return self.services[key]
+
+    async def start(self, *names: str) -> None:
+        """Start the services named (default: every one) and wait until each is healthy."""
+        chosen = [self.services[n] for n in names] if names else list(self.services.values())
+        for service in chosen:
             service.start()
-        await asyncio.gather(*(s.wait_healthy() for s in self.services.values()))
+        await asyncio.gather(*(s.wait_healthy() for s in chosen))
 
     def stop(self) -> None:
         for service in self.services.values():

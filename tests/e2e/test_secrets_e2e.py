@@ -8,20 +8,14 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import httpx
 import pytest
 from aiohttp import web
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from services.common.auth import create_api_key, ensure_tenant
 from services.common.db import connect
-from tests.conftest import Infra, Sandbox, make_sandbox
-from tests.e2e.stack import Stack, free_port
-from tests.e2e.test_core_loop import Env, trigger, wait_final
+from tests.conftest import Infra, Sandbox
+from tests.harness import Env, running, stub_upstream, topic_records
 
 RUN = uuid.uuid4().hex[:10]
 STORE_CANARY = f"store-canary-{RUN}"
@@ -30,58 +24,18 @@ CONNECTOR_CANARY = f"connector-canary-{RUN}"
 CANARIES = (STORE_CANARY, INLINE_CANARY, CONNECTOR_CANARY)
 
 
-@dataclass
-class Listener:
-    """The loopback upstream the step calls: records each request's headers and echoes them back."""
-
-    url: str = ""
-    seen: list[dict[str, str]] = field(default_factory=list)
-
-    async def hook(self, request: web.Request) -> web.Response:
-        headers = dict(request.headers)
-        self.seen.append(headers)
-        return web.json_response({"received": headers, "body": await request.text()})
-
-
-@dataclass
-class Secrets:
-    env: Env
-    listener: Listener
-    logs: Path
-
-    def api(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.env.api, timeout=20,
-                                 headers={"Authorization": f"Bearer {self.env.key_a}"})  # fmt: skip
+async def _echo(request: web.Request) -> web.Response:
+    """The loopback upstream the step calls: echoes each request's headers back."""
+    return web.json_response({"received": dict(request.headers), "body": await request.text()})
 
 
 @pytest.fixture(scope="module")
-async def secrets_env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Secrets]:
-    listener = Listener()
-    app = web.Application()
-    app.router.add_post("/hook", listener.hook)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    listener.url = f"http://127.0.0.1:{port}"
-    async with make_sandbox(infra) as sandbox:
-        conn = await connect(infra.database_url, sandbox.schema)
-        try:
-            await ensure_tenant(conn, "tenant-a", "A")
-            await ensure_tenant(conn, "tenant-b", "B")
-            _, key_a = await create_api_key(conn, "tenant-a")
-            _, key_b = await create_api_key(conn, "tenant-b")
-        finally:
-            await conn.close()
-        logs = tmp_path_factory.mktemp("logs")
-        stack = Stack.build(sandbox, ("ingest", "executor", "projector", "api"), logs,
-                            FLOWTRAIL_API_CONNECTOR_ALLOW_PRIVATE_NETWORKS="true")  # fmt: skip
-        await stack.start()
-        try:
-            yield Secrets(Env(sandbox, stack, listener.url, key_a, key_b), listener, logs)
-        finally:
-            stack.stop()
-            await runner.cleanup()
+async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
+    async with stub_upstream({("POST", "/hook"): _echo}) as up, running(
+        infra, tmp_path_factory, keys={"a": "tenant-a", "b": "tenant-b"}, upstream=up,
+        env={"FLOWTRAIL_API_CONNECTOR_ALLOW_PRIVATE_NETWORKS": "true"},
+    ) as env:  # fmt: skip
+        yield env
 
 
 def _with_password(dsn: str, password: str) -> str:
@@ -112,33 +66,20 @@ async def _dump_kafka(sandbox: Sandbox) -> bytes:
     await admin.start()
     try:
         topics = sorted(t for t in await admin.list_topics() if sandbox.schema in t)
-        described = await admin.describe_topics(topics)
     finally:
         await admin.close()
     assert sandbox.topics.flows in topics and sandbox.topics.ledger in topics
-    parts = [TopicPartition(d["topic"], p["partition"]) for d in described for p in d["partitions"]]
-    consumer = AIOKafkaConsumer(bootstrap_servers=sandbox.infra.kafka_bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
-        ends = await consumer.end_offsets(parts)
-        chunks: list[bytes] = []
-        while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
-            batch = await consumer.getmany(timeout_ms=1000)
-            for records in batch.values():
-                for r in records:
-                    chunks += [r.key or b"", r.value or b""]
-                    chunks += [k.encode() + b"=" + (v or b"") for k, v in r.headers or ()]
-        assert chunks, "the sandbox's topics are empty"
-        return b"\n".join(chunks)
-    finally:
-        await consumer.stop()
+    chunks: list[bytes] = []
+    for r in await topic_records(sandbox.infra.kafka_bootstrap, topics):
+        chunks += [r.key or b"", r.value or b""]
+        chunks += [k.encode() + b"=" + (v or b"") for k, v in r.headers or ()]
+    assert chunks, "the sandbox's topics are empty"
+    return b"\n".join(chunks)
 
 
-async def test_secrets_reach_the_step_and_nothing_at_rest_holds_them(secrets_env: Secrets) -> None:
-    env, listener = secrets_env.env, secrets_env.listener
-    async with secrets_env.api() as api:
+async def test_secrets_reach_the_step_and_nothing_at_rest_holds_them(env: Env) -> None:
+    listener = env.upstream
+    async with env.client("api", timeout=20) as api:
         r = await api.put("/v1/secrets/hook_token", json={"value": STORE_CANARY})
         assert r.status_code == 201, r.text
         dsn = _with_password(env.sandbox.infra.database_url, CONNECTOR_CANARY)
@@ -171,11 +112,11 @@ async def test_secrets_reach_the_step_and_nothing_at_rest_holds_them(secrets_env
                        "headers": {"Authorization": "Bearer {{ secrets.not_there }}"}}}]}  # fmt: skip
         assert (await api.post("/v1/flows", json=missing)).status_code in (201, 202)
 
-        run_id = await trigger(env, "secret-call", {"order_id": "SO-7"})
-        run = await wait_final(env, run_id)
+        run_id = await env.trigger("secret-call", {"order_id": "SO-7"})
+        run = await env.wait_status(run_id)
         assert run["status"] == "SUCCEEDED", run
         # The step got the real values.
-        seen = [h for h in listener.seen if h.get("X-Order") == "SO-7"]
+        seen = [c.headers for c in listener.requests if c.headers.get("X-Order") == "SO-7"]
         assert len(seen) == 1
         assert seen[0]["Authorization"] == f"Bearer {STORE_CANARY}"
         assert seen[0]["X-Api-Key"] == INLINE_CANARY and seen[0]["X-Echo"] == STORE_CANARY
@@ -186,8 +127,8 @@ async def test_secrets_reach_the_step_and_nothing_at_rest_holds_them(secrets_env
         assert steps["call"]["output"]["body"]["received"]["X-Echo"] == "***"
         assert steps["shape"]["output"] == {"leak": "***", "order": "SO-7"}
 
-        failed_id = await trigger(env, "secret-missing", {})
-        failed = await wait_final(env, failed_id)
+        failed_id = await env.trigger("secret-missing", {})
+        failed = await env.wait_status(failed_id)
         assert failed["status"] == "FAILED", failed
         error = failed["steps"][0]["error"] if failed["steps"][0].get("error") else failed["error"]
         assert error["category"] == "VALIDATION" and error["code"] == "secret_not_found", failed
@@ -207,7 +148,7 @@ async def test_secrets_reach_the_step_and_nothing_at_rest_holds_them(secrets_env
     assert "enc:v1:" in postgres  # the ciphertexts are there
     kafka = await _dump_kafka(env.sandbox)
     assert b"enc:v1:" in kafka
-    logs = "\n".join(p.read_text(errors="replace") for p in secrets_env.logs.glob("*.log"))
+    logs = "\n".join(p.read_text(errors="replace") for p in env.stack.log_dir.glob("*.log"))
     # The dumps do hold what the run carried in the clear (its trigger's order id) …
     assert "SO-7" in postgres and b"SO-7" in kafka and "secret_not_found" in postgres and logs
     for canary in CANARIES:  # … and no plaintext credential anywhere

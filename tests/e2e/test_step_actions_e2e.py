@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from schemas.events import FlowVersionPublished
 from schemas.flows import FlowDefinition
-from services.common.auth import create_api_key, ensure_tenant
-from services.common.db import connect
-from services.common.kafka import publish_flow_events
-from tests.conftest import Infra, Sandbox, make_sandbox
-from tests.e2e.stack import Stack
-from tests.e2e.test_core_loop import Env, events_of, trigger, wait_final
+from tests.conftest import Infra, Sandbox
+from tests.harness import Env, flow, running, steps_of, topic_records
 from tests.integration.test_step_actions import PASSWORD, new_topic, with_password, write_plugin
 
 PLUGIN = """
@@ -44,19 +33,10 @@ async def explode(data):
 """
 
 
-@dataclass
-class Actions:
-    env: Env
-    sandbox: Sandbox
-    topic: str
-    table: str
-
-
 def _flows(dsn: str, topic: str, table: str, group: str) -> list[FlowDefinition]:
-    common = {"tenant_id": "tenant-a", "version": 1}
     one = "{{ steps.lookup.output.rows[0] }}"
     return [
-        FlowDefinition.model_validate({**common, "id": "order-pipeline", "name": "Order pipeline", "steps": [
+        flow("tenant-a", "order-pipeline", [
             {"name": "lookup", "action": "database_query",
              "input": {"dsn": dsn, "query": f"SELECT id, total FROM {table} WHERE id = $1",
                        "params": ["{{ trigger.order_id }}"]},
@@ -68,101 +48,67 @@ def _flows(dsn: str, topic: str, table: str, group: str) -> list[FlowDefinition]
              "input": {"topic": topic, "group": group, "max_messages": 10, "timeout_s": 10},
              "extract": {"order": "messages[0].value"}},
             {"name": "score", "action": "python", "input": {"function": "score", "input": "{{ vars.order }}"}},
-        ]}),
-        FlowDefinition.model_validate({**common, "id": "flaky-hook", "name": "Flaky hook", "steps": [
+        ]),
+        flow("tenant-a", "flaky-hook", [
             {"name": "hook", "action": "python",
              "input": {"function": "flaky", "input": {"api_token": "{{ trigger.token }}"}}},
-        ]}),
-        FlowDefinition.model_validate({**common, "id": "broken-hook", "name": "Broken hook", "steps": [
+        ]),
+        flow("tenant-a", "broken-hook", [
             {"name": "hook", "action": "python", "input": {"function": "explode"}},
-        ]}),
-        FlowDefinition.model_validate({**common, "id": "missing-hook", "name": "Missing hook", "steps": [
+        ]),
+        flow("tenant-a", "missing-hook", [
             {"name": "hook", "action": "python", "input": {"function": "not_installed"}},
-        ]}),
-        FlowDefinition.model_validate({**common, "id": "double-insert", "name": "Double insert", "steps": [
+        ]),
+        flow("tenant-a", "double-insert", [
             {"name": "first", "action": "database_query",
              "input": {"connector": "shop", "query": f"INSERT INTO {table} VALUES ($1, 1)",
                        "params": ["{{ trigger.id }}"]}},
             {"name": "again", "action": "database_query",
              "input": {"connector": "shop", "query": f"INSERT INTO {table} VALUES ($1, 1)",
                        "params": ["{{ trigger.id }}"]}},
-        ]}),
+        ]),
     ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-async def actions(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Actions]:
-    async with make_sandbox(infra) as sandbox:
-        table = f'"{sandbox.schema}".shop_orders'
-        conn = await connect(infra.database_url, sandbox.schema)
+async def topic(infra: Infra) -> str:
+    """The topic the order pipeline produces to and consumes from."""
+    return await new_topic(infra)
+
+
+@pytest.fixture(scope="module")
+async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory, topic: str) -> AsyncIterator[Env]:
+    # The plugin is installed as pip would install it: a module and its dist-info on the executor's path.
+    site = write_plugin(tmp_path_factory.mktemp("plugin") / "site", "ft-e2e-actions", "ft_e2e_actions", PLUGIN,
+                        {"score": "score", "flaky": "flaky", "explode": "explode"})  # fmt: skip
+    python_path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
+    connectors = orjson.dumps({"shop": infra.database_url}).decode()
+    extra = {"PYTHONPATH": python_path, "FLOWTRAIL_EXECUTOR_CONNECTORS": connectors,
+             "FLOWTRAIL_EXECUTOR_TIME_SCALE": "0.01"}  # fmt: skip
+    async with running(infra, tmp_path_factory, env=extra) as env:
+        table = f'"{env.sandbox.schema}".shop_orders'
+        conn = await env.db()
         try:
-            await ensure_tenant(conn, "tenant-a", "A")
-            _, key = await create_api_key(conn, "tenant-a")
             await conn.execute(f"CREATE TABLE {table} (id text PRIMARY KEY, total numeric)")
             await conn.execute(f"INSERT INTO {table} VALUES ('SO-1', 12.5)")
         finally:
             await conn.close()
-        topic = await new_topic(infra)
-        flows = _flows(with_password(infra.database_url), topic, table, f"g-{uuid.uuid4().hex[:8]}")
-        await publish_flow_events(infra.kafka_bootstrap, sandbox.topics, [
-            FlowVersionPublished(tenant_id=f.tenant_id, flow_id=f.id, flow_version=1, flow=f) for f in flows
-        ])  # fmt: skip
-        # The plugin is installed as pip would install it: a module and its dist-info on the executor's path.
-        site = write_plugin(tmp_path_factory.mktemp("plugin") / "site", "ft-e2e-actions", "ft_e2e_actions", PLUGIN,
-                            {"score": "score", "flaky": "flaky", "explode": "explode"})  # fmt: skip
-        python_path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
-        stack = Stack.build(
-            sandbox,
-            ("ingest", "executor", "projector", "api"),
-            tmp_path_factory.mktemp("logs"),
-            PYTHONPATH=python_path,
-            FLOWTRAIL_EXECUTOR_CONNECTORS=orjson.dumps({"shop": infra.database_url}).decode(),
-            FLOWTRAIL_EXECUTOR_TIME_SCALE="0.01",
-        )
-        await stack.start()
-        try:
-            conn = await connect(infra.database_url, sandbox.schema)
-            try:
-                deadline = time.monotonic() + 60
-                while await conn.fetchval("SELECT count(*) FROM flows") < len(flows):
-                    assert time.monotonic() < deadline, "flows not projected"
-                    await asyncio.sleep(0.05)
-            finally:
-                await conn.close()
-            yield Actions(Env(sandbox, stack, "", key, key), sandbox, topic, table)
-        finally:
-            stack.stop()
+        await env.publish(_flows(with_password(infra.database_url), topic, table, f"g-{uuid.uuid4().hex[:8]}"))
+        yield env
 
 
-async def ledger_bytes(infra: Infra, sandbox: Sandbox) -> list[bytes]:
+async def topic_values(infra: Infra, topic: str) -> list[bytes]:
+    return [r.value for r in await topic_records(infra.kafka_bootstrap, [topic]) if r.value is not None]
+
+
+async def ledger_bytes(sandbox: Sandbox) -> list[bytes]:
     """Every record of the sandbox's ledger topic, as stored."""
-    return await topic_values(infra, sandbox.topics.ledger, sandbox.partitions)
+    return await topic_values(sandbox.infra, sandbox.topics.ledger)
 
 
-async def topic_values(infra: Infra, topic: str, partitions: int = 1) -> list[bytes]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=infra.kafka_bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        values: list[bytes] = []
-        while any([await consumer.position(tp) < ends[tp] for tp in tps]):
-            for records in (await consumer.getmany(*tps, timeout_ms=1000)).values():
-                values += [r.value for r in records if r.value is not None]
-        return values
-    finally:
-        await consumer.stop()
-
-
-def steps_of(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {s["name"]: s for s in run["steps"]}
-
-
-async def test_a_run_queries_produces_consumes_and_calls_a_plugin(actions: Actions, infra: Infra) -> None:
-    run_id = await trigger(actions.env, "order-pipeline", {"order_id": "SO-1"})
-    run = await wait_final(actions.env, run_id, within=90)
+async def test_a_run_queries_produces_consumes_and_calls_a_plugin(env: Env, topic: str, infra: Infra) -> None:
+    run_id = await env.trigger("order-pipeline", {"order_id": "SO-1"})
+    run = await env.wait_status(run_id, within=90)
 
     assert run["status"] == "SUCCEEDED", run
     steps = steps_of(run)
@@ -172,7 +118,7 @@ async def test_a_run_queries_produces_consumes_and_calls_a_plugin(actions: Actio
     assert lookup["output"]["connection"] == with_password(infra.database_url, "***")
     assert lookup["output"]["params"] == ["SO-1"] and lookup["output"]["rows"] == [{"id": "SO-1", "total": 12.5}]
     # kafka_produce: topic, key, value, partition and offset, with the attempt's idempotency key.
-    assert publish["output"]["topic"] == actions.topic and publish["output"]["key"] == "SO-1"
+    assert publish["output"]["topic"] == topic and publish["output"]["key"] == "SO-1"
     assert publish["output"]["value"] == {"id": "SO-1", "total": 12.5}
     assert publish["output"]["headers"]["flowtrail-idempotency-key"] == f"{run_id}:publish:1"
     # kafka_consume: the message received, with its key, value, offset and timestamp.
@@ -184,14 +130,14 @@ async def test_a_run_queries_produces_consumes_and_calls_a_plugin(actions: Actio
     assert score["output"] == {"order": "SO-1", "score": 25.0, "idempotency_key": f"{run_id}:score:1"}
 
     # The password is nowhere: not in the API's events, not in any record of the ledger itself.
-    assert PASSWORD not in orjson.dumps(await events_of(actions.env, run_id)).decode()
-    ledger = await ledger_bytes(infra, actions.sandbox)
+    assert PASSWORD not in orjson.dumps(await env.events(run_id)).decode()
+    ledger = await ledger_bytes(env.sandbox)
     assert any(run_id.encode() in v and b"StepStarted" in v for v in ledger)
     assert not [v for v in ledger if PASSWORD.encode() in v]
 
 
-async def test_a_transient_plugin_error_is_retried_and_the_run_succeeds(actions: Actions) -> None:
-    run = await wait_final(actions.env, await trigger(actions.env, "flaky-hook", {"token": "tok-live-123"}), within=60)
+async def test_a_transient_plugin_error_is_retried_and_the_run_succeeds(env: Env) -> None:
+    run = await env.wait_status(await env.trigger("flaky-hook", {"token": "tok-live-123"}), within=60)
     assert run["status"] == "SUCCEEDED"
     hook = steps_of(run)["hook"]
     # The step's input is shown masked, yet the function got the real token on its retry.
@@ -202,24 +148,24 @@ async def test_a_transient_plugin_error_is_retried_and_the_run_succeeds(actions:
     assert first["retry_at"] and second["status"] == "SUCCEEDED"
 
 
-async def test_a_plugin_exception_fails_the_run_as_internal_without_retry(actions: Actions) -> None:
-    run = await wait_final(actions.env, await trigger(actions.env, "broken-hook", {}), within=60)
+async def test_a_plugin_exception_fails_the_run_as_internal_without_retry(env: Env) -> None:
+    run = await env.wait_status(await env.trigger("broken-hook", {}), within=60)
     assert run["status"] == "FAILED" and run["failed_step"] == "hook"
     hook = steps_of(run)["hook"]
     assert hook["error"]["category"] == "INTERNAL" and "KeyError: 'sku'" in hook["error"]["message"]
     assert len(hook["attempts"]) == 1
 
 
-async def test_an_unregistered_function_is_a_validation_error_naming_the_registered(actions: Actions) -> None:
-    run = await wait_final(actions.env, await trigger(actions.env, "missing-hook", {}), within=60)
+async def test_an_unregistered_function_is_a_validation_error_naming_the_registered(env: Env) -> None:
+    run = await env.wait_status(await env.trigger("missing-hook", {}), within=60)
     assert run["status"] == "FAILED"
     error = steps_of(run)["hook"]["error"]
     assert error["category"] == "VALIDATION"
     assert "'not_installed' is not registered" in error["message"] and "explode, flaky, score" in error["message"]
 
 
-async def test_a_duplicate_write_is_a_conflict_retried_once(actions: Actions) -> None:
-    run = await wait_final(actions.env, await trigger(actions.env, "double-insert", {"id": "SO-9"}), within=60)
+async def test_a_duplicate_write_is_a_conflict_retried_once(env: Env) -> None:
+    run = await env.wait_status(await env.trigger("double-insert", {"id": "SO-9"}), within=60)
     assert run["status"] == "FAILED" and run["failed_step"] == "again"
     steps = steps_of(run)
     assert steps["first"]["status"] == "SUCCEEDED" and steps["first"]["output"]["status"] == "INSERT 0 1"
@@ -228,43 +174,27 @@ async def test_a_duplicate_write_is_a_conflict_retried_once(actions: Actions) ->
     assert again["error"]["code"] == "23505" and "duplicate key" in again["error"]["message"]
 
 
-async def test_triggers_waiting_for_a_starting_executor_produce_each_record_once(infra: Infra, tmp_path: Path) -> None:
+async def test_triggers_waiting_for_a_starting_executor_produce_each_record_once(
+    infra: Infra, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """Triggers handled while the executor still replays its partitions: no step runs twice, no seq is reused."""
-    async with make_sandbox(infra, partitions=4) as sandbox:
-        conn = await connect(infra.database_url, sandbox.schema)
-        try:
-            await ensure_tenant(conn, "tenant-a", "A")
-            _, key = await create_api_key(conn, "tenant-a")
-        finally:
-            await conn.close()
-        topic = await new_topic(infra)
-        publish = {"name": "publish", "action": "kafka_produce", "input": {"topic": topic, "value": "{{ trigger.n }}"}}
-        flow = FlowDefinition.model_validate(
-            {"tenant_id": "tenant-a", "version": 1, "id": "emit", "name": "Emit", "steps": [publish]}
-        )
-        await publish_flow_events(infra.kafka_bootstrap, sandbox.topics, [
-            FlowVersionPublished(tenant_id="tenant-a", flow_id="emit", flow_version=1, flow=flow)
-        ])  # fmt: skip
-        stack = Stack.build(sandbox, ("ingest", "executor", "projector", "api"), tmp_path)
-        others = [stack[n] for n in ("ingest", "projector", "api")]
-        for service in others:
-            service.start()
-        try:
-            await asyncio.gather(*(s.wait_healthy() for s in others))
-            env = Env(sandbox, stack, "", key, key)
-            run_ids = [await trigger(env, "emit", {"n": i}) for i in range(120)]
-            stack["executor"].start()
-            for run_id in run_ids:
-                assert (await wait_final(env, run_id, within=120))["status"] == "SUCCEEDED"
-        finally:
-            stack.stop()
+    topic = await new_topic(infra)
+    publish = {"name": "publish", "action": "kafka_produce", "input": {"topic": topic, "value": "{{ trigger.n }}"}}
+    emit = flow("tenant-a", "emit", [publish])
+    async with running(infra, tmp_path_factory, flows=[emit], partitions=4,
+                       services=("ingest", "projector", "api")) as env:  # fmt: skip
+        run_ids = [await env.trigger("emit", {"n": i}) for i in range(120)]
+        executor = env.stack.add("executor", "executor")
+        executor.start()
+        for run_id in run_ids:
+            assert (await env.wait_status(run_id, within=120))["status"] == "SUCCEEDED"
         values = [orjson.loads(v) for v in await topic_values(infra, topic)]
         assert sorted(values) == list(range(120))  # each record once
         seen: dict[tuple[str, int], set[str]] = {}
-        for raw in await ledger_bytes(infra, sandbox):
+        for raw in await ledger_bytes(env.sandbox):
             event = orjson.loads(raw)
             seen.setdefault((event["run_id"], event["seq"]), set()).add(event["event_id"])
-        assert all(len(ids) == 1 for ids in seen.values())
-        for run_id in run_ids:
-            seqs = sorted(seq for r, seq in seen if r == run_id)
-            assert seqs == list(range(len(seqs)))
+    assert all(len(ids) == 1 for ids in seen.values())
+    for run_id in run_ids:
+        seqs = sorted(seq for r, seq in seen if r == run_id)
+        assert seqs == list(range(len(seqs)))
