@@ -40,6 +40,7 @@ from services.projector import rebuild
 from services.projector.settings import ProjectorSettings
 from tests.conftest import Infra, Sandbox, make_sandbox
 from tests.e2e.stack import Stack, free_port
+from tests.factories import keep_history, produce
 
 ALL_SERVICES = ("ingest", "executor", "projector", "api")
 TERMINAL: frozenset[str] = frozenset(s.value for s in TERMINAL_RUN_STATUSES)
@@ -496,3 +497,118 @@ async def assert_verify_equal(sandbox: Sandbox) -> rebuild.Outcome:
     outcome = await rebuild.run(projector_settings(sandbox), swap=False, progress=progress.append)
     assert outcome.comparison.equal, (rebuild.describe(outcome.comparison), progress)
     return outcome
+
+
+# ---------------------------------------------------------------- more processes, the ledger written directly, rows
+
+
+# Webhook and alert deliveries to a stub on loopback (a private address, refused unless the deployment allows it).
+LOOPBACK_WEBHOOKS = {
+    "FLOWTRAIL_PROJECTOR_WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true",
+    "FLOWTRAIL_API_WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true",
+}
+# ... retried after 0.2 s and looked for every 50 ms, so retries show within a test.
+FAST_WEBHOOKS = {
+    **LOOPBACK_WEBHOOKS,
+    "FLOWTRAIL_PROJECTOR_WEBHOOK_BACKOFF_S": "0.2",
+    "FLOWTRAIL_PROJECTOR_WEBHOOK_POLL_S": "0.05",
+}
+
+
+@asynccontextmanager
+async def also_running(env: Env, tmp_path_factory: pytest.TempPathFactory, services: Sequence[str] = ("api",),
+                       extra_env: Mapping[str, str] | None = None) -> AsyncIterator[Stack]:  # fmt: skip
+    """More processes on the env's sandbox (as when a service is scaled out), with the extra environment
+    `extra_env`; stopped on exit."""
+    stack = Stack.build(env.sandbox, tuple(services), tmp_path_factory.mktemp("logs"), **dict(extra_env or {}))
+    await stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+@asynccontextmanager
+async def api_in_process(sandbox: Sandbox, tenant: str = "t1", **settings: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """The API app in this process (ASGI, no port) on the sandbox, its lifespan running, with `settings` on top of
+    the sandbox's; a client holding a new key of `tenant` (the tenant is created too)."""
+    from services.api.app import create_app
+    from services.api.settings import ApiSettings
+
+    key = (await make_keys(sandbox, {"key": tenant}))["key"]
+    app = create_app(ApiSettings(database_url=sandbox.infra.database_url, database_schema=sandbox.schema,
+                                 kafka_bootstrap=sandbox.infra.kafka_bootstrap, topic_prefix=sandbox.topics.prefix,
+                                 **settings))  # fmt: skip
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api", headers=auth(key)) as client,
+    ):
+        yield client
+
+
+async def append_ledger(sandbox: Sandbox, events: Sequence[EventBase], partitions: int | None = None) -> None:
+    """Write events to the sandbox's ledger as the executor does, a run's events on one partition in order; with
+    `partitions=1` the log order is the order given across runs too."""
+    await produce(sandbox.infra.kafka_bootstrap, sandbox.topics.ledger, list(events), partitions or sandbox.partitions)
+
+
+async def wait_projected(env: Env, records: int, within: float = 30) -> None:
+    """Wait until the projector's stored offsets (the ledger's and the flows topic's together) reach `records`."""
+    conn = await env.db()
+    try:
+        await wait_sql(conn, "SELECT coalesce(sum(next_offset), 0) >= $1 FROM projector_offsets", records,
+                       within=within, what=f"{records} records projected", logs=env.log_tails)  # fmt: skip
+    finally:
+        await conn.close()
+
+
+async def records_in(bootstrap: str, topic: str) -> int:
+    """How many records `topic` holds now: end minus beginning offsets, over its partitions."""
+    parts = [TopicPartition(topic, p) for p in (await topic_partitions(bootstrap, [topic]))[topic]]
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        ends, starts = await consumer.end_offsets(parts), await consumer.beginning_offsets(parts)
+        return sum(ends[p] - starts[p] for p in parts)
+    finally:
+        await consumer.stop()
+
+
+async def db_rows(env: Env, sql: str, *args: Any) -> list[Any]:
+    """The rows of one statement on the env's database."""
+    conn = await env.db()
+    try:
+        return list(await conn.fetch(sql, *args))
+    finally:
+        await conn.close()
+
+
+async def keep_history_of(env: Env, *tenants: str) -> None:
+    """`keep_history` for the env's tenants: runs written at fixed past dates are kept whatever day it is."""
+    conn = await env.db()
+    try:
+        await keep_history(conn, *tenants)
+    finally:
+        await conn.close()
+
+
+def flow_body(flow_id: str, *steps: str, **fields: Any) -> dict[str, Any]:
+    """A `POST /v1/flows` body: a transform step per name in `steps` (default: one, `only`), each answering
+    {"step": its name}; `fields` are added (a `steps` or `name` given there wins)."""
+    return {
+        "id": flow_id,
+        "name": fields.pop("name", flow_id.replace("-", " ").title()),
+        "steps": [{"name": s, "action": "transform", "input": {"output": {"step": s}}} for s in steps or ("only",)],
+        **fields,
+    }
+
+
+def api_error(r: httpx.Response, status: int, code: str) -> str:
+    """An error answer: `status`, the envelope {"error": {code, message, request_id}} with `code`, the request id
+    echoed in X-Request-Id; its message."""
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"error"} and {"code", "message", "request_id"} <= set(body["error"]), body
+    assert body["error"]["code"] == code and body["error"]["request_id"], body
+    assert r.headers["x-request-id"] == body["error"]["request_id"]
+    return str(body["error"]["message"])
