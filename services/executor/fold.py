@@ -6,9 +6,10 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from schemas.events import CursorWindow, ErrorInfo, EventBase, ReusedStep, TriggerInfo
+from schemas import events as ev
+from schemas.events import RUN_STATUS_OF, CursorWindow, ErrorInfo, EventBase, ReusedStep, TriggerInfo
 from schemas.flows import Environment
-from schemas.status import RUN_STATUS_BY_EVENT, TERMINAL_RUN_STATUSES, RunStatus, StepStatus
+from schemas.status import TERMINAL_RUN_STATUSES, RunStatus, StepStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +67,7 @@ class RunState:
 
     @property
     def terminal(self) -> bool:
-        return self.status in _TERMINAL
+        return self.status in TERMINAL_RUN_STATUSES
 
     def context(self) -> dict[str, Any]:
         """What step inputs, conditions and assertions may reference."""
@@ -84,11 +85,6 @@ class RunState:
         }
 
 
-_TERMINAL = TERMINAL_RUN_STATUSES
-# RunRequested creates the state (CREATED); every later run event moves it as the one table says.
-_STATUS_BY_EVENT: dict[str, RunStatus] = {t: s for t, s in RUN_STATUS_BY_EVENT.items() if t != "RunRequested"}
-
-
 def _step(state: RunState, name: str, **changes: Any) -> dict[str, StepState]:
     steps = dict(state.steps)
     current = steps.get(name)
@@ -96,50 +92,55 @@ def _step(state: RunState, name: str, **changes: Any) -> dict[str, StepState]:
     return steps
 
 
+def _requested(event: ev.RunRequested) -> RunState:
+    p = event.payload
+    return RunState(
+        run_id=event.run_id,
+        tenant_id=event.tenant_id,
+        flow_id=event.flow_id,
+        flow_version=event.flow_version,
+        correlation_id=event.correlation_id,
+        trigger=p.trigger,
+        created_at=event.occurred_at,
+        parent_run_id=p.parent_run_id,
+        parent_step=p.parent_step,
+        parent_attempt=p.parent_attempt,
+        retry_of=p.retry_of,
+        only_keys=dict(p.only_keys),
+        cursor_window=p.cursor_window,
+        reuse=dict(p.reuse),
+        reused=dict(p.reused),
+        environment=p.environment,
+    )
+
+
 def fold(state: RunState | None, event: EventBase) -> RunState:
     """Apply one ledger event. `state` is None only before the run's first event (RunRequested)."""
     if state is None:
-        if event.type != "RunRequested":
+        if not isinstance(event, ev.RunRequested):
             raise ValueError(f"run {event.run_id} starts with {event.type}, not RunRequested")
-        state = RunState(
-            run_id=event.run_id,
-            tenant_id=event.tenant_id,
-            flow_id=event.flow_id,
-            flow_version=event.flow_version,
-            correlation_id=event.correlation_id,
-            trigger=event.payload.trigger,
-            created_at=event.occurred_at,
-            parent_run_id=event.payload.parent_run_id,
-            parent_step=event.payload.parent_step,
-            parent_attempt=event.payload.parent_attempt,
-            retry_of=event.payload.retry_of,
-            only_keys=dict(event.payload.only_keys),
-            cursor_window=event.payload.cursor_window,
-            reuse=dict(event.payload.reuse),
-            reused=dict(event.payload.reused),
-            environment=event.payload.environment,
-        )
+        state = _requested(event)
     changes: dict[str, Any] = {
         "next_seq": event.seq + 1,
         "causations": state.causations | {event.causation_id},
     }
-    if (status := _STATUS_BY_EVENT.get(event.type)) is not None:
+    # RunRequested created the state (CREATED); every later run event moves it as the one table says.
+    if not isinstance(event, ev.RunRequested) and (status := RUN_STATUS_OF.get(type(event))) is not None:
         changes["status"] = status
-    p = event.payload
-    match event.type:
-        case "RunStarted":
+    match event:
+        case ev.RunStarted(payload=p):
             changes["started_at"] = event.occurred_at
             if p.cursor_window is not None:
                 changes["cursor_window"] = p.cursor_window
-        case "RecordFailed":
+        case ev.RecordFailed():
             changes["failed_records"] = state.failed_records + 1
-        case "RunScheduled":
+        case ev.RunScheduled(payload=p):
             changes["run_at"] = p.run_at
-        case "RunPaused":
+        case ev.RunPaused(payload=p):
             changes["pause"] = Pause(p.request_id, p.step, p.expires_at)
-        case "RunResumed":
+        case ev.RunResumed():
             changes["pause"] = None
-        case "StepStarted":
+        case ev.StepStarted(payload=p):
             current = state.steps.get(p.step)
             first_started_at = current.first_started_at if current else None
             changes["steps"] = _step(
@@ -147,26 +148,26 @@ def fold(state: RunState | None, event: EventBase) -> RunState:
                 started_at=event.occurred_at, first_started_at=first_started_at or event.occurred_at,
                 input=p.input, retry_at=None,
             )  # fmt: skip
-        case "StepAttemptFailed":
+        case ev.StepAttemptFailed(payload=p):
             changes["steps"] = _step(
                 state, p.step, status=StepStatus.RETRYING, attempt=p.attempt, error=p.error,
                 retry_at=p.retry_at,
             )  # fmt: skip
-        case "StepSucceeded":
+        case ev.StepSucceeded(payload=p):
             changes["steps"] = _step(
                 state, p.step, status=StepStatus.SUCCEEDED, attempt=p.attempt, output=p.output, error=None
             )
             if p.extractions:
                 changes["vars"] = {**state.vars, **p.extractions}
-        case "StepFailed":
+        case ev.StepFailed(payload=p):
             changes["steps"] = _step(
                 state, p.step, status=StepStatus.FAILED, attempt=p.attempt, output=p.output, error=p.error
             )
-        case "StepSkipped":
+        case ev.StepSkipped(payload=p):
             changes["steps"] = _step(state, p.step, status=StepStatus.SKIPPED)
-        case "StepCanceled":
+        case ev.StepCanceled(payload=p):
             changes["steps"] = _step(state, p.step, status=StepStatus.CANCELED)
-        case "RunFailed" | "RunTimedOut" | "RunInternalError" | "RunCanceled" | "RunPartiallySucceeded":
+        case EventBase(payload=ev.RunFinishedPayload() as p):  # the endings: RunSucceeded, RunFailed, RunCanceled …
             changes["last_error"] = p.error
             changes["pause"] = None
     return replace(state, **changes)
