@@ -8,7 +8,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from services.projector.details import DetailPlan
+from services.common.runfold.details import DetailPlan
 
 Run = Mapping[str, Any]
 

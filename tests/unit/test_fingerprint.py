@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.projector.fingerprint import fingerprint, normalise, route
+from services.common.runfold.fingerprint import fingerprint, normalise, route
 
 # Pairs of values of one id form, as they appear in error messages and URLs.
 ID_FORMS = {

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas.events import EventBase
+from services.common.runfold.details import plan_details
+from services.common.runfold.rows import BatchPlan, StepChange, plan
 from services.projector.adapters import store
-from services.projector.details import plan_details
-from services.projector.fold import BatchPlan, StepChange, plan
 from tests.factories import run_events
 from tests.unit.drive import T0, Run, error, make_flow, make_trigger
 

@@ -7,8 +7,8 @@ from typing import Any
 
 from schemas.events import RetryStrategy, ReusedStep
 from services.api.retry import plan_reuse
+from services.common.runfold.rows import plan
 from services.executor.decide import Admission, StartRun
-from services.projector.fold import plan
 from tests.unit.drive import Run, error, make_flow, make_trigger
 
 FLOW = make_flow(
