@@ -1,4 +1,5 @@
-"""A run as it stood at a point in its history, folded from its events with the projector's own fold. Pure."""
+"""A run as it stood at a point in its history, folded from its events with the projector's own fold
+(services/common/runfold), and where its time went. Pure."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from datetime import datetime
 from typing import Any
 
 from schemas.codec import DecodeError, ledger_event_from_dict
-from schemas.events import EventBase
+from schemas.events import EventBase, RunRequested
 from services.common.contract import parse_count, parse_timestamp
-from services.projector.details import RECORD_COUNTERS, plan_details
-from services.projector.fold import plan
+from services.common.runfold.details import RECORD_COUNTERS, plan_details
+from services.common.runfold.rows import plan
 
 
 def rebuild_event(run: Mapping[str, Any], row: Mapping[str, Any]) -> EventBase:
@@ -38,7 +39,7 @@ def as_of(run: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) -> dict[str
         events = [rebuild_event(run, r) for r in rows]
     except DecodeError as exc:  # pragma: no cover - the projector stored only events it decoded
         raise ValueError(f"stored event does not decode: {exc}") from exc
-    if not events or events[0].type != "RunRequested":
+    if not events or not isinstance(events[0], RunRequested):
         raise ValueError("the run has no events up to that point")
     batch = plan(events)
     view = dict(batch.new_runs[run["id"]])
@@ -84,7 +85,7 @@ _WRITE_ACTIONS = {"kafka_produce"}
 
 
 def phase(action: str | None, step_input: Any) -> str:
-    """Which part of the duration breakdown (seed 000: read, transform, write) a step's time counts toward."""
+    """Which part of the duration breakdown (read, transform, write, wait, other) a step's time counts toward."""
     if action == "http_request":
         method = str(step_input.get("method", "GET")).upper() if isinstance(step_input, dict) else "GET"
         return "read" if method in ("GET", "HEAD", "OPTIONS") else "write"

@@ -9,12 +9,6 @@ from pathlib import Path
 from services.common.settings import REPO_ROOT
 
 SERVICES = ("api", "ingest", "executor", "projector")
-# Known debt, to be moved to services/common (issue 13): the API's `?as_of=` folds a run's events with the
-# projector's own fold. Nothing may be added here.
-ALLOWED = {
-    ("services/api/timeline.py", "services.projector.details"),
-    ("services/api/timeline.py", "services.projector.fold"),
-}
 
 
 def _imports(path: Path) -> set[str]:
@@ -37,9 +31,7 @@ def _crossings() -> list[tuple[str, str]]:
             for module in _imports(path):
                 parts = module.split(".")
                 if len(parts) >= 2 and parts[0] == "services" and parts[1] in SERVICES and parts[1] != owner:
-                    target = ".".join(parts[:3])
-                    if (where, target) not in ALLOWED:
-                        found.append((where, module))
+                    found.append((where, module))
     return sorted(set(found))
 
 
@@ -48,9 +40,3 @@ def test_no_service_imports_another_services_modules() -> None:
     assert not crossings, "move what they share to services/common or schemas:\n" + "\n".join(
         f"  {where} imports {module}" for where, module in crossings
     )
-
-
-def test_the_known_debt_is_still_real() -> None:
-    """An allowance that is no longer used must go, so the list only shrinks."""
-    used = {(w, m) for w in {a[0] for a in ALLOWED} for m in _imports(REPO_ROOT / w)}
-    assert ALLOWED <= {(w, ".".join(m.split(".")[:3])) for w, m in used}

@@ -7,9 +7,9 @@ from typing import Any
 import asyncpg
 
 from schemas import codec
+from services.common.runfold.details import RECORD_COUNTERS, DetailPlan
 from services.projector import aggregate
 from services.projector.adapters.canonical import write_canonical
-from services.projector.details import RECORD_COUNTERS, DetailPlan
 
 
 def _json(value: Any) -> str | None:

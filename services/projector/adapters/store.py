@@ -11,18 +11,18 @@ import orjson
 
 from schemas import codec
 from schemas.events import (
-    TERMINAL_EVENT_STATUS,
+    TERMINAL_EVENTS,
     EventBase,
     FlowEventBase,
     FlowPaused,
     FlowResumed,
     FlowVersionPublished,
 )
+from services.common.runfold.details import plan_details
+from services.common.runfold.rows import BatchPlan, plan
 from services.projector import connectors, metrics, retention
 from services.projector.adapters import alerts, search, webhooks
 from services.projector.adapters.details import write_details
-from services.projector.details import plan_details
-from services.projector.fold import BatchPlan, plan
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ async def apply_batch(
         await _write_steps(conn, changes)
         await write_details(conn, plan_details(new_events))
         await search.append(conn, new_events)
-        await retention.enforce_marks(conn, list({e.run_id for e in new_events if e.type in TERMINAL_EVENT_STATUS}))
+        await retention.enforce_marks(conn, list({e.run_id for e in new_events if type(e) in TERMINAL_EVENTS}))
         for p in flows:
             await _apply_flow_event(conn, p.event)
         # Alert history is derived (a replay recomputes it); only its deliveries are a side effect.
@@ -234,8 +234,8 @@ async def apply_batch(
             await conn.execute("SELECT pg_notify('flowtrail_projected', current_schema())")
     finished: dict[str, int] = {}
     for e in new_events:
-        if (status := TERMINAL_EVENT_STATUS.get(e.type)) is not None:
-            finished[status] = finished.get(status, 0) + 1
+        if (status := TERMINAL_EVENTS.get(type(e))) is not None:
+            finished[status.value] = finished.get(status.value, 0) + 1
     return BatchResult(
         finished=finished,
         events=len(ledger),
