@@ -1,11 +1,10 @@
-"""`sync_records`, the pure part: the step's input (validated after rendering), record mapping and the reading of a
-destination's refusals. The I/O — reading the source, writing the destination — is `adapters/actions_sync.py`."""
+"""`sync_records`, the pure input: the step's input model (validated after rendering) and how its keys and times
+read. The mapping is `sync_mapping.py`, the reading of failures `sync_errors.py`, the I/O `adapters/actions_sync.py`
+with `adapters/sync_http.py` and `adapters/sync_postgres.py`."""
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import jmespath
@@ -13,13 +12,10 @@ import orjson
 from jmespath.exceptions import JMESPathError
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from schemas.events import CANONICAL_ENTITIES, ErrorCategory
-from schemas.flows import Frozen, mask_secrets, mask_text
-from services.executor.adapters.actions_base import TRUNCATED
+from schemas.events import CANONICAL_ENTITIES
+from schemas.flows import Frozen
 
 HTTP_SCHEMES = ("http", "https")
-RAW_ERROR_BYTES = 2048
-SAMPLE_SIZE = 3
 MAX_REDIRECTS = 5
 IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$"
 
@@ -139,7 +135,7 @@ class SyncRecordsInput(Frozen):
 
     def read_window(self) -> SyncWindow:
         """The bounds the source is asked for: the run's window, except that a retry of a PARTIAL run (`only_keys`)
-        reads past its `updated_until`. Fixing a refused record at the source (the usual remedy, seed 000) moves
+        reads past its `updated_until`. Fixing a refused record at the source (the usual remedy) moves
         the record's update time past the window the original run read, and the retry is there to send the record
         as it is now; bounded, it would read nothing and succeed having sent nothing."""
         if self.only_keys is None:
@@ -185,174 +181,5 @@ def parse_stamp(value: Any) -> dt.datetime | None:
     return stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=dt.UTC)
 
 
-def error_field_path(body: Any) -> str | None:
-    """The field a destination's JSON error names: `error.field`, `error.path`, `errors[0].field`, FastAPI's loc…"""
-    for expression in _FIELD_PATHS:
-        found = jmespath.search(expression, body) if isinstance(body, dict) else None
-        if isinstance(found, list) and found and all(isinstance(p, str | int) for p in found):
-            parts = [str(p) for p in found]
-            return ".".join(parts[1:] if parts[0] in ("body", "query") and len(parts) > 1 else parts)
-        if isinstance(found, str | int) and not isinstance(found, bool) and str(found):
-            return str(found)
-    return None
-
-
-# NetSuite's REST API (the seed's "Shopify → NetSuite Orders" destination) answers RFC 9457 problem details with
-# its own `o:errorDetails` list: `{"o:errorDetails": [{"detail": "Please enter value(s) for: Email",
-# "o:errorPath": "email", "o:errorCode": "USER_ERROR"}]}`.
-_NETSUITE = '"o:errorDetails"[0]'
-_FIELD_PATHS = (
-    *(f"{base}.{name}"
-      for base in ("error", "errors[0]", "error.details[0]", "error.errors[0]", "detail[0]", "@")
-      for name in ("field", "path", "field_path", "pointer", "loc")),
-    f'{_NETSUITE}."o:errorPath"',
-)  # fmt: skip
-_MESSAGES = ("error.message", "errors[0].message", "detail[0].msg", f"{_NETSUITE}.detail", "message", "detail", "error")
-
-
-def error_message(body: Any, status: int, reason: str) -> str:
-    for expression in _MESSAGES:
-        found = jmespath.search(expression, body) if isinstance(body, dict) else None
-        if isinstance(found, str) and found:
-            return mask_text(f"{status} {reason}: {found}")
-    return f"{status} {reason}"
-
-
-def raw_http_error(status: int, content: bytes, content_type: str) -> dict[str, Any]:
-    """The destination's answer as the user needs to see it: status and body (JSON when it is), ~2 KB at most."""
-    body: Any = None
-    if "json" in content_type and len(content) <= RAW_ERROR_BYTES:
-        try:
-            body = orjson.loads(content)
-        except orjson.JSONDecodeError:
-            body = None
-    if body is None:
-        text = content[:RAW_ERROR_BYTES].decode(errors="replace")
-        body = text + (TRUNCATED if len(content) > RAW_ERROR_BYTES else "")
-    return {"status": status, "body": mask_secrets(body)}
-
-
-@dataclass(frozen=True, slots=True)
-class Prepared:
-    """A source record ready to write: its key, the mapped record and the source's update time."""
-
-    key: str
-    data: dict[str, Any]
-    updated_at: str | None
-
-
-@dataclass
-class Tally:
-    """Counters and per-record failures, shared by the pure phase and the writes."""
-
-    counters: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys(("read", "transformed", "written", "deduped", "skipped", "failed"), 0)
-    )
-    failures: list[dict[str, Any]] = field(default_factory=list)
-
-    def fail(self, key: str, field_path: str | None, error: str, raw_error: Any = None) -> None:
-        self.counters["failed"] += 1
-        self.failures.append({"record_key": key, "field_path": field_path, "error": mask_text(error),
-                              "raw_error": raw_error})  # fmt: skip
-
-
-class _RecordError(Exception):
-    """A JMESPath that failed on one record (a function given the wrong type…): that record fails, not the step."""
-
-    def __init__(self, field_path: str, message: str) -> None:
-        super().__init__(message)
-        self.field_path = field_path
-
-
-def _search(expression: str, record: Any, field_path: str) -> Any:
-    """The expression's value over the record, or the _RecordError saying why it has none (returned, not raised)."""
-    try:
-        return jmespath.search(expression, record)
-    except JMESPathError as exc:
-        return _RecordError(field_path, f"{field_path}: `{expression}` failed: {exc}")
-
-
-def prepare(records: Sequence[Any], spec: SyncRecordsInput, tally: Tally) -> list[Prepared]:
-    """Key, select (only_keys), dedupe, filter and map the records read; no I/O.
-
-    Of several records with one key the newest by `updated_at` is kept (the first when times tie or are absent):
-    a record updated while the window was being paged can appear twice, and its later state is the one to write.
-    Only the records this run takes on are counted `read`: with `only_keys`, the ones named.
-    """
-    wanted = set(spec.only_keys) if spec.only_keys is not None else None
-    kept: dict[str, tuple[Any, dt.datetime | None]] = {}
-    for index, record in enumerate(records):
-        found = _search(spec.key, record, "key")
-        if found is None or isinstance(found, _RecordError):
-            if wanted is None:
-                tally.counters["read"] += 1
-                tally.fail(f"#{index}", "key", str(found) if found else f"key `{spec.key}` gave null")
-            continue
-        key = key_text(found)
-        if wanted is not None and key not in wanted:
-            continue
-        tally.counters["read"] += 1
-        stamp = parse_stamp(_search(spec.updated_at, record, "updated_at")) if spec.updated_at else None
-        if key not in kept:
-            kept[key] = (record, stamp)
-            continue
-        tally.counters["deduped"] += 1
-        previous = kept[key][1]
-        if stamp is not None and (previous is None or stamp > previous):
-            kept[key] = (record, stamp)
-    prepared: list[Prepared] = []
-    for key, (record, stamp) in kept.items():
-        if spec.filter is not None:
-            passes = _search(spec.filter, record, "filter")
-            if isinstance(passes, _RecordError):
-                tally.fail(key, passes.field_path, str(passes))
-                continue
-            if not _truthy(passes):
-                tally.counters["skipped"] += 1
-                continue
-        data = {name: _search(expression, record, name) for name, expression in spec.mapping.items()}
-        problem = next((v for v in data.values() if isinstance(v, _RecordError)), None)
-        missing = next((n for n in spec.required if data[n] is None or data[n] == ""), None)
-        if problem is None and missing is not None:
-            problem = _RecordError(missing, f"{missing} is required; `{spec.mapping[missing]}` gave nothing")
-        if problem is not None:
-            tally.fail(key, problem.field_path, str(problem))
-            continue
-        tally.counters["transformed"] += 1
-        prepared.append(Prepared(key, data, stamp.isoformat() if stamp else None))
-    return prepared
-
-
-def _truthy(value: Any) -> bool:
-    # JMESPath's truth: false, null, "", [] and {} are false; 0 is true.
-    return value is not None and value is not False and value not in ("", [], {})
-
-
 def _is_identifier(name: str) -> bool:
     return bool(name) and (name[0].isalpha() or name[0] == "_") and all(c.isalnum() or c in "_$" for c in name)
-
-
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def upsert_sql(table: str, columns: Sequence[str], key_columns: Sequence[str], id_column: str | None) -> str:
-    """INSERT … ON CONFLICT (keys) DO UPDATE of the other columns: writing a record twice leaves one row."""
-    target = ".".join(quote_ident(part) for part in table.split("."))
-    names = ", ".join(quote_ident(c) for c in columns)
-    values = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
-    others = [c for c in columns if c not in key_columns]
-    action = ("DO UPDATE SET " + ", ".join(f"{quote_ident(c)} = EXCLUDED.{quote_ident(c)}" for c in others)
-              if others else "DO NOTHING")  # fmt: skip
-    returning = f" RETURNING {quote_ident(id_column)}" if id_column else ""
-    keys = ", ".join(quote_ident(c) for c in key_columns)
-    return f"INSERT INTO {target} ({names}) VALUES ({values}) ON CONFLICT ({keys}) {action}{returning}"
-
-
-def http_category(status: int) -> ErrorCategory | None:
-    """A status that fails the whole step (seed 000), or None for a per-record refusal (other 4xx)."""
-    if status in (401, 403, 407):
-        return ErrorCategory.AUTH
-    if status in (408, 425, 429) or status >= 500:
-        return ErrorCategory.TRANSIENT
-    return None

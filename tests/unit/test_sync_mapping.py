@@ -9,17 +9,10 @@ import pytest
 
 from schemas.events import ErrorCategory
 from services.executor.adapters.actions_base import TRUNCATED, StepError, parse_input
-from services.executor.adapters.actions_sync import window_param
-from services.executor.sync import (
-    SyncRecordsInput,
-    Tally,
-    error_field_path,
-    key_text,
-    parse_stamp,
-    prepare,
-    raw_http_error,
-    upsert_sql,
-)
+from services.executor.adapters.sync_postgres import window_param
+from services.executor.sync import SyncRecordsInput, key_text, parse_stamp
+from services.executor.sync_errors import error_field_path, raw_http_error
+from services.executor.sync_mapping import Tally, prepare, upsert_sql
 
 BASE: dict[str, Any] = {
     "source": {"kind": "http", "url": "https://shop.example/orders.json", "records_path": "orders"},

@@ -1,4 +1,4 @@
-"""The cursor window of a syncing flow's run (seed 000): from where the flow's last successful run ended."""
+"""The cursor window of a syncing flow's run: from where the flow's last successful run ended (docs/runs.md)."""
 
 from __future__ import annotations
 
