@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from schemas.topics import partition_for
+from services.common import kafka
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +103,9 @@ class Appender:
     async def _started(self) -> AIOKafkaProducer:
         async with self._lock:
             if self._producer is None:
-                producer = AIOKafkaProducer(
-                    bootstrap_servers=self.bootstrap,
+                producer = kafka.producer(
+                    self.bootstrap,
                     client_id=self.client_id,
-                    acks="all",
-                    enable_idempotence=True,
                     linger_ms=self.linger_ms,
                     max_batch_size=self.max_batch_bytes,
                     max_request_size=self.max_message_bytes,

@@ -1,4 +1,7 @@
-"""Follows the flows topic from offset 0 for any service: each flow's latest version and whether it is paused."""
+"""Follows the flows topic from offset 0 for any service: each flow's latest version and whether it is paused.
+
+The one follower of the flows topic: ingest's scheduler uses it as it is, the executor's flow registry
+(`services/executor/adapters/flows.py`) keeps every version besides."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from aiokafka.errors import KafkaError
 from schemas import codec
 from schemas.events import FlowEventBase, FlowPaused, FlowResumed, FlowVersionPublished
 from schemas.flows import FlowDefinition
+from services.common import kafka
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +47,7 @@ class FlowFollower:
 
     async def start(self) -> None:
         """Reads the topic up to its current end, then keeps following it in a background task."""
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None, auto_offset_reset="earliest"
-        )
+        self._consumer = kafka.follower(self.bootstrap)
         await self._consumer.start()
         await self._consumer.topics()  # fresh cluster metadata, so a topic created just now is seen
         partitions = self._consumer.partitions_for_topic(self.topic) or {0}
@@ -57,10 +59,7 @@ class FlowFollower:
         self._task = asyncio.create_task(self._follow(), name="flow-follower")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancelled(self._task)
         if self._consumer is not None:
             await self._consumer.stop()
 
@@ -94,14 +93,15 @@ class FlowFollower:
                 except codec.DecodeError as exc:
                     log.error("undecodable flow event at offset %s: %s", record.offset, exc)
                     continue
-                self._apply(event)
+                self.take(event)
                 if self.on_event is not None:
                     try:
                         self.on_event(event)
                     except Exception:  # a listener's bug must not stop every other flow from being followed
                         log.exception("flow listener failed on %s/%s", event.tenant_id, event.flow_id)
 
-    def _apply(self, event: FlowEventBase) -> None:
+    def take(self, event: FlowEventBase) -> None:
+        """Take one event in (a subclass keeping more calls this first)."""
         key = (event.tenant_id, event.flow_id)
         if isinstance(event, FlowVersionPublished):
             current = self.latest.get(key)
@@ -112,3 +112,11 @@ class FlowFollower:
             self.paused.add(key)
         elif isinstance(event, FlowResumed):
             self.paused.discard(key)
+
+
+async def cancelled(task: asyncio.Task[None] | None) -> None:
+    """Cancel a background task and wait until it has stopped."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

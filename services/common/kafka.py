@@ -1,10 +1,13 @@
-"""Kafka helpers every process shares: creating Flowtrail's topics, publishing flow versions."""
+"""Kafka helpers every process shares: the producer with the project's settings, reading a partition to its end,
+creating Flowtrail's topics, publishing flow versions. The flows topic's follower is `flowfollow.py`; the appender
+that survives a failed producer is `appender.py`."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
@@ -13,16 +16,46 @@ from schemas.events import FlowEventBase
 from schemas.topics import KEEP_FOREVER, Topics
 
 
-async def ensure_topics(bootstrap: str, topics: Topics, partitions: int) -> list[str]:
+def producer(bootstrap: str, **options: Any) -> AIOKafkaProducer:
+    """An idempotent producer acknowledged by every in-sync replica — what every Flowtrail write needs: a record
+    the broker confirmed is durable and never written twice by a retry (docs/decisions.md). `options` are the
+    caller's own (linger, batch and request sizes, client id)."""
+    return AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, **options)
+
+
+def follower(bootstrap: str, **options: Any) -> AIOKafkaConsumer:
+    """A consumer outside any group, committing nothing: it reads what it is assigned, from where it seeks."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, auto_offset_reset="earliest", **options
+    )
+
+
+async def read_to_end(
+    bootstrap: str, topic: str, partition: int, *, max_records: int = 5000
+) -> AsyncIterator[list[ConsumerRecord[bytes, bytes]]]:
+    """The records of one partition from its first offset to its end as of the call, a fetched batch at a time."""
+    tp = TopicPartition(topic, partition)
+    consumer = follower(bootstrap)
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        end = (await consumer.end_offsets([tp]))[tp]
+        # seek() is immediate; seek_to_beginning() can lose a race with the reset that assign() starts.
+        consumer.seek(tp, (await consumer.beginning_offsets([tp]))[tp])
+        position = await consumer.position(tp)
+        while position < end:
+            batch = (await consumer.getmany(tp, timeout_ms=1000, max_records=max_records)).get(tp, [])
+            if batch:
+                position = batch[-1].offset + 1
+                yield batch
+            else:
+                position = await consumer.position(tp)
+    finally:
+        await consumer.stop()
+
+
+async def create_missing(bootstrap: str, wanted: Sequence[NewTopic]) -> list[str]:
     """Create the topics that do not exist yet; returns the names created now."""
-    wanted = [
-        # Triggers and commands are keyed by run_id and partitioned like the ledger.
-        NewTopic(topics.triggers, partitions, 1),
-        NewTopic(topics.commands, partitions, 1),
-        NewTopic(topics.ledger, partitions, 1, topic_configs=KEEP_FOREVER),
-        NewTopic(topics.flows, 1, 1, topic_configs=KEEP_FOREVER),
-        NewTopic(topics.dlq, 1, 1, topic_configs=KEEP_FOREVER),
-    ]
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
@@ -38,14 +71,29 @@ async def ensure_topics(bootstrap: str, topics: Topics, partitions: int) -> list
         await admin.close()
 
 
+async def ensure_topics(bootstrap: str, topics: Topics, partitions: int) -> list[str]:
+    """Create Flowtrail's topics that do not exist yet; returns the names created now."""
+    return await create_missing(
+        bootstrap,
+        [
+            # Triggers and commands are keyed by run_id and partitioned like the ledger.
+            NewTopic(topics.triggers, partitions, 1),
+            NewTopic(topics.commands, partitions, 1),
+            NewTopic(topics.ledger, partitions, 1, topic_configs=KEEP_FOREVER),
+            NewTopic(topics.flows, 1, 1, topic_configs=KEEP_FOREVER),
+            NewTopic(topics.dlq, 1, 1, topic_configs=KEEP_FOREVER),
+        ],
+    )
+
+
 async def publish_flow_events(bootstrap: str, topics: Topics, events: Sequence[FlowEventBase]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
-    await producer.start()
+    flows = producer(bootstrap)
+    await flows.start()
     try:
         for event in events:
-            await producer.send_and_wait(topics.flows, codec.dumps(event), key=event.flow_id.encode())
+            await flows.send_and_wait(topics.flows, codec.dumps(event), key=event.flow_id.encode())
     finally:
-        await producer.stop()
+        await flows.stop()
 
 
 async def topic_partitions(bootstrap: str, topics: list[str]) -> dict[str, list[int]]:

@@ -3,22 +3,27 @@
 Ticks are computed in UTC: a cron expression (croniter: 5 fields, or a 6th for seconds), or `interval_s` on a grid
 counted from the Unix epoch, so every process computes the same ticks whenever it started. Missed ticks: of the ticks
 since the last settled one only the newest fires, and only while it is at most `max_catch_up_s` old. A tick's run id
-is `run_sched_<uuid5(tenant, flow, tick)>`, so two schedulers firing one tick name one run. Used by ingest's
-scheduler (services/ingest/scheduler.py) and by the flows API to check a schedule when a version is published.
+is `run_sched_<uuid5(tenant, flow, tick)>`, so two schedulers firing one tick name one run. `Timetable` keeps each
+scheduled flow's schedule and newest settled tick. Used by ingest's scheduler (services/ingest/scheduler.py, the Kafka
+I/O around this) and by the flows API to check a schedule when a version is published.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from croniter import CroniterBadDateError, croniter
 
 from schemas.events import CursorWindow, ExecutionMode, TriggerInfo, TriggerReceived, TriggerType
 from schemas.flows import FlowDefinition, TriggerConfig
+
+if TYPE_CHECKING:
+    from services.common.flowfollow import FlowKey
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MIN_INTERVAL_S = 1.0
@@ -163,6 +168,78 @@ def scheduled_trigger(flow: FlowDefinition, tick: datetime, now: datetime) -> Tr
         execution_mode=ExecutionMode.SCHEDULE,
         received_at=now,
     )
+
+
+Planned = tuple["FlowKey", "Entry", Due]
+
+
+@dataclass
+class Entry:
+    """A scheduled flow: its latest version, that version's schedule and the newest tick settled."""
+
+    flow: FlowDefinition
+    schedule: Schedule
+    settled: datetime  # every tick at or before this was fired or skipped
+    next_due: datetime | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.next_due = self.schedule.next_after(self.settled)
+
+    def settle(self, t: datetime) -> None:
+        if t > self.settled:
+            self.settled = t
+            self.next_due = self.schedule.next_after(t)
+
+
+class Timetable:
+    """Every scheduled flow's entry, changed by the flows topic's events and by the scheduler's passes."""
+
+    def __init__(self) -> None:
+        self.entries: dict[FlowKey, Entry] = {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def published(self, key: FlowKey, flow: FlowDefinition, schedule: Schedule | None, at: datetime,
+                  marked: datetime | None) -> None:  # fmt: skip
+        """The flow's latest version, published `at`; `marked` is its newest tick settled before this process."""
+        entry = self.entries.get(key)
+        if schedule is None:
+            self.entries.pop(key, None)
+            return
+        # A new version's schedule applies from its publication: its first tick is the next one after.
+        since = [as_utc(at)] + [t for t in (marked, entry and entry.settled) if t]
+        self.entries[key] = Entry(flow, schedule, max(since))
+
+    def resumed(self, key: FlowKey, at: datetime) -> None:
+        """Ticks while the flow was paused are not missed ones: the next one fires."""
+        entry = self.entries.get(key)
+        if entry is not None:
+            entry.settle(as_utc(at))
+
+    def due(self, now: datetime, paused: Collection[FlowKey], max_catch_up_s: float) -> list[Planned]:
+        """What a pass at `now` does about each active flow with a tick due (`plan`'s missed-tick policy)."""
+        dues = []
+        for key, entry in self.entries.items():
+            if key in paused or entry.next_due is None or now < entry.next_due:
+                continue
+            due = plan(entry.schedule, entry.settled, now, max_catch_up_s)
+            if due is not None:
+                dues.append((key, entry, due))
+        return dues
+
+    def settle(self, key: FlowKey, t: datetime) -> None:
+        entry = self.entries.get(key)  # maybe a new version's, published meanwhile
+        if entry is not None:
+            entry.settle(t)
+
+    def sleep_s(self, now: datetime, paused: Collection[FlowKey], poll_s: float, time_scale: float) -> float:
+        """Real seconds until the next tick of an active flow, at most `poll_s` (clocks jump; flows change);
+        `time_scale` converts schedule seconds into real ones."""
+        dues = [e.next_due for k, e in self.entries.items() if e.next_due is not None and k not in paused]
+        if not dues:
+            return poll_s
+        return min(poll_s, max(0.0, (min(dues) - now).total_seconds() * time_scale))
 
 
 # (tenant, flow, version, the tick) → the cursor window of a syncing flow's run, None for other flows.

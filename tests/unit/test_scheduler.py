@@ -7,11 +7,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from schemas.events import ExecutionMode, TriggerType
-from schemas.flows import Environment, FlowDefinition, StepDefinition, TriggerConfig
+from schemas.flows import Environment, FlowDefinition, StepAction, StepDefinition, TriggerConfig
 from services.common.schedule import (
     COUNT_CAP,
+    Due,
     Schedule,
     ScheduleError,
+    Timetable,
     plan,
     scheduled_run_id,
     scheduled_trigger,
@@ -187,7 +189,7 @@ def test_a_tick_becomes_a_schedule_trigger_with_the_time_it_was_due() -> None:
     flow = FlowDefinition(
         id="nightly", tenant_id="t1", name="Nightly", version=3, environment=Environment.TESTING,
         trigger=TriggerConfig(type="schedule", cron="0 0 * * *"),
-        steps=(StepDefinition(name="a", action="transform"),),
+        steps=(StepDefinition(name="a", action=StepAction.TRANSFORM),),
     )  # fmt: skip
     trigger = scheduled_trigger(flow, T0, T0 + s(0.01))
     assert trigger.run_id == scheduled_run_id("t1", "nightly", T0)
@@ -198,3 +200,56 @@ def test_a_tick_becomes_a_schedule_trigger_with_the_time_it_was_due() -> None:
     assert trigger.trigger.payload == {"scheduled_for": "2025-03-10T12:00:00Z"}
     assert tick_iso(T0 + timedelta(microseconds=250)) == "2025-03-10T12:00:00.000250Z"
     assert scheduled_trigger(flow, T0, T0 + s(5)).trigger_id == trigger.trigger_id
+
+
+# ---------------------------------------------------------------- the timetable of scheduled flows
+
+
+def every_minute(version: int = 1) -> FlowDefinition:
+    return FlowDefinition(
+        id="minutely", tenant_id="t1", name="Minutely", version=version, environment=Environment.TESTING,
+        trigger=TriggerConfig(type="schedule", interval_s=60),
+        steps=(StepDefinition(name="a", action=StepAction.TRANSFORM),),
+    )  # fmt: skip
+
+
+KEY = ("t1", "minutely")
+
+
+def test_a_published_schedule_fires_from_its_next_tick_and_a_settled_tick_is_not_fired_again() -> None:
+    table = Timetable()
+    table.published(KEY, every_minute(), every(60), T0 + s(10), marked=None)
+    assert table.due(T0 + s(59), set(), HOUR) == []  # the tick at T0 came before the publication
+    [(key, entry, due)] = table.due(T0 + s(61), set(), HOUR)
+    assert key == KEY and entry.flow.version == 1 and due == Due(T0 + s(60), 0, T0 + s(60))
+    table.settle(KEY, due.settled)
+    assert table.due(T0 + s(61), set(), HOUR) == []
+
+
+def test_a_tick_settled_before_a_restart_or_a_new_version_is_not_fired_again() -> None:
+    table = Timetable()
+    table.published(KEY, every_minute(), every(60), T0 - s(3600), marked=T0 + s(60))  # settled by a past process
+    assert table.due(T0 + s(61), set(), HOUR) == []
+    table.settle(KEY, T0 + s(120))
+    table.published(KEY, every_minute(2), every(60), T0 + s(90), marked=None)  # published before the settled tick
+    [(_, entry, due)] = table.due(T0 + s(181), set(), HOUR)
+    assert entry.flow.version == 2 and due.fire == T0 + s(180)
+
+
+def test_a_paused_flow_fires_nothing_and_a_resumed_one_fires_from_the_next_tick_not_the_missed_ones() -> None:
+    table = Timetable()
+    table.published(KEY, every_minute(), every(60), T0, marked=None)
+    assert table.due(T0 + s(300), {KEY}, HOUR) == []
+    table.resumed(KEY, T0 + s(330))
+    assert table.due(T0 + s(359), set(), HOUR) == []
+    assert [due.fire for _, _, due in table.due(T0 + s(361), set(), HOUR)] == [T0 + s(360)]
+
+
+def test_a_flow_without_a_schedule_leaves_the_timetable_and_the_sleep_is_bounded_by_the_next_tick() -> None:
+    table = Timetable()
+    table.published(KEY, every_minute(), every(60), T0, marked=None)
+    assert table.sleep_s(T0 + s(50), set(), poll_s=30, time_scale=1.0) == 10
+    assert table.sleep_s(T0 + s(50), set(), poll_s=30, time_scale=0.01) == pytest.approx(0.1)  # scaled to real time
+    assert table.sleep_s(T0 + s(50), {KEY}, poll_s=30, time_scale=1.0) == 30  # paused: only the poll
+    table.published(KEY, every_minute(2), None, T0 + s(55), marked=None)
+    assert len(table) == 0 and table.due(T0 + s(600), set(), HOUR) == []

@@ -16,6 +16,7 @@ from aiokafka.structs import OffsetAndMetadata
 
 from schemas.events import ErrorCategory
 from schemas.flows import KafkaConsumeInput, KafkaProduceInput
+from services.common import kafka
 from services.common.failures import classify_kafka, masked_message
 from services.common.netguard import BlockedAddress, KafkaGuard, UnresolvableHost, kafka_bootstrap
 from services.executor.adapters.actions_base import (
@@ -85,8 +86,7 @@ class KafkaActions:
         async with self._lock:
             producer = self._producers.get(servers)
             if producer is None:
-                producer = AIOKafkaProducer(bootstrap_servers=servers, acks="all", enable_idempotence=True,
-                                            linger_ms=2, client_id="flowtrail-executor-steps")  # fmt: skip
+                producer = kafka.producer(servers, linger_ms=2, client_id="flowtrail-executor-steps")
                 self._guard(servers, producer.client)
                 await producer.start()
                 self._producers[servers] = producer

@@ -9,10 +9,11 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
 from schemas import codec
 from schemas.events import EventBase
+from services.common import kafka
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +31,7 @@ class LedgerWriter:
         return self._producer
 
     async def start(self) -> None:
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=self.linger_ms,
-            max_batch_size=256 * 1024,
-        )
+        self._producer = kafka.producer(self.bootstrap, linger_ms=self.linger_ms, max_batch_size=256 * 1024)
         await self._producer.start()
 
     async def stop(self) -> None:
@@ -70,35 +65,18 @@ def _crash_on_failure(future: asyncio.Future[object]) -> None:
 async def iter_partition_raw(bootstrap: str, topic: str, partition: int) -> AsyncIterator[list[dict[str, Any]]]:
     """The records of one ledger partition as parsed JSON objects, from offset 0 to the end as of now, a fetched
     batch at a time: the replay folds as it reads, so memory follows the runs still open, not the history."""
-    tp = TopicPartition(topic, partition)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, auto_offset_reset="earliest"
-    )
-    await consumer.start()
-    try:
-        consumer.assign([tp])
-        end = (await consumer.end_offsets([tp]))[tp]
-        # seek() is immediate; seek_to_beginning() can lose a race with the reset that assign() starts.
-        consumer.seek(tp, (await consumer.beginning_offsets([tp]))[tp])
-        position = await consumer.position(tp)
-        while position < end:
-            batch = await consumer.getmany(tp, timeout_ms=1000, max_records=5000)
-            objects: list[dict[str, Any]] = []
-            for record in batch.get(tp, []):
-                position = record.offset + 1
-                try:
-                    obj = orjson.loads(record.value)
-                except orjson.JSONDecodeError as exc:
-                    log.error("undecodable ledger record %s@%s: %s", tp, record.offset, exc)
-                    continue
-                if isinstance(obj, dict):
-                    objects.append(obj)
-            if objects:
-                yield objects
-            if not batch:
-                position = await consumer.position(tp)
-    finally:
-        await consumer.stop()
+    async for batch in kafka.read_to_end(bootstrap, topic, partition):
+        objects: list[dict[str, Any]] = []
+        for record in batch:
+            try:
+                obj = orjson.loads(record.value)
+            except orjson.JSONDecodeError as exc:
+                log.error("undecodable ledger record %s@%s: %s", f"{topic}-{partition}", record.offset, exc)
+                continue
+            if isinstance(obj, dict):
+                objects.append(obj)
+        if objects:
+            yield objects
 
 
 async def read_partition(bootstrap: str, topic: str, partition: int) -> list[EventBase]:
