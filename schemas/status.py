@@ -36,11 +36,12 @@ R = RunStatus
 RUN_TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
     R.CREATED: frozenset({R.QUEUED, R.SCHEDULED, R.INVALID}),
     # A scheduled run becomes due and joins the queue like any other.
-    R.SCHEDULED: frozenset({R.QUEUED, R.CANCELED}),
-    R.QUEUED: frozenset({R.RUNNING, R.BLOCKED, R.QUOTA_EXCEEDED, R.CANCELED}),
-    R.BLOCKED: frozenset({R.QUEUED, R.CANCELED}),
+    R.SCHEDULED: frozenset({R.QUEUED, R.CANCELED, R.INTERNAL_ERROR}),
+    R.QUEUED: frozenset({R.RUNNING, R.BLOCKED, R.QUOTA_EXCEEDED, R.CANCELED, R.INTERNAL_ERROR}),
+    R.BLOCKED: frozenset({R.QUEUED, R.CANCELED, R.INTERNAL_ERROR}),
     R.RUNNING: frozenset({R.PAUSED, R.SUCCEEDED, R.PARTIAL, R.FAILED, R.TIMED_OUT, R.CANCELED, R.INTERNAL_ERROR}),
-    R.PAUSED: frozenset({R.RUNNING, R.CANCELED, R.TIMED_OUT}),
+    # An executor bug can end a run in any status it waits in, not only RUNNING: the run still ends (invariant 5).
+    R.PAUSED: frozenset({R.RUNNING, R.CANCELED, R.TIMED_OUT, R.INTERNAL_ERROR}),
 }
 TERMINAL_RUN_STATUSES: frozenset[RunStatus] = frozenset(
     {R.SUCCEEDED, R.PARTIAL, R.FAILED, R.TIMED_OUT, R.CANCELED, R.INVALID, R.QUOTA_EXCEEDED, R.INTERNAL_ERROR}

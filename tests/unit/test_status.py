@@ -20,7 +20,7 @@ from schemas.status import (
 R = RunStatus
 S = StepStatus
 
-# DESIGN.md section 3, copied by hand; the module's table must agree with it, not the other way round.
+# docs/architecture.md#vocabulary, copied by hand; the module's table must agree with it, not the other way round.
 EXPECTED_RUN: dict[str, set[str]] = {
     "CREATED": {"QUEUED", "SCHEDULED", "INVALID"},
     "QUEUED": {"RUNNING", "BLOCKED", "QUOTA_EXCEEDED", "CANCELED"},
@@ -31,8 +31,12 @@ EXPECTED_RUN: dict[str, set[str]] = {
 # Deliberate additions of schemas/status.py beyond architecture.md: vocabulary:
 # a scheduled run becomes due and joins the queue, or is canceled before it is due;
 EXPECTED_RUN["SCHEDULED"] = {"QUEUED", "CANCELED"}
-# a run blocked by the concurrency limit can be canceled while it waits.
+# a run blocked by the concurrency limit can be canceled while it waits;
 EXPECTED_RUN["BLOCKED"] |= {"CANCELED"}
+# an executor bug ends a run INTERNAL_ERROR in whatever status it waits in (invariant 5: every run ends), as
+# tests/unit/test_decide_transitions.py found decide doing.
+for waiting in ("SCHEDULED", "QUEUED", "BLOCKED", "PAUSED"):
+    EXPECTED_RUN[waiting] |= {"INTERNAL_ERROR"}
 
 EXPECTED_TERMINAL_RUN = {"SUCCEEDED", "PARTIAL", "FAILED", "TIMED_OUT", "CANCELED", "INVALID", "QUOTA_EXCEEDED",
                          "INTERNAL_ERROR"}  # fmt: skip
@@ -90,8 +94,9 @@ def test_terminal_step_statuses_have_no_way_out() -> None:
         assert not any(can_step_transition(src, dst) for dst in StepStatus), src
 
 
-# What each seed's word means, written out here from the seeds: a word names every status a user of that product
-# would expect behind it (seed 000's "Error" is any run that ended in error, its "Pending" anything not yet started).
+# What each product word users bring means (docs/architecture.md#vocabulary, docs/origins.md): a word names every
+# status a user of that product would expect behind it ("Error" is any run that ended in error, "Pending" anything
+# not yet started).
 ERROR = {R.FAILED, R.TIMED_OUT, R.INTERNAL_ERROR, R.QUOTA_EXCEEDED, R.INVALID}
 SEED_ALIASES: dict[str, set[RunStatus]] = {
     "Pending": {R.CREATED, R.QUEUED, R.SCHEDULED, R.BLOCKED},
