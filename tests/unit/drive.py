@@ -6,16 +6,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from schemas.events import ErrorCategory, ErrorInfo, EventBase, TriggerInfo, TriggerReceived
-from schemas.flows import STORED_FLOW, FlowDefinition
-from schemas.status import (
-    RUN_STATUS_BY_EVENT,
-    STEP_STATUS_BY_EVENT,
-    RunStatus,
-    StepStatus,
-    can_step_transition,
-    can_transition,
+from schemas import events as ev
+from schemas.events import (
+    RUN_STATUS_OF,
+    STEP_STATUS_OF,
+    ErrorCategory,
+    ErrorInfo,
+    EventBase,
+    TriggerInfo,
+    TriggerReceived,
+    TriggerType,
 )
+from schemas.flows import STORED_FLOW, FlowDefinition
+from schemas.status import RunStatus, StepStatus, can_step_transition, can_transition
 from services.executor.decide import Clock, Input, StartRun, StepCompleted, TimerFired, decide
 from services.executor.fold import RunState, StepState, fold
 
@@ -51,7 +54,7 @@ def make_trigger(run_id: str = "run-1", payload: Any = None, **fields: Any) -> T
         tenant_id="t1",
         run_id=run_id,
         flow_id="orders",
-        trigger=TriggerInfo(type="api", caller="key_1", payload=payload),
+        trigger=TriggerInfo(type=TriggerType.API, caller="key_1", payload=payload),
         received_at=T0,
         **fields,
     )
@@ -64,16 +67,17 @@ def error(category: str, message: str = "boom") -> ErrorInfo:
 def _check_transition(state: RunState | None, event: EventBase) -> None:
     """Every status change decide emits is one the transition table allows (schemas/status.py): every test that
     drives a run through this harness checks it, on every event."""
-    run_status = RUN_STATUS_BY_EVENT.get(event.type)
+    run_status = RUN_STATUS_OF.get(type(event))
     before = RunStatus.CREATED if state is None else state.status
-    if run_status is not None and event.type != "RunRequested" and run_status != before:
+    if run_status is not None and not isinstance(event, ev.RunRequested) and run_status != before:
         assert can_transition(before, run_status), f"{event.type}: run {before} -> {run_status} is not in the table"
-    step_status = STEP_STATUS_BY_EVENT.get(event.type)
+    step_status = STEP_STATUS_OF.get(type(event))
     if step_status is not None and state is not None:
-        name = event.payload.step  # type: ignore[attr-defined]
+        name = event.payload.step
         current = state.steps.get(name)
         was = current.status if current is not None else StepStatus.PENDING
-        reused = event.type == "StepSucceeded" and getattr(event.payload, "reused_from", None)
+        # A step reused by a FROM_FAILED_STEP retry ran in an earlier run: it is recorded SUCCEEDED at once.
+        reused = isinstance(event, ev.StepSucceeded) and event.payload.reused_from is not None
         if step_status != was and not reused:
             assert can_step_transition(was, step_status), f"{event.type}: step {name} {was} -> {step_status}"
 
@@ -100,8 +104,8 @@ class Run:
         # Log lines are their own channel (GET /v1/runs/{id}/logs): kept apart, so `events` reads as the run's
         # state changes; `ledger` is everything in seq order.
         self.ledger += out
-        self.logs += [e for e in out if e.type == "LogEmitted"]
-        out = [e for e in out if e.type != "LogEmitted"]
+        self.logs += [e for e in out if isinstance(e, ev.LogEmitted)]
+        out = [e for e in out if not isinstance(e, ev.LogEmitted)]
         self.events += out
         self.inputs.append(inp)
         return out
