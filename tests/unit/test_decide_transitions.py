@@ -20,19 +20,7 @@ from schemas.events import (
     ResumeRun,
 )
 from schemas.status import TERMINAL_RUN_STATUSES, RunStatus, StepStatus, can_transition
-from services.executor.decide import (
-    Admission,
-    CommandInput,
-    DeadlinePassed,
-    Input,
-    InternalFailure,
-    PauseExpired,
-    ScheduledDue,
-    SlotFreed,
-    StartRun,
-    StepCompleted,
-    TimerFired,
-)
+from services.executor import decide
 from tests.unit.drive import T0, Run, make_stored_flow, make_trigger
 
 _steps = st.fixed_dictionaries(
@@ -55,8 +43,8 @@ _flows = st.builds(
     st.none() | st.sampled_from([30.0, 600.0]),
 )  # fmt: skip
 # Mostly room to start; sometimes a full quota or a flow at its concurrency limit.
-_admissions = st.sampled_from([Admission()] * 4) | st.builds(
-    Admission, flow_active=st.integers(0, 2), tenant_active=st.integers(0, 2),
+_admissions = st.sampled_from([decide.Admission()] * 4) | st.builds(
+    decide.Admission, flow_active=st.integers(0, 2), tenant_active=st.integers(0, 2),
     tenant_limit=st.none() | st.integers(1, 3), queued_ahead=st.integers(0, 1),
 )  # fmt: skip
 _errors = st.builds(
@@ -69,7 +57,7 @@ _KINDS = ("result",) * 8 + ("timer",) * 3 + ("resume",) * 2 + (
 )  # fmt: skip
 
 
-def _next_input(run: Run, kind: str, data: st.DataObject) -> Input:
+def _next_input(run: Run, kind: str, data: st.DataObject) -> decide.Input:
     """An input of `kind` that fits the run as it stands where one can (a result for the running step, the answer
     to the open pause …), and otherwise one the run must ignore."""
     state = run.state
@@ -81,32 +69,35 @@ def _next_input(run: Run, kind: str, data: st.DataObject) -> Input:
         case "result":
             ok = data.draw(st.booleans())
             error = None if ok else data.draw(_errors)
-            return StepCompleted(state.run_id, name, attempt, ok, data.draw(_outputs), error, duration_ms=5.0)
+            return decide.StepCompleted(state.run_id, name, attempt, ok, data.draw(_outputs), error, duration_ms=5.0)
         case "timer":
-            return TimerFired(state.run_id, name, attempt)
+            return decide.TimerFired(state.run_id, name, attempt)
         case "stale":  # a result for an attempt that is not the current one
-            return StepCompleted(state.run_id, name, attempt + data.draw(st.sampled_from([-1, 1])), True)
+            return decide.StepCompleted(state.run_id, name, attempt + data.draw(st.sampled_from([-1, 1])), True)
         case "redeliver":
             return data.draw(st.sampled_from(run.inputs))
         case "cancel":
-            return CommandInput(CancelRun(tenant_id="t1", run_id=state.run_id, reason="stop"))
+            return decide.CommandInput(CancelRun(tenant_id="t1", run_id=state.run_id, reason="stop"))
         case "resume":
             request = state.pause.request_id if state.pause is not None else "req_none"
-            return CommandInput(ResumeRun(tenant_id="t1", run_id=state.run_id, request_id=request, payload={"ok": 1}))
+            return decide.CommandInput(
+                ResumeRun(tenant_id="t1", run_id=state.run_id, request_id=request, payload={"ok": 1})
+            )
         case "expire":
-            return PauseExpired(state.run_id, state.pause.request_id if state.pause is not None else "req_none")
+            return decide.PauseExpired(state.run_id, state.pause.request_id if state.pause is not None else "req_none")
         case "deadline":
-            return DeadlinePassed(state.run_id)
+            return decide.DeadlinePassed(state.run_id)
         case "due":
-            return ScheduledDue(state.run_id, data.draw(_admissions))
+            return decide.ScheduledDue(state.run_id, data.draw(_admissions))
         case "slot":
-            return SlotFreed(state.run_id, data.draw(_admissions))
+            return decide.SlotFreed(state.run_id, data.draw(_admissions))
         case "internal":
-            return InternalFailure(state.run_id, "the engine broke", at_seq=state.next_seq)
+            return decide.InternalFailure(state.run_id, "the engine broke", at_seq=state.next_seq)
         case _:  # a subflow child's end, for whichever step waits (or none)
             status = data.draw(st.sampled_from(["SUCCEEDED", "FAILED", "PARTIAL", "TIMED_OUT"]))
-            return CommandInput(ChildRunFinished(tenant_id="t1", run_id=state.run_id, child_run_id=f"child-{name}",
-                                                 step=name, attempt=attempt, status=status))  # fmt: skip
+            ended = ChildRunFinished(tenant_id="t1", run_id=state.run_id, child_run_id=f"child-{name}", step=name,
+                                     attempt=attempt, status=status)  # fmt: skip
+            return decide.CommandInput(ended)
 
 
 @settings(max_examples=400, deadline=None)
@@ -118,11 +109,11 @@ def _next_input(run: Run, kind: str, data: st.DataObject) -> Input:
     data=st.data(),
 )
 def test_every_transition_decide_emits_is_in_the_table(
-    flow: Any, admission: Admission, scheduled: bool, go: bool, data: st.DataObject
+    flow: Any, admission: decide.Admission, scheduled: bool, go: bool, data: st.DataObject
 ) -> None:
     run_at = T0 + timedelta(minutes=5) if scheduled else None
     run = Run(flow, make_trigger(payload={"go": go}, run_at=run_at))
-    run.feed(StartRun(run.trigger, flow.version, admission))  # Run.feed checks every event against the table
+    run.feed(decide.StartRun(run.trigger, flow.version, admission))  # Run.feed checks every event against the table
     for _ in range(data.draw(st.integers(1, 25))):
         assert run.state is not None
         before, seen = run.state, len(run.ledger)

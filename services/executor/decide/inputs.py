@@ -71,21 +71,25 @@ class InternalFailure(_Keyed):
 
 
 @dataclass(frozen=True, slots=True)
-class ScheduledDue(_Keyed):
-    """A SCHEDULED run's time has come."""
+class _AsksToStart(_Keyed):
+    """A waiting run asks again to start, with what the engine counted now."""
 
-    ID = "{0.run_id}:due"
     run_id: str
     admission: Admission = Admission()
 
 
 @dataclass(frozen=True, slots=True)
-class SlotFreed(_Keyed):
+class ScheduledDue(_AsksToStart):
+    """A SCHEDULED run's time has come."""
+
+    ID = "{0.run_id}:due"
+
+
+@dataclass(frozen=True, slots=True)
+class SlotFreed(_AsksToStart):
     """A run of a BLOCKED run's flow ended: the first blocked run (arrival order) asks again."""
 
     ID = "{0.run_id}:unblocked"
-    run_id: str
-    admission: Admission = Admission()
 
 
 @dataclass(frozen=True, slots=True)
