@@ -9,7 +9,7 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from schemas import codec
 from schemas import events as ev
@@ -361,3 +361,53 @@ def test_a_batch_of_triggers_encodes_exactly_as_each_model_would() -> None:
         alone = template.model_copy(update={"run_id": run_id, "trigger_id": d.trigger_id, "trigger": trigger})
         assert d == alone
         assert raw == codec.dumps(alone)
+
+
+# ---------------------------------------------------------------- unknown fields: refused when built, ignored when read
+
+
+def test_a_misspelled_field_fails_where_a_payload_is_built() -> None:
+    with pytest.raises(ValidationError, match="retry_a"):
+        ev.StepAttemptFailedPayload(step="s", attempt=1, error=ev.ErrorInfo(category="TRANSIENT", message="m"),
+                                    retry_a=datetime(2024, 5, 1, tzinfo=UTC))  # type: ignore[call-arg]  # fmt: skip
+    with pytest.raises(ValidationError, match="duration"):
+        sample(ev.RunFailed, duration=5)  # a dict payload is checked the same way
+    with pytest.raises(ValidationError, match="categroy"):
+        ev.ErrorInfo(category="AUTH", message="m", categroy="AUTH")  # type: ignore[call-arg]
+
+
+_MODELS = [*LEDGER_EVENT_TYPES, ev.TriggerReceived, ev.CancelRun, ev.ResumeRun, ev.ChildRunFinished, ev.ArchiveRun,
+           ev.FlowPaused]  # fmt: skip
+
+
+@pytest.mark.parametrize("cls", _MODELS, ids=lambda c: c.__name__)
+def test_every_event_command_and_payload_model_refuses_unknown_fields(cls: type[BaseModel]) -> None:
+    assert cls.model_config.get("extra") == "forbid" and cls.model_config.get("frozen") is True
+    if issubclass(cls, ev.EventBase):
+        assert _payload_type(cls).model_config.get("extra") == "forbid"
+
+
+def test_stored_records_with_fields_this_reader_does_not_know_still_decode() -> None:
+    """A record written by a newer writer (an added optional field) or carrying a field since removed is read."""
+    failed = sample(ev.StepFailed, step="s", error={"category": "AUTH", "message": "m"})
+    obj = orjson.loads(codec.dumps(failed))
+    obj["payload"]["error"]["removed_since"] = "x"
+    obj["payload"]["retried_by"] = None
+    assert codec.decode_ledger_event(orjson.dumps(obj)) == failed
+    trigger = ev.TriggerReceived(tenant_id="t1", run_id="r1", flow_id="f1", trigger=ev.TriggerInfo(type="api"))
+    raw = orjson.loads(codec.dumps(trigger)) | {"priority": 3}
+    raw["trigger"]["source_ip"] = "10.0.0.1"
+    assert codec.decode_trigger(orjson.dumps(raw)) == trigger
+    cancel = ev.CancelRun(tenant_id="t1", run_id="r1", reason="stop")
+    assert codec.decode_command(orjson.dumps(orjson.loads(codec.dumps(cancel)) | {"urgent": True})) == cancel
+    paused = ev.FlowPaused(tenant_id="t1", flow_id="f1", flow_version=2, reason="x")
+    assert codec.decode_flow_event(orjson.dumps(orjson.loads(codec.dumps(paused)) | {"paused_by": "k"})) == paused
+    assert codec.ledger_event_from_dict(dict(obj)) == failed  # as read back from run_events
+
+
+def test_the_ledger_union_the_registry_and_the_status_views_come_from_one_list() -> None:
+    union = ev.AnyLedgerEvent.__args__  # type: ignore[attr-defined]
+    assert ev.LEDGER_EVENT_TYPES == union
+    assert list(ev.LEDGER_EVENTS_BY_TYPE) == [cls.__name__ for cls in union]
+    assert set(ev.RUN_STATUS_OF) | set(ev.STEP_STATUS_OF) | set(ev.ATTEMPT_STATUS_OF) <= set(union)
+    assert set(ev.TERMINAL_EVENTS) <= set(ev.RUN_STATUS_OF)
