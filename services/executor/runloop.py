@@ -12,25 +12,16 @@ import asyncio
 import logging
 import traceback
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from schemas.flows import FlowDefinition
-from services.executor import metrics
+from services.executor import decide, metrics
 from services.executor import next as next_action
 from services.executor.adapters.flows import FlowRegistry
 from services.executor.adapters.steps import StepCall, StepRunners, runner_input
 from services.executor.admission import LiveRuns
-from services.executor.decide import (
-    DeadlinePassed,
-    Input,
-    InternalFailure,
-    PauseExpired,
-    ScheduledDue,
-    SlotFreed,
-    StepCompleted,
-    TimerFired,
-)
 from services.executor.fold import RunState
 from services.executor.settings import ExecutorSettings
 from services.executor.subflows import Subflows
@@ -38,25 +29,24 @@ from services.executor.subflows import Subflows
 log = logging.getLogger(__name__)
 
 # Decide on an input for a run and queue the events (the engine's `feed`); the futures resolve when they are durable.
-Feed = Callable[[str, Input], Awaitable[list[asyncio.Future[object]]]]
+Feed = Callable[[str, decide.Input], Awaitable[list[asyncio.Future[object]]]]
 
 
+@dataclass
 class RunLoop:
     """Each live run's task, the step it is executing now, and the event that wakes it when an input arrives."""
 
-    def __init__(self, settings: ExecutorSettings, flows: FlowRegistry, live: LiveRuns, subflows: Subflows,
-                 runners: StepRunners, feed: Feed) -> None:  # fmt: skip
-        self.settings = settings
-        self.flows = flows
-        self.live = live
-        self.subflows = subflows
-        self.runners = runners
-        self.feed = feed
-        self.tasks: dict[str, asyncio.Task[None]] = {}
-        # The step a run is executing now, so a cancel or the flow deadline can abandon it.
-        self.step_tasks: dict[str, asyncio.Task[Any]] = {}
-        # Set when an input arrives for a run whose loop waits (a timer, a human, a child run).
-        self.wakeups: dict[str, asyncio.Event] = {}
+    settings: ExecutorSettings
+    flows: FlowRegistry
+    live: LiveRuns
+    subflows: Subflows
+    runners: StepRunners
+    feed: Feed
+    tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    # The step a run is executing now, so a cancel or the flow deadline can abandon it.
+    step_tasks: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
+    # Set when an input arrives for a run whose loop waits (a timer, a human, a child run).
+    wakeups: dict[str, asyncio.Event] = field(default_factory=dict)
 
     def drive(self, run_id: str) -> None:
         task = asyncio.create_task(self._run_loop(run_id), name=f"run:{run_id}")
@@ -113,7 +103,7 @@ class RunLoop:
             metrics.INTERNAL_ERRORS.inc()
             state = self.live.get(run_id)
             if state is not None:
-                failure = InternalFailure(run_id, f"{type(exc).__name__}: {exc}", traceback.format_exc(),
+                failure = decide.InternalFailure(run_id, f"{type(exc).__name__}: {exc}", traceback.format_exc(),
                                           at_seq=state.next_seq)  # fmt: skip
                 await self.feed(run_id, failure)
 
@@ -137,15 +127,16 @@ class RunLoop:
                                     first_blocked=self.live.first_blocked(state))  # fmt: skip
         match action:
             case next_action.Deadline():
-                await self.feed(run_id, DeadlinePassed(run_id))
+                await self.feed(run_id, decide.DeadlinePassed(run_id))
             case next_action.ScheduledDue():
-                await self.feed(run_id, ScheduledDue(run_id, self.live.admission(state.tenant_id, state.flow_id)))
+                admission = self.live.admission(state.tenant_id, state.flow_id)
+                await self.feed(run_id, decide.ScheduledDue(run_id, admission))
             case next_action.TryUnblock():
                 await self._try_unblock(state)
             case next_action.ExpirePause(request_id):
-                await self.feed(run_id, PauseExpired(run_id, request_id))
+                await self.feed(run_id, decide.PauseExpired(run_id, request_id))
             case next_action.FireTimer(name, attempt):
-                await self.feed(run_id, TimerFired(run_id, name, attempt))
+                await self.feed(run_id, decide.TimerFired(run_id, name, attempt))
             case next_action.Wait(until):
                 await self._wait(run_id, until)
             case next_action.StartChild(name, until):
@@ -163,7 +154,7 @@ class RunLoop:
         """Ask for a slot; when the run moved on, the next BLOCKED run of the flow may try too (room for more than
         one), else wait until a run of the flow ends."""
         run_id, before = state.run_id, state.next_seq
-        await self.feed(run_id, SlotFreed(run_id, self.live.admission(state.tenant_id, state.flow_id)))
+        await self.feed(run_id, decide.SlotFreed(run_id, self.live.admission(state.tenant_id, state.flow_id)))
         after = self.live.get(run_id)
         if after is None or after.next_seq != before:
             self.live.unblocked(state)
@@ -203,6 +194,6 @@ class RunLoop:
             return  # abandoned by a cancel: the run has ended
         outcome = step_task.result()
         metrics.STEP_SECONDS.labels(call.action, "ok" if outcome.ok else "error").observe(outcome.duration_ms / 1000)
-        await self.feed(run_id, StepCompleted(
+        await self.feed(run_id, decide.StepCompleted(
             run_id, name, step.attempt, outcome.ok, outcome.output, outcome.error, outcome.duration_ms
         ))  # fmt: skip
