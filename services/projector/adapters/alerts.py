@@ -6,23 +6,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import smtplib
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from email.message import EmailMessage
 from typing import Any
 
 import asyncpg
-import httpx
 
 from schemas import codec
 from schemas.events import TERMINAL_EVENT_STATUS, EventBase
 from services.common.channels import PAGERDUTY_URL
-from services.common.netguard import BlockedAddress, UnresolvableHost, check_url, guarded_client
+from services.common.netguard import check_url, guarded_client
+from services.common.outbox import Attempt, Outbox, Queue
 from services.common.webhooks import sign
 from services.projector import alerts
-from services.projector.adapters.webhooks import RETRY_FOR
 from services.projector.alerts import Finished, Fire, Resolve, Rule, State
 from services.projector.settings import ProjectorSettings
 
@@ -246,73 +244,36 @@ async def _enqueue(conn: asyncpg.Connection, outcome: _Outcome, offers: list[tup
     )
 
 
+_QUEUE = Queue(
+    table="alert_deliveries",
+    owner="alert_rules",
+    owner_match="o.id = d.rule_id",
+    columns="d.action, d.channel_type, d.target, d.body, o.secret",
+)
+
+
 class Dispatcher:
-    """Like the webhook dispatcher: claims due deliveries with a lease, sends each to its channel, logs every
-    attempt on the delivery and retries failures with exponential backoff for up to 24 hours."""
+    """Like the webhook dispatcher (services/common/outbox.py): claims due deliveries with a lease, sends each to
+    its channel, logs every attempt on the delivery and retries failures with exponential backoff for up to 24
+    hours."""
 
     def __init__(self, settings: ProjectorSettings, lease_s: float = 60) -> None:
         self.settings = settings
-        self.lease_s = lease_s
         # Resolved once, checked and pinned per connection: the guard is where the delivery connects.
         self.client = guarded_client(settings.webhook_allow_private_networks, timeout=10, follow_redirects=False)
+        self.outbox = Outbox(_QUEUE, self._send, backoff_s=settings.alert_backoff_s, lease_s=lease_s,
+                             noun="alert delivery", journal=_journal)  # fmt: skip
 
     async def close(self) -> None:
         await self.client.aclose()
 
     async def run_once(self, pool: asyncpg.Pool, limit: int = 50) -> int:
-        due = await pool.fetch(
-            """
-            UPDATE alert_deliveries d SET next_attempt_at = now() + make_interval(secs => $1),
-                   first_attempt_at = COALESCE(d.first_attempt_at, now())
-            FROM alert_rules r
-            WHERE d.id IN (SELECT id FROM alert_deliveries WHERE status = 'pending' AND next_attempt_at <= now()
-                           ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED)
-              AND r.id = d.rule_id
-            RETURNING d.id, d.action, d.channel_type, d.target, d.body, d.attempts, d.first_attempt_at, r.secret
-            """,
-            self.lease_s, limit,
-        )  # fmt: skip
-        for d in due:
-            await self._deliver(pool, d)
-        return len(due)
+        return len(await self.outbox.run_once(pool, limit))
 
-    async def _deliver(self, pool: asyncpg.Pool, d: asyncpg.Record) -> None:
-        attempt = d["attempts"] + 1
-        started = time.perf_counter()
-        code: int | None = None
-        error: str | None = None
-        try:
-            if d["channel_type"] == "email":
-                await asyncio.to_thread(self._mail, d["target"], d["body"])
-            else:
-                code = await self._post(d)
-                if not 200 <= code < 300:
-                    error = f"answered {code}"
-        except BlockedAddress as exc:
-            error = f"refused: {exc}"
-        except UnresolvableHost as exc:
-            error = f"unresolvable: {exc}"
-        except (httpx.HTTPError, httpx.InvalidURL, smtplib.SMTPException, OSError) as exc:
-            error = f"{type(exc).__name__}: {exc}"
-        except Exception as exc:  # whatever one delivery raises is its failed attempt, never the batch's
-            log.exception("alert delivery %s attempt %d raised", d["id"], attempt)
-            error = f"{type(exc).__name__}: {exc}"
-        now = datetime.now(UTC)
-        delay = timedelta(seconds=min(self.settings.alert_backoff_s * 2 ** (attempt - 1), 3600))
-        gave_up = error is not None and now + delay > d["first_attempt_at"] + RETRY_FOR
-        status = "delivered" if error is None else ("failed" if gave_up else "pending")
-        entry = {"attempt": attempt, "at": now.isoformat(), "status_code": code, "error": error,
-                 "duration_ms": round((time.perf_counter() - started) * 1000, 3)}  # fmt: skip
-        await pool.execute(
-            "UPDATE alert_deliveries SET attempts = $2, status = $3, last_status_code = $4, last_error = $5, "
-            "next_attempt_at = $6, delivered_at = CASE WHEN $3 = 'delivered' THEN $7::timestamptz END, "
-            "attempt_log = attempt_log || $8::jsonb WHERE id = $1",
-            d["id"], attempt, status, code, error, now + delay, now, [entry],
-        )  # fmt: skip
-        if error is not None:
-            log.info("alert delivery %s attempt %d: %s (%s)", d["id"], attempt, error, status)
-
-    async def _post(self, d: asyncpg.Record) -> int:
+    async def _send(self, d: asyncpg.Record) -> int | None:
+        if d["channel_type"] == "email":
+            await asyncio.to_thread(self._mail, d["target"], d["body"])
+            return None
         await check_url(d["target"], allow_private=True)  # scheme and host; the address where it connects
         body = codec.dumps(d["body"])
         headers = {"Content-Type": "application/json"}
@@ -338,3 +299,12 @@ class Dispatcher:
             if s.smtp_username:
                 smtp.login(s.smtp_username, s.smtp_password)
             smtp.send_message(message)
+
+
+async def _journal(conn: asyncpg.Connection, d: asyncpg.Record, attempt: Attempt) -> None:
+    """Alert deliveries keep their attempts in the row (`attempt_log`, shown by GET /v1/alerts/{id})."""
+    entry = {"attempt": attempt.number, "at": attempt.at.isoformat(), "status_code": attempt.status_code,
+             "error": attempt.error, "duration_ms": round(attempt.duration_ms, 3)}  # fmt: skip
+    await conn.execute(
+        "UPDATE alert_deliveries SET attempt_log = attempt_log || $2::jsonb WHERE id = $1", d["id"], [entry]
+    )

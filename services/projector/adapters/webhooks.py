@@ -3,24 +3,22 @@
 from __future__ import annotations
 
 import logging
-import time
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import asyncpg
-import httpx
 
 from schemas import codec
 from schemas.events import ConnectorDegraded, EventBase, FlowEventBase, FlowPaused
 from schemas.flows import mask_secrets
-from services.common.netguard import BlockedAddress, UnresolvableHost, check_url, guarded_client
+from services.common.netguard import check_url, guarded_client
+from services.common.outbox import Attempt, Outbox, Queue
 from services.common.webhooks import RUN_EVENTS, sign
 from services.projector import metrics
 
 log = logging.getLogger(__name__)
 _NS = uuid.UUID("0b6f0e55-7a7c-4a39-9f55-1c61b1d2f7a1")
-RETRY_FOR = timedelta(hours=24)
 _SUMMARY = ("id", "flow_id", "flow_version", "flow_name", "status", "environment", "trigger_type", "caller",
             "failed_step", "error_message", "created_at", "started_at", "finished_at", "duration_ms")  # fmt: skip
 _AT_START = ("id", "flow_id", "flow_version", "flow_name", "environment", "trigger_type", "caller", "created_at")
@@ -117,85 +115,52 @@ def _offer(subs: list[asyncpg.Record], tenant_id: str, environment: str, name: s
     return out
 
 
+_QUEUE = Queue(
+    table="webhook_deliveries",
+    owner="webhook_subscriptions",
+    owner_match="o.id = d.subscription_id AND o.active",
+    columns="d.event, d.body, o.url, o.secret",
+)
+
+
 class Dispatcher:
     """Claims due deliveries with a lease (several projectors may run), posts them signed, records every
-    attempt, and retries non-2xx answers with exponential backoff for up to 24 hours."""
+    attempt (webhook_attempts), and retries non-2xx answers with exponential backoff for up to 24 hours
+    (services/common/outbox.py)."""
 
     def __init__(self, pool: asyncpg.Pool, *, allow_private: bool, backoff_s: float, lease_s: float = 60) -> None:
         self.pool = pool
         self.allow_private = allow_private
-        self.backoff_s = backoff_s
-        self.lease_s = lease_s
         # Resolved once, checked and pinned per connection: the guard is where the delivery connects.
         self.client = guarded_client(allow_private, timeout=10, follow_redirects=False)
+        self.outbox = Outbox(_QUEUE, self._post, backoff_s=backoff_s, lease_s=lease_s, noun="webhook",
+                             journal=_journal)  # fmt: skip
 
     async def close(self) -> None:
         await self.client.aclose()
 
     async def run_once(self, limit: int = 50) -> int:
-        due = await self.pool.fetch(
-            """
-            UPDATE webhook_deliveries d SET next_attempt_at = now() + make_interval(secs => $1),
-                   first_attempt_at = COALESCE(d.first_attempt_at, now())
-            FROM webhook_subscriptions s
-            WHERE d.id IN (SELECT id FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= now()
-                           ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED)
-              AND s.id = d.subscription_id AND s.active
-            RETURNING d.id, d.event, d.body, d.attempts, d.first_attempt_at, s.url, s.secret
-            """,
-            self.lease_s, limit,
-        )  # fmt: skip
-        for d in due:
-            await self._deliver(d)
-        return len(due)
+        attempts = await self.outbox.run_once(self.pool, limit)
+        for a in attempts:
+            metrics.WEBHOOK_DELIVERIES.labels(a.status if a.status != "pending" else "retrying").inc()
+        return len(attempts)
 
-    async def _deliver(self, d: asyncpg.Record) -> None:
+    async def _post(self, d: asyncpg.Record) -> int:
+        await check_url(d["url"], allow_private=True)  # scheme and host; the address where it connects
         body = codec.dumps(d["body"])
-        attempt = d["attempts"] + 1
-        started = time.perf_counter()
-        code: int | None = None
-        error: str | None = None
-        try:
-            await check_url(d["url"], allow_private=True)  # scheme and host; the address where it connects
-            headers = {
-                "Content-Type": "application/json",
-                "X-Flowtrail-Event": d["event"],
-                "X-Flowtrail-Delivery": d["id"],
-                "X-Flowtrail-Signature": sign(d["secret"], body),
-            }
-            response = await self.client.post(d["url"], content=body, headers=headers)
-            code = response.status_code
-            if not 200 <= code < 300:
-                error = f"answered {code}"
-        except BlockedAddress as exc:
-            error = f"refused: {exc}"
-        except UnresolvableHost as exc:
-            error = f"unresolvable: {exc}"
-        except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
-            error = f"{type(exc).__name__}: {exc}"
-        except Exception as exc:  # whatever one delivery raises is its failed attempt, never the batch's
-            log.exception("webhook %s attempt %d raised", d["id"], attempt)
-            error = f"{type(exc).__name__}: {exc}"
-        now = datetime.now(UTC)
-        delivered = error is None
-        gave_up = not delivered and now + self._delay(attempt) > d["first_attempt_at"] + RETRY_FOR
-        status = "delivered" if delivered else ("failed" if gave_up else "pending")
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "INSERT INTO webhook_attempts (delivery_id, attempt, at, status_code, error, duration_ms) "
-                "VALUES ($1, $2, $3, $4, $5, $6)",
-                d["id"], attempt, now, code, error, (time.perf_counter() - started) * 1000,
-            )  # fmt: skip
-            await conn.execute(
-                "UPDATE webhook_deliveries SET attempts = $2, status = $3, last_status_code = $4, last_error = $5, "
-                "next_attempt_at = $6, delivered_at = CASE WHEN $3 = 'delivered' THEN $7::timestamptz END "
-                "WHERE id = $1",
-                d["id"], attempt, status, code, error, now + self._delay(attempt), now,
-            )  # fmt: skip
-        metrics.WEBHOOK_DELIVERIES.labels(status if status != "pending" else "retrying").inc()
-        if not delivered:
-            log.info("webhook %s attempt %d: %s (%s)", d["id"], attempt, error, status)
+        headers = {
+            "Content-Type": "application/json",
+            "X-Flowtrail-Event": d["event"],
+            "X-Flowtrail-Delivery": d["id"],
+            "X-Flowtrail-Signature": sign(d["secret"], body),
+        }
+        response = await self.client.post(d["url"], content=body, headers=headers)
+        return response.status_code
 
-    def _delay(self, attempt: int) -> timedelta:
-        # 1x, 2x, 4x … the base (10 s by default), at most an hour apart.
-        return timedelta(seconds=min(self.backoff_s * 2 ** (attempt - 1), 3600))
+
+async def _journal(conn: asyncpg.Connection, d: asyncpg.Record, attempt: Attempt) -> None:
+    await conn.execute(
+        "INSERT INTO webhook_attempts (delivery_id, attempt, at, status_code, error, duration_ms) "
+        "VALUES ($1, $2, $3, $4, $5, $6)",
+        d["id"], attempt.number, attempt.at, attempt.status_code, attempt.error, attempt.duration_ms,
+    )  # fmt: skip
