@@ -97,8 +97,8 @@ def plan_details(events: list[EventBase]) -> DetailPlan:
         match event:
             case ev.RecordsProcessed(payload=p):
                 deltas = out.records.setdefault(event.run_id, dict.fromkeys(RECORD_COUNTERS, 0))
-                for name in RECORD_COUNTERS:
-                    deltas[name] += getattr(p, name)
+                for name, count in p.model_dump(include=set(RECORD_COUNTERS)).items():
+                    deltas[name] += count
             case ev.RecordFailed(payload=p):
                 out.record_errors.append({
                     "run_id": event.run_id, "seq": event.seq, "tenant_id": event.tenant_id, "step": p.step,
