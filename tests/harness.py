@@ -143,6 +143,7 @@ class Call:
     headers: Mapping[str, str]
     body: bytes
     at: datetime
+    query: Mapping[str, str] = field(default_factory=dict)
     status: int | None = None
 
     @property
@@ -191,20 +192,25 @@ CALL = web.RequestKey("call", Call)  # the recorded Call, on each request a stub
 
 
 @asynccontextmanager
-async def stub_upstream(routes: Mapping[tuple[str, str], Handler]) -> AsyncIterator[Upstream]:
-    """Serve `routes` ((method, path) → aiohttp handler) on a free loopback port, recording every request."""
+async def stub_upstream(routes: Mapping[tuple[str, str], Handler], app: web.Application | None = None
+                        ) -> AsyncIterator[Upstream]:  # fmt: skip
+    """Serve `routes` ((method, path) → aiohttp handler), added to `app` when given (a fake system's own), on a free
+    loopback port, recording every request."""
     upstream = Upstream()
 
     @web.middleware
     async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
-        call = Call(request.method, request.path, dict(request.headers), await request.read(), datetime.now(UTC))
+        body = await request.read()
+        call = Call(request.method, request.path, dict(request.headers), body, datetime.now(UTC), dict(request.query))
         upstream.requests.append(call)
         request[CALL] = call
         response = await handler(request)
         call.status = response.status
         return response
 
-    app = web.Application(middlewares=[record], client_max_size=64 * 1024 * 1024)
+    if app is None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.middlewares.append(record)
     for (method, path), handler in routes.items():
         app.router.add_route(method, path, handler)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
@@ -603,12 +609,12 @@ def flow_body(flow_id: str, *steps: str, **fields: Any) -> dict[str, Any]:
     }
 
 
-def api_error(r: httpx.Response, status: int, code: str) -> str:
-    """An error answer: `status`, the envelope {"error": {code, message, request_id}} with `code`, the request id
-    echoed in X-Request-Id; its message."""
+def api_error(r: httpx.Response, status: int, code: str | None = None) -> str:
+    """An error answer: `status`, the envelope {"error": {code, message, request_id}} with `code` (any code when
+    None), the request id echoed in X-Request-Id; its message."""
     assert r.status_code == status, (r.status_code, r.text)
     body = r.json()
     assert set(body) == {"error"} and {"code", "message", "request_id"} <= set(body["error"]), body
-    assert body["error"]["code"] == code and body["error"]["request_id"], body
+    assert code in (None, body["error"]["code"]) and body["error"]["request_id"], body
     assert r.headers["x-request-id"] == body["error"]["request_id"]
     return str(body["error"]["message"])

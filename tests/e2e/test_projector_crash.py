@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from pathlib import Path
 
 import asyncpg
@@ -11,6 +9,7 @@ import asyncpg
 from tests.conftest import Sandbox
 from tests.e2e.stack import Stack
 from tests.factories import produce, run_events
+from tests.harness import wait_sql
 
 RUNS = 1500
 STEPS = 3
@@ -32,26 +31,23 @@ async def test_sigkill_mid_batch_then_restart_projects_every_event_once(
 
     stack = Stack.build(sandbox, ("projector",), tmp_path, FLOWTRAIL_PROJECTOR_BATCH_MAX_RECORDS="200")
     await stack.start()
+    projector = stack["projector"]
     try:
-        deadline = time.monotonic() + 60
-        while (projected := await _count(db)) == 0:
-            assert time.monotonic() < deadline, stack["projector"].log_tail()
-            await asyncio.sleep(0.005)
-        stack["projector"].kill()
+        # Polled often: the kill must land inside the backlog.
+        projected = await wait_sql(
+            db, "SELECT count(*) FROM run_events", within=60, logs=projector.log_tail, every=0.005
+        )
+        projector.kill()
         at_kill = await _count(db)
         assert 0 < at_kill < total, f"kill landed outside the backlog ({projected=}, {at_kill=}, {total=})"
 
-        stack["projector"].start()
-        await stack["projector"].wait_healthy()
-        deadline = time.monotonic() + 90
-        while await db.fetchval("SELECT count(*) FROM runs WHERE status = 'SUCCEEDED'") < RUNS:
-            assert time.monotonic() < deadline, stack["projector"].log_tail()
-            await asyncio.sleep(0.05)
+        projector.start()
+        await projector.wait_healthy()
+        succeeded = "SELECT count(*) >= $1 FROM runs WHERE status = 'SUCCEEDED'"
+        await wait_sql(db, succeeded, RUNS, within=90, logs=projector.log_tail)
         # Let it drain the redelivered tail too before counting.
-        ends = await db.fetchval("SELECT coalesce(sum(next_offset), 0) FROM projector_offsets")
-        while ends < total + len(redelivered):
-            await asyncio.sleep(0.05)
-            ends = await db.fetchval("SELECT coalesce(sum(next_offset), 0) FROM projector_offsets")
+        drained = "SELECT coalesce(sum(next_offset), 0) >= $1 FROM projector_offsets"
+        await wait_sql(db, drained, total + len(redelivered), within=90, logs=projector.log_tail)
     finally:
         stack.stop()
 
