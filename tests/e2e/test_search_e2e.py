@@ -10,53 +10,35 @@ calling the same CRM, finds its own run and none of A's. Then verify: the live r
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import pytest
 from aiohttp import web
 
-from services.common.auth import create_api_key, ensure_tenant
-from services.common.db import connect
-from services.projector import rebuild
-from services.projector.settings import ProjectorSettings
-from tests.conftest import Infra, Sandbox, make_sandbox
-from tests.e2e.stack import Stack, free_port
+from tests.conftest import Infra
+from tests.harness import Env, answer, assert_verify_equal, running, stub_upstream
 
 pytestmark = pytest.mark.e2e
 
 A, B = "search-a", "search-b"
-TERMINAL = {"SUCCEEDED", "PARTIAL", "FAILED", "TIMED_OUT", "CANCELED", "INVALID", "QUOTA_EXCEEDED", "INTERNAL_ERROR"}
 REFUSAL = "Please enter value(s) for: Email"
 EXPIRED = {"error": "invalid_token", "error_description": "The access token expired"}
 
 
-async def _upstream() -> tuple[web.AppRunner, str]:
-    async def contacts(request: web.Request) -> web.Response:
-        return web.json_response({"contacts": [{"id": 1, "email": "ada@example.com"}, {"id": 2, "email": None}]})
+async def _erp(request: web.Request) -> web.Response:
+    body = await request.json()
+    if not body.get("email"):
+        return web.json_response({"title": "Bad Request", "status": 400, "o:errorDetails": [
+            {"detail": REFUSAL, "o:errorPath": "email", "o:errorCode": "USER_ERROR"}]}, status=400)  # fmt: skip
+    return web.json_response({"id": "erp-1"}, status=201)
 
-    async def erp(request: web.Request) -> web.Response:
-        body = await request.json()
-        if not body.get("email"):
-            return web.json_response({"title": "Bad Request", "status": 400, "o:errorDetails": [
-                {"detail": REFUSAL, "o:errorPath": "email", "o:errorCode": "USER_ERROR"}]}, status=400)  # fmt: skip
-        return web.json_response({"id": "erp-1"}, status=201)
 
-    async def me(request: web.Request) -> web.Response:
-        return web.json_response(EXPIRED, status=401)
-
-    app = web.Application()
-    app.router.add_get("/shop/contacts", contacts)
-    app.router.add_post("/erp/contacts", erp)
-    app.router.add_get("/crm/me", me)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner, f"http://127.0.0.1:{port}"
+ROUTES = {
+    ("GET", "/shop/contacts"): answer({"contacts": [{"id": 1, "email": "ada@example.com"}, {"id": 2, "email": None}]}),
+    ("POST", "/erp/contacts"): _erp,
+    ("GET", "/crm/me"): answer(EXPIRED, 401),
+}
 
 
 def _flows(url: str) -> list[dict[str, Any]]:
@@ -76,118 +58,60 @@ def _flows(url: str) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
-@dataclass
-class World:
-    sandbox: Sandbox
-    stack: Stack
-    client: httpx.AsyncClient
-    keys: dict[str, str]
-    runs: dict[str, str]  # role → run id
-
-    async def get(self, tenant: str, path: str, **params: Any) -> Any:
-        r = await self.client.get(self.stack["api"].url + path, params=params,
-                                  headers={"Authorization": f"Bearer {self.keys[tenant]}"})  # fmt: skip
-        assert r.status_code == 200, r.text
-        return r.json()
-
-    async def q(self, tenant: str, text: str) -> set[str]:
-        return {r["id"] for r in (await self.get(tenant, "/v1/runs", q=text, limit=100))["data"]}
+async def _q(env: Env, tenant: str, text: str) -> set[str]:
+    return {r["id"] for r in (await env.ok("GET", "/v1/runs", tenant, params={"q": text, "limit": 100}))["data"]}
 
 
-async def _until(what: str, check: Any, within: float = 60.0) -> Any:
-    deadline = time.monotonic() + within
-    while not (got := await check()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
-    return got
-
-
-async def _workload(w: World, url: str) -> None:
-    api, ingest = w.stack["api"].url, w.stack["ingest"].url
+async def _workload(env: Env) -> dict[str, str]:
+    """Each tenant's flows, one run of each, and the runs by role once they ended."""
+    url = env.upstream.url
     for tenant, flows in ((A, _flows(url)), (B, [f for f in _flows(url) if f["id"] == "crm-me"])):
-        auth = {"Authorization": f"Bearer {w.keys[tenant]}"}
         for flow in flows:
-            r = await w.client.post(f"{api}/v1/flows", json=flow, headers=auth)
-            assert r.status_code in (201, 202), r.text
-
-            async def projected(flow_id: str = flow["id"], headers: dict[str, str] = auth) -> bool:
-                return (await w.client.get(f"{api}/v1/flows/{flow_id}", headers=headers)).status_code == 200
-
-            await _until(f"flow {flow['id']} of {tenant}", projected)
-    for role, tenant, flow_id in (("sync", A, "contacts-sync"), ("crm", A, "crm-me"), ("hello", A, "hello"),
-                                  ("b_crm", B, "crm-me")):  # fmt: skip
-        r = await w.client.post(f"{ingest}/v1/flows/{flow_id}/trigger", json={"input": {}},
-                                headers={"Authorization": f"Bearer {w.keys[tenant]}"})  # fmt: skip
-        assert r.status_code == 202, r.text
-        w.runs[role] = r.json()["run_id"]
-
-    async def finished(role: str, tenant: str) -> dict[str, Any] | None:
-        run = await w.get(tenant, f"/v1/runs/{w.runs[role]}")
-        return run if run["status"] in TERMINAL else None
-
+            await env.create_flow(flow, tenant)
+    runs = {role: await env.trigger(flow_id, {}, tenant) for role, tenant, flow_id in (
+        ("sync", A, "contacts-sync"), ("crm", A, "crm-me"), ("hello", A, "hello"), ("b_crm", B, "crm-me"))}  # fmt: skip
     sync, crm, hello, b_crm = await asyncio.gather(
-        *(_until(role, lambda role=role, t=t: finished(role, t)) for role, t in
+        *(env.wait_status(runs[role], within=60, key=t) for role, t in
           (("sync", A), ("crm", A), ("hello", A), ("b_crm", B)))
     )  # fmt: skip
     assert (sync["status"], crm["status"], hello["status"], b_crm["status"]) == ("PARTIAL", "FAILED", "SUCCEEDED",
                                                                                    "FAILED")  # fmt: skip
-    errors = (await w.get(A, f"/v1/runs/{w.runs['sync']}/record-errors"))["data"]
+    errors = (await env.ok("GET", f"/v1/runs/{runs['sync']}/record-errors", A))["data"]
     assert [e["error"] for e in errors] == [f"400 Bad Request: {REFUSAL}"]
     # What the issue reports: the run's error names the status only, the body is in the step's output.
     assert "invalid_token" not in crm["error"]["message"] and "401" in crm["error"]["message"]
+    return runs
 
 
 @pytest.fixture(scope="module")
-async def world(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
-    async with make_sandbox(infra) as sandbox:
-        runner, url = await _upstream()
-        conn = await connect(infra.database_url, sandbox.schema)
-        try:
-            keys = {}
-            for tenant in (A, B):
-                await ensure_tenant(conn, tenant, tenant)
-                _, keys[tenant] = await create_api_key(conn, tenant)
-        finally:
-            await conn.close()
-        stack = Stack.build(sandbox, ("ingest", "executor", "projector", "api"), tmp_path_factory.mktemp("logs"))
-        await stack.start()
-        client = httpx.AsyncClient(timeout=20)
-        try:
-            w = World(sandbox, stack, client, keys, {})
-            await _workload(w, url)
-            yield w
-        finally:
-            await client.aclose()
-            stack.stop()
-            await runner.cleanup()
+async def world(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[Env, dict[str, str]]]:
+    async with stub_upstream(ROUTES) as up, running(infra, tmp_path_factory, keys={A: A, B: B}, upstream=up) as env:
+        yield env, await _workload(env)
 
 
-async def test_q_finds_a_record_error_and_the_upstream_401_body(world: World) -> None:
-    w, runs = world, world.runs
-    assert await w.q(A, REFUSAL) == {runs["sync"]}
-    assert await w.q(A, "please enter VALUE(s) for: email") == {runs["sync"]}  # any case
-    assert await w.q(A, "o:errorCode: USER_ERROR") == {runs["sync"]}  # the destination's raw error
-    assert await w.q(A, "The access token expired") == {runs["crm"]}  # the upstream's 401 body
-    assert await w.q(A, "invalid_token") == {runs["crm"]}
-    assert await w.q(A, "answered 401 Unauthorized") == {runs["crm"]}  # the run's error message, as before
-    assert await w.q(A, runs["hello"][-12:]) == {runs["hello"]}  # a fragment of the run id, as before
-    assert await w.q(A, "no run says this") == set()
+async def test_q_finds_a_record_error_and_the_upstream_401_body(world: tuple[Env, dict[str, str]]) -> None:
+    w, runs = world
+    assert await _q(w, A, REFUSAL) == {runs["sync"]}
+    assert await _q(w, A, "please enter VALUE(s) for: email") == {runs["sync"]}  # any case
+    assert await _q(w, A, "o:errorCode: USER_ERROR") == {runs["sync"]}  # the destination's raw error
+    assert await _q(w, A, "The access token expired") == {runs["crm"]}  # the upstream's 401 body
+    assert await _q(w, A, "invalid_token") == {runs["crm"]}
+    assert await _q(w, A, "answered 401 Unauthorized") == {runs["crm"]}  # the run's error message, as before
+    assert await _q(w, A, runs["hello"][-12:]) == {runs["hello"]}  # a fragment of the run id, as before
+    assert await _q(w, A, "no run says this") == set()
     # q is scoped by the key's tenant: B called the same CRM and finds its own run, never A's.
-    assert await w.q(B, "The access token expired") == {runs["b_crm"]}
-    assert await w.q(B, REFUSAL) == set()
-    assert await w.q(B, runs["sync"]) == set()
+    assert await _q(w, B, "The access token expired") == {runs["b_crm"]}
+    assert await _q(w, B, REFUSAL) == set()
+    assert await _q(w, B, runs["sync"]) == set()
 
 
-async def test_the_search_text_equals_a_replay_of_the_ledger(world: World) -> None:
-    box = world.sandbox
-    settings = ProjectorSettings(kafka_bootstrap=box.infra.kafka_bootstrap, database_url=box.infra.database_url,
-                                 database_schema=box.schema, topic_prefix=box.topics.prefix)  # fmt: skip
-    outcome = await rebuild.run(settings, swap=False, progress=lambda line: None)
-    assert outcome.comparison.equal, rebuild.describe(outcome.comparison)
-    conn = await connect(box.infra.database_url, box.schema)
+async def test_the_search_text_equals_a_replay_of_the_ledger(world: tuple[Env, dict[str, str]]) -> None:
+    env, runs = world
+    await assert_verify_equal(env.sandbox)
+    conn = await env.db()
     try:
         texts = dict(await conn.fetch("SELECT id, search_details FROM runs WHERE search_details IS NOT NULL"))
     finally:
         await conn.close()
-    assert set(texts) == {world.runs["sync"], world.runs["crm"], world.runs["b_crm"]}
-    assert "error_description: The access token expired" in texts[world.runs["crm"]]
+    assert set(texts) == {runs["sync"], runs["crm"], runs["b_crm"]}
+    assert "error_description: The access token expired" in texts[runs["crm"]]
