@@ -9,15 +9,13 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
-from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import orjson
 import pytest
@@ -25,46 +23,55 @@ from aiohttp import web
 
 from schemas import events as ev
 from schemas.events import EventBase
-from services.common.auth import create_api_key, ensure_tenant
-from services.common.db import connect
 from services.common.webhooks import verify
 from services.projector import rebuild
-from services.projector.settings import ProjectorSettings
-from tests.conftest import Infra, Sandbox, make_sandbox
-from tests.e2e.stack import Stack, free_port
-from tests.factories import produce, run_events
+from tests.conftest import Infra
+from tests.factories import run_events
+from tests.harness import (
+    LOOPBACK_WEBHOOKS,
+    Env,
+    KeySpec,
+    answer,
+    append_ledger,
+    first_calls,
+    projector_settings,
+    running,
+    stub_upstream,
+    wait_sql,
+    wait_until,
+)
 
 SECRET = "whsec_alerts_0123456789abcdef"
 ROUTING_KEY = "R0UTING0KEY0123456789abcdef0123"
 
 
-@dataclass
-class Inbox:
-    """Local stand-ins for a webhook receiver, a Slack incoming webhook and PagerDuty's Events API.
-    Slack answers 500 to the first attempt of every message, so retries show in the attempt log."""
+async def pagerduty(request: web.Request) -> web.Response:
+    """PagerDuty's Events API: 202 naming the dedup key."""
+    body = orjson.loads(await request.read())
+    return web.json_response({"status": "success", "dedup_key": body["dedup_key"]}, status=202)
 
-    requests: dict[str, list[tuple[dict[str, str], dict[str, Any]]]] = field(default_factory=dict)
-    raw: dict[str, list[bytes]] = field(default_factory=dict)
-    seen: dict[bytes, int] = field(default_factory=dict)
-    base: str = ""
 
-    async def handle(self, request: web.Request) -> web.Response:
-        raw = await request.read()
-        name = request.match_info["name"]
-        self.raw.setdefault(name, []).append(raw)
-        self.seen[raw] = self.seen.get(raw, 0) + 1
-        self.requests.setdefault(name, []).append((dict(request.headers), orjson.loads(raw)))
-        if name == "slack" and self.seen[raw] == 1:
-            return web.Response(status=500, text="try later")
-        if name == "pagerduty":
-            return web.json_response({"status": "success", "dedup_key": orjson.loads(raw)["dedup_key"]}, status=202)
-        return web.Response(status=200, text="ok")
+# Local stand-ins (env.upstream) for a webhook receiver, a Slack incoming webhook and PagerDuty's Events API. Slack
+# answers 500 to the first attempt of every message, so retries show in the attempt log.
+INBOX = {
+    ("POST", "/webhook"): answer("ok"),
+    ("POST", "/slack"): first_calls(1, answer("try later", 500), answer("ok"), per=lambda call: call.body),
+    ("POST", "/pagerduty"): pagerduty,
+}
 
-    def bodies(self, name: str, *, where: Callable[[dict[str, Any]], bool] = lambda b: True) -> list[dict[str, Any]]:
-        return [b for _, b in self.requests.get(name, []) if where(b)]
 
-    def count(self) -> dict[str, int]:
-        return {name: len(items) for name, items in self.requests.items()}
+def requests(env: Env, name: str) -> list[tuple[dict[str, str], dict[str, Any]]]:
+    """What the stand-in `name` was sent, in order: (headers, JSON body)."""
+    return [(dict(c.headers), c.json()) for c in env.upstream.seen(f"/{name}")]
+
+
+def bodies(env: Env, name: str) -> list[dict[str, Any]]:
+    return [body for _, body in requests(env, name)]
+
+
+def counts(env: Env) -> dict[str, int]:
+    """How many requests each stand-in was sent."""
+    return dict(Counter(c.path.removeprefix("/") for c in env.upstream.requests))
 
 
 @dataclass
@@ -72,6 +79,7 @@ class SmtpInbox:
     """A tiny SMTP receiver: enough of RFC 5321 for smtplib's EHLO, MAIL, RCPT, DATA, QUIT."""
 
     messages: list[tuple[list[str], EmailMessage]] = field(default_factory=list)
+    port: int = 0
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 inbox.test ESMTP\r\n")
@@ -100,66 +108,31 @@ class SmtpInbox:
         return [str(m["Subject"]) for _, m in self.messages]
 
 
-@dataclass
-class Env:
-    sandbox: Sandbox
-    stack: Stack
-    db: asyncpg.Connection
-    inbox: Inbox
-    smtp: SmtpInbox
-    admin: str
-    other: str
-    reader: str
-
-    def api(self, key: str | None = None) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.stack["api"].url, timeout=10,
-                                 headers={"Authorization": f"Bearer {key or self.admin}"})  # fmt: skip
+@pytest.fixture(scope="module")
+async def smtp() -> AsyncIterator[SmtpInbox]:
+    inbox = SmtpInbox()
+    server = await asyncio.start_server(inbox.handle, "127.0.0.1", 0)
+    inbox.port = server.sockets[0].getsockname()[1]
+    try:
+        yield inbox
+    finally:
+        server.close()
 
 
 @pytest.fixture(scope="module")
-async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
-    inbox, smtp = Inbox(), SmtpInbox()
-    app = web.Application()
-    app.router.add_post("/{name}", inbox.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    inbox.base = f"http://127.0.0.1:{port}"
-    smtp_server = await asyncio.start_server(smtp.handle, "127.0.0.1", 0)
-    smtp_port = smtp_server.sockets[0].getsockname()[1]
-    async with make_sandbox(infra) as sandbox:
-        db = await connect(infra.database_url, sandbox.schema)
-        await ensure_tenant(db, "t1", "T1")
-        await ensure_tenant(db, "t2", "T2")
-        _, admin = await create_api_key(db, "t1")
-        _, other = await create_api_key(db, "t2")
-        _, reader = await create_api_key(db, "t1", scopes=("runs:read",))
-        stack = Stack.build(
-            sandbox, ("projector", "api"), tmp_path_factory.mktemp("logs"),
-            FLOWTRAIL_PROJECTOR_WEBHOOK_ALLOW_PRIVATE_NETWORKS="true",
-            FLOWTRAIL_API_WEBHOOK_ALLOW_PRIVATE_NETWORKS="true",
-            FLOWTRAIL_PROJECTOR_ALERT_BACKOFF_S="0.2", FLOWTRAIL_PROJECTOR_ALERT_POLL_S="0.05",
-            FLOWTRAIL_PROJECTOR_ALERT_CLOCK_S="0.3",
-            FLOWTRAIL_PROJECTOR_SMTP_HOST="127.0.0.1", FLOWTRAIL_PROJECTOR_SMTP_PORT=str(smtp_port),
-            FLOWTRAIL_PROJECTOR_SMTP_FROM="alerts@flowtrail.test",
-        )  # fmt: skip
-        await stack.start()
-        try:
-            yield Env(sandbox, stack, db, inbox, smtp, admin, other, reader)
-        finally:
-            stack.stop()
-            await db.close()
-            smtp_server.close()
-            await runner.cleanup()
-
-
-async def _wait(check: Callable[[], Awaitable[Any]], env: Env, within: float = 30) -> Any:
-    deadline = time.monotonic() + within
-    while not (result := await check()):
-        assert time.monotonic() < deadline, f"condition not met in time\n{env.stack['projector'].log_tail()}"
-        await asyncio.sleep(0.05)
-    return result
+async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory, smtp: SmtpInbox) -> AsyncIterator[Env]:
+    keys: dict[str, KeySpec | str] = {"admin": "t1", "other": "t2", "reader": KeySpec("t1", scopes=("runs:read",))}
+    settings = {
+        **LOOPBACK_WEBHOOKS, "FLOWTRAIL_PROJECTOR_ALERT_BACKOFF_S": "0.2", "FLOWTRAIL_PROJECTOR_ALERT_POLL_S": "0.05",
+        "FLOWTRAIL_PROJECTOR_ALERT_CLOCK_S": "0.3",
+        "FLOWTRAIL_PROJECTOR_SMTP_HOST": "127.0.0.1", "FLOWTRAIL_PROJECTOR_SMTP_PORT": str(smtp.port),
+        "FLOWTRAIL_PROJECTOR_SMTP_FROM": "alerts@flowtrail.test",
+    }  # fmt: skip
+    async with (
+        stub_upstream(INBOX) as inbox,
+        running(infra, tmp_path_factory, keys=keys, services=("projector", "api"), env=settings, upstream=inbox) as env,
+    ):
+        yield env
 
 
 def finished(run_id: str, status: str, at: datetime, *, flow: str, tenant: str = "t1") -> list[EventBase]:
@@ -179,16 +152,14 @@ async def play(env: Env, runs: list[tuple[str, str, datetime, str]], tenant: str
     """(run id, status, finished at, flow) in order; returns once every run is projected (alert rules are
     evaluated in the same transaction). One partition, so the log order is the order given."""
     events = [e for run_id, status, at, flow in runs for e in finished(run_id, status, at, flow=flow, tenant=tenant)]
-    await produce(env.sandbox.infra.kafka_bootstrap, env.sandbox.topics.ledger, events, 1)
+    await append_ledger(env.sandbox, events, partitions=1)
     ids = [r[0] for r in runs]
-
-    async def projected() -> bool:
-        done = await env.db.fetchval(
-            "SELECT count(*) FROM runs WHERE id = ANY($1::text[]) AND finished_at IS NOT NULL", ids
-        )
-        return bool(done == len(ids))
-
-    await _wait(projected, env)
+    db = await env.db()
+    try:
+        await wait_sql(db, "SELECT count(*) = $2 FROM runs WHERE id = ANY($1::text[]) AND finished_at IS NOT NULL",
+                       ids, len(ids), what=f"{len(ids)} runs projected", logs=env.log_tails)  # fmt: skip
+    finally:
+        await db.close()
 
 
 def series(prefix: str, flow: str, statuses: str, t0: datetime, *, every: timedelta = timedelta(minutes=1)
@@ -214,12 +185,12 @@ def at(value: str | None) -> datetime | None:
     return None if value is None else datetime.fromisoformat(value)
 
 
-async def test_failed_runs_alert_every_channel_in_its_own_shape(env: Env) -> None:
-    async with env.api() as api:
+async def test_failed_runs_alert_every_channel_in_its_own_shape(env: Env, smtp: SmtpInbox) -> None:
+    async with env.client() as api:
         channels = [
-            {"type": "webhook", "url": f"{env.inbox.base}/webhook"},
-            {"type": "slack", "url": f"{env.inbox.base}/slack"},
-            {"type": "pagerduty", "routing_key": ROUTING_KEY, "url": f"{env.inbox.base}/pagerduty",
+            {"type": "webhook", "url": f"{env.upstream.url}/webhook"},
+            {"type": "slack", "url": f"{env.upstream.url}/slack"},
+            {"type": "pagerduty", "routing_key": ROUTING_KEY, "url": f"{env.upstream.url}/pagerduty",
              "severity": "critical"},
             {"type": "email", "to": ["oncall@example.com", "ops@example.com"]},
         ]  # fmt: skip
@@ -250,25 +221,25 @@ async def test_failed_runs_alert_every_channel_in_its_own_shape(env: Env) -> Non
                 out += (await api.get(f"/v1/alerts/{a['id']}")).json()["deliveries"]
             return out if len(out) == 12 and all(d["status"] == "delivered" for d in out) else None
 
-        deliveries = await _wait(all_delivered, env)
+        deliveries = await wait_until(all_delivered, logs=env.log_tails)
     # Fired, resolved, fired: three messages per channel, each attempt logged with its answer.
     assert sorted(d["action"] for d in deliveries).count("resolve") == 4
     answers = {"webhook": [200], "slack": [500, 200], "pagerduty": [202], "email": [None]}
     for d in deliveries:
         assert [a["status_code"] for a in d["attempt_log"]] == answers[d["channel_type"]], d
 
-    hooks = env.inbox.requests["webhook"]
+    hooks = requests(env, "webhook")
     assert sorted((h["X-Flowtrail-Event"], b["data"]["alert"]["id"]) for h, b in hooks) == sorted(
         [("alert.fired", first["id"]), ("alert.resolved", first["id"]), ("alert.fired", second["id"])]
     )
-    for (headers, body), raw in zip(hooks, env.inbox.raw["webhook"], strict=True):
+    for (headers, body), raw in zip(hooks, [c.body for c in env.upstream.seen("/webhook")], strict=True):
         assert verify(SECRET, raw, headers["X-Flowtrail-Signature"])
         assert not verify("whsec_someone_else_entirely", raw, headers["X-Flowtrail-Signature"])
         assert headers["X-Flowtrail-Delivery"] == body["id"]
         assert body["data"]["rule"] == {"id": rule["id"], "name": "Orders sync broke", "kind": "failed_run",
                                         "flow_id": "f-fail"}  # fmt: skip
 
-    slack = env.inbox.bodies("slack")
+    slack = bodies(env, "slack")
     assert not any("f-calm" in b["text"] for b in slack)
     fired_texts = {b["text"] for b in slack if b["text"].startswith("[FIRING]")}
     assert fired_texts == {f"[FIRING] Orders sync broke: {first['reason']}",
@@ -280,7 +251,7 @@ async def test_failed_runs_alert_every_channel_in_its_own_shape(env: Env) -> Non
         assert b["blocks"][0] == {"type": "section", "text": {"type": "mrkdwn", "text": b["text"]}}
         assert "*Flow:* `f-fail`" in [e["text"] for e in b["blocks"][1]["elements"]]
 
-    pd = env.inbox.bodies("pagerduty")
+    pd = bodies(env, "pagerduty")
     triggers = sorted((b for b in pd if b["event_action"] == "trigger"), key=lambda b: b["payload"]["timestamp"])
     assert [b["dedup_key"] for b in triggers] == [first["id"], second["id"]]
     for b, a in zip(triggers, fired, strict=True):
@@ -293,18 +264,18 @@ async def test_failed_runs_alert_every_channel_in_its_own_shape(env: Env) -> Non
         {"routing_key": ROUTING_KEY, "event_action": "resolve", "dedup_key": first["id"]}
     ]
 
-    assert sorted(env.smtp.subjects()) == sorted(
+    assert sorted(smtp.subjects()) == sorted(
         ["[Flowtrail] FIRING: Orders sync broke (f-fail)"] * 2 + ["[Flowtrail] RESOLVED: Orders sync broke (f-fail)"]
     )
-    for recipients, message in env.smtp.messages:
+    for recipients, message in smtp.messages:
         assert recipients == ["oncall@example.com", "ops@example.com"]
         assert message["From"] == "alerts@flowtrail.test" and message["To"] == "oncall@example.com, ops@example.com"
-    text = next(m.get_content() for _, m in env.smtp.messages if "RESOLVED" in str(m["Subject"]))
+    text = next(m.get_content() for _, m in smtp.messages if "RESOLVED" in str(m["Subject"]))
     assert first["reason"] in text and "Run:   fail1" in text and "by run fail2" in text
 
 
 async def test_consecutive_partial_fires_once_at_the_nth_and_a_success_resets(env: Env) -> None:
-    async with env.api() as api:
+    async with env.client() as api:
         rule = await new_rule(api, flow_id="f-part", kind="consecutive_partial", n=3)
         broken = await new_rule(api, flow_id="f-part-broken", kind="consecutive_partial", n=3)
         t0 = datetime.now(UTC)
@@ -323,7 +294,7 @@ async def test_consecutive_partial_fires_once_at_the_nth_and_a_success_resets(en
 
 
 async def test_failure_rate_burns_over_a_sliding_window(env: Env) -> None:
-    async with env.api() as api:
+    async with env.client() as api:
         body = {"kind": "failure_rate", "threshold": 0.5, "window_minutes": 10, "min_runs": 4}
         calm = await new_rule(api, flow_id="f-rate-calm", **body)
         burn = await new_rule(api, flow_id="f-rate", **body)
@@ -350,7 +321,7 @@ async def test_failure_rate_burns_over_a_sliding_window(env: Env) -> None:
 
 
 async def test_no_success_counts_silence_in_event_time_and_by_the_clock(env: Env) -> None:
-    async with env.api() as api:
+    async with env.client() as api:
         silent = await new_rule(api, flow_id="f-silent", kind="no_success", minutes=5)
         busy = await new_rule(api, flow_id="f-busy", kind="no_success", minutes=5)
         t0 = datetime.now(UTC)
@@ -369,21 +340,21 @@ async def test_no_success_counts_silence_in_event_time_and_by_the_clock(env: Env
 
         # The wall clock: a flow silent for longer than 3 s after its last success.
         clock = await new_rule(api, flow_id="f-clock", kind="no_success", minutes=0.05,
-                               channels=[{"type": "slack", "url": f"{env.inbox.base}/slack"}])  # fmt: skip
+                               channels=[{"type": "slack", "url": f"{env.upstream.url}/slack"}])  # fmt: skip
         s1 = datetime.now(UTC)
         await play(env, [("clk0", "SUCCEEDED", s1, "f-clock")])
 
         async def fired_by_clock() -> list[dict[str, Any]]:
             return await alerts_of(api, clock)
 
-        (alert,) = await _wait(fired_by_clock, env)
+        (alert,) = await wait_until(fired_by_clock, logs=env.log_tails)
         assert at(alert["fired_at"]) == s1 + timedelta(seconds=3) and alert["run_id"] == "clk0"
         assert alert["status"] == "open" and "no successful run of flow f-clock in 0.05 min" in alert["reason"]
 
         async def on_slack() -> bool:
-            return any("f-clock" in b["text"] for b in env.inbox.bodies("slack"))
+            return any("f-clock" in b["text"] for b in bodies(env, "slack"))
 
-        await _wait(on_slack, env)
+        await wait_until(on_slack, logs=env.log_tails)
         # A longer limit from now on (a new revision); the next success resolves the silence.
         r = await api.patch(f"/v1/alert-rules/{clock['id']}", json={"minutes": 60})
         assert r.status_code == 200 and r.json()["minutes"] == 60
@@ -395,11 +366,11 @@ async def test_no_success_counts_silence_in_event_time_and_by_the_clock(env: Env
             ds = (await api.get(f"/v1/alerts/{alert['id']}")).json()["deliveries"]
             return [(d["action"], d["status"]) for d in ds] == [("trigger", "delivered"), ("resolve", "delivered")]
 
-        await _wait(both_sent, env)
+        await wait_until(both_sent, logs=env.log_tails)
 
 
 async def test_api_validates_rules_pages_history_and_keeps_tenants_apart(env: Env) -> None:
-    async with env.api() as api, env.api(env.other) as other, env.api(env.reader) as reader:
+    async with env.client() as api, env.client(key="other") as other, env.client(key="reader") as reader:
         bad = [
             ({"flow_id": "f", "kind": "failed_run", "colour": "red"}, "colour"),
             ({"flow_id": "f", "kind": "failed_run", "n": 3}, "n do(es) not apply"),
@@ -414,7 +385,7 @@ async def test_api_validates_rules_pages_history_and_keeps_tenants_apart(env: En
             assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error", (body, r.text)
             assert needle in r.json()["error"]["message"], (needle, r.text)
         assert (await reader.get("/v1/alert-rules")).status_code == 403
-        assert (await httpx.AsyncClient(base_url=env.stack["api"].url).get("/v1/alerts")).status_code == 401
+        assert (await env.http.get(env.url("api") + "/v1/alerts")).status_code == 401
 
         rules = (await api.get("/v1/alert-rules")).json()["data"]
         failing = next(r for r in rules if r["flow_id"] == "f-fail")
@@ -452,15 +423,11 @@ async def test_api_validates_rules_pages_history_and_keeps_tenants_apart(env: En
         assert await alerts_of(api, part) == []
 
 
-async def test_a_rebuild_derives_the_same_history_and_sends_nothing_again(env: Env, tmp_path: Path) -> None:
-    async with env.api() as api:
+async def test_a_rebuild_derives_the_same_history_and_sends_nothing_again(env: Env, smtp: SmtpInbox) -> None:
+    async with env.client() as api:
         before = (await api.get("/v1/alerts", params={"limit": 200})).json()["data"]
-        sent = env.inbox.count() | {"email": len(env.smtp.messages)}
-        settings = ProjectorSettings(
-            kafka_bootstrap=env.sandbox.infra.kafka_bootstrap, database_url=env.sandbox.infra.database_url,
-            database_schema=env.sandbox.schema, topic_prefix=env.sandbox.topics.prefix,
-        )  # fmt: skip
-        outcome = await rebuild.run(settings, swap=True, progress=lambda _: None)
+        sent = counts(env) | {"email": len(smtp.messages)}
+        outcome = await rebuild.run(projector_settings(env.sandbox), swap=True, progress=lambda _: None)
         assert outcome.swapped_to is not None
         for table in ("alert_events", "alert_state"):
             live, shadow = outcome.comparison.tables[table]
@@ -477,7 +444,7 @@ async def test_a_rebuild_derives_the_same_history_and_sends_nothing_again(env: E
             ds = (await api.get(f"/v1/alerts/{new['id']}")).json()["deliveries"]
             return len(ds) == 4 and all(d["status"] == "delivered" for d in ds)
 
-        await _wait(delivered, env)
-    now = env.inbox.count() | {"email": len(env.smtp.messages)}
+        await wait_until(delivered, logs=env.log_tails)
+    now = counts(env) | {"email": len(smtp.messages)}
     # One more message per channel (Slack's first attempt is refused, so two requests there).
     assert now == {k: v + (2 if k == "slack" else 1) for k, v in sent.items()}, (sent, now)

@@ -6,11 +6,9 @@ never appear in an answer."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -21,104 +19,61 @@ from aiohttp import web
 
 from schemas import events as ev
 from schemas.events import EventBase, TriggerInfo
-from services.api.app import create_app
-from services.api.settings import ApiSettings
-from services.common.auth import create_api_key, ensure_tenant
 from services.common.db import connect
 from services.common.webhooks import verify
 from services.projector.adapters.store import Positioned, apply_batch
 from tests.conftest import Infra, Sandbox, make_sandbox
-from tests.e2e.stack import Stack, free_port
-from tests.factories import produce
+from tests.e2e.stack import free_port
+from tests.harness import (
+    FAST_WEBHOOKS,
+    Env,
+    KeySpec,
+    answer,
+    api_in_process,
+    append_ledger,
+    delayed,
+    running,
+    stub_upstream,
+    wait_until,
+)
 
 SECRET = "whsec_connectors_0123456789"
 TOKEN = "Bearer s3cr3t-token-abc"
 PASSWORD = "hunter2-not-shown"
 
 
-@dataclass
-class Upstream:
-    """A loopback system to check: /health answers 200, /private 401 without the right token, /slow never
-    answers in time; /hooks receives webhook deliveries."""
-
-    url: str = ""
-    hooks: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
-
-    async def health(self, request: web.Request) -> web.Response:
-        return web.Response(status=200, text="ok")
-
-    async def private(self, request: web.Request) -> web.Response:
-        if request.headers.get("Authorization") == "Bearer right-token":
-            return web.Response(status=200)
-        return web.Response(status=401, text="expired token")
-
-    async def slow(self, request: web.Request) -> web.Response:
-        await asyncio.sleep(5)  # the upstream being slow is the scenario; the test waits for the verify only
+async def private(request: web.Request) -> web.Response:
+    if request.headers.get("Authorization") == "Bearer right-token":
         return web.Response(status=200)
-
-    async def hook(self, request: web.Request) -> web.Response:
-        self.hooks.append((dict(request.headers), await request.read()))
-        return web.Response(status=200)
+    return web.Response(status=401, text="expired token")
 
 
-@dataclass
-class Env:
-    sandbox: Sandbox
-    stack: Stack
-    upstream: Upstream
-    keys: dict[str, str]
-
-    def api(self, key: str = "admin") -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.stack["api"].url, timeout=20,
-                                 headers={"Authorization": f"Bearer {self.keys[key]}"})  # fmt: skip
+# A loopback system to check (env.upstream): /health answers 200, /private 401 without the right token, /slow never
+# answers in time (the upstream being slow is the scenario; the test waits for the verify only); /hooks receives
+# webhook deliveries.
+UPSTREAM = {
+    ("GET", "/health"): answer("ok"),
+    ("GET", "/private"): private,
+    ("GET", "/slow"): delayed(5, answer()),
+    ("POST", "/hooks"): answer(),
+}
 
 
 @pytest.fixture(scope="module")
 async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
-    upstream = Upstream()
-    app = web.Application()
-    app.router.add_get("/health", upstream.health)
-    app.router.add_get("/private", upstream.private)
-    app.router.add_get("/slow", upstream.slow)
-    app.router.add_post("/hooks", upstream.hook)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    upstream.url = f"http://127.0.0.1:{port}"
-    async with make_sandbox(infra) as sandbox:
-        db = await connect(infra.database_url, sandbox.schema)
-        try:
-            await ensure_tenant(db, "t1", "T1")
-            await ensure_tenant(db, "t2", "T2")
-            keys = {
-                "admin": (await create_api_key(db, "t1"))[1],
-                "reader": (await create_api_key(db, "t1", scopes=["runs:read"]))[1],
-                "other": (await create_api_key(db, "t2"))[1],
-            }
-        finally:
-            await db.close()
-        stack = Stack.build(
-            sandbox, ("projector", "api"), tmp_path_factory.mktemp("logs"),
-            FLOWTRAIL_API_CONNECTOR_ALLOW_PRIVATE_NETWORKS="true",
-            FLOWTRAIL_API_WEBHOOK_ALLOW_PRIVATE_NETWORKS="true",
-            FLOWTRAIL_PROJECTOR_WEBHOOK_ALLOW_PRIVATE_NETWORKS="true",
-            FLOWTRAIL_PROJECTOR_WEBHOOK_BACKOFF_S="0.2", FLOWTRAIL_PROJECTOR_WEBHOOK_POLL_S="0.05",
-        )  # fmt: skip
-        await stack.start()
-        try:
-            yield Env(sandbox, stack, upstream, keys)
-        finally:
-            stack.stop()
-            await runner.cleanup()
+    keys: dict[str, KeySpec | str] = {"admin": "t1", "reader": KeySpec("t1", scopes=("runs:read",)), "other": "t2"}
+    settings = {**FAST_WEBHOOKS, "FLOWTRAIL_API_CONNECTOR_ALLOW_PRIVATE_NETWORKS": "true"}
+    async with (
+        stub_upstream(UPSTREAM) as upstream,
+        running(infra, tmp_path_factory, keys=keys, services=("projector", "api"), env=settings,
+                upstream=upstream) as env,
+    ):  # fmt: skip
+        yield env
 
 
-async def _wait(check: Any, within: float = 30) -> Any:
-    deadline = time.monotonic() + within
-    while not (result := await check()):
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
-    return result
+def hooks(env: Env) -> list[tuple[dict[str, str], bytes]]:
+    """The webhook deliveries /hooks was sent, in order: (headers, body)."""
+    return [(dict(c.headers), c.body) for c in env.upstream.seen("/hooks")]
 
 
 async def _create(api: httpx.AsyncClient, name: str, kind: str, **config: Any) -> dict[str, Any]:
@@ -145,7 +100,7 @@ def _with_password(dsn: str, user: str | None = None) -> str:
 
 
 async def test_verify_http_reports_ok_auth_and_unreachable(env: Env) -> None:
-    async with env.api() as api:
+    async with env.client() as api:
         healthy = await _create(api, "shop", "http", url=env.upstream.url + "/api/v2", health_path="/health")
         result = await _verify(api, healthy)
         assert result["ok"] is True and result["detail"]["status_code"] == 200
@@ -176,7 +131,7 @@ async def test_verify_http_reports_ok_auth_and_unreachable(env: Env) -> None:
 
 async def test_verify_postgresql_connects_for_real_and_a_refused_login_is_auth(env: Env) -> None:
     dsn = env.sandbox.infra.database_url
-    async with env.api() as api:
+    async with env.client() as api:
         good = await _create(api, "warehouse", "postgresql", dsn=_with_password(dsn))
         assert PASSWORD not in str(good) and "***" in good["config"]["dsn"]
         result = await _verify(api, good)
@@ -194,7 +149,7 @@ async def test_verify_postgresql_connects_for_real_and_a_refused_login_is_auth(e
 
 
 async def test_verify_kafka_fetches_cluster_metadata(env: Env) -> None:
-    async with env.api() as api:
+    async with env.client() as api:
         bus = await _create(api, "bus", "kafka", url=f"kafka://{env.sandbox.infra.kafka_bootstrap}")
         result = await _verify(api, bus)
         assert result["ok"] is True and result["detail"]["brokers"] >= 1 and result["detail"]["cluster_id"]
@@ -207,7 +162,7 @@ async def test_verify_kafka_fetches_cluster_metadata(env: Env) -> None:
 
 
 async def test_names_are_unique_bodies_are_checked_and_writes_need_admin(env: Env) -> None:
-    async with env.api() as api:
+    async with env.client() as api:
         await _create(api, "dup", "http", url=env.upstream.url)
         r = await api.post("/v1/connectors", json={"name": "dup", "kind": "http", "config": {"url": env.upstream.url}})
         assert r.status_code == 409 and r.json()["error"]["code"] == "conflict"
@@ -228,7 +183,7 @@ async def test_names_are_unique_bodies_are_checked_and_writes_need_admin(env: En
         assert (await api.delete(f"/v1/connectors/{doomed['id']}")).status_code == 204
         assert (await api.get(f"/v1/connectors/{doomed['id']}")).json()["error"]["code"] == "not_found"
         assert (await api.delete(f"/v1/connectors/{doomed['id']}")).status_code == 404
-    async with env.api("reader") as reader:
+    async with env.client(key="reader") as reader:
         assert (await reader.get("/v1/connectors")).status_code == 200
         r = await reader.post("/v1/connectors", json={"name": "r", "kind": "http", "config": {"url": env.upstream.url}})
         assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
@@ -236,31 +191,19 @@ async def test_names_are_unique_bodies_are_checked_and_writes_need_admin(env: En
         assert (await reader.post(f"/v1/connectors/{some['id']}/verify")).status_code == 403
 
 
-async def test_private_addresses_are_refused_unless_the_deployment_allows_them(infra: Infra, sandbox: Sandbox) -> None:
-    db = await connect(infra.database_url, sandbox.schema)
-    try:
-        await ensure_tenant(db, "t1", "T1")
-        _, key = await create_api_key(db, "t1")
-    finally:
-        await db.close()
-    settings = ApiSettings(database_url=infra.database_url, database_schema=sandbox.schema,
-                           kafka_bootstrap=infra.kafka_bootstrap, topic_prefix=sandbox.topics.prefix)  # fmt: skip
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://api",
-                                     headers={"Authorization": f"Bearer {key}"}) as api:  # fmt: skip
-            for kind, config in [
-                ("http", {"url": "http://127.0.0.1:8080/health"}),
-                ("http", {"url": "http://10.0.0.8/", "health_path": "/status"}),
-                ("http", {"url": "http://[::1]:9000/"}),
-                ("postgresql", {"dsn": f"postgresql://app:{PASSWORD}@10.1.2.3/db"}),
-                ("kafka", {"url": "kafka://192.168.1.5:9092"}),
-            ]:
-                r = await api.post("/v1/connectors", json={"name": "inside", "kind": kind, "config": config})
-                assert r.status_code == 422, r.text
-                assert "private" in r.json()["error"]["message"] and PASSWORD not in r.text
-            assert (await api.get("/v1/connectors")).json()["meta"]["total"] == 0
+async def test_private_addresses_are_refused_unless_the_deployment_allows_them(sandbox: Sandbox) -> None:
+    async with api_in_process(sandbox) as api:
+        for kind, config in [
+            ("http", {"url": "http://127.0.0.1:8080/health"}),
+            ("http", {"url": "http://10.0.0.8/", "health_path": "/status"}),
+            ("http", {"url": "http://[::1]:9000/"}),
+            ("postgresql", {"dsn": f"postgresql://app:{PASSWORD}@10.1.2.3/db"}),
+            ("kafka", {"url": "kafka://192.168.1.5:9092"}),
+        ]:
+            r = await api.post("/v1/connectors", json={"name": "inside", "kind": kind, "config": config})
+            assert r.status_code == 422, r.text
+            assert "private" in r.json()["error"]["message"] and PASSWORD not in r.text
+        assert (await api.get("/v1/connectors")).json()["meta"]["total"] == 0
 
 
 # ---------------------------------------------------------------- health from the ledger, and the webhook
@@ -304,8 +247,7 @@ def _run(run_id: str, at: datetime, tenant_id: str, body: list[tuple[Any, dict[s
 
 async def test_auth_failures_degrade_a_connector_once_and_a_later_success_clears_it(env: Env) -> None:
     t0 = datetime.now(UTC).replace(microsecond=0)
-    bootstrap, ledger = env.sandbox.infra.kafka_bootstrap, env.sandbox.topics.ledger
-    async with env.api() as api:
+    async with env.client() as api:
         r = await api.post("/v1/webhooks", json={"url": env.upstream.url + "/hooks", "secret": SECRET,
                                                  "events": ["connector.degraded"]})  # fmt: skip
         assert r.status_code == 201, r.text
@@ -327,7 +269,7 @@ async def test_auth_failures_degrade_a_connector_once_and_a_later_success_clears
             data = (await api.get(f"/v1/webhooks/{subscription}/deliveries")).json()["data"]
             return [d for d in data if d["event"] == "connector.degraded"]
 
-        first = await _wait(flow_listed)
+        first = await wait_until(flow_listed)
         assert first["status"] == "ok" and first["health"]["last_error"] is None
         assert first["flows"] == [
             {
@@ -339,13 +281,13 @@ async def test_auth_failures_degrade_a_connector_once_and_a_later_success_clears
 
         # Two runs refused while degraded, each delivered twice by Kafka: degraded once, one webhook.
         a, b = failing_run("run-a", t0, "crm"), failing_run("run-b", t0 + timedelta(seconds=1), "crm")
-        await produce(bootstrap, ledger, a + b + a + b, env.sandbox.partitions)
+        await append_ledger(env.sandbox, a + b + a + b)
 
         async def shows_run_b() -> dict[str, Any] | None:
             h = await health()
             return h if (h["health"]["last_failure"] or {}).get("run_id") == "run-b" else None
 
-        degraded = await _wait(shows_run_b)
+        degraded = await wait_until(shows_run_b)
         assert degraded["status"] == "degraded"
         assert datetime.fromisoformat(degraded["health"]["degraded_since"]) == a[4].occurred_at
         assert degraded["health"]["last_error"]["category"] == "AUTH"
@@ -357,9 +299,9 @@ async def test_auth_failures_degrade_a_connector_once_and_a_later_success_clears
             found = await connector_deliveries()
             return found if found and all(d["status"] == "delivered" for d in found) else None
 
-        deliveries = await _wait(delivered)
+        deliveries = await wait_until(delivered)
         assert len(deliveries) == 1
-        headers, raw = next((h, b) for h, b in env.upstream.hooks if h["X-Flowtrail-Event"] == "connector.degraded")
+        headers, raw = next((h, b) for h, b in hooks(env) if h["X-Flowtrail-Event"] == "connector.degraded")
         assert verify(SECRET, raw, headers["X-Flowtrail-Signature"])
         body = orjson.loads(raw)
         assert body["data"]["connector"]["name"] == "crm" and body["data"]["run_id"] == "run-a"
@@ -369,36 +311,36 @@ async def test_auth_failures_degrade_a_connector_once_and_a_later_success_clears
         # Recovery: a later run whose step reads from crm succeeds. Its StepStarted is projected first, so
         # the success is matched to the input recorded in an earlier batch.
         c = succeeding_run("run-c", t0 + timedelta(seconds=2), "crm")
-        await produce(bootstrap, ledger, c[:4], env.sandbox.partitions)
+        await append_ledger(env.sandbox, c[:4])
 
         async def running() -> bool:
             return bool((await api.get("/v1/runs/run-c")).json().get("status") == "RUNNING")
 
-        await _wait(running)
-        await produce(bootstrap, ledger, c[4:], env.sandbox.partitions)
+        await wait_until(running)
+        await append_ledger(env.sandbox, c[4:])
 
         async def recovered() -> dict[str, Any] | None:
             h = await health()
             return h if h["status"] == "ok" else None
 
-        ok = await _wait(recovered)
+        ok = await wait_until(recovered)
         assert ok["health"]["degraded_since"] is None and ok["health"]["last_success_run_id"] == "run-c"
         assert ok["health"]["last_error"]["category"] == "AUTH"  # the last failure stays on record
 
         # Refused again after the recovery: a new transition, a second webhook.
         d = failing_run("run-d", t0 + timedelta(seconds=3), "crm")
-        await produce(bootstrap, ledger, d, env.sandbox.partitions)
+        await append_ledger(env.sandbox, d)
 
         async def two() -> list[dict[str, Any]] | None:
             found = await connector_deliveries()
             return found if len(found) == 2 else None
 
-        assert len(await _wait(two)) == 2
+        assert len(await wait_until(two)) == 2
         assert (await health())["status"] == "degraded"
 
 
 async def test_tenants_never_see_each_others_connectors_or_health(env: Env) -> None:
-    async with env.api() as mine, env.api("other") as other:
+    async with env.client() as mine, env.client(key="other") as other:
         shop = (await mine.get("/v1/connectors")).json()["data"][0]
         assert (await other.get("/v1/connectors")).json() == {"data": [], "next_cursor": None,
                                                               "meta": {"total": 0, "has_more": False}}  # fmt: skip
@@ -409,13 +351,12 @@ async def test_tenants_never_see_each_others_connectors_or_health(env: Env) -> N
         theirs = await _create(other, "billing", "http", url=env.upstream.url)
         mine_billing = await _create(mine, "billing", "http", url=env.upstream.url)
         t0 = datetime.now(UTC)
-        await produce(env.sandbox.infra.kafka_bootstrap, env.sandbox.topics.ledger,
-                      failing_run("run-t2", t0, "billing", tenant_id="t2"), env.sandbox.partitions)  # fmt: skip
+        await append_ledger(env.sandbox, failing_run("run-t2", t0, "billing", tenant_id="t2"))
 
         async def theirs_degraded() -> bool:
             return bool((await other.get(f"/v1/connectors/{theirs['id']}")).json()["status"] == "degraded")
 
-        await _wait(theirs_degraded)
+        await wait_until(theirs_degraded)
         assert (await mine.get(f"/v1/connectors/{mine_billing['id']}")).json()["status"] == "ok"
 
 

@@ -8,19 +8,16 @@ import asyncio
 import stat
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import asyncpg
-import httpx
 import pytest
 from aiohttp import web
 from pydantic import SecretStr
 
 from deploy.launcher.cli import _rotate_key
 from deploy.launcher.errors import LauncherError
-from services.common.auth import create_api_key, ensure_tenant
+from services.common.auth import ensure_tenant
 from services.common.crypto import (
     Keyring,
     encode_key,
@@ -31,80 +28,37 @@ from services.common.crypto import (
     new_key,
     read_key_file,
 )
-from services.common.db import connect
 from services.common.secretstore import put_secret, read_secrets
 from services.common.settings import CommonSettings
-from tests.conftest import Infra, Sandbox, make_sandbox
-from tests.e2e.stack import Stack, free_port
+from tests.conftest import Infra, Sandbox
+from tests.harness import Env, KeySpec, db_rows, running, stub_upstream
 
 VALUE = f"sk-live-{uuid.uuid4().hex}"
 
 
-@dataclass
-class Upstream:
-    url: str = ""
-    seen: list[str] = field(default_factory=list)
-
-    async def health(self, request: web.Request) -> web.Response:
-        self.seen.append(request.headers.get("Authorization", ""))
-        return web.Response(status=200 if request.headers.get("Authorization") == f"Bearer {VALUE}" else 401)
-
-
-@dataclass
-class Env:
-    sandbox: Sandbox
-    stack: Stack
-    upstream: Upstream
-    keys: dict[str, str]
-
-    def api(self, key: str = "admin") -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.stack["api"].url, timeout=20,
-                                 headers={"Authorization": f"Bearer {self.keys[key]}"})  # fmt: skip
+async def health(request: web.Request) -> web.Response:
+    """A connector's health check (env.upstream): healthy only for the secret as a bearer token."""
+    return web.Response(status=200 if request.headers.get("Authorization") == f"Bearer {VALUE}" else 401)
 
 
 @pytest.fixture(scope="module")
 async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
-    upstream = Upstream()
-    app = web.Application()
-    app.router.add_get("/health", upstream.health)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    upstream.url = f"http://127.0.0.1:{port}"
-    async with make_sandbox(infra) as sandbox:
-        db = await connect(infra.database_url, sandbox.schema)
-        try:
-            await ensure_tenant(db, "t1", "T1")
-            await ensure_tenant(db, "t2", "T2")
-            keys = {
-                "admin": (await create_api_key(db, "t1"))[1],
-                "testing": (await create_api_key(db, "t1", environment="TESTING"))[1],
-                "writer": (await create_api_key(db, "t1", scopes=["runs:read", "runs:write", "flows:write"]))[1],
-                "other": (await create_api_key(db, "t2"))[1],
-            }
-        finally:
-            await db.close()
-        stack = Stack.build(sandbox, ("api",), tmp_path_factory.mktemp("logs"),
-                            FLOWTRAIL_API_CONNECTOR_ALLOW_PRIVATE_NETWORKS="true")  # fmt: skip
-        await stack.start()
-        try:
-            yield Env(sandbox, stack, upstream, keys)
-        finally:
-            stack.stop()
-            await runner.cleanup()
-
-
-async def _rows(env: Env, sql: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await connect(env.sandbox.infra.database_url, env.sandbox.schema)
-    try:
-        return list(await conn.fetch(sql, *args))
-    finally:
-        await conn.close()
+    keys: dict[str, KeySpec | str] = {
+        "admin": "t1",
+        "testing": KeySpec("t1", environment="TESTING"),
+        "writer": KeySpec("t1", scopes=("runs:read", "runs:write", "flows:write")),
+        "other": "t2",
+    }
+    async with (
+        stub_upstream({("GET", "/health"): health}) as upstream,
+        running(infra, tmp_path_factory, keys=keys, services=("api",), upstream=upstream,
+                env={"FLOWTRAIL_API_CONNECTOR_ALLOW_PRIVATE_NETWORKS": "true"}) as env,
+    ):  # fmt: skip
+        yield env
 
 
 async def test_a_secret_is_written_listed_rotated_and_deleted_without_its_value_ever_answered(env: Env) -> None:
-    async with env.api() as api:
+    async with env.client() as api:
         r = await api.put("/v1/secrets/shop_token", json={"value": VALUE})
         assert r.status_code == 201, r.text
         created = r.json()
@@ -122,7 +76,7 @@ async def test_a_secret_is_written_listed_rotated_and_deleted_without_its_value_
         assert one.status_code == 200 and one.json()["last_rotated_at"] == rotated["last_rotated_at"]
         answers = [r.text, one.text, (await api.get("/v1/secrets")).text]
         assert not [a for a in answers if VALUE in a]
-        (row,) = await _rows(env, "SELECT value FROM secrets WHERE tenant_id = 't1' AND name = 'shop_token'")
+        (row,) = await db_rows(env, "SELECT value FROM secrets WHERE tenant_id = 't1' AND name = 'shop_token'")
         assert row["value"].startswith("enc:v1:") and VALUE not in row["value"]
 
         r = await api.delete("/v1/secrets/shop_token")
@@ -132,22 +86,21 @@ async def test_a_secret_is_written_listed_rotated_and_deleted_without_its_value_
 
 
 async def test_names_values_and_scope_are_checked(env: Env) -> None:
-    async with env.api() as api:
+    async with env.client() as api:
         for bad in ("1abc", "has-dash", "x" * 129):
             r = await api.put(f"/v1/secrets/{bad}", json={"value": "v"})
             assert r.status_code == 422, (bad, r.text)
         assert (await api.put("/v1/secrets/ok", json={"value": ""})).status_code == 422
         assert (await api.put("/v1/secrets/ok", json={"value": "v", "extra": 1})).status_code == 422
-    async with env.api("writer") as api:
+    async with env.client(key="writer") as api:
         for r in (await api.put("/v1/secrets/ok", json={"value": "v"}), await api.get("/v1/secrets"),
                   await api.delete("/v1/secrets/ok")):  # fmt: skip
             assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden", r.text
-    async with httpx.AsyncClient(base_url=env.stack["api"].url) as anonymous:
-        assert (await anonymous.get("/v1/secrets")).status_code == 401
+    assert (await env.http.get(env.url("api") + "/v1/secrets")).status_code == 401
 
 
 async def test_tenants_and_environments_never_see_each_others_secrets(env: Env) -> None:
-    async with env.api() as t1, env.api("other") as t2, env.api("testing") as test:
+    async with env.client() as t1, env.client(key="other") as t2, env.client(key="testing") as test:
         assert (await t1.put("/v1/secrets/shared_name", json={"value": "t1-value"})).status_code == 201
         assert [s["name"] for s in (await t2.get("/v1/secrets")).json()["data"]] == []
         assert (await t2.get("/v1/secrets/shared_name")).status_code == 404
@@ -156,12 +109,12 @@ async def test_tenants_and_environments_never_see_each_others_secrets(env: Env) 
         assert [s["name"] for s in (await test.get("/v1/secrets")).json()["data"]] == []
         assert (await test.put("/v1/secrets/shared_name", json={"value": "test-value"})).json()["version"] == 1
         assert (await t1.get("/v1/secrets/shared_name")).json()["version"] == 1
-    rows = await _rows(env, "SELECT tenant_id, environment, value FROM secrets WHERE name = 'shared_name' "
+    rows = await db_rows(env, "SELECT tenant_id, environment, value FROM secrets WHERE name = 'shared_name' "
                             "ORDER BY tenant_id, environment")  # fmt: skip
     assert [(r["tenant_id"], r["environment"]) for r in rows] == [("t1", "PRODUCTION"), ("t1", "TESTING"),
                                                                   ("t2", "PRODUCTION")]  # fmt: skip
     keyring = Keyring.from_settings(CommonSettings(state_dir=env.sandbox.infra.state_dir))
-    conn = await connect(env.sandbox.infra.database_url, env.sandbox.schema)
+    conn = await env.db()
     try:
         assert await read_secrets(conn, keyring, "t2", "PRODUCTION", ["shared_name"]) == {"shared_name": "t2-value"}
         # A row copied under another tenant does not open: the ciphertext is bound to its tenant and name.
@@ -174,7 +127,7 @@ async def test_tenants_and_environments_never_see_each_others_secrets(env: Env) 
 
 
 async def test_a_connector_uses_a_stored_secret_and_keeps_its_own_credentials_encrypted(env: Env) -> None:
-    async with env.api() as api:
+    async with env.client() as api:
         assert (await api.put("/v1/secrets/health_token", json={"value": VALUE})).status_code in (200, 201)
         body = {"name": f"svc-{uuid.uuid4().hex[:6]}", "kind": "http",
                 "config": {"url": env.upstream.url, "health_path": "/health",
@@ -186,9 +139,9 @@ async def test_a_connector_uses_a_stored_secret_and_keeps_its_own_credentials_en
         assert connector["config"]["headers"] == {"Authorization": "***", "X-Api-Key": "***"}
         r = await api.post(f"/v1/connectors/{connector['id']}/verify")
         assert r.status_code == 200 and r.json()["ok"] is True, r.text
-        assert env.upstream.seen[-1] == f"Bearer {VALUE}"
+        assert env.upstream.seen("/health")[-1].headers["Authorization"] == f"Bearer {VALUE}"
         assert VALUE not in r.text
-        (row,) = await _rows(env, "SELECT config::text AS c FROM connectors WHERE id = $1", connector["id"])
+        (row,) = await db_rows(env, "SELECT config::text AS c FROM connectors WHERE id = $1", connector["id"])
         assert (
             "inline-key-42424242" not in row["c"] and "enc:v1:" in row["c"] and "{{ secrets.health_token }}" in row["c"]
         )

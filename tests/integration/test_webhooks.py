@@ -1,109 +1,60 @@
-"""Signed webhooks end to end: run events become deliveries, a receiver doing the seed-003 verification
-accepts every one and rejects tampered, wrong-secret and stale ones, failures are retried with backoff and
-logged attempt by attempt, redelivery works, and tenants never see each other's subscriptions."""
+"""Signed webhooks end to end: run events become deliveries, a receiver verifying them as a subscriber would
+(`services.common.webhooks.verify`) accepts every one and rejects tampered, wrong-secret and stale ones, failures are
+retried with backoff and logged attempt by attempt, redelivery works, and tenants never see each other's
+subscriptions."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
 import orjson
 import pytest
-from aiohttp import web
 
 from schemas.events import FlowPaused
-from services.common.auth import create_api_key, ensure_tenant
-from services.common.db import connect
 from services.common.kafka import publish_flow_events
 from services.common.webhooks import sign, verify
-from tests.conftest import Infra, Sandbox, make_sandbox
-from tests.e2e.stack import Stack, free_port
-from tests.factories import produce, run_events
+from tests.conftest import Infra
+from tests.factories import run_events
+from tests.harness import LOOPBACK_WEBHOOKS, Env, answer, append_ledger, first_calls, running, stub_upstream, wait_until
 
 SECRET = "whsec_test_0123456789abcdef"
-
-
-@dataclass
-class Receiver:
-    """Answers 500 to the first `fail_first` deliveries of each id, then 200; keeps what it was sent."""
-
-    fail_first: int = 0
-    received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
-    seen: dict[str, int] = field(default_factory=dict)
-    url: str = ""
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        self.received.append((dict(request.headers), body))
-        delivery = request.headers["X-Flowtrail-Delivery"]
-        self.seen[delivery] = self.seen.get(delivery, 0) + 1
-        if self.seen[delivery] <= self.fail_first:
-            return web.Response(status=500, text="try later")
-        return web.Response(status=200)
-
-
-@dataclass
-class Env:
-    sandbox: Sandbox
-    stack: Stack
-    receiver: Receiver
-    admin: str
-    other: str
-
-    def api(self, key: str | None = None) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.stack["api"].url, timeout=10,
-                                 headers={"Authorization": f"Bearer {key or self.admin}"})  # fmt: skip
+WEBHOOKS = {
+    **LOOPBACK_WEBHOOKS, "FLOWTRAIL_PROJECTOR_WEBHOOK_BACKOFF_S": "0.2", "FLOWTRAIL_PROJECTOR_WEBHOOK_POLL_S": "0.05",
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
-    receiver = Receiver(fail_first=2)
-    app = web.Application()
-    app.router.add_post("/hooks", receiver.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    receiver.url = f"http://127.0.0.1:{port}/hooks"
-    async with make_sandbox(infra) as sandbox:
-        db = await connect(infra.database_url, sandbox.schema)
-        try:
-            await ensure_tenant(db, "t1", "T1")
-            await ensure_tenant(db, "t2", "T2")
-            _, admin = await create_api_key(db, "t1")
-            _, other = await create_api_key(db, "t2")
-        finally:
-            await db.close()
-        stack = Stack.build(
-            sandbox, ("projector", "api"), tmp_path_factory.mktemp("logs"),
-            FLOWTRAIL_PROJECTOR_WEBHOOK_ALLOW_PRIVATE_NETWORKS="true",
-            FLOWTRAIL_API_WEBHOOK_ALLOW_PRIVATE_NETWORKS="true",
-            FLOWTRAIL_PROJECTOR_WEBHOOK_BACKOFF_S="0.2", FLOWTRAIL_PROJECTOR_WEBHOOK_POLL_S="0.05",
-        )  # fmt: skip
-        await stack.start()
-        try:
-            yield Env(sandbox, stack, receiver, admin, other)
-        finally:
-            stack.stop()
-            await runner.cleanup()
+    # The receiver (env.upstream, at /hooks) answers 500 to the first two deliveries of each id, then 200.
+    receiver = first_calls(2, answer("try later", 500), answer(), per=lambda call: call.headers["X-Flowtrail-Delivery"])
+    async with (
+        stub_upstream({("POST", "/hooks"): receiver}) as upstream,
+        running(infra, tmp_path_factory, keys={"admin": "t1", "other": "t2"}, services=("projector", "api"),
+                env=WEBHOOKS, upstream=upstream) as env,
+    ):  # fmt: skip
+        yield env
 
 
-async def _wait(check: Any, within: float = 30) -> Any:
-    deadline = time.monotonic() + within
-    while not (result := await check()):
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
-    return result
+def hooks_url(env: Env) -> str:
+    return env.upstream.url + "/hooks"
+
+
+def received(env: Env) -> list[tuple[dict[str, str], bytes]]:
+    """Every request the receiver was sent, in order: (headers, body)."""
+    return [(dict(c.headers), c.body) for c in env.upstream.seen("/hooks")]
+
+
+def attempts(env: Env, delivery_id: str) -> int:
+    return sum(headers["X-Flowtrail-Delivery"] == delivery_id for headers, _ in received(env))
 
 
 async def test_signed_deliveries_with_retries_and_a_full_attempt_log(env: Env) -> None:
-    async with env.api() as api:
-        r = await api.post("/v1/webhooks", json={"url": env.receiver.url, "secret": SECRET,
+    async with env.client() as api:
+        r = await api.post("/v1/webhooks", json={"url": hooks_url(env), "secret": SECRET,
                                                  "events": ["run.started", "run.failed", "flow.paused"]})  # fmt: skip
         assert r.status_code == 201, r.text
         sub = r.json()
@@ -115,7 +66,7 @@ async def test_signed_deliveries_with_retries_and_a_full_attempt_log(env: Env) -
         foreign = run_events("run-t2", tenant_id="t2", steps=1, fail_at=0, start=datetime.now(UTC))
         events = ok + bad + foreign
         # Delivered twice by Kafka: still one delivery per event.
-        await produce(env.sandbox.infra.kafka_bootstrap, env.sandbox.topics.ledger, events + events, 2)
+        await append_ledger(env.sandbox, events + events)
         pause = FlowPaused(tenant_id="t1", flow_id="f1", flow_version=1, reason="maintenance")
         await publish_flow_events(env.sandbox.infra.kafka_bootstrap, env.sandbox.topics, [pause])
 
@@ -125,10 +76,7 @@ async def test_signed_deliveries_with_retries_and_a_full_attempt_log(env: Env) -
             last[:] = (await api.get(f"/v1/webhooks/{sub['id']}/deliveries")).json()["data"]
             return last if len(last) == 4 and all(d["status"] == "delivered" for d in last) else None
 
-        try:
-            deliveries = await _wait(all_delivered)
-        except AssertionError:
-            raise AssertionError(f"{last}\n{env.stack['projector'].log_tail()}") from None
+        deliveries = await wait_until(all_delivered, what="4 deliveries", logs=lambda: f"{last}\n{env.log_tails()}")
     # run-ok started; run-bad started and failed; the flow paused. run-t2 belongs to another tenant.
     assert sorted(d["event"] for d in deliveries) == ["flow.paused", "run.failed", "run.started", "run.started"]
     for d in deliveries:
@@ -139,19 +87,19 @@ async def test_signed_deliveries_with_retries_and_a_full_attempt_log(env: Env) -
         assert all(datetime.fromisoformat(b) > datetime.fromisoformat(a) for b, a in gaps)
 
     # The receiver saw every attempt signed with the subscription's secret.
-    assert len(env.receiver.received) == 12
-    for headers, body in env.receiver.received:
+    assert len(received(env)) == 12
+    for headers, body in received(env):
         assert verify(SECRET, body, headers["X-Flowtrail-Signature"])
         payload = orjson.loads(body)
         assert headers["X-Flowtrail-Event"] == payload["event"]
         assert headers["X-Flowtrail-Delivery"] == payload["id"]
-    failed = next(orjson.loads(b) for _, b in env.receiver.received if orjson.loads(b)["event"] == "run.failed")
+    failed = next(orjson.loads(b) for _, b in received(env) if orjson.loads(b)["event"] == "run.failed")
     assert failed["data"]["run"]["id"] == "run-bad" and failed["data"]["run"]["failed_step"] == "step1"
     assert "step1 rejected" in failed["data"]["run"]["error_message"]
 
 
-async def test_the_seed_verification_rejects_tampered_wrong_secret_and_stale_deliveries(env: Env) -> None:
-    headers, body = env.receiver.received[0]
+async def test_the_verification_rejects_tampered_wrong_secret_and_stale_deliveries(env: Env) -> None:
+    headers, body = received(env)[0]
     signature = headers["X-Flowtrail-Signature"]
     assert verify(SECRET, body, signature)
     assert not verify(SECRET, body.replace(b'"event"', b'"evenT"', 1), signature)  # tampered body
@@ -163,32 +111,31 @@ async def test_the_seed_verification_rejects_tampered_wrong_secret_and_stale_del
 
 
 async def test_redeliver_sends_again_and_tenants_are_isolated(env: Env) -> None:
-    async with env.api() as api:
+    async with env.client() as api:
         sub = (await api.get("/v1/webhooks")).json()["data"][0]
         delivery = (await api.get(f"/v1/webhooks/{sub['id']}/deliveries")).json()["data"][0]
-        before = env.receiver.seen[delivery["id"]]
+        before = attempts(env, delivery["id"])
         r = await api.post(f"/v1/webhooks/deliveries/{delivery['id']}/redeliver")
         assert r.status_code == 202
 
         async def resent() -> bool:
-            return env.receiver.seen[delivery["id"]] > before
+            return attempts(env, delivery["id"]) > before
 
-        await _wait(resent)
+        await wait_until(resent, what="redelivered")
         # The other tenant sees no subscriptions and can touch none.
-        async with env.api(env.other) as other:
+        async with env.client(key="other") as other:
             assert (await other.get("/v1/webhooks")).json()["data"] == []
             assert (await other.get(f"/v1/webhooks/{sub['id']}/deliveries")).status_code == 404
             assert (await other.post(f"/v1/webhooks/deliveries/{delivery['id']}/redeliver")).status_code == 404
             assert (await other.delete(f"/v1/webhooks/{sub['id']}")).status_code == 404
-        bad = await api.post("/v1/webhooks", json={"url": env.receiver.url, "events": ["run.exploded"]})
+        bad = await api.post("/v1/webhooks", json={"url": hooks_url(env), "events": ["run.exploded"]})
         assert bad.status_code == 422 and "run.exploded" in bad.json()["error"]["message"]
         assert (await api.delete(f"/v1/webhooks/{sub['id']}")).status_code == 204
 
 
 async def test_metrics_show_http_latency_by_route_runs_by_status_and_lag(env: Env) -> None:
-    async with httpx.AsyncClient(timeout=10) as client:
-        api = (await client.get(env.stack["api"].url + "/metrics")).text
-        projector = (await client.get(env.stack["projector"].url + "/metrics")).text
+    api = (await env.http.get(env.url("api") + "/metrics")).text
+    projector = (await env.http.get(env.url("projector") + "/metrics")).text
     # One series per route template, not per id.
     assert 'flowtrail_http_request_seconds_count{method="GET",route="/v1/webhooks",service="api",status="200"}' in api
     assert 'route="/v1/webhooks/{subscription_id}/deliveries"' in api
@@ -219,32 +166,32 @@ async def test_every_ending_sends_its_webhook_and_a_deleted_subscription_retries
 
     names = sorted(f"run.{status.lower()}" for status in TERMINAL_EVENT_STATUS.values())
     assert len(names) == 8  # every terminal status of architecture.md: vocabulary
-    async with env.api() as api:
-        r = await api.post("/v1/webhooks", json={"url": env.receiver.url, "secret": SECRET, "events": names})
+    async with env.client() as api:
+        r = await api.post("/v1/webhooks", json={"url": hooks_url(env), "secret": SECRET, "events": names})
         assert r.status_code == 201, r.text
         sub = r.json()
         events = [e for t in TERMINAL_EVENT_STATUS for e in _ended(f"run-end-{t}", t)]
-        await produce(env.sandbox.infra.kafka_bootstrap, env.sandbox.topics.ledger, events, 2)
+        await append_ledger(env.sandbox, events)
 
         async def all_delivered() -> list[dict[str, Any]] | None:
             data = (await api.get(f"/v1/webhooks/{sub['id']}/deliveries", params={"limit": 100})).json()["data"]
             return data if len(data) == 8 and all(d["status"] == "delivered" for d in data) else None
 
-        deliveries = await _wait(all_delivered)
+        deliveries = await wait_until(all_delivered, what="8 deliveries", logs=env.log_tails)
         assert sorted(d["event"] for d in deliveries) == names
         assert (await api.delete(f"/v1/webhooks/{sub['id']}")).status_code == 204
 
         # A receiver that is down: deliveries are retried until the subscription is deleted, then never again.
-        down = await api.post("/v1/webhooks", json={"url": env.receiver.url.replace("/hooks", "/down"),
+        down = await api.post("/v1/webhooks", json={"url": env.upstream.url + "/down",
                                                     "events": ["run.canceled"]})  # fmt: skip
         assert down.status_code == 201, down.text
-        await produce(env.sandbox.infra.kafka_bootstrap, env.sandbox.topics.ledger, _ended("run-x", "RunCanceled"), 2)
+        await append_ledger(env.sandbox, _ended("run-x", "RunCanceled"))
 
         async def retried() -> dict[str, Any] | None:
             data = (await api.get(f"/v1/webhooks/{down.json()['id']}/deliveries")).json()["data"]
             return data[0] if data and data[0]["attempts"] >= 2 and data[0]["status"] == "pending" else None
 
-        await _wait(retried)
+        await wait_until(retried, what="retried")
         assert (await api.delete(f"/v1/webhooks/{down.json()['id']}")).status_code == 204
         stopped = (await api.get(f"/v1/webhooks/{down.json()['id']}/deliveries")).json()["data"][0]
         assert stopped["status"] == "failed" and stopped["last_error"] == "subscription deleted"
