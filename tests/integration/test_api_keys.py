@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,32 +15,36 @@ import pytest
 
 from schemas.events import EventBase, RunRequested
 from schemas.flows import Environment
-from services.common.auth import create_api_key, ensure_tenant
-from services.common.db import connect
-from tests.conftest import Infra, Sandbox, make_sandbox
-from tests.e2e.stack import Stack
-from tests.factories import produce, run_events
+from tests.conftest import Infra
+from tests.factories import run_events
+from tests.harness import Env, KeySpec, also_running, append_ledger, db_rows, running, wait_until
 
 CACHE_TTL_S = 5.0  # the Authenticator's: the longest another process may still accept a revoked key
 
 
-@dataclass
-class Env:
-    sandbox: Sandbox
-    api1: str
-    api2: str
-    admin: str  # tenant t1, PRODUCTION, all scopes
-    admin_test: str  # tenant t1, TESTING, admin
-    other: str  # tenant t2, PRODUCTION, all scopes
+@pytest.fixture(scope="module")
+async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
+    keys: dict[str, KeySpec | str] = {
+        "admin": KeySpec("t1", name="bootstrap"),  # PRODUCTION, all scopes
+        "admin_test": KeySpec("t1", environment="TESTING", scopes=("admin",)),
+        "other": "t2",  # PRODUCTION, all scopes
+    }
+    async with running(infra, tmp_path_factory, keys=keys, services=("projector", "api")) as env:
+        live = run_events("run-live", tenant_id="t1", steps=1, start=datetime.now(UTC))
+        test = _testing(run_events("run-test", tenant_id="t1", steps=1, start=datetime.now(UTC)))
+        await append_ledger(env.sandbox, live + test)
+        yield env
 
-    def client(self, key: str, api: str | None = None) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=api or self.api1, timeout=10, headers={"Authorization": f"Bearer {key}"})
 
-    async def create(self, key: str | None = None, **body: Any) -> dict[str, Any]:
-        async with self.client(key or self.admin) as c:
-            r = await c.post("/v1/api-keys", json={"scopes": ["runs:read"], **body})
-        assert r.status_code == 201, r.text
-        return dict(r.json())
+@pytest.fixture(scope="module")
+async def api2(env: Env, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    """A second API process on the same database, as when the API is scaled out: its URL."""
+    async with also_running(env, tmp_path_factory, ("api",)) as second:
+        yield second["api"].url
+
+
+async def create(env: Env, key: str | None = None, **body: Any) -> dict[str, Any]:
+    return dict(await env.ok("POST", "/v1/api-keys", key, status=201, json={"scopes": ["runs:read"], **body}))
 
 
 async def _status(api: str, key: str, path: str = "/v1/runs") -> int:
@@ -66,46 +69,17 @@ def _testing(events: list[EventBase]) -> list[EventBase]:
             *events[1:]]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
-    async with make_sandbox(infra) as sandbox:
-        db = await connect(infra.database_url, sandbox.schema)
-        try:
-            await ensure_tenant(db, "t1", "T1")
-            await ensure_tenant(db, "t2", "T2")
-            _, admin = await create_api_key(db, "t1", name="bootstrap")
-            _, admin_test = await create_api_key(db, "t1", environment="TESTING", scopes=["admin"])
-            _, other = await create_api_key(db, "t2")
-        finally:
-            await db.close()
-        live = run_events("run-live", tenant_id="t1", steps=1, start=datetime.now(UTC))
-        test = _testing(run_events("run-test", tenant_id="t1", steps=1, start=datetime.now(UTC)))
-        await produce(infra.kafka_bootstrap, sandbox.topics.ledger, live + test, sandbox.partitions)
-        logs = tmp_path_factory.mktemp("logs")
-        # Two API processes on one database, as when the API is scaled out.
-        first = Stack.build(sandbox, ("projector", "api"), logs / "1")
-        second = Stack.build(sandbox, ("api",), logs / "2")
-        (logs / "1").mkdir()
-        (logs / "2").mkdir()
-        await asyncio.gather(first.start(), second.start())
-        try:
-            yield Env(sandbox, first["api"].url, second["api"].url, admin, admin_test, other)
-        finally:
-            first.stop()
-            second.stop()
-
-
 async def test_create_list_get_show_the_key_once_and_store_only_its_hash(env: Env) -> None:
-    created = await env.create(name="ci deploys", scopes=["runs:read", "runs:write"])
+    created = await create(env, name="ci deploys", scopes=["runs:read", "runs:write"])
     key = created.pop("key")
     assert key.startswith("ft_live_") and len(key) == len("ft_live_") + 43  # 256 random bits, base64url
     assert created["id"].startswith("key_") and key.startswith(created["prefix"]) and len(created["prefix"]) < 16
     assert created["scopes"] == ["runs:read", "runs:write"] and created["environment"] == "PRODUCTION"
     assert created["status"] == "active" and created["name"] == "ci deploys" and created["created_at"]
-    assert await _status(env.api1, key) == 200
-    assert await _status(env.api1, key, "/v1/api-keys") == 403  # no admin scope
+    assert await _status(env.url("api"), key) == 200
+    assert await _status(env.url("api"), key, "/v1/api-keys") == 403  # no admin scope
 
-    async with env.client(env.admin) as c:
+    async with env.client() as c:
         listed = (await c.get("/v1/api-keys")).json()["data"]
         one = await c.get(f"/v1/api-keys/{created['id']}")
     assert one.status_code == 200 and one.json() == created
@@ -116,18 +90,14 @@ async def test_create_list_get_show_the_key_once_and_store_only_its_hash(env: En
         assert "key" not in shown and "key_hash" not in shown
         assert not any(secret[4:] in str(value) for value in shown.values())
 
-    db = await connect(env.sandbox.infra.database_url, env.sandbox.schema)
-    try:
-        row = await db.fetchrow("SELECT * FROM api_keys WHERE id = $1", created["id"])
-    finally:
-        await db.close()
+    (row,) = await db_rows(env, "SELECT * FROM api_keys WHERE id = $1", created["id"])
     # The hash, and the first 12 characters as the lookup prefix: the rest of the key is nowhere.
     assert bytes(row["key_hash"]) == hashlib.sha256(key.encode()).digest()
     assert not any(secret[12:] in str(value) for value in dict(row).values())
 
 
 async def test_bad_bodies_get_the_error_envelope(env: Env) -> None:
-    async with env.client(env.admin) as c:
+    async with env.client() as c:
         extra = await c.post("/v1/api-keys", json={"scopes": ["runs:read"], "key": "ft_live_mine"})
         scope = await c.post("/v1/api-keys", json={"scopes": ["runs:read", "root"]})
         environment = await c.post("/v1/api-keys", json={"scopes": ["runs:read"], "environment": "STAGING"})
@@ -143,11 +113,11 @@ async def test_bad_bodies_get_the_error_envelope(env: Env) -> None:
     assert garbled.status_code == 400 and garbled.json()["error"]["code"] == "invalid_request"
 
 
-async def test_rotation_keeps_the_old_key_for_the_grace_period_then_401(env: Env) -> None:
-    old = await env.create(name="rotating")
-    for api in (env.api1, env.api2):  # both processes have the old key cached
+async def test_rotation_keeps_the_old_key_for_the_grace_period_then_401(env: Env, api2: str) -> None:
+    old = await create(env, name="rotating")
+    for api in (env.url("api"), api2):  # both processes have the old key cached
         assert await _status(api, old["key"]) == 200
-    async with env.client(env.admin) as c:
+    async with env.client() as c:
         rotated_at = time.time()
         r = await c.post(f"/v1/api-keys/{old['id']}/rotate", json={"grace_period_s": 1.5})
         assert r.status_code == 201, r.text
@@ -162,60 +132,60 @@ async def test_rotation_keeps_the_old_key_for_the_grace_period_then_401(env: Env
 
     # Within the grace period both keys work, on either process; after it the old one is refused by both: at
     # once by the process that rotated it, by the other once its cached copy (from before the rotation) is stale.
-    for api in (env.api1, env.api2):
+    for api in (env.url("api"), api2):
         assert await _status(api, old["key"]) == 200 and await _status(api, new["key"]) == 200
-    here, there = await asyncio.gather(_first_401(env.api1, old["key"], 10), _first_401(env.api2, old["key"], 10))
+    here, there = await asyncio.gather(_first_401(env.url("api"), old["key"], 10), _first_401(api2, old["key"], 10))
     assert ends - 0.05 <= here <= ends + 1.0, (ends, here)
     assert ends - 0.05 <= there <= max(ends, rotated_at + CACHE_TTL_S) + 1.0, (ends, there)
-    assert await _status(env.api1, new["key"]) == 200
-    async with env.client(env.admin) as c:
+    assert await _status(env.url("api"), new["key"]) == 200
+    async with env.client() as c:
         assert (await c.get(f"/v1/api-keys/{old['id']}")).json()["status"] == "expired"
 
 
 async def test_rotation_grace_defaults_to_a_day_and_zero_ends_it_now(env: Env) -> None:
-    key = await env.create()
-    async with env.client(env.admin) as c:
+    key = await create(env)
+    async with env.client() as c:
         r = await c.post(f"/v1/api-keys/{key['id']}/rotate")
         assert r.status_code == 201, r.text
         ends = datetime.fromisoformat(r.json()["previous"]["expires_at"]).timestamp()
         assert abs(ends - time.time() - 86_400) < 60
         replacement = r.json()
-        assert await _status(env.api1, replacement["key"]) == 200
+        assert await _status(env.url("api"), replacement["key"]) == 200
         r = await c.post(f"/v1/api-keys/{replacement['id']}/rotate", json={"grace_period_s": 0})
     assert r.status_code == 201 and r.json()["previous"]["status"] == "expired"
-    assert await _status(env.api1, replacement["key"]) == 401
-    assert await _status(env.api1, r.json()["key"]) == 200
+    assert await _status(env.url("api"), replacement["key"]) == 401
+    assert await _status(env.url("api"), r.json()["key"]) == 200
 
 
-async def test_revoked_key_is_refused_at_once_here_and_within_the_cache_ttl_elsewhere(env: Env) -> None:
-    key = await env.create()
-    for api in (env.api1, env.api2):
+async def test_revoked_key_is_refused_at_once_here_and_within_the_cache_ttl_elsewhere(env: Env, api2: str) -> None:
+    key = await create(env)
+    for api in (env.url("api"), api2):
         assert await _status(api, key["key"]) == 200
-    async with env.client(env.admin) as c:
+    async with env.client() as c:
         r = await c.post(f"/v1/api-keys/{key['id']}/revoke")
         revoked_at = time.time()
         assert r.status_code == 200 and r.json()["status"] == "revoked" and r.json()["revoked_at"]
-        assert await _status(env.api1, key["key"]) == 401
-        refused = await _first_401(env.api2, key["key"], CACHE_TTL_S + 5)
+        assert await _status(env.url("api"), key["key"]) == 401
+        refused = await _first_401(api2, key["key"], CACHE_TTL_S + 5)
         assert refused - revoked_at <= CACHE_TTL_S + 0.5
         twice = await c.post(f"/v1/api-keys/{key['id']}/revoke")
         assert twice.json()["revoked_at"] == r.json()["revoked_at"]
         assert (await c.post(f"/v1/api-keys/{key['id']}/rotate")).status_code == 409
 
-        deleted = await env.create()
-        assert await _status(env.api1, deleted["key"]) == 200
+        deleted = await create(env)
+        assert await _status(env.url("api"), deleted["key"]) == 200
         assert (await c.delete(f"/v1/api-keys/{deleted['id']}")).status_code == 204
-        assert await _status(env.api1, deleted["key"]) == 401
+        assert await _status(env.url("api"), deleted["key"]) == 401
         assert (await c.get(f"/v1/api-keys/{deleted['id']}")).json()["status"] == "revoked"
-    async with env.client(key["key"]) as c:
+    async with env.client(key=key["key"]) as c:
         r = await c.get("/v1/runs")
     assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
 
 
 async def test_tenants_cannot_see_rotate_or_revoke_each_others_keys(env: Env) -> None:
-    mine = await env.create(name="t1 only")
-    theirs = await env.create(env.other, name="t2 only")
-    async with env.client(env.other) as c:
+    mine = await create(env, name="t1 only")
+    theirs = await create(env, "other", name="t2 only")
+    async with env.client(key="other") as c:
         listed = (await c.get("/v1/api-keys")).json()["data"]
         attempts = [
             await c.get(f"/v1/api-keys/{mine['id']}"),
@@ -227,17 +197,17 @@ async def test_tenants_cannot_see_rotate_or_revoke_each_others_keys(env: Env) ->
     for r in attempts:
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", r.text
     # A missing id answers the same, so ids cannot be probed.
-    async with env.client(env.other) as c:
+    async with env.client(key="other") as c:
         missing = await c.get("/v1/api-keys/key_0000000000000000")
     assert missing.status_code == 404 and missing.json()["error"]["message"].startswith("no API key")
-    assert await _status(env.api1, mine["key"]) == 200
-    async with env.client(env.admin) as c:
+    assert await _status(env.url("api"), mine["key"]) == 200
+    async with env.client() as c:
         assert (await c.get(f"/v1/api-keys/{mine['id']}")).json()["status"] == "active"
 
 
 async def test_a_testing_key_manages_testing_keys_only(env: Env) -> None:
-    live = await env.create()
-    async with env.client(env.admin_test) as c:
+    live = await create(env)
+    async with env.client(key="admin_test") as c:
         listed = (await c.get("/v1/api-keys")).json()["data"]
         hidden = await c.post(f"/v1/api-keys/{live['id']}/revoke")
         minted = await c.post("/v1/api-keys", json={"scopes": ["admin"], "environment": "PRODUCTION"})
@@ -250,15 +220,15 @@ async def test_a_testing_key_manages_testing_keys_only(env: Env) -> None:
 
 async def test_keys_made_by_the_api_see_only_their_environments_runs(env: Env) -> None:
     # test_runs_api covers every filter with directly made keys; this checks the API stores the environment.
-    live = await env.create()
-    test = await env.create(environment="TESTING")
+    live = await create(env)
+    test = await create(env, environment="TESTING")
     assert test["key"].startswith("ft_test_") and test["environment"] == "TESTING"
 
     async def ids(key: str) -> list[str]:
-        async with env.client(key) as c:
+        async with env.client(key=key) as c:
             return [r["id"] for r in (await c.get("/v1/runs")).json()["data"]]
 
-    deadline = time.monotonic() + 30
-    while (await ids(live["key"]), await ids(test["key"])) != (["run-live"], ["run-test"]):
-        assert time.monotonic() < deadline, (await ids(live["key"]), await ids(test["key"]))
-        await asyncio.sleep(0.1)
+    async def each_its_own() -> bool:
+        return (await ids(live["key"]), await ids(test["key"])) == (["run-live"], ["run-test"])
+
+    await wait_until(each_its_own, what="each key seeing only its environment's run")

@@ -5,99 +5,47 @@ errors a caller gets for bad definitions, duplicates, another tenant's flow and 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import httpx
 import pytest
 
 from schemas.events import FlowVersionPublished
 from schemas.flows import STORED_FLOW, FlowDefinition
-from services.common.auth import create_api_key, ensure_tenant
-from services.common.db import connect
 from services.common.kafka import publish_flow_events
-from tests.conftest import Infra, Sandbox, make_sandbox
-from tests.e2e.stack import Stack
-from tests.factories import produce, run_events
-
-
-@dataclass
-class Env:
-    sandbox: Sandbox
-    stack: Stack
-    keys: dict[str, str]
-
-    def client(self, key: str = "admin", service: str = "api") -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.stack[service].url, timeout=15,
-                                 headers={"Authorization": f"Bearer {self.keys[key]}"})  # fmt: skip
+from tests.conftest import Infra
+from tests.factories import run_events
+from tests.harness import Env, KeySpec, append_ledger, flow_body, running, wait_until
+from tests.harness import api_error as error
 
 
 @pytest.fixture(scope="module")
 async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
-    async with make_sandbox(infra) as sandbox:
-        db = await connect(infra.database_url, sandbox.schema)
-        try:
-            await ensure_tenant(db, "tenant-a", "A")
-            await ensure_tenant(db, "tenant-b", "B")
-            keys = {
-                "admin": (await create_api_key(db, "tenant-a"))[1],
-                "test": (await create_api_key(db, "tenant-a", environment="TESTING"))[1],
-                "reader": (await create_api_key(db, "tenant-a", scopes=["runs:read", "runs:write"]))[1],
-                "other": (await create_api_key(db, "tenant-b"))[1],
-            }
-        finally:
-            await db.close()
-        stack = Stack.build(sandbox, ("projector", "api", "ingest"), tmp_path_factory.mktemp("logs"))
-        await stack.start()
-        try:
-            yield Env(sandbox, stack, keys)
-        finally:
-            stack.stop()
-
-
-def flow(flow_id: str, *steps: str, **fields: Any) -> dict[str, Any]:
-    return {
-        "id": flow_id,
-        "name": fields.pop("name", flow_id.replace("-", " ").title()),
-        "steps": [{"name": s, "action": "transform", "input": {"output": {"step": s}}} for s in steps or ("only",)],
-        **fields,
+    keys: dict[str, KeySpec | str] = {
+        "admin": "tenant-a",
+        "test": KeySpec("tenant-a", environment="TESTING"),
+        "reader": KeySpec("tenant-a", scopes=("runs:read", "runs:write")),
+        "other": "tenant-b",
     }
+    async with running(infra, tmp_path_factory, keys=keys, services=("projector", "api", "ingest")) as env:
+        yield env
 
 
 async def create(env: Env, body: dict[str, Any], key: str = "admin") -> dict[str, Any]:
-    async with env.client(key) as api:
-        r = await api.post("/v1/flows", json=body)
-    assert r.status_code == 201, r.text
-    return dict(r.json())
-
-
-async def _wait(check: Any, within: float = 30) -> Any:
-    deadline = time.monotonic() + within
-    while not (result := await check()):
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
-    return result
-
-
-def error(r: httpx.Response, status: int, code: str) -> str:
-    assert r.status_code == status, r.text
-    body = r.json()["error"]
-    assert body["code"] == code and body["request_id"], body
-    return str(body["message"])
+    return dict(await env.ok("POST", "/v1/flows", key, status=201, json=body))
 
 
 async def test_a_created_flow_is_listed_with_filters_totals_and_cursor_pages(env: Env) -> None:
-    made = await create(env, flow("orders-sync", "fetch", "push", tags=["orders", "nightly"]))
+    made = await create(env, flow_body("orders-sync", "fetch", "push", tags=["orders", "nightly"]))
     # The answer is the flow as GET shows it: the projector caught up before the API answered.
     assert made["projected"] is True and made["version"] == 1 and made["status"] == "active"
     assert made["environment"] == "PRODUCTION" and [s["name"] for s in made["definition"]["steps"]] == ["fetch", "push"]
-    await create(env, flow("invoices-sync", tags=["invoices"], trigger={"type": "webhook"}))
-    await create(env, flow("customers-nightly", tags=["nightly"], trigger={"type": "schedule", "cron": "0 2 * * *"}))
-    await create(env, flow("testing-only"), key="test")
-    await create(env, flow("b-flow"), key="other")
+    await create(env, flow_body("invoices-sync", tags=["invoices"], trigger={"type": "webhook"}))
+    nightly = {"type": "schedule", "cron": "0 2 * * *"}
+    await create(env, flow_body("customers-nightly", tags=["nightly"], trigger=nightly))
+    await create(env, flow_body("testing-only"), key="test")
+    await create(env, flow_body("b-flow"), key="other")
 
     async with env.client() as api:
         body = (await api.get("/v1/flows")).json()
@@ -131,17 +79,17 @@ async def test_a_created_flow_is_listed_with_filters_totals_and_cursor_pages(env
         error(await api.get("/v1/flows", params={"cursor": "not-a-cursor"}), 400, "invalid_request")
         error(await api.get("/v1/flows", params={"environment": "TESTING"}), 403, "forbidden")
     # A test key sees TESTING flows only; another tenant sees its own only.
-    async with env.client("test") as api:
+    async with env.client(key="test") as api:
         assert [f["id"] for f in (await api.get("/v1/flows")).json()["data"]] == ["testing-only"]
         error(await api.get("/v1/flows/orders-sync"), 404, "not_found")
-    async with env.client("other") as api:
+    async with env.client(key="other") as api:
         assert (await api.get("/v1/flows")).json()["meta"]["total"] == 1
 
 
 async def test_a_new_version_is_the_latest_and_the_old_one_stays_readable(env: Env) -> None:
-    await create(env, flow("versioned", "a"))
+    await create(env, flow_body("versioned", "a"))
     async with env.client() as api:
-        r = await api.post("/v1/flows/versioned/versions", json=flow("versioned", "a", "b", name="Versioned v2"))
+        r = await api.post("/v1/flows/versioned/versions", json=flow_body("versioned", "a", "b", name="Versioned v2"))
         assert r.status_code == 201, r.text
         assert r.json()["version"] == 2 and r.json()["latest_version"] == 2
 
@@ -155,16 +103,16 @@ async def test_a_new_version_is_the_latest_and_the_old_one_stays_readable(env: E
         assert v1["definition"]["name"] == "Versioned"
         error(await api.get("/v1/flows/versioned/versions/3"), 404, "not_found")
         # The path names the flow; a body naming another is refused rather than silently re-pointed.
-        r = await api.post("/v1/flows/versioned/versions", json=flow("elsewhere", "a"))
+        r = await api.post("/v1/flows/versioned/versions", json=flow_body("elsewhere", "a"))
         assert error(r, 422, "validation_error").startswith("id:")
-        error(await api.post("/v1/flows/no-such-flow/versions", json=flow("no-such-flow")), 404, "not_found")
+        error(await api.post("/v1/flows/no-such-flow/versions", json=flow_body("no-such-flow")), 404, "not_found")
 
 
 async def test_concurrent_publishes_get_distinct_consecutive_versions(env: Env) -> None:
-    await create(env, flow("busy"))
+    await create(env, flow_body("busy"))
     async with env.client() as api:
         answers = await asyncio.gather(
-            *(api.post("/v1/flows/busy/versions", json=flow("busy", f"s{i}")) for i in range(6))
+            *(api.post("/v1/flows/busy/versions", json=flow_body("busy", f"s{i}")) for i in range(6))
         )
         assert all(r.status_code == 201 for r in answers), [r.text for r in answers]
         assert sorted(r.json()["version"] for r in answers) == [2, 3, 4, 5, 6, 7]
@@ -177,7 +125,7 @@ async def test_concurrent_publishes_get_distinct_consecutive_versions(env: Env) 
 
 
 async def test_detail_shows_schedule_connectors_last_run_and_masks_credentials(env: Env) -> None:
-    body = flow("warehouse", trigger={"type": "schedule", "cron": "*/15 * * * *"})
+    body = flow_body("warehouse", trigger={"type": "schedule", "cron": "*/15 * * * *"})
     body["steps"] = [
         {"name": "read", "action": "database_query",
          "input": {"connector": "orders-db", "query": "SELECT 1", "password": "hunter2"}},
@@ -190,14 +138,14 @@ async def test_detail_shows_schedule_connectors_last_run_and_masks_credentials(e
     await create(env, body)
     started = datetime.now(UTC) - timedelta(minutes=5)
     ran = run_events("run-w1", tenant_id="tenant-a", flow_id="warehouse", steps=1, start=started)
-    await produce(env.sandbox.infra.kafka_bootstrap, env.sandbox.topics.ledger, ran, env.sandbox.partitions)
+    await append_ledger(env.sandbox, ran)
     async with env.client() as api:
 
         async def with_last_run() -> dict[str, Any] | None:
             d = dict((await api.get("/v1/flows/warehouse")).json())
             return d if d["last_run_at"] else None
 
-        detail = await _wait(with_last_run)
+        detail = await wait_until(with_last_run)
         listed = next(f for f in (await api.get("/v1/flows")).json()["data"] if f["id"] == "warehouse")
     assert datetime.fromisoformat(detail["last_run_at"]) == started
     assert listed["last_run_at"] == detail["last_run_at"] and listed["connectors"] == ["crm", "events", "orders-db"]
@@ -225,7 +173,7 @@ async def test_detail_shows_schedule_connectors_last_run_and_masks_credentials(e
 
 
 async def test_pause_refuses_triggers_until_resumed(env: Env) -> None:
-    hourly = await create(env, flow("pausable", trigger={"type": "schedule", "interval_s": 3600}))
+    hourly = await create(env, flow_body("pausable", trigger={"type": "schedule", "interval_s": 3600}))
     # Interval ticks sit on a grid from the epoch: the next full hour (UTC), as the scheduler computes it.
     next_hour = datetime.fromisoformat(hourly["schedule"]["next_run_at"])
     assert next_hour.minute == next_hour.second == 0 and timedelta(0) < next_hour - datetime.now(UTC) <= timedelta(
@@ -283,35 +231,35 @@ async def test_pause_refuses_triggers_until_resumed(env: Env) -> None:
 )
 async def test_a_bad_definition_gets_422_naming_the_field(env: Env, change: dict[str, Any], field: str) -> None:
     async with env.client() as api:
-        r = await api.post("/v1/flows", json={**flow("bad-one"), **change})
+        r = await api.post("/v1/flows", json={**flow_body("bad-one"), **change})
         assert error(r, 422, "validation_error").startswith(f"{field}:")
         error(await api.get("/v1/flows/bad-one"), 404, "not_found")
 
 
 async def test_duplicate_ids_environment_tenants_and_scopes(env: Env) -> None:
-    await create(env, flow("mine"))
+    await create(env, flow_body("mine"))
     async with env.client() as api:
-        assert "already exists" in error(await api.post("/v1/flows", json=flow("mine")), 409, "conflict")
+        assert "already exists" in error(await api.post("/v1/flows", json=flow_body("mine")), 409, "conflict")
         error(await api.post("/v1/flows", content=b"{not json", headers={"Content-Type": "application/json"}),
               400, "invalid_request")  # fmt: skip
     # A test key writes TESTING flows only.
-    async with env.client("test") as api:
-        error(await api.post("/v1/flows", json=flow("prod-from-test", environment="PRODUCTION")), 403, "forbidden")
+    async with env.client(key="test") as api:
+        error(await api.post("/v1/flows", json=flow_body("prod-from-test", environment="PRODUCTION")), 403, "forbidden")
         error(await api.post("/v1/flows/mine/pause"), 404, "not_found")
     # Tenant B neither sees nor changes tenant A's flow, and may use the same id for its own.
-    async with env.client("other") as api:
+    async with env.client(key="other") as api:
         error(await api.get("/v1/flows/mine"), 404, "not_found")
         error(await api.get("/v1/flows/mine/versions/1"), 404, "not_found")
         error(await api.post("/v1/flows/mine/pause"), 404, "not_found")
-        error(await api.post("/v1/flows/mine/versions", json=flow("mine", "x")), 404, "not_found")
+        error(await api.post("/v1/flows/mine/versions", json=flow_body("mine", "x")), 404, "not_found")
         assert "mine" not in [f["id"] for f in (await api.get("/v1/flows")).json()["data"]]
-        assert (await api.post("/v1/flows", json=flow("mine", name="B's own"))).status_code == 201
+        assert (await api.post("/v1/flows", json=flow_body("mine", name="B's own"))).status_code == 201
     # A key without flows:write reads flows but cannot change them.
-    async with env.client("reader") as api:
+    async with env.client(key="reader") as api:
         assert (await api.get("/v1/flows/mine")).json()["name"] == "Mine"
-        assert "flows:write" in error(await api.post("/v1/flows", json=flow("nope")), 403, "forbidden")
+        assert "flows:write" in error(await api.post("/v1/flows", json=flow_body("nope")), 403, "forbidden")
         error(await api.post("/v1/flows/mine/pause"), 403, "forbidden")
-        error(await api.post("/v1/flows/mine/versions", json=flow("mine")), 403, "forbidden")
+        error(await api.post("/v1/flows/mine/versions", json=flow_body("mine")), 403, "forbidden")
     async with env.client() as api:
         assert (await api.get("/v1/flows/mine")).json()["status"] == "active"
         assert (await api.get("/v1/flows", headers={"Authorization": "Bearer ft_live_nope"})).status_code == 401
@@ -321,12 +269,12 @@ async def test_a_write_while_the_projector_is_down_is_accepted_and_shows_once_pr
     env.stack["projector"].stop()
     try:
         async with env.client() as api:
-            r = await api.post("/v1/flows", json=flow("while-down"))
+            r = await api.post("/v1/flows", json=flow_body("while-down"))
             assert r.status_code == 202, r.text
             assert r.json() == {"id": "while-down", "version": 1, "status": "active", "projected": False}
             error(await api.get("/v1/flows/while-down"), 404, "not_found")
             # The topic is the truth: the id is taken even before the read model shows it.
-            error(await api.post("/v1/flows", json=flow("while-down")), 409, "conflict")
+            error(await api.post("/v1/flows", json=flow_body("while-down")), 409, "conflict")
     finally:
         env.stack["projector"].start()
         await env.stack["projector"].wait_healthy()
@@ -335,7 +283,7 @@ async def test_a_write_while_the_projector_is_down_is_accepted_and_shows_once_pr
         async def shown() -> bool:
             return (await api.get("/v1/flows/while-down")).status_code == 200
 
-        await _wait(shown)
+        await wait_until(shown)
 
 
 # ---------------------------------------------------------------- expressions compiled at publish (issue 12 item 8)
@@ -391,7 +339,7 @@ async def test_a_version_published_before_the_check_still_loads_and_a_new_one_ca
             r = await api.get("/v1/flows/legacy-paths")
             return dict(r.json()) if r.status_code == 200 else None
 
-        shown = await _wait(projected)
+        shown = await wait_until(projected)
         assert shown["definition"]["steps"][1]["extract"] == {"user_id": "$.user["}
         r = await api.post("/v1/flows/legacy-paths/versions", json=users_flow("legacy-paths", {"user_id": "$.user"}))
         assert r.status_code in (201, 202), r.text

@@ -1,5 +1,5 @@
-"""Rate limits under a crowd (seed 003): one API process counting many keys' requests at once, which it sends to
-PostgreSQL together, still admits exactly each key's limit per class and counts each key down on its own."""
+"""Rate limits under a crowd (docs/api-contract.md): one API process counting many keys' requests at once, which it
+sends to PostgreSQL together, still admits exactly each key's limit per class and counts each key down on its own."""
 
 from __future__ import annotations
 
@@ -10,35 +10,23 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from services.common.auth import create_api_key, ensure_tenant
-from services.common.db import connect
-from tests.conftest import Infra, make_sandbox
-from tests.e2e.stack import Stack
+from tests.conftest import Infra
+from tests.harness import Env, running
 
 READS, WRITES = 12, 4
 KEYS = 4
 
 
 @pytest.fixture(scope="module")
-async def api(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[str, list[str]]]:
-    async with make_sandbox(infra) as sandbox:
-        db = await connect(infra.database_url, sandbox.schema)
-        try:
-            await ensure_tenant(db, "t1", "T1")
-            keys = [(await create_api_key(db, "t1"))[1] for _ in range(KEYS)]
-        finally:
-            await db.close()
-        limits = {"FLOWTRAIL_API_RATE_LIMIT_READS": str(READS), "FLOWTRAIL_API_RATE_LIMIT_WRITES": str(WRITES)}
-        stack = Stack.build(sandbox, ("api",), tmp_path_factory.mktemp("logs"), **limits)
-        await stack.start()
-        try:
-            yield stack["api"].url, keys
-        finally:
-            stack.stop()
+async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
+    limits = {"FLOWTRAIL_API_RATE_LIMIT_READS": str(READS), "FLOWTRAIL_API_RATE_LIMIT_WRITES": str(WRITES)}
+    keys = {f"key{i}": "t1" for i in range(KEYS)}
+    async with running(infra, tmp_path_factory, keys=keys, services=("api",), env=limits) as env:
+        yield env
 
 
-async def test_a_crowd_of_keys_and_classes_gets_exactly_each_budget(api: tuple[str, list[str]]) -> None:
-    url, keys = api
+async def test_a_crowd_of_keys_and_classes_gets_exactly_each_budget(env: Env) -> None:
+    url, keys = env.url("api"), list(env.keys.values())
     # Every key's reads and writes interleaved, in a random order, all in flight at once.
     calls = [(k, "GET") for k in keys for _ in range(READS + 5)]
     calls += [(k, "POST") for k in keys for _ in range(WRITES + 3)]

@@ -9,26 +9,17 @@ twice; counters must not double.
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from schemas import events as ev
-from schemas.events import EventBase, FlowVersionPublished, TriggerInfo
-from schemas.flows import FlowDefinition
-from services.common.auth import create_api_key, ensure_tenant
-from services.common.db import connect
-from services.common.kafka import publish_flow_events
-from tests.conftest import Infra, make_sandbox
-from tests.e2e.stack import Stack
-from tests.factories import keep_history, produce
+from schemas.events import EventBase, TriggerInfo
+from tests.conftest import Infra
+from tests.harness import Env, append_ledger, flow, keep_history_of, running, wait_projected
 
 T0 = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
 
@@ -131,61 +122,30 @@ RUNS = _runs()
 EVENTS = [e for r in RUNS for e in r.events]
 
 
-@dataclass
-class Env:
-    api: str
-    key: str
-
-    async def get(self, path: str, **params: Any) -> httpx.Response:
-        async with httpx.AsyncClient(base_url=self.api, timeout=10) as client:
-            return await client.get(path, params=params, headers={"Authorization": f"Bearer {self.key}"})
-
-    async def ok(self, path: str, **params: Any) -> Any:
-        r = await self.get(path, **params)
-        assert r.status_code == 200, r.text
-        return r.json()
-
-
-def _flow(flow_id: str) -> FlowDefinition:
-    step = {"name": "only", "action": "transform", "input": {"output": {}}}
-    return FlowDefinition.model_validate({"tenant_id": "acme", "id": flow_id, "name": flow_id, "version": 1,
-                                          "steps": [step]})  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
-    async with make_sandbox(infra) as sandbox:
-        conn = await connect(infra.database_url, sandbox.schema)
-        try:
-            await ensure_tenant(conn, "acme", "Acme")
-            await keep_history(conn, "acme")
-            _, key = await create_api_key(conn, "acme")
-            # Every event twice: Kafka redelivery must not double any counter.
-            await produce(infra.kafka_bootstrap, sandbox.topics.ledger, EVENTS + EVENTS, sandbox.partitions)
-            # The flows the runs belong to (analytics answers 404 for a flow that does not exist).
-            published = [
-                FlowVersionPublished(tenant_id="acme", flow_id=flow_id, flow_version=1, flow=_flow(flow_id))
-                for flow_id in ("orders", "sync")
-            ]
-            await publish_flow_events(infra.kafka_bootstrap, sandbox.topics, published)
-            stack = Stack.build(sandbox, ("projector", "api"), Path(tmp_path_factory.mktemp("logs")))
-            await stack.start()
-            try:
-                deadline = time.monotonic() + 60
-                while await conn.fetchval("SELECT coalesce(sum(next_offset), 0) FROM projector_offsets") < 2 + 2 * len(
-                    EVENTS
-                ):
-                    assert time.monotonic() < deadline, stack["projector"].log_tail()
-                    await asyncio.sleep(0.05)
-                yield Env(stack["api"].url, key)
-            finally:
-                stack.stop()
-        finally:
-            await conn.close()
+    # The flows the runs belong to (analytics answers 404 for a flow that does not exist).
+    flows = [flow("acme", flow_id, [{"name": "only", "action": "transform", "input": {"output": {}}}], name=flow_id)
+             for flow_id in ("orders", "sync")]  # fmt: skip
+    async with running(infra, tmp_path_factory, keys={"a": "acme"}, flows=flows, services=("projector", "api")) as env:
+        await keep_history_of(env, "acme")
+        # Every event twice: Kafka redelivery must not double any counter.
+        await append_ledger(env.sandbox, EVENTS + EVENTS)
+        await wait_projected(env, len(flows) + 2 * len(EVENTS), within=60)
+        yield env
+
+
+async def get(env: Env, path: str, **params: Any) -> httpx.Response:
+    return await env.api("GET", path, params=params)
+
+
+async def ok(env: Env, path: str, **params: Any) -> Any:
+    """The answer of a GET that must succeed."""
+    return await env.ok("GET", path, params=params)
 
 
 async def test_run_detail_shows_attempts_records_errors_and_breakdown(env: Env) -> None:
-    run = await env.ok("/v1/runs/run_sync_0001")
+    run = await ok(env, "/v1/runs/run_sync_0001")
     assert run["status"] == "PARTIAL"
     assert run["trigger"] == {"type": "webhook", "caller": "key_hook", "payload": {"since": "2026-11-19"}}
     assert run["cursor_window"] == {"updated_since": "2026-11-19T09:00:00Z", "updated_until": "2026-11-20T09:00:00Z"}
@@ -209,14 +169,14 @@ async def test_run_detail_shows_attempts_records_errors_and_breakdown(env: Env) 
     parts = ("queued_ms", "wait_ms", "read_ms", "transform_ms", "write_ms", "other_ms")
     assert sum(breakdown[p] for p in parts) == pytest.approx(breakdown["total_ms"])
 
-    errors = (await env.ok("/v1/runs/run_sync_0001/record-errors"))["data"]
+    errors = (await ok(env, "/v1/runs/run_sync_0001/record-errors"))["data"]
     assert [(e["record_key"], e["field_path"]) for e in errors] == [
         ("contact-7", "email"),
         ("contact-9", "address.zip"),
     ]
     assert errors[0]["raw_error"] == {"code": "E_REQUIRED", "field": "email"}
 
-    logs = (await env.ok("/v1/runs/run_sync_0001/logs"))["data"]
+    logs = (await ok(env, "/v1/runs/run_sync_0001/logs"))["data"]
     # The executor's lines, and in seq order among them an INFO line for each step start and success (derived by
     # the projector from those events).
     assert [(entry["level"], entry["message"]) for entry in logs] == [
@@ -233,20 +193,20 @@ async def test_run_detail_shows_attempts_records_errors_and_breakdown(env: Env) 
     ]
     assert [entry["seq"] for entry in logs] == sorted(entry["seq"] for entry in logs)
     assert logs[2]["step"] == "read" and logs[2]["fields"] == {"attempt": 2, "duration_ms": 40.0}
-    warnings = (await env.ok("/v1/runs/run_sync_0001/logs", level="warning,error"))["data"]
+    warnings = (await ok(env, "/v1/runs/run_sync_0001/logs", level="warning,error"))["data"]
     assert [entry["message"] for entry in warnings] == ["contact 7 has no email", "2 records rejected"]
-    at_least = (await env.ok("/v1/runs/run_sync_0001/logs", level="WARNING"))["data"]  # a minimum: errors too
+    at_least = (await ok(env, "/v1/runs/run_sync_0001/logs", level="WARNING"))["data"]  # a minimum: errors too
     assert [entry["level"] for entry in at_least] == ["WARNING", "ERROR"]
-    assert [e["level"] for e in (await env.ok("/v1/runs/run_sync_0001/logs", level="error"))["data"]] == ["ERROR"]
+    assert [e["level"] for e in (await ok(env, "/v1/runs/run_sync_0001/logs", level="error"))["data"]] == ["ERROR"]
     assert warnings[0]["fields"] == {"contact": 7}
-    bad = await env.get("/v1/runs/run_sync_0001/logs", level="LOUD")
+    bad = await get(env, "/v1/runs/run_sync_0001/logs", level="LOUD")
     assert bad.status_code == 422 and "LOUD" in bad.json()["error"]["message"]
 
 
 async def test_as_of_returns_the_run_as_it_stood_then(env: Env) -> None:
     sync = next(r for r in RUNS if r.run_id == "run_sync_0001")
     retrying_at = next(e.seq for e in sync.events if e.type == "StepAttemptFailed")
-    then = await env.ok("/v1/runs/run_sync_0001", as_of=str(retrying_at))
+    then = await ok(env, "/v1/runs/run_sync_0001", as_of=str(retrying_at))
     assert then["status"] == "RUNNING"
     assert then["as_of"]["seq"] == retrying_at
     assert [(s["name"], s["status"]) for s in then["steps"]] == [("read", "RETRYING")]
@@ -256,77 +216,78 @@ async def test_as_of_returns_the_run_as_it_stood_then(env: Env) -> None:
     # By time: just after the first step succeeded.
     succeeded = next(e for e in sync.events if e.type == "StepSucceeded")
     at = (succeeded.occurred_at + timedelta(milliseconds=1)).isoformat()
-    later = await env.ok("/v1/runs/run_sync_0001", as_of=at)
+    later = await ok(env, "/v1/runs/run_sync_0001", as_of=at)
     assert [(s["name"], s["status"]) for s in later["steps"]] == [("read", "SUCCEEDED")]
     # The latest point in time is the run as it is now.
-    now = await env.ok("/v1/runs/run_sync_0001", as_of=str(len(sync.events) - 1))
-    live = await env.ok("/v1/runs/run_sync_0001")
+    now = await ok(env, "/v1/runs/run_sync_0001", as_of=str(len(sync.events) - 1))
+    live = await ok(env, "/v1/runs/run_sync_0001")
     assert now["status"] == live["status"] == "PARTIAL"
     assert now["records"] == live["records"]
     assert [s["status"] for s in now["steps"]] == [s["status"] for s in live["steps"]]
 
-    assert (await env.get("/v1/runs/run_sync_0001", as_of="yesterday")).status_code == 422
-    before = await env.get("/v1/runs/run_sync_0001", as_of="2020-01-01T00:00:00Z")
+    assert (await get(env, "/v1/runs/run_sync_0001", as_of="yesterday")).status_code == 422
+    before = await get(env, "/v1/runs/run_sync_0001", as_of="2020-01-01T00:00:00Z")
     assert before.status_code == 404 and before.json()["error"]["code"] == "not_found"
 
 
 async def test_q_finds_error_substrings_and_run_id_fragments(env: Env) -> None:
-    rare = (await env.ok("/v1/runs", q="XQZ is not"))["data"]
+    rare = (await ok(env, "/v1/runs", q="XQZ is not"))["data"]
     assert [r["id"] for r in rare] == ["run_rare_0001"]
-    expired = {r["id"] for r in (await env.ok("/v1/runs", q="token for account"))["data"]}
+    expired = {r["id"] for r in (await ok(env, "/v1/runs", q="token for account"))["data"]}
     assert expired == {"run_order_0000", "run_order_0002", "run_order_0004"}
-    assert [r["id"] for r in (await env.ok("/v1/runs", q="sync_00"))["data"]] == ["run_sync_0001"]
+    assert [r["id"] for r in (await ok(env, "/v1/runs", q="sync_00"))["data"]] == ["run_sync_0001"]
     # LIKE wildcards are literal characters in q.
-    assert (await env.ok("/v1/runs", q="%"))["data"] == []
-    assert (await env.ok("/v1/runs", q="token", status="SUCCEEDED"))["data"] == []
+    assert (await ok(env, "/v1/runs", q="%"))["data"] == []
+    assert (await ok(env, "/v1/runs", q="token", status="SUCCEEDED"))["data"] == []
 
 
 async def test_sort_by_duration_with_cursors_and_offset(env: Env) -> None:
-    fastest_first = (await env.ok("/v1/runs", flow_id="orders", sort="duration", limit=100))["data"]
+    fastest_first = (await ok(env, "/v1/runs", flow_id="orders", sort="duration", limit=100))["data"]
     durations = [r["duration_ms"] for r in fastest_first]
     # The unfinished run has no duration and sorts first ascending.
     assert durations[0] is None and durations[1:] == sorted(durations[1:])
-    slowest = await env.ok("/v1/runs", flow_id="orders", sort="-duration", limit=3)
+    slowest = await ok(env, "/v1/runs", flow_id="orders", sort="-duration", limit=3)
     assert [r["duration_ms"] for r in slowest["data"]] == [600.0, 500.0, 400.0]
-    following = await env.ok("/v1/runs", flow_id="orders", sort="-duration", limit=3, cursor=slowest["next_cursor"])
+    following = await ok(env, "/v1/runs", flow_id="orders", sort="-duration", limit=3, cursor=slowest["next_cursor"])
     assert [r["duration_ms"] for r in following["data"]] == [300.0, 200.0, 100.0]
-    back = await env.ok("/v1/runs", flow_id="orders", sort="-duration", limit=3, cursor=following["prev_cursor"])
+    back = await ok(env, "/v1/runs", flow_id="orders", sort="-duration", limit=3, cursor=following["prev_cursor"])
     assert [r["id"] for r in back["data"]] == [r["id"] for r in slowest["data"]]
-    by_offset = await env.ok("/v1/runs", flow_id="orders", sort="-duration", limit=3, offset=3)
+    by_offset = await ok(env, "/v1/runs", flow_id="orders", sort="-duration", limit=3, offset=3)
     assert [r["id"] for r in by_offset["data"]] == [r["id"] for r in following["data"]]
 
-    mixed = await env.get("/v1/runs", sort="created_at", cursor=slowest["next_cursor"])
+    mixed = await get(env, "/v1/runs", sort="created_at", cursor=slowest["next_cursor"])
     assert mixed.status_code == 400 and "sort" in mixed.json()["error"]["message"]
-    assert (await env.get("/v1/runs", sort="colour")).status_code == 422
-    by_status = (await env.ok("/v1/runs", sort="status", limit=100))["data"]
+    assert (await get(env, "/v1/runs", sort="colour")).status_code == 422
+    by_status = (await ok(env, "/v1/runs", sort="status", limit=100))["data"]
     assert [r["status"] for r in by_status] == sorted(r["status"] for r in by_status)
 
 
 async def test_failure_groups_fold_ids_and_numbers_and_suggest_a_next_action(env: Env) -> None:
-    groups = (await env.ok("/v1/analytics/failure-groups", flow_id="orders"))["data"]
+    groups = (await ok(env, "/v1/analytics/failure-groups", flow_id="orders"))["data"]
     auth = next(g for g in groups if g["category"] == "AUTH")
     assert auth["runs"] == 3  # not 6: every event was delivered twice
     assert auth["step"] == "push"
     assert auth["message_pattern"] == "token for account <n> expired at step push (<id>)"
     assert auth["last_run_id"] == "run_order_0004"
     assert "re-authorise" in auth["next_action"]
-    members = (await env.ok("/v1/runs", error_fingerprint=auth["fingerprint"]))["data"]
+    members = (await ok(env, "/v1/runs", error_fingerprint=auth["fingerprint"]))["data"]
     assert {r["id"] for r in members} == {"run_order_0000", "run_order_0002", "run_order_0004"}
     assert {g["category"] for g in groups} == {"AUTH", "VALIDATION"}
-    assert (await env.ok("/v1/analytics/failure-groups", category="transient"))["data"] == []
+    assert (await ok(env, "/v1/analytics/failure-groups", category="transient"))["data"] == []
 
 
 async def test_flakiness_pass_rate_percentiles_and_endpoint_coverage(env: Env) -> None:
-    flaky = (await env.ok("/v1/analytics/flakiness", flow_id="orders"))["data"]
+    flaky = (await ok(env, "/v1/analytics/flakiness", flow_id="orders"))["data"]
     # push fails half the time (most flaky); fetch failed once in seven (the rare currency error).
     assert [(f["step"], f["succeeded"], f["failed"], f["score"]) for f in flaky] == [
         ("push", 3, 3, 1.0),
         ("fetch", 6, 1, round(2 / 7, 4)),
     ]
 
-    nope = await env.get("/v1/analytics/flows/nope")
+    nope = await get(env, "/v1/analytics/flows/nope")
     assert nope.status_code == 404 and nope.json()["error"]["code"] == "not_found"
-    stats = await env.ok("/v1/analytics/flows/orders", **{"from": "2026-11-20T00:00:00Z", "to": "2026-11-21T00:00:00Z"})
+    day_of_t0 = {"from": "2026-11-20T00:00:00Z", "to": "2026-11-21T00:00:00Z"}
+    stats = await ok(env, "/v1/analytics/flows/orders", **day_of_t0)
     assert stats["runs"] == 7  # the unfinished run is not counted yet
     assert stats["pass_rate"] == round(3 / 7, 4)
     (day,) = stats["series"]
@@ -335,7 +296,7 @@ async def test_flakiness_pass_rate_percentiles_and_endpoint_coverage(env: Env) -
     assert day["duration_ms"]["p50"] == 300.0
     assert day["duration_ms"]["p99"] == pytest.approx(594.0)
 
-    coverage = (await env.ok("/v1/analytics/endpoints"))["data"]
+    coverage = (await ok(env, "/v1/analytics/endpoints"))["data"]
     assert [(c["method"], c["host"], c["route"], c["calls"]) for c in coverage] == [
         ("GET", "crm.example.com", "/v2/contacts/{id}", 2),
         ("POST", "erp.example.com", "/api/customers", 1),
@@ -344,13 +305,11 @@ async def test_flakiness_pass_rate_percentiles_and_endpoint_coverage(env: Env) -
 
 
 async def test_request_ids_are_echoed_and_named_in_errors(env: Env) -> None:
-    async with httpx.AsyncClient(base_url=env.api, timeout=10) as client:
-        headers = {"Authorization": f"Bearer {env.key}", "X-Request-Id": "trace-42"}
-        missing = await client.get("/v1/runs/run_nope", headers=headers)
-        assert missing.status_code == 404
-        assert missing.headers["x-request-id"] == "trace-42"
-        assert missing.json()["error"] == {"code": "not_found", "message": "no run with id 'run_nope'",
-                                           "request_id": "trace-42"}  # fmt: skip
-        fine = await client.get("/v1/runs", headers={"Authorization": f"Bearer {env.key}"})
-        assert fine.headers["x-request-id"].startswith("req_")
-        assert len(fine.headers.get_list("x-request-id")) == 1
+    missing = await env.api("GET", "/v1/runs/run_nope", headers={"X-Request-Id": "trace-42"})
+    assert missing.status_code == 404
+    assert missing.headers["x-request-id"] == "trace-42"
+    assert missing.json()["error"] == {"code": "not_found", "message": "no run with id 'run_nope'",
+                                       "request_id": "trace-42"}  # fmt: skip
+    fine = await env.api("GET", "/v1/runs")
+    assert fine.headers["x-request-id"].startswith("req_")
+    assert len(fine.headers.get_list("x-request-id")) == 1

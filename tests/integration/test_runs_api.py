@@ -3,8 +3,6 @@ directions while new runs keep arriving."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -15,11 +13,8 @@ import pytest
 
 from schemas import events as ev
 from schemas.events import EventBase, TriggerInfo
-from services.common.auth import create_api_key, ensure_tenant
-from services.common.db import connect
-from tests.conftest import Infra, Sandbox, make_sandbox
-from tests.e2e.stack import Stack
-from tests.factories import keep_history, produce
+from tests.conftest import Infra
+from tests.harness import Env, KeySpec, append_ledger, keep_history_of, running, wait_projected
 
 T0 = datetime(2026, 11, 1, 8, 0, tzinfo=UTC)
 TRIGGERS = ("api", "webhook", "schedule")
@@ -86,54 +81,30 @@ def events_of(s: Spec) -> list[EventBase]:
 SPECS = [spec(i) for i in range(60)] + [spec(i, "tenant-b") for i in range(5)]
 
 
-@dataclass
-class Env:
-    sandbox: Sandbox
-    api: str
-    keys: dict[str, str]
-
-    async def get(self, path: str, key: str = "live", **params: Any) -> httpx.Response:
-        async with httpx.AsyncClient(base_url=self.api, timeout=10) as client:
-            return await client.get(path, params=params, headers={"Authorization": f"Bearer {self.keys[key]}"})
-
-    async def ids(self, key: str = "live", **params: Any) -> list[str]:
-        r = await self.get("/v1/runs", key, limit=100, **params)
-        assert r.status_code == 200, r.text
-        return [run["id"] for run in r.json()["data"]]
-
-
-async def _wait_projected(db: Any, records: int) -> None:
-    deadline = time.monotonic() + 30
-    while await db.fetchval("SELECT coalesce(sum(next_offset), 0) FROM projector_offsets") < records:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
-    async with make_sandbox(infra) as sandbox:
-        db = await connect(infra.database_url, sandbox.schema)
-        try:
-            await ensure_tenant(db, "tenant-a", "A")
-            await ensure_tenant(db, "tenant-b", "B")
-            await keep_history(db, "tenant-a", "tenant-b")
-            keys = {
-                "live": (await create_api_key(db, "tenant-a"))[1],
-                "test": (await create_api_key(db, "tenant-a", environment="TESTING"))[1],
-                "writer": (await create_api_key(db, "tenant-a", scopes=["runs:write"]))[1],
-                "other": (await create_api_key(db, "tenant-b"))[1],
-            }
-            events = [e for s in SPECS for e in events_of(s)]
-            await produce(infra.kafka_bootstrap, sandbox.topics.ledger, events, sandbox.partitions)
-            stack = Stack.build(sandbox, ("projector", "api"), tmp_path_factory.mktemp("logs"))
-            await stack.start()
-            try:
-                await _wait_projected(db, len(events))
-                yield Env(sandbox, stack["api"].url, keys)
-            finally:
-                stack.stop()
-        finally:
-            await db.close()
+    keys: dict[str, KeySpec | str] = {
+        "live": "tenant-a",
+        "test": KeySpec("tenant-a", environment="TESTING"),
+        "writer": KeySpec("tenant-a", scopes=("runs:write",)),
+        "other": "tenant-b",
+    }
+    async with running(infra, tmp_path_factory, keys=keys, services=("projector", "api")) as env:
+        await keep_history_of(env, "tenant-a", "tenant-b")
+        events = [e for s in SPECS for e in events_of(s)]
+        await append_ledger(env.sandbox, events)
+        await wait_projected(env, len(events))
+        yield env
+
+
+async def get(env: Env, path: str, key: str = "live", **params: Any) -> httpx.Response:
+    return await env.api("GET", path, key, params=params)
+
+
+async def ids(env: Env, key: str = "live", **params: Any) -> list[str]:
+    r = await get(env, "/v1/runs", key, limit=100, **params)
+    assert r.status_code == 200, r.text
+    return [run["id"] for run in r.json()["data"]]
 
 
 def expected(keep: Callable[[Spec], bool], tenant: str = "tenant-a", environment: str = "PRODUCTION",
@@ -143,11 +114,11 @@ def expected(keep: Callable[[Spec], bool], tenant: str = "tenant-a", environment
 
 
 async def test_default_list_is_the_newest_twenty_of_the_keys_tenant_and_environment(env: Env) -> None:
-    r = await env.get("/v1/runs")
+    r = await get(env, "/v1/runs")
     assert r.status_code == 200
     assert [run["id"] for run in r.json()["data"]] == expected(lambda s: True)[:20]
-    assert await env.ids("other") == expected(lambda s: True, tenant="tenant-b")
-    assert await env.ids("test") == expected(lambda s: True, environment="TESTING")
+    assert await ids(env, "other") == expected(lambda s: True, tenant="tenant-b")
+    assert await ids(env, "test") == expected(lambda s: True, environment="TESTING")
 
 
 @pytest.mark.parametrize(
@@ -188,23 +159,23 @@ async def test_default_list_is_the_newest_twenty_of_the_keys_tenant_and_environm
 )
 async def test_filter(env: Env, params: dict[str, Any], keep: Callable[[Spec], bool]) -> None:
     want = expected(keep)
-    assert await env.ids(**params) == want
+    assert await ids(env, **params) == want
     assert want or params.get("failed_step") == "fetch"  # every case but one selects something
 
 
 async def test_archived_runs_are_hidden_unless_asked_for(env: Env) -> None:
-    assert "run_a0030" not in await env.ids()
-    with_archived = await env.ids(include_archived="true")
+    assert "run_a0030" not in await ids(env)
+    with_archived = await ids(env, include_archived="true")
     assert with_archived == expected(lambda s: True, archived=True)
     assert "run_a0030" in with_archived
 
 
 async def test_environment_filter_and_key_environment(env: Env) -> None:
-    assert await env.ids("test", environment="TESTING") == expected(lambda s: True, environment="TESTING")
-    r = await env.get("/v1/runs", "live", environment="TESTING")
+    assert await ids(env, "test", environment="TESTING") == expected(lambda s: True, environment="TESTING")
+    r = await get(env, "/v1/runs", "live", environment="TESTING")
     assert r.status_code == 403 and "PRODUCTION" in r.json()["error"]["message"]
     # A test key cannot read a live run by id either.
-    assert (await env.get("/v1/runs/run_a0000", "test")).status_code == 404
+    assert (await get(env, "/v1/runs/run_a0000", "test")).status_code == 404
 
 
 async def test_bad_parameters_and_keys_get_the_error_envelope(env: Env) -> None:
@@ -220,14 +191,13 @@ async def test_bad_parameters_and_keys_get_the_error_envelope(env: Env) -> None:
         ("writer", {}, 403, "forbidden"),
     ]
     for key, params, status, code in cases:
-        r = await env.get("/v1/runs", key, **params)
+        r = await get(env, "/v1/runs", key, **params)
         assert r.status_code == status, (params, r.text)
         body = r.json()["error"]
         assert body["code"] == code and body["message"] and body["request_id"], body
-    async with httpx.AsyncClient(base_url=env.api) as client:
-        for headers in ({}, {"Authorization": "Bearer ft_live_garbage"}, {"Authorization": "Basic x"}):
-            r = await client.get("/v1/runs", headers=headers)
-            assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+    for headers in ({}, {"Authorization": "Bearer ft_live_garbage"}, {"Authorization": "Basic x"}):
+        r = await env.http.get(env.url("api") + "/v1/runs", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
 
 
 async def _walk(env: Env, cursor_key: str, start: dict[str, Any]) -> list[list[str]]:
@@ -238,54 +208,54 @@ async def _walk(env: Env, cursor_key: str, start: dict[str, Any]) -> list[list[s
         cursor = body[cursor_key]
         if cursor is None:
             return pages
-        r = await env.get("/v1/runs", limit=7, cursor=cursor)
+        r = await get(env, "/v1/runs", limit=7, cursor=cursor)
         assert r.status_code == 200, r.text
         body = r.json()
 
 
 async def test_cursor_pages_forward_then_all_the_way_back(env: Env) -> None:
-    first = (await env.get("/v1/runs", limit=7)).json()
+    first = (await get(env, "/v1/runs", limit=7)).json()
     assert first["prev_cursor"] is None
     forward = await _walk(env, "next_cursor", first)
     assert [i for page in forward for i in page] == expected(lambda s: True)
     assert all(len(page) == 7 for page in forward[:-1])
-    last = (await env.get("/v1/runs", limit=7, cursor=(await _last_cursor(env)))).json()
+    last = (await get(env, "/v1/runs", limit=7, cursor=(await _last_cursor(env)))).json()
     backward = await _walk(env, "prev_cursor", last)
     assert [i for page in reversed(backward) for i in page] == expected(lambda s: True)
 
 
 async def _last_cursor(env: Env) -> str:
     """The next_cursor that leads to the last page."""
-    body = (await env.get("/v1/runs", limit=7)).json()
+    body = (await get(env, "/v1/runs", limit=7)).json()
     cursor = None
     while body["next_cursor"] is not None:
         cursor = body["next_cursor"]
-        body = (await env.get("/v1/runs", limit=7, cursor=cursor)).json()
+        body = (await get(env, "/v1/runs", limit=7, cursor=cursor)).json()
     assert cursor is not None
     return cursor
 
 
 async def test_pages_stay_stable_while_new_runs_arrive(env: Env) -> None:
-    first = (await env.get("/v1/runs", limit=5)).json()
-    second = (await env.get("/v1/runs", limit=5, cursor=first["next_cursor"])).json()
+    first = (await get(env, "/v1/runs", limit=5)).json()
+    second = (await get(env, "/v1/runs", limit=5, cursor=first["next_cursor"])).json()
     seen = [run["id"] for run in first["data"] + second["data"]]
     # Ten runs newer than everything arrive between page requests.
     fresh = [Spec(**{**vars(spec(100 + i)), "environment": "PRODUCTION", "archived": False}) for i in range(10)]
     events = [e for s in fresh for e in events_of(s)]
-    db = await connect(env.sandbox.infra.database_url, env.sandbox.schema)
+    db = await env.db()
     try:
         done = await db.fetchval("SELECT coalesce(sum(next_offset), 0) FROM projector_offsets")
-        await produce(env.sandbox.infra.kafka_bootstrap, env.sandbox.topics.ledger, events, env.sandbox.partitions)
-        await _wait_projected(db, done + len(events))
     finally:
         await db.close()
+    await append_ledger(env.sandbox, events)
+    await wait_projected(env, done + len(events))
     old = expected(lambda s: True)
     arrived = [s.id for s in sorted(fresh, key=lambda s: s.created, reverse=True)]
     # Forward: the old runs continue exactly where the second page ended, none twice, none missed.
-    rest = await _walk(env, "next_cursor", (await env.get("/v1/runs", limit=7, cursor=second["next_cursor"])).json())
+    rest = await _walk(env, "next_cursor", (await get(env, "/v1/runs", limit=7, cursor=second["next_cursor"])).json())
     assert seen + [i for page in rest for i in page] == old
     # Backward from the second page: the first page's runs, then the ones that arrived, up to the new top.
-    back = await _walk(env, "prev_cursor", (await env.get("/v1/runs", limit=7, cursor=second["prev_cursor"])).json())
+    back = await _walk(env, "prev_cursor", (await get(env, "/v1/runs", limit=7, cursor=second["prev_cursor"])).json())
     assert [i for page in reversed(back) for i in page] == arrived + old[:5]
-    top = await env.get("/v1/runs", limit=10)
+    top = await get(env, "/v1/runs", limit=10)
     assert [run["id"] for run in top.json()["data"]] == arrived
