@@ -16,20 +16,9 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from schemas.topics import Topics
 from services.common.appender import Appender, AppendFailed
-from services.common.kafka import ensure_topics, topic_partitions
+from services.common.kafka import ensure_topics
 from tests.conftest import Infra
-
-
-async def _records_in(bootstrap: str, topic: str) -> int:
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
-    await consumer.start()
-    try:
-        partitions = (await topic_partitions(bootstrap, [topic]))[topic]
-        return sum((await consumer.end_offsets([TopicPartition(topic, p) for p in partitions])).values())
-    finally:
-        await consumer.stop()
+from tests.harness import records_in
 
 
 async def test_a_failing_request_never_fails_a_big_one_in_flight(infra: Infra) -> None:
@@ -67,5 +56,5 @@ async def test_a_failing_request_never_fails_a_big_one_in_flight(infra: Infra) -
     for failure in failures:
         assert isinstance(failure, AppendFailed)
         assert failure.refused == [0] and failure.appended == [] and failure.unknown == [], failure
-    assert await _records_in(bootstrap, big_topics.triggers) == 100_000
-    assert await _records_in(bootstrap, small_topics.triggers) == 0
+    assert await records_in(bootstrap, big_topics.triggers) == 100_000
+    assert await records_in(bootstrap, small_topics.triggers) == 0

@@ -1,24 +1,16 @@
-"""The canonical read API (seed 003) over records that sync steps wrote, deduplicated by external ids."""
+"""The canonical read API (docs/api-contract.md) over records that sync steps wrote, deduplicated by external ids."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-import asyncpg
-import httpx
+import pytest
 
 from schemas import events as ev
 from schemas.events import EventBase, TriggerInfo
-from services.common.auth import create_api_key, ensure_tenant
-from services.projector import rebuild
-from services.projector.settings import ProjectorSettings
-from tests.conftest import Sandbox
-from tests.e2e.stack import Stack
-from tests.factories import keep_history, produce
+from tests.conftest import Infra
+from tests.harness import KeySpec, append_ledger, assert_verify_equal, auth, keep_history_of, running, wait_projected
 
 T0 = datetime(2026, 6, 12, 18, 0, tzinfo=UTC)
 
@@ -53,30 +45,22 @@ def order(n: int, status: str, minute: int, **extra_ids: str) -> dict[str, Any]:
 
 
 async def test_data_api_lists_pages_and_fetches_deduplicated_records(
-    sandbox: Sandbox, db: asyncpg.Connection, tmp_path: Path
+    infra: Infra, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    await ensure_tenant(db, "acme", "Acme")
-    await keep_history(db, "acme")
-    _, key = await create_api_key(db, "acme", scopes=["data:read"])
-    _, runs_only = await create_api_key(db, "acme", scopes=["runs:read"])
-    first = sync_run("run_sync_1", T0, [("order", [order(n, "pending", 0) for n in range(1, 121)])])
-    # The next sync sees order 7 paid and learns its NetSuite id; order 8 again with an older source stamp.
-    second = sync_run("run_sync_2", T0 + timedelta(hours=1), [
-        ("order", [order(7, "paid", 30, netsuite="SO-7"), {**order(8, "stale", -30)}]),
-        ("customer", [{"external_ids": {"shopify": "c1"}, "data": {"email": "a@example.com"}}]),
-    ])  # fmt: skip
-    testing = sync_run("run_sync_t", T0, [("order", [order(999, "paid", 0)])], environment="TESTING")
-    events = first + second + testing
-    await produce(sandbox.infra.kafka_bootstrap, sandbox.topics.ledger, events + first[:6], sandbox.partitions)
-    stack = Stack.build(sandbox, ("projector", "api"), tmp_path)
-    await stack.start()
-    try:
-        deadline = time.monotonic() + 30
-        while await db.fetchval("SELECT coalesce(sum(next_offset), 0) FROM projector_offsets") < len(events) + 6:
-            assert time.monotonic() < deadline, stack["projector"].log_tail()
-            await asyncio.sleep(0.05)
-        async with httpx.AsyncClient(base_url=stack["api"].url, timeout=10,
-                                     headers={"Authorization": f"Bearer {key}"}) as api:  # fmt: skip
+    keys = {"data": KeySpec("acme", scopes=("data:read",)), "runs_only": KeySpec("acme", scopes=("runs:read",))}
+    async with running(infra, tmp_path_factory, keys=keys, services=("projector", "api")) as env:
+        await keep_history_of(env, "acme")
+        first = sync_run("run_sync_1", T0, [("order", [order(n, "pending", 0) for n in range(1, 121)])])
+        # The next sync sees order 7 paid and learns its NetSuite id; order 8 again with an older source stamp.
+        second = sync_run("run_sync_2", T0 + timedelta(hours=1), [
+            ("order", [order(7, "paid", 30, netsuite="SO-7"), {**order(8, "stale", -30)}]),
+            ("customer", [{"external_ids": {"shopify": "c1"}, "data": {"email": "a@example.com"}}]),
+        ])  # fmt: skip
+        testing = sync_run("run_sync_t", T0, [("order", [order(999, "paid", 0)])], environment="TESTING")
+        events = first + second + testing
+        await append_ledger(env.sandbox, events + first[:6])
+        await wait_projected(env, len(events) + 6)
+        async with env.client() as api:
             seen: list[dict[str, Any]] = []
             cursor = None
             while True:
@@ -112,14 +96,7 @@ async def test_data_api_lists_pages_and_fetches_deduplicated_records(
             assert unknown.status_code == 404 and "invoice" in unknown.json()["error"]["message"]
             assert (await api.get("/api/public/data/order/nope")).status_code == 404
             assert (await api.get("/api/public/data/order", params={"cursor": "garbage"})).status_code == 400
-            forbidden = await api.get("/api/public/data/order", headers={"Authorization": f"Bearer {runs_only}"})
+            forbidden = await api.get("/api/public/data/order", headers=auth(env.keys["runs_only"]))
             assert forbidden.status_code == 403 and forbidden.json()["error"]["code"] == "forbidden"
 
-        settings = ProjectorSettings(
-            kafka_bootstrap=sandbox.infra.kafka_bootstrap, database_url=sandbox.infra.database_url,
-            database_schema=sandbox.schema, topic_prefix=sandbox.topics.prefix,
-        )  # fmt: skip
-        outcome = await rebuild.run(settings, swap=False, progress=lambda _: None)
-        assert outcome.comparison.equal, outcome.comparison.differing_tables
-    finally:
-        stack.stop()
+        await assert_verify_equal(env.sandbox)

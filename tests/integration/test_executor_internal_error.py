@@ -7,16 +7,15 @@ import asyncio
 import time
 from typing import Any
 
-from schemas.events import FlowVersionPublished, TriggerInfo, TriggerReceived, new_run_id
-from schemas.flows import FlowDefinition
+from schemas.events import TriggerInfo, TriggerReceived, new_run_id
 from schemas.topics import partition_for
-from services.common.kafka import publish_flow_events
 from services.executor.adapters.flows import FlowRegistry
 from services.executor.adapters.ledger import LedgerWriter, read_partition
 from services.executor.adapters.steps import StepCall, StepOutcome
 from services.executor.engine import Engine
 from services.executor.settings import ExecutorSettings
 from tests.conftest import Infra, make_sandbox
+from tests.harness import flow, publish_flows
 
 
 def _trigger(flow_id: str, payload: Any) -> TriggerReceived:
@@ -26,12 +25,10 @@ def _trigger(flow_id: str, payload: Any) -> TriggerReceived:
 
 async def test_an_executor_bug_ends_the_run_internal_error_with_its_trace_and_others_go_on(infra: Infra) -> None:
     async with make_sandbox(infra) as sandbox:
-        flow = FlowDefinition.model_validate({"id": "f1", "tenant_id": "t1", "name": "F", "version": 1, "steps": [
+        await publish_flows(sandbox, [flow("t1", "f1", [
             {"name": "prepare", "action": "transform", "input": {"output": {"ok": True}}},
             {"name": "explode", "action": "transform", "input": {"output": {"boom": "{{ trigger.boom }}"}}},
-        ]})  # fmt: skip
-        published = FlowVersionPublished(tenant_id="t1", flow_id="f1", flow_version=1, flow=flow)
-        await publish_flow_events(infra.kafka_bootstrap, sandbox.topics, [published])
+        ], name="F")])  # fmt: skip
         settings = ExecutorSettings(kafka_bootstrap=infra.kafka_bootstrap, topic_prefix=sandbox.topics.prefix,
                                     partitions=sandbox.partitions, state_dir=infra.state_dir)  # fmt: skip
         engine = Engine(settings, LedgerWriter(infra.kafka_bootstrap, sandbox.topics.ledger, linger_ms=1),

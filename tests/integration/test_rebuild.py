@@ -3,47 +3,39 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from pathlib import Path
 
 import asyncpg
+import pytest
 
 from services.projector import rebuild
 from services.projector.settings import ProjectorSettings
-from tests.conftest import Sandbox
-from tests.e2e.stack import Stack
-from tests.factories import produce, run_events
-
-EVENTS_PER_RUN = 3 + 2 * 3 + 1  # run_events() with 3 steps
+from tests.conftest import Infra, Sandbox
+from tests.factories import run_events
+from tests.harness import Env, append_ledger, projector_settings, running, wait_projected
 
 
 def _settings(sandbox: Sandbox) -> ProjectorSettings:
-    return ProjectorSettings(
-        kafka_bootstrap=sandbox.infra.kafka_bootstrap,
-        database_url=sandbox.infra.database_url,
-        database_schema=sandbox.schema,
-        topic_prefix=sandbox.topics.prefix,
-        batch_max_records=300,
-    )
-
-
-async def _wait_projected(db: asyncpg.Connection, records: int, stack: Stack) -> None:
-    deadline = time.monotonic() + 60
-    while await db.fetchval("SELECT coalesce(sum(next_offset), 0) FROM projector_offsets") < records:
-        assert time.monotonic() < deadline, stack["projector"].log_tail()
-        await asyncio.sleep(0.05)
+    return projector_settings(sandbox).model_copy(update={"batch_max_records": 300})
 
 
 async def test_verify_finds_tampered_runs_and_rebuild_repairs_them_while_projecting(
-    sandbox: Sandbox, db: asyncpg.Connection, tmp_path: Path
+    infra: Infra, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
+    async with running(infra, tmp_path_factory, services=("projector",)) as env:
+        db = await env.db()
+        try:
+            await verify_and_rebuild(env, db)
+        finally:
+            await db.close()
+
+
+async def verify_and_rebuild(env: Env, db: asyncpg.Connection) -> None:
+    sandbox = env.sandbox
     first = [e for i in range(300) for e in run_events(f"run_a{i:04d}", fail_at=1 if i % 7 == 0 else None)]
-    await produce(sandbox.infra.kafka_bootstrap, sandbox.topics.ledger, first, sandbox.partitions)
-    stack = Stack.build(sandbox, ("projector",), tmp_path)
-    await stack.start()
+    await append_ledger(sandbox, first)
     lines: list[str] = []
     try:
-        await _wait_projected(db, len(first), stack)
+        await wait_projected(env, len(first), within=60)
 
         clean = await rebuild.run(_settings(sandbox), swap=False, progress=lines.append)
         assert clean.comparison.equal, clean.comparison.tables
@@ -84,15 +76,13 @@ async def test_verify_finds_tampered_runs_and_rebuild_repairs_them_while_project
 
         # Rebuild while new runs keep arriving; the running projector must follow the swap.
         second = [e for i in range(300) for e in run_events(f"run_b{i:04d}")]
-        producing = asyncio.create_task(
-            produce(sandbox.infra.kafka_bootstrap, sandbox.topics.ledger, second, sandbox.partitions)
-        )
+        producing = asyncio.create_task(append_ledger(sandbox, second))
         swapped = await rebuild.run(_settings(sandbox), swap=True, progress=lines.append)
         await producing
         assert swapped.swapped_to is not None
         assert set(swapped.comparison.differing_tables) == {"runs", "run_steps", "step_attempts"}  # what it repaired
 
-        await _wait_projected(db, len(first) + len(second), stack)
+        await wait_projected(env, len(first) + len(second), within=60)
         # db's search_path names the schema, so it now reads the rebuilt one.
         assert await db.fetchval("SELECT status FROM runs WHERE id = 'run_a0007'") == "FAILED"
         assert await db.fetchval("SELECT count(*) FROM run_steps WHERE run_id = 'run_a0010'") == 3
@@ -104,13 +94,10 @@ async def test_verify_finds_tampered_runs_and_rebuild_repairs_them_while_project
         # verify while the projector keeps projecting: the live rows are read as of the snapshot its offsets
         # came from, so runs that change during the replay do not show as differences.
         third = [e for i in range(300) for e in run_events(f"run_c{i:04d}", fail_at=0 if i % 5 == 0 else None)]
-        producing = asyncio.create_task(
-            produce(sandbox.infra.kafka_bootstrap, sandbox.topics.ledger, third, sandbox.partitions)
-        )
+        producing = asyncio.create_task(append_ledger(sandbox, third))
         after = await rebuild.run(_settings(sandbox), swap=False, progress=lines.append)
         await producing
         assert after.comparison.equal, rebuild.describe(after.comparison)
     finally:
-        stack.stop()
         if "swapped" in locals() and swapped.swapped_to:
             await db.execute(f'DROP SCHEMA IF EXISTS "{swapped.swapped_to}" CASCADE')

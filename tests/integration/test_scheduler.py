@@ -4,12 +4,10 @@ ingest app starting its scheduler."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -32,6 +30,7 @@ from services.ingest.app import create_app
 from services.ingest.scheduler import Scheduler
 from services.ingest.settings import IngestSettings
 from tests.conftest import Sandbox
+from tests.harness import wait_until
 
 T0 = datetime(2030, 1, 1, 0, 0, 0, 500_000, tzinfo=UTC)  # half a second past a whole-second tick
 
@@ -90,14 +89,6 @@ async def triggers(sandbox: Sandbox) -> AsyncIterator[TriggerReader]:
     await reader.close()
 
 
-async def wait_until(check: Callable[[], Awaitable[Any]], within: float = 20) -> Any:
-    deadline = time.monotonic() + within
-    while not (result := await check()):
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-    return result
-
-
 @asynccontextmanager
 async def scheduler(sandbox: Sandbox, clock: Callable[[], datetime], **options: Any) -> AsyncIterator[Scheduler]:
     appender = Appender(sandbox.infra.kafka_bootstrap, linger_ms=0)
@@ -135,7 +126,7 @@ async def passed(running: Scheduler, clock: FakeClock) -> None:
     async def check() -> bool:
         return running.observed is not None and running.observed >= clock.now
 
-    await wait_until(check)
+    await wait_until(check, within=20, what="a pass at the clock's time", every=0.02)
 
 
 async def step(running: Scheduler, clock: FakeClock, seconds: float = 1) -> None:

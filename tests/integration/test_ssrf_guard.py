@@ -15,14 +15,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
-import httpx
 import pytest
 from aiokafka.client import AIOKafkaClient
 
-from services.api.app import create_app
-from services.api.settings import ApiSettings
 from services.common import netguard
-from services.common.auth import create_api_key, ensure_tenant
 from services.common.db import create_pool
 from services.common.netguard import BlockedAddress, KafkaGuard
 from services.executor.adapters.actions_base import StepCall
@@ -30,6 +26,7 @@ from services.executor.adapters.steps import StepRunners
 from services.projector.adapters import alerts, webhooks
 from services.projector.settings import ProjectorSettings
 from tests.conftest import Infra, Sandbox
+from tests.harness import api_in_process
 from tests.netguard_support import (  # the fixtures are asked for by name: dns, dials, listener
     PUBLIC_LOOKING,
     Dials,
@@ -140,22 +137,12 @@ async def test_alert_deliveries_record_refusals_and_unresolvable_hosts_and_the_b
 
 
 async def test_connector_verify_checks_where_it_connects_after_the_name_rebinds(
-    infra: Infra, sandbox: Sandbox, dns: FakeDNS, dials: Dials, listener: Listener
+    sandbox: Sandbox, dns: FakeDNS, dials: Dials, listener: Listener
 ) -> None:
-    conn = await asyncpg.connect(infra.database_url, server_settings={"search_path": sandbox.schema})
-    try:
-        await ensure_tenant(conn, "t1", "T1")
-        _, key = await create_api_key(conn, "t1")
-    finally:
-        await conn.close()
     # Public while it is registered (the early check passes), loopback when verify connects: the rebinding.
     for name in ("web.test", "db.test", "kafka.test"):
         dns.script(name, [PUBLIC_LOOKING], ["127.0.0.1"])
     dns.script("gone.test", [PUBLIC_LOOKING], [])  # resolves at registration, not any more at verify
-    settings = ApiSettings(database_url=infra.database_url, database_schema=sandbox.schema,
-                           kafka_bootstrap=infra.kafka_bootstrap, topic_prefix=sandbox.topics.prefix,
-                           connector_allow_private_networks=False)  # fmt: skip
-    app = create_app(settings)
     port = listener.port
     cases: list[tuple[str, dict[str, Any], tuple[str, str]]] = [
         ("http", {"url": f"http://web.test:{port}/health"}, ("VALIDATION", "blocked_address")),
@@ -163,20 +150,17 @@ async def test_connector_verify_checks_where_it_connects_after_the_name_rebinds(
         ("kafka", {"url": f"kafka://kafka.test:{port}"}, ("VALIDATION", "blocked_address")),
         ("http", {"url": f"http://gone.test:{port}/"}, ("TRANSIENT", "unresolvable_host")),
     ]
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://api",
-                                     headers={"Authorization": f"Bearer {key}"}) as api:  # fmt: skip
-            for i, (kind, config, expected) in enumerate(cases):
-                r = await api.post("/v1/connectors", json={"name": f"c{i}", "kind": kind, "config": config})
-                assert r.status_code == 201, r.text
-                verified = (await api.post(f"/v1/connectors/{r.json()['id']}/verify")).json()
-                assert verified["ok"] is False, verified
-                assert (verified["error"]["category"], verified["error"]["code"]) == expected, verified
-            # Registration still answers a clear 422 for what is private already.
-            r = await api.post("/v1/connectors", json={"name": "in", "kind": "http",
-                                                       "config": {"url": f"http://127.0.0.1:{port}/"}})  # fmt: skip
-            assert r.status_code == 422 and "private" in r.json()["error"]["message"]
+    async with api_in_process(sandbox, connector_allow_private_networks=False) as api:
+        for i, (kind, config, expected) in enumerate(cases):
+            r = await api.post("/v1/connectors", json={"name": f"c{i}", "kind": kind, "config": config})
+            assert r.status_code == 201, r.text
+            verified = (await api.post(f"/v1/connectors/{r.json()['id']}/verify")).json()
+            assert verified["ok"] is False, verified
+            assert (verified["error"]["category"], verified["error"]["code"]) == expected, verified
+        # Registration still answers a clear 422 for what is private already.
+        r = await api.post("/v1/connectors", json={"name": "in", "kind": "http",
+                                                   "config": {"url": f"http://127.0.0.1:{port}/"}})  # fmt: skip
+        assert r.status_code == 422 and "private" in r.json()["error"]["message"]
     assert dials.public() == [] and listener.accepted == 0
 
 

@@ -125,7 +125,7 @@ async def test_a_query_binds_its_parameters_and_returns_json_rows(runners: StepR
     }]  # fmt: skip
     assert out.output["columns"] == ["id", "total", "placed_at", "ref", "doc", "raw", "lines"]
     assert (out.output["row_count"], out.output["truncated"]) == (1, False)
-    # Shown as seed 004 shows it: the connection masked, the SQL, the parameters.
+    # Shown as a step's anatomy shows it (docs/runs.md): the connection masked, the SQL, the parameters.
     assert out.output["connection"] == mask_text(dsn) and PASSWORD not in str(out.output)
     assert out.output["query"].endswith("WHERE id = $1") and out.output["params"] == ["SO-1"]
 

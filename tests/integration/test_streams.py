@@ -7,16 +7,15 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
+import pytest
 
-from services.common.auth import create_api_key, ensure_tenant
-from tests.conftest import Sandbox
-from tests.e2e.stack import Stack
-from tests.factories import produce, run_events
+from tests.conftest import Infra
+from tests.factories import run_events
+from tests.harness import append_ledger, auth, running, wait_until
 
 
 @dataclass
@@ -50,23 +49,19 @@ async def collect(client: httpx.AsyncClient, url: str, until: int, **kwargs: Any
     return got
 
 
-async def test_a_stream_shows_every_step_of_a_live_run_in_order(sandbox: Sandbox, db: Any, tmp_path: Path) -> None:
-    await ensure_tenant(db, "t1", "T1")
-    await ensure_tenant(db, "t2", "T2")
-    _, key = await create_api_key(db, "t1")
-    _, other = await create_api_key(db, "t2")
+async def test_a_stream_shows_every_step_of_a_live_run_in_order(
+    infra: Infra, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     events = run_events("run-live", steps=3, start=datetime.now(UTC))
-    stack = Stack.build(sandbox, ("projector", "api"), tmp_path)
-    await stack.start()
-    try:
-        bootstrap, topic, parts = sandbox.infra.kafka_bootstrap, sandbox.topics.ledger, sandbox.partitions
-        await produce(bootstrap, topic, events[:2], parts)  # the run exists, nothing has run yet
-        async with httpx.AsyncClient(base_url=stack["api"].url, timeout=30,
-                                     headers={"Authorization": f"Bearer {key}"}) as api:  # fmt: skip
-            for _ in range(600):
-                if (await api.get("/v1/runs/run-live")).status_code == 200:
-                    break
-                await asyncio.sleep(0.05)
+    keys = {"key": "t1", "other": "t2"}
+    async with running(infra, tmp_path_factory, keys=keys, services=("projector", "api")) as env:
+        await append_ledger(env.sandbox, events[:2])  # the run exists, nothing has run yet
+        async with env.client(timeout=30) as api:
+
+            async def visible() -> bool:
+                return (await api.get("/v1/runs/run-live")).status_code == 200
+
+            await wait_until(visible, what="run-live visible")
             feed = asyncio.create_task(collect(api, "/v1/stream", until=2))
             watcher = asyncio.create_task(collect(api, "/v1/runs/run-live/stream", until=len(events)))
             await asyncio.sleep(0.3)
@@ -74,7 +69,7 @@ async def test_a_stream_shows_every_step_of_a_live_run_in_order(sandbox: Sandbox
             events = events[:2] + run_events("run-live", steps=3, start=datetime.now(UTC))[2:]
             for i in range(2, len(events), 3):
                 await asyncio.sleep(0.2)
-                await produce(bootstrap, topic, events[i : i + 3], parts)
+                await append_ledger(env.sandbox, events[i : i + 3])
             seen = await watcher
             assert [m.data["seq"] for m in seen] == list(range(len(events)))
             assert [m.event for m in seen] == [e.type for e in events]
@@ -91,9 +86,7 @@ async def test_a_stream_shows_every_step_of_a_live_run_in_order(sandbox: Sandbox
             assert all(m.event == "run" for m in await feed)
 
             # Another tenant can neither stream the run nor see it in its feed.
-            r = await api.get("/v1/runs/run-live/stream", headers={"Authorization": f"Bearer {other}"})
+            r = await api.get("/v1/runs/run-live/stream", headers=auth(env.keys["other"]))
             assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
             bad = await api.get("/v1/runs/run-live/stream", headers={"Last-Event-ID": "x"})
             assert bad.status_code == 400
-    finally:
-        stack.stop()
