@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -57,6 +58,14 @@ class OrjsonResponse(JSONResponse):
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_UTC_Z)
+
+
+def answer(model: BaseModel, status_code: int) -> Response:
+    """A declared model answered under another status than the route's own, with another model (a 202 that is
+    still pending beside a 201, a 200 for what was done already beside a 202): serialised as FastAPI serialises
+    the route's own answer (pydantic, fields left unset left out). The route documents it in `responses`."""
+    body = model.model_dump_json(exclude_unset=True)
+    return Response(body, status_code=status_code, media_type="application/json")
 
 
 class ApiError(Exception):

@@ -9,7 +9,6 @@ and paused state; a PostgreSQL advisory lock per flow serialises writers across 
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -19,12 +18,13 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
-import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaTimeoutError
 
 from schemas import codec
 from schemas.events import FlowEventBase, FlowPaused, FlowResumed, FlowVersionPublished
+from services.api.adapters.sql import Where, contains
+from services.common.cursor import TIME_AND_ID
 from services.common.http import ApiError
 
 log = logging.getLogger(__name__)
@@ -223,10 +223,6 @@ _FROM = """
 """
 
 
-class CursorError(ValueError):
-    """A cursor this API did not hand out."""
-
-
 @dataclass(frozen=True)
 class Cursor:
     """The (created_at, id) of the last flow on a page; the list is newest first."""
@@ -235,16 +231,12 @@ class Cursor:
     flow_id: str
 
     def encode(self) -> str:
-        raw = orjson.dumps({"c": self.created_at.isoformat(), "i": self.flow_id})
-        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        return TIME_AND_ID.encode((self.created_at, self.flow_id))
 
     @classmethod
     def decode(cls, text: str) -> Cursor:
-        try:
-            raw = orjson.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
-            return cls(datetime.fromisoformat(raw["c"]), str(raw["i"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CursorError("cursor is not one this API returned") from exc
+        """The position, or InvalidCursor (400)."""
+        return cls(*TIME_AND_ID.decode(text))
 
 
 @dataclass
@@ -258,24 +250,18 @@ class FlowFilter:
 
     def where(self) -> tuple[list[str], list[Any]]:
         """SQL conditions over `flows f` and their parameters ($1, $2, … in order)."""
-        clauses: list[str] = []
-        args: list[Any] = []
-
-        def add(sql: str, value: Any) -> None:
-            args.append(value)
-            clauses.append(sql.replace("?", f"${len(args)}"))
-
-        add("f.tenant_id = ?", self.tenant_id)
-        add("f.environment = ?", self.environment)
+        where = Where()
+        where.add("f.tenant_id = ?", self.tenant_id)
+        where.add("f.environment = ?", self.environment)
         if self.statuses:
-            add("f.status = ANY(?::text[])", self.statuses)
+            where.add("f.status = ANY(?::text[])", self.statuses)
         if self.trigger_types:
-            add("f.trigger_type = ANY(?::text[])", self.trigger_types)
+            where.add("f.trigger_type = ANY(?::text[])", self.trigger_types)
         if self.tags:
-            add("f.tags @> ?::text[]", self.tags)
+            where.add("f.tags @> ?::text[]", self.tags)
         if self.q:
-            add("f.name ILIKE ?", "%" + self.q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
-        return clauses, args
+            where.add("f.name ILIKE ?", contains(self.q))
+        return where.clauses, where.args
 
 
 @dataclass(frozen=True)

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import asyncpg
-import orjson
+from pydantic import BaseModel, StrictStr, TypeAdapter
 
-SUMMARY_COLUMNS = (
-    "id", "flow_id", "flow_version", "flow_name", "status", "environment", "execution_mode", "trigger_type",
-    "caller", "tags", "parent_run_id", "retry_of", "bulk_operation_id", "failed_step", "error_message",
-    "steps_count", "created_at", "started_at", "finished_at", "updated_at", "duration_ms", "archived",
-    "error_category", "error_fingerprint",
-)  # fmt: skip
+from services.api.adapters.sql import Where, contains
+from services.api.models.runs import Records, RetryLink, RunStep, RunSummary, StepAttempt
+from services.common.cursor import CursorCodec, InvalidCursor
+
+SUMMARY_COLUMNS = tuple(RunSummary.model_fields)  # the runs columns a summary shows, under the same names
 _SELECT_SUMMARY = ", ".join(SUMMARY_COLUMNS)
-RECORD_COUNTERS = ("read", "transformed", "written", "deduped", "skipped", "failed")
+RECORD_COUNTERS = tuple(Records.model_fields)  # runs.records_<counter>
 _SELECT_RECORDS = ", ".join(f"records_{n}" for n in RECORD_COUNTERS)
 
 
@@ -25,10 +23,6 @@ _SELECT_RECORDS = ", ".join(f"records_{n}" for n in RECORD_COUNTERS)
 # this expression, to the character. search_details is the projector's text of the run's record errors and of the
 # upstream's answer to a failed step (services/projector/adapters/search.py).
 SEARCH_TEXT = "(id || E'\\n' || coalesce(error_message, '') || E'\\n' || coalesce(search_details, ''))"
-
-
-class CursorError(ValueError):
-    """A cursor this API did not hand out, or one from another query."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +56,24 @@ SORTABLE = {
     "status": "status",
     "duration": "COALESCE(duration_ms, -1)",
 }
-_TIME_SORTS = {"created_at", "updated_at"}
+
+
+class _Position(BaseModel):
+    """A runs cursor's JSON: the sort it was made for, the sort key and id of a row, which way to read."""
+
+    s: str
+    v: Any
+    i: str
+    b: bool
+
+
+_POSITION: CursorCodec[_Position] = CursorCodec(_Position)
+_VALUE: dict[str, TypeAdapter[Any]] = {
+    "created_at": TypeAdapter(datetime),
+    "updated_at": TypeAdapter(datetime),
+    "duration": TypeAdapter(float),
+    "status": TypeAdapter(StrictStr),
+}
 
 
 @dataclass(frozen=True)
@@ -75,30 +86,19 @@ class Cursor:
     backward: bool = False
 
     def encode(self) -> str:
-        value = self.value.isoformat() if isinstance(self.value, datetime) else self.value
-        raw = orjson.dumps({"s": self.sort, "v": value, "i": self.run_id, "b": self.backward})
-        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        return _POSITION.encode(_Position(s=self.sort, v=self.value, i=self.run_id, b=self.backward))
 
     @classmethod
     def decode(cls, text: str, sort: Sort) -> Cursor:
+        """The position, or InvalidCursor (400) for a cursor not handed out for this sort."""
+        position = _POSITION.decode(text)
+        if position.s != str(sort):
+            raise InvalidCursor(f"it belongs to sort={position.s}; send the same sort with it")
         try:
-            raw = orjson.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
-            made_for = str(raw["s"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CursorError("cursor is not one this API returned") from exc
-        if made_for != str(sort):
-            raise CursorError(f"cursor belongs to sort={made_for}; send the same sort with it")
-        try:
-            value = raw["v"]
-            if sort.name in _TIME_SORTS:
-                value = datetime.fromisoformat(value)
-            elif sort.name == "duration":
-                value = float(value)
-            elif not isinstance(value, str):
-                raise TypeError("status cursor value")
-            return cls(made_for, value, str(raw["i"]), bool(raw["b"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CursorError("cursor is not one this API returned") from exc
+            value = _VALUE[sort.name].validate_python(position.v)
+        except ValueError:
+            raise InvalidCursor() from None
+        return cls(position.s, value, position.i, position.b)
 
     def flipped(self) -> Cursor:
         return Cursor(self.sort, self.value, self.run_id, not self.backward)
@@ -133,23 +133,12 @@ class RunFilter:
 
     def where(self) -> tuple[list[str], list[Any]]:
         """SQL conditions and their parameters ($1, $2, … in order)."""
-        clauses: list[str] = []
-        args: list[Any] = []
-
-        def add(sql: str, value: Any) -> None:
-            args.append(value)
-            clauses.append(sql.replace("?", f"${len(args)}"))
-
+        where = Where()
+        add = where.add
         add("tenant_id = ?", self.tenant_id)
         add("environment = ?", self.environment)
-        if len(self.flow_ids) == 1:
-            add("flow_id = ?", self.flow_ids[0])
-        elif self.flow_ids:
-            add("flow_id = ANY(?::text[])", self.flow_ids)
-        if len(self.statuses) == 1:
-            add("status = ?", self.statuses[0])
-        elif self.statuses:
-            add("status = ANY(?::text[])", self.statuses)
+        where.one_or_any("flow_id", self.flow_ids)
+        where.one_or_any("status", self.statuses)
         if self.trigger_types:
             add("trigger_type = ANY(?::text[])", self.trigger_types)
         if self.execution_modes:
@@ -161,8 +150,7 @@ class RunFilter:
         if self.q:
             # A case-insensitive substring of the run id, its error message or its search details (record errors,
             # upstream bodies), through the one trigram index on SEARCH_TEXT.
-            pattern = "%" + self.q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            add(f"{SEARCH_TEXT} ILIKE ?", pattern)
+            add(f"{SEARCH_TEXT} ILIKE ?", contains(self.q))
         if self.ids:
             add("id = ANY(?::text[])", self.ids)
         if self.tags:
@@ -180,8 +168,8 @@ class RunFilter:
         if self.retry_of is not None:
             add("retry_of = ?", self.retry_of)  # runs_retry_of_idx
         if not self.include_archived:
-            clauses.append("NOT archived")
-        return clauses, args
+            where.clauses.append("NOT archived")
+        return where.clauses, where.args
 
 
 @dataclass(frozen=True)
@@ -242,34 +230,39 @@ async def get_run(pool: asyncpg.Pool, tenant_id: str, environment: str, run_id: 
     )  # fmt: skip
 
 
-STEP_COLUMNS = (
-    "step", "position", "action", "status", "attempt", "input", "output", "error", "assertions", "extractions",
-    "started_at", "finished_at", "duration_ms", "reused_from", "reason",
+def _object(fields: dict[str, str]) -> str:
+    """A jsonb object of SQL expressions under their names: {"name": "s.step"} → jsonb_build_object('name', s.step)."""
+    return "jsonb_build_object(" + ", ".join(f"'{name}', {sql}" for name, sql in fields.items()) + ")"
+
+
+def _named(model: type[BaseModel], alias: str, renamed: dict[str, str]) -> dict[str, str]:
+    """The model's fields as columns of `alias`, each under the field's name unless `renamed` says otherwise."""
+    return {name: renamed.get(name, f"{alias}.{name}") for name in model.model_fields}
+
+
+_ATTEMPT = _object(_named(StepAttempt, "a", {}))
+_STEP = _object(
+    _named(RunStep, "s", {
+        "name": "s.step",
+        "assertions": "coalesce(s.assertions, '[]'::jsonb)",
+        "extractions": "coalesce(s.extractions, '{}'::jsonb)",
+        "attempts": f"(SELECT coalesce(jsonb_agg({_ATTEMPT} ORDER BY a.attempt), '[]'::jsonb) FROM step_attempts a "
+        "WHERE a.run_id = s.run_id AND a.step = s.step)",
+    })
 )  # fmt: skip
-ATTEMPT_COLUMNS = (
-    "step", "attempt", "status", "error", "retry_at", "started_at", "finished_at", "duration_ms", "output",
-)  # fmt: skip
+_RETRY = _object(_named(RetryLink, "x", {"strategy": "x.retry_strategy"}))
 
-
-def _rows(table: str, alias: str, columns: tuple[str, ...], order: str) -> str:
-    """The run's rows of `table` as one array of anonymous records (tuples in `columns` order)."""
-    fields = ", ".join(f"{alias}.{c}" for c in columns)
-    return f"ARRAY(SELECT ROW({fields}) FROM {table} {alias} WHERE {alias}.run_id = r.id ORDER BY {order})"
-
-
-RETRY_COLUMNS = ("id", "retry_strategy", "status", "created_at")
-
-# GET /v1/runs/{id} in one round trip: the run, its steps and attempts, the flow version it ran, its retries
+# GET /v1/runs/{id} in one round trip: the run, its steps with their attempts, the flow version it ran, its retries
 # (runs_retry_of_idx) and, while it is paused, the request a human must answer. The children are read only when
-# the run is the caller's.
+# the run is the caller's, as jsonb objects whose keys are the fields of the answer's models (RunStep, StepAttempt,
+# RetryLink).
 _DETAIL = (
     f"SELECT {', '.join('r.' + c for c in SUMMARY_COLUMNS)}, r.tenant_id, r.trigger_payload, r.error, "
     f"r.cursor_window, {', '.join(f'r.records_{n}' for n in RECORD_COUNTERS)}, "
-    f"{_rows('run_steps', 's', STEP_COLUMNS, 's.position')} AS steps, "
-    f"{_rows('step_attempts', 'a', ATTEMPT_COLUMNS, 'a.step, a.attempt')} AS attempts, "
-    f"r.retry_strategy, ARRAY(SELECT ROW({', '.join('x.' + c for c in RETRY_COLUMNS)}) FROM runs x "
-    " WHERE x.retry_of = r.id AND x.tenant_id = r.tenant_id AND x.environment = r.environment "
-    " ORDER BY x.created_at, x.id) AS retries, "
+    f"(SELECT coalesce(jsonb_agg({_STEP} ORDER BY s.position), '[]'::jsonb) FROM run_steps s "
+    " WHERE s.run_id = r.id) AS steps, "
+    f"r.retry_strategy, (SELECT coalesce(jsonb_agg({_RETRY} ORDER BY x.created_at, x.id), '[]'::jsonb) FROM runs x "
+    " WHERE x.retry_of = r.id AND x.tenant_id = r.tenant_id AND x.environment = r.environment) AS retries, "
     "(SELECT f.definition FROM flow_versions f "
     " WHERE f.tenant_id = r.tenant_id AND f.flow_id = r.flow_id AND f.version = r.flow_version) AS flow, "
     "CASE WHEN r.status = 'PAUSED' THEN (SELECT e.payload FROM run_events e "
@@ -279,10 +272,9 @@ _DETAIL = (
 
 
 async def get_run_detail(pool: asyncpg.Pool, tenant_id: str, environment: str, run_id: str) -> asyncpg.Record | None:
-    """The run as `get_run` returns it plus `steps` and `attempts` (tuples in STEP_COLUMNS / ATTEMPT_COLUMNS
-    order, by position and by step and attempt), `retry_strategy`, `retries` (tuples in RETRY_COLUMNS order,
-    oldest first), `flow` (the definition of the version it ran) and
-    `waiting_for` (the payload of the latest RunPaused while the run is PAUSED)."""
+    """The run as `get_run` returns it plus `steps` (RunStep objects, by position, each with its attempts),
+    `retry_strategy`, `retries` (RetryLink objects, oldest first), `flow` (the definition of the version it ran)
+    and `waiting_for` (the payload of the latest RunPaused while the run is PAUSED)."""
     return await pool.fetchrow(_DETAIL, run_id, tenant_id, environment)
 
 

@@ -15,8 +15,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import asyncpg
-from fastapi import APIRouter, Body, Depends, Request
-from fastapi.responses import ORJSONResponse
+from fastapi import APIRouter, Body, Depends, Request, Response
 from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field
 
 from schemas.events import (
@@ -36,12 +35,12 @@ from schemas.flows import Environment
 from schemas.status import TERMINAL_RUN_STATUSES, RunStatus, parse_run_statuses
 from services.api.adapters import runs as store
 from services.api.adapters.commands import CommandLog
-from services.api.models import ActionAccepted, AlreadyArchived, BulkResult, RetryAccepted
+from services.api.models.runs import ActionAccepted, AlreadyArchived, BulkResult, RetryAccepted
 from services.api.retry import Reuse, plan_reuse
 from services.api.routes.runs import summary
 from services.common.auth import Principal, require_scope
 from services.common.contract import Timestamp
-from services.common.http import ApiError
+from services.common.http import ApiError, answer
 from services.common.idempotency import derived_run_ids, idempotency_key
 
 router = APIRouter()
@@ -207,46 +206,30 @@ async def _plan_retry(
     return _Retry(trigger)
 
 
-@router.post(
-    "/v1/runs/bulk/retry",
-    status_code=202,
-    response_model_exclude_unset=True,
-    response_model=BulkResult,
-    responses=_DRY_RUN,
-)
-async def bulk_retry(request: Request, principal: Writer, body: BulkRetryBody) -> ORJSONResponse:
+# A dry run answers 200: nothing was requested.
+_BULK: dict[str, Any] = {"status_code": 202, "response_model_exclude_unset": True, "responses": _DRY_RUN}
+
+
+@router.post("/v1/runs/bulk/retry", **_BULK)
+async def bulk_retry(request: Request, response: Response, principal: Writer, body: BulkRetryBody) -> BulkResult:
     """Retry every matching run; each new run records the bulk operation id (`GET /v1/runs?bulk_operation_id=`)."""
-    return await _bulk(request, principal, body, "retry")
+    return await _bulk(request, response, principal, body, "retry")
 
 
-@router.post(
-    "/v1/runs/bulk/cancel",
-    status_code=202,
-    response_model_exclude_unset=True,
-    response_model=BulkResult,
-    responses=_DRY_RUN,
-)
-async def bulk_cancel(request: Request, principal: Writer, body: BulkCancelBody) -> ORJSONResponse:
+@router.post("/v1/runs/bulk/cancel", **_BULK)
+async def bulk_cancel(request: Request, response: Response, principal: Writer, body: BulkCancelBody) -> BulkResult:
     """Cancel every matching run that has not ended (queued, scheduled, blocked, running or paused)."""
-    return await _bulk(request, principal, body, "cancel")
+    return await _bulk(request, response, principal, body, "cancel")
 
 
-@router.post(
-    "/v1/runs/bulk/archive",
-    status_code=202,
-    response_model_exclude_unset=True,
-    response_model=BulkResult,
-    responses=_DRY_RUN,
-)
-async def bulk_archive(request: Request, principal: Writer, body: BulkBody) -> ORJSONResponse:
+@router.post("/v1/runs/bulk/archive", **_BULK)
+async def bulk_archive(request: Request, response: Response, principal: Writer, body: BulkBody) -> BulkResult:
     """Archive every matching run that has ended; archived runs leave default listings (`include_archived`)."""
-    return await _bulk(request, principal, body, "archive")
+    return await _bulk(request, response, principal, body, "archive")
 
 
-@router.post(
-    "/v1/runs/{run_id}/retry", status_code=202, response_model_exclude_unset=True, response_model=RetryAccepted
-)
-async def retry(request: Request, principal: Writer, run_id: str, body: RetryBody | None = None) -> ORJSONResponse:
+@router.post("/v1/runs/{run_id}/retry", status_code=202, response_model_exclude_unset=True)
+async def retry(request: Request, principal: Writer, run_id: str, body: RetryBody | None = None) -> RetryAccepted:
     """A new run linked by `retry_of`. FROM_FAILED_STEP reuses the outputs of the steps that succeeded and, for a
     PARTIAL run, processes only the records that failed; ON_LATEST_VERSION starts fresh on the newest version."""
     strategy = (body or RetryBody()).strategy
@@ -256,14 +239,12 @@ async def retry(request: Request, principal: Writer, run_id: str, body: RetryBod
     if plan.trigger is None:
         raise ApiError(409, "conflict", plan.skipped or "the run cannot be retried")
     await _log(request).send_triggers([plan.trigger])
-    return ORJSONResponse({"id": plan.trigger.run_id, "run_id": plan.trigger.run_id, "retry_of": run_id,
-                           "strategy": strategy.value, "status": "QUEUED"}, status_code=202)  # fmt: skip
+    new = plan.trigger.run_id
+    return RetryAccepted(id=new, run_id=new, retry_of=run_id, strategy=strategy.value, status="QUEUED")
 
 
-@router.post(
-    "/v1/runs/{run_id}/cancel", status_code=202, response_model_exclude_unset=True, response_model=ActionAccepted
-)
-async def cancel(request: Request, principal: Writer, run_id: str, body: CancelBody | None = None) -> ORJSONResponse:
+@router.post("/v1/runs/{run_id}/cancel", status_code=202, response_model_exclude_unset=True)
+async def cancel(request: Request, principal: Writer, run_id: str, body: CancelBody | None = None) -> ActionAccepted:
     """Stop a run that has not ended; in-flight steps are abandoned and recorded CANCELED."""
     run = await _run(request, principal, run_id)
     if run["status"] in _TERMINAL:
@@ -271,18 +252,13 @@ async def cancel(request: Request, principal: Writer, run_id: str, body: CancelB
     reason = (body or CancelBody()).reason
     await _log(request).send_commands([CancelRun(tenant_id=principal.tenant_id, run_id=run_id,
                                                  issued_by=principal.key_id, reason=reason)])  # fmt: skip
-    return ORJSONResponse({"run_id": run_id, "status": "CANCEL_REQUESTED"}, status_code=202)
+    return ActionAccepted(run_id=run_id, status="CANCEL_REQUESTED")
 
 
-@router.post(
-    "/v1/runs/{run_id}/resume/{request_id}",
-    status_code=202,
-    response_model_exclude_unset=True,
-    response_model=ActionAccepted,
-)
+@router.post("/v1/runs/{run_id}/resume/{request_id}", status_code=202, response_model_exclude_unset=True)
 async def resume(
     request: Request, principal: Writer, run_id: str, request_id: str, payload: Annotated[Any, Body()] = None
-) -> ORJSONResponse:
+) -> ActionAccepted:
     """Answer the human_input step a run is paused on; the body becomes that step's output."""
     run = await _run(request, principal, run_id)
     if run["status"] != RunStatus.PAUSED.value:
@@ -297,7 +273,7 @@ async def resume(
     await _log(request).send_commands([ResumeRun(tenant_id=principal.tenant_id, run_id=run_id,
                                                  issued_by=principal.key_id, request_id=request_id,
                                                  payload=payload)])  # fmt: skip
-    return ORJSONResponse({"run_id": run_id, "request_id": request_id, "status": "RESUME_REQUESTED"}, status_code=202)
+    return ActionAccepted(run_id=run_id, request_id=request_id, status="RESUME_REQUESTED")
 
 
 @router.post(
@@ -307,14 +283,14 @@ async def resume(
     response_model=ActionAccepted,
     responses={200: {"model": AlreadyArchived, "description": "archived already"}},
 )
-async def archive(request: Request, principal: Writer, run_id: str) -> ORJSONResponse:
+async def archive(request: Request, principal: Writer, run_id: str) -> ActionAccepted | Response:
     run = await _run(request, principal, run_id)
     if run["status"] not in _TERMINAL:
         raise ApiError(409, "conflict", f"the run is {run['status']}; only runs that ended can be archived")
     if run["archived"]:
-        return ORJSONResponse({"run_id": run_id, "archived": True}, status_code=200)
+        return answer(AlreadyArchived(run_id=run_id, archived=True), 200)
     await _log(request).send_commands([_archive_command(principal, run, None)])
-    return ORJSONResponse({"run_id": run_id, "status": "ARCHIVE_REQUESTED"}, status_code=202)
+    return ActionAccepted(run_id=run_id, status="ARCHIVE_REQUESTED")
 
 
 def _archive_command(principal: Principal, run: asyncpg.Record, bulk_id: str | None) -> ArchiveRun:
@@ -369,8 +345,12 @@ def _skip_reason(action: Literal["retry", "cancel", "archive"], row: asyncpg.Rec
 
 
 async def _bulk(
-    request: Request, principal: Principal, body: BulkBody, action: Literal["retry", "cancel", "archive"]
-) -> ORJSONResponse:
+    request: Request,
+    response: Response,
+    principal: Principal,
+    body: BulkBody,
+    action: Literal["retry", "cancel", "archive"],
+) -> BulkResult:
     flt = _filter(principal, body)
     clauses, args = flt.where()
     pool = request.app.state.pool
@@ -416,16 +396,18 @@ async def _bulk(
             await log.send_commands(commands)
         if triggers:
             await log.send_triggers(triggers)
-    answer: dict[str, Any] = {
-        "bulk_operation_id": bulk_id,
-        "action": action,
-        "dry_run": body.dry_run,
-        "matched": len(rows),
-        "count": len(selected),
-        "skipped": dict(skipped),
-        "sample": [summary(r) for r in selected[:SAMPLE]],
-        "requested_at": datetime.now(UTC),
-    }
+    result = BulkResult(
+        bulk_operation_id=bulk_id,
+        action=action,
+        dry_run=body.dry_run,
+        matched=len(rows),
+        count=len(selected),
+        skipped=dict(skipped),
+        sample=[summary(r) for r in selected[:SAMPLE]],
+        requested_at=datetime.now(UTC),
+    )
     if action == "retry" and not body.dry_run:
-        answer["new_run_ids"] = [t.run_id for t in triggers]
-    return ORJSONResponse(answer, status_code=200 if body.dry_run else 202)
+        result.new_run_ids = [t.run_id for t in triggers]
+    if body.dry_run:
+        response.status_code = 200
+    return result

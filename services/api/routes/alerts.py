@@ -7,20 +7,19 @@ rebuild replays the same history. Another tenant's rules and alerts answer 404 l
 
 from __future__ import annotations
 
-import base64
 import secrets
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import asyncpg
-import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from services.api.models import AlertDetail, AlertRule, AlertRules, Alerts, NewAlertRule
+from services.api.models.alerts import AlertDetail, AlertRule, AlertRules, Alerts, NewAlertRule
 from services.common.auth import Principal, require_scope
 from services.common.channels import PAGERDUTY_URL
 from services.common.contract import AnyCase
+from services.common.cursor import TIME_AND_ID
 from services.common.http import ApiError
 from services.common.netguard import BlockedAddress, check_url
 
@@ -237,19 +236,6 @@ _ALERT = """
 """
 
 
-def _cursor(row: asyncpg.Record) -> str:
-    raw = orjson.dumps([row["fired_at"].isoformat(), row["id"]])
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _position(cursor: str) -> tuple[datetime, str]:
-    try:
-        at, alert = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return datetime.fromisoformat(at), str(alert)
-    except (ValueError, TypeError) as exc:
-        raise ApiError(400, "invalid_request", f"cursor: not one this API gave ({exc})") from None
-
-
 @router.get("/v1/alerts", response_model_exclude_unset=True, response_model=Alerts)
 async def list_alerts(
     request: Request,
@@ -261,7 +247,7 @@ async def list_alerts(
     cursor: Annotated[str | None, Query(max_length=500)] = None,
 ) -> dict[str, Any]:
     """Alert history, newest first; `next_cursor` pages on."""
-    at, last = _position(cursor) if cursor else (None, None)
+    at, last = TIME_AND_ID.decode(cursor) if cursor else (None, None)
     rows = await request.app.state.pool.fetch(
         f"""
         SELECT {_ALERT} FROM alert_events
@@ -275,7 +261,8 @@ async def list_alerts(
     )  # fmt: skip
     more = len(rows) > limit
     rows = rows[:limit]
-    return {"data": [dict(r) for r in rows], "next_cursor": _cursor(rows[-1]) if more else None}
+    next_cursor = TIME_AND_ID.encode((rows[-1]["fired_at"], rows[-1]["id"])) if more else None
+    return {"data": [dict(r) for r in rows], "next_cursor": next_cursor}
 
 
 @router.get("/v1/alerts/{alert_id}", response_model_exclude_unset=True, response_model=AlertDetail)

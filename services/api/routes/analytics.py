@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from schemas.events import ErrorCategory
 from services.api.adapters import analytics as store
-from services.api.models import Endpoints, FailureGroups, FlakySteps, FlowAnalytics
+from services.api.models.analytics import Endpoints, FailureGroups, FlakySteps, FlowAnalytics
 from services.common.auth import Principal, require_scope
 from services.common.contract import Timestamp
 from services.common.http import ApiError

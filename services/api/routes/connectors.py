@@ -10,7 +10,6 @@ status, which stays a function of the ledger. Credentials are masked in every an
 from __future__ import annotations
 
 import asyncio
-import base64
 import secrets
 import time
 from collections.abc import Iterator
@@ -28,11 +27,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.events import ErrorCategory, ErrorInfo
 from schemas.flows import mask_secrets, mask_text
-from services.api.models import Connector, ConnectorCheck, Connectors
+from services.api.models.connectors import Connector, ConnectorCheck, Connectors
 from services.api.routes.flows import connectors as named_connectors
 from services.common.auth import Principal, require_scope
 from services.common.contract import AnyCase
 from services.common.crypto import SecretsKeyError, decrypt_text, encrypt_inline, inline_context, plaintexts, redact
+from services.common.cursor import CursorCodec
 from services.common.failures import StepError, classify_kafka, classify_sqlstate, classify_status, masked_message
 from services.common.http import ApiError
 from services.common.netguard import (
@@ -52,6 +52,7 @@ router = APIRouter()
 Reader = Annotated[Principal, Depends(require_scope("runs:read"))]
 Admin = Annotated[Principal, Depends(require_scope("admin"))]
 
+_BY_NAME: CursorCodec[str] = CursorCodec(str)  # connectors are listed by name
 KINDS = ("http", "postgresql", "kafka")
 STATUSES = ("ok", "degraded")
 _SCHEMES = {"http": ("http", "https"), "postgresql": ("postgresql", "postgres"), "kafka": ("kafka",)}
@@ -182,17 +183,6 @@ async def _opened(request: Request, principal: Principal, stored: Any) -> tuple[
     return ConnectorConfig.model_validate(config), plaintexts([*values.values(), *opened])
 
 
-def _encode_cursor(name: str) -> str:
-    return base64.urlsafe_b64encode(name.encode()).decode().rstrip("=")
-
-
-def _decode_cursor(text: str) -> str:
-    try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "invalid_request", "cursor: not one this API returned") from None
-
-
 # ---------------------------------------------------------------- endpoints
 
 
@@ -235,7 +225,7 @@ async def list_connectors(
         f"AND h.connector = c.name {where}",
         principal.tenant_id, status,
     )  # fmt: skip
-    after = _decode_cursor(cursor) if cursor else None
+    after = _BY_NAME.decode(cursor) if cursor else None
     rows = await pool.fetch(
         f"{_SELECT} {where} AND ($3::text IS NULL OR c.name > $3) ORDER BY c.name LIMIT $4",
         principal.tenant_id, status, after, limit + 1,
@@ -245,7 +235,7 @@ async def list_connectors(
     used_by = await _flows_using(pool, principal)
     return {
         "data": [_view(r, used_by) for r in rows],
-        "next_cursor": _encode_cursor(rows[-1]["name"]) if more and rows else None,
+        "next_cursor": _BY_NAME.encode(rows[-1]["name"]) if more and rows else None,
         "meta": {"total": total, "has_more": more},
     }
 

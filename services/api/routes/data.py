@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import base64
-from datetime import datetime
 from typing import Annotated, Any
 
 import asyncpg
-import orjson
 from fastapi import APIRouter, Depends, Query, Request
 
 from schemas.events import CANONICAL_ENTITIES
 from services.api.adapters import data as store
-from services.api.models import CanonicalRecord, CanonicalRecords
+from services.api.models.data import CanonicalRecord, CanonicalRecords
 from services.common.auth import Principal, require_scope
 from services.common.contract import Timestamp
+from services.common.cursor import TIME_AND_ID
 from services.common.http import ApiError
 
 router = APIRouter()
@@ -40,19 +38,6 @@ def _record(row: asyncpg.Record, fields: list[str] | None) -> dict[str, Any]:
     return {"canonical_id": row["canonical_id"], **{f: full[f] for f in fields if f in full}}
 
 
-def _encode(updated_at: datetime, canonical_id: str) -> str:
-    raw = orjson.dumps([updated_at.isoformat(), canonical_id])
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode(cursor: str) -> tuple[datetime, str]:
-    try:
-        at, canonical_id = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return datetime.fromisoformat(at), str(canonical_id)
-    except (ValueError, TypeError) as exc:
-        raise ApiError(400, "invalid_request", "cursor: not one this API returned") from exc
-
-
 @router.get("/api/public/data/{entity}", response_model_exclude_unset=True, response_model=CanonicalRecords)
 async def list_records(
     entity: str,
@@ -68,14 +53,14 @@ async def list_records(
     wanted = [f.strip() for f in fields.split(",") if f.strip()] if fields else None
     rows = await store.list_records(
         request.app.state.pool, principal.tenant_id, principal.environment, _entity(entity), limit, since,
-        _decode(cursor) if cursor else None,
+        TIME_AND_ID.decode(cursor) if cursor else None,
     )  # fmt: skip
     page = rows[:limit]
     more = len(rows) > limit
     return {
         "entity": entity,
         "count": len(page),
-        "next_cursor": _encode(page[-1]["updated_at"], page[-1]["canonical_id"]) if more else None,
+        "next_cursor": TIME_AND_ID.encode((page[-1]["updated_at"], page[-1]["canonical_id"])) if more else None,
         "data": [_record(r, wanted) for r in page],
     }
 

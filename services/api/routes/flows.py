@@ -12,19 +12,27 @@ from typing import Annotated, Any
 
 import asyncpg
 import jsonschema
-from fastapi import APIRouter, Body, Depends, Path, Query, Request
-from fastapi.responses import ORJSONResponse
+from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from schemas.events import FlowPaused, FlowResumed, FlowVersionPublished
 from schemas.flows import FlowDefinition, TriggerConfig, contains_mask, mask_secrets
 from schemas.topics import Topics
 from services.api.adapters import flows as store
-from services.api.models import FlowDetail, FlowPending, FlowsPage, FlowVersion, FlowWritten
+from services.api.choices import many, one_of
+from services.api.models.flows import (
+    FlowDetail,
+    FlowPending,
+    FlowsMeta,
+    FlowsPage,
+    FlowSummary,
+    FlowVersion,
+    FlowWritten,
+)
 from services.common.auth import Principal, require_scope
 from services.common.contract import INT32_MAX
 from services.common.crypto import seal_flow
-from services.common.http import ApiError
+from services.common.http import ApiError, answer
 from services.common.schedule import Schedule, ScheduleError
 from services.common.secretstore import keyring_of
 
@@ -58,19 +66,6 @@ FlowBody = Annotated[
         ],
     ),
 ]
-
-
-def _many(values: list[str] | None) -> list[str]:
-    """Repeated or comma-separated: `?tag=a&tag=b` or `?tag=a,b`."""
-    return [part.strip() for value in values or [] for part in value.split(",") if part.strip()]
-
-
-def _one_of(name: str, values: list[str], accepted: tuple[str, ...]) -> list[str]:
-    lowered = [v.lower() for v in values]
-    unknown = [v for v in lowered if v not in accepted]
-    if unknown:
-        raise ApiError(422, "validation_error", f"{name}: unknown {unknown[0]!r}; accepted: {', '.join(accepted)}")
-    return sorted(set(lowered))
 
 
 # ---------------------------------------------------------------- what a flow looks like to a caller
@@ -163,8 +158,8 @@ class FlowsQuery(BaseModel):
     cursor: str | None = None
 
 
-@router.get("/v1/flows", response_model_exclude_unset=True, response_model=FlowsPage)
-async def list_flows(request: Request, principal: Reader, params: Annotated[FlowsQuery, Query()]) -> dict[str, Any]:
+@router.get("/v1/flows", response_model_exclude_unset=True)
+async def list_flows(request: Request, principal: Reader, params: Annotated[FlowsQuery, Query()]) -> FlowsPage:
     """The key's tenant's flows in the key's environment, newest first; `meta.total` counts every match."""
     if params.environment is not None and params.environment.upper() != principal.environment:
         raise ApiError(
@@ -173,50 +168,49 @@ async def list_flows(request: Request, principal: Reader, params: Annotated[Flow
     flt = store.FlowFilter(
         tenant_id=principal.tenant_id,
         environment=principal.environment,
-        statuses=_one_of("status", _many(params.status), STATUSES),
-        trigger_types=_one_of("trigger_type", _many(params.trigger_type), TRIGGER_TYPES),
-        tags=_many(params.tag),
+        statuses=one_of("status", many(params.status), STATUSES),
+        trigger_types=one_of("trigger_type", many(params.trigger_type), TRIGGER_TYPES),
+        tags=many(params.tag),
         q=params.q.strip() if params.q and params.q.strip() else None,
     )
-    try:
-        position = store.Cursor.decode(params.cursor) if params.cursor else None
-    except store.CursorError as exc:
-        raise ApiError(400, "invalid_request", f"cursor: {exc}") from None
+    position = store.Cursor.decode(params.cursor) if params.cursor else None
     page = await store.list_flows(request.app.state.pool, flt, params.limit, position)
     now = datetime.now(UTC)
-    return {
-        "data": [summary(r, now) for r in page.rows],
-        "next_cursor": page.next_cursor,
-        "meta": {"total": page.total, "has_more": page.next_cursor is not None},
-    }
+    return FlowsPage(
+        data=[FlowSummary(**summary(r, now)) for r in page.rows],
+        next_cursor=page.next_cursor,
+        meta=FlowsMeta(total=page.total, has_more=page.next_cursor is not None),
+    )
 
 
-@router.get("/v1/flows/{flow_id}", response_model_exclude_unset=True, response_model=FlowDetail)
-async def get_flow(flow_id: str, request: Request, principal: Reader) -> dict[str, Any]:
+@router.get("/v1/flows/{flow_id}", response_model_exclude_unset=True)
+async def get_flow(flow_id: str, request: Request, principal: Reader) -> FlowDetail:
     """The flow with its latest definition, every version, its schedule and the connectors its steps use."""
     detail = await _detail(request, principal, flow_id)
     if detail is None:
         raise ApiError(404, "not_found", f"no flow with id {flow_id!r}")
-    return detail
+    return FlowDetail(**detail)
 
 
-@router.get("/v1/flows/{flow_id}/versions/{version}", response_model_exclude_unset=True, response_model=FlowVersion)
+@router.get("/v1/flows/{flow_id}/versions/{version}", response_model_exclude_unset=True)
 async def get_flow_version(
     flow_id: str, version: Annotated[int, Path(ge=1, le=INT32_MAX)], request: Request, principal: Reader
-) -> dict[str, Any]:
+) -> FlowVersion:
     """One immutable version: what a run of that version ran."""
     row = await store.get_version(request.app.state.pool, principal.tenant_id, principal.environment, flow_id, version)
     if row is None:
         raise ApiError(404, "not_found", f"flow {flow_id!r} has no version {version}")
-    return {
-        "flow_id": flow_id,
-        "version": row["version"],
-        "published_at": row["published_at"],
-        # The version's schedule as configured; when it fires next is the flow's (GET /v1/flows/{id}).
-        "schedule": schedule(row["definition"].get("trigger") or {}, datetime.now(UTC), active=False),
-        "connectors": connectors(row["definition"]),
-        "definition": shown(row["definition"]),
-    }
+    return FlowVersion.model_validate(
+        {
+            "flow_id": flow_id,
+            "version": row["version"],
+            "published_at": row["published_at"],
+            # The version's schedule as configured; when it fires next is the flow's (GET /v1/flows/{id}).
+            "schedule": schedule(row["definition"].get("trigger") or {}, datetime.now(UTC), active=False),
+            "connectors": connectors(row["definition"]),
+            "definition": shown(row["definition"]),
+        }
+    )
 
 
 # ---------------------------------------------------------------- writes
@@ -292,11 +286,11 @@ async def _answer(
     flow_id: str,
     version: int,
     at: store.Appended,
-    ok_status: int,
     published: FlowDefinition | None = None,
-) -> ORJSONResponse:
+) -> FlowWritten | Response:
     """The flow as GET shows it once projected (with `published`'s definition when this request published
-    one: a concurrent publish may already be the latest); 202 with the bare facts when the projector lags."""
+    one: a concurrent publish may already be the latest), under the route's status; 202 with the bare facts when
+    the projector lags."""
     if await store.wait_projected(request.app.state.pool, _flows_topic(request), at, PROJECTION_WAIT_S):
         detail = await _detail(request, principal, flow_id)
         if detail is not None:
@@ -305,10 +299,10 @@ async def _answer(
                 detail["definition"] = shown(definition)
                 detail["connectors"] = connectors(definition)
                 detail["schedule"] = schedule(definition["trigger"], datetime.now(UTC), detail["status"] == "active")
-            return ORJSONResponse({**detail, "version": version, "projected": True}, status_code=ok_status)
+            return FlowWritten(**detail, version=version, projected=True)
     state = request.app.state.flow_log.get(principal.tenant_id, flow_id)
     status = "paused" if state is not None and state.paused else "active"
-    return ORJSONResponse({"id": flow_id, "version": version, "status": status, "projected": False}, status_code=202)
+    return answer(FlowPending(id=flow_id, version=version, status=status, projected=False), 202)
 
 
 def _encrypted(request: Request, definition: FlowDefinition) -> FlowDefinition:
@@ -317,7 +311,9 @@ def _encrypted(request: Request, definition: FlowDefinition) -> FlowDefinition:
     return seal_flow(definition, keyring_of(request.app.state, request.app.state.settings))
 
 
-async def _publish(request: Request, principal: Principal, definition: FlowDefinition, new: bool) -> ORJSONResponse:
+async def _publish(
+    request: Request, principal: Principal, definition: FlowDefinition, new: bool
+) -> FlowWritten | Response:
     """Append the definition as the flow's next version, deciding the number under the flow's lock."""
     definition = _encrypted(request, definition)
     app = request.app
@@ -339,13 +335,13 @@ async def _publish(request: Request, principal: Principal, definition: FlowDefin
             at = await flow_log.append(event)
     except store.FlowBusy:
         raise ApiError(409, "conflict", f"another write to flow {definition.id!r} is in progress; retry") from None
-    return await _answer(request, principal, definition.id, version, at, 201, definition)
+    return await _answer(request, principal, definition.id, version, at, definition)
 
 
 @router.post(
     "/v1/flows", status_code=201, response_model_exclude_unset=True, response_model=FlowWritten, responses=_PENDING
 )
-async def create_flow(body: FlowBody, request: Request, principal: Writer) -> ORJSONResponse:
+async def create_flow(body: FlowBody, request: Request, principal: Writer) -> FlowWritten | Response:
     """Version 1 of a new flow, in the key's tenant and environment."""
     return await _publish(request, principal, _definition(body, principal), new=True)
 
@@ -357,7 +353,7 @@ async def create_flow(body: FlowBody, request: Request, principal: Writer) -> OR
     response_model=FlowWritten,
     responses=_PENDING,
 )
-async def publish_version(flow_id: str, body: FlowBody, request: Request, principal: Writer) -> ORJSONResponse:
+async def publish_version(flow_id: str, body: FlowBody, request: Request, principal: Writer) -> FlowWritten | Response:
     """The next immutable version (latest + 1); runs already started keep the version they started on."""
     return await _publish(request, principal, _definition(body, principal, flow_id), new=False)
 
@@ -370,7 +366,7 @@ class PauseRequest(BaseModel):
 
 async def _set_paused(
     request: Request, principal: Principal, flow_id: str, paused: bool, reason: str
-) -> ORJSONResponse:
+) -> FlowWritten | Response:
     """Idempotent: pausing a paused flow (or resuming an active one) appends nothing and answers the same."""
     app = request.app
     flow_log: store.FlowLog = app.state.flow_log
@@ -391,7 +387,7 @@ async def _set_paused(
                 at = await flow_log.append(event)
     except store.FlowBusy:
         raise ApiError(409, "conflict", f"another write to flow {flow_id!r} is in progress; retry") from None
-    return await _answer(request, principal, flow_id, state.latest_version, at, 200)
+    return await _answer(request, principal, flow_id, state.latest_version, at)
 
 
 @router.post(
@@ -399,7 +395,7 @@ async def _set_paused(
 )
 async def pause_flow(
     flow_id: str, request: Request, principal: Writer, body: PauseRequest | None = None
-) -> ORJSONResponse:
+) -> FlowWritten | Response:
     """Triggers are refused (409) while paused; runs already started go on. `reason` goes into the event."""
     return await _set_paused(request, principal, flow_id, True, body.reason if body else "")
 
@@ -407,5 +403,5 @@ async def pause_flow(
 @router.post(
     "/v1/flows/{flow_id}/resume", response_model_exclude_unset=True, response_model=FlowWritten, responses=_PENDING
 )
-async def resume_flow(flow_id: str, request: Request, principal: Writer) -> ORJSONResponse:
+async def resume_flow(flow_id: str, request: Request, principal: Writer) -> FlowWritten | Response:
     return await _set_paused(request, principal, flow_id, False, "")

@@ -13,7 +13,8 @@ import asyncpg
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from services.api.models import ApiKey, ApiKeys, NewApiKey, RotatedApiKey
+from services.api.choices import known
+from services.api.models.keys import ApiKey, ApiKeys, NewApiKey, RotatedApiKey
 from services.common.auth import ALL_SCOPES, PREFIX_BY_ENVIRONMENT, Principal, create_api_key, require_scope
 from services.common.http import ApiError
 from services.common.ratelimit import forget_key
@@ -41,10 +42,7 @@ class NewKey(BaseModel):
     @field_validator("scopes")
     @classmethod
     def _known(cls, scopes: list[str]) -> list[str]:
-        unknown = sorted(set(scopes) - set(ALL_SCOPES))
-        if unknown:
-            raise ValueError(f"unknown scope(s) {', '.join(unknown)}; scopes: {', '.join(ALL_SCOPES)}")
-        return sorted(set(scopes))
+        return known(scopes, ALL_SCOPES, "scope")
 
 
 class Rotation(BaseModel):

@@ -2,33 +2,46 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import asyncpg
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from schemas.events import ExecutionMode, TriggerType
 from schemas.flows import mask_secrets
 from schemas.status import parse_run_statuses
 from services.api import timeline
 from services.api.adapters import runs as store
-from services.api.models import RunDetail, RunEvents, RunLogs, RunRecordErrors, RunsPage
+from services.api.choices import many, one_of
+from services.api.models.runs import (
+    AsOf,
+    DurationBreakdown,
+    LogLine,
+    RecordError,
+    Records,
+    RetryLink,
+    RunDetail,
+    RunEvent,
+    RunEvents,
+    RunLogs,
+    RunRecordErrors,
+    RunsPage,
+    RunStep,
+    RunSummary,
+    Trigger,
+)
 from services.api.querystring import QueryString
 from services.common.auth import Principal, require_scope
 from services.common.contract import INT32_MAX, Timestamp
-from services.common.http import ApiError, OrjsonResponse
+from services.common.http import ApiError
 
 router = APIRouter()
 
 Reader = Annotated[Principal, Depends(require_scope("runs:read"))]
 Many = Annotated[list[str] | None, Query()]
-
-
-def _many(values: list[str] | None) -> list[str]:
-    """Repeated or comma-separated: `?status=FAILED&status=PARTIAL` or `?status=FAILED,PARTIAL`."""
-    return [part.strip() for value in values or [] for part in value.split(",") if part.strip()]
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -44,28 +57,12 @@ def _statuses(values: list[str]) -> list[str]:
         raise ApiError(422, "validation_error", f"status: {exc}") from None
 
 
-def _trigger_types(values: list[str]) -> list[str]:
-    accepted = {t.value for t in TriggerType}
-    unknown = [v for v in values if v.lower() not in accepted]
-    if unknown:
-        raise ApiError(
-            422, "validation_error", f"trigger_type: unknown {unknown[0]!r}; accepted: {', '.join(sorted(accepted))}"
-        )
-    return [v.lower() for v in values]
+_TRIGGER_TYPES = sorted(t.value for t in TriggerType)
+_EXECUTION_MODES = sorted(m.value for m in ExecutionMode)
 
 
-def _execution_modes(values: list[str]) -> list[str]:
-    accepted = {m.value for m in ExecutionMode}
-    unknown = [v for v in values if v.lower() not in accepted]
-    if unknown:
-        raise ApiError(
-            422, "validation_error", f"execution_mode: unknown {unknown[0]!r}; accepted: {', '.join(sorted(accepted))}"
-        )
-    return [v.lower() for v in values]
-
-
-def summary(row: asyncpg.Record) -> dict[str, Any]:
-    return {name: row[name] for name in store.SUMMARY_COLUMNS}
+def summary(row: Mapping[str, Any]) -> RunSummary:
+    return RunSummary(**{name: row[name] for name in store.SUMMARY_COLUMNS})
 
 
 class RunsQuery(BaseModel):
@@ -122,8 +119,8 @@ SEED_ALIASES = {
 _RUNS_QUERY = QueryString(RunsQuery, SEED_ALIASES)
 
 
-@router.get("/v1/runs", response_model_exclude_unset=True, response_model=RunsPage, openapi_extra=_RUNS_QUERY.openapi())
-async def list_runs(request: Request, principal: Reader) -> OrjsonResponse:
+@router.get("/v1/runs", response_model_exclude_unset=True, openapi_extra=_RUNS_QUERY.openapi())
+async def list_runs(request: Request, principal: Reader) -> RunsPage:
     """Runs, newest first unless `sort` says otherwise. `next_cursor` pages on, `prev_cursor` back.
 
     `q` matches a case-insensitive substring of the run id, its error message, its record errors (message and
@@ -150,15 +147,15 @@ async def list_runs(request: Request, principal: Reader) -> OrjsonResponse:
     flt = store.RunFilter(
         tenant_id=principal.tenant_id,
         environment=principal.environment,
-        flow_ids=_many(params.flow_id),
-        statuses=_statuses(_many(params.status)),
-        trigger_types=_trigger_types(_many(params.trigger_type)),
-        execution_modes=_execution_modes(_many(params.execution_mode)),
-        callers=_many(params.caller),
+        flow_ids=many(params.flow_id),
+        statuses=_statuses(many(params.status)),
+        trigger_types=one_of("trigger_type", many(params.trigger_type), _TRIGGER_TYPES),
+        execution_modes=one_of("execution_mode", many(params.execution_mode), _EXECUTION_MODES),
+        callers=many(params.caller),
         fingerprint=params.error_fingerprint,
         q=params.q.strip() if params.q and params.q.strip() else None,
-        ids=_many(params.ids),
-        tags=_many(params.tags),
+        ids=many(params.ids),
+        tags=many(params.tags),
         failed_step=params.failed_step,
         created_after=_utc(params.from_ or params.created_after),
         created_before=_utc(params.to or params.created_before),
@@ -166,42 +163,9 @@ async def list_runs(request: Request, principal: Reader) -> OrjsonResponse:
         bulk_operation_id=params.bulk_operation_id,
         retry_of=params.retry_of,
     )
-    try:
-        position = store.Cursor.decode(params.cursor, order) if params.cursor else None
-    except store.CursorError as exc:
-        raise ApiError(400, "invalid_request", f"cursor: {exc}") from None
+    position = store.Cursor.decode(params.cursor, order) if params.cursor else None
     page = await store.list_runs(request.app.state.pool, flt, params.limit, order, position, params.offset)
-    return OrjsonResponse(
-        {"data": [summary(r) for r in page.rows], "next_cursor": page.next_cursor, "prev_cursor": page.prev_cursor}
-    )
-
-
-def _attempt(values: tuple[Any, ...]) -> dict[str, Any]:
-    out = dict(zip(store.ATTEMPT_COLUMNS, values, strict=True))
-    del out["step"]
-    return out
-
-
-def _step(values: tuple[Any, ...], attempts: list[dict[str, Any]]) -> dict[str, Any]:
-    row = dict(zip(store.STEP_COLUMNS, values, strict=True))
-    return {
-        "name": row["step"],
-        "position": row["position"],
-        "action": row["action"],
-        "status": row["status"],
-        "attempt": row["attempt"],
-        "input": row["input"],
-        "output": row["output"],
-        "error": row["error"],
-        "assertions": row["assertions"] or [],
-        "extractions": row["extractions"] or {},
-        "started_at": row["started_at"],
-        "finished_at": row["finished_at"],
-        "duration_ms": row["duration_ms"],
-        "attempts": attempts,
-        "reused_from": row["reused_from"],  # FROM_FAILED_STEP: not run again here; the run where it ran
-        "reason": row["reason"],  # a skipped step: its run_condition and what it evaluated to
-    }
+    return RunsPage(data=[summary(r) for r in page.rows], next_cursor=page.next_cursor, prev_cursor=page.prev_cursor)
 
 
 async def _run_or_404(request: Request, principal: Principal, run_id: str) -> asyncpg.Record:
@@ -234,15 +198,23 @@ class _MaskedFlows:
 _MASKED_FLOWS = _MaskedFlows()
 
 
-def _detail(view: dict[str, Any], trigger_payload: Any, error: Any, steps: list[dict[str, Any]]) -> dict[str, Any]:
-    out = {name: view.get(name) for name in store.SUMMARY_COLUMNS}
-    out["trigger"] = {"type": view["trigger_type"], "caller": view["caller"], "payload": trigger_payload}
-    out["error"] = error
-    out["cursor_window"] = view.get("cursor_window")
-    out["records"] = {n: view.get(f"records_{n}", 0) for n in store.RECORD_COUNTERS}
-    out["duration_breakdown"] = timeline.breakdown(view, steps)
-    out["steps"] = steps
-    return out
+def _detail(view: Mapping[str, Any], steps: list[RunStep], **lineage: Any) -> RunDetail:
+    """The answer from a run's named columns (`view`: its row, or its fold as of a point) and its steps."""
+    columns: dict[str, Any] = {name: view.get(name) for name in store.SUMMARY_COLUMNS}
+    return RunDetail(
+        **columns,
+        trigger=Trigger(type=view["trigger_type"], caller=view["caller"], payload=view.get("trigger_payload")),
+        error=view.get("error"),
+        cursor_window=view.get("cursor_window"),
+        records=Records(**{n: view.get(f"records_{n}", 0) for n in store.RECORD_COUNTERS}),
+        duration_breakdown=DurationBreakdown(**timeline.breakdown(view, [s.model_dump() for s in steps])),
+        steps=steps,
+        **lineage,
+    )
+
+
+_STEPS = TypeAdapter(list[RunStep])
+_RETRIES = TypeAdapter(list[RetryLink])
 
 
 class RunQuery(BaseModel):
@@ -252,37 +224,32 @@ class RunQuery(BaseModel):
 _RUN_QUERY = QueryString(RunQuery)
 
 
-@router.get(
-    "/v1/runs/{run_id}", response_model_exclude_unset=True, response_model=RunDetail, openapi_extra=_RUN_QUERY.openapi()
-)
-async def get_run(run_id: str, request: Request, principal: Reader) -> OrjsonResponse:
+@router.get("/v1/runs/{run_id}", response_model_exclude_unset=True, openapi_extra=_RUN_QUERY.openapi())
+async def get_run(run_id: str, request: Request, principal: Reader) -> RunDetail:
     """One run: what triggered it, its records counters, duration breakdown, error and every step with its
     input, output, duration and attempts. `?as_of=` returns the run as it stood at that seq or time."""
     as_of = _RUN_QUERY.parse(request).as_of
     pool = request.app.state.pool
     if as_of is not None:
-        return OrjsonResponse(await _get_run_as_of(pool, await _run_or_404(request, principal, run_id), as_of))
+        return await _get_run_as_of(pool, await _run_or_404(request, principal, run_id), as_of)
     row = await store.get_run_detail(pool, principal.tenant_id, principal.environment, run_id)
     if row is None:
         raise ApiError(404, "not_found", f"no run with id {run_id!r}")
-    attempts: dict[str, list[dict[str, Any]]] = {}
-    for a in row["attempts"]:
-        attempts.setdefault(a[0], []).append(_attempt(a))
-    steps = [_step(s, attempts.get(s[0], [])) for s in row["steps"]]
-    out = _detail(dict(row), row["trigger_payload"], row["error"], steps)
-    # Lineage: how this run retried its `retry_of`, and the runs that retried this one (oldest first).
-    out["retry_strategy"] = row["retry_strategy"]
-    out["retries"] = [dict(zip(("id", "strategy", "status", "created_at"), r, strict=True)) for r in row["retries"]]
-    # The flow as this run ran it (seed 004): its immutable version, whatever was published since.
+    # The flow as this run ran it: its immutable version, whatever was published since.
     flow, version = row["flow"], (row["tenant_id"], row["flow_id"], row["flow_version"])
-    out["flow"] = None if flow is None else _MASKED_FLOWS.get(version, flow)
+    lineage: dict[str, Any] = {
+        # How this run retried its `retry_of`, and the runs that retried this one (oldest first).
+        "retry_strategy": row["retry_strategy"],
+        "retries": _RETRIES.validate_python(row["retries"]),
+        "flow": None if flow is None else _MASKED_FLOWS.get(version, flow),
+    }
     if row["status"] == "PAUSED":
         # What a human must answer: POST /v1/runs/{id}/resume/{request_id} with the answer as the body.
-        out["waiting_for"] = row["waiting_for"]
-    return OrjsonResponse(out)
+        lineage["waiting_for"] = row["waiting_for"]
+    return _detail(row, _STEPS.validate_python(row["steps"]), **lineage)
 
 
-async def _get_run_as_of(pool: asyncpg.Pool, row: asyncpg.Record, as_of: str) -> dict[str, Any]:
+async def _get_run_as_of(pool: asyncpg.Pool, row: asyncpg.Record, as_of: str) -> RunDetail:
     try:
         until = timeline.parse_as_of(as_of)
     except ValueError as exc:
@@ -292,41 +259,29 @@ async def _get_run_as_of(pool: asyncpg.Pool, row: asyncpg.Record, as_of: str) ->
         view = timeline.as_of(row, events)
     except ValueError as exc:
         raise ApiError(404, "not_found", f"run {row['id']!r} as of {as_of}: {exc}") from None
-    out = _detail(view, view.get("trigger_payload"), view.get("error"), view["steps"])
-    out["as_of"] = {"seq": view["last_seq"], "occurred_at": events[-1]["occurred_at"]}
-    out["retry_strategy"] = view.get("retry_strategy")
-    return out
+    as_of_point = AsOf(seq=view["last_seq"], occurred_at=events[-1]["occurred_at"])
+    steps = _STEPS.validate_python(view["steps"])
+    return _detail(view, steps, as_of=as_of_point, retry_strategy=view.get("retry_strategy"))
 
 
-@router.get("/v1/runs/{run_id}/events", response_model_exclude_unset=True, response_model=RunEvents)
+@router.get("/v1/runs/{run_id}/events", response_model_exclude_unset=True)
 async def get_run_events(
     run_id: str,
     request: Request,
     principal: Reader,
     after_seq: Annotated[int, Query(ge=-1, le=INT32_MAX)] = -1,
     limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
-) -> dict[str, Any]:
+) -> RunEvents:
     """The run's own ledger in `seq` order; page with `after_seq` = the last `seq` seen."""
     await _run_or_404(request, principal, run_id)
     rows = await store.get_events(request.app.state.pool, run_id, after_seq, limit)
-    data = [
-        {
-            "seq": r["seq"],
-            "event_id": r["event_id"],
-            "type": r["type"],
-            "occurred_at": r["occurred_at"],
-            "causation_id": r["causation_id"],
-            "payload": r["payload"],
-        }
-        for r in rows
-    ]
-    return {"data": data, "has_more": len(rows) == limit}
+    return RunEvents(data=[RunEvent(**r) for r in rows], has_more=len(rows) == limit)
 
 
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
-@router.get("/v1/runs/{run_id}/logs", response_model_exclude_unset=True, response_model=RunLogs)
+@router.get("/v1/runs/{run_id}/logs", response_model_exclude_unset=True)
 async def get_run_logs(
     run_id: str,
     request: Request,
@@ -335,10 +290,10 @@ async def get_run_logs(
     step: str | None = None,
     after_seq: Annotated[int, Query(ge=-1, le=INT32_MAX)] = -1,
     limit: Annotated[int, Query(ge=1, le=1000)] = 500,
-) -> dict[str, Any]:
+) -> RunLogs:
     """The run's structured log lines, by step and by level: `level` is a minimum, as in every log viewer
     (`WARNING` shows warnings and errors; with several, the lowest counts)."""
-    levels = [v.upper() for v in _many(level)]
+    levels = [v.upper() for v in many(level)]
     unknown = [v for v in levels if v not in _LEVELS]
     if unknown:
         raise ApiError(422, "validation_error", f"level: unknown {unknown[0]!r}; accepted: {', '.join(_LEVELS)}")
@@ -346,10 +301,10 @@ async def get_run_logs(
         levels = list(_LEVELS[min(_LEVELS.index(v) for v in levels) :])
     await _run_or_404(request, principal, run_id)
     rows = await store.get_logs(request.app.state.pool, run_id, levels, step, after_seq, limit)
-    return {"data": [dict(r) for r in rows], "has_more": len(rows) == limit}
+    return RunLogs(data=[LogLine(**r) for r in rows], has_more=len(rows) == limit)
 
 
-@router.get("/v1/runs/{run_id}/record-errors", response_model_exclude_unset=True, response_model=RunRecordErrors)
+@router.get("/v1/runs/{run_id}/record-errors", response_model_exclude_unset=True)
 async def get_run_record_errors(
     run_id: str,
     request: Request,
@@ -357,8 +312,8 @@ async def get_run_record_errors(
     step: str | None = None,
     after_seq: Annotated[int, Query(ge=-1, le=INT32_MAX)] = -1,
     limit: Annotated[int, Query(ge=1, le=1000)] = 500,
-) -> dict[str, Any]:
+) -> RunRecordErrors:
     """Each rejected record: its key, the offending field path and the destination's raw error."""
     await _run_or_404(request, principal, run_id)
     rows = await store.get_record_errors(request.app.state.pool, run_id, step, after_seq, limit)
-    return {"data": [dict(r) for r in rows], "has_more": len(rows) == limit}
+    return RunRecordErrors(data=[RecordError(**r) for r in rows], has_more=len(rows) == limit)

@@ -8,7 +8,6 @@ executor reads it when the step runs.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any
 
 import asyncpg
@@ -16,8 +15,10 @@ from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.api.models.secrets import SecretList, SecretView
 from services.common.auth import Principal, require_scope
-from services.common.http import ApiError, OrjsonResponse
+from services.common.contract import ErrorEnvelope
+from services.common.http import ApiError
 from services.common.secretstore import (
     MAX_VALUE_CHARS,
     NAME_PATTERN,
@@ -35,18 +36,6 @@ SecretName = Annotated[
 ]
 
 
-class SecretErrorBody(BaseModel):
-    code: str = Field(examples=["not_found"])
-    message: str
-    request_id: str
-
-
-class SecretError(BaseModel):
-    """The error envelope every Flowtrail answer uses."""
-
-    error: SecretErrorBody
-
-
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     described = {
         400: "malformed request: bad JSON, a NUL byte or lone surrogate in a path, query, header or body",
@@ -56,28 +45,13 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         422: "a bad name or value (the message names it)",
         429: "rate limit exceeded; retry after `Retry-After` seconds",
     }
-    return {s: {"model": SecretError, "description": described[s]} for s in (400, 401, 403, 422, 429, *statuses)}
+    return {s: {"model": ErrorEnvelope, "description": described[s]} for s in (400, 401, 403, 422, 429, *statuses)}
 
 
 class SecretValue(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     value: str = Field(min_length=1, max_length=MAX_VALUE_CHARS, description="stored encrypted, never shown again")
-
-
-class SecretView(BaseModel):
-    """A secret as the API shows it: never its value."""
-
-    name: str
-    environment: str
-    version: int = Field(description="1 when created, + 1 each time a new value is written")
-    created_at: datetime
-    last_rotated_at: datetime = Field(description="when the value was last written (created or rotated)")
-    reference: str = Field(description="how a step input uses it", examples=["{{ secrets.shop_token }}"])
-
-
-class SecretList(BaseModel):
-    data: list[SecretView]
 
 
 def _view(row: asyncpg.Record) -> SecretView:
@@ -97,13 +71,17 @@ def _view(row: asyncpg.Record) -> SecretView:
     status_code=201,
     responses={200: {"model": SecretView, "description": "an existing secret rotated to the new value"}, **_errors()},
 )
-async def put_secret_route(name: SecretName, body: SecretValue, request: Request, principal: Admin) -> Any:
+async def put_secret_route(
+    name: SecretName, body: SecretValue, request: Request, response: Response, principal: Admin
+) -> SecretView:
     """Create the secret (201) or rotate it to a new value (200: `version` + 1, `last_rotated_at` now). Runs that
     start a step after this read the new value."""
     keyring = keyring_of(request.app.state, request.app.state.settings)
     async with request.app.state.pool.acquire() as conn:
         row, created = await put_secret(conn, keyring, principal.tenant_id, principal.environment, name, body.value)
-    return OrjsonResponse(_view(row).model_dump(), status_code=201 if created else 200)
+    if not created:
+        response.status_code = 200
+    return _view(row)
 
 
 @router.get("/v1/secrets", response_model=SecretList, responses=_errors())

@@ -14,7 +14,8 @@ from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 from schemas.events import TERMINAL_EVENT_STATUS
 from schemas.status import TERMINAL_RUN_STATUSES
 from services.api.adapters import runs as store
-from services.api.routes.runs import _many, _run_or_404, _statuses, summary
+from services.api.choices import many
+from services.api.routes.runs import _run_or_404, _statuses, summary
 from services.common.auth import Principal, require_scope
 from services.common.contract import INT32_MAX, parse_count, parse_timestamp
 from services.common.http import ApiError
@@ -106,7 +107,7 @@ async def stream_runs(
 
     Ordered by the events' own time with a 10 s window for runs of different partitions committing out
     of that order; step-by-step progress of one run is `/v1/runs/{id}/stream`."""
-    flows, statuses = _many(flow_id), _statuses(_many(status))
+    flows, statuses = many(flow_id), _statuses(many(status))
     pool, notifier = request.app.state.pool, request.app.state.notifier
     if last_event_id:
         since, _ = _cursor(last_event_id)

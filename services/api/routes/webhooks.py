@@ -8,7 +8,8 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from services.api.models import NewWebhookSubscription, Redelivery, WebhookDeliveries, WebhookSubscriptions
+from services.api.choices import known
+from services.api.models.webhooks import NewWebhookSubscription, Redelivery, WebhookDeliveries, WebhookSubscriptions
 from services.common.auth import Principal, require_scope
 from services.common.contract import AnyCase
 from services.common.http import ApiError
@@ -29,10 +30,7 @@ class NewSubscription(BaseModel):
     @field_validator("events")
     @classmethod
     def _known(cls, events: list[str]) -> list[str]:
-        unknown = sorted(set(events) - set(EVENT_NAMES))
-        if unknown:
-            raise ValueError(f"unknown event(s) {', '.join(unknown)}; events: {', '.join(EVENT_NAMES)}")
-        return sorted(set(events))
+        return known(events, EVENT_NAMES, "event")
 
 
 _PUBLIC = "id, url, events, active, created_at"
