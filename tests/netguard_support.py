@@ -147,23 +147,3 @@ def ipv6_loopback() -> bool:
 
 
 PUBLIC_LOOKING = "93.184.216.34"  # never dialled: the dial guard refuses it in the tests
-
-
-# The fixtures the guard's tests share; a test module imports them (`from tests.netguard_support import
-# dns_fixture, ...`) and asks for them by name: `dns`, `dials`, `listener`.
-
-
-@pytest.fixture(name="dns")
-def dns_fixture(monkeypatch: pytest.MonkeyPatch) -> FakeDNS:
-    return install_fake_dns(monkeypatch)
-
-
-@pytest.fixture(name="dials")
-def dials_fixture(monkeypatch: pytest.MonkeyPatch) -> Dials:
-    return install_dial_guard(monkeypatch)
-
-
-@pytest.fixture(name="listener")
-async def listener_fixture() -> AsyncIterator[Listener]:
-    async with open_listener() as box:
-        yield box

@@ -27,15 +27,9 @@ from services.projector.adapters import alerts, webhooks
 from services.projector.settings import ProjectorSettings
 from tests.conftest import Infra, Sandbox
 from tests.harness import api_in_process
-from tests.netguard_support import (  # the fixtures are asked for by name: dns, dials, listener
-    PUBLIC_LOOKING,
-    Dials,
-    FakeDNS,
-    Listener,
-    dials_fixture,  # noqa: F401
-    dns_fixture,  # noqa: F401
-    listener_fixture,  # noqa: F401
-)
+from tests.netguard_support import PUBLIC_LOOKING, Dials, FakeDNS, Listener
+
+pytest_plugins = ["tests.netguard_fixtures"]  # dns, dials, listener
 
 
 @pytest.fixture

@@ -35,15 +35,9 @@ from services.common.netguard import (
 from services.executor.adapters.actions_base import StepCall, StepError, StepOutcome
 from services.executor.adapters.actions_sync import SyncRecordsActions
 from services.executor.adapters.steps import StepRunners
-from tests.netguard_support import (  # the fixtures are asked for by name: dns, dials, listener
-    PUBLIC_LOOKING,
-    Dials,
-    FakeDNS,
-    Listener,
-    dials_fixture,  # noqa: F401
-    dns_fixture,  # noqa: F401
-    listener_fixture,  # noqa: F401
-)
+from tests.netguard_support import PUBLIC_LOOKING, Dials, FakeDNS, Listener
+
+pytest_plugins = ["tests.netguard_fixtures"]  # dns, dials, listener
 
 BLOCKED = [
     "127.0.0.1", "127.255.255.254",  # loopback
