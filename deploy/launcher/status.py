@@ -98,8 +98,26 @@ async def _group_lag(settings: CommonSettings, admin: Any, consumer: Any, servic
     return result
 
 
+async def _kafka_trigger_lag(settings: CommonSettings, admin: Any, consumer: Any) -> dict[str, dict[str, Any]]:
+    """Lag of each kafka-triggered flow: its consumer group `<prefix>.kafka-trigger.<tenant>.<flow>.<topic>`
+    (docs/kafka-triggers.md), from the group's committed offsets, so a paused flow's waiting messages show."""
+    prefix = f"{settings.topic_prefix}.kafka-trigger."
+    out: dict[str, dict[str, Any]] = {}
+    for group in sorted(g[0] for g in await admin.list_consumer_groups() if g[0].startswith(prefix)):
+        committed = await admin.list_consumer_group_offsets(group)
+        ends = await consumer.end_offsets(list(committed)) if committed else {}
+        parts = [{"partition": tp.partition, "end": ends[tp], "committed": meta.offset, "lag": ends[tp] - meta.offset}
+                 for tp, meta in sorted(committed.items(), key=lambda item: item[0].partition)]  # fmt: skip
+        topic = next(iter(committed)).topic if committed else "(nothing committed yet)"
+        out[f"kafka trigger {group[len(prefix):]}"] = {
+            "group": group, "topic": topic, "partitions": parts, "offsets_from": "kafka",
+            "total_lag": sum(max(0, p["lag"]) for p in parts),
+        }  # fmt: skip
+    return out
+
+
 async def consumer_lag(settings: CommonSettings) -> dict[str, dict[str, Any]]:
-    """Lag per partition of the executor and projector consumer groups."""
+    """Lag per partition of the executor and projector consumer groups, and of each kafka-triggered flow."""
     from aiokafka import AIOKafkaConsumer
     from aiokafka.admin import AIOKafkaAdminClient
 
@@ -118,6 +136,10 @@ async def consumer_lag(settings: CommonSettings) -> dict[str, dict[str, Any]]:
                 except Exception as exc:
                     group, topic = consumer_groups(settings)[service]
                     out[service] = {"group": group, "topic": topic, "error": f"{type(exc).__name__}: {exc}"}
+            try:
+                out.update(await _kafka_trigger_lag(settings, admin, consumer))
+            except Exception as exc:
+                out["kafka triggers"] = {"group": "-", "topic": "-", "error": f"{type(exc).__name__}: {exc}"}
             return out
         finally:
             await consumer.stop()
