@@ -626,3 +626,13 @@ def api_error(r: httpx.Response, status: int, code: str | None = None) -> str:
     assert code in (None, body["error"]["code"]) and body["error"]["request_id"], body
     assert r.headers["x-request-id"] == body["error"]["request_id"]
     return str(body["error"]["message"])
+
+
+@asynccontextmanager
+async def connected(env: Env) -> AsyncIterator[Any]:
+    """A connection to the env's database, closed on exit."""
+    conn = await env.db()
+    try:
+        yield conn
+    finally:
+        await conn.close()
