@@ -33,6 +33,7 @@ from tests.harness import (
     KeySpec,
     answer,
     append_ledger,
+    connected,
     first_calls,
     projector_settings,
     running,
@@ -154,12 +155,9 @@ async def play(env: Env, runs: list[tuple[str, str, datetime, str]], tenant: str
     events = [e for run_id, status, at, flow in runs for e in finished(run_id, status, at, flow=flow, tenant=tenant)]
     await append_ledger(env.sandbox, events, partitions=1)
     ids = [r[0] for r in runs]
-    db = await env.db()
-    try:
+    async with connected(env) as db:
         await wait_sql(db, "SELECT count(*) = $2 FROM runs WHERE id = ANY($1::text[]) AND finished_at IS NOT NULL",
                        ids, len(ids), what=f"{len(ids)} runs projected", logs=env.log_tails)  # fmt: skip
-    finally:
-        await db.close()
 
 
 def series(prefix: str, flow: str, statuses: str, t0: datetime, *, every: timedelta = timedelta(minutes=1)

@@ -14,7 +14,7 @@ import pytest
 from schemas import events as ev
 from schemas.events import EventBase, TriggerInfo
 from tests.conftest import Infra
-from tests.harness import Env, KeySpec, append_ledger, keep_history_of, running, wait_projected
+from tests.harness import Env, KeySpec, append_ledger, connected, keep_history_of, running, wait_projected
 
 T0 = datetime(2026, 11, 1, 8, 0, tzinfo=UTC)
 TRIGGERS = ("api", "webhook", "schedule")
@@ -242,11 +242,8 @@ async def test_pages_stay_stable_while_new_runs_arrive(env: Env) -> None:
     # Ten runs newer than everything arrive between page requests.
     fresh = [Spec(**{**vars(spec(100 + i)), "environment": "PRODUCTION", "archived": False}) for i in range(10)]
     events = [e for s in fresh for e in events_of(s)]
-    db = await env.db()
-    try:
+    async with connected(env) as db:
         done = await db.fetchval("SELECT coalesce(sum(next_offset), 0) FROM projector_offsets")
-    finally:
-        await db.close()
     await append_ledger(env.sandbox, events)
     await wait_projected(env, done + len(events))
     old = expected(lambda s: True)
