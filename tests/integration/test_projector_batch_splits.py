@@ -20,7 +20,7 @@ from schemas.events import CancelRun, ChildRunFinished, EventBase, ResumeRun, Re
 from services.executor.decide import Admission, CommandInput, DeadlinePassed, PauseExpired, StartRun
 from services.projector import rebuild
 from services.projector.adapters.store import Positioned, apply_batch
-from tests.unit.drive import Run, error, make_flow, make_trigger
+from tests.unit.drive import Run, error, make_flow, make_trigger, retried_step_log
 
 TWO = ({"name": "fetch"}, {"name": "push"})
 ANATOMY = ({"name": "fetch", "action": "http_request", "input": {"url": "https://api.example.com/{{ trigger.id }}"}},
@@ -269,10 +269,7 @@ async def test_step_anatomy_is_the_same_in_any_batching(db: asyncpg.Connection) 
         ("push", 1, "SUCCEEDED", {"b": 2}),
     ]
     assert [(line["level"], line["message"]) for line in logs] == [
-        ("INFO", "step fetch started (http_request, attempt 1)"),
-        ("WARNING", logs[1]["message"]),
-        ("INFO", "step fetch started (http_request, attempt 2)"),
-        ("INFO", "step fetch succeeded in 1000 ms (attempt 2)"),
+        *retried_step_log("fetch", "http_request", 1000, logs[1]["message"]),
         ("INFO", 'step notify skipped: run_condition "steps.fetch.output.body.total > `100`" was false'),
         ("INFO", "step push started (transform, attempt 1)"),
         ("INFO", "step push succeeded in 1000 ms (attempt 1)"),

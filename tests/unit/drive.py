@@ -150,3 +150,14 @@ class Run:
 
     def of_type(self, name: str) -> list[EventBase]:
         return [e for e in self.events if e.type == name]
+
+
+def retried_step_log(step: str, action: str, took_ms: int, warning: str) -> list[tuple[str, str]]:
+    """The (level, message) log lines of a step that failed once and passed on its second attempt: the INFO line
+    the projector derives for each start and the success, around the executor's WARNING for the failed attempt."""
+    return [
+        ("INFO", f"step {step} started ({action}, attempt 1)"),
+        ("WARNING", warning),
+        ("INFO", f"step {step} started ({action}, attempt 2)"),
+        ("INFO", f"step {step} succeeded in {took_ms} ms (attempt 2)"),
+    ]

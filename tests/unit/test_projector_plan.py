@@ -16,7 +16,7 @@ from services.common.runfold.details import plan_details
 from services.common.runfold.rows import BatchPlan, StepChange, plan
 from services.projector.adapters import store
 from tests.factories import run_events
-from tests.unit.drive import T0, Run, error, make_flow, make_trigger
+from tests.unit.drive import T0, Run, error, make_flow, make_trigger, retried_step_log
 
 
 def decided_run(run_id: str = "run-1", *, retry_first: bool = False, fail_last: bool = False) -> list[EventBase]:
@@ -106,10 +106,7 @@ def test_every_attempt_keeps_its_output_and_each_step_event_reads_as_an_info_lin
     # The derived lines sit at their events' seqs, among the executor's own (the retry's WARNING): one log in seq order.
     lines = sorted(details.logs, key=lambda line: line["seq"])
     assert [(line["level"], line["message"]) for line in lines] == [
-        ("INFO", "step fetch started (transform, attempt 1)"),
-        ("WARNING", lines[1]["message"]),
-        ("INFO", "step fetch started (transform, attempt 2)"),
-        ("INFO", "step fetch succeeded in 250 ms (attempt 2)"),
+        *retried_step_log("fetch", "transform", 250, lines[1]["message"]),
         ("INFO", 'step gate skipped: run_condition "`false`" was false'),
     ]
     assert lines[1]["message"].startswith("attempt 1 failed (TRANSIENT)")
