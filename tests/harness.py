@@ -406,6 +406,17 @@ class Env:
         return await connect(self.infra.database_url, self.sandbox.schema)
 
 
+def whole_sync(name: str, source: str, records_path: str, destination: str, mapping: Mapping[str, str],
+               **fields: Any) -> dict[str, Any]:  # fmt: skip
+    """A sync_records step that reads every record of the loopback `source` (no cursor window: the stub takes no
+    `updated_*` parameters) and writes each, by its `id`, to `destination`; not retried."""
+    source_spec = {"kind": "http", "url": source, "records_path": records_path, "updated_since_param": None,
+                   "updated_until_param": None}  # fmt: skip
+    spec = {"source": source_spec, "destination": {"kind": "http", "url": destination}, "key": "id"}
+    return {"name": name, "action": "sync_records", "retry": {"delays_s": []},
+            "input": {**spec, "mapping": dict(mapping), **fields}}  # fmt: skip
+
+
 def steps_of(run: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """A run detail's steps by name."""
     return {s["name"]: s for s in run["steps"]}

@@ -12,28 +12,33 @@ ones (20 s) fall due after the restarted executor owns its partitions again, so 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import httpx
 import pytest
 from aiohttp import web
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from schemas import codec
-from schemas.events import TERMINAL_EVENT_STATUS, EventBase, FlowVersionPublished
+from schemas.events import TERMINAL_EVENT_STATUS, EventBase
 from schemas.flows import FlowDefinition
-from services.common.auth import create_api_key, ensure_tenant
-from services.common.db import connect
-from services.common.kafka import publish_flow_events
-from tests.conftest import Infra, Sandbox, make_sandbox
-from tests.e2e.stack import Stack, free_port
+from tests.conftest import Infra
+from tests.harness import (
+    TERMINAL,
+    Call,
+    Env,
+    answer,
+    delayed,
+    first_calls,
+    flow,
+    ledger,
+    running,
+    step_status,
+    stub_upstream,
+    wait_until,
+)
 
-TERMINAL = set(TERMINAL_EVENT_STATUS.values())
 SCALE = 0.01
 SOON_S = 600.0  # scaled: due while the executor is down (6 real seconds)
 LATE_S = 2000.0  # scaled: due after the restarted executor owns its partitions again (20 real seconds)
@@ -42,81 +47,27 @@ REPEAT_CALL_HOLD_S = 0.5
 RESULT_EVENTS = {"StepSucceeded", "StepFailed", "StepAttemptFailed"}
 
 
-@dataclass
-class Call:
-    path: str
-    key: str
-    body: Any
-    at: datetime
-    answered: bool = False
+async def _accepted(request: web.Request) -> web.Response:
+    return web.json_response({"accepted": (await request.json())["n"]})
 
 
-@dataclass
-class Upstream:
-    """The local HTTP server the flows call; it records every request's Idempotency-Key and body."""
-
-    url: str = ""
-    calls: list[Call] = field(default_factory=list)
-
-    def seen(self, path: str) -> list[Call]:
-        return [c for c in self.calls if c.path == path]
-
-    def in_flight(self, path: str) -> list[Call]:
-        return [c for c in self.calls if c.path == path and not c.answered]
+async def _reserved(request: web.Request) -> web.Response:
+    return web.json_response({"reserved": (await request.json())["n"]})
 
 
-@dataclass
-class Env:
-    sandbox: Sandbox
-    stack: Stack
-    upstream: Upstream
-    key: str
-
-    @property
-    def ingest(self) -> str:
-        return self.stack["ingest"].url
-
-    @property
-    def api(self) -> str:
-        return self.stack["api"].url
-
-
-async def _upstream(state: Upstream) -> web.AppRunner:
-    async def slow(request: web.Request) -> web.Response:
-        """Slow to answer a key's first request (held across the kill), quick to answer a repeat of it."""
-        key = request.headers.get("Idempotency-Key", "")
-        repeat = any(c.key == key for c in state.calls)
-        call = Call("/slow", key, await request.json(), datetime.now(UTC))
-        state.calls.append(call)
-        await asyncio.sleep(REPEAT_CALL_HOLD_S if repeat else FIRST_CALL_HOLD_S)
-        call.answered = True
-        return web.json_response({"accepted": call.body["n"]})
-
-    async def flaky(request: web.Request) -> web.Response:
-        """503 to the first request of each run's step, whatever its key; 200 from then on."""
-        key = request.headers.get("Idempotency-Key", "")
-        call = Call("/flaky", key, await request.json(), datetime.now(UTC), answered=True)
-        first = not any(c.body["run"] == call.body["run"] for c in state.calls if c.path == "/flaky")
-        state.calls.append(call)
-        if first:
-            return web.json_response({"error": "warehouse offline"}, status=503)
-        return web.json_response({"reserved": call.body["n"]})
-
-    app = web.Application()
-    app.router.add_post("/slow", slow)
-    app.router.add_post("/flaky", flaky)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    state.url = f"http://127.0.0.1:{port}"
-    return runner
+ROUTES = {
+    # Slow to answer a key's first request (held across the kill), quick to answer a repeat of it.
+    ("POST", "/slow"): first_calls(1, delayed(FIRST_CALL_HOLD_S, _accepted), delayed(REPEAT_CALL_HOLD_S, _accepted),
+                                   per=lambda c: c.key),
+    # 503 to the first request of each run's step, whatever its key; 200 from then on.
+    ("POST", "/flaky"): first_calls(1, answer({"error": "warehouse offline"}, 503), _reserved,
+                                    per=lambda c: c.json()["run"]),
+}  # fmt: skip
 
 
 def _flows(upstream: str) -> list[FlowDefinition]:
-    def flow(id: str, steps: list[dict[str, Any]], **extra: Any) -> FlowDefinition:
-        return FlowDefinition.model_validate({"tenant_id": "tenant-a", "id": id, "name": id, "version": 1,
-                                              "steps": steps, **extra})  # fmt: skip
+    def a(id: str, steps: list[dict[str, Any]], **extra: Any) -> FlowDefinition:
+        return flow("tenant-a", id, steps, name=id, **extra)
 
     def call(path: str, **extra: Any) -> dict[str, Any]:
         body = {"run": "{{ run.id }}", "n": "{{ trigger.n }}"}
@@ -130,125 +81,37 @@ def _flows(upstream: str) -> list[FlowDefinition]:
         return {"name": name, "action": "transform", "input": {"output": {"n": "{{ trigger.n }}"}}}
 
     return [
-        flow("quick", [shape("shape")]),
-        flow("slowcall", [call("/slow", retry={"delays_s": []}), shape("after")]),
-        flow("retry_soon", [call("/flaky", retry={"delays_s": [SOON_S]}), shape("after")]),
-        flow("retry_late", [call("/flaky", retry={"delays_s": [LATE_S]}), shape("after")]),
-        flow("delay_soon", [shape("before"), wait(SOON_S), shape("after")]),
-        flow("delay_late", [shape("before"), wait(LATE_S), shape("after")]),
-        flow("deadline", [shape("before"), wait(10 * LATE_S)], timeout_s=SOON_S),
-        flow("approval", [shape("before"), {"name": "approve", "action": "human_input", "input": {"q": "ship?"}},
+        a("quick", [shape("shape")]),
+        a("slowcall", [call("/slow", retry={"delays_s": []}), shape("after")]),
+        a("retry_soon", [call("/flaky", retry={"delays_s": [SOON_S]}), shape("after")]),
+        a("retry_late", [call("/flaky", retry={"delays_s": [LATE_S]}), shape("after")]),
+        a("delay_soon", [shape("before"), wait(SOON_S), shape("after")]),
+        a("delay_late", [shape("before"), wait(LATE_S), shape("after")]),
+        a("deadline", [shape("before"), wait(10 * LATE_S)], timeout_s=SOON_S),
+        a("approval", [shape("before"), {"name": "approve", "action": "human_input", "input": {"q": "ship?"}},
                           {"name": "ship", "action": "transform",
                            "input": {"output": {"by": "{{ steps.approve.output.by }}"}}}]),
-        flow("expiring", [{"name": "approve", "action": "human_input", "input": {"q": "?"}, "timeout_s": SOON_S}]),
+        a("expiring", [{"name": "approve", "action": "human_input", "input": {"q": "?"}, "timeout_s": SOON_S}]),
     ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
-    async with make_sandbox(infra) as sandbox:
-        upstream = Upstream()
-        runner = await _upstream(upstream)
-        conn = await connect(infra.database_url, sandbox.schema)
-        try:
-            await ensure_tenant(conn, "tenant-a", "A")
-            _, key = await create_api_key(conn, "tenant-a")
-        finally:
-            await conn.close()
-        flows = _flows(upstream.url)
-        await publish_flow_events(infra.kafka_bootstrap, sandbox.topics, [
-            FlowVersionPublished(tenant_id=f.tenant_id, flow_id=f.id, flow_version=1, flow=f) for f in flows
-        ])  # fmt: skip
-        stack = Stack.build(
-            sandbox,
-            ("ingest", "executor", "projector", "api"),
-            tmp_path_factory.mktemp("logs"),
-            FLOWTRAIL_EXECUTOR_SESSION_TIMEOUT_S="6",  # the broker's minimum: the partitions move on sooner
-            FLOWTRAIL_EXECUTOR_TIME_SCALE=str(SCALE),
-        )
-        await stack.start()
-        try:
-            await _until("flows projected", lambda: _flows_projected(infra, sandbox, len(flows)), within=30)
-            yield Env(sandbox, stack, upstream, key)
-        finally:
-            stack.stop()
-            await runner.cleanup()
-
-
-async def _flows_projected(infra: Infra, sandbox: Sandbox, count: int) -> bool:
-    conn = await connect(infra.database_url, sandbox.schema)
-    try:
-        return bool(await conn.fetchval("SELECT count(*) FROM flows") >= count)
-    finally:
-        await conn.close()
-
-
-async def _until(what: str, check: Callable[[], Awaitable[bool]], within: float, env: Env | None = None) -> None:
-    """Poll `check` until it holds; fail with `what` (and the executor's log) past the deadline."""
-    deadline = time.monotonic() + within
-    while not await check():
-        tail = env.stack["executor"].log_tail() if env else ""
-        assert time.monotonic() < deadline, f"not {what} after {within}s\n{tail}"
-        await asyncio.sleep(0.05)
-
-
-def _auth(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-async def trigger(env: Env, flow_id: str, inputs: list[Any], **body: Any) -> list[str]:
-    """One request for all `inputs`: their runs reach the executor together."""
-    payload = {"input": inputs[0], **body} if len(inputs) == 1 else {"inputs": inputs, **body}
-    async with httpx.AsyncClient(timeout=10) as client:
-        r = await client.post(f"{env.ingest}/v1/flows/{flow_id}/trigger", json=payload, headers=_auth(env.key))
-    assert r.status_code == 202, r.text
-    return [str(r.json()["run_id"])] if len(inputs) == 1 else [str(i) for i in r.json()["run_ids"]]
-
-
-async def api(env: Env, method: str, path: str, **kwargs: Any) -> httpx.Response:
-    async with httpx.AsyncClient(base_url=env.api, timeout=10) as client:
-        return await client.request(method, path, headers=_auth(env.key), **kwargs)
-
-
-async def run_detail(env: Env, run_id: str) -> dict[str, Any] | None:
-    r = await api(env, "GET", f"/v1/runs/{run_id}")
-    assert r.status_code in (200, 404), r.text
-    return dict(r.json()) if r.status_code == 200 else None
+    extra = {
+        "FLOWTRAIL_EXECUTOR_SESSION_TIMEOUT_S": "6",  # the broker's minimum: the partitions move on sooner
+        "FLOWTRAIL_EXECUTOR_TIME_SCALE": str(SCALE),
+    }
+    async with stub_upstream(ROUTES) as up, running(
+        infra, tmp_path_factory, flows=_flows(up.url), env=extra, upstream=up
+    ) as env:  # fmt: skip
+        yield env
 
 
 async def statuses(env: Env) -> dict[str, str]:
     """Every run's status as the read model has it (the sandbox holds only this test's runs)."""
-    r = await api(env, "GET", "/v1/runs", params={"limit": 100})
-    assert r.status_code == 200, r.text
-    assert r.json()["next_cursor"] is None, "more runs than one page"
-    return {run["id"]: run["status"] for run in r.json()["data"]}
-
-
-def step_status(run: dict[str, Any] | None, step: str) -> str | None:
-    return next((s["status"] for s in run["steps"] if s["name"] == step), None) if run else None
-
-
-async def read_ledger(sandbox: Sandbox) -> list[EventBase]:
-    """The whole ledger topic from offset 0, every partition, in log order per partition."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=sandbox.infra.kafka_bootstrap, enable_auto_commit=False,
-                                group_id=None, auto_offset_reset="earliest")  # fmt: skip
-    await consumer.start()
-    try:
-        tps = [TopicPartition(sandbox.topics.ledger, p) for p in range(sandbox.partitions)]
-        consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
-        for tp, begin in (await consumer.beginning_offsets(tps)).items():
-            consumer.seek(tp, begin)
-        events: list[EventBase] = []
-        for tp in tps:
-            deadline = time.monotonic() + 30
-            while await consumer.position(tp) < ends[tp]:
-                assert time.monotonic() < deadline, f"ledger {tp} not read to its end"
-                batch = await consumer.getmany(tp, timeout_ms=1000, max_records=5000)
-                events += [codec.decode_ledger_event(record.value) for record in batch.get(tp, [])]
-        return events
-    finally:
-        await consumer.stop()
+    page = await env.ok("GET", "/v1/runs", params={"limit": 100})
+    assert page["next_cursor"] is None, "more runs than one page"
+    return {run["id"]: run["status"] for run in page["data"]}
 
 
 @dataclass
@@ -281,35 +144,35 @@ async def arm_timers(env: Env) -> tuple[dict[str, list[str]], datetime]:
     now = datetime.now(UTC)
     soon_at, late_at = now + timedelta(seconds=SOON_S * SCALE), now + timedelta(seconds=LATE_S * SCALE)
     runs = {
-        "scheduled_soon": await trigger(env, "quick", [{"n": 0}], run_at=soon_at.isoformat()),
-        "scheduled_late": await trigger(env, "quick", [{"n": 1}], run_at=late_at.isoformat()),
-        "retry_soon": await trigger(env, "retry_soon", [{"n": i} for i in range(6)]),
-        "retry_late": await trigger(env, "retry_late", [{"n": i} for i in range(6)]),
-        "delay_soon": await trigger(env, "delay_soon", [{"n": i} for i in range(5)]),
-        "delay_late": await trigger(env, "delay_late", [{"n": i} for i in range(5)]),
-        "deadline": await trigger(env, "deadline", [{"n": i} for i in range(2)]),
-        "approval": await trigger(env, "approval", [{"n": 0}]),
-        "expiring": await trigger(env, "expiring", [{"n": i} for i in range(2)]),
+        "scheduled_soon": await env.trigger_many("quick", [{"n": 0}], run_at=soon_at.isoformat()),
+        "scheduled_late": await env.trigger_many("quick", [{"n": 1}], run_at=late_at.isoformat()),
+        "retry_soon": await env.trigger_many("retry_soon", [{"n": i} for i in range(6)]),
+        "retry_late": await env.trigger_many("retry_late", [{"n": i} for i in range(6)]),
+        "delay_soon": await env.trigger_many("delay_soon", [{"n": i} for i in range(5)]),
+        "delay_late": await env.trigger_many("delay_late", [{"n": i} for i in range(5)]),
+        "deadline": await env.trigger_many("deadline", [{"n": i} for i in range(2)]),
+        "approval": await env.trigger_many("approval", [{"n": 0}]),
+        "expiring": await env.trigger_many("expiring", [{"n": i} for i in range(2)]),
     }
     for group, check in WAITING.items():
 
         async def waiting(ids: list[str] = runs[group], check: Callable[..., bool] = check) -> bool:
-            return all(check(run) for run in await asyncio.gather(*(run_detail(env, r) for r in ids)))
+            return all(check(run) for run in await asyncio.gather(*(env.run(r) for r in ids)))
 
-        await _until(f"{group} waiting", waiting, within=20, env=env)
+        await wait_until(waiting, 20, f"{group} waiting", logs=env.log_tails)
     return runs, datetime.now(UTC)
 
 
 async def crash(env: Env, runs: dict[str, list[str]], soon_due_by: datetime) -> Crash:
     """Slow calls in flight and fresh triggers, SIGKILL, and a restart once the `soon` timers are overdue."""
-    runs["slowcall"] = await trigger(env, "slowcall", [{"n": i} for i in range(12)])
-    runs["quick"] = await trigger(env, "quick", [{"n": i} for i in range(10)])
+    runs["slowcall"] = await env.trigger_many("slowcall", [{"n": i} for i in range(12)])
+    runs["quick"] = await env.trigger_many("quick", [{"n": i} for i in range(10)])
     slow = len(runs["slowcall"])
 
     async def all_slow_calls_in_flight() -> bool:
         return len(env.upstream.in_flight("/slow")) == slow
 
-    await _until("every slow call in flight", all_slow_calls_in_flight, within=10, env=env)
+    await wait_until(all_slow_calls_in_flight, 10, "every slow call in flight", logs=env.log_tails)
     # Nothing awaits between that check and the kill: the upstream (this event loop) cannot answer meanwhile.
     in_flight = {c.key for c in env.upstream.in_flight("/slow")}
     executor = env.stack["executor"]
@@ -321,25 +184,24 @@ async def crash(env: Env, runs: dict[str, list[str]], soon_due_by: datetime) -> 
     async def overdue() -> bool:
         return datetime.now(UTC) > soon_due_by
 
-    await _until("the soon timers due", overdue, within=SOON_S * SCALE + 5, env=env)
+    await wait_until(overdue, SOON_S * SCALE + 5, "the soon timers due", logs=env.log_tails)
     restarted_at = datetime.now(UTC)
     executor.start()
     await executor.wait_healthy()
 
     async def owns_partitions() -> bool:
-        async with httpx.AsyncClient(timeout=2) as client:
-            r = await client.get(f"{executor.url}/healthz")
+        r = await env.http.get(f"{executor.url}/healthz", timeout=2)
         return r.status_code == 200 and len(r.json()["partitions"]) == env.sandbox.partitions
 
-    await _until("partitions reassigned", owns_partitions, within=30, env=env)
+    await wait_until(owns_partitions, 30, "partitions reassigned", logs=env.log_tails)
     return Crash(killed_at, restarted_at, datetime.now(UTC), in_flight)
 
 
 async def resume_approval(env: Env, run_id: str) -> None:
     """The human answers after the restart, to the request id the run detail shows."""
-    run = await run_detail(env, run_id)
+    run = await env.run(run_id)
     assert run is not None and run["status"] == "PAUSED"
-    r = await api(env, "POST", f"/v1/runs/{run_id}/resume/{run['waiting_for']['request_id']}", json={"by": "ops@acme"})
+    r = await env.api("POST", f"/v1/runs/{run_id}/resume/{run['waiting_for']['request_id']}", json={"by": "ops@acme"})
     assert r.status_code == 202, r.text
 
 
@@ -409,10 +271,10 @@ async def test_an_executor_killed_with_steps_in_flight_and_timers_pending_loses_
         final.update(await statuses(env))
         return all(final.get(r) in TERMINAL for r in group_of)
 
-    await _until("every run final", all_final, within=60, env=env)
+    await wait_until(all_final, 60, "every run final", logs=env.log_tails)
 
     # ---------------------------------------------------------------- the ledger, read from offset 0
-    by_run = ledger_by_run(await read_ledger(env.sandbox), group_of)
+    by_run = ledger_by_run(await ledger(env.sandbox), group_of)
     assert set(by_run) == set(group_of), f"runs missing from the ledger: {set(group_of) - set(by_run)}"
     for run_id, events in by_run.items():
         types = [e.type for e in events]
@@ -425,8 +287,8 @@ async def test_an_executor_killed_with_steps_in_flight_and_timers_pending_loses_
 
     # ---------------------------------------------------------------- no lost result, the same key on a re-run
     calls_by_key: dict[str, list[Call]] = defaultdict(list)
-    for call in env.upstream.calls:
-        run_id = call.body["run"]
+    for call in env.upstream.requests:
+        run_id = call.json()["run"]
         # The attempt a request belongs to, from the ledger alone: the last one started before the request.
         begun = [
             e
@@ -445,13 +307,13 @@ async def test_an_executor_killed_with_steps_in_flight_and_timers_pending_loses_
     assert repeated == down.in_flight
     for key in repeated:
         before, after = calls_by_key[key]
-        assert before.at < down.killed_at < down.restarted_at < after.at and before.body == after.body
+        assert before.at < down.killed_at < down.restarted_at < after.at and before.json() == after.json()
     for run_id in runs["slowcall"]:
         one(by_run[run_id], "StepStarted", "call", 1)  # re-executed as the same attempt, not a new one
         reply = _p(one(by_run[run_id], "StepSucceeded", "call"), "output")["body"]
         assert reply == {"accepted": _p(by_run[run_id][0], "trigger").payload["n"]}
     for run_id in runs["retry_soon"] + runs["retry_late"]:
-        keys = sorted(c.key for c in env.upstream.seen("/flaky") if c.body["run"] == run_id)
+        keys = sorted(c.key for c in env.upstream.seen("/flaky") if c.json()["run"] == run_id)
         assert keys == [f"{run_id}:call:1", f"{run_id}:call:2"]  # a new attempt, a new key
 
     # ---------------------------------------------------------------- timers kept across the crash

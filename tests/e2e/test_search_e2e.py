@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import Infra
-from tests.harness import Env, answer, assert_verify_equal, running, stub_upstream
+from tests.harness import Env, answer, assert_verify_equal, running, stub_upstream, whole_sync
 
 pytestmark = pytest.mark.e2e
 
@@ -44,12 +44,8 @@ ROUTES = {
 def _flows(url: str) -> list[dict[str, Any]]:
     return [
         {"id": "contacts-sync", "name": "Contacts sync", "steps": [
-            {"name": "sync_contacts", "action": "sync_records", "retry": {"delays_s": []}, "input": {
-                "source": {"kind": "http", "url": f"{url}/shop/contacts", "records_path": "contacts",
-                           "updated_since_param": None, "updated_until_param": None},
-                "destination": {"kind": "http", "url": f"{url}/erp/contacts"},
-                "key": "id", "mapping": {"email": "email"}, "entity": "contact", "system": "shop",
-                "dest_system": "erp"}}]},
+            whole_sync("sync_contacts", f"{url}/shop/contacts", "contacts", f"{url}/erp/contacts", {"email": "email"},
+                       entity="contact", system="shop", dest_system="erp")]},
         {"id": "crm-me", "name": "Who am I at the CRM", "steps": [
             {"name": "whoami", "action": "http_request", "retry": {"delays_s": []},
              "input": {"method": "GET", "url": f"{url}/crm/me"}}]},
