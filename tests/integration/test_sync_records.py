@@ -18,6 +18,7 @@ from services.executor.adapters.actions_sync import SyncRecordsActions
 from services.executor.adapters.steps import StepCall, StepError
 from tests.conftest import Infra, Sandbox
 from tests.e2e.stack import free_port
+from tests.harness import stub_upstream
 
 PASSWORD = "hunter2-not-shown"
 WINDOW = {"updated_since": "2026-06-12T00:00:00Z", "updated_until": "2026-06-13T00:00:00Z"}
@@ -96,20 +97,18 @@ class Apps:
 @pytest.fixture
 async def apps() -> AsyncIterator[Apps]:
     shop, erp = Shop(orders=[*copy.deepcopy(ORDERS), OLD]), Erp()
-    app = web.Application()
-    app.router.add_get("/admin/api/orders.json", shop.handle)
-    app.router.add_post("/services/rest/record/v1/salesOrder", erp.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    shop.url = f"http://127.0.0.1:{port}/admin/api/orders.json"
-    erp.url = f"http://127.0.0.1:{port}/services/rest/record/v1/salesOrder"
-    actions = SyncRecordsActions(connectors={}, allow_private=True, max_output_bytes=64 * 1024, http=None)
-    yield Apps(shop, erp, actions)
-    await actions.close()
-    await runner.cleanup()
+    routes = {
+        ("GET", "/admin/api/orders.json"): shop.handle,
+        ("POST", "/services/rest/record/v1/salesOrder"): erp.handle,
+    }
+    async with stub_upstream(routes) as upstream:
+        shop.url = f"{upstream.url}/admin/api/orders.json"
+        erp.url = f"{upstream.url}/services/rest/record/v1/salesOrder"
+        actions = SyncRecordsActions(connectors={}, allow_private=True, max_output_bytes=64 * 1024, http=None)
+        try:
+            yield Apps(shop, erp, actions)
+        finally:
+            await actions.close()
 
 
 def spec(apps: Apps, **extra: Any) -> dict[str, Any]:
