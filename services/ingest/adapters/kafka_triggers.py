@@ -80,12 +80,16 @@ class Backlog:
             await self._admin.close()
 
     async def _watch(self) -> None:
+        unreadable = False
         while True:
             try:
                 lag = await self.lag()
             except (KafkaError, OSError, TimeoutError) as exc:
-                log.info("executor lag unreadable (%r); the backpressure gate stays as it is", exc)
+                if not unreadable:  # once per outage, not once a second
+                    log.info("executor lag unreadable (%r); the backpressure gate stays as it is", exc)
+                unreadable = True
             else:
+                unreadable = False
                 metrics.KAFKA_TRIGGER_EXECUTOR_BACKLOG.set(lag)
                 if lag < self.limit:
                     self.open.set()
@@ -196,7 +200,12 @@ class Subscription:
         delay = 0.5
         while True:
             try:
-                await self._active.wait()
+                if self.paused:  # nothing is fetched; the lag still shows what waits
+                    if self._consumer is not None:
+                        await self._measure_lag(self._consumer)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._active.wait(), 1.0)
+                    continue
                 await self.owner.backlog.open.wait()
                 if self._skip_to_newest:
                     await self._to_newest()
@@ -289,15 +298,16 @@ class Subscription:
                 delay = min(delay * 2, 5.0)
 
     async def _measure_lag(self, consumer: AIOKafkaConsumer) -> None:
-        """Messages not yet made into runs on the partitions this process holds (highwater minus position)."""
+        """Messages not yet made into runs on the partitions this process holds: the partition's end (as the last
+        fetch saw it; asked for while paused, when nothing is fetched) minus the position."""
+        assigned = consumer.assignment()
+        highs = {tp: None if self.paused else consumer.highwater(tp) for tp in assigned}
+        unknown = [tp for tp, high in highs.items() if high is None]
+        if unknown:
+            highs.update(await consumer.end_offsets(unknown))
         lag = 0
-        for tp in consumer.assignment():
-            high = consumer.highwater(tp)
-            if high is None:
-                if not self.paused:
-                    continue
-                high = (await consumer.end_offsets([tp]))[tp]
-            lag += max(0, high - await consumer.position(tp))
+        for tp, high in highs.items():
+            lag += max(0, (high or 0) - await consumer.position(tp))
         metrics.KAFKA_TRIGGER_LAG.labels(*self.labels).set(lag)
 
 
