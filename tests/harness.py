@@ -386,7 +386,7 @@ class Env:
                     final[run_id] = run["status"]
             return len(final) == len(run_ids)
 
-        await wait_until(done, within, f"{len(run_ids)} runs final", every=0.1)
+        await wait_until(done, within, f"{len(run_ids)} runs final", every=0.1, logs=self.log_tails)
         return final
 
     async def events(self, run_id: str, key: str | None = None, limit: int = 500) -> list[dict[str, Any]]:

@@ -18,18 +18,16 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from services.common.auth import create_api_key, ensure_tenant
-from services.common.db import connect
-from tests.conftest import Infra, make_sandbox
-from tests.e2e.stack import Stack
-from tests.factories import keep_history, produce, run_events
+from tests.conftest import Infra
+from tests.factories import run_events
+from tests.harness import Env, KeySpec, append_ledger, keep_history_of, running, wait_sql
+from tests.harness import api_error as _envelope
 
 pytestmark = pytest.mark.e2e
 
@@ -53,67 +51,30 @@ FLOW = {
 }
 
 
-@dataclass
-class Env:
-    api: str
-    ingest: str
-    key: str
-    reader: str  # runs:read only
-    log_dir: Path
-
-    def client(self, base: str, key: str | None = "") -> httpx.AsyncClient:
-        key = self.key if key == "" else key
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.AsyncClient(base_url=base, headers=headers, timeout=15)
-
-
-async def _wait(db: Any, sql: str, *args: Any, within: float = 30) -> None:
-    deadline = time.monotonic() + within
-    while not await db.fetchval(sql, *args):
-        assert time.monotonic() < deadline, sql
-        await asyncio.sleep(0.05)
+def _client(env: Env, service: str, key: str | None = "key") -> httpx.AsyncClient:
+    """A client for one service with `key` (a name in env.keys or a plaintext key), or without one (None)."""
+    return env.client(service, key) if key else httpx.AsyncClient(base_url=env.url(service), timeout=15)
 
 
 @pytest.fixture(scope="module")
 async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
-    async with make_sandbox(infra) as sandbox:
-        db = await connect(infra.database_url, sandbox.schema)
+    keys: dict[str, KeySpec | str] = {"key": TENANT, "reader": KeySpec(TENANT, scopes=["runs:read"])}
+    async with running(infra, tmp_path_factory, keys=keys, services=("projector", "api", "ingest"),
+                       env=LOOPBACK_ONLY) as env:  # fmt: skip
+        await keep_history_of(env, TENANT)
+        await append_ledger(env.sandbox, [
+            e
+            for i, run_id in enumerate(RUN_IDS)
+            for e in run_events(run_id, tenant_id=TENANT, flow_id=FLOW_ID, fail_at=1 if i % 2 else None)
+        ])  # fmt: skip
+        await env.create_flow(FLOW)
+        db = await env.db()
         try:
-            await ensure_tenant(db, TENANT, "Contract")
-            await keep_history(db, TENANT)
-            key = (await create_api_key(db, TENANT))[1]
-            reader = (await create_api_key(db, TENANT, scopes=["runs:read"]))[1]
-            events = [
-                e
-                for i, run_id in enumerate(RUN_IDS)
-                for e in run_events(run_id, tenant_id=TENANT, flow_id=FLOW_ID, fail_at=1 if i % 2 else None)
-            ]
-            await produce(infra.kafka_bootstrap, sandbox.topics.ledger, events, sandbox.partitions)
-            log_dir = tmp_path_factory.mktemp("contract")
-            stack = Stack.build(sandbox, ("projector", "api", "ingest"), log_dir, **LOOPBACK_ONLY)
-            await stack.start()
-            try:
-                env = Env(stack["api"].url, stack["ingest"].url, key, reader, log_dir)
-                async with env.client(env.api) as client:
-                    r = await client.post("/v1/flows", json=FLOW)
-                    assert r.status_code in (201, 202), r.text
-                await _wait(db, "SELECT count(*) = $1 FROM runs", len(RUN_IDS))
-                await _wait(db, "SELECT count(*) = 1 FROM flows")
-                yield env
-            finally:
-                stack.stop()
+            await wait_sql(db, "SELECT count(*) = $1 FROM runs", len(RUN_IDS))
+            await wait_sql(db, "SELECT count(*) = 1 FROM flows")
         finally:
             await db.close()
-
-
-def _envelope(r: httpx.Response, status: int, code: str | None = None) -> str:
-    assert r.status_code == status, (r.status_code, r.text)
-    body = r.json()
-    assert set(body) == {"error"} and {"code", "message", "request_id"} <= set(body["error"]), body
-    if code is not None:
-        assert body["error"]["code"] == code, body
-    assert r.headers["x-request-id"] == body["error"]["request_id"]
-    return str(body["error"]["message"])
+        yield env
 
 
 def _limited(r: httpx.Response) -> None:
@@ -143,22 +104,24 @@ def _limited(r: httpx.Response) -> None:
     ],
 )
 async def test_a_nul_byte_in_a_path_or_query_answers_400(env: Env, path: str) -> None:
-    async with env.client(env.api) as client:
+    async with _client(env, "api") as client:
         r = await client.get(path)
     assert "NUL" in _envelope(r, 400, "invalid_request")
     _limited(r)
 
 
 async def test_a_nul_byte_without_a_key_answers_401_first(env: Env) -> None:
-    async with env.client(env.api, key=None) as client:
+    async with _client(env, "api", None) as client:
         _envelope(await client.get("/v1/runs/%00"), 401, "unauthorized")
         _envelope(await client.post("/v1/runs/bulk/cancel", content=b"{not json"), 401, "unauthorized")
         _envelope(await client.post("/v1/runs/bulk/cancel", json={"ids": ["\x00"]}), 401, "unauthorized")
-    async with env.client(env.ingest, key=None) as client:
+    async with _client(env, "ingest", None) as client:
         _envelope(await client.post("/v1/flows/%00/trigger", json={}), 401, "unauthorized")
     # A key or header holding NUL (httpx will not send one: a raw request) never reaches a query: 400 or 401.
     for header in (b"Authorization: Bearer ft_live_\x00abcdefghijklmnop", b"Last-Event-ID: 1\x00"):
-        status = await _raw_get(env.api, "/v1/runs/run_contract_0/stream", header + b"\r\nAuthorization: Bearer x")
+        status = await _raw_get(
+            env.url("api"), "/v1/runs/run_contract_0/stream", header + b"\r\nAuthorization: Bearer x"
+        )
         assert status in (400, 401), status
 
 
@@ -194,7 +157,7 @@ async def _raw_get(base: str, path: str, header: bytes) -> int:
 async def test_bad_json_bodies_answer_4xx_with_rate_limit_headers(
     env: Env, method: str, path: str, body: bytes, status: int
 ) -> None:
-    async with env.client(env.api) as client:
+    async with _client(env, "api") as client:
         r = await client.request(method, path, content=body, headers={"Content-Type": "application/json"})
     _envelope(r, status)
     _limited(r)
@@ -202,14 +165,14 @@ async def test_bad_json_bodies_answer_4xx_with_rate_limit_headers(
 
 async def test_an_escaped_backslash_and_surrogate_pairs_are_ordinary_text(env: Env) -> None:
     body = b'{"ids": ["a\\\\u0000b", "\\ud83d\\ude00"], "dry_run": true}'
-    async with env.client(env.api) as client:
+    async with _client(env, "api") as client:
         r = await client.post("/v1/runs/bulk/cancel", content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == 200, r.text
     assert r.json()["matched"] == 0
 
 
 async def test_ingest_refuses_the_same_bytes_through_the_shared_handlers(env: Env) -> None:
-    async with env.client(env.ingest) as client:
+    async with _client(env, "ingest") as client:
         _envelope(await client.post("/v1/flows/%00/trigger", json={}), 400, "invalid_request")
         r = await client.post(
             f"/v1/flows/{FLOW['id']}/trigger",
@@ -249,14 +212,14 @@ async def test_ingest_refuses_the_same_bytes_through_the_shared_handlers(env: En
     ],
 )
 async def test_numbers_and_times_out_of_range_answer_422(env: Env, path: str) -> None:
-    async with env.client(env.api) as client:
+    async with _client(env, "api") as client:
         r = await client.get(path)
     _envelope(r, 422, "validation_error")
     _limited(r)
 
 
 async def test_timestamps_with_an_offset_are_one_rule_everywhere(env: Env) -> None:
-    async with env.client(env.api) as client:
+    async with _client(env, "api") as client:
         for path in (
             "/v1/runs?created_after=2000-01-01T00:00:00Z",
             "/v1/runs?created_after=2000-01-01T01:00:00%2B01:00",
@@ -288,7 +251,7 @@ async def test_timestamps_with_an_offset_are_one_rule_everywhere(env: Env) -> No
 )
 async def test_unknown_query_parameters_answer_422_naming_them(env: Env, path: str) -> None:
     name = path.split("?")[1].split("=")[0]
-    async with env.client(env.api) as client:
+    async with _client(env, "api") as client:
         r = await client.get(path)
     assert repr(name) in _envelope(r, 422, "validation_error")
     _limited(r)
@@ -302,7 +265,7 @@ async def _ids(client: httpx.AsyncClient, query: str) -> list[str]:
 
 async def test_the_seeds_names_are_aliases(env: Env) -> None:
     failed = [RUN_IDS[1], RUN_IDS[3]]
-    async with env.client(env.api) as client:
+    async with _client(env, "api") as client:
         assert await _ids(client, "flowId=contract-flow") == sorted(RUN_IDS)
         assert await _ids(client, "flowId=other") == []
         assert await _ids(client, "action_name=other") == []
@@ -333,11 +296,11 @@ async def test_the_seeds_names_are_aliases(env: Env) -> None:
 
 
 async def test_scope_and_key_errors_come_before_input_errors(env: Env) -> None:
-    async with env.client(env.api, key=env.reader) as client:
+    async with _client(env, "api", "reader") as client:
         r = await client.post("/v1/runs/bulk/cancel", content=b'{"ids": ["\\u0000"]}')
         _envelope(r, 403, "forbidden")
         _limited(r)
-    async with env.client(env.api, key="ft_live_" + "x" * 43) as client:
+    async with _client(env, "api", "ft_live_" + "x" * 43) as client:
         _envelope(await client.get("/v1/runs?nope=1"), 401, "unauthorized")
 
 
@@ -345,8 +308,8 @@ async def test_scope_and_key_errors_come_before_input_errors(env: Env) -> None:
 
 
 async def test_every_operation_declares_its_answers(env: Env) -> None:
-    for base in (env.api, env.ingest):
-        async with env.client(base, key=None) as client:
+    for service in ("api", "ingest"):
+        async with _client(env, service, None) as client:
             schema = (await client.get("/openapi.json")).json()
         bearer = schema["components"]["securitySchemes"]["bearer"]
         assert (bearer["type"], bearer["scheme"]) == ("http", "bearer")
@@ -361,13 +324,13 @@ async def test_every_operation_declares_its_answers(env: Env) -> None:
                         ref = content["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
                         envelope = schema["components"]["schemas"][ref]
                         assert envelope["required"] == ["error"], (method, path, code, ref)
-                    elif base == env.api and code != "204":
+                    elif service == "api" and code != "204":
                         # A declared model (a $ref), or for the streams the shape of one event.
                         ((media, body),) = content.items()
                         declared = body.get("schema") or body.get("itemSchema")
                         assert declared and ("$ref" in declared or media == "text/event-stream"), (method, path, code)
     # Closed objects, except the caller's free-form data (docs/api-contract.md).
-    async with env.client(env.api, key=None) as client:
+    async with _client(env, "api", None) as client:
         models = (await client.get("/openapi.json")).json()["components"]["schemas"]
     open_models = sorted(name for name, model in models.items() if model.get("additionalProperties") is True)
     assert open_models == ["CanonicalRecord"], open_models
@@ -448,8 +411,9 @@ def _figures(report: Path) -> dict[str, Any]:
 
 async def test_schemathesis_finds_no_5xx_no_undocumented_status_and_no_schema_breach(env: Env) -> None:
     summary = {}
-    for name, base in (("api", env.api), ("ingest", env.ingest)):
-        async with env.client(base, key=None) as client:
+    for name in ("api", "ingest"):
+        base = env.url(name)
+        async with _client(env, name, None) as client:
             schema = (await client.get("/openapi.json")).json()
         assert all(s["url"].startswith("http://127.0.0.1") for s in schema.get("servers", [])), schema.get("servers")
         operations = sum(
@@ -457,7 +421,7 @@ async def test_schemathesis_finds_no_5xx_no_undocumented_status_and_no_schema_br
         )
         # Each service's share of the cases, by its number of operations.
         cases = CASES if name == "api" else max(50, CASES // 20)
-        reports = REPORTS or env.log_dir
+        reports = REPORTS or env.stack.log_dir
         reports.mkdir(parents=True, exist_ok=True)
         report = reports / f"schemathesis-{name}.ndjson"
         process = await asyncio.create_subprocess_exec(
@@ -477,7 +441,7 @@ async def test_schemathesis_finds_no_5xx_no_undocumented_status_and_no_schema_br
 
 
 async def test_a_finished_runs_stream_resumed_past_its_end_closes_at_once(env: Env) -> None:
-    async with env.client(env.api) as client:
+    async with _client(env, "api") as client:
         for query in ("after_seq=1000", "after_seq=2"):
             started = time.monotonic()
             r = await client.get(f"/v1/runs/{RUN_IDS[0]}/stream?{query}")
@@ -486,7 +450,7 @@ async def test_a_finished_runs_stream_resumed_past_its_end_closes_at_once(env: E
 
 
 async def test_enumerations_are_accepted_in_any_case(env: Env) -> None:
-    async with env.client(env.api) as client:
+    async with _client(env, "api") as client:
         for path in (
             "/v1/runs?status=Succeeded&trigger_type=API&execution_mode=Async",
             "/v1/runs/run_contract_1/logs?level=error",

@@ -16,77 +16,71 @@ import httpx
 import pytest
 
 from deploy.launcher.kafka import KafkaHandle, ensure_kafka, kafka_jar_dir, stop_kafka
-from schemas.topics import Topics
-from services.common.auth import create_api_key, ensure_tenant
-from services.common.db import connect
-from services.common.kafka import ensure_topics
-from tests.conftest import Infra, Sandbox, make_sandbox
-from tests.e2e.stack import Stack, free_port
+from tests.conftest import Infra
+from tests.e2e.stack import free_port
+from tests.harness import Env, running, wait_until
+
+NO_SCHEDULER = {"FLOWTRAIL_INGEST_SCHEDULER": "false"}
 
 
-async def _tenant_with_a_flow(infra: Infra, schema: str) -> str:
-    """Tenant t1 with flow `noop` and an API key. Ingest reads flows from PostgreSQL only: no projector needed."""
-    conn = await connect(infra.database_url, schema)
+async def _noop_flow(env: Env) -> None:
+    """Flow `noop` of tenant t1. Ingest reads flows from PostgreSQL only: no projector needed."""
+    conn = await env.db()
     try:
-        await ensure_tenant(conn, "t1", "T1")
-        key = (await create_api_key(conn, "t1"))[1]
         await conn.execute(
             "INSERT INTO flows (tenant_id, id, name, latest_version, environment, trigger_type, created_at,"
             " updated_at) VALUES ('t1', 'noop', 'No-op', 1, 'PRODUCTION', 'api', now(), now())"
         )
     finally:
         await conn.close()
-    return str(key)
 
 
 def _private_broker(state: Path, port: int, controller: int) -> KafkaHandle:
     return ensure_kafka(state, port=port, controller_port=controller, num_partitions=2, timeout=90)
 
 
+async def _ready(env: Env, status: int, within: float, what: str) -> None:
+    async def answers() -> bool:
+        return (await env.ingest("GET", "/readyz")).status_code == status
+
+    await wait_until(answers, within, what, every=0.2)
+
+
 @pytest.fixture
-async def outage_env(infra: Infra, tmp_path: Path) -> AsyncIterator[tuple[Sandbox, Stack, str, Path, int, int]]:
+async def outage_env(
+    infra: Infra, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[Env, Path, int, int]]:
     # The jars the shared broker uses, not a second download.
     shared = kafka_jar_dir(infra.state_dir)
     (tmp_path / "cache").mkdir()
     os.symlink(shared, kafka_jar_dir(tmp_path))
     port, controller = free_port(), free_port()
     broker = _private_broker(tmp_path, port, controller)
-    bootstrap = f"127.0.0.1:{port}"
+    private = Infra(f"127.0.0.1:{port}", infra.database_url, infra.state_dir)
     try:
-        async with make_sandbox(infra) as shared_sandbox:
-            sandbox = Sandbox(Infra(bootstrap, infra.database_url, infra.state_dir), shared_sandbox.schema,
-                              Topics(prefix=shared_sandbox.topics.prefix), 2)  # fmt: skip
-            await ensure_topics(bootstrap, sandbox.topics, 2)
-            key = await _tenant_with_a_flow(infra, sandbox.schema)
-            stack = Stack.build(sandbox, ("ingest",), tmp_path / "logs", FLOWTRAIL_KAFKA_APPEND_TIMEOUT_S="3",
-                                FLOWTRAIL_INGEST_SCHEDULER="false")  # fmt: skip
-            (tmp_path / "logs").mkdir(exist_ok=True)
-            await stack.start()
-            try:
-                yield sandbox, stack, key, tmp_path, port, controller
-            finally:
-                stack.stop()
+        async with running(private, tmp_path_factory, keys={"t1": "t1"}, services=("ingest",),
+                           env={"FLOWTRAIL_KAFKA_APPEND_TIMEOUT_S": "3", **NO_SCHEDULER}) as env:  # fmt: skip
+            await _noop_flow(env)
+            yield env, tmp_path, port, controller
     finally:
         stop_kafka(tmp_path, timeout=20)  # whichever broker process runs on its pid file now
         broker.stop(timeout=5)
 
 
 async def test_a_broker_restart_under_load_is_503_then_every_trigger_succeeds(
-    outage_env: tuple[Sandbox, Stack, str, Path, int, int],
+    outage_env: tuple[Env, Path, int, int],
 ) -> None:
-    _, stack, key, state, port, controller = outage_env
-    ingest = stack["ingest"].url
+    env, state, port, controller = outage_env
     answers: list[tuple[float, int, str, str | None]] = []
     stop = asyncio.Event()
 
     async def load() -> None:
-        async with httpx.AsyncClient(timeout=30, headers={"Authorization": f"Bearer {key}"}) as client:
-            i = 0
-            while not stop.is_set():
-                i += 1
-                r = await client.post(f"{ingest}/v1/flows/noop/trigger", json={"input": {"n": i}})
-                answers.append((time.monotonic(), r.status_code, r.text, r.headers.get("Retry-After")))
-                await asyncio.sleep(0.02)
+        i = 0
+        while not stop.is_set():
+            i += 1
+            r = await env.ingest("POST", "/v1/flows/noop/trigger", json={"input": {"n": i}})
+            answers.append((time.monotonic(), r.status_code, r.text, r.headers.get("Retry-After")))
+            await asyncio.sleep(0.02)
 
     loaders = [asyncio.create_task(load()) for _ in range(4)]
     try:
@@ -94,21 +88,14 @@ async def test_a_broker_restart_under_load_is_503_then_every_trigger_succeeds(
         handle = _private_broker(state, port, controller)  # the running broker's handle, to stop it
         stopped_at = time.monotonic()
         await asyncio.to_thread(_stop_pid, handle.pid)
-        async with httpx.AsyncClient(timeout=10) as client:
-            deadline = time.monotonic() + 30
-            while (await client.get(f"{ingest}/readyz")).status_code != 503:
-                assert time.monotonic() < deadline, "/readyz never said the broker was gone"
-                await asyncio.sleep(0.2)
-            down = (await client.get(f"{ingest}/readyz")).json()
-            assert down["status"] == "unavailable" and "Kafka" in down["checks"]["kafka"]
-            await asyncio.sleep(4)  # triggers keep coming while the broker is away
-            restarted = await asyncio.to_thread(_private_broker, state, port, controller)
-            restarted_at = time.monotonic()
-            deadline = time.monotonic() + 60
-            while (await client.get(f"{ingest}/readyz")).status_code != 200:
-                assert time.monotonic() < deadline, "ingest did not become ready after the broker came back"
-                await asyncio.sleep(0.2)
-            recovered_at = time.monotonic()
+        await _ready(env, 503, 30, "/readyz saying the broker is gone")
+        down = (await env.ingest("GET", "/readyz")).json()
+        assert down["status"] == "unavailable" and "Kafka" in down["checks"]["kafka"]
+        await asyncio.sleep(4)  # triggers keep coming while the broker is away
+        restarted = await asyncio.to_thread(_private_broker, state, port, controller)
+        restarted_at = time.monotonic()
+        await _ready(env, 200, 60, "ingest ready after the broker came back")
+        recovered_at = time.monotonic()
         await asyncio.sleep(2)
     finally:
         stop.set()
@@ -139,29 +126,20 @@ def _stop_pid(pid: int | None) -> None:
 
 
 async def test_ingest_starts_without_kafka_and_is_ready_once_it_answers(
-    outage_env: tuple[Sandbox, Stack, str, Path, int, int],
+    outage_env: tuple[Env, Path, int, int],
 ) -> None:
-    _, stack, key, state, port, controller = outage_env
-    service = stack["ingest"]
+    env, state, port, controller = outage_env
     await asyncio.to_thread(_stop_pid, _private_broker(state, port, controller).pid)
-    service.kill()
-    service.start()
-    await service.wait_healthy(within=60)  # alive at once, though the broker is away
-    async with httpx.AsyncClient(timeout=30) as client:
-        ready = await client.get(f"{service.url}/readyz")
-        assert ready.status_code == 503 and "Kafka" in ready.json()["checks"]["kafka"], ready.text
-        refused = await client.post(f"{service.url}/v1/flows/noop/trigger", json={"input": {"n": 1}},
-                                    headers={"Authorization": f"Bearer {key}"})  # fmt: skip
-        assert refused.status_code == 503 and refused.headers["Retry-After"], refused.text
-        assert "nothing was appended" in refused.json()["error"]["message"]
-        await asyncio.to_thread(_private_broker, state, port, controller)
-        deadline = time.monotonic() + 60
-        while (await client.get(f"{service.url}/readyz")).status_code != 200:
-            assert time.monotonic() < deadline, (await client.get(f"{service.url}/readyz")).text
-            await asyncio.sleep(0.2)
-        accepted = await client.post(f"{service.url}/v1/flows/noop/trigger", json={"input": {"n": 2}},
-                                     headers={"Authorization": f"Bearer {key}"})  # fmt: skip
-        assert accepted.status_code == 202, accepted.text
+    await env.stack["ingest"].restart(within=60)  # alive at once, though the broker is away
+    ready = await env.ingest("GET", "/readyz")
+    assert ready.status_code == 503 and "Kafka" in ready.json()["checks"]["kafka"], ready.text
+    refused = await env.ingest("POST", "/v1/flows/noop/trigger", json={"input": {"n": 1}})
+    assert refused.status_code == 503 and refused.headers["Retry-After"], refused.text
+    assert "nothing was appended" in refused.json()["error"]["message"]
+    await asyncio.to_thread(_private_broker, state, port, controller)
+    await _ready(env, 200, 60, "ingest ready once the broker answers")
+    accepted = await env.ingest("POST", "/v1/flows/noop/trigger", json={"input": {"n": 2}})
+    assert accepted.status_code == 202, accepted.text
 
 
 class _Proxy:
@@ -203,36 +181,29 @@ class _Proxy:
 
 
 async def test_a_database_outage_is_503_and_triggers_succeed_after_it(
-    infra: Infra,
-    tmp_path: Path,
+    infra: Infra, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     database = httpx.URL(infra.database_url)
     proxy = _Proxy(database.port or 5432)
     await proxy.open()
-    async with make_sandbox(infra) as sandbox:
-        key = await _tenant_with_a_flow(infra, sandbox.schema)
-        through_proxy = str(database.copy_with(port=proxy.port))
-        stack = Stack.build(sandbox, ("ingest",), tmp_path, FLOWTRAIL_DATABASE_URL=through_proxy,
-                            FLOWTRAIL_INGEST_SCHEDULER="false")  # fmt: skip
-        await stack.start()
-        url = f"{stack['ingest'].url}/v1/flows/noop/trigger"
-        auth = {"Authorization": f"Bearer {key}"}
-        try:
-            async with httpx.AsyncClient(timeout=30) as client:
-                assert (await client.post(url, json={"input": {"n": 0}}, headers=auth)).status_code == 202
-                await proxy.cut()
-                during = [await client.post(url, json={"input": {"n": i}}, headers=auth) for i in range(10)]
-                keyed = await client.post(url, json={"input": {"n": 99}}, headers={**auth, "Idempotency-Key": "k-1"})
-                ready = await client.get(f"{stack['ingest'].url}/readyz")
-                await proxy.open()
-                deadline = time.monotonic() + 30
-                while (await client.get(f"{stack['ingest'].url}/readyz")).status_code != 200:
-                    assert time.monotonic() < deadline, "ingest did not become ready after the database came back"
-                    await asyncio.sleep(0.2)
-                after = [await client.post(url, json={"input": {"n": i}}, headers=auth) for i in range(10)]
-        finally:
-            stack.stop()
+    through_proxy = {"FLOWTRAIL_DATABASE_URL": str(database.copy_with(port=proxy.port)), **NO_SCHEDULER}
+    try:
+        async with running(infra, tmp_path_factory, keys={"t1": "t1"}, services=("ingest",), env=through_proxy) as env:
+
+            async def trigger(n: int, **headers: str) -> httpx.Response:
+                return await env.ingest("POST", "/v1/flows/noop/trigger", json={"input": {"n": n}}, headers=headers)
+
+            await _noop_flow(env)
+            assert (await trigger(0)).status_code == 202
             await proxy.cut()
+            during = [await trigger(i) for i in range(10)]
+            keyed = await trigger(99, **{"Idempotency-Key": "k-1"})
+            ready = await env.ingest("GET", "/readyz")
+            await proxy.open()
+            await _ready(env, 200, 30, "ingest ready after the database came back")
+            after = [await trigger(i) for i in range(10)]
+    finally:
+        await proxy.cut()
     for answer in [*during, keyed]:
         assert answer.status_code == 503, answer.text
         assert answer.json()["error"]["code"] == "database_unavailable" and answer.headers["Retry-After"]
