@@ -1,6 +1,7 @@
-"""Expressions on real processes (issue 12 item 8): a flow published through the API whose JSONPath extraction (seed
-004's syntax) feeds a later step and whose templated assertion `expected` compares with the extracted value; a
-version published before expressions were checked still loads in the executor and fails only its own run."""
+"""Expressions on real processes (issue 12 item 8): a flow published through the API whose JSONPath extraction
+(`$.body.user.id`, wildcards, recursive descent) feeds a later step and whose templated assertion `expected` compares
+with the extracted value; a version published before expressions were checked still loads in the executor and fails
+only its own run."""
 
 from __future__ import annotations
 

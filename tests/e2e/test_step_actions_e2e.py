@@ -113,7 +113,7 @@ async def test_a_run_queries_produces_consumes_and_calls_a_plugin(env: Env, topi
     assert run["status"] == "SUCCEEDED", run
     steps = steps_of(run)
     lookup, publish, read_back, score = (steps[n] for n in ("lookup", "publish", "read_back", "score"))
-    # database_query: connection masked, SQL, parameters and rows (seed 004).
+    # database_query: connection masked, SQL, parameters and rows.
     assert lookup["input"]["dsn"] == with_password(infra.database_url, "***")
     assert lookup["output"]["connection"] == with_password(infra.database_url, "***")
     assert lookup["output"]["params"] == ["SO-1"] and lookup["output"]["rows"] == [{"id": "SO-1", "total": 12.5}]
