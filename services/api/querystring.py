@@ -31,8 +31,9 @@ class QueryString(Generic[M]):
     envelope (`validation_error`, `<field>: <message>`)."""
 
     def __init__(self, model: type[M], aliases: dict[str, str] | None = None) -> None:
-        """`aliases`: other names a parameter is accepted under (the seeds'), each mapped to the parameter's own
-        name. A repeating parameter is also accepted as `name[]`."""
+        """`aliases`: other names a parameter is accepted under (the product documents' names,
+        docs/api-contract.md), each mapped to the parameter's own name. A repeating parameter is also accepted as
+        `name[]`."""
         self.model = model
         self.repeating = frozenset(
             name

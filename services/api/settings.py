@@ -16,7 +16,7 @@ class ApiSettings(CommonSettings):
     webhook_allow_private_networks: bool = service_field("api", "webhook_allow_private_networks", False)
     # Connectors (their URLs and DSNs, and the checks `verify` makes) on private or loopback addresses.
     connector_allow_private_networks: bool = service_field("api", "connector_allow_private_networks", False)
-    # Per-key sliding-window rate limits (seed 003): requests per window, shared by every process serving a
+    # Per-key sliding-window rate limits (docs/api-contract.md): requests per window, shared by every process serving a
     # key through PostgreSQL. Reads are GET/HEAD, triggers POST /v1/flows/{id}/trigger, writes the rest.
     rate_limit_enabled: bool = service_field("api", "rate_limit_enabled", True)
     rate_limit_reads: int = service_field("api", "rate_limit_reads", 600, ge=1)

@@ -33,7 +33,7 @@ HTTP_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
 )  # fmt: skip
 
-# Seed 003's codes, by HTTP status.
+# The error codes by HTTP status (docs/api-contract.md, Errors).
 CODE_BY_STATUS = {
     400: "invalid_request",
     401: "unauthorized",

@@ -1,4 +1,4 @@
-"""Webhook signing (seed 003) and the event names deliveries carry: one definition for sender and receiver.
+"""Webhook signing (docs/api-contract.md) and the event names deliveries carry: one definition for sender and receiver.
 
 X-Flowtrail-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, f"{t}.{raw body}")>. A receiver
 recomputes the HMAC over the raw body, compares in constant time, and rejects a timestamp older than

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, get_args
 
 import asyncpg
 from pydantic import BaseModel, StrictStr, TypeAdapter
@@ -236,8 +236,15 @@ def _object(fields: dict[str, str]) -> str:
 
 
 def _named(model: type[BaseModel], alias: str, renamed: dict[str, str]) -> dict[str, str]:
-    """The model's fields as columns of `alias`, each under the field's name unless `renamed` says otherwise."""
-    return {name: renamed.get(name, f"{alias}.{name}") for name in model.model_fields}
+    """The model's fields as columns of `alias`, each under the field's name unless `renamed` says otherwise. Times
+    are written in UTC with a `Z` (jsonb would write them in the session's time zone), as every answer has them."""
+    out = {}
+    for name, info in model.model_fields.items():
+        sql = renamed.get(name, f"{alias}.{name}")
+        if datetime in (info.annotation, *get_args(info.annotation)):
+            sql = f"""to_char({sql} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
+        out[name] = sql
+    return out
 
 
 _ATTEMPT = _object(_named(StepAttempt, "a", {}))

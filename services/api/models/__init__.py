@@ -10,10 +10,9 @@ trigger payloads, step inputs and outputs, errors' details, flow definitions, ca
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict
 
 JSON = Any  # a free-form JSON value: the caller's payloads, a step's input or output, an error's details
 
@@ -26,11 +25,3 @@ class Open(BaseModel):
     """An object whose fields are the caller's data (extra fields are part of the answer)."""
 
     model_config = ConfigDict(extra="allow")
-
-
-def _in_utc(value: datetime) -> datetime:
-    return value.astimezone(UTC) if value.tzinfo is not None else value
-
-
-Time = Annotated[datetime, AfterValidator(_in_utc)]
-"""A time read from JSON PostgreSQL built (which carries the session's offset): answered in UTC, as every time is."""

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 from pydantic import Field
 
-from services.api.models import JSON, Out, Time
+from services.api.models import JSON, Out
+
+Line = TypeVar("Line", bound=Out)
 
 
 class RunSummary(Out):
@@ -72,9 +74,9 @@ class StepAttempt(Out):
     attempt: int
     status: str
     error: JSON = None
-    retry_at: Time | None = None
-    started_at: Time | None = None
-    finished_at: Time | None = None
+    retry_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
     duration_ms: float | None = None
     output: JSON = Field(
         default=None,
@@ -94,8 +96,8 @@ class RunStep(Out):
     error: JSON = None
     assertions: list[JSON] = []
     extractions: dict[str, JSON] = {}
-    started_at: Time | None = None
-    finished_at: Time | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
     duration_ms: float | None = None
     attempts: list[StepAttempt] = []
     reused_from: str | None = Field(
@@ -115,7 +117,7 @@ class RetryLink(Out):
     id: str
     strategy: str | None = Field(default=None, description="FROM_FAILED_STEP or ON_LATEST_VERSION")
     status: str
-    created_at: Time | None = None
+    created_at: datetime | None = None
 
 
 class RunDetail(RunSummary):
@@ -141,9 +143,16 @@ class RunEvent(Out):
     payload: JSON = None
 
 
-class RunEvents(Out):
-    data: list[RunEvent]
+class BySeq(Out, Generic[Line]):
+    """A page of a run's lines in `seq` order: `has_more` when the page is full (ask again with `after_seq` = the
+    last `seq` seen)."""
+
+    data: list[Line]
     has_more: bool
+
+
+class RunEvents(BySeq[RunEvent]):
+    pass
 
 
 class LogLine(Out):
@@ -155,9 +164,8 @@ class LogLine(Out):
     occurred_at: datetime
 
 
-class RunLogs(Out):
-    data: list[LogLine]
-    has_more: bool
+class RunLogs(BySeq[LogLine]):
+    pass
 
 
 class RecordError(Out):
@@ -170,9 +178,8 @@ class RecordError(Out):
     occurred_at: datetime
 
 
-class RunRecordErrors(Out):
-    data: list[RecordError]
-    has_more: bool
+class RunRecordErrors(BySeq[RecordError]):
+    pass
 
 
 # ---------------------------------------------------------------- run actions

@@ -1,4 +1,4 @@
-"""Run actions (seed 001): retry, cancel, resume a paused run, archive — one run or many with a bulk filter.
+"""Run actions (docs/runs.md): retry, cancel, resume a paused run, archive — one run or many with a bulk filter.
 
 Each action is checked against the read model (the run exists for this tenant and environment, and is in a
 status the action applies to) and sent as a record the executor acts on (adapters.commands). The answer is
@@ -92,7 +92,8 @@ def _listed(value: Any) -> Any:
 
 
 def _names(*names: str) -> AliasChoices:
-    """A field's own name, then the seeds' names for it (docs/api-contract.md); the OpenAPI shows the first."""
+    """A field's own name, then the product documents' names for it (docs/api-contract.md); the OpenAPI shows the
+    first."""
     return AliasChoices(*names)
 
 
@@ -100,8 +101,9 @@ Listed = BeforeValidator(_listed)
 
 
 class BulkBody(Strict):
-    """Seed 001's bulk filter. `ids`, when given, selects exactly those runs and the other filters are ignored.
-    The GET /v1/runs aliases are accepted too (`flowId`, `action_name`, `status`, `failedStepName`, ...)."""
+    """The bulk filter (docs/api-contract.md). `ids`, when given, selects exactly those runs and the other filters
+    are ignored. The GET /v1/runs aliases are accepted too (`flowId`, `action_name`, `status`, `failedStepName`,
+    ...)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -121,7 +123,7 @@ class BulkBody(Strict):
     created_before: Timestamp | None = Field(default=None, validation_alias=_names("created_before", "createdBefore"))
     # Bulk actions reach archived runs unless told not to.
     include_archived: bool = Field(default=True, validation_alias=_names("include_archived", "includeArchived"))
-    # Seed 002's `workspace_uid`, seed 001's `projectId`: must name the key's own tenant (403 otherwise).
+    # `workspace_uid`, `projectId` (docs/api-contract.md): must name the key's own tenant (403 otherwise).
     tenant_id: str | None = Field(default=None, validation_alias=_names("tenant_id", "workspace_uid", "projectId"))
     dry_run: bool = Field(default=False, validation_alias=_names("dry_run", "dryRun"))
 

@@ -1,4 +1,5 @@
-"""Alert rules per flow and the alert history (seed 000). Admin scope, the caller's tenant and environment only.
+"""Alert rules per flow and the alert history (docs/projector.md). Admin scope, the caller's tenant and
+environment only.
 
 Rules are evaluated by the projector from the ledger: a rule judges runs that finish after it was created,
 each by the settings in force when the run finished (every change of settings is kept as a revision), so a

@@ -17,7 +17,7 @@ from services.common.http import ApiError
 router = APIRouter()
 Reader = Annotated[Principal, Depends(require_scope("runs:read"))]
 
-# Flowtrail's deterministic failure analysis: what to do next, by error category (seed 000).
+# Flowtrail's deterministic failure analysis: what to do next, by error category (docs/architecture.md, Vocabulary).
 NEXT_ACTION = {
     "TRANSIENT": "The remote side was unavailable or slow; retries are automatic. If the group keeps growing, "
     "check the endpoint's health and rate limits.",

@@ -1,4 +1,4 @@
-"""Connectors (seed 003): register, list with health and the flows using each, get, delete, and verify.
+"""Connectors (docs/api-contract.md): register, list with health and the flows using each, get, delete, and verify.
 
 A connector is registered under the name steps use (`connector`, `source.connector`, `destination.connector`).
 Its status comes from connector_health, which the projector derives from the ledger: degraded by a step's

@@ -1,4 +1,4 @@
-"""GET /api/public/data/{entity} and /{entity}/{id}: the canonical read API of seed 003 (scope data:read)."""
+"""GET /api/public/data/{entity} and /{entity}/{id}: the canonical read API (docs/projector.md; scope data:read)."""
 
 from __future__ import annotations
 

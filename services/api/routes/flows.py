@@ -1,4 +1,4 @@
-"""Flows (seeds 003, 004): list, detail, immutable versions; create, publish, pause and resume as flow events.
+"""Flows (docs/flows.md): list, detail, immutable versions; create, publish, pause and resume as flow events.
 
 Writes append to the flows topic (the truth) and answer once the event is durable there. They then wait
 briefly for the projector: 201/200 with the flow as GET shows it when the read model caught up in time,

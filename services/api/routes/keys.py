@@ -1,4 +1,5 @@
-"""API keys: create, list, get, rotate with a grace period, revoke (seed 003). Admin scope, caller's tenant only.
+"""API keys: create, list, get, rotate with a grace period, revoke (docs/api-contract.md). Admin scope, caller's
+tenant only.
 
 A key's plaintext is returned once, by create and rotate; only its SHA-256 hash is stored. Another tenant's
 keys answer 404 like missing ones, so ids cannot be probed. A TESTING key manages TESTING keys only, so a

@@ -1,4 +1,4 @@
-"""GET /v1/runs, GET /v1/runs/{id}, GET /v1/runs/{id}/events (seeds 000-002)."""
+"""GET /v1/runs, GET /v1/runs/{id}, GET /v1/runs/{id}/events (docs/runs.md)."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ class RunsQuery(BaseModel):
     from_: Timestamp | None = Field(default=None, alias="from")
     to: Timestamp | None = None
     include_archived: bool = False
-    # Seed 002's `workspace_uid`, seed 001's `projectId`: must name the key's own tenant (403 otherwise).
+    # `workspace_uid`, `projectId` (docs/api-contract.md): must name the key's own tenant (403 otherwise).
     tenant_id: str | None = Field(default=None, max_length=200)
     # The bulk retry that created a run, or the bulk cancel / archive that last touched it.
     bulk_operation_id: str | None = None
@@ -103,7 +103,7 @@ class RunsQuery(BaseModel):
     offset: int = Field(default=0, ge=0, le=100_000)
 
 
-# The seeds' names for Flowtrail's parameters (docs/api-contract.md): seed 001's camelCase, seed 002's names.
+# The product documents' names for Flowtrail's parameters (docs/api-contract.md, docs/origins.md).
 SEED_ALIASES = {
     "flowId": "flow_id",
     "action_name": "flow_id",
@@ -125,7 +125,8 @@ async def list_runs(request: Request, principal: Reader) -> RunsPage:
 
     `q` matches a case-insensitive substring of the run id, its error message, its record errors (message and
     the destination's raw error) or the upstream's answer to a failed step (a preview of the body). `offset` is for
-    clients that page by count (seed 002); cursors stay stable while new runs arrive, offsets do not.
+    clients that page by count (the launch API's form, docs/api-contract.md); cursors stay stable while new runs
+    arrive, offsets do not.
     """
     params = _RUNS_QUERY.parse(request)
     if params.tenant_id is not None and params.tenant_id != principal.tenant_id:
@@ -207,10 +208,15 @@ def _detail(view: Mapping[str, Any], steps: list[RunStep], **lineage: Any) -> Ru
         error=view.get("error"),
         cursor_window=view.get("cursor_window"),
         records=Records(**{n: view.get(f"records_{n}", 0) for n in store.RECORD_COUNTERS}),
-        duration_breakdown=DurationBreakdown(**timeline.breakdown(view, [s.model_dump() for s in steps])),
+        duration_breakdown=DurationBreakdown(**timeline.breakdown(view, [_fields(s) for s in steps])),
         steps=steps,
         **lineage,
     )
+
+
+def _fields(step: RunStep) -> dict[str, Any]:
+    """A step as the mapping timeline.breakdown reads, its attempts too: the models' own field values, not copies."""
+    return {**vars(step), "attempts": [vars(a) for a in step.attempts]}
 
 
 _STEPS = TypeAdapter(list[RunStep])

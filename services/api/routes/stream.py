@@ -1,4 +1,4 @@
-"""Live progress (seed 004) as Server-Sent Events: one run's events as they are projected, and a tenant-wide
+"""Live progress (docs/api-contract.md) as Server-Sent Events: one run's events as they are projected, and a tenant-wide
 feed of run status changes. Both resume from the last event id a client saw (`Last-Event-ID`)."""
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ async def stream_runs(
                     continue  # seen already, or a step moved on without a status change
                 sent[r["id"]] = (r["updated_at"], r["status"])
                 event_id = f"{r['updated_at'].isoformat()}|{r['id']}"
-                yield ServerSentEvent(_json(summary(r)), event="run", id=event_id)
+                yield ServerSentEvent(summary(r).model_dump_json(), event="run", id=event_id)
             # Forget runs too old to come round again.
             horizon = newest - REORDER_WINDOW
             sent = {k: v for k, v in sent.items() if v[0] >= horizon}

@@ -1,4 +1,5 @@
-"""Webhook subscriptions, their delivery log and redelivery (seed 003). Deliveries are sent by the projector."""
+"""Webhook subscriptions, their delivery log and redelivery (docs/api-contract.md). Deliveries are sent by the
+projector (services/common/outbox.py)."""
 
 from __future__ import annotations
 
