@@ -107,7 +107,7 @@ class Engine:
             live = self.live.get(state.run_id)
             if live is not None and live.next_seq >= state.next_seq:
                 continue  # already live and newer than the ledger read
-            self.partitions.partition_of[state.run_id] = partition
+            self.partitions.claim(state.run_id, partition)
             self.live.track(None, state)
         return scan
 
@@ -151,7 +151,7 @@ class Engine:
                 await self.flows.catch_up()
                 flow = self.flows.get(trigger.tenant_id, trigger.flow_id, trigger.flow_version)
             version = flow.version if flow else (trigger.flow_version or 0)
-            self.partitions.partition_of[trigger.run_id] = partition
+            self.partitions.claim(trigger.run_id, partition)
             admission = self.live.admission(trigger.tenant_id, trigger.flow_id, newcomer=True)
             pending += await self._apply(*decide_and_fold(None, flow, StartRun(trigger, version, admission),
                                                           self.clock()))  # fmt: skip
@@ -230,7 +230,7 @@ class Engine:
         metrics.ACTIVE_RUNS.set(len(self.live))
         # Appending failures crash the worker (faust restarts from the ledger): state here must never
         # run ahead of a ledger that did not take the events.
-        futures = await self.ledger.append(self.partitions.partition_of[run_id], events)
+        futures = await self.ledger.append(self.partitions.of(run_id), events)
         if state.terminal:
             if state.parent_run_id is not None:
                 await asyncio.gather(*futures)  # the parent hears of the end only once it is recorded

@@ -37,6 +37,13 @@ class Partitions:
         self.foreign: set[int] = set()  # partitions the last assignment gave to another worker
         self.replaying: dict[int, asyncio.Task[None]] = {}
 
+    def claim(self, run_id: str, partition: int) -> None:
+        """The run lives on this (owned) partition: its events are appended there."""
+        self.partition_of[run_id] = partition
+
+    def of(self, run_id: str) -> int:
+        return self.partition_of[run_id]
+
     def runs_of(self, partition: int) -> list[str]:
         return [run_id for run_id, p in self.partition_of.items() if p == partition]
 
