@@ -4,14 +4,24 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: setup run up down status demo test test-unit fuzz lint fmt schemas soak bench bench-smoke clean
+.PHONY: setup browser run up down status demo test test-unit fuzz lint fmt schemas soak bench bench-smoke clean
 
 $(VENV)/.synced: pyproject.toml uv.lock
 	@command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet --disable-pip-version-check uv
 	uv sync --frozen --python python3.11
 	@touch $@
 
-setup: $(VENV)/.synced ## create .venv with the locked dependencies
+# The web console's JavaScript packages (docs/console.md), from the npm registry as locked; without npm the API
+# still runs and its console page says how to install them.
+CONSOLE := services/api/console
+$(CONSOLE)/node_modules/.package-lock.json: $(CONSOLE)/package.json $(CONSOLE)/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then cd $(CONSOLE) && npm ci --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: the web console stays uninstalled (install Node.js 20 and npm, then make setup)"; fi
+
+setup: $(VENV)/.synced $(CONSOLE)/node_modules/.package-lock.json ## .venv with the locked dependencies; the console's packages
+
+browser: setup ## Debian's chromium for the console's browser tests, installed with apt-get when missing
+	@test -x /usr/bin/chromium || $(PY) -c "from tests.browser import chromium; chromium()"
 
 run: setup ## Kafka + PostgreSQL + all services + demo flows; prints the API URL and key; Ctrl-C stops it
 	$(VENV)/bin/flowtrail up
@@ -28,7 +38,7 @@ status: setup
 demo: setup
 	$(VENV)/bin/flowtrail demo
 
-test: setup ## every test, on a real Kafka broker and PostgreSQL that the session starts or reuses
+test: setup browser ## every test, on a real Kafka broker and PostgreSQL that the session starts or reuses
 	$(VENV)/bin/pytest -q
 
 test-unit: setup

@@ -1,0 +1,143 @@
+// The console's one door to the public HTTP API (docs/console.md): the bearer key kept in sessionStorage, errors
+// shown as a person expects them (a refused key signs out; 429 waits for Retry-After and says so).
+
+const KEY = "flowtrail.key";
+const SCOPES = "flowtrail.scopes";
+
+export const session = {
+  get key() { return sessionStorage.getItem(KEY); },
+  get scopes() { return JSON.parse(sessionStorage.getItem(SCOPES) || "[]"); },
+  can(scope) { const s = this.scopes; return s.includes(scope) || s.includes("admin"); },
+  get environment() { return (this.key || "").startsWith("ft_test_") ? "TESTING" : "PRODUCTION"; },
+};
+
+export class ApiError extends Error {
+  constructor(status, code, message, retryAfter) {
+    super(message);
+    this.status = status;
+    this.code = code;
+    this.retryAfter = retryAfter;
+  }
+}
+
+// Page-wide messages (a rate limit wait, a refused key): the app shows the latest one.
+export function notify(message, kind = "info") {
+  window.dispatchEvent(new CustomEvent("ft-notice", { detail: { message, kind } }));
+}
+
+export function signOut(reason) {
+  sessionStorage.removeItem(KEY);
+  sessionStorage.removeItem(SCOPES);
+  window.dispatchEvent(new CustomEvent("ft-signed-out", { detail: { reason } }));
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// A query string from an object: arrays repeat their name, empty values are left out.
+export function qs(params = {}) {
+  const q = new URLSearchParams();
+  for (const [name, value] of Object.entries(params)) {
+    for (const v of Array.isArray(value) ? value : [value]) {
+      if (v !== undefined && v !== null && v !== "") q.append(name, String(v));
+    }
+  }
+  const text = q.toString();
+  return text ? `?${text}` : "";
+}
+
+async function send(method, path, body, key, signal) {
+  const headers = { Authorization: `Bearer ${key}` };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  return fetch(path, { method, headers, signal, body: body === undefined ? undefined : JSON.stringify(body) });
+}
+
+export async function api(method, path, body, { signal, key = session.key } = {}) {
+  for (let attempt = 1; ; attempt++) {
+    const r = await send(method, path, body, key, signal);
+    if (r.status === 429 && attempt <= 3) {
+      const wait = Math.max(1, Number(r.headers.get("Retry-After")) || 1);
+      notify(`Too many requests for this key: retrying in ${wait} s.`, "warn");
+      await sleep(wait * 1000);
+      continue;
+    }
+    const text = await r.text();
+    let data = null;
+    try { data = text ? JSON.parse(text) : null; } catch { data = { error: { message: text } }; }
+    if (r.status === 401 && key === session.key) signOut("Your API key was refused (expired, revoked or rotated out): sign in again.");
+    if (!r.ok) {
+      const error = (data && data.error) || {};
+      const retryAfter = r.headers.get("Retry-After");
+      const message = r.status === 429 ? `Too many requests: try again in ${retryAfter || "a few"} s.` : error.message || r.statusText;
+      throw new ApiError(r.status, error.code, message, retryAfter);
+    }
+    return data;
+  }
+}
+
+export const get = (path, params, options) => api("GET", path + qs(params), undefined, options);
+export const post = (path, body, options) => api("POST", path, body ?? {}, options);
+
+// Whether the key may do a write, asked without changing anything: the scope check answers 403 before the route
+// looks at its path or body, so a write aimed at nothing tells (docs/console.md).
+async function holds(path, key) {
+  const r = await send("POST", path, { ids: ["run_console_scope_probe"], dry_run: true }, key);
+  return r.status !== 403 && r.status !== 401;
+}
+
+// Signs in: the key must read runs; which writes it may do decides which buttons appear.
+export async function signIn(key) {
+  await get("/v1/runs", { limit: 1 }, { key });
+  const scopes = ["runs:read"];
+  const [runsWrite, flowsWrite] = await Promise.all([
+    holds("/v1/runs/bulk/archive", key),
+    holds("/v1/flows/console-scope-probe/pause", key),
+  ]);
+  if (runsWrite) scopes.push("runs:write");
+  if (flowsWrite) scopes.push("flows:write");
+  sessionStorage.setItem(KEY, key);
+  sessionStorage.setItem(SCOPES, JSON.stringify(scopes));
+}
+
+// Server-Sent Events read with fetch (EventSource cannot send the bearer key): calls onEvent({id, event, data})
+// for each, reconnects with Last-Event-ID when the connection drops, stops when `signal` aborts or the stream ends
+// on its own (`untilEnd`: a run's stream ends after its final status).
+export async function stream(path, onEvent, signal, { untilEnd = false } = {}) {
+  let lastId = null;
+  while (!signal.aborted) {
+    try {
+      const headers = { Authorization: `Bearer ${session.key}`, Accept: "text/event-stream" };
+      if (lastId) headers["Last-Event-ID"] = lastId;
+      const r = await fetch(path, { headers, signal });
+      if (r.status === 401) { signOut("Your API key was refused: sign in again."); return; }
+      if (!r.ok) throw new Error(`stream answered ${r.status}`);
+      const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value.replace(/\r\n?/g, "\n");
+        let end;
+        while ((end = buffer.indexOf("\n\n")) >= 0) {
+          const block = buffer.slice(0, end);
+          buffer = buffer.slice(end + 2);
+          const message = { id: null, event: "message", data: "" };
+          for (const line of block.split("\n")) {
+            const colon = line.indexOf(":");
+            if (colon === 0) continue; // a comment (keep-alive ping)
+            const field = colon < 0 ? line : line.slice(0, colon);
+            const text = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+            if (field === "data") message.data += (message.data ? "\n" : "") + text;
+            else if (field === "id") message.id = text;
+            else if (field === "event") message.event = text;
+          }
+          if (message.id !== null) lastId = message.id;
+          if (message.data) onEvent({ ...message, data: JSON.parse(message.data) });
+        }
+      }
+      if (untilEnd) return;
+    } catch (error) {
+      if (signal.aborted) return;
+    }
+    await sleep(1000);
+  }
+}

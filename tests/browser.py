@@ -1,0 +1,43 @@
+"""A real browser for the console's tests (docs/console.md): Debian's `chromium`, installed with apt-get when missing
+(as the launcher installs `postgresql`), driven by Playwright for Python. Playwright's own browser download is never
+used; a test that cannot get the browser fails, it does not skip."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from playwright.async_api import Browser, async_playwright
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def chromium() -> Path:
+    """Debian's chromium, installed with `apt-get install chromium` when it is missing and we are root."""
+    if CHROMIUM.is_file():
+        return CHROMIUM
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise AssertionError(f"{CHROMIUM} is missing: install Debian's browser with `sudo apt-get install chromium`")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for argv in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]):
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=1800, check=False)
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-20:])
+        assert done.returncode == 0, f"`{' '.join(argv)}` failed (exit code {done.returncode}):\n{tail}"
+    assert CHROMIUM.is_file(), f"apt-get installed chromium but {CHROMIUM} is missing"
+    return CHROMIUM
+
+
+@asynccontextmanager
+async def headless_chromium() -> AsyncIterator[Browser]:
+    """A headless Chromium for the duration of the block."""
+    async with async_playwright() as playwright:
+        # --no-sandbox: tests run as root in containers, where Chromium's sandbox cannot start.
+        browser = await playwright.chromium.launch(executable_path=str(chromium()), args=["--no-sandbox"])
+        try:
+            yield browser
+        finally:
+            await browser.close()

@@ -1,0 +1,299 @@
+"""The web console (docs/console.md) in a real browser against the real stack: the demo's flows and runs, signed in
+with a demo key, driven through headless Chromium (tests/browser.py)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from playwright.async_api import Browser, BrowserContext, Page, expect
+
+from deploy.launcher.demo_flows import API_TEST, APPROVAL, ORDER_SYNC, demo_flows, demo_inputs
+from deploy.launcher.demo_upstream import DemoUpstream
+from services.api import console
+from tests.browser import headless_chromium
+from tests.conftest import Infra, make_sandbox
+from tests.harness import Env, api_in_process, running, stub_upstream
+
+TENANT = "demo"
+SCREENSHOTS = Path(__file__).resolve().parents[2] / ".state" / "screenshots"
+
+
+@dataclass
+class Systems(DemoUpstream):
+    """The demo's shop, ERP, users API and warehouse, with a users API that can answer a stale email (the API test's
+    `body.email` assertion then fails)."""
+
+    misbehave: bool = False
+
+    async def _get_user(self, request: web.Request) -> web.Response:
+        user = self.users.get(request.match_info["id"])
+        if user is not None and self.misbehave:
+            return web.json_response({**user, "email": "ada@old.example"})
+        return await super()._get_user(request)
+
+
+@dataclass
+class Demo:
+    env: Env
+    systems: Systems
+    runs: dict[str, dict[str, Any]]  # a name for each demo run → its detail once final (or paused)
+
+    @property
+    def url(self) -> str:
+        return self.env.url("api") + "/"
+
+
+@pytest.fixture(scope="module")
+async def demo(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Demo]:
+    systems = Systems(orders=DemoUpstream.seeded().orders, misbehave=True)  # the demo's shop, a users API gone stale
+    async with stub_upstream({}, systems.app()) as up, running(
+        infra, tmp_path_factory, keys={"demo": TENANT}, upstream=up, env={"FLOWTRAIL_INGEST_SCHEDULER": "false"}
+    ) as env:  # fmt: skip
+        await env.publish(demo_flows(TENANT, ingest=env.url("ingest"), api=env.url("api"), upstream=up.url))
+        started = {
+            "partial": await env.trigger(ORDER_SYNC),
+            "assertion": await env.trigger(API_TEST),
+            "paused": await env.trigger(APPROVAL, demo_inputs(APPROVAL, 1)[0]),
+            "auth": await env.trigger("demo-invoice-push", demo_inputs("demo-invoice-push", 1)[0]),
+            **{f"order-{i}": await env.trigger("demo-order-sync", p)
+               for i, p in enumerate(demo_inputs("demo-order-sync", 3))},
+        }  # fmt: skip
+        runs = {}
+        for name, run_id in started.items():
+            wanted = {"PAUSED"} if name == "paused" else None
+            runs[name] = await (env.wait_status(run_id, wanted) if wanted else env.wait_status(run_id))
+        assert runs["partial"]["status"] == "PARTIAL" and runs["assertion"]["status"] == "FAILED", runs
+        yield Demo(env, systems, runs)
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    async with headless_chromium() as browser:
+        yield browser
+
+
+@pytest.fixture(scope="module")
+async def signed_in(browser: Browser, demo: Demo) -> AsyncIterator[BrowserContext]:
+    """A browser context whose tabs are signed in with the demo key (as the sign-in form leaves them)."""
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    key = orjson.dumps(demo.env.key).decode()
+    scopes = orjson.dumps(orjson.dumps(["runs:read", "runs:write", "flows:write"]).decode()).decode()
+    await context.add_init_script(
+        f"sessionStorage.setItem('flowtrail.key', {key}); sessionStorage.setItem('flowtrail.scopes', {scopes});"
+    )
+    yield context
+    await context.close()
+
+
+@pytest.fixture
+async def page(signed_in: BrowserContext) -> AsyncIterator[Page]:
+    page = await signed_in.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    yield page
+    await page.close()
+    assert not errors, errors  # no script error on any page a test opened
+
+
+def row(page: Page, run_id: str) -> Any:
+    return page.locator(f"tr[data-run='{run_id}']")
+
+
+async def open_run(page: Page, demo: Demo, run_id: str) -> None:
+    await page.goto(f"{demo.url}#/runs/{run_id}")
+    await expect(page.get_by_role("heading", level=1)).to_contain_text(run_id)
+
+
+async def reloads(page: Page) -> list[str]:
+    """Counts full page loads from now on (a live page changes without any)."""
+    loads: list[str] = []
+    page.on("load", lambda p: loads.append(p.url))
+    return loads
+
+
+# ---------------------------------------------------------------- sign-in and the runs list
+
+
+async def test_sign_in_with_the_demo_key_shows_the_demo_runs(browser: Browser, demo: Demo) -> None:
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    page = await context.new_page()
+    try:
+        await page.goto(demo.url)
+        await page.get_by_label("API key").fill("ft_live_" + "x" * 43)
+        await page.get_by_role("button", name="Sign in").click()
+        await expect(page.get_by_role("alert")).to_contain_text("refused")
+
+        await page.get_by_label("API key").fill(demo.env.key)
+        await page.get_by_role("button", name="Sign in").click()
+        await expect(page.get_by_role("table", name="Runs")).to_be_visible()
+        for name, run in demo.runs.items():
+            await expect(row(page, run["id"])).to_contain_text(run["status"]), name
+        await expect(row(page, demo.runs["assertion"]["id"])).to_contain_text("fetch_user")
+        await expect(page.get_by_role("button", name="Archive selected…")).to_be_visible()  # the key may write
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        await page.screenshot(path=SCREENSHOTS / "runs-list.png", full_page=True)
+
+        # The key lives in this tab only; a key the API refuses later sends the person back to sign in.
+        assert await page.evaluate("sessionStorage.getItem('flowtrail.key')") == demo.env.key
+        await page.evaluate("sessionStorage.setItem('flowtrail.key', 'ft_live_' + 'y'.repeat(43))")
+        await page.reload()
+        await expect(page.get_by_role("heading", name="Sign in to Flowtrail")).to_be_visible()
+        await expect(page.get_by_role("status")).to_contain_text("sign in again")
+    finally:
+        await context.close()
+
+
+async def test_filter_by_status_and_search_an_error_substring(page: Page, demo: Demo) -> None:
+    await page.goto(demo.url)
+    await page.get_by_role("combobox", name="Status", exact=True).select_option("FAILED")
+    await page.get_by_role("button", name="Apply").click()
+    failed = {demo.runs["assertion"]["id"], demo.runs["auth"]["id"]}
+    await expect(page.locator("tr[data-run]")).to_have_count(len(failed))
+    assert {await r.get_attribute("data-run") for r in await page.locator("tr[data-run]").all()} == failed
+    assert "status=FAILED" in page.url
+
+    await page.get_by_role("button", name="Reset").click()
+    await expect(page.locator("tr[data-run]")).to_have_count(len(demo.runs))
+    await page.get_by_label("Search: run id or error text").fill("customer email")  # NetSuite's refusal, any case
+    await page.get_by_label("Search: run id or error text").press("Enter")
+    await expect(page.locator("tr[data-run]")).to_have_count(1)
+    await expect(row(page, demo.runs["partial"]["id"])).to_contain_text("PARTIAL")
+
+
+# ---------------------------------------------------------------- run detail
+
+
+async def test_the_partial_run_shows_the_refused_records_field_path(page: Page, demo: Demo) -> None:
+    partial = demo.runs["partial"]
+    await open_run(page, demo, partial["id"])
+    refused = page.get_by_role("table", name="Refused records")
+    await expect(refused.get_by_test_id("field-path")).to_have_text("email")
+    await expect(refused).to_contain_text("Please enter value(s) for: Customer Email")
+    await expect(page.get_by_role("region", name="Records")).to_contain_text("failed1")
+    await expect(page.get_by_role("region", name="Run")).to_contain_text("1 record(s) failed")
+    await page.screenshot(path=SCREENSHOTS / "run-detail-partial.png", full_page=True)
+
+
+async def test_a_failed_assertion_shows_actual_and_expected_and_its_retry_finishes_live(page: Page, demo: Demo) -> None:
+    failed = demo.runs["assertion"]
+    await open_run(page, demo, failed["id"])
+    # The failed step is selected: its request, answer and the assertion that failed.
+    step = page.get_by_role("region", name="Step fetch_user")
+    wrong = step.locator("tr[data-passed='false']")
+    await expect(wrong.get_by_test_id("actual")).to_have_text('"ada@old.example"')
+    await expect(wrong.get_by_test_id("expected")).to_have_text('"ada@example.com"')
+    await expect(step.locator("tr[data-passed='true']")).to_contain_text("status")
+    passed = page.get_by_role("button", name="succeeded create_user http_request")
+    await expect(passed.get_by_role("img", name="succeeded")).to_have_text("✓")
+    await expect(page.get_by_role("button", name="failed fetch_user").get_by_role("img")).to_have_text("✗")
+    await page.screenshot(path=SCREENSHOTS / "run-detail.png", full_page=True)
+
+    demo.systems.misbehave = False  # the users API is fixed; the retry reuses create_user and fetches again
+    loads = await reloads(page)
+    await page.get_by_role("button", name="Retry from the failed step").click()
+    await expect(page).not_to_have_url(f"{demo.url}#/runs/{failed['id']}")
+    retry_id = page.url.rsplit("/", 1)[1]
+    await expect(page.get_by_role("heading", level=1)).to_contain_text("SUCCEEDED", timeout=30_000)
+    await expect(page.get_by_role("region", name="Run")).to_contain_text(failed["id"])  # "retry of" links back
+    assert loads == []  # it got there live, not by reloading
+    retried = await demo.env.wait_status(retry_id)
+    assert retried["status"] == "SUCCEEDED" and retried["retry_of"] == failed["id"]
+
+
+async def test_a_paused_run_is_resumed_through_the_form(page: Page, demo: Demo) -> None:
+    paused = demo.runs["paused"]
+    await open_run(page, demo, paused["id"])
+    form = page.get_by_role("form", name="Resume")
+    await expect(form).to_contain_text("Ship order #1004")
+    loads = await reloads(page)
+    await form.get_by_label("approved").fill("true")
+    await form.get_by_label("carrier").fill("DHL")
+    await form.get_by_role("button", name="Resume").click()
+    await expect(page.get_by_role("heading", level=1)).to_contain_text("SUCCEEDED", timeout=30_000)
+    await expect(page.get_by_role("button", name="succeeded ship http_request")).to_be_visible()
+    assert loads == []
+    run = await demo.env.wait_status(paused["id"])
+    assert {s["name"]: s for s in run["steps"]}["approve"]["output"] == {"approved": True, "carrier": "DHL"}
+
+
+async def test_the_time_travel_scrubber_shows_the_run_as_it_was(page: Page, demo: Demo) -> None:
+    run = demo.runs["order-0"]
+    await open_run(page, demo, run["id"])
+    heading = page.get_by_role("heading", level=1)
+    await expect(heading).to_contain_text("SUCCEEDED")
+    scrubber = page.get_by_role("slider", name="Time travel")
+    await scrubber.focus()
+    await scrubber.press("Home")  # keyboard: back to the first event
+    await expect(page.get_by_role("status")).to_contain_text("the run as it was after event #0")
+    await expect(heading).not_to_contain_text("SUCCEEDED")
+    earlier = await page.locator("h1 .status").inner_text()
+    assert earlier in {"CREATED", "QUEUED"}, earlier
+    await scrubber.press("ArrowRight")
+    await scrubber.press("ArrowRight")
+    await expect(page.get_by_role("status")).to_contain_text("after event #")
+    await page.get_by_role("button", name="Now", exact=True).click()
+    await expect(heading).to_contain_text("SUCCEEDED")
+
+
+# ---------------------------------------------------------------- bulk actions and analytics
+
+
+async def test_bulk_archive_shows_the_dry_run_count_first(page: Page, demo: Demo) -> None:
+    orders = [r["id"] for n, r in demo.runs.items() if n.startswith("order-")]
+    await page.goto(f"{demo.url}#/runs?flow_id=demo-order-sync")
+    await expect(page.locator("tr[data-run]")).to_have_count(len(orders))
+    await page.get_by_label("Select every run on this page").check()
+    await page.get_by_role("button", name="Archive selected…").click()
+    dialog = page.get_by_role("dialog", name="Bulk archive")
+    await expect(dialog.get_by_test_id("dry-run")).to_have_text(
+        f"Dry run: {len(orders)} of {len(orders)} selected run(s) would be archived."
+    )
+    for run_id in orders:  # nothing changed yet
+        assert (await demo.env.run(run_id) or {}).get("archived") is False
+    await dialog.get_by_role("button", name=f"Archive {len(orders)} run(s)").click()
+    await expect(page.get_by_role("status")).to_contain_text(f"archive: {len(orders)} run(s)")
+    await expect(page.locator("tr[data-run]")).to_have_count(0, timeout=30_000)
+    await page.get_by_label("archived too").check()
+    await page.get_by_role("button", name="Apply").click()
+    await expect(page.locator("tr[data-run]")).to_have_count(len(orders))
+    await expect(page.get_by_text("(archived)")).to_have_count(len(orders))
+
+
+async def test_analytics_draws_charts_from_the_demo_runs(page: Page, demo: Demo) -> None:
+    await page.goto(f"{demo.url}#/analytics?flow_id=demo-order-sync")
+    await expect(page.get_by_test_id("analytics-summary")).to_contain_text("3 run(s), pass rate 100 %")
+    chart = page.get_by_role("figure", name="Runs by status")
+    await expect(chart.locator("canvas")).to_be_visible()
+    await expect(chart).to_contain_text("SUCCEEDED")  # the series, named after the runs' status
+    # The series is drawn: pixels of its colour on the canvas.
+    drawn = await chart.locator("canvas").evaluate(
+        """canvas => { const d = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+           const near = (i, r, g, b) => Math.abs(d[i] - r) < 24 && Math.abs(d[i + 1] - g) < 24
+             && Math.abs(d[i + 2] - b) < 24 && d[i + 3] > 200;
+           let n = 0; for (let i = 0; i < d.length; i += 4) if (near(i, 40, 87, 197)) n++;
+           return n; }"""
+    )
+    assert drawn > 200, drawn  # a bar, not a stray pixel
+    await expect(page.get_by_role("table", name="Failure groups")).to_contain_text("assertion failed: body.email")
+    await expect(page.get_by_role("table", name="Endpoints")).to_contain_text("/healthz")
+
+
+# ---------------------------------------------------------------- without its packages
+
+
+async def test_without_its_packages_the_api_answers_and_the_page_says_how_to_install(
+    infra: Infra, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(console, "VENDOR", tmp_path / "node_modules")  # as before `make setup`
+    async with make_sandbox(infra, 1) as sandbox, api_in_process(sandbox) as client:
+        page = await client.get("/")
+        assert page.status_code == 503 and "make setup" in page.text, page.text
+        assert (await client.get("/console/vendor/preact/dist/preact.module.js")).status_code == 404
+        runs = await client.get("/v1/runs")
+        assert runs.status_code == 200 and runs.json()["data"] == []
