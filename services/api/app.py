@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from schemas.topics import Topics
+from services.api import console
 from services.api.adapters.commands import CommandLog
 from services.api.adapters.flows import FlowLog
 from services.api.adapters.notify import Notifier
@@ -91,6 +92,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(alerts.router)
     app.include_router(connectors.router)
     app.include_router(secrets_routes.router)
+    console.mount(app)  # the web console at `/`, after every API route (docs/console.md)
     return app
 
 
