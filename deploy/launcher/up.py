@@ -62,6 +62,11 @@ class _Infra:
     postgres: dict[str, Any] = field(default_factory=dict)
 
 
+def console_line(stack: dict[str, Any]) -> str:
+    """Where the web console is (docs/console.md): the API's own address, signed in with the key above."""
+    return f"Console: open {stack['api_url']}/ in a browser and sign in with the API key above.\n"
+
+
 def load_hook(module: str, attr: str) -> Any:
     """``module.attr``, imported lazily; a LauncherError when the module itself does not exist."""
     try:
@@ -174,10 +179,11 @@ async def _serve(settings: CommonSettings, paths: StackPaths, infra: _Infra, *, 
             postgres=infra.postgres,
         )
         publish()
-        print(banner(stack, api_key, paths), flush=True)
+        print(banner(stack, api_key, paths) + console_line(stack), flush=True)
         if demo:
             await run_demo_safely(settings, api_key, stop)
-        print("Flowtrail is running. Press Ctrl-C to stop it (or run `flowtrail down`).", flush=True)
+        print(f"Flowtrail is running; the console is at {stack['api_url']}/. Press Ctrl-C to stop it "
+              "(or run `flowtrail down`).", flush=True)  # fmt: skip
         await stop.wait()
     except _Stopped:
         pass
@@ -291,7 +297,7 @@ def run_up_detached(settings: CommonSettings, *, demo: bool, partitions: int | N
         terminate(daemon.pid, SUPERVISOR_STOP_TIMEOUT)
         return 130
     api_key = read_api_key(paths)
-    print(banner(stack, api_key, paths), flush=True)
+    print(banner(stack, api_key, paths) + console_line(stack), flush=True)
     if demo:
         asyncio.run(run_demo_safely(settings, api_key))
     print(f"Flowtrail runs in the background (supervisor pid {daemon.pid}); stop it with `flowtrail down`.")
