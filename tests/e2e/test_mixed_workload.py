@@ -30,22 +30,27 @@ import asyncpg
 import httpx
 import pytest
 from aiohttp import web
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from schemas.events import FlowVersionPublished
 from schemas.flows import FlowDefinition
-from schemas.topics import Topics
-from services.common.auth import create_api_key, ensure_tenant
 from services.common.db import create_pool
-from services.common.kafka import publish_flow_events, topic_partitions
 from services.projector import rebuild
-from services.projector.settings import ProjectorSettings
-from tests.conftest import Infra, make_sandbox
-from tests.e2e.stack import Stack, free_port
+from tests.conftest import Infra
+from tests.harness import (
+    TERMINAL,
+    Env,
+    answer,
+    delayed,
+    end_offsets,
+    flow,
+    projector_settings,
+    running,
+    stub_upstream,
+    wait_sql,
+    whole_sync,
+)
 
 RUNS = int(os.environ.get("FLOWTRAIL_WORKLOAD_RUNS", "10000"))
 SCALE = max(1.0, RUNS / 10_000)  # the special shapes grow with the workload, the cheap runs fill the rest
-TERMINAL = ("SUCCEEDED", "PARTIAL", "FAILED", "TIMED_OUT", "CANCELED", "INVALID", "QUOTA_EXCEEDED", "INTERNAL_ERROR")
 TENANT, METERED = "acme", "metered"
 
 
@@ -63,8 +68,9 @@ def special_runs() -> int:
 
 
 @dataclass
-class Upstream:
-    url: str = ""
+class Loopback:
+    """What the loopback upstream remembers: calls by key, and whether the sync destination takes every record."""
+
     calls: Counter[str] = field(default_factory=Counter)  # by path key: how often it was called
     destination_accepts_all: bool = False  # the sync destination refuses `bad` records until this flips
 
@@ -84,16 +90,6 @@ class Upstream:
             return web.json_response({"error": "order locked"}, status=422)
         return web.json_response({"reserved": True})
 
-    async def down(self, request: web.Request) -> web.Response:
-        return web.json_response({"error": "unavailable"}, status=503)
-
-    async def reject(self, request: web.Request) -> web.Response:
-        return web.json_response({"error": "no"}, status=422)
-
-    async def slow(self, request: web.Request) -> web.Response:
-        await asyncio.sleep(3)
-        return web.json_response({"late": True})
-
     async def source(self, request: web.Request) -> web.Response:
         items = [{"id": i, "name": f"item {i}", "bad": i == 3, "updated_at": "2026-11-20T09:00:00Z"} for i in range(5)]
         return web.json_response({"items": items})
@@ -105,30 +101,24 @@ class Upstream:
         return web.json_response({"id": f"dst-{body['id']}"}, status=201)
 
 
-async def _serve(up: Upstream) -> web.AppRunner:
-    app = web.Application()
-    app.router.add_get("/flaky/{key}", up.flaky)
-    app.router.add_post("/gate/{key}", up.gate)
-    app.router.add_get("/down", up.down)
-    app.router.add_get("/reject", up.reject)
-    app.router.add_get("/slow", up.slow)
-    app.router.add_get("/src", up.source)
-    app.router.add_post("/dst", up.destination)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    up.url = f"http://127.0.0.1:{port}"
-    return runner
+UPSTREAM = Loopback()
+ROUTES = {
+    ("GET", "/flaky/{key}"): UPSTREAM.flaky,
+    ("POST", "/gate/{key}"): UPSTREAM.gate,
+    ("GET", "/down"): answer({"error": "unavailable"}, 503),
+    ("GET", "/reject"): answer({"error": "no"}, 422),
+    ("GET", "/slow"): delayed(3, answer({"late": True})),
+    ("GET", "/src"): UPSTREAM.source,
+    ("POST", "/dst"): UPSTREAM.destination,
+}
 
 
 # ---------------------------------------------------------------- the flows
 
 
 def _flows(up: str) -> list[FlowDefinition]:
-    def flow(id: str, steps: list[dict[str, Any]], tenant: str = TENANT, **extra: Any) -> FlowDefinition:
-        return FlowDefinition.model_validate({"tenant_id": tenant, "id": id, "name": id.title(), "version": 1,
-                                              "steps": steps, **extra})  # fmt: skip
+    def a(id: str, steps: list[dict[str, Any]], tenant: str = TENANT, **extra: Any) -> FlowDefinition:
+        return flow(tenant, id, steps, **extra)
 
     def shape(i: int) -> dict[str, Any]:
         return {"name": f"shape{i}", "action": "transform", "input": {"output": {"n": "{{ trigger.n }}", "i": i}}}
@@ -141,12 +131,12 @@ def _flows(up: str) -> list[FlowDefinition]:
 
     never: dict[str, Any] = {"delays_s": []}
     return [
-        flow("one", [shape(0)]),
-        flow("two", [shape(0), shape(1)]),
-        flow("three", [shape(0), shape(1), shape(2)]),
+        a("one", [shape(0)]),
+        a("two", [shape(0), shape(1)]),
+        a("three", [shape(0), shape(1), shape(2)]),
         # 503 twice, retried after 1 s and 2 s (10 and 20 ms here), then it answers.
-        flow("backoff", [shape(0), call("/flaky/{{ trigger.key }}?fails=2", retry={"delays_s": [1, 2, 3]})]),
-        flow("reserve", [
+        a("backoff", [shape(0), call("/flaky/{{ trigger.key }}?fails=2", retry={"delays_s": [1, 2, 3]})]),
+        a("reserve", [
             {"name": "price", "action": "transform", "input": {"output": {"total": 42}}},
             {"name": "reserve", "action": "http_request", "retry": never,
              "input": {"method": "POST", "url": up + "/gate/{{ trigger.key }}", "body": {"n": "{{ trigger.n }}"}}},
@@ -154,41 +144,33 @@ def _flows(up: str) -> list[FlowDefinition]:
         ]),
         # Waits 30,000 s (5 min) to retry: canceled, or past the flow deadline, while it waits. Long enough that
         # under a soak's backlog none retries before the last has failed once.
-        flow("stuck", [shape(0), call("/down", retry={"delays_s": [30_000]})]),
-        flow("deadline_retrying", [shape(0), call("/down", retry={"delays_s": [3000]})], timeout_s=300),
-        flow("deadline", [shape(0), delay(1000)], timeout_s=50),
-        flow("slowstep", [call("/slow", timeout_s=0.3, retry={"delays_s": [1]})]),
-        flow("long", [shape(0), delay(60_000)]),
-        flow("approval", [
+        a("stuck", [shape(0), call("/down", retry={"delays_s": [30_000]})]),
+        a("deadline_retrying", [shape(0), call("/down", retry={"delays_s": [3000]})], timeout_s=300),
+        a("deadline", [shape(0), delay(1000)], timeout_s=50),
+        a("slowstep", [call("/slow", timeout_s=0.3, retry={"delays_s": [1]})]),
+        a("long", [shape(0), delay(60_000)]),
+        a("approval", [
             shape(0),
             {"name": "approve", "action": "human_input", "input": {"question": "Ship {{ trigger.n }}?"}},
             {"name": "ship", "action": "transform", "input": {"output": {"by": "{{ steps.approve.output.by }}"}}},
         ]),
-        flow("expiring", [{"name": "approve", "action": "human_input", "input": {"question": "?"}, "timeout_s": 100}]),
-        flow("child", [shape(0)]),
-        flow("failing_child", [call("/reject", retry=never)]),
-        flow("parent", [
+        a("expiring", [{"name": "approve", "action": "human_input", "input": {"question": "?"}, "timeout_s": 100}]),
+        a("child", [shape(0)]),
+        a("failing_child", [call("/reject", retry=never)]),
+        a("parent", [
             {"name": "spawn", "action": "subflow", "input": {"flow_id": "child", "input": {"n": "{{ trigger.n }}"}}},
             {"name": "use", "action": "transform", "input": {"output": {"got": "{{ steps.spawn.output.status }}"}}},
         ]),
-        flow("strict_parent", [
+        a("strict_parent", [
             {"name": "spawn", "action": "subflow", "input": {"flow_id": "failing_child", "input": {}}}, shape(1),
         ]),
-        flow("limited", [delay(10)], concurrency_limit=2),
-        flow("sync", [{
-            "name": "sync_items", "action": "sync_records", "retry": never,
-            "input": {
-                "source": {"kind": "http", "url": up + "/src", "records_path": "items",
-                           "updated_since_param": None, "updated_until_param": None},
-                "destination": {"kind": "http", "url": up + "/dst"},
-                "key": "id", "updated_at": "updated_at",
-                "mapping": {"id": "id", "name": "name", "bad": "bad"},
-            },
-        }]),
-        flow("guarded", [shape(0)], input_schema={
+        a("limited", [delay(10)], concurrency_limit=2),
+        a("sync", [whole_sync("sync_items", up + "/src", "items", up + "/dst",
+                              {"id": "id", "name": "name", "bad": "bad"}, updated_at="updated_at")]),
+        a("guarded", [shape(0)], input_schema={
             "type": "object", "required": ["n"], "properties": {"n": {"type": "integer", "minimum": 0}},
         }),
-        flow("metered", [delay(200)], tenant=METERED),
+        a("metered", [delay(200)], tenant=METERED),
     ]  # fmt: skip
 
 
@@ -196,27 +178,18 @@ def _flows(up: str) -> list[FlowDefinition]:
 
 
 @dataclass
-class Env:
-    stack: Stack
-    upstream: Upstream
-    db: asyncpg.Pool  # the shapes poll it at the same time
-    client: httpx.AsyncClient
-    key: str
-    key_metered: str
-    settings: ProjectorSettings
-    fired: int = 0  # runs the workload created (triggers, retries, children)
+class Workload:
+    """The running stack, a pool the shapes poll at the same time, and how many runs the workload created
+    (triggers, retries, children)."""
 
-    def auth(self, key: str | None = None) -> dict[str, str]:
-        return {"Authorization": f"Bearer {key or self.key}"}
+    env: Env
+    db: asyncpg.Pool
+    fired: int = 0
 
     async def trigger(self, flow_id: str, inputs: list[Any], key: str | None = None, **body: Any) -> list[str]:
         ids: list[str] = []
         for start in range(0, len(inputs), 100_000):
-            chunk = inputs[start : start + 100_000]
-            r = await self.client.post(f"{self.stack['ingest'].url}/v1/flows/{flow_id}/trigger",
-                                       json={"inputs": chunk, **body}, headers=self.auth(key))  # fmt: skip
-            assert r.status_code == 202, r.text
-            accepted = r.json()["run_ids"]
+            accepted = await self.env.trigger_many(flow_id, inputs[start : start + 100_000], key, **body)
             # Visible from the 202 on (invariant 9): every accepted run is in the read model at once, whatever the
             # backlog of the executor and the projector.
             visible = await self.db.fetchval("SELECT count(*) FROM runs WHERE id = ANY($1::text[])", accepted)
@@ -226,7 +199,7 @@ class Env:
         return ids
 
     async def api(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        r = await self.client.request(method, self.stack["api"].url + path, headers=self.auth(), **kwargs)
+        r = await self.env.api(method, path, **kwargs)
         assert r.status_code in (200, 202), f"{method} {path}: {r.status_code} {r.text}"
         return r
 
@@ -244,13 +217,8 @@ class Env:
 
     async def until(self, what: str, query: str, *args: Any, within: float = 120) -> Any:
         """Polls `query` until its first value is truthy; returns it."""
-        deadline = time.monotonic() + within * SCALE
-        while not (value := await self.db.fetchval(query, *args)):
-            assert time.monotonic() < deadline, (
-                f"{what}: not after {within * SCALE:.0f}s\n" + self.stack["executor"].log_tail()
-            )
-            await asyncio.sleep(0.2)
-        return value
+        logs = self.env.stack["executor"].log_tail
+        return await wait_sql(self.db, query, *args, within=within * SCALE, what=what, logs=logs, every=0.2)
 
     async def all_in(self, ids: list[str], statuses: tuple[str, ...], what: str) -> None:
         await self.until(
@@ -260,49 +228,29 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
-    async with make_sandbox(infra) as sandbox:
-        upstream = Upstream()
-        runner = await _serve(upstream)
-        db = await create_pool(infra.database_url, sandbox.schema, max_size=8)
-        async with db.acquire() as conn:
-            for tenant in (TENANT, METERED):
-                await ensure_tenant(conn, tenant, tenant.upper())
-            key, key_metered = (await create_api_key(conn, TENANT))[1], (await create_api_key(conn, METERED))[1]
-        flows = _flows(upstream.url)
-        await publish_flow_events(infra.kafka_bootstrap, sandbox.topics, [
-            FlowVersionPublished(tenant_id=f.tenant_id, flow_id=f.id, flow_version=1, flow=f) for f in flows
-        ])  # fmt: skip
-        stack = Stack.build(
-            sandbox,
-            ("ingest", "executor", "projector", "api"),
-            tmp_path_factory.mktemp("logs"),
-            FLOWTRAIL_EXECUTOR_TIME_SCALE="0.01",
-            FLOWTRAIL_EXECUTOR_TENANT_QUOTAS=f'{{"{METERED}": 1}}',
-            # Small live batches: the replay (5,000 a batch) cuts the log elsewhere.
-            FLOWTRAIL_PROJECTOR_BATCH_MAX_RECORDS="700",
-            FLOWTRAIL_PROJECTOR_RETENTION_INTERVAL_S="0",
-        )
-        settings = ProjectorSettings(
-            kafka_bootstrap=infra.kafka_bootstrap, database_url=infra.database_url, database_schema=sandbox.schema,
-            topic_prefix=sandbox.topics.prefix,
-        )  # fmt: skip
-        await stack.start()
+async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Workload]:
+    extra = {
+        "FLOWTRAIL_EXECUTOR_TIME_SCALE": "0.01",
+        "FLOWTRAIL_EXECUTOR_TENANT_QUOTAS": f'{{"{METERED}": 1}}',
+        # Small live batches: the replay (5,000 a batch) cuts the log elsewhere.
+        "FLOWTRAIL_PROJECTOR_BATCH_MAX_RECORDS": "700",
+        "FLOWTRAIL_PROJECTOR_RETENTION_INTERVAL_S": "0",
+    }
+    async with stub_upstream(ROUTES) as up, running(
+        infra, tmp_path_factory, keys={TENANT: TENANT, METERED: METERED}, flows=_flows(up.url), env=extra, upstream=up
+    ) as env:  # fmt: skip
+        env.http.timeout = httpx.Timeout(120, connect=10)
+        db = await create_pool(infra.database_url, env.sandbox.schema, max_size=8)
         try:
-            async with httpx.AsyncClient(timeout=httpx.Timeout(120, connect=10)) as client:
-                e = Env(stack, upstream, db, client, key, key_metered, settings)
-                await e.until("flows projected", "SELECT count(*) = $1 FROM flows", len(flows), within=30)
-                yield e
+            yield Workload(env, db)
         finally:
-            stack.stop()
             await db.close()
-            await runner.cleanup()
 
 
 # ---------------------------------------------------------------- the shapes
 
 
-async def _chains(env: Env) -> None:
+async def _chains(env: Workload) -> None:
     """reserve: FAILED, its FROM_FAILED_STEP retry FAILED again, the retry of that SUCCEEDED."""
     ids = await env.trigger("reserve", [{"n": i, "key": f"k{i}"} for i in range(n(40))])
     for _ in range(2):
@@ -312,7 +260,7 @@ async def _chains(env: Env) -> None:
     await env.all_in(ids, ("SUCCEEDED",), "third runs of the reserve chains succeeded")
 
 
-async def _cancel_retrying(env: Env) -> None:
+async def _cancel_retrying(env: Workload) -> None:
     """Canceled while the step waits to retry: one at a time, then the rest in bulk."""
     ids = await env.trigger("stuck", [{"n": i} for i in range(n(30))])
     waiting = (
@@ -325,7 +273,7 @@ async def _cancel_retrying(env: Env) -> None:
     await env.all_in(ids, ("CANCELED",), "stuck runs canceled")
 
 
-async def _cancel_running(env: Env) -> None:
+async def _cancel_running(env: Workload) -> None:
     ids = await env.trigger("long", [{"n": i} for i in range(n(30))])
     await env.all_in(ids, ("RUNNING",), "long runs running")
     for run_id in ids[: len(ids) // 3]:
@@ -336,7 +284,7 @@ async def _cancel_running(env: Env) -> None:
     await env.all_in(ids, ("CANCELED",), "long runs canceled")
 
 
-async def _pauses(env: Env) -> None:
+async def _pauses(env: Workload) -> None:
     """Resumed with the request id, canceled in bulk while paused, or left to expire."""
     ids = await env.trigger("approval", [{"n": i} for i in range(n(30))])
     await env.trigger("expiring", [{"n": i} for i in range(n(20))])
@@ -353,18 +301,18 @@ async def _pauses(env: Env) -> None:
     await env.all_in(ids[len(ids) // 2 :], ("CANCELED",), "paused approvals canceled")
 
 
-async def _partial_syncs(env: Env) -> None:
+async def _partial_syncs(env: Workload) -> None:
     ids = await env.trigger("sync", [{"n": i} for i in range(n(10))])
     await env.all_in(ids, ("PARTIAL",), "syncs partial")
     again = await env.retry(ids[:2], bulk=False)  # the refused record only, refused again
     await env.all_in(again, ("PARTIAL",), "retried syncs partial again")
-    env.upstream.destination_accepts_all = True
+    UPSTREAM.destination_accepts_all = True
     r = await env.api("POST", "/v1/runs/bulk/retry", json={"ids": ids[2:], "strategy": "FROM_FAILED_STEP"})
     env.fired += len(r.json()["new_run_ids"])
     await env.all_in(r.json()["new_run_ids"], ("SUCCEEDED",), "retried syncs succeeded")
 
 
-async def _the_rest(env: Env) -> None:
+async def _the_rest(env: Workload) -> None:
     """Fire and forget: they end by themselves."""
     await env.trigger("backoff", [{"n": i, "key": f"b{i}"} for i in range(n(150))])
     await env.trigger("deadline_retrying", [{"n": i} for i in range(n(20))])
@@ -378,10 +326,10 @@ async def _the_rest(env: Env) -> None:
     await env.trigger(
         "one", [{"n": i} for i in range(n(10))], run_at=(datetime.now(UTC) + timedelta(seconds=2)).isoformat()
     )
-    await env.trigger("metered", [{"n": i} for i in range(3)], key=env.key_metered)
+    await env.trigger("metered", [{"n": i} for i in range(3)], key=METERED)
 
 
-async def _cheap(env: Env, count: int) -> None:
+async def _cheap(env: Workload, count: int) -> None:
     """The bulk of the runs: one large batch trigger and batches of 1,000, 1-3 steps each."""
     big = int(count * 0.8)
     await env.trigger("one", [{"n": i} for i in range(big)])
@@ -395,28 +343,21 @@ async def _cheap(env: Env, count: int) -> None:
 # ---------------------------------------------------------------- the test
 
 
-async def _caught_up(env: Env) -> None:
+async def _caught_up(env: Workload) -> None:
     """Every run final, and the projector's stored offsets at the end of the ledger and flows topics, twice in a row
     a second apart (archives and children's ends follow a run's final status)."""
-    topics = Topics(env.settings.topic_prefix)
-    known = await topic_partitions(env.settings.kafka_bootstrap, [topics.ledger, topics.flows])
-    parts = [TopicPartition(t, p) for t, ps in known.items() for p in ps]
-    consumer = AIOKafkaConsumer(bootstrap_servers=env.settings.kafka_bootstrap)
-    await consumer.start()
-    try:
-        stable = 0
-        deadline = time.monotonic() + 120 * SCALE
-        while stable < 2:
-            ends = await consumer.end_offsets(parts)
-            rows = await env.db.fetch("SELECT topic, partition, next_offset FROM projector_offsets")
-            stored = {(r["topic"], r["partition"]): r["next_offset"] for r in rows}
-            open_runs = await env.db.fetchval("SELECT count(*) FROM runs WHERE status <> ALL($1::text[])", TERMINAL)
-            done = not open_runs and all(stored.get((tp.topic, tp.partition), 0) >= end for tp, end in ends.items())
-            stable = stable + 1 if done else 0
-            assert time.monotonic() < deadline, f"{open_runs} runs not final, offsets {stored} of {ends}"
-            await asyncio.sleep(1)
-    finally:
-        await consumer.stop()
+    topics = env.env.sandbox.topics
+    stable = 0
+    deadline = time.monotonic() + 120 * SCALE
+    while stable < 2:
+        ends = await end_offsets(env.env.infra.kafka_bootstrap, [topics.ledger, topics.flows])
+        rows = await env.db.fetch("SELECT topic, partition, next_offset FROM projector_offsets")
+        stored = {(r["topic"], r["partition"]): r["next_offset"] for r in rows}
+        open_runs = await env.db.fetchval("SELECT count(*) FROM runs WHERE status <> ALL($1::text[])", list(TERMINAL))
+        done = not open_runs and all(stored.get((tp.topic, tp.partition), 0) >= end for tp, end in ends.items())
+        stable = stable + 1 if done else 0
+        assert time.monotonic() < deadline, f"{open_runs} runs not final, offsets {stored} of {ends}"
+        await asyncio.sleep(1)
 
 
 async def _timed(what: str, timings: dict[str, float], work: Callable[[], Awaitable[None]]) -> None:
@@ -425,7 +366,7 @@ async def _timed(what: str, timings: dict[str, float], work: Callable[[], Awaita
     timings[what] = time.monotonic() - started
 
 
-async def test_verify_equals_live_after_a_mixed_workload_of_every_run_shape(env: Env, tmp_path: Path) -> None:
+async def test_verify_equals_live_after_a_mixed_workload_of_every_run_shape(env: Workload, tmp_path: Path) -> None:
     started = time.monotonic()
     timings: dict[str, float] = {}
     special = [_chains, _cancel_retrying, _cancel_running, _pauses, _partial_syncs, _the_rest]
@@ -463,7 +404,7 @@ async def test_verify_equals_live_after_a_mixed_workload_of_every_run_shape(env:
 
     lines: list[str] = []
     verify_started = time.monotonic()
-    outcome = await rebuild.run(env.settings, swap=False, progress=lines.append)
+    outcome = await rebuild.run(projector_settings(env.env.sandbox), swap=False, progress=lines.append)
     verify_s = time.monotonic() - verify_started
     print(f"\nmixed workload: {total:,} runs {statuses} in {workload_s:.0f}s ({timings}); "
           f"verify replayed {outcome.events:,} events in {verify_s:.0f}s")  # fmt: skip
