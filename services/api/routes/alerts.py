@@ -16,7 +16,7 @@ import asyncpg
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from services.api.models.alerts import AlertDetail, AlertRule, AlertRules, Alerts, NewAlertRule
+from services.api.models.alerts import Alert, AlertDelivery, AlertDetail, AlertRule, AlertRules, Alerts, NewAlertRule
 from services.common.auth import Principal, require_scope
 from services.common.channels import PAGERDUTY_URL
 from services.common.contract import AnyCase
@@ -129,6 +129,7 @@ _RULE = """
 
 
 def _rule(row: asyncpg.Record) -> dict[str, Any]:
+    """A rule's columns as the API shows them (AlertRule's fields): its settings flattened, its state nested."""
     out = {k: row[k] for k in ("id", "name", "flow_id", "kind")}
     out |= {**row["params"], "channels": row["channels"]}
     out |= {k: row[k] for k in ("enabled", "created_at", "updated_at")}
@@ -153,8 +154,8 @@ async def _rule_or_404(conn: Any, principal: Principal, rule_id: str, *, lock: b
     return row
 
 
-@router.post("/v1/alert-rules", status_code=201, response_model_exclude_unset=True, response_model=NewAlertRule)
-async def create_rule(body: NewRule, request: Request, principal: Admin) -> dict[str, Any]:
+@router.post("/v1/alert-rules", status_code=201, response_model_exclude_unset=True)
+async def create_rule(body: NewRule, request: Request, principal: Admin) -> NewAlertRule:
     """The secret (which signs generic webhook deliveries) is returned once. The rule judges runs that
     finish from now on."""
     await _check_channels(request, body.channels)
@@ -171,29 +172,29 @@ async def create_rule(body: NewRule, request: Request, principal: Admin) -> dict
         body.flow_id, body.kind, params, [c.model_dump() for c in body.channels], body.enabled, [revision], secret,
         now,
     )  # fmt: skip
-    return {**_rule(await _rule_or_404(pool, principal, rule_id)), "secret": secret}
+    return NewAlertRule(**_rule(await _rule_or_404(pool, principal, rule_id)), secret=secret)
 
 
-@router.get("/v1/alert-rules", response_model_exclude_unset=True, response_model=AlertRules)
+@router.get("/v1/alert-rules", response_model_exclude_unset=True)
 async def list_rules(
     request: Request, principal: Admin, flow_id: Annotated[str | None, Query(max_length=200)] = None
-) -> dict[str, Any]:
+) -> AlertRules:
     rows = await request.app.state.pool.fetch(
         f"SELECT {_RULE} FROM alert_rules r LEFT JOIN alert_state s ON s.rule_id = r.id "
         "WHERE r.tenant_id = $1 AND r.environment = $2 AND ($3::text IS NULL OR r.flow_id = $3) "
         "ORDER BY r.created_at, r.id",
         principal.tenant_id, principal.environment, flow_id,
     )  # fmt: skip
-    return {"data": [_rule(r) for r in rows]}
+    return AlertRules(data=[AlertRule(**_rule(r)) for r in rows])
 
 
-@router.get("/v1/alert-rules/{rule_id}", response_model_exclude_unset=True, response_model=AlertRule)
-async def get_rule(rule_id: str, request: Request, principal: Admin) -> dict[str, Any]:
-    return _rule(await _rule_or_404(request.app.state.pool, principal, rule_id))
+@router.get("/v1/alert-rules/{rule_id}", response_model_exclude_unset=True)
+async def get_rule(rule_id: str, request: Request, principal: Admin) -> AlertRule:
+    return AlertRule(**_rule(await _rule_or_404(request.app.state.pool, principal, rule_id)))
 
 
-@router.patch("/v1/alert-rules/{rule_id}", response_model_exclude_unset=True, response_model=AlertRule)
-async def update_rule(rule_id: str, body: RuleChange, request: Request, principal: Admin) -> dict[str, Any]:
+@router.patch("/v1/alert-rules/{rule_id}", response_model_exclude_unset=True)
+async def update_rule(rule_id: str, body: RuleChange, request: Request, principal: Admin) -> AlertRule:
     """Name and channels change what is sent from now on; settings and `enabled` take effect now, as a new
     revision, so runs that finished earlier keep the verdicts they had. kind and flow_id do not change."""
     if body.channels is not None:
@@ -217,7 +218,7 @@ async def update_rule(rule_id: str, body: RuleChange, request: Request, principa
             "updated_at = $7 WHERE id = $1",
             rule_id, row["name"] if body.name is None else body.name, params, channels, enabled, revisions, now,
         )  # fmt: skip
-        return _rule(await _rule_or_404(conn, principal, rule_id))
+        return AlertRule(**_rule(await _rule_or_404(conn, principal, rule_id)))
 
 
 @router.delete("/v1/alert-rules/{rule_id}", status_code=204, response_class=Response)
@@ -237,7 +238,7 @@ _ALERT = """
 """
 
 
-@router.get("/v1/alerts", response_model_exclude_unset=True, response_model=Alerts)
+@router.get("/v1/alerts", response_model_exclude_unset=True)
 async def list_alerts(
     request: Request,
     principal: Admin,
@@ -246,7 +247,7 @@ async def list_alerts(
     status: Annotated[Literal["open", "resolved"] | None, Query(), AnyCase] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=500)] = None,
-) -> dict[str, Any]:
+) -> Alerts:
     """Alert history, newest first; `next_cursor` pages on."""
     at, last = TIME_AND_ID.decode(cursor) if cursor else (None, None)
     rows = await request.app.state.pool.fetch(
@@ -263,11 +264,11 @@ async def list_alerts(
     more = len(rows) > limit
     rows = rows[:limit]
     next_cursor = TIME_AND_ID.encode((rows[-1]["fired_at"], rows[-1]["id"])) if more else None
-    return {"data": [dict(r) for r in rows], "next_cursor": next_cursor}
+    return Alerts(data=[Alert(**r) for r in rows], next_cursor=next_cursor)
 
 
-@router.get("/v1/alerts/{alert_id}", response_model_exclude_unset=True, response_model=AlertDetail)
-async def get_alert(alert_id: str, request: Request, principal: Admin) -> dict[str, Any]:
+@router.get("/v1/alerts/{alert_id}", response_model_exclude_unset=True)
+async def get_alert(alert_id: str, request: Request, principal: Admin) -> AlertDetail:
     """One alert with every delivery to its channels, each with its attempt log."""
     pool = request.app.state.pool
     row = await pool.fetchrow(
@@ -282,4 +283,4 @@ async def get_alert(alert_id: str, request: Request, principal: Admin) -> dict[s
         "ORDER BY action DESC, channel_index",
         alert_id,
     )
-    return {**dict(row), "deliveries": [dict(d) for d in deliveries]}
+    return AlertDetail(**row, deliveries=[AlertDelivery(**d) for d in deliveries])

@@ -9,7 +9,16 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from schemas.events import ErrorCategory
 from services.api.adapters import analytics as store
-from services.api.models.analytics import Endpoints, FailureGroups, FlakySteps, FlowAnalytics
+from services.api.models.analytics import (
+    AnalyticsBucket,
+    Endpoint,
+    Endpoints,
+    FailureGroup,
+    FailureGroups,
+    FlakyStep,
+    FlakySteps,
+    FlowAnalytics,
+)
 from services.common.auth import Principal, require_scope
 from services.common.contract import Timestamp
 from services.common.http import ApiError
@@ -58,7 +67,7 @@ def _window(since: datetime | None, until: datetime | None) -> tuple[datetime, d
     return start, end
 
 
-@router.get("/v1/analytics/flows/{flow_id}", response_model_exclude_unset=True, response_model=FlowAnalytics)
+@router.get("/v1/analytics/flows/{flow_id}", response_model_exclude_unset=True)
 async def flow_analytics(
     flow_id: str,
     request: Request,
@@ -66,7 +75,7 @@ async def flow_analytics(
     from_: Annotated[Timestamp | None, Query(alias="from")] = None,
     to: Timestamp | None = None,
     bucket: Literal["hour", "day"] = "day",
-) -> dict[str, Any]:
+) -> FlowAnalytics:
     """Per bucket: runs by status and trigger, pass rate, duration p50/p95/p99 and records processed."""
     since, until = _window(from_, to)
     pool = request.app.state.pool
@@ -103,37 +112,39 @@ async def flow_analytics(
         b["duration_ms"]["mean"] = round(b.pop("_duration_sum") / b["runs"], 3) if b["runs"] else None
         totals["runs"] += b["runs"]
         totals["succeeded"] += passed
-    return {
-        "flow_id": flow_id,
-        "from": since,
-        "to": until,
-        "bucket": bucket,
-        "runs": totals["runs"],
-        "pass_rate": round(totals["succeeded"] / totals["runs"], 4) if totals["runs"] else None,
-        "series": [buckets[k] for k in sorted(buckets)],
-    }
+    return FlowAnalytics.model_validate(
+        {
+            "flow_id": flow_id,
+            "from": since,
+            "to": until,
+            "bucket": bucket,
+            "runs": totals["runs"],
+            "pass_rate": round(totals["succeeded"] / totals["runs"], 4) if totals["runs"] else None,
+            "series": [AnalyticsBucket(**buckets[k]) for k in sorted(buckets)],
+        }
+    )
 
 
-@router.get("/v1/analytics/flakiness", response_model_exclude_unset=True, response_model=FlakySteps)
+@router.get("/v1/analytics/flakiness", response_model_exclude_unset=True)
 async def flaky_steps(
     request: Request,
     principal: Reader,
     flow_id: str | None = None,
     min_runs: Annotated[int, Query(ge=2, le=100_000)] = 2,
-) -> dict[str, Any]:
+) -> FlakySteps:
     """Steps that both passed and failed on the same flow version; score 1.0 = fails half the time."""
     rows = await store.flakiness(request.app.state.pool, principal.tenant_id, principal.environment, flow_id, min_runs)
-    return {"data": [dict(r) for r in rows]}
+    return FlakySteps(data=[FlakyStep(**r) for r in rows])
 
 
-@router.get("/v1/analytics/failure-groups", response_model_exclude_unset=True, response_model=FailureGroups)
+@router.get("/v1/analytics/failure-groups", response_model_exclude_unset=True)
 async def failure_groups(
     request: Request,
     principal: Reader,
     flow_id: str | None = None,
     category: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-) -> dict[str, Any]:
+) -> FailureGroups:
     """Final errors grouped by fingerprint (normalised message, step, category), newest first, each with the
     suggested next action. List a group's runs with `GET /v1/runs?error_fingerprint=<fingerprint>`."""
     if category is not None and category.upper() not in ErrorCategory.__members__:
@@ -143,11 +154,13 @@ async def failure_groups(
         request.app.state.pool, principal.tenant_id, principal.environment, flow_id,
         category.upper() if category else None, limit,
     )  # fmt: skip
-    return {"data": [{**dict(r), "next_action": next_action(r["category"], r["message_pattern"] or "")} for r in rows]}
+    return FailureGroups(
+        data=[FailureGroup(**r, next_action=next_action(r["category"], r["message_pattern"] or "")) for r in rows]
+    )
 
 
-@router.get("/v1/analytics/endpoints", response_model_exclude_unset=True, response_model=Endpoints)
-async def endpoint_coverage(request: Request, principal: Reader, flow_id: str | None = None) -> dict[str, Any]:
+@router.get("/v1/analytics/endpoints", response_model_exclude_unset=True)
+async def endpoint_coverage(request: Request, principal: Reader, flow_id: str | None = None) -> Endpoints:
     """Hosts and routes (ids folded into `{id}`) that http_request steps called, with call counts."""
     rows = await store.endpoints(request.app.state.pool, principal.tenant_id, principal.environment, flow_id)
-    return {"data": [dict(r) for r in rows]}
+    return Endpoints(data=[Endpoint(**r) for r in rows])

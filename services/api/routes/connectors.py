@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from schemas.events import ErrorCategory, ErrorInfo
 from schemas.flows import mask_secrets, mask_text
 from services.api.models.connectors import Connector, ConnectorCheck, Connectors
+from services.api.models.flows import FlowsMeta
 from services.api.routes.flows import connectors as named_connectors
 from services.common.auth import Principal, require_scope
 from services.common.contract import AnyCase
@@ -186,8 +187,8 @@ async def _opened(request: Request, principal: Principal, stored: Any) -> tuple[
 # ---------------------------------------------------------------- endpoints
 
 
-@router.post("/v1/connectors", status_code=201, response_model_exclude_unset=True, response_model=Connector)
-async def create_connector(body: NewConnector, request: Request, principal: Admin) -> dict[str, Any]:
+@router.post("/v1/connectors", status_code=201, response_model_exclude_unset=True)
+async def create_connector(body: NewConnector, request: Request, principal: Admin) -> Connector:
     """Names are unique per tenant (409). URLs and DSNs on private networks are refused unless the deployment
     allows them (FLOWTRAIL_API_CONNECTOR_ALLOW_PRIVATE_NETWORKS)."""
     try:
@@ -205,17 +206,17 @@ async def create_connector(body: NewConnector, request: Request, principal: Admi
     except asyncpg.UniqueViolationError:
         raise ApiError(409, "conflict", f"a connector named {body.name!r} already exists") from None
     row = await _row_or_404(pool, principal, connector_id)
-    return _view(row, await _flows_using(pool, principal))
+    return Connector(**_view(row, await _flows_using(pool, principal)))
 
 
-@router.get("/v1/connectors", response_model_exclude_unset=True, response_model=Connectors)
+@router.get("/v1/connectors", response_model_exclude_unset=True)
 async def list_connectors(
     request: Request,
     principal: Reader,
     status: Annotated[Literal["ok", "degraded"] | None, Query(), AnyCase] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
     cursor: str | None = None,
-) -> dict[str, Any]:
+) -> Connectors:
     """By name; each with its status and health, and the flows whose steps use it. `meta.total` counts every
     match of the filter."""
     pool = request.app.state.pool
@@ -233,18 +234,18 @@ async def list_connectors(
     more = len(rows) > limit
     rows = rows[:limit]
     used_by = await _flows_using(pool, principal)
-    return {
-        "data": [_view(r, used_by) for r in rows],
-        "next_cursor": _BY_NAME.encode(rows[-1]["name"]) if more and rows else None,
-        "meta": {"total": total, "has_more": more},
-    }
+    return Connectors(
+        data=[Connector(**_view(r, used_by)) for r in rows],
+        next_cursor=_BY_NAME.encode(rows[-1]["name"]) if more and rows else None,
+        meta=FlowsMeta(total=total, has_more=more),
+    )
 
 
-@router.get("/v1/connectors/{connector_id}", response_model_exclude_unset=True, response_model=Connector)
-async def get_connector(connector_id: str, request: Request, principal: Reader) -> dict[str, Any]:
+@router.get("/v1/connectors/{connector_id}", response_model_exclude_unset=True)
+async def get_connector(connector_id: str, request: Request, principal: Reader) -> Connector:
     pool = request.app.state.pool
     row = await _row_or_404(pool, principal, connector_id)
-    return _view(row, await _flows_using(pool, principal))
+    return Connector(**_view(row, await _flows_using(pool, principal)))
 
 
 @router.delete("/v1/connectors/{connector_id}", status_code=204, response_class=Response)
@@ -257,8 +258,8 @@ async def delete_connector(connector_id: str, request: Request, principal: Admin
         raise ApiError(404, "not_found", f"no connector with id {connector_id!r}")
 
 
-@router.post("/v1/connectors/{connector_id}/verify", response_model_exclude_unset=True, response_model=ConnectorCheck)
-async def verify_connector(connector_id: str, request: Request, principal: Admin) -> dict[str, Any]:
+@router.post("/v1/connectors/{connector_id}/verify", response_model_exclude_unset=True)
+async def verify_connector(connector_id: str, request: Request, principal: Admin) -> ConnectorCheck:
     """A real check now, within the connector's `timeout_s`: `{"ok": true, "latency_ms", "detail"}` or
     `{"ok": false, "latency_ms", "error": {category, message}}` with errors classified as runs classify them
     (401/403 or a refused login → AUTH, refused connection or timeout → TRANSIENT)."""
@@ -284,7 +285,7 @@ async def verify_connector(connector_id: str, request: Request, principal: Admin
         "UPDATE connectors SET last_verified_at = $3, last_verify = $4 WHERE tenant_id = $1 AND id = $2",
         principal.tenant_id, connector_id, checked_at, result,
     )  # fmt: skip
-    return result
+    return ConnectorCheck(**result)
 
 
 def _ms(began: float) -> float:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import asyncpg
 from fastapi import APIRouter, Depends, Query, Request
@@ -25,7 +25,7 @@ def _entity(entity: str) -> str:
     return entity
 
 
-def _record(row: asyncpg.Record, fields: list[str] | None) -> dict[str, Any]:
+def _record(row: asyncpg.Record, fields: list[str] | None) -> CanonicalRecord:
     full = {
         "canonical_id": row["canonical_id"],
         **row["data"],
@@ -34,11 +34,11 @@ def _record(row: asyncpg.Record, fields: list[str] | None) -> dict[str, Any]:
         "updated_at": row["updated_at"],
     }
     if fields is None:
-        return full
-    return {"canonical_id": row["canonical_id"], **{f: full[f] for f in fields if f in full}}
+        return CanonicalRecord(**full)
+    return CanonicalRecord(**{"canonical_id": row["canonical_id"], **{f: full[f] for f in fields if f in full}})
 
 
-@router.get("/api/public/data/{entity}", response_model_exclude_unset=True, response_model=CanonicalRecords)
+@router.get("/api/public/data/{entity}", response_model_exclude_unset=True)
 async def list_records(
     entity: str,
     request: Request,
@@ -47,7 +47,7 @@ async def list_records(
     cursor: str | None = None,
     updated_since: Timestamp | None = None,
     fields: str | None = None,
-) -> dict[str, Any]:
+) -> CanonicalRecords:
     """Normalised, deduplicated records, oldest update first; pass `next_cursor` back as `cursor` until null."""
     since = updated_since
     wanted = [f.strip() for f in fields.split(",") if f.strip()] if fields else None
@@ -57,18 +57,16 @@ async def list_records(
     )  # fmt: skip
     page = rows[:limit]
     more = len(rows) > limit
-    return {
-        "entity": entity,
-        "count": len(page),
-        "next_cursor": TIME_AND_ID.encode((page[-1]["updated_at"], page[-1]["canonical_id"])) if more else None,
-        "data": [_record(r, wanted) for r in page],
-    }
+    return CanonicalRecords(
+        entity=entity,
+        count=len(page),
+        next_cursor=TIME_AND_ID.encode((page[-1]["updated_at"], page[-1]["canonical_id"])) if more else None,
+        data=[_record(r, wanted) for r in page],
+    )
 
 
-@router.get(
-    "/api/public/data/{entity}/{canonical_id}", response_model_exclude_unset=True, response_model=CanonicalRecord
-)
-async def get_record(entity: str, canonical_id: str, request: Request, principal: DataReader) -> dict[str, Any]:
+@router.get("/api/public/data/{entity}/{canonical_id}", response_model_exclude_unset=True)
+async def get_record(entity: str, canonical_id: str, request: Request, principal: DataReader) -> CanonicalRecord:
     row = await store.get_record(
         request.app.state.pool, principal.tenant_id, principal.environment, _entity(entity), canonical_id
     )

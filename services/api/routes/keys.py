@@ -58,6 +58,7 @@ def _environments(principal: Principal) -> list[str]:
 
 
 def _public(row: asyncpg.Record) -> dict[str, Any]:
+    """A key's columns as the API shows them (ApiKey's fields): its prefix cut short, its scopes in order."""
     out = dict(row)
     out["prefix"] = PREFIX_BY_ENVIRONMENT[row["environment"]] + row["prefix"][:_SHOWN_SECRET_CHARS]
     out["scopes"] = sorted(row["scopes"])
@@ -75,8 +76,8 @@ async def _key_or_404(conn: asyncpg.Connection, principal: Principal, key_id: st
     return row
 
 
-@router.post("/v1/api-keys", status_code=201, response_model_exclude_unset=True, response_model=NewApiKey)
-async def create_key(body: NewKey, request: Request, principal: Admin) -> dict[str, Any]:
+@router.post("/v1/api-keys", status_code=201, response_model_exclude_unset=True)
+async def create_key(body: NewKey, request: Request, principal: Admin) -> NewApiKey:
     """The plaintext `key` is in this answer only: store it in a secret manager."""
     if body.environment not in _environments(principal):
         raise ApiError(403, "forbidden", "a TESTING key can only create TESTING keys")
@@ -85,30 +86,28 @@ async def create_key(body: NewKey, request: Request, principal: Admin) -> dict[s
             conn, principal.tenant_id, environment=body.environment, scopes=body.scopes, name=body.name
         )
         row = await _key_or_404(conn, principal, key_id)
-    return {**_public(row), "key": key}
+    return NewApiKey(**_public(row), key=key)
 
 
-@router.get("/v1/api-keys", response_model_exclude_unset=True, response_model=ApiKeys)
-async def list_keys(request: Request, principal: Admin) -> dict[str, Any]:
+@router.get("/v1/api-keys", response_model_exclude_unset=True)
+async def list_keys(request: Request, principal: Admin) -> ApiKeys:
     """Newest first, revoked and expired ones included; never the key or its hash."""
     rows = await request.app.state.pool.fetch(
         f"SELECT {_PUBLIC} FROM api_keys WHERE tenant_id = $1 AND environment = ANY($2::text[]) "
         "ORDER BY created_at DESC, id",
         principal.tenant_id, _environments(principal),
     )  # fmt: skip
-    return {"data": [_public(r) for r in rows]}
+    return ApiKeys(data=[ApiKey(**_public(r)) for r in rows])
 
 
-@router.get("/v1/api-keys/{key_id}", response_model_exclude_unset=True, response_model=ApiKey)
-async def get_key(key_id: str, request: Request, principal: Admin) -> dict[str, Any]:
+@router.get("/v1/api-keys/{key_id}", response_model_exclude_unset=True)
+async def get_key(key_id: str, request: Request, principal: Admin) -> ApiKey:
     async with request.app.state.pool.acquire() as conn:
-        return _public(await _key_or_404(conn, principal, key_id))
+        return ApiKey(**_public(await _key_or_404(conn, principal, key_id)))
 
 
-@router.post(
-    "/v1/api-keys/{key_id}/rotate", status_code=201, response_model_exclude_unset=True, response_model=RotatedApiKey
-)
-async def rotate_key(key_id: str, request: Request, principal: Admin, body: Rotation | None = None) -> dict[str, Any]:
+@router.post("/v1/api-keys/{key_id}/rotate", status_code=201, response_model_exclude_unset=True)
+async def rotate_key(key_id: str, request: Request, principal: Admin, body: Rotation | None = None) -> RotatedApiKey:
     """A new key with the same name, environment and scopes; the old one works until the grace period ends."""
     grace = body.grace_period_s if body and body.grace_period_s is not None else None
     if grace is None:
@@ -129,10 +128,10 @@ async def rotate_key(key_id: str, request: Request, principal: Admin, body: Rota
         )  # fmt: skip
         new = await _key_or_404(conn, principal, new_id)
     request.app.state.authenticator.forget(key_id)
-    return {**_public(new), "key": key, "previous": _public(old)}
+    return RotatedApiKey(**_public(new), key=key, previous=ApiKey(**_public(old)))
 
 
-async def _revoke(request: Request, principal: Principal, key_id: str) -> dict[str, Any]:
+async def _revoke(request: Request, principal: Principal, key_id: str) -> ApiKey:
     async with request.app.state.pool.acquire() as conn, conn.transaction():
         await _key_or_404(conn, principal, key_id, lock=True)
         row = await conn.fetchrow(
@@ -143,11 +142,11 @@ async def _revoke(request: Request, principal: Principal, key_id: str) -> dict[s
         await forget_key(conn, key_id)
     # Here at once; other processes drop their cached copy within the authenticator's TTL (5 s).
     request.app.state.authenticator.forget(key_id)
-    return _public(row)
+    return ApiKey(**_public(row))
 
 
-@router.post("/v1/api-keys/{key_id}/revoke", response_model_exclude_unset=True, response_model=ApiKey)
-async def revoke_key(key_id: str, request: Request, principal: Admin) -> dict[str, Any]:
+@router.post("/v1/api-keys/{key_id}/revoke", response_model_exclude_unset=True)
+async def revoke_key(key_id: str, request: Request, principal: Admin) -> ApiKey:
     """Stops the key now (a key may revoke itself); revoking twice keeps the first time."""
     return await _revoke(request, principal, key_id)
 

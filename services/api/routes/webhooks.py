@@ -4,13 +4,21 @@ projector (services/common/outbox.py)."""
 from __future__ import annotations
 
 import secrets
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.api.choices import known
-from services.api.models.webhooks import NewWebhookSubscription, Redelivery, WebhookDeliveries, WebhookSubscriptions
+from services.api.models.webhooks import (
+    NewWebhookSubscription,
+    Redelivery,
+    WebhookAttempt,
+    WebhookDeliveries,
+    WebhookDelivery,
+    WebhookSubscription,
+    WebhookSubscriptions,
+)
 from services.common.auth import Principal, require_scope
 from services.common.contract import AnyCase
 from services.common.http import ApiError
@@ -37,8 +45,8 @@ class NewSubscription(BaseModel):
 _PUBLIC = "id, url, events, active, created_at"
 
 
-@router.post("/v1/webhooks", status_code=201, response_model_exclude_unset=True, response_model=NewWebhookSubscription)
-async def create_subscription(body: NewSubscription, request: Request, principal: Admin) -> dict[str, Any]:
+@router.post("/v1/webhooks", status_code=201, response_model_exclude_unset=True)
+async def create_subscription(body: NewSubscription, request: Request, principal: Admin) -> NewWebhookSubscription:
     """The secret is returned once; deliveries are signed with it (see the README for verifying them)."""
     settings = request.app.state.settings
     try:
@@ -53,16 +61,16 @@ async def create_subscription(body: NewSubscription, request: Request, principal
         f"VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_PUBLIC}",
         "whk_" + secrets.token_hex(8), principal.tenant_id, principal.environment, body.url, body.events, secret,
     )  # fmt: skip
-    return {**dict(row), "secret": secret}
+    return NewWebhookSubscription(**row, secret=secret)
 
 
-@router.get("/v1/webhooks", response_model_exclude_unset=True, response_model=WebhookSubscriptions)
-async def list_subscriptions(request: Request, principal: Admin) -> dict[str, Any]:
+@router.get("/v1/webhooks", response_model_exclude_unset=True)
+async def list_subscriptions(request: Request, principal: Admin) -> WebhookSubscriptions:
     rows = await request.app.state.pool.fetch(
         f"SELECT {_PUBLIC} FROM webhook_subscriptions WHERE tenant_id = $1 AND environment = $2 ORDER BY created_at",
         principal.tenant_id, principal.environment,
     )  # fmt: skip
-    return {"data": [dict(r) for r in rows]}
+    return WebhookSubscriptions(data=[WebhookSubscription(**r) for r in rows])
 
 
 async def _subscription_or_404(request: Request, principal: Principal, subscription_id: str) -> None:
@@ -88,16 +96,14 @@ async def delete_subscription(subscription_id: str, request: Request, principal:
         )
 
 
-@router.get(
-    "/v1/webhooks/{subscription_id}/deliveries", response_model_exclude_unset=True, response_model=WebhookDeliveries
-)
+@router.get("/v1/webhooks/{subscription_id}/deliveries", response_model_exclude_unset=True)
 async def list_deliveries(
     subscription_id: str,
     request: Request,
     principal: Admin,
     status: Annotated[Literal["pending", "delivered", "failed"] | None, Query(), AnyCase] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-) -> dict[str, Any]:
+) -> WebhookDeliveries:
     """Newest first, each with every attempt (time, HTTP status or error, duration)."""
     await _subscription_or_404(request, principal, subscription_id)
     pool = request.app.state.pool
@@ -107,24 +113,21 @@ async def list_deliveries(
         "ORDER BY created_at DESC, id LIMIT $3",
         subscription_id, status, limit,
     )  # fmt: skip
-    attempts: dict[str, list[dict[str, Any]]] = {}
+    attempts: dict[str, list[WebhookAttempt]] = {}
     for a in await pool.fetch(
         "SELECT delivery_id, attempt, at, status_code, error, duration_ms FROM webhook_attempts "
         "WHERE delivery_id = ANY($1::text[]) ORDER BY delivery_id, attempt",
         [r["id"] for r in rows],
     ):
-        attempts.setdefault(a["delivery_id"], []).append({k: a[k] for k in ("attempt", "at", "status_code", "error",
-                                                                             "duration_ms")})  # fmt: skip
-    return {"data": [{**dict(r), "attempt_log": attempts.get(r["id"], [])} for r in rows]}
+        attempts.setdefault(a["delivery_id"], []).append(
+            WebhookAttempt(attempt=a["attempt"], at=a["at"], status_code=a["status_code"], error=a["error"],
+                           duration_ms=a["duration_ms"])
+        )  # fmt: skip
+    return WebhookDeliveries(data=[WebhookDelivery(**r, attempt_log=attempts.get(r["id"], [])) for r in rows])
 
 
-@router.post(
-    "/v1/webhooks/deliveries/{delivery_id}/redeliver",
-    status_code=202,
-    response_model_exclude_unset=True,
-    response_model=Redelivery,
-)
-async def redeliver(delivery_id: str, request: Request, principal: Admin) -> dict[str, Any]:
+@router.post("/v1/webhooks/deliveries/{delivery_id}/redeliver", status_code=202, response_model_exclude_unset=True)
+async def redeliver(delivery_id: str, request: Request, principal: Admin) -> Redelivery:
     """Sends the delivery again now (same id, fresh 24-hour retry window), whatever its status."""
     row = await request.app.state.pool.fetchrow(
         """
@@ -137,4 +140,4 @@ async def redeliver(delivery_id: str, request: Request, principal: Admin) -> dic
     )  # fmt: skip
     if row is None:
         raise ApiError(404, "not_found", f"no webhook delivery with id {delivery_id!r}")
-    return dict(row)
+    return Redelivery(**row)
