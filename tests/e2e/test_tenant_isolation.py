@@ -13,28 +13,34 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import orjson
 import pytest
 from aiohttp import web
 
-from services.common.auth import create_api_key, ensure_tenant
-from services.common.db import connect
-from tests.conftest import Infra, make_sandbox
-from tests.e2e.stack import Stack, free_port
+from tests.conftest import Infra
+from tests.harness import (
+    TERMINAL,
+    Env,
+    KeySpec,
+    Upstream,
+    answer,
+    auth,
+    running,
+    stub_upstream,
+    wait_until,
+    whole_sync,
+)
 
 pytestmark = pytest.mark.e2e
 
-T = TypeVar("T")
 A, B = "tenant-a", "tenant-b"
 PRIVATE = "A-PRIVATE"
-TERMINAL = {"SUCCEEDED", "PARTIAL", "FAILED", "TIMED_OUT", "CANCELED", "INVALID", "QUOTA_EXCEEDED", "INTERNAL_ERROR"}
 RUN_EVENTS = ["run.started", "run.succeeded", "run.partial", "run.failed"]
 # Flows only tenant A has, all PRODUCTION; `shared` exists in both tenants and is A's only at version 2.
 A_FLOWS = ["a-fails", "a-approval", "a-sync", "a-uses-erp", "a-barrier"]
@@ -43,47 +49,29 @@ A_FLOWS = ["a-fails", "a-approval", "a-sync", "a-uses-erp", "a-barrier"]
 # ---------------------------------------------------------------- the upstream systems both tenants call
 
 
-@dataclass
-class Receiver:
-    """A shop, an ERP, a failing endpoint and webhook/alert receivers on loopback; records what it was sent."""
+ERP_IDS = itertools.count(1)
 
-    url: str = ""
-    received: dict[str, list[Any]] = field(default_factory=dict)
-    erp_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
-    async def start(self) -> web.AppRunner:
-        async def orders(request: web.Request) -> web.Response:
-            return web.json_response(
-                {"orders": [{"id": 1, "total": 10}, {"id": 2, "total": 20}, {"id": 3, "total": -1}]}
-            )
+async def _erp(request: web.Request) -> web.Response:
+    if (await request.json())["total"] < 0:
+        return web.json_response({"error": {"message": f"{PRIVATE} refused: total must be positive"}}, status=422)
+    return web.json_response({"id": f"erp-{next(ERP_IDS)}"}, status=201)
 
-        async def erp(request: web.Request) -> web.Response:
-            body = await request.json()
-            if body["total"] < 0:
-                return web.json_response(
-                    {"error": {"message": f"{PRIVATE} refused: total must be positive"}}, status=422
-                )
-            return web.json_response({"id": f"erp-{next(self.erp_ids)}"}, status=201)
 
-        async def fail(request: web.Request) -> web.Response:
-            return web.json_response({"error": f"{PRIVATE} warehouse offline"}, status=422)
+# A shop, an ERP, a failing endpoint and webhook/alert receivers on loopback (the stub records what it was sent).
+ROUTES = {
+    ("GET", f"/{PRIVATE}-shop/orders"): answer({"orders": [{"id": 1, "total": 10}, {"id": 2, "total": 20},
+                                                           {"id": 3, "total": -1}]}),
+    ("POST", f"/{PRIVATE}-erp/orders"): _erp,
+    ("POST", f"/{PRIVATE}-fail"): answer({"error": f"{PRIVATE} warehouse offline"}, 422),
+    ("POST", "/hooks/{name}"): answer({"ok": True}),
+    ("POST", "/alerts/{name}"): answer({"ok": True}),
+}  # fmt: skip
 
-        async def record(request: web.Request) -> web.Response:
-            self.received.setdefault(request.path, []).append(await request.json())
-            return web.json_response({"ok": True})
 
-        app = web.Application()
-        app.router.add_get(f"/{PRIVATE}-shop/orders", orders)
-        app.router.add_post(f"/{PRIVATE}-erp/orders", erp)
-        app.router.add_post(f"/{PRIVATE}-fail", fail)
-        app.router.add_post("/hooks/{name}", record)
-        app.router.add_post("/alerts/{name}", record)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        self.url = f"http://127.0.0.1:{port}"
-        return runner
+def received(up: Upstream, path: str) -> list[Any]:
+    """The bodies the receiver was sent at `path`."""
+    return [c.json() for c in up.seen(path)]
 
 
 # ---------------------------------------------------------------- what each tenant owns
@@ -127,63 +115,37 @@ class OwnedByB:
 
 @dataclass
 class World:
-    stack: Stack
-    receiver: Receiver
-    client: httpx.AsyncClient
-    key_a: str
-    key_a_test: str
-    key_b: str
+    env: Env
     a: OwnedByA
     b: OwnedByB
 
     @property
-    def api(self) -> str:
-        return self.stack["api"].url
+    def key_a(self) -> str:
+        return self.env.keys["a"]
 
     @property
-    def ingest(self) -> str:
-        return self.stack["ingest"].url
+    def key_a_test(self) -> str:
+        return self.env.keys["a_test"]
 
-    async def call(self, method: str, path: str, key: str, base: str | None = None, **kw: Any) -> httpx.Response:
-        return await self.client.request(method, (base or self.api) + path, headers=_auth(key), **kw)
+    @property
+    def key_b(self) -> str:
+        return self.env.keys["b"]
+
+    @property
+    def receiver(self) -> Upstream:
+        return self.env.upstream
+
+    async def call(self, method: str, path: str, key: str, **kw: Any) -> httpx.Response:
+        return await self.env.api(method, path, key, **kw)
 
     async def ok(self, method: str, path: str, key: str, status: int = 200, **kw: Any) -> Any:
-        r = await self.call(method, path, key, **kw)
-        assert r.status_code == status, f"{method} {path}: {r.status_code} {r.text}"
-        return r.json() if r.content else None
+        return await self.env.ok(method, path, key, status, **kw)
 
-    async def trigger(self, flow_id: str, key: str, payload: Any = None, **body: Any) -> str:
-        r = await self.call("POST", f"/v1/flows/{flow_id}/trigger", key, self.ingest, json={"input": payload, **body})
-        assert r.status_code == 202, r.text
-        return str(r.json()["run_id"])
-
-    async def run(self, run_id: str, key: str, statuses: set[str] = TERMINAL) -> dict[str, Any]:
-        async def reached() -> dict[str, Any] | None:
-            r = await self.call("GET", f"/v1/runs/{run_id}", key)
-            assert r.status_code in (200, 404), r.text
-            return r.json() if r.status_code == 200 and r.json()["status"] in statuses else None
-
-        return await until(f"run {run_id} {sorted(statuses)}", reached)
+    async def run(self, run_id: str, key: str, statuses: set[str] | None = None) -> dict[str, Any]:
+        return await self.env.wait_status(run_id, statuses or TERMINAL, 45, key)
 
     def leaks(self, text: str, allowed: tuple[str, ...] = ()) -> list[str]:
         return sorted(s for s in self.a.secrets() if s in text and s not in allowed)
-
-
-def _auth(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-async def until(what: str, check: Callable[[], Awaitable[T | None]], within: float = 45.0) -> T:
-    """Poll `check` until it answers something truthy, or fail after `within` seconds."""
-    deadline = time.monotonic() + within
-    delay = 0.05
-    while True:
-        got = await check()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.5)
 
 
 # ---------------------------------------------------------------- the fixture
@@ -203,12 +165,8 @@ def _flows_of_a(upstream: str) -> list[dict[str, Any]]:
         {"id": "a-approval", "name": f"{PRIVATE} approval", "tags": tags, "steps": [
             {"name": "approve", "action": "human_input", "input": {"question": f"{PRIVATE} ship it?"}}]},
         {"id": "a-sync", "name": f"{PRIVATE} sync", "tags": tags, "steps": [
-            {"name": "sync_orders", "action": "sync_records", "retry": {"delays_s": []}, "input": {
-                "source": {"kind": "http", "url": f"{upstream}/{PRIVATE}-shop/orders", "records_path": "orders",
-                           "updated_since_param": None, "updated_until_param": None},
-                "destination": {"kind": "http", "url": f"{upstream}/{PRIVATE}-erp/orders"},
-                "key": "id", "mapping": {"total": "total"}, "entity": "order", "system": "shop",
-                "dest_system": "erp"}}]},
+            whole_sync("sync_orders", f"{upstream}/{PRIVATE}-shop/orders", "orders", f"{upstream}/{PRIVATE}-erp/orders",
+                       {"total": "total"}, entity="order", system="shop", dest_system="erp")]},
         {"id": "a-uses-erp", "name": f"{PRIVATE} uses erp", "tags": tags, "steps": [
             {"name": "call_erp", "action": "http_request", "input": {"connector": "erp", "path": "/orders"}}]},
         {"id": "a-barrier", "name": f"{PRIVATE} barrier", "tags": tags, "steps": _transform({"barrier": True})},
@@ -225,7 +183,7 @@ async def _projected(w: World, key: str, flow_id: str, version: int) -> None:
         r = await w.call("GET", f"/v1/flows/{flow_id}", key)
         return r.status_code == 200 and r.json()["latest_version"] == version
 
-    await until(f"flow {flow_id} v{version} projected", shown)
+    await wait_until(shown, 45, f"flow {flow_id} v{version} projected", every=0.2)
 
 
 async def _flows(w: World) -> None:
@@ -276,15 +234,15 @@ async def _control_plane(w: World) -> None:
 async def _runs(w: World) -> None:
     a = w.a
     ids = {
-        "succeeded": await w.trigger("shared", w.key_a),
-        "failed": await w.trigger("a-fails", w.key_a),
-        "paused": await w.trigger("a-approval", w.key_a),
-        "partial": await w.trigger("a-sync", w.key_a),
-        "archived": await w.trigger("shared", w.key_a),
+        "succeeded": await w.env.trigger("shared", key=w.key_a),
+        "failed": await w.env.trigger("a-fails", key=w.key_a),
+        "paused": await w.env.trigger("a-approval", key=w.key_a),
+        "partial": await w.env.trigger("a-sync", key=w.key_a),
+        "archived": await w.env.trigger("shared", key=w.key_a),
     }
-    a.test_run = await w.trigger("a-probe", w.key_a_test)
-    w.b.shared_runs.append(await w.trigger("shared", w.key_b))
-    w.b.parent_run = await w.trigger("b-parent", w.key_b)
+    a.test_run = await w.env.trigger("a-probe", key=w.key_a_test)
+    w.b.shared_runs.append(await w.env.trigger("shared", key=w.key_b))
+    w.b.parent_run = await w.env.trigger("b-parent", key=w.key_b)
     expected = {"succeeded": "SUCCEEDED", "failed": "FAILED", "paused": "PAUSED", "partial": "PARTIAL",
                 "archived": "SUCCEEDED"}  # fmt: skip
     runs = await asyncio.gather(*(w.run(ids[role], w.key_a, {status}) for role, status in expected.items()))
@@ -301,7 +259,7 @@ async def _runs(w: World) -> None:
     async def archived() -> bool:
         return bool((await w.ok("GET", f"/v1/runs/{ids['archived']}", w.key_a))["archived"])
 
-    await until("A's bulk archive", archived)
+    await wait_until(archived, 45, "A's bulk archive", every=0.2)
 
 
 async def _derived(w: World) -> None:
@@ -328,48 +286,37 @@ async def _derived(w: World) -> None:
         return any(d["status"] == "delivered" and d["event"] == "run.succeeded" for d in rows)
 
     a.delivery_id, a.alert_id, a.canonical_ids, _ = await asyncio.gather(
-        until("A's webhook delivery", delivered), until("A's alert", alert), until("A's canonical records", records),
-        until("B's own webhook delivery", b_delivered),
+        wait_until(delivered, 45, "A's webhook delivery", every=0.2),
+        wait_until(alert, 45, "A's alert", every=0.2),
+        wait_until(records, 45, "A's canonical records", every=0.2),
+        wait_until(b_delivered, 45, "B's own webhook delivery", every=0.2),
     )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 async def world(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
-    async with make_sandbox(infra) as sandbox:
-        receiver = Receiver()
-        runner = await receiver.start()
-        a, b = OwnedByA(), OwnedByB()
-        conn = await connect(infra.database_url, sandbox.schema)
-        try:
-            await ensure_tenant(conn, A, "Tenant A")
-            await ensure_tenant(conn, B, "Tenant B")
-            a.key_ids["admin"], key_a = await create_api_key(conn, A, name=f"{PRIVATE} admin")
-            a.key_ids["spare"], a.spare_key = await create_api_key(conn, A, name=f"{PRIVATE} spare")
-            a.key_ids["testing"], key_a_test = await create_api_key(conn, A, environment="TESTING")
-            b.key_id, key_b = await create_api_key(conn, B, name="B admin")
-        finally:
-            await conn.close()
-        stack = Stack.build(
-            sandbox,
-            ("ingest", "executor", "projector", "api"),
-            tmp_path_factory.mktemp("logs"),
-            FLOWTRAIL_API_WEBHOOK_ALLOW_PRIVATE_NETWORKS="true",
-            FLOWTRAIL_API_CONNECTOR_ALLOW_PRIVATE_NETWORKS="true",
-            FLOWTRAIL_PROJECTOR_WEBHOOK_ALLOW_PRIVATE_NETWORKS="true",
-        )
-        await stack.start()
-        client = httpx.AsyncClient(timeout=20)
-        try:
-            w = World(stack, receiver, client, key_a, key_a_test, key_b, a, b)
-            await _flows(w)
-            await _control_plane(w)
-            await _runs(w)
-            await _derived(w)
-            yield w
-        finally:
-            await client.aclose()
-            stack.stop()
-            await runner.cleanup()
+    keys = {
+        "a": KeySpec(A, name=f"{PRIVATE} admin"),
+        "spare": KeySpec(A, name=f"{PRIVATE} spare"),
+        "a_test": KeySpec(A, environment="TESTING"),
+        "b": KeySpec(B, name="B admin"),
+    }
+    loopback = {
+        "FLOWTRAIL_API_WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true",
+        "FLOWTRAIL_API_CONNECTOR_ALLOW_PRIVATE_NETWORKS": "true",
+        "FLOWTRAIL_PROJECTOR_WEBHOOK_ALLOW_PRIVATE_NETWORKS": "true",
+    }
+    async with stub_upstream(ROUTES) as up, running(
+        infra, tmp_path_factory, keys=keys, env=loopback, upstream=up
+    ) as env:  # fmt: skip
+        a = OwnedByA(spare_key=env.keys["spare"])
+        a.key_ids = {"admin": env.key_ids["a"], "spare": env.key_ids["spare"], "testing": env.key_ids["a_test"]}
+        w = World(env, a, OwnedByB(key_id=env.key_ids["b"]))
+        await _flows(w)
+        await _control_plane(w)
+        await _runs(w)
+        await _derived(w)
+        yield w
 
 
 # ---------------------------------------------------------------- A's objects as A sees them
@@ -413,14 +360,14 @@ async def a_view(w: World, ignore_runs: Collection[str] = ()) -> dict[str, Any]:
 async def barrier(w: World) -> set[str]:
     """A run of A's that went through triggers and commands after B's requests: what B's requests would have
     caused (they were answered before it started) has been processed by then."""
-    run_id = await w.trigger("a-barrier", w.key_a)
+    run_id = await w.env.trigger("a-barrier", key=w.key_a)
     await w.run(run_id, w.key_a, {"SUCCEEDED"})
     await w.ok("POST", f"/v1/runs/{run_id}/archive", w.key_a, 202)
 
     async def archived() -> bool:
         return bool((await w.ok("GET", f"/v1/runs/{run_id}", w.key_a))["archived"])
 
-    await until("barrier run archived", archived)
+    await wait_until(archived, 45, "barrier run archived", every=0.2)
     return {run_id}
 
 
@@ -493,8 +440,8 @@ class Route:
 
 async def routes_with_parameters(w: World) -> list[Route]:
     out = []
-    for base in (w.api, w.ingest):
-        spec = (await w.client.get(f"{base}/openapi.json")).json()
+    for base in (w.env.url("api"), w.env.url("ingest")):
+        spec = (await w.env.http.get(f"{base}/openapi.json")).json()
         for path, operations in spec["paths"].items():
             params = tuple(re.findall(r"{(\w+)}", path))
             for method, op in operations.items():
@@ -506,7 +453,7 @@ async def routes_with_parameters(w: World) -> list[Route]:
 async def _answer(w: World, route: Route, path: str, key: str) -> tuple[int, str]:
     """Status and body text; a live stream is read for a second, then left."""
     body = BODIES.get((route.method, route.path))
-    async with w.client.stream(route.method, route.base + path, headers=_auth(key), json=body) as r:
+    async with w.env.http.stream(route.method, route.base + path, headers=auth(key), json=body) as r:
         if not r.headers.get("content-type", "").startswith("text/event-stream"):
             return r.status_code, (await r.aread()).decode()
         chunks: list[str] = []
@@ -665,7 +612,7 @@ async def test_b_s_bulk_actions_with_a_s_ids_or_filters_count_zero_and_change_no
 
 async def test_a_s_cursors_used_by_b_page_through_b_s_objects_only(world: World) -> None:
     w = world
-    pages = {
+    pages: dict[str, dict[str, Any]] = {
         "/v1/runs": {"limit": 1, "include_archived": "true"},
         "/v1/flows": {"limit": 1},
         "/v1/connectors": {"limit": 1},
@@ -690,8 +637,8 @@ async def test_a_s_cursors_used_by_b_page_through_b_s_objects_only(world: World)
 async def _follow(w: World, path: str, key: str, into: list[dict[str, Any]], connected: asyncio.Event,
                   last_event_id: str | None = None) -> None:  # fmt: skip
     """Collect a server-sent event stream's events (id and decoded data) until cancelled."""
-    headers = _auth(key) | ({"Last-Event-ID": last_event_id} if last_event_id else {})
-    async with w.client.stream("GET", w.api + path, headers=headers, timeout=None) as r:
+    headers = auth(key) | ({"Last-Event-ID": last_event_id} if last_event_id else {})
+    async with w.env.http.stream("GET", w.env.url("api") + path, headers=headers, timeout=None) as r:
         assert r.status_code == 200, (await r.aread()).decode()
         connected.set()
         event: dict[str, str] = {}
@@ -732,10 +679,10 @@ async def test_b_s_live_streams_carry_nothing_of_a_s(world: World) -> None:
     w = world
     (a_task, a_seen), (b_task, b_seen) = await _streaming(w, w.key_a), await _streaming(w, w.key_b)
     try:
-        a_run, b_run = await w.trigger("shared", w.key_a), await w.trigger("shared", w.key_b)
+        a_run, b_run = await w.env.trigger("shared", key=w.key_a), await w.env.trigger("shared", key=w.key_b)
         w.b.shared_runs.append(b_run)
-        await until("A's run on A's stream", lambda: _seen_final(a_seen, a_run))
-        await until("B's run on B's stream", lambda: _seen_final(b_seen, b_run))
+        await wait_until(lambda: _seen_final(a_seen, a_run), 45, "A's run on A's stream", every=0.2)
+        await wait_until(lambda: _seen_final(b_seen, b_run), 45, "B's run on B's stream", every=0.2)
     finally:
         await _stop(a_task, b_task)
     shown_to_b = orjson.dumps(b_seen).decode()
@@ -744,9 +691,9 @@ async def test_b_s_live_streams_carry_nothing_of_a_s(world: World) -> None:
     # Resuming from an event id of A's stream replays B's runs only.
     task, replayed = await _streaming(w, w.key_b, last_event_id=a_seen[0]["id"])
     try:
-        later = await w.trigger("shared", w.key_b)
+        later = await w.env.trigger("shared", key=w.key_b)
         w.b.shared_runs.append(later)
-        await until("B's run on B's resumed stream", lambda: _seen_final(replayed, later))
+        await wait_until(lambda: _seen_final(replayed, later), 45, "B's run on B's resumed stream", every=0.2)
     finally:
         await _stop(task)
     assert a_run not in {e["data"]["id"] for e in replayed}
@@ -761,7 +708,7 @@ async def test_b_s_live_streams_carry_nothing_of_a_s(world: World) -> None:
 
 async def test_the_same_flow_id_in_two_tenants_is_two_flows(world: World) -> None:
     w = world
-    run_id = await w.trigger("shared", w.key_b)
+    run_id = await w.env.trigger("shared", key=w.key_b)
     w.b.shared_runs.append(run_id)
     run = await w.run(run_id, w.key_b)
     assert run["status"] == "SUCCEEDED" and run["flow_version"] == 1
@@ -771,7 +718,7 @@ async def test_the_same_flow_id_in_two_tenants_is_two_flows(world: World) -> Non
     assert flow["name"] == "B shared" and [v["version"] for v in flow["versions"]] == [1]
     r = await w.call("GET", "/v1/flows/shared/versions/2", w.key_b)  # A's version 2
     assert r.status_code == 404
-    r = await w.call("POST", "/v1/flows/shared/trigger", w.key_b, w.ingest, json={"input": {}, "flow_version": 2})
+    r = await w.env.ingest("POST", "/v1/flows/shared/trigger", w.key_b, json={"input": {}, "flow_version": 2})
     assert r.status_code == 404
     b_runs = (await w.ok("GET", "/v1/runs", w.key_b, params={"flow_id": "shared", "limit": 100}))["data"]
     assert {r["id"] for r in b_runs} == set(w.b.shared_runs)
@@ -787,10 +734,10 @@ async def test_b_s_rules_webhooks_and_subflows_naming_a_s_flows_reach_nothing_of
     w = world
     # B's failed_run rule on a flow named a-fails: A's a-fails failed and alerted A, not B.
     assert (await w.ok("GET", "/v1/alerts", w.key_b))["data"] == []
-    assert w.receiver.received.get("/alerts/b") is None
-    assert w.receiver.received[f"/alerts/{PRIVATE}"]
+    assert received(w.receiver, "/alerts/b") == []
+    assert received(w.receiver, f"/alerts/{PRIVATE}")
     # B's subscription to every run event was sent B's runs only.
-    sent_to_b = orjson.dumps(w.receiver.received["/hooks/b"]).decode()
+    sent_to_b = orjson.dumps(received(w.receiver, "/hooks/b")).decode()
     assert not w.leaks(sent_to_b) and w.b.shared_runs[0] in sent_to_b
     deliveries = await w.ok("GET", f"/v1/webhooks/{w.b.subscription_id}/deliveries", w.key_b)
     assert not w.leaks(orjson.dumps(deliveries).decode())
@@ -818,7 +765,7 @@ async def test_a_testing_key_and_a_production_key_see_their_own_environment_only
     production = (await w.ok("GET", "/v1/runs", w.key_a, params={"include_archived": "true", "limit": 100}))["data"]
     assert a.test_run not in {r["id"] for r in production}
     # Neither key starts runs of the other environment's flows.
-    r = await w.call("POST", "/v1/flows/a-fails/trigger", w.key_a_test, w.ingest, json={"input": {}})
+    r = await w.env.ingest("POST", "/v1/flows/a-fails/trigger", w.key_a_test, json={"input": {}})
     assert r.status_code == 404, r.text
-    r = await w.call("POST", "/v1/flows/a-probe/trigger", w.key_a, w.ingest, json={"input": {}})
+    r = await w.env.ingest("POST", "/v1/flows/a-probe/trigger", w.key_a, json={"input": {}})
     assert r.status_code == 404, r.text
