@@ -9,16 +9,7 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from schemas.events import ErrorCategory
 from services.api.adapters import analytics as store
-from services.api.models.analytics import (
-    AnalyticsBucket,
-    Endpoint,
-    Endpoints,
-    FailureGroup,
-    FailureGroups,
-    FlakyStep,
-    FlakySteps,
-    FlowAnalytics,
-)
+from services.api.models import analytics as models
 from services.common.auth import Principal, require_scope
 from services.common.contract import Timestamp
 from services.common.http import ApiError
@@ -75,7 +66,7 @@ async def flow_analytics(
     from_: Annotated[Timestamp | None, Query(alias="from")] = None,
     to: Timestamp | None = None,
     bucket: Literal["hour", "day"] = "day",
-) -> FlowAnalytics:
+) -> models.FlowAnalytics:
     """Per bucket: runs by status and trigger, pass rate, duration p50/p95/p99 and records processed."""
     since, until = _window(from_, to)
     pool = request.app.state.pool
@@ -112,7 +103,7 @@ async def flow_analytics(
         b["duration_ms"]["mean"] = round(b.pop("_duration_sum") / b["runs"], 3) if b["runs"] else None
         totals["runs"] += b["runs"]
         totals["succeeded"] += passed
-    return FlowAnalytics.model_validate(
+    return models.FlowAnalytics.model_validate(
         {
             "flow_id": flow_id,
             "from": since,
@@ -120,7 +111,7 @@ async def flow_analytics(
             "bucket": bucket,
             "runs": totals["runs"],
             "pass_rate": round(totals["succeeded"] / totals["runs"], 4) if totals["runs"] else None,
-            "series": [AnalyticsBucket(**buckets[k]) for k in sorted(buckets)],
+            "series": [models.AnalyticsBucket(**buckets[k]) for k in sorted(buckets)],
         }
     )
 
@@ -131,10 +122,10 @@ async def flaky_steps(
     principal: Reader,
     flow_id: str | None = None,
     min_runs: Annotated[int, Query(ge=2, le=100_000)] = 2,
-) -> FlakySteps:
+) -> models.FlakySteps:
     """Steps that both passed and failed on the same flow version; score 1.0 = fails half the time."""
     rows = await store.flakiness(request.app.state.pool, principal.tenant_id, principal.environment, flow_id, min_runs)
-    return FlakySteps(data=[FlakyStep(**r) for r in rows])
+    return models.FlakySteps(data=[models.FlakyStep(**r) for r in rows])
 
 
 @router.get("/v1/analytics/failure-groups", response_model_exclude_unset=True)
@@ -144,7 +135,7 @@ async def failure_groups(
     flow_id: str | None = None,
     category: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-) -> FailureGroups:
+) -> models.FailureGroups:
     """Final errors grouped by fingerprint (normalised message, step, category), newest first, each with the
     suggested next action. List a group's runs with `GET /v1/runs?error_fingerprint=<fingerprint>`."""
     if category is not None and category.upper() not in ErrorCategory.__members__:
@@ -154,13 +145,15 @@ async def failure_groups(
         request.app.state.pool, principal.tenant_id, principal.environment, flow_id,
         category.upper() if category else None, limit,
     )  # fmt: skip
-    return FailureGroups(
-        data=[FailureGroup(**r, next_action=next_action(r["category"], r["message_pattern"] or "")) for r in rows]
+    return models.FailureGroups(
+        data=[
+            models.FailureGroup(**r, next_action=next_action(r["category"], r["message_pattern"] or "")) for r in rows
+        ]
     )
 
 
 @router.get("/v1/analytics/endpoints", response_model_exclude_unset=True)
-async def endpoint_coverage(request: Request, principal: Reader, flow_id: str | None = None) -> Endpoints:
+async def endpoint_coverage(request: Request, principal: Reader, flow_id: str | None = None) -> models.Endpoints:
     """Hosts and routes (ids folded into `{id}`) that http_request steps called, with call counts."""
     rows = await store.endpoints(request.app.state.pool, principal.tenant_id, principal.environment, flow_id)
-    return Endpoints(data=[Endpoint(**r) for r in rows])
+    return models.Endpoints(data=[models.Endpoint(**r) for r in rows])

@@ -20,15 +20,7 @@ from schemas.flows import FlowDefinition, TriggerConfig, contains_mask, mask_sec
 from schemas.topics import Topics
 from services.api.adapters import flows as store
 from services.api.choices import many, one_of
-from services.api.models.flows import (
-    FlowDetail,
-    FlowPending,
-    FlowsMeta,
-    FlowsPage,
-    FlowSummary,
-    FlowVersion,
-    FlowWritten,
-)
+from services.api.models import flows as models
 from services.common.auth import Principal, require_scope
 from services.common.contract import INT32_MAX
 from services.common.crypto import seal_flow
@@ -43,7 +35,9 @@ Writer = Annotated[Principal, Depends(require_scope("flows:write"))]
 Many = Annotated[list[str] | None, Query()]
 
 # How long a write waits for the projector before answering 202 instead of the projected flow.
-_PENDING: dict[int | str, dict[str, Any]] = {202: {"model": FlowPending, "description": "durable, not projected yet"}}
+_PENDING: dict[int | str, dict[str, Any]] = {
+    202: {"model": models.FlowPending, "description": "durable, not projected yet"}
+}
 PROJECTION_WAIT_S = 3.0
 STATUSES = ("active", "paused")
 TRIGGER_TYPES = ("manual", "api", "webhook", "schedule", "kafka")
@@ -159,7 +153,7 @@ class FlowsQuery(BaseModel):
 
 
 @router.get("/v1/flows", response_model_exclude_unset=True)
-async def list_flows(request: Request, principal: Reader, params: Annotated[FlowsQuery, Query()]) -> FlowsPage:
+async def list_flows(request: Request, principal: Reader, params: Annotated[FlowsQuery, Query()]) -> models.FlowsPage:
     """The key's tenant's flows in the key's environment, newest first; `meta.total` counts every match."""
     if params.environment is not None and params.environment.upper() != principal.environment:
         raise ApiError(
@@ -176,31 +170,31 @@ async def list_flows(request: Request, principal: Reader, params: Annotated[Flow
     position = store.Cursor.decode(params.cursor) if params.cursor else None
     page = await store.list_flows(request.app.state.pool, flt, params.limit, position)
     now = datetime.now(UTC)
-    return FlowsPage(
-        data=[FlowSummary(**summary(r, now)) for r in page.rows],
+    return models.FlowsPage(
+        data=[models.FlowSummary(**summary(r, now)) for r in page.rows],
         next_cursor=page.next_cursor,
-        meta=FlowsMeta(total=page.total, has_more=page.next_cursor is not None),
+        meta=models.FlowsMeta(total=page.total, has_more=page.next_cursor is not None),
     )
 
 
 @router.get("/v1/flows/{flow_id}", response_model_exclude_unset=True)
-async def get_flow(flow_id: str, request: Request, principal: Reader) -> FlowDetail:
+async def get_flow(flow_id: str, request: Request, principal: Reader) -> models.FlowDetail:
     """The flow with its latest definition, every version, its schedule and the connectors its steps use."""
     detail = await _detail(request, principal, flow_id)
     if detail is None:
         raise ApiError(404, "not_found", f"no flow with id {flow_id!r}")
-    return FlowDetail(**detail)
+    return models.FlowDetail(**detail)
 
 
 @router.get("/v1/flows/{flow_id}/versions/{version}", response_model_exclude_unset=True)
 async def get_flow_version(
     flow_id: str, version: Annotated[int, Path(ge=1, le=INT32_MAX)], request: Request, principal: Reader
-) -> FlowVersion:
+) -> models.FlowVersion:
     """One immutable version: what a run of that version ran."""
     row = await store.get_version(request.app.state.pool, principal.tenant_id, principal.environment, flow_id, version)
     if row is None:
         raise ApiError(404, "not_found", f"flow {flow_id!r} has no version {version}")
-    return FlowVersion.model_validate(
+    return models.FlowVersion.model_validate(
         {
             "flow_id": flow_id,
             "version": row["version"],
@@ -287,7 +281,7 @@ async def _answer(
     version: int,
     at: store.Appended,
     published: FlowDefinition | None = None,
-) -> FlowWritten | Response:
+) -> models.FlowWritten | Response:
     """The flow as GET shows it once projected (with `published`'s definition when this request published
     one: a concurrent publish may already be the latest), under the route's status; 202 with the bare facts when
     the projector lags."""
@@ -299,10 +293,10 @@ async def _answer(
                 detail["definition"] = shown(definition)
                 detail["connectors"] = connectors(definition)
                 detail["schedule"] = schedule(definition["trigger"], datetime.now(UTC), detail["status"] == "active")
-            return FlowWritten(**detail, version=version, projected=True)
+            return models.FlowWritten(**detail, version=version, projected=True)
     state = request.app.state.flow_log.get(principal.tenant_id, flow_id)
     status = "paused" if state is not None and state.paused else "active"
-    return answer(FlowPending(id=flow_id, version=version, status=status, projected=False), 202)
+    return answer(models.FlowPending(id=flow_id, version=version, status=status, projected=False), 202)
 
 
 def _encrypted(request: Request, definition: FlowDefinition) -> FlowDefinition:
@@ -313,7 +307,7 @@ def _encrypted(request: Request, definition: FlowDefinition) -> FlowDefinition:
 
 async def _publish(
     request: Request, principal: Principal, definition: FlowDefinition, new: bool
-) -> FlowWritten | Response:
+) -> models.FlowWritten | Response:
     """Append the definition as the flow's next version, deciding the number under the flow's lock."""
     definition = _encrypted(request, definition)
     app = request.app
@@ -339,9 +333,13 @@ async def _publish(
 
 
 @router.post(
-    "/v1/flows", status_code=201, response_model_exclude_unset=True, response_model=FlowWritten, responses=_PENDING
+    "/v1/flows",
+    status_code=201,
+    response_model_exclude_unset=True,
+    response_model=models.FlowWritten,
+    responses=_PENDING,
 )
-async def create_flow(body: FlowBody, request: Request, principal: Writer) -> FlowWritten | Response:
+async def create_flow(body: FlowBody, request: Request, principal: Writer) -> models.FlowWritten | Response:
     """Version 1 of a new flow, in the key's tenant and environment."""
     return await _publish(request, principal, _definition(body, principal), new=True)
 
@@ -350,10 +348,12 @@ async def create_flow(body: FlowBody, request: Request, principal: Writer) -> Fl
     "/v1/flows/{flow_id}/versions",
     status_code=201,
     response_model_exclude_unset=True,
-    response_model=FlowWritten,
+    response_model=models.FlowWritten,
     responses=_PENDING,
 )
-async def publish_version(flow_id: str, body: FlowBody, request: Request, principal: Writer) -> FlowWritten | Response:
+async def publish_version(
+    flow_id: str, body: FlowBody, request: Request, principal: Writer
+) -> models.FlowWritten | Response:
     """The next immutable version (latest + 1); runs already started keep the version they started on."""
     return await _publish(request, principal, _definition(body, principal, flow_id), new=False)
 
@@ -366,7 +366,7 @@ class PauseRequest(BaseModel):
 
 async def _set_paused(
     request: Request, principal: Principal, flow_id: str, paused: bool, reason: str
-) -> FlowWritten | Response:
+) -> models.FlowWritten | Response:
     """Idempotent: pausing a paused flow (or resuming an active one) appends nothing and answers the same."""
     app = request.app
     flow_log: store.FlowLog = app.state.flow_log
@@ -391,17 +391,23 @@ async def _set_paused(
 
 
 @router.post(
-    "/v1/flows/{flow_id}/pause", response_model_exclude_unset=True, response_model=FlowWritten, responses=_PENDING
+    "/v1/flows/{flow_id}/pause",
+    response_model_exclude_unset=True,
+    response_model=models.FlowWritten,
+    responses=_PENDING,
 )
 async def pause_flow(
     flow_id: str, request: Request, principal: Writer, body: PauseRequest | None = None
-) -> FlowWritten | Response:
+) -> models.FlowWritten | Response:
     """Triggers are refused (409) while paused; runs already started go on. `reason` goes into the event."""
     return await _set_paused(request, principal, flow_id, True, body.reason if body else "")
 
 
 @router.post(
-    "/v1/flows/{flow_id}/resume", response_model_exclude_unset=True, response_model=FlowWritten, responses=_PENDING
+    "/v1/flows/{flow_id}/resume",
+    response_model_exclude_unset=True,
+    response_model=models.FlowWritten,
+    responses=_PENDING,
 )
-async def resume_flow(flow_id: str, request: Request, principal: Writer) -> FlowWritten | Response:
+async def resume_flow(flow_id: str, request: Request, principal: Writer) -> models.FlowWritten | Response:
     return await _set_paused(request, principal, flow_id, False, "")

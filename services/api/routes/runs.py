@@ -16,23 +16,7 @@ from schemas.status import parse_run_statuses
 from services.api import timeline
 from services.api.adapters import runs as store
 from services.api.choices import many, one_of
-from services.api.models.runs import (
-    AsOf,
-    DurationBreakdown,
-    LogLine,
-    RecordError,
-    Records,
-    RetryLink,
-    RunDetail,
-    RunEvent,
-    RunEvents,
-    RunLogs,
-    RunRecordErrors,
-    RunsPage,
-    RunStep,
-    RunSummary,
-    Trigger,
-)
+from services.api.models import runs as models
 from services.api.querystring import QueryString
 from services.common.auth import Principal, require_scope
 from services.common.contract import INT32_MAX, Timestamp
@@ -61,8 +45,8 @@ _TRIGGER_TYPES = sorted(t.value for t in TriggerType)
 _EXECUTION_MODES = sorted(m.value for m in ExecutionMode)
 
 
-def summary(row: Mapping[str, Any]) -> RunSummary:
-    return RunSummary(**{name: row[name] for name in store.SUMMARY_COLUMNS})
+def summary(row: Mapping[str, Any]) -> models.RunSummary:
+    return models.RunSummary(**{name: row[name] for name in store.SUMMARY_COLUMNS})
 
 
 class RunsQuery(BaseModel):
@@ -120,7 +104,7 @@ _RUNS_QUERY = QueryString(RunsQuery, SEED_ALIASES)
 
 
 @router.get("/v1/runs", response_model_exclude_unset=True, openapi_extra=_RUNS_QUERY.openapi())
-async def list_runs(request: Request, principal: Reader) -> RunsPage:
+async def list_runs(request: Request, principal: Reader) -> models.RunsPage:
     """Runs, newest first unless `sort` says otherwise. `next_cursor` pages on, `prev_cursor` back.
 
     `q` matches a case-insensitive substring of the run id, its error message, its record errors (message and
@@ -166,7 +150,9 @@ async def list_runs(request: Request, principal: Reader) -> RunsPage:
     )
     position = store.Cursor.decode(params.cursor, order) if params.cursor else None
     page = await store.list_runs(request.app.state.pool, flt, params.limit, order, position, params.offset)
-    return RunsPage(data=[summary(r) for r in page.rows], next_cursor=page.next_cursor, prev_cursor=page.prev_cursor)
+    return models.RunsPage(
+        data=[summary(r) for r in page.rows], next_cursor=page.next_cursor, prev_cursor=page.prev_cursor
+    )
 
 
 async def _run_or_404(request: Request, principal: Principal, run_id: str) -> asyncpg.Record:
@@ -199,28 +185,28 @@ class _MaskedFlows:
 _MASKED_FLOWS = _MaskedFlows()
 
 
-def _detail(view: Mapping[str, Any], steps: list[RunStep], **lineage: Any) -> RunDetail:
+def _detail(view: Mapping[str, Any], steps: list[models.RunStep], **lineage: Any) -> models.RunDetail:
     """The answer from a run's named columns (`view`: its row, or its fold as of a point) and its steps."""
     columns: dict[str, Any] = {name: view.get(name) for name in store.SUMMARY_COLUMNS}
-    return RunDetail(
+    return models.RunDetail(
         **columns,
-        trigger=Trigger(type=view["trigger_type"], caller=view["caller"], payload=view.get("trigger_payload")),
+        trigger=models.Trigger(type=view["trigger_type"], caller=view["caller"], payload=view.get("trigger_payload")),
         error=view.get("error"),
         cursor_window=view.get("cursor_window"),
-        records=Records(**{n: view.get(f"records_{n}", 0) for n in store.RECORD_COUNTERS}),
-        duration_breakdown=DurationBreakdown(**timeline.breakdown(view, [_fields(s) for s in steps])),
+        records=models.Records(**{n: view.get(f"records_{n}", 0) for n in store.RECORD_COUNTERS}),
+        duration_breakdown=models.DurationBreakdown(**timeline.breakdown(view, [_fields(s) for s in steps])),
         steps=steps,
         **lineage,
     )
 
 
-def _fields(step: RunStep) -> dict[str, Any]:
+def _fields(step: models.RunStep) -> dict[str, Any]:
     """A step as the mapping timeline.breakdown reads, its attempts too: the models' own field values, not copies."""
     return {**vars(step), "attempts": [vars(a) for a in step.attempts]}
 
 
-_STEPS = TypeAdapter(list[RunStep])
-_RETRIES = TypeAdapter(list[RetryLink])
+_STEPS = TypeAdapter(list[models.RunStep])
+_RETRIES = TypeAdapter(list[models.RetryLink])
 
 
 class RunQuery(BaseModel):
@@ -231,7 +217,7 @@ _RUN_QUERY = QueryString(RunQuery)
 
 
 @router.get("/v1/runs/{run_id}", response_model_exclude_unset=True, openapi_extra=_RUN_QUERY.openapi())
-async def get_run(run_id: str, request: Request, principal: Reader) -> RunDetail:
+async def get_run(run_id: str, request: Request, principal: Reader) -> models.RunDetail:
     """One run: what triggered it, its records counters, duration breakdown, error and every step with its
     input, output, duration and attempts. `?as_of=` returns the run as it stood at that seq or time."""
     as_of = _RUN_QUERY.parse(request).as_of
@@ -255,7 +241,7 @@ async def get_run(run_id: str, request: Request, principal: Reader) -> RunDetail
     return _detail(row, _STEPS.validate_python(row["steps"]), **lineage)
 
 
-async def _get_run_as_of(pool: asyncpg.Pool, row: asyncpg.Record, as_of: str) -> RunDetail:
+async def _get_run_as_of(pool: asyncpg.Pool, row: asyncpg.Record, as_of: str) -> models.RunDetail:
     try:
         until = timeline.parse_as_of(as_of)
     except ValueError as exc:
@@ -265,7 +251,7 @@ async def _get_run_as_of(pool: asyncpg.Pool, row: asyncpg.Record, as_of: str) ->
         view = timeline.as_of(row, events)
     except ValueError as exc:
         raise ApiError(404, "not_found", f"run {row['id']!r} as of {as_of}: {exc}") from None
-    as_of_point = AsOf(seq=view["last_seq"], occurred_at=events[-1]["occurred_at"])
+    as_of_point = models.AsOf(seq=view["last_seq"], occurred_at=events[-1]["occurred_at"])
     steps = _STEPS.validate_python(view["steps"])
     return _detail(view, steps, as_of=as_of_point, retry_strategy=view.get("retry_strategy"))
 
@@ -277,11 +263,11 @@ async def get_run_events(
     principal: Reader,
     after_seq: Annotated[int, Query(ge=-1, le=INT32_MAX)] = -1,
     limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
-) -> RunEvents:
+) -> models.RunEvents:
     """The run's own ledger in `seq` order; page with `after_seq` = the last `seq` seen."""
     await _run_or_404(request, principal, run_id)
     rows = await store.get_events(request.app.state.pool, run_id, after_seq, limit)
-    return RunEvents(data=[RunEvent(**r) for r in rows], has_more=len(rows) == limit)
+    return models.RunEvents(data=[models.RunEvent(**r) for r in rows], has_more=len(rows) == limit)
 
 
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -296,7 +282,7 @@ async def get_run_logs(
     step: str | None = None,
     after_seq: Annotated[int, Query(ge=-1, le=INT32_MAX)] = -1,
     limit: Annotated[int, Query(ge=1, le=1000)] = 500,
-) -> RunLogs:
+) -> models.RunLogs:
     """The run's structured log lines, by step and by level: `level` is a minimum, as in every log viewer
     (`WARNING` shows warnings and errors; with several, the lowest counts)."""
     levels = [v.upper() for v in many(level)]
@@ -307,7 +293,7 @@ async def get_run_logs(
         levels = list(_LEVELS[min(_LEVELS.index(v) for v in levels) :])
     await _run_or_404(request, principal, run_id)
     rows = await store.get_logs(request.app.state.pool, run_id, levels, step, after_seq, limit)
-    return RunLogs(data=[LogLine(**r) for r in rows], has_more=len(rows) == limit)
+    return models.RunLogs(data=[models.LogLine(**r) for r in rows], has_more=len(rows) == limit)
 
 
 @router.get("/v1/runs/{run_id}/record-errors", response_model_exclude_unset=True)
@@ -318,8 +304,8 @@ async def get_run_record_errors(
     step: str | None = None,
     after_seq: Annotated[int, Query(ge=-1, le=INT32_MAX)] = -1,
     limit: Annotated[int, Query(ge=1, le=1000)] = 500,
-) -> RunRecordErrors:
+) -> models.RunRecordErrors:
     """Each rejected record: its key, the offending field path and the destination's raw error."""
     await _run_or_404(request, principal, run_id)
     rows = await store.get_record_errors(request.app.state.pool, run_id, step, after_seq, limit)
-    return RunRecordErrors(data=[RecordError(**r) for r in rows], has_more=len(rows) == limit)
+    return models.RunRecordErrors(data=[models.RecordError(**r) for r in rows], has_more=len(rows) == limit)

@@ -10,15 +10,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.api.choices import known
-from services.api.models.webhooks import (
-    NewWebhookSubscription,
-    Redelivery,
-    WebhookAttempt,
-    WebhookDeliveries,
-    WebhookDelivery,
-    WebhookSubscription,
-    WebhookSubscriptions,
-)
+from services.api.models import webhooks as models
 from services.common.auth import Principal, require_scope
 from services.common.contract import AnyCase
 from services.common.http import ApiError
@@ -46,7 +38,9 @@ _PUBLIC = "id, url, events, active, created_at"
 
 
 @router.post("/v1/webhooks", status_code=201, response_model_exclude_unset=True)
-async def create_subscription(body: NewSubscription, request: Request, principal: Admin) -> NewWebhookSubscription:
+async def create_subscription(
+    body: NewSubscription, request: Request, principal: Admin
+) -> models.NewWebhookSubscription:
     """The secret is returned once; deliveries are signed with it (see the README for verifying them)."""
     settings = request.app.state.settings
     try:
@@ -61,16 +55,16 @@ async def create_subscription(body: NewSubscription, request: Request, principal
         f"VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_PUBLIC}",
         "whk_" + secrets.token_hex(8), principal.tenant_id, principal.environment, body.url, body.events, secret,
     )  # fmt: skip
-    return NewWebhookSubscription(**row, secret=secret)
+    return models.NewWebhookSubscription(**row, secret=secret)
 
 
 @router.get("/v1/webhooks", response_model_exclude_unset=True)
-async def list_subscriptions(request: Request, principal: Admin) -> WebhookSubscriptions:
+async def list_subscriptions(request: Request, principal: Admin) -> models.WebhookSubscriptions:
     rows = await request.app.state.pool.fetch(
         f"SELECT {_PUBLIC} FROM webhook_subscriptions WHERE tenant_id = $1 AND environment = $2 ORDER BY created_at",
         principal.tenant_id, principal.environment,
     )  # fmt: skip
-    return WebhookSubscriptions(data=[WebhookSubscription(**r) for r in rows])
+    return models.WebhookSubscriptions(data=[models.WebhookSubscription(**r) for r in rows])
 
 
 async def _subscription_or_404(request: Request, principal: Principal, subscription_id: str) -> None:
@@ -103,7 +97,7 @@ async def list_deliveries(
     principal: Admin,
     status: Annotated[Literal["pending", "delivered", "failed"] | None, Query(), AnyCase] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-) -> WebhookDeliveries:
+) -> models.WebhookDeliveries:
     """Newest first, each with every attempt (time, HTTP status or error, duration)."""
     await _subscription_or_404(request, principal, subscription_id)
     pool = request.app.state.pool
@@ -113,21 +107,23 @@ async def list_deliveries(
         "ORDER BY created_at DESC, id LIMIT $3",
         subscription_id, status, limit,
     )  # fmt: skip
-    attempts: dict[str, list[WebhookAttempt]] = {}
+    attempts: dict[str, list[models.WebhookAttempt]] = {}
     for a in await pool.fetch(
         "SELECT delivery_id, attempt, at, status_code, error, duration_ms FROM webhook_attempts "
         "WHERE delivery_id = ANY($1::text[]) ORDER BY delivery_id, attempt",
         [r["id"] for r in rows],
     ):
         attempts.setdefault(a["delivery_id"], []).append(
-            WebhookAttempt(attempt=a["attempt"], at=a["at"], status_code=a["status_code"], error=a["error"],
+            models.WebhookAttempt(attempt=a["attempt"], at=a["at"], status_code=a["status_code"], error=a["error"],
                            duration_ms=a["duration_ms"])
         )  # fmt: skip
-    return WebhookDeliveries(data=[WebhookDelivery(**r, attempt_log=attempts.get(r["id"], [])) for r in rows])
+    return models.WebhookDeliveries(
+        data=[models.WebhookDelivery(**r, attempt_log=attempts.get(r["id"], [])) for r in rows]
+    )
 
 
 @router.post("/v1/webhooks/deliveries/{delivery_id}/redeliver", status_code=202, response_model_exclude_unset=True)
-async def redeliver(delivery_id: str, request: Request, principal: Admin) -> Redelivery:
+async def redeliver(delivery_id: str, request: Request, principal: Admin) -> models.Redelivery:
     """Sends the delivery again now (same id, fresh 24-hour retry window), whatever its status."""
     row = await request.app.state.pool.fetchrow(
         """
@@ -140,4 +136,4 @@ async def redeliver(delivery_id: str, request: Request, principal: Admin) -> Red
     )  # fmt: skip
     if row is None:
         raise ApiError(404, "not_found", f"no webhook delivery with id {delivery_id!r}")
-    return Redelivery(**row)
+    return models.Redelivery(**row)
