@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import httpx
@@ -194,6 +195,10 @@ async def collect_status(settings: CommonSettings) -> dict[str, Any]:
             "pid": info.get("pid"),
             "state": info.get("state"),
             "restarts": info.get("restarts"),
+            "crashes_last_minute": info.get("crashes_last_minute"),
+            "last_exit": info.get("last_exit"),
+            "last_exit_at": info.get("last_exit_at"),
+            "last_log": info.get("last_log") or [],
         }
     lag: dict[str, Any] = {}
     if kafka_up:
@@ -214,6 +219,21 @@ async def collect_status(settings: CommonSettings) -> dict[str, Any]:
     }
 
 
+def _why_failing(info: dict[str, Any]) -> list[str]:
+    """For a supervised service that is not ready or crashed within the last minute: its last exit and the last
+    lines its log had then (the supervisor keeps restarting it; docs/operations.md)."""
+    failing = info.get("state") in ("starting", "restarting") or not info.get("ready", True)
+    if info.get("last_exit") is None or not (failing or info.get("crashes_last_minute")):
+        return []
+    at = time.strftime("%H:%M:%S", time.localtime(info["last_exit_at"])) if info.get("last_exit_at") else "?"
+    crashes = info.get("crashes_last_minute") or 0
+    lines = [f"             last exit: code {info['last_exit']} at {at}; {crashes} crash(es) in the last minute"]
+    if info.get("last_log"):
+        lines.append("             its log then:")
+        lines += [f"               {line}" for line in info["last_log"]]
+    return lines
+
+
 def render_status(status: dict[str, Any]) -> str:
     """Human-readable form of ``collect_status``."""
     lines = [f"Flowtrail status (state folder {status['state_dir']})"]
@@ -230,6 +250,7 @@ def render_status(status: dict[str, Any]) -> str:
             extra.append(str(info["state"]))
         suffix = f"  ({', '.join(extra)})" if extra else ""
         lines.append(f"  {name:<10} {word:<7} {info['address']}{suffix}")
+        lines += _why_failing(info)
     sup = status["supervisor_pid"]
     lines.append(f"  {'supervisor':<10} {'up' if sup else 'down':<7} {f'pid {sup}' if sup else ''}".rstrip())
     lag = status["consumer_lag"]

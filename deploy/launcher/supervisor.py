@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deploy.launcher.procs import open_log
+import httpx
+
+from deploy.launcher.procs import open_log, tail
 from services.common.settings import REPO_ROOT
 
 log = logging.getLogger("flowtrail.launcher")
@@ -87,36 +89,48 @@ def spawn_options(spec: ServiceSpec, log_fd: int) -> dict[str, Any]:
 class _Child:
     spec: ServiceSpec
     process: asyncio.subprocess.Process | None = None
-    state: str = "new"  # new, running, restarting, failed, stopped
+    state: str = "new"  # new, starting (not ready yet), running, restarting, stopped
     restarts: int = 0
     last_exit: int | None = None
+    last_exit_at: float | None = None  # wall-clock time of the last unexpected exit
+    last_log: list[str] = field(default_factory=list)  # the log's last lines at that exit
     started_at: float = 0.0
-    restart_times: deque[float] = field(default_factory=deque)
+    ready_after: float | None = None  # seconds from this start to its first ready answer
+    backoff: float = 0.0
+    crash_times: deque[float] = field(default_factory=deque)
     watcher: asyncio.Task[None] | None = None
+    prober: asyncio.Task[None] | None = None
 
 
 class Supervisor:
-    """Runs named child processes; each crash is logged and restarted with exponential backoff.
+    """Runs named child processes; each crash is logged and the child restarted, forever.
 
-    A child that crashes more than ``max_restarts_per_minute`` times within a minute is given up on
-    (state ``failed``). ``stop_all()`` sends SIGTERM to every child's process group, waits up to
-    ``stop_timeout`` seconds, then sends SIGKILL.
+    The delay before a restart starts at ``backoff_initial`` and doubles up to ``backoff_max``; it is back at
+    ``backoff_initial`` once a start succeeds: the child answers 200 on its readiness URL (``ready_url(name)``;
+    without one, once it has run ``stable_after`` seconds). A child that keeps failing is restarted at the cap,
+    never given up on; ``status()`` says why it fails (last exit code, its log's last lines). ``stop_all()`` sends
+    SIGTERM to every child's process group, waits up to ``stop_timeout`` seconds, then sends SIGKILL.
+    How the same policy reads for systemd and Kubernetes: docs/operations.md.
     """
 
     def __init__(
         self,
         log_dir: Path,
         *,
-        max_restarts_per_minute: int = 5,
-        backoff_initial: float = 1.0,
-        backoff_max: float = 30.0,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 5.0,
+        ready_url: Callable[[str], str | None] | None = None,
+        stable_after: float = 10.0,
+        crashing_per_minute: int = 6,
         stop_timeout: float = 15.0,
         on_change: Callable[[], None] | None = None,
     ) -> None:
         self.log_dir = Path(log_dir)
-        self.max_restarts_per_minute = max_restarts_per_minute
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
+        self.ready_url = ready_url
+        self.stable_after = stable_after
+        self.crashing_per_minute = crashing_per_minute
         self.stop_timeout = stop_timeout
         self._on_change = on_change
         self._children: dict[str, _Child] = {}
@@ -128,7 +142,7 @@ class Supervisor:
     def add(self, spec: ServiceSpec) -> None:
         if spec.name in self._children:
             raise ValueError(f"a child named {spec.name!r} is already supervised")
-        self._children[spec.name] = _Child(spec)
+        self._children[spec.name] = _Child(spec, backoff=self.backoff_initial)
 
     async def start_all(self) -> None:
         """Spawn every added child (in the order added) and start watching them."""
@@ -151,55 +165,77 @@ class Supervisor:
             child.process = await asyncio.create_subprocess_exec(*spec.argv, **spawn_options(spec, log_fd))
         finally:
             os.close(log_fd)
-        child.state = "running"
+        child.state = "starting"
         child.started_at = time.monotonic()
+        child.ready_after = None
         log.info("started %s (pid %d)", spec.name, child.process.pid)
+        child.prober = asyncio.create_task(self._probe(child, child.process), name=f"probe-{spec.name}")
         self._changed()
 
+    async def _probe(self, child: _Child, process: asyncio.subprocess.Process) -> None:
+        """Until this start of the child answers ready: then its restart delay is back at the initial one."""
+        url = self.ready_url(child.spec.name) if self.ready_url is not None else None
+        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
+            while process.returncode is None:
+                if url is None:
+                    ready = time.monotonic() - child.started_at >= self.stable_after
+                else:
+                    try:
+                        ready = (await client.get(url)).status_code == 200
+                    except httpx.HTTPError:
+                        ready = False
+                if ready and process.returncode is None:
+                    child.ready_after = time.monotonic() - child.started_at
+                    child.backoff = self.backoff_initial
+                    child.state = "running"
+                    log.info("%s is ready (%.1f s after its start)", child.spec.name, child.ready_after)
+                    self._changed()
+                    return
+                await asyncio.sleep(0.25)
+
     async def _watch(self, child: _Child) -> None:
-        backoff = self.backoff_initial
         while True:
             assert child.process is not None
             code = await child.process.wait()
             child.last_exit = code
+            if child.prober is not None:
+                child.prober.cancel()
             if self._stopping.is_set():
                 return
             ran_for = time.monotonic() - child.started_at
+            child.last_exit_at = time.time()
+            child.last_log = tail(self.log_path(child.spec.name), 10).splitlines()
             log.warning(
                 "%s (pid %d) exited unexpectedly with code %s after %.1f s; see %s",
                 child.spec.name, child.process.pid, code, ran_for, self.log_path(child.spec.name),
             )  # fmt: skip
             now = time.monotonic()
-            while child.restart_times and now - child.restart_times[0] > 60.0:
-                child.restart_times.popleft()
-            if len(child.restart_times) >= self.max_restarts_per_minute:
-                child.state = "failed"
-                log.error(
-                    "%s crashed %d times within a minute; giving up on it (see %s)",
-                    child.spec.name, len(child.restart_times) + 1, self.log_path(child.spec.name),
-                )  # fmt: skip
-                self._changed()
-                return
-            if ran_for > 60.0:
-                backoff = self.backoff_initial
+            child.crash_times.append(now)
+            while child.crash_times and now - child.crash_times[0] > 60.0:
+                child.crash_times.popleft()
+            delay = child.backoff
+            child.backoff = min(self.backoff_max, child.backoff * 2)
             child.state = "restarting"
             self._changed()
-            log.info("restarting %s in %.1f s", child.spec.name, backoff)
+            log.info("restarting %s in %.1f s", child.spec.name, delay)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=backoff)
+                await asyncio.wait_for(self._stopping.wait(), timeout=delay)
             if self._stopping.is_set():
                 child.state = "stopped"
                 return
-            backoff = min(self.backoff_max, backoff * 2)
-            child.restart_times.append(time.monotonic())
             child.restarts += 1
-            try:
-                await self._spawn(child)
-            except OSError as exc:
-                child.state = "failed"
-                log.error("could not restart %s: %s", child.spec.name, exc)
-                self._changed()
-                return
+            while True:
+                try:
+                    await self._spawn(child)
+                    break
+                except OSError as exc:  # e.g. out of processes or memory: try again at the cap
+                    log.error("could not restart %s: %s; trying again in %.1f s", child.spec.name, exc,
+                              self.backoff_max)  # fmt: skip
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), timeout=self.backoff_max)
+                    if self._stopping.is_set():
+                        child.state = "stopped"
+                        return
 
     @staticmethod
     def _signal(process: asyncio.subprocess.Process, sig: int) -> None:
@@ -213,7 +249,7 @@ class Supervisor:
     async def _stop_child(self, child: _Child) -> None:
         process = child.process
         if process is None or process.returncode is not None:
-            child.state = "stopped" if child.state != "failed" else child.state
+            child.state = "stopped"
             return
         self._signal(process, signal.SIGTERM)
         try:
@@ -234,6 +270,8 @@ class Supervisor:
         self._stopping.set()
         await asyncio.gather(*(self._stop_child(c) for c in self._children.values()))
         for child in self._children.values():
+            if child.prober is not None:
+                child.prober.cancel()
             if child.watcher is not None:
                 child.watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -241,7 +279,10 @@ class Supervisor:
         self._changed()
 
     def is_failed(self, name: str) -> bool:
-        return self._children[name].state == "failed"
+        """The child crashed ``crashing_per_minute`` times within the last minute (it is still being restarted)."""
+        child = self._children[name]
+        now = time.monotonic()
+        return sum(1 for t in child.crash_times if now - t <= 60.0) >= self.crashing_per_minute
 
     def pid(self, name: str) -> int | None:
         child = self._children[name]
@@ -250,13 +291,20 @@ class Supervisor:
         return child.process.pid
 
     def status(self) -> dict[str, dict[str, Any]]:
-        """Per child: state, pid, restarts, last exit code and log file."""
+        """Per child: state, pid, restarts, crashes in the last minute, last exit code, when and the log's last
+        lines then, how long this start took to be ready, the next restart delay and the log file."""
+        now = time.monotonic()
         return {
             name: {
                 "state": child.state,
                 "pid": self.pid(name),
                 "restarts": child.restarts,
+                "crashes_last_minute": sum(1 for t in child.crash_times if now - t <= 60.0),
                 "last_exit": child.last_exit,
+                "last_exit_at": child.last_exit_at,
+                "last_log": child.last_log,
+                "ready_after": child.ready_after,
+                "backoff": child.backoff,
                 "log": str(self.log_path(name)),
             }
             for name, child in self._children.items()

@@ -27,6 +27,7 @@ from deploy.launcher.stack import (
     LOOPBACK,
     StackPaths,
     banner,
+    health_url,
     kafka_endpoint,
     postgres_endpoint,
     read_api_key,
@@ -65,6 +66,11 @@ class _Infra:
 def console_line(stack: dict[str, Any]) -> str:
     """Where the web console is (docs/console.md): the API's own address, signed in with the key above."""
     return f"Console: open {stack['api_url']}/ in a browser and sign in with the API key above.\n"
+
+
+def ready_url(name: str) -> str:
+    """The service's readiness page (docs/intake.md), which the supervisor polls after each start."""
+    return health_url(name).removesuffix("/healthz") + "/readyz"
 
 
 def load_hook(module: str, attr: str) -> Any:
@@ -156,7 +162,8 @@ async def _serve(settings: CommonSettings, paths: StackPaths, infra: _Infra, *, 
         bootstrap = load_hook("deploy.launcher.bootstrap", "bootstrap")
         log.info("bootstrapping: topics, migrations, demo flows, tenant and API key")
         result = await _until(stop, bootstrap(settings))
-        supervisor = Supervisor(paths.logs, on_change=publish)
+        # A service's restart delay is back at its shortest once it answers ready (docs/operations.md).
+        supervisor = Supervisor(paths.logs, on_change=publish, ready_url=ready_url)
         for spec in service_specs(settings):
             supervisor.add(spec)
         await supervisor.start_all()
