@@ -34,10 +34,14 @@ Reader = Annotated[Principal, Depends(require_scope("runs:read"))]
 Writer = Annotated[Principal, Depends(require_scope("flows:write"))]
 Many = Annotated[list[str] | None, Query()]
 
-# How long a write waits for the projector before answering 202 instead of the projected flow.
 _PENDING: dict[int | str, dict[str, Any]] = {
     202: {"model": models.FlowPending, "description": "durable, not projected yet"}
 }
+# A write answers the flow as projected (201, or 200 for pause and resume), or 202 while the projector lags.
+_WRITE: dict[str, Any] = {
+    "response_model_exclude_unset": True, "response_model": models.FlowWritten, "responses": _PENDING,
+}  # fmt: skip
+# How long a write waits for the projector before answering 202 instead of the projected flow.
 PROJECTION_WAIT_S = 3.0
 STATUSES = ("active", "paused")
 TRIGGER_TYPES = ("manual", "api", "webhook", "schedule", "kafka")
@@ -332,25 +336,13 @@ async def _publish(
     return await _answer(request, principal, definition.id, version, at, definition)
 
 
-@router.post(
-    "/v1/flows",
-    status_code=201,
-    response_model_exclude_unset=True,
-    response_model=models.FlowWritten,
-    responses=_PENDING,
-)
+@router.post("/v1/flows", status_code=201, **_WRITE)
 async def create_flow(body: FlowBody, request: Request, principal: Writer) -> models.FlowWritten | Response:
     """Version 1 of a new flow, in the key's tenant and environment."""
     return await _publish(request, principal, _definition(body, principal), new=True)
 
 
-@router.post(
-    "/v1/flows/{flow_id}/versions",
-    status_code=201,
-    response_model_exclude_unset=True,
-    response_model=models.FlowWritten,
-    responses=_PENDING,
-)
+@router.post("/v1/flows/{flow_id}/versions", status_code=201, **_WRITE)
 async def publish_version(
     flow_id: str, body: FlowBody, request: Request, principal: Writer
 ) -> models.FlowWritten | Response:
@@ -390,12 +382,7 @@ async def _set_paused(
     return await _answer(request, principal, flow_id, state.latest_version, at)
 
 
-@router.post(
-    "/v1/flows/{flow_id}/pause",
-    response_model_exclude_unset=True,
-    response_model=models.FlowWritten,
-    responses=_PENDING,
-)
+@router.post("/v1/flows/{flow_id}/pause", **_WRITE)
 async def pause_flow(
     flow_id: str, request: Request, principal: Writer, body: PauseRequest | None = None
 ) -> models.FlowWritten | Response:
@@ -403,11 +390,6 @@ async def pause_flow(
     return await _set_paused(request, principal, flow_id, True, body.reason if body else "")
 
 
-@router.post(
-    "/v1/flows/{flow_id}/resume",
-    response_model_exclude_unset=True,
-    response_model=models.FlowWritten,
-    responses=_PENDING,
-)
+@router.post("/v1/flows/{flow_id}/resume", **_WRITE)
 async def resume_flow(flow_id: str, request: Request, principal: Writer) -> models.FlowWritten | Response:
     return await _set_paused(request, principal, flow_id, False, "")
