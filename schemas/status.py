@@ -94,9 +94,10 @@ ATTEMPT_STATUS_BY_EVENT: dict[str, StepStatus] = {
     "StepCanceled": S.CANCELED,
 }
 
-# The seeds' words, each meaning a set of our statuses (one table; the API accepts them in filters and bulk bodies,
-# in any case, and docs/runs.md lists them). Seed 000: Pending, InProgress, Successful, Partial, Error, Canceled;
-# seed 001: TIMEOUT, STOPPED; seed 002: PARTIAL_SUCCEEDED, STOPPED; seed 004: passed, failed, error, cancelled,
+# The product documents' words (docs/origins.md), each meaning a set of our statuses (one table; the API accepts
+# them in filters and bulk bodies, in any case, and docs/runs.md lists them). Runs page: Pending, InProgress,
+# Successful, Partial, Error, Canceled; run API: TIMEOUT, STOPPED; launch API: PARTIAL_SUCCEEDED, STOPPED;
+# executions page: passed, failed, error, cancelled,
 # timed_out/timeout. "Error" and "failure" mean any run that ended in error, whichever way it did.
 ENDED_IN_ERROR: frozenset[RunStatus] = frozenset({R.FAILED, R.TIMED_OUT, R.INTERNAL_ERROR, R.QUOTA_EXCEEDED, R.INVALID})
 RUN_STATUS_ALIASES: dict[str, frozenset[RunStatus]] = {

@@ -1,5 +1,6 @@
 """The demo flows `flowtrail up` publishes: one that succeeds, one that fails on purpose, and three modelled on
-the seeds (an order sync ending PARTIAL, an API test, an approval) that call the demo upstream on loopback."""
+the product documents in docs/origins.md (an order sync ending PARTIAL, an API test, an approval) that call
+the demo upstream on loopback."""
 
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ def demo_flows(
 
 
 def seed_flows(tenant_id: str, upstream: str) -> list[dict[str, Any]]:
-    """Seed 000/003's "Shopify → NetSuite Orders" sync, a seed-004 API test, and an approval on human_input."""
+    """The runs page's "Shopify → NetSuite Orders" sync, an executions-page API test, and an approval on human_input."""
     order_sync = {
         "id": ORDER_SYNC, "tenant_id": tenant_id, "name": "Shopify → NetSuite Orders", "version": 1,
         "description": "Sales orders from Shopify updated in the run's cursor window become NetSuite sales orders "
@@ -108,7 +109,7 @@ def seed_flows(tenant_id: str, upstream: str) -> list[dict[str, Any]]:
     }  # fmt: skip
     api_test = {
         "id": API_TEST, "tenant_id": tenant_id, "name": "Create user then fetch it", "version": 1,
-        "description": "An API test (seed 004): create a user, assert the answer, extract its id, read it back.",
+        "description": "An API test: create a user, assert the answer, extract its id, read it back.",
         "tags": ["demo", "api-test"],
         "steps": [
             {"name": "create_user", "action": "http_request",

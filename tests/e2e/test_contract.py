@@ -2,7 +2,7 @@
 
 Deterministic checks first — bytes PostgreSQL or Kafka cannot take (NUL, lone surrogates, numbers beyond their
 columns) answer 4xx envelopes, 401 comes before 400, rate-limit headers are on every authenticated answer,
-unknown query parameters answer 422 naming them, the seeds' names are aliases — then schemathesis over each
+unknown query parameters answer 422 naming them, the product documents' names are aliases — then schemathesis over each
 service's /openapi.json: no 5xx, every answer inside its declared schema, no undocumented status code.
 
 `make test` runs a bounded number of generated cases (FLOWTRAIL_FUZZ_CASES, default 300, plus the coverage phase);
@@ -233,7 +233,7 @@ async def test_timestamps_with_an_offset_are_one_rule_everywhere(env: Env) -> No
         assert "RFC 3339" in _envelope(r, 422, "validation_error")
 
 
-# ---------------------------------------------------------------- query parameters: unknown ones, the seeds' names
+# ------------------------------------------- query parameters: unknown ones, the product documents' names
 
 
 @pytest.mark.parametrize(

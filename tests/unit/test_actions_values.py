@@ -1,4 +1,4 @@
-"""Step outputs as plain JSON, capped; errors of PostgreSQL, Kafka and user code sorted into the seed-000 categories."""
+"""Step outputs as plain JSON, capped; errors of PostgreSQL, Kafka and user code sorted into the error categories."""
 
 from __future__ import annotations
 
