@@ -7,11 +7,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from playwright.async_api import Browser, async_playwright
+import orjson
+from playwright.async_api import Browser, BrowserContext, async_playwright
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -41,3 +42,17 @@ async def headless_chromium() -> AsyncIterator[Browser]:
             yield browser
         finally:
             await browser.close()
+
+
+async def signed_in(browser: Browser, key: str, scopes: Sequence[str]) -> BrowserContext:
+    """A browser context whose tabs start signed in to the console with `key` (the session storage the sign-in form
+    leaves: services/api/console/static/api.js), at a laptop's 1280 x 900."""
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    stored = {"flowtrail.key": key, "flowtrail.scopes": orjson.dumps(list(scopes)).decode()}
+    await context.add_init_script(
+        "".join(
+            f"sessionStorage.setItem({orjson.dumps(k).decode()}, {orjson.dumps(v).decode()});"
+            for k, v in stored.items()
+        )
+    )
+    return context

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 from aiohttp import web
 from playwright.async_api import Browser, BrowserContext, Page, expect
@@ -16,9 +15,9 @@ from playwright.async_api import Browser, BrowserContext, Page, expect
 from deploy.launcher.demo_flows import API_TEST, APPROVAL, ORDER_SYNC, demo_flows, demo_inputs
 from deploy.launcher.demo_upstream import DemoUpstream
 from services.api import console
-from tests.browser import headless_chromium
+from tests.browser import headless_chromium, signed_in
 from tests.conftest import Infra, make_sandbox
-from tests.harness import Env, api_in_process, running, stub_upstream
+from tests.harness import TERMINAL, Env, api_in_process, running, stub_upstream
 
 TENANT = "demo"
 SCREENSHOTS = Path(__file__).resolve().parents[2] / ".state" / "screenshots"
@@ -67,7 +66,8 @@ async def demo(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncI
         runs = {}
         for name, run_id in started.items():
             wanted = {"PAUSED"} if name == "paused" else None
-            runs[name] = await (env.wait_status(run_id, wanted) if wanted else env.wait_status(run_id))
+            # The first runs wait for the executor to be given its partitions, slow on a busy machine.
+            runs[name] = await env.wait_status(run_id, wanted or TERMINAL, within=90)
         assert runs["partial"]["status"] == "PARTIAL" and runs["assertion"]["status"] == "FAILED", runs
         yield Demo(env, systems, runs)
 
@@ -79,21 +79,16 @@ async def browser() -> AsyncIterator[Browser]:
 
 
 @pytest.fixture(scope="module")
-async def signed_in(browser: Browser, demo: Demo) -> AsyncIterator[BrowserContext]:
+async def signed_in_tabs(browser: Browser, demo: Demo) -> AsyncIterator[BrowserContext]:
     """A browser context whose tabs are signed in with the demo key (as the sign-in form leaves them)."""
-    context = await browser.new_context(viewport={"width": 1280, "height": 900})
-    key = orjson.dumps(demo.env.key).decode()
-    scopes = orjson.dumps(orjson.dumps(["runs:read", "runs:write", "flows:write"]).decode()).decode()
-    await context.add_init_script(
-        f"sessionStorage.setItem('flowtrail.key', {key}); sessionStorage.setItem('flowtrail.scopes', {scopes});"
-    )
+    context = await signed_in(browser, demo.env.key, ["runs:read", "runs:write", "flows:write"])
     yield context
     await context.close()
 
 
 @pytest.fixture
-async def page(signed_in: BrowserContext) -> AsyncIterator[Page]:
-    page = await signed_in.new_page()
+async def page(signed_in_tabs: BrowserContext) -> AsyncIterator[Page]:
+    page = await signed_in_tabs.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     yield page
