@@ -160,8 +160,11 @@ class Topics:
 @pytest.fixture(scope="module")
 async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
     # The broker's minimum session timeout: the killed ingest's partitions move on sooner.
-    async with running(infra, tmp_path_factory, keys={"a": TENANT}, partitions=4,
+    async with running(infra, tmp_path_factory, keys={"a": TENANT}, partitions=4, flows=[flow(TENANT, "http", STEP)],
                        env={"FLOWTRAIL_INGEST_KAFKA_TRIGGER_SESSION_TIMEOUT_MS": "6000"}) as env:  # fmt: skip
+        # The stack runs runs before any message is produced (a broker slow to show new topics can leave the
+        # executor without its partitions for minutes: that is not what these tests measure).
+        await env.wait_status(await env.trigger("http", {"n": 0}), ["SUCCEEDED"], within=180)
         yield env
 
 

@@ -18,7 +18,6 @@ from datetime import datetime
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
@@ -36,8 +35,9 @@ from schemas.events import (
 from schemas.flows import FlowDefinition, StepAction
 from schemas.topics import Topics
 from services.common.appender import Appender, AppendFailed
-from services.common.flowfollow import FlowFollower, FlowKey
+from services.common.flowfollow import FlowFollower, FlowKey, cancelled
 from services.ingest import metrics
+from services.ingest.adapters.backlog import Backlog
 from services.ingest.adapters.triggers import TriggerLog
 from services.ingest.kafka_triggers import DeadLetter, Filtered, Message, Run, admit, dead_letter
 
@@ -49,64 +49,6 @@ Windows = Callable[[str, str, int], Awaitable[CursorWindow | None]]
 def group_id(prefix: str, tenant_id: str, flow_id: str, topic: str) -> str:
     """The consumer group of one flow's subscription to one topic: its committed offsets are where the flow is."""
     return f"{prefix}.kafka-trigger.{tenant_id}.{flow_id}.{topic}"
-
-
-class Backlog:
-    """Backpressure: open while the executor's consumer group lags less than `limit` triggers behind the triggers
-    topic; subscriptions wait here before each fetch. A lag that cannot be read leaves the gate as it was."""
-
-    def __init__(self, bootstrap: str, topic: str, group: str, limit: int, interval_s: float = 1.0) -> None:
-        self.bootstrap, self.topic, self.group, self.limit, self.interval_s = bootstrap, topic, group, limit, interval_s
-        self.open = asyncio.Event()
-        self.open.set()
-        self._admin: AIOKafkaAdminClient | None = None
-        self._consumer: AIOKafkaConsumer | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        if self.limit <= 0:
-            return
-        self._admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False)
-        await self._admin.start()
-        await self._consumer.start()
-        self._task = asyncio.create_task(self._watch(), name="kafka-trigger-backlog")
-
-    async def stop(self) -> None:
-        await _cancel(self._task)
-        if self._consumer is not None:
-            await self._consumer.stop()
-        if self._admin is not None:
-            await self._admin.close()
-
-    async def _watch(self) -> None:
-        unreadable = False
-        while True:
-            try:
-                lag = await self.lag()
-            except (KafkaError, OSError, TimeoutError) as exc:
-                if not unreadable:  # once per outage, not once a second
-                    log.info("executor lag unreadable (%r); the backpressure gate stays as it is", exc)
-                unreadable = True
-            else:
-                unreadable = False
-                metrics.KAFKA_TRIGGER_EXECUTOR_BACKLOG.set(lag)
-                if lag < self.limit:
-                    self.open.set()
-                elif self.open.is_set():
-                    log.info("executor %d triggers behind (limit %d): kafka triggers wait", lag, self.limit)
-                    self.open.clear()
-            await asyncio.sleep(self.interval_s)
-
-    async def lag(self) -> int:
-        assert self._consumer is not None and self._admin is not None
-        tps = [TopicPartition(self.topic, p) for p in sorted(self._consumer.partitions_for_topic(self.topic) or ())]
-        if not tps:
-            await self._consumer.topics()  # metadata of a topic created after the start
-            return 0
-        ends = await self._consumer.end_offsets(tps)
-        done = await self._admin.list_consumer_group_offsets(self.group, partitions=tps)
-        return sum(max(0, ends[tp] - max(0, done[tp].offset if tp in done else 0)) for tp in tps)
 
 
 class Subscription:
@@ -152,7 +94,7 @@ class Subscription:
                  " — paused" if self.paused else "")  # fmt: skip
 
     async def stop(self) -> None:
-        await _cancel(self._task)
+        await cancelled(self._task)
         if self._consumer is not None:
             with contextlib.suppress(KafkaError, OSError, TimeoutError):
                 await self._consumer.stop()
@@ -357,7 +299,7 @@ class KafkaTriggers:
         self._task = asyncio.create_task(self._follow(), name="kafka-triggers")
 
     async def stop(self) -> None:
-        await _cancel(self._task)
+        await cancelled(self._task)
         await asyncio.gather(*(s.stop() for s in self.subscriptions.values()))
         self.subscriptions.clear()
         await self.follower.stop()
@@ -423,10 +365,3 @@ class KafkaTriggers:
             newest = key in resumed and flow.trigger.resume_from == "newest"
             sub.set_paused(paused, skip_to_newest=newest and not paused)
         metrics.KAFKA_TRIGGER_SUBSCRIPTIONS.set(len(self.subscriptions))
-
-
-async def _cancel(task: asyncio.Task[None] | None) -> None:
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
