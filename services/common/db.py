@@ -38,11 +38,12 @@ async def keep_session(conn: asyncpg.Connection) -> None:
 
 async def create_pool(
     dsn: str, schema: str, *, min_size: int = 1, max_size: int = 10,
-    reset: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
+    reset: Callable[[asyncpg.Connection], Awaitable[None]] | None = None, **connect_options: Any,
 ) -> asyncpg.Pool:  # fmt: skip
+    """`connect_options` go to each connection (e.g. `timeout`, how long a connection attempt may take)."""
     pool = await asyncpg.create_pool(
         dsn, min_size=min_size, max_size=max_size, init=_init_connection, server_settings=_server_settings(schema),
-        reset=reset,
+        reset=reset, **connect_options,
     )  # fmt: skip
     assert pool is not None
     return pool
