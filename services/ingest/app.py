@@ -17,11 +17,10 @@ from services.common.accepted import record_accepted_triggers
 from services.common.appender import Appender
 from services.common.auth import Authenticator
 from services.common.bodylimit import BodyLimit
-from services.common.db import connect, create_pool, pool_problem
 from services.common.http import install
 from services.common.idempotency import Idempotency
-from services.common.migrate import migrate
 from services.common.ratelimit import RateLimitHeaders, rate_limiter
+from services.common.startup import Database, UntilMigrated
 from services.ingest.adapters.kafka_triggers import KafkaTriggers
 from services.ingest.adapters.triggers import TriggerLog
 from services.ingest.adapters.windows import cursor_window
@@ -35,12 +34,10 @@ log = logging.getLogger(__name__)
 def create_app(settings: IngestSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        conn = await connect(settings.database_url, settings.database_schema)
-        try:
-            await migrate(conn, settings.database_schema)
-        finally:
-            await conn.close()
-        app.state.pool = await create_pool(settings.database_url, settings.database_schema)
+        # Started without waiting for PostgreSQL either: until it is migrated, requests answer 503 (docs/operations.md).
+        app.state.database = Database(settings.database_url, settings.database_schema)
+        await app.state.database.start()
+        app.state.pool = app.state.database.pool
         app.state.authenticator = Authenticator(app.state.pool, limiter=rate_limiter(app.state.pool, settings))
         # Started without waiting for Kafka: while it is unreachable, triggers answer 503 and /readyz says why.
         app.state.appender, app.state.bulk_appender = (
@@ -87,13 +84,14 @@ def create_app(settings: IngestSettings) -> FastAPI:
                     await background.stop()
             await app.state.appender.stop()
             await app.state.bulk_appender.stop()
-            await app.state.pool.close()
+            await app.state.database.close()
 
     app = FastAPI(title="Flowtrail ingest", default_response_class=ORJSONResponse, lifespan=lifespan)
     app.state.settings = settings
     # Innermost first: the key check reads the whole body, which the limit has bounded by then.
     app.add_middleware(Idempotency)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(UntilMigrated, database=lambda: getattr(app.state, "database", None))
     install(app, ready=functools.partial(_ready, app))
     app.add_middleware(RateLimitHeaders)
     app.include_router(triggers.router)
@@ -122,4 +120,4 @@ async def _ready(app: FastAPI) -> dict[str, str | None]:
         name: None if task.done() and task.exception() is None else "not started yet: Kafka unreachable"
         for name, task in (("scheduler", app.state.scheduler_task), ("kafka_triggers", app.state.kafka_triggers_task))
     }
-    return {"postgres": await pool_problem(app.state.pool), "kafka": await app.state.appender.check(), **started}
+    return {"postgres": await app.state.database.check(), "kafka": await app.state.appender.check(), **started}
