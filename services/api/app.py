@@ -20,11 +20,11 @@ from services.api.routes import secrets as secrets_routes
 from services.api.settings import ApiSettings
 from services.common.auth import Authenticator
 from services.common.bodylimit import BodyLimit
-from services.common.db import connect, create_pool, keep_session, pool_problem
+from services.common.db import keep_session
 from services.common.http import OrjsonResponse, install
 from services.common.idempotency import Idempotency
-from services.common.migrate import migrate
 from services.common.ratelimit import RateLimitHeaders, rate_limiter
+from services.common.startup import Database, UntilMigrated
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +32,14 @@ log = logging.getLogger(__name__)
 def create_app(settings: ApiSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        conn = await connect(settings.database_url, settings.database_schema)
-        try:
-            await migrate(conn, settings.database_schema)
-        finally:
-            await conn.close()
         # The API's pooled connections carry no session state (SET LOCAL and transaction-scoped advisory locks
-        # only; LISTEN has its own connection), so a release skips asyncpg's reset query.
-        app.state.pool = await create_pool(
+        # only; LISTEN has its own connection), so a release skips asyncpg's reset query. Started without waiting
+        # for PostgreSQL: until it is migrated, requests answer 503 (docs/operations.md).
+        app.state.database = Database(
             settings.database_url, settings.database_schema, max_size=settings.pool_max_size, reset=keep_session
         )
+        await app.state.database.start()
+        app.state.pool = app.state.database.pool
         app.state.authenticator = Authenticator(app.state.pool, limiter=rate_limiter(app.state.pool, settings))
         app.state.notifier = Notifier(settings.database_url, settings.database_schema)
         await app.state.notifier.start()
@@ -71,13 +69,14 @@ def create_app(settings: ApiSettings) -> FastAPI:
             await app.state.command_log.stop()
             await app.state.flow_log.stop()
             await app.state.notifier.stop()
-            await app.state.pool.close()
+            await app.state.database.close()
 
     app = FastAPI(title="Flowtrail API", version="1", default_response_class=OrjsonResponse, lifespan=lifespan)
     app.state.settings = settings
     # Innermost first: the key check reads the whole body, which the limit has bounded by then.
     app.add_middleware(Idempotency)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(UntilMigrated, database=lambda: getattr(app.state, "database", None))
     install(app, ready=functools.partial(_ready, app))
     app.add_middleware(RateLimitHeaders)
     # Routes are matched in this order: the runs reads, the busiest, first (actions holds only POSTs).
@@ -99,4 +98,4 @@ def create_app(settings: ApiSettings) -> FastAPI:
 async def _ready(app: FastAPI) -> dict[str, str | None]:
     """The API's job is reads (PostgreSQL); Kafka is needed only by writes, which answer 503 on their own while it
     is away, so it is reported by `flowtrail status` (the executor's and ingest's readiness) rather than here."""
-    return {"postgres": await pool_problem(app.state.pool)}
+    return {"postgres": await app.state.database.check()}
