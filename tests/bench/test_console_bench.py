@@ -42,7 +42,9 @@ async def test_runs_page_is_usable_quickly_at_scale(infra: Infra, scale: Scale, 
             for chunk in synthetic_runs(n, tenant_ids=("t1",)):
                 await copy_rows(conn, "runs", RUN_COLUMNS, chunk, box.schema)
             # One run with 50 HTTP steps, each with a request and an answer, for the detail page.
-            big = await conn.fetchval("SELECT id FROM runs ORDER BY created_at DESC OFFSET 10 LIMIT 1")
+            big = await conn.fetchval(
+                "SELECT id FROM runs WHERE environment = 'PRODUCTION' ORDER BY created_at DESC OFFSET 10 LIMIT 1"
+            )
             now = datetime.now(UTC)
             steps = [
                 (big, f"step{i:02d}", i, "http_request", "SUCCEEDED", 1,
