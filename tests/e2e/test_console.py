@@ -17,7 +17,7 @@ from deploy.launcher.demo_upstream import DemoUpstream
 from services.api import console
 from tests.browser import headless_chromium, signed_in
 from tests.conftest import Infra, make_sandbox
-from tests.harness import TERMINAL, Env, api_in_process, running, stub_upstream
+from tests.harness import TERMINAL, Env, api_in_process, running, stub_upstream, wait_until
 
 TENANT = "demo"
 SCREENSHOTS = Path(__file__).resolve().parents[2] / ".state" / "screenshots"
@@ -277,6 +277,31 @@ async def test_analytics_draws_charts_from_the_demo_runs(page: Page, demo: Demo)
     assert drawn > 200, drawn  # a bar, not a stray pixel
     await expect(page.get_by_role("table", name="Failure groups")).to_contain_text("assertion failed: body.email")
     await expect(page.get_by_role("table", name="Endpoints")).to_contain_text("/healthz")
+
+
+async def test_a_flows_versions_diff_and_pause(page: Page, demo: Demo) -> None:
+    flow = await demo.env.ok("GET", f"/v1/flows/{API_TEST}")
+    definition = {k: v for k, v in flow["definition"].items() if k not in ("tenant_id", "version")}
+    r = await demo.env.api("POST", f"/v1/flows/{API_TEST}/versions",
+                           json={**definition, "description": "Creates a user and reads it back."})  # fmt: skip
+    assert r.status_code in (201, 202), r.text
+    await wait_until(lambda: _latest(demo, API_TEST, 2), what="version 2 projected")
+
+    await page.goto(f"{demo.url}#/flows/{API_TEST}")
+    await expect(page.get_by_role("heading", level=1)).to_contain_text("Create user then fetch it")
+    diff = page.get_by_role("region", name="Diff between versions")
+    await expect(diff.locator(".del")).to_contain_text("An API test")
+    await expect(diff.locator(".add")).to_contain_text("Creates a user and reads it back.")
+    await page.get_by_role("button", name="Pause flow").click()
+    await expect(page.get_by_role("button", name="Resume flow")).to_be_visible()
+    assert (await demo.env.ok("GET", f"/v1/flows/{API_TEST}"))["status"] == "paused"
+    await page.get_by_role("button", name="Resume flow").click()
+    await expect(page.get_by_role("button", name="Pause flow")).to_be_visible()
+    assert (await demo.env.ok("GET", f"/v1/flows/{API_TEST}"))["status"] == "active"
+
+
+async def _latest(demo: Demo, flow_id: str, version: int) -> bool:
+    return bool((await demo.env.ok("GET", f"/v1/flows/{flow_id}"))["latest_version"] == version)
 
 
 # ---------------------------------------------------------------- without its packages

@@ -53,7 +53,7 @@ function FlowDetail({ id }) {
   if (!flow.data) return html`<${Problem} error=${flow.error} />`;
   const f = flow.data;
   async function toggle() {
-    try { await post(`/v1/flows/${encodeURIComponent(id)}/${f.status === "PAUSED" ? "resume" : "pause"}`); flow.reload(); } catch (e) { setError(e); }
+    try { await post(`/v1/flows/${encodeURIComponent(id)}/${f.status === "paused" ? "resume" : "pause"}`); flow.reload(); } catch (e) { setError(e); }
   }
   return html`<p><a href="#/flows">← Flows</a></p>
     <h1>${f.name} <span class="muted mono">${f.id}</span></h1>
@@ -63,7 +63,7 @@ function FlowDetail({ id }) {
       <dt>schedule</dt><dd>${f.schedule ? `${f.schedule.cron || `every ${f.schedule.interval_s} s`} (${f.schedule.timezone}), next ${time(f.schedule.next_run_at)}` : "none"}</dd>
       <dt>connectors</dt><dd>${f.connectors.map((c) => `${c.name} (${c.used_by.map((u) => u.step).join(", ")})`).join("; ") || "none"}</dd>
       <dt>runs</dt><dd><a href=${`#/runs?flow_id=${encodeURIComponent(f.id)}`}>this flow's runs</a>${" · "}<a href=${`#/analytics?flow_id=${encodeURIComponent(f.id)}`}>analytics</a></dd></dl>
-      ${session.can("flows:write") && html`<button onClick=${toggle}>${f.status === "PAUSED" ? "Resume flow" : "Pause flow"}</button>`}
+      ${session.can("flows:write") && html`<button onClick=${toggle}>${f.status === "paused" ? "Resume flow" : "Pause flow"}</button>`}
     </div><${Problem} error=${error} /></section>
     <section class="card"><h2>Versions</h2><ul>${f.versions.map((v) => html`<li>v${v.version} · published ${time(v.published_at)}</li>`)}</ul></section>
     ${f.versions.length > 1 && html`<${Diff} id=${f.id} versions=${f.versions.map((v) => v.version).sort((a, b) => b - a)} />`}
