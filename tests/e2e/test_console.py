@@ -217,6 +217,16 @@ async def test_a_paused_run_is_resumed_through_the_form(page: Page, demo: Demo) 
     assert {s["name"]: s for s in run["steps"]}["approve"]["output"] == {"approved": True, "carrier": "DHL"}
 
 
+async def test_the_runs_list_shows_a_new_run_and_its_end_live(page: Page, demo: Demo) -> None:
+    await page.goto(f"{demo.url}#/runs?flow_id={API_TEST}")
+    await expect(row(page, demo.runs["assertion"]["id"])).to_be_visible()
+    loads = await reloads(page)
+    run_id = await demo.env.trigger(API_TEST)  # the users API answers right again since the retry above
+    await expect(row(page, run_id)).to_contain_text("SUCCEEDED", timeout=30_000)
+    await expect(page.locator("tr[data-run]").first).to_have_attribute("data-run", run_id)  # newest first
+    assert loads == []
+
+
 async def test_the_time_travel_scrubber_shows_the_run_as_it_was(page: Page, demo: Demo) -> None:
     run = demo.runs["order-0"]
     await open_run(page, demo, run["id"])
