@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import asyncpg
-from fastapi import APIRouter, Body, Depends, Request, Response
+from fastapi import APIRouter, Body, Request, Response
 from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field
 
 from schemas.events import (
@@ -37,14 +37,15 @@ from services.api.adapters import runs as store
 from services.api.adapters.commands import CommandLog
 from services.api.models.runs import ActionAccepted, AlreadyArchived, BulkResult, RetryAccepted
 from services.api.retry import Reuse, plan_reuse
+from services.api.routes import RunsWriter as Writer
+from services.api.routes import found
 from services.api.routes.runs import summary
-from services.common.auth import Principal, require_scope
+from services.common.auth import Principal
 from services.common.contract import Timestamp
 from services.common.http import ApiError, answer
 from services.common.idempotency import derived_run_ids, idempotency_key
 
 router = APIRouter()
-Writer = Annotated[Principal, Depends(require_scope("runs:write"))]
 
 _TERMINAL = {s.value for s in TERMINAL_RUN_STATUSES}
 # Cancel applies to runs that have not ended; retry to runs that ended without succeeding (a rerun of a
@@ -66,9 +67,7 @@ async def _run(request: Request, principal: Principal, run_id: str) -> asyncpg.R
         "SELECT * FROM runs WHERE tenant_id = $1 AND environment = $2 AND id = $3",
         principal.tenant_id, principal.environment, run_id,
     )  # fmt: skip
-    if row is None:
-        raise ApiError(404, "not_found", f"no run with id {run_id!r}")
-    return row
+    return found(row, "run", run_id)
 
 
 # ---------------------------------------------------------------- bodies

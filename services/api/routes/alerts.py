@@ -13,11 +13,12 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import asyncpg
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.api.models.alerts import Alert, AlertDelivery, AlertDetail, AlertRule, AlertRules, Alerts, NewAlertRule
-from services.common.auth import Principal, require_scope
+from services.api.routes import Admin, found
+from services.common.auth import Principal
 from services.common.channels import PAGERDUTY_URL
 from services.common.contract import AnyCase
 from services.common.cursor import TIME_AND_ID
@@ -25,7 +26,6 @@ from services.common.http import ApiError
 from services.common.netguard import BlockedAddress, check_url
 
 router = APIRouter()
-Admin = Annotated[Principal, Depends(require_scope("admin"))]
 
 Kind = Literal["failed_run", "consecutive_partial", "no_success", "failure_rate"]
 PARAMS: dict[str, tuple[str, ...]] = {
@@ -149,9 +149,7 @@ async def _rule_or_404(conn: Any, principal: Principal, rule_id: str, *, lock: b
         f"WHERE r.id = $1 AND r.tenant_id = $2 AND r.environment = $3 {'FOR UPDATE OF r' if lock else ''}",
         rule_id, principal.tenant_id, principal.environment,
     )  # fmt: skip
-    if row is None:
-        raise ApiError(404, "not_found", f"no alert rule with id {rule_id!r}")
-    return row
+    return found(row, "alert rule", rule_id)
 
 
 @router.post("/v1/alert-rules", status_code=201, response_model_exclude_unset=True)
@@ -275,8 +273,7 @@ async def get_alert(alert_id: str, request: Request, principal: Admin) -> AlertD
         f"SELECT {_ALERT} FROM alert_events WHERE id = $1 AND tenant_id = $2 AND environment = $3",
         alert_id, principal.tenant_id, principal.environment,
     )  # fmt: skip
-    if row is None:
-        raise ApiError(404, "not_found", f"no alert with id {alert_id!r}")
+    row = found(row, "alert", alert_id)
     deliveries = await pool.fetch(
         "SELECT id, action, channel_index, channel_type, target, status, attempts, attempt_log, last_status_code, "
         "last_error, next_attempt_at, created_at, delivered_at, body FROM alert_deliveries WHERE alert_id = $1 "

@@ -5,17 +5,16 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 
 from schemas.events import ErrorCategory
 from services.api.adapters import analytics as store
 from services.api.models import analytics as models
-from services.common.auth import Principal, require_scope
+from services.api.routes import Reader
 from services.common.contract import Timestamp
 from services.common.http import ApiError
 
 router = APIRouter()
-Reader = Annotated[Principal, Depends(require_scope("runs:read"))]
 
 # Flowtrail's deterministic failure analysis: what to do next, by error category (docs/architecture.md, Vocabulary).
 NEXT_ACTION = {

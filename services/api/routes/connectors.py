@@ -22,15 +22,16 @@ import asyncpg
 import httpx
 from aiokafka import errors as kerr
 from aiokafka.admin import AIOKafkaAdminClient
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.events import ErrorCategory, ErrorInfo
 from schemas.flows import mask_secrets, mask_text
 from services.api.models.connectors import Connector, ConnectorCheck, Connectors
 from services.api.models.flows import FlowsMeta
+from services.api.routes import Admin, Reader, found
 from services.api.routes.flows import connectors as named_connectors
-from services.common.auth import Principal, require_scope
+from services.common.auth import Principal
 from services.common.contract import AnyCase
 from services.common.crypto import SecretsKeyError, decrypt_text, encrypt_inline, inline_context, plaintexts, redact
 from services.common.cursor import CursorCodec
@@ -50,8 +51,6 @@ from services.common.secretstore import keyring_of, read_secrets
 from services.common.templating import TemplateError, render, secret_names
 
 router = APIRouter()
-Reader = Annotated[Principal, Depends(require_scope("runs:read"))]
-Admin = Annotated[Principal, Depends(require_scope("admin"))]
 
 _BY_NAME: CursorCodec[str] = CursorCodec(str)  # connectors are listed by name
 KINDS = ("http", "postgresql", "kafka")
@@ -151,9 +150,7 @@ async def _flows_using(pool: asyncpg.Pool, principal: Principal) -> dict[str, li
 
 async def _row_or_404(pool: asyncpg.Pool, principal: Principal, connector_id: str) -> asyncpg.Record:
     row = await pool.fetchrow(f"{_SELECT} WHERE c.tenant_id = $1 AND c.id = $2", principal.tenant_id, connector_id)
-    if row is None:
-        raise ApiError(404, "not_found", f"no connector with id {connector_id!r}")
-    return row
+    return found(row, "connector", connector_id)
 
 
 # ---------------------------------------------------------------- credentials at rest (docs/secrets.md)
@@ -254,8 +251,7 @@ async def delete_connector(connector_id: str, request: Request, principal: Admin
     deleted = await request.app.state.pool.fetchval(
         "DELETE FROM connectors WHERE tenant_id = $1 AND id = $2 RETURNING id", principal.tenant_id, connector_id
     )
-    if deleted is None:
-        raise ApiError(404, "not_found", f"no connector with id {connector_id!r}")
+    found(deleted, "connector", connector_id)
 
 
 @router.post("/v1/connectors/{connector_id}/verify", response_model_exclude_unset=True)

@@ -5,18 +5,17 @@ from __future__ import annotations
 from typing import Annotated
 
 import asyncpg
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 
 from schemas.events import CANONICAL_ENTITIES
 from services.api.adapters import data as store
 from services.api.models.data import CanonicalRecord, CanonicalRecords
-from services.common.auth import Principal, require_scope
+from services.api.routes import DataReader
 from services.common.contract import Timestamp
 from services.common.cursor import TIME_AND_ID
 from services.common.http import ApiError
 
 router = APIRouter()
-DataReader = Annotated[Principal, Depends(require_scope("data:read"))]
 
 
 def _entity(entity: str) -> str:

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import asyncpg
 import jsonschema
-from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Body, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from schemas.events import FlowPaused, FlowResumed, FlowVersionPublished
@@ -21,7 +21,9 @@ from schemas.topics import Topics
 from services.api.adapters import flows as store
 from services.api.choices import many, one_of
 from services.api.models import flows as models
-from services.common.auth import Principal, require_scope
+from services.api.routes import FlowsWriter as Writer
+from services.api.routes import Reader, found
+from services.common.auth import Principal
 from services.common.contract import INT32_MAX
 from services.common.crypto import seal_flow
 from services.common.http import ApiError, answer
@@ -30,8 +32,6 @@ from services.common.secretstore import keyring_of
 
 router = APIRouter()
 
-Reader = Annotated[Principal, Depends(require_scope("runs:read"))]
-Writer = Annotated[Principal, Depends(require_scope("flows:write"))]
 Many = Annotated[list[str] | None, Query()]
 
 _PENDING: dict[int | str, dict[str, Any]] = {
@@ -185,9 +185,7 @@ async def list_flows(request: Request, principal: Reader, params: Annotated[Flow
 async def get_flow(flow_id: str, request: Request, principal: Reader) -> models.FlowDetail:
     """The flow with its latest definition, every version, its schedule and the connectors its steps use."""
     detail = await _detail(request, principal, flow_id)
-    if detail is None:
-        raise ApiError(404, "not_found", f"no flow with id {flow_id!r}")
-    return models.FlowDetail(**detail)
+    return models.FlowDetail(**found(detail, "flow", flow_id))
 
 
 @router.get("/v1/flows/{flow_id}/versions/{version}", response_model_exclude_unset=True)

@@ -8,20 +8,20 @@ test credential cannot mint or revoke live ones.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import asyncpg
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.api.choices import known
 from services.api.models.keys import ApiKey, ApiKeys, NewApiKey, RotatedApiKey
-from services.common.auth import ALL_SCOPES, PREFIX_BY_ENVIRONMENT, Principal, create_api_key, require_scope
+from services.api.routes import Admin, found
+from services.common.auth import ALL_SCOPES, PREFIX_BY_ENVIRONMENT, Principal, create_api_key
 from services.common.http import ApiError
 from services.common.ratelimit import forget_key
 
 router = APIRouter()
-Admin = Annotated[Principal, Depends(require_scope("admin"))]
 
 _SHOWN_SECRET_CHARS = 4  # enough to tell keys apart in a list, too few to matter
 _MAX_GRACE_S = 30 * 86_400
@@ -71,9 +71,7 @@ async def _key_or_404(conn: asyncpg.Connection, principal: Principal, key_id: st
         + (" FOR UPDATE" if lock else ""),
         key_id, principal.tenant_id, _environments(principal),
     )  # fmt: skip
-    if row is None:
-        raise ApiError(404, "not_found", f"no API key with id {key_id!r}")
-    return row
+    return found(row, "API key", key_id)
 
 
 @router.post("/v1/api-keys", status_code=201, response_model_exclude_unset=True)

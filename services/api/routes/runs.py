@@ -7,10 +7,10 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import asyncpg
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from schemas.events import ExecutionMode, TriggerType
+from schemas.events import RECORD_COUNTERS, ExecutionMode, TriggerType
 from schemas.flows import mask_secrets
 from schemas.status import parse_run_statuses
 from services.api import timeline
@@ -18,13 +18,13 @@ from services.api.adapters import runs as store
 from services.api.choices import many, one_of
 from services.api.models import runs as models
 from services.api.querystring import QueryString
-from services.common.auth import Principal, require_scope
+from services.api.routes import Reader, found
+from services.common.auth import Principal
 from services.common.contract import INT32_MAX, Timestamp
 from services.common.http import ApiError
 
 router = APIRouter()
 
-Reader = Annotated[Principal, Depends(require_scope("runs:read"))]
 Many = Annotated[list[str] | None, Query()]
 
 
@@ -157,9 +157,7 @@ async def list_runs(request: Request, principal: Reader) -> models.RunsPage:
 
 async def _run_or_404(request: Request, principal: Principal, run_id: str) -> asyncpg.Record:
     row = await store.get_run(request.app.state.pool, principal.tenant_id, principal.environment, run_id)
-    if row is None:
-        raise ApiError(404, "not_found", f"no run with id {run_id!r}")
-    return row
+    return found(row, "run", run_id)
 
 
 class _MaskedFlows:
@@ -193,7 +191,7 @@ def _detail(view: Mapping[str, Any], steps: list[models.RunStep], **lineage: Any
         trigger=models.Trigger(type=view["trigger_type"], caller=view["caller"], payload=view.get("trigger_payload")),
         error=view.get("error"),
         cursor_window=view.get("cursor_window"),
-        records=models.Records(**{n: view.get(f"records_{n}", 0) for n in store.RECORD_COUNTERS}),
+        records=models.Records(**{n: view.get(f"records_{n}", 0) for n in RECORD_COUNTERS}),
         duration_breakdown=models.DurationBreakdown(**timeline.breakdown(view, [_fields(s) for s in steps])),
         steps=steps,
         **lineage,
@@ -225,8 +223,7 @@ async def get_run(run_id: str, request: Request, principal: Reader) -> models.Ru
     if as_of is not None:
         return await _get_run_as_of(pool, await _run_or_404(request, principal, run_id), as_of)
     row = await store.get_run_detail(pool, principal.tenant_id, principal.environment, run_id)
-    if row is None:
-        raise ApiError(404, "not_found", f"no run with id {run_id!r}")
+    row = found(row, "run", run_id)
     # The flow as this run ran it: its immutable version, whatever was published since.
     flow, version = row["flow"], (row["tenant_id"], row["flow_id"], row["flow_version"])
     lineage: dict[str, Any] = {

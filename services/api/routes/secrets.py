@@ -11,12 +11,12 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import asyncpg
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.api.models.secrets import SecretList, SecretView
-from services.common.auth import Principal, require_scope
+from services.api.routes import Admin
 from services.common.contract import ErrorEnvelope
 from services.common.http import ApiError
 from services.common.secretstore import (
@@ -29,7 +29,6 @@ from services.common.secretstore import (
 )
 
 router = APIRouter()
-Admin = Annotated[Principal, Depends(require_scope("admin"))]
 SecretName = Annotated[
     str,
     Path(pattern=NAME_PATTERN, description="letters, digits and `_`, not starting with a digit (a JMESPath name)"),

@@ -8,21 +8,20 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
 from schemas.events import TERMINAL_EVENT_STATUS
 from schemas.status import TERMINAL_RUN_STATUSES
 from services.api.adapters import runs as store
 from services.api.choices import many
+from services.api.routes import Reader
 from services.api.routes.runs import _run_or_404, _statuses, summary
-from services.common.auth import Principal, require_scope
 from services.common.contract import INT32_MAX, parse_count, parse_timestamp
 from services.common.http import ApiError
 
 router = APIRouter()
 TERMINAL_STATUSES = frozenset(s.value for s in TERMINAL_RUN_STATUSES)
-Reader = Annotated[Principal, Depends(require_scope("runs:read"))]
 # How long a stream sleeps without a projector notification before reading anyway, and the keep-alive.
 IDLE_S = 5.0
 PING_S = 15

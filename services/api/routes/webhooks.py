@@ -6,19 +6,19 @@ from __future__ import annotations
 import secrets
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.api.choices import known
 from services.api.models import webhooks as models
-from services.common.auth import Principal, require_scope
+from services.api.routes import Admin, found
+from services.common.auth import Principal
 from services.common.contract import AnyCase
 from services.common.http import ApiError
 from services.common.netguard import BlockedAddress, check_url
 from services.common.webhooks import EVENT_NAMES
 
 router = APIRouter()
-Admin = Annotated[Principal, Depends(require_scope("admin"))]
 
 
 class NewSubscription(BaseModel):
@@ -134,6 +134,4 @@ async def redeliver(delivery_id: str, request: Request, principal: Admin) -> mod
         """,
         delivery_id, principal.tenant_id, principal.environment,
     )  # fmt: skip
-    if row is None:
-        raise ApiError(404, "not_found", f"no webhook delivery with id {delivery_id!r}")
-    return models.Redelivery(**row)
+    return models.Redelivery(**found(row, "webhook delivery", delivery_id))
