@@ -13,14 +13,22 @@ from schemas.flows import Frozen
 # ---------------------------------------------------------------- payloads
 
 
-class RecordsProcessedPayload(Frozen):
-    step: str
+class RecordCounts(Frozen):
+    """What a sync_records step counted; a run's `records` adds up every step's counts, counter by counter."""
+
     read: int = 0
     transformed: int = 0
     written: int = 0
     deduped: int = 0
     skipped: int = 0
     failed: int = 0
+
+
+RECORD_COUNTERS: tuple[str, ...] = tuple(RecordCounts.model_fields)
+
+
+class RecordsProcessedPayload(RecordCounts):
+    step: str
 
 
 class RecordFailedPayload(Frozen):

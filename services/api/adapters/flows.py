@@ -253,10 +253,8 @@ class FlowFilter:
         where = Where()
         where.add("f.tenant_id = ?", self.tenant_id)
         where.add("f.environment = ?", self.environment)
-        if self.statuses:
-            where.add("f.status = ANY(?::text[])", self.statuses)
-        if self.trigger_types:
-            where.add("f.trigger_type = ANY(?::text[])", self.trigger_types)
+        where.any_of("f.status", self.statuses)
+        where.any_of("f.trigger_type", self.trigger_types)
         if self.tags:
             where.add("f.tags @> ?::text[]", self.tags)
         if self.q:

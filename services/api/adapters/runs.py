@@ -9,13 +9,13 @@ from typing import Any, get_args
 import asyncpg
 from pydantic import BaseModel, StrictStr, TypeAdapter
 
+from schemas.events import RECORD_COUNTERS
 from services.api.adapters.sql import Where, contains
-from services.api.models.runs import Records, RetryLink, RunStep, RunSummary, StepAttempt
+from services.api.models.runs import LogLine, RecordError, RetryLink, RunEvent, RunStep, RunSummary, StepAttempt
 from services.common.cursor import CursorCodec, InvalidCursor
 
 SUMMARY_COLUMNS = tuple(RunSummary.model_fields)  # the runs columns a summary shows, under the same names
 _SELECT_SUMMARY = ", ".join(SUMMARY_COLUMNS)
-RECORD_COUNTERS = tuple(Records.model_fields)  # runs.records_<counter>
 _SELECT_RECORDS = ", ".join(f"records_{n}" for n in RECORD_COUNTERS)
 
 
@@ -139,34 +139,26 @@ class RunFilter:
         add("environment = ?", self.environment)
         where.one_or_any("flow_id", self.flow_ids)
         where.one_or_any("status", self.statuses)
-        if self.trigger_types:
-            add("trigger_type = ANY(?::text[])", self.trigger_types)
-        if self.execution_modes:
-            add("execution_mode = ANY(?::text[])", self.execution_modes)
-        if self.callers:
-            add("caller = ANY(?::text[])", self.callers)
-        if self.fingerprint is not None:
-            add("error_fingerprint = ?", self.fingerprint)
+        where.any_of("trigger_type", self.trigger_types)
+        where.any_of("execution_mode", self.execution_modes)
+        where.any_of("caller", self.callers)
+        where.equal("error_fingerprint", self.fingerprint)
         if self.q:
             # A case-insensitive substring of the run id, its error message or its search details (record errors,
             # upstream bodies), through the one trigram index on SEARCH_TEXT.
             add(f"{SEARCH_TEXT} ILIKE ?", contains(self.q))
-        if self.ids:
-            add("id = ANY(?::text[])", self.ids)
+        where.any_of("id", self.ids)
         if self.tags:
             add("tags @> ?::text[]", self.tags)
-        if self.failed_step is not None:
-            add("failed_step = ?", self.failed_step)
+        where.equal("failed_step", self.failed_step)
         if self.created_after is not None:
             add("created_at >= ?", self.created_after)
         if self.created_before is not None:
             add("created_at < ?", self.created_before)
         if self.exclude_ids:
             add("NOT (id = ANY(?::text[]))", self.exclude_ids)
-        if self.bulk_operation_id is not None:
-            add("bulk_operation_id = ?", self.bulk_operation_id)
-        if self.retry_of is not None:
-            add("retry_of = ?", self.retry_of)  # runs_retry_of_idx
+        where.equal("bulk_operation_id", self.bulk_operation_id)
+        where.equal("retry_of", self.retry_of)  # runs_retry_of_idx
         if not self.include_archived:
             where.clauses.append("NOT archived")
         return where.clauses, where.args
@@ -285,12 +277,27 @@ async def get_run_detail(pool: asyncpg.Pool, tenant_id: str, environment: str, r
     return await pool.fetchrow(_DETAIL, run_id, tenant_id, environment)
 
 
-async def get_events(pool: asyncpg.Pool, run_id: str, after_seq: int, limit: int) -> list[asyncpg.Record]:
+async def _by_seq(
+    pool: asyncpg.Pool,
+    line: type[BaseModel],
+    table: str,
+    run_id: str,
+    after_seq: int,
+    limit: int,
+    conditions: str = "",
+    *args: Any,
+) -> list[asyncpg.Record]:
+    """A page of a run's lines in `table` after `after_seq`, in seq order, as columns named like `line`'s fields;
+    `conditions` narrow it further with parameters $4, $5 … (`args`)."""
     return await pool.fetch(
-        "SELECT seq, event_id, type, occurred_at, causation_id, payload FROM run_events "
-        "WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-        run_id, after_seq, limit,
+        f"SELECT {', '.join(line.model_fields)} FROM {table} WHERE run_id = $1 AND seq > $2 {conditions} "
+        "ORDER BY seq LIMIT $3",
+        run_id, after_seq, limit, *args,
     )  # fmt: skip
+
+
+async def get_events(pool: asyncpg.Pool, run_id: str, after_seq: int, limit: int) -> list[asyncpg.Record]:
+    return await _by_seq(pool, RunEvent, "run_events", run_id, after_seq, limit)
 
 
 async def get_events_until(pool: asyncpg.Pool, run_id: str, until: int | datetime) -> list[asyncpg.Record]:
@@ -305,19 +312,16 @@ async def get_events_until(pool: asyncpg.Pool, run_id: str, until: int | datetim
 async def get_logs(
     pool: asyncpg.Pool, run_id: str, levels: list[str], step: str | None, after_seq: int, limit: int
 ) -> list[asyncpg.Record]:
-    return await pool.fetch(
-        "SELECT seq, level, step, message, fields, occurred_at FROM run_logs "
-        "WHERE run_id = $1 AND seq > $2 AND (cardinality($3::text[]) = 0 OR level = ANY($3::text[])) "
-        "AND ($4::text IS NULL OR step = $4) ORDER BY seq LIMIT $5",
-        run_id, after_seq, levels, step, limit,
+    return await _by_seq(
+        pool, LogLine, "run_logs", run_id, after_seq, limit,
+        "AND (cardinality($4::text[]) = 0 OR level = ANY($4::text[])) AND ($5::text IS NULL OR step = $5)",
+        levels, step,
     )  # fmt: skip
 
 
 async def get_record_errors(
     pool: asyncpg.Pool, run_id: str, step: str | None, after_seq: int, limit: int
 ) -> list[asyncpg.Record]:
-    return await pool.fetch(
-        "SELECT seq, step, record_key, field_path, error, raw_error, occurred_at FROM record_errors "
-        "WHERE run_id = $1 AND seq > $2 AND ($3::text IS NULL OR step = $3) ORDER BY seq LIMIT $4",
-        run_id, after_seq, step, limit,
-    )  # fmt: skip
+    return await _by_seq(
+        pool, RecordError, "record_errors", run_id, after_seq, limit, "AND ($4::text IS NULL OR step = $4)", step
+    )

@@ -24,6 +24,16 @@ class Where:
         elif values:
             self.add(f"{column} = ANY(?::text[])", values)
 
+    def any_of(self, column: str, values: list[str]) -> None:
+        """`column = ANY($n)`, nothing for no values."""
+        if values:
+            self.add(f"{column} = ANY(?::text[])", values)
+
+    def equal(self, column: str, value: Any) -> None:
+        """`column = $n`, nothing when `value` is None."""
+        if value is not None:
+            self.add(f"{column} = ?", value)
+
 
 def contains(text: str) -> str:
     """An ILIKE pattern matching `text` anywhere, its own `%`, `_` and `\\` taken literally."""

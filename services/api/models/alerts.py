@@ -8,13 +8,12 @@ from typing import Literal
 from pydantic import Field
 
 from services.api.models import JSON, Out
+from services.api.models.common import Delivery, LastSuccess
 
 
-class AlertRuleState(Out):
+class AlertRuleState(LastSuccess):
     open: bool
     consecutive_partial: int
-    last_success_at: datetime | None = None
-    last_success_run_id: str | None = None
     evaluated_at: datetime | None = None
 
 
@@ -62,21 +61,12 @@ class Alerts(Out):
     next_cursor: str | None
 
 
-class AlertDelivery(Out):
-    id: str
+class AlertDelivery(Delivery):
     action: str
     channel_index: int
     channel_type: str
     target: str
-    status: str
-    attempts: int
     attempt_log: JSON = None
-    last_status_code: int | None = None
-    last_error: str | None = None
-    next_attempt_at: datetime | None = None
-    created_at: datetime
-    delivered_at: datetime | None = None
-    body: JSON = None
 
 
 class AlertDetail(Alert):

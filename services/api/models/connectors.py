@@ -7,6 +7,7 @@ from datetime import datetime
 from pydantic import Field
 
 from services.api.models import JSON, Out
+from services.api.models.common import LastSuccess
 from services.api.models.flows import ConnectorUse, FlowsMeta
 
 
@@ -15,13 +16,11 @@ class ConnectorFailure(Out):
     step: str | None = None
 
 
-class ConnectorHealth(Out):
+class ConnectorHealth(LastSuccess):
     degraded_since: datetime | None = None
     last_error: JSON = None
     last_auth_failure_at: datetime | None = None
     last_failure: ConnectorFailure | None = None
-    last_success_at: datetime | None = None
-    last_success_run_id: str | None = None
 
 
 class ConnectorFlow(Out):

@@ -7,6 +7,7 @@ from typing import Generic, Literal, TypeVar
 
 from pydantic import Field
 
+from schemas.events import RecordCounts, RecordFailedPayload
 from services.api.models import JSON, Out
 
 Line = TypeVar("Line", bound=Out)
@@ -51,13 +52,8 @@ class Trigger(Out):
     payload: JSON = None
 
 
-class Records(Out):
-    read: int = 0
-    transformed: int = 0
-    written: int = 0
-    deduped: int = 0
-    skipped: int = 0
-    failed: int = 0
+class Records(RecordCounts, Out):
+    pass
 
 
 class DurationBreakdown(Out):
@@ -168,13 +164,8 @@ class RunLogs(BySeq[LogLine]):
     pass
 
 
-class RecordError(Out):
+class RecordError(RecordFailedPayload, Out):  # a RecordFailed event's payload, with its place in the run
     seq: int
-    step: str
-    record_key: str
-    field_path: str | None = None
-    error: str
-    raw_error: JSON = None
     occurred_at: datetime
 
 

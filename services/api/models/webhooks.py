@@ -6,7 +6,8 @@ from datetime import datetime
 
 from pydantic import Field
 
-from services.api.models import JSON, Out
+from services.api.models import Out
+from services.api.models.common import Delivery
 
 
 class WebhookSubscription(Out):
@@ -33,17 +34,8 @@ class WebhookAttempt(Out):
     duration_ms: float | None = None
 
 
-class WebhookDelivery(Out):
-    id: str
+class WebhookDelivery(Delivery):
     event: str
-    status: str
-    attempts: int
-    next_attempt_at: datetime | None = None
-    last_status_code: int | None = None
-    last_error: str | None = None
-    created_at: datetime
-    delivered_at: datetime | None = None
-    body: JSON = None
     attempt_log: list[WebhookAttempt]
 
 

@@ -11,11 +11,9 @@ from datetime import datetime
 from typing import Any
 
 from schemas import events as ev
-from schemas.events import ATTEMPT_STATUS_OF, STEP_STATUS_OF, TERMINAL_EVENTS, EventBase
+from schemas.events import ATTEMPT_STATUS_OF, RECORD_COUNTERS, STEP_STATUS_OF, TERMINAL_EVENTS, EventBase
 from schemas.status import StepStatus
 from services.common.runfold.fingerprint import endpoint, fingerprint
-
-RECORD_COUNTERS = ("read", "transformed", "written", "deduped", "skipped", "failed")
 
 
 @dataclass
