@@ -166,6 +166,15 @@ async def test_runs_api_queries_at_scale(infra: Infra, scale: Scale, report: Rep
             deep = Cursor(str(newest), middle["created_at"], middle["id"])
             everyone = RunFilter("t1", "PRODUCTION")
             Call = Callable[[Any], Awaitable[object]]
+
+            def search(q: str) -> tuple[Call, str, dict[str, Any]]:
+                """The first page of t1's runs matching `q`: in SQL and through GET /v1/runs?q=."""
+                return (
+                    lambda pool: list_runs(pool, RunFilter("t1", "PRODUCTION", q=q), 20, newest),
+                    "/v1/runs",
+                    {"q": q},
+                )
+
             shapes: dict[str, tuple[Call, str, dict[str, Any]]] = {
                 "list, first page": (lambda pool: list_runs(pool, everyone, 20, newest), "/v1/runs", {}),
                 "list, flow + status": (
@@ -180,31 +189,11 @@ async def test_runs_api_queries_at_scale(infra: Infra, scale: Scale, report: Rep
                     "/v1/runs",
                     {"cursor": deep.encode()},
                 ),
-                "search, rare substring": (
-                    lambda pool: list_runs(pool, RunFilter("t1", "PRODUCTION", q="XQZ is not"), 20, newest),
-                    "/v1/runs",
-                    {"q": "XQZ is not"},
-                ),
-                "search, common substring": (
-                    lambda pool: list_runs(pool, RunFilter("t1", "PRODUCTION", q="upstream unavailable"), 20, newest),
-                    "/v1/runs",
-                    {"q": "upstream unavailable"},
-                ),
-                "search, record error, rare": (
-                    lambda pool: list_runs(pool, RunFilter("t1", "PRODUCTION", q="Tax Registration XQW"), 20, newest),
-                    "/v1/runs",
-                    {"q": "Tax Registration XQW"},
-                ),
-                "search, record error, common": (
-                    lambda pool: list_runs(pool, RunFilter("t1", "PRODUCTION", q="value(s) for: Email"), 20, newest),
-                    "/v1/runs",
-                    {"q": "value(s) for: Email"},
-                ),
-                "search, upstream 401 body": (
-                    lambda pool: list_runs(pool, RunFilter("t1", "PRODUCTION", q="access token expired"), 20, newest),
-                    "/v1/runs",
-                    {"q": "access token expired"},
-                ),
+                "search, rare substring": search("XQZ is not"),
+                "search, common substring": search("upstream unavailable"),
+                "search, record error, rare": search("Tax Registration XQW"),
+                "search, record error, common": search("value(s) for: Email"),
+                "search, upstream 401 body": search("access token expired"),
                 "get run with 20 steps": (lambda pool: _whole_run(pool, big), f"/v1/runs/{big}", {}),
             }
             raw: dict[str, dict[str, Any]] = {}

@@ -104,10 +104,7 @@ def _limited(r: httpx.Response) -> None:
     ],
 )
 async def test_a_nul_byte_in_a_path_or_query_answers_400(env: Env, path: str) -> None:
-    async with _client(env, "api") as client:
-        r = await client.get(path)
-    assert "NUL" in _envelope(r, 400, "invalid_request")
-    _limited(r)
+    assert "NUL" in await _refused(env, path, 400, "invalid_request")
 
 
 async def test_a_nul_byte_without_a_key_answers_401_first(env: Env) -> None:
@@ -123,6 +120,22 @@ async def test_a_nul_byte_without_a_key_answers_401_first(env: Env) -> None:
             env.url("api"), "/v1/runs/run_contract_0/stream", header + b"\r\nAuthorization: Bearer x"
         )
         assert status in (400, 401), status
+
+
+async def _refused(env: Env, path: str, status: int, code: str) -> str:
+    """GET `path` answers the error envelope with `status` and `code`, with the rate-limit headers; its message."""
+    async with _client(env, "api") as client:
+        r = await client.get(path)
+    message = _envelope(r, status, code)
+    _limited(r)
+    return message
+
+
+async def _all_ok(client: httpx.AsyncClient, *paths: str) -> None:
+    """Every path answers 200."""
+    for path in paths:
+        r = await client.get(path)
+        assert r.status_code == 200, (path, r.text)
 
 
 async def _raw_get(base: str, path: str, header: bytes) -> int:
@@ -212,23 +225,19 @@ async def test_ingest_refuses_the_same_bytes_through_the_shared_handlers(env: En
     ],
 )
 async def test_numbers_and_times_out_of_range_answer_422(env: Env, path: str) -> None:
-    async with _client(env, "api") as client:
-        r = await client.get(path)
-    _envelope(r, 422, "validation_error")
-    _limited(r)
+    await _refused(env, path, 422, "validation_error")
 
 
 async def test_timestamps_with_an_offset_are_one_rule_everywhere(env: Env) -> None:
     async with _client(env, "api") as client:
-        for path in (
+        await _all_ok(
+            client,
             "/v1/runs?created_after=2000-01-01T00:00:00Z",
             "/v1/runs?created_after=2000-01-01T01:00:00%2B01:00",
             "/v1/analytics/flows/contract-flow?from=2000-01-01T00:00:00Z",
             "/api/public/data/order?updated_since=2000-01-01T00:00:00.5Z",
             "/v1/runs/run_contract_0?as_of=2999-01-01T00:00:00Z",
-        ):
-            r = await client.get(path)
-            assert r.status_code == 200, (path, r.text)
+        )
         r = await client.post("/v1/runs/bulk/archive", json={"createdAfter": "2000-01-01T00:00:00", "dry_run": True})
         assert "RFC 3339" in _envelope(r, 422, "validation_error")
 
@@ -251,10 +260,7 @@ async def test_timestamps_with_an_offset_are_one_rule_everywhere(env: Env) -> No
 )
 async def test_unknown_query_parameters_answer_422_naming_them(env: Env, path: str) -> None:
     name = path.split("?")[1].split("=")[0]
-    async with _client(env, "api") as client:
-        r = await client.get(path)
-    assert repr(name) in _envelope(r, 422, "validation_error")
-    _limited(r)
+    assert repr(name) in await _refused(env, path, 422, "validation_error")
 
 
 async def _ids(client: httpx.AsyncClient, query: str) -> list[str]:
@@ -451,14 +457,13 @@ async def test_a_finished_runs_stream_resumed_past_its_end_closes_at_once(env: E
 
 async def test_enumerations_are_accepted_in_any_case(env: Env) -> None:
     async with _client(env, "api") as client:
-        for path in (
+        await _all_ok(
+            client,
             "/v1/runs?status=Succeeded&trigger_type=API&execution_mode=Async",
             "/v1/runs/run_contract_1/logs?level=error",
             "/v1/flows?status=ACTIVE&trigger_type=Schedule",
             "/v1/alerts?status=OPEN",
             "/v1/connectors?status=Degraded",
             "/v1/analytics/failure-groups?category=validation",
-        ):
-            r = await client.get(path)
-            assert r.status_code == 200, (path, r.text)
+        )
         _envelope(await client.get("/v1/alerts?status=closed"), 422, "validation_error")
