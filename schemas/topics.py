@@ -6,29 +6,25 @@ import zlib
 from dataclasses import dataclass
 
 
+class _Topic:
+    """A topic of the set, named after its attribute: `Topics("x").ledger` is `x.ledger`."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, topics: Topics, owner: type | None = None) -> str:
+        return f"{topics.prefix}.{self.name}"
+
+
 @dataclass(frozen=True, slots=True)
 class Topics:
     prefix: str = "flowtrail"
 
-    @property
-    def triggers(self) -> str:
-        return f"{self.prefix}.triggers"
-
-    @property
-    def commands(self) -> str:
-        return f"{self.prefix}.commands"
-
-    @property
-    def ledger(self) -> str:
-        return f"{self.prefix}.ledger"
-
-    @property
-    def flows(self) -> str:
-        return f"{self.prefix}.flows"
-
-    @property
-    def dlq(self) -> str:
-        return f"{self.prefix}.dlq"
+    triggers = _Topic()
+    commands = _Topic()
+    ledger = _Topic()
+    flows = _Topic()
+    dlq = _Topic()
 
     def all(self) -> list[str]:
         return [self.triggers, self.commands, self.ledger, self.flows, self.dlq]
