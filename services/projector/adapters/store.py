@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +85,12 @@ def _json(value: Any) -> str | None:
     return None if value is None else codec.dumps(value).decode()
 
 
+def _columns(changes: Iterable[Any], fields: tuple[str, ...], json: set[str]) -> list[list[Any]]:
+    """The changes as one array a field, for unnest; the `json` fields encoded as text."""
+    rows = list(changes)
+    return [[_json(getattr(c, f)) for c in rows] if f in json else [getattr(c, f) for c in rows] for f in fields]
+
+
 _RUN_DEFAULTS: dict[str, Any] = {"steps_count": 0, "archived": False}
 
 _INSERT_RUNS = f"""
@@ -95,7 +102,19 @@ ON CONFLICT (id) DO UPDATE SET ({", ".join(_RUN_COLUMNS)}) = ({", ".join(f"exclu
 WHERE runs.last_seq < 0  -- the placeholder written at acceptance (services/common/accepted.py) is replaced whole
 """
 
-_UPDATE_RUNS = """
+# The fields of a RunChange / StepChange, in the order of their unnest's parameters ($1, $2 …).
+_RUN_CHANGE = (
+    "id", "status", "started_at", "finished_at", "duration_ms", "failed_step", "error", "error_message", "steps_delta",
+    "updated_at", "last_seq", "archived", "cursor_window", "bulk_operation_id",
+)  # fmt: skip
+_STEP_CHANGE = (
+    "run_id", "step", "position", "status", "action", "attempt", "input", "output", "error", "assertions",
+    "extractions", "started_at", "finished_at", "duration_ms", "reused_from", "reason",
+)  # fmt: skip
+_JSON_RUN_CHANGE = {"error", "cursor_window"}
+_JSON_STEP_CHANGE = {"input", "output", "error", "assertions", "extractions"}
+
+_UPDATE_RUNS = f"""
 UPDATE runs r SET
     status        = COALESCE(u.status, r.status),
     started_at    = COALESCE(u.started_at, r.started_at),
@@ -113,12 +132,11 @@ UPDATE runs r SET
 FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::float8[], $6::text[],
             $7::text[], $8::text[], $9::int[], $10::timestamptz[], $11::int[], $12::bool[], $13::text[],
             $14::text[])
-     AS u(id, status, started_at, finished_at, duration_ms, failed_step, error, error_message, steps_delta,
-          updated_at, last_seq, archived, cursor_window, bulk_operation_id)
+     AS u({", ".join(_RUN_CHANGE)})
 WHERE r.id = u.id
 """
 
-_UPSERT_STEPS = """
+_UPSERT_STEPS = f"""
 INSERT INTO run_steps AS s (run_id, step, position, status, action, attempt, input, output, error, assertions,
                             extractions, started_at, finished_at, duration_ms, reused_from, reason)
 SELECT u.run_id, u.step, u.position, u.status, u.action, COALESCE(u.attempt, 1), u.input::jsonb,
@@ -127,8 +145,7 @@ SELECT u.run_id, u.step, u.position, u.status, u.action, COALESCE(u.attempt, 1),
 FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[], $6::int[], $7::text[], $8::text[],
             $9::text[], $10::text[], $11::text[], $12::timestamptz[], $13::timestamptz[], $14::float8[],
             $15::text[], $16::text[])
-     AS u(run_id, step, position, status, action, attempt, input, output, error, assertions,
-          extractions, started_at, finished_at, duration_ms, reused_from, reason)
+     AS u({", ".join(_STEP_CHANGE)})
 ON CONFLICT (run_id, step) DO UPDATE SET
     position    = LEAST(EXCLUDED.position, s.position),
     status      = EXCLUDED.status,
@@ -288,49 +305,13 @@ async def _write_runs(conn: asyncpg.Connection, changes: BatchPlan) -> None:
         ]
         await conn.execute(_INSERT_RUNS, *columns)
     if changes.run_changes:
-        rc = list(changes.run_changes.values())
-        await conn.execute(
-            _UPDATE_RUNS,
-            [c.id for c in rc],
-            [c.status for c in rc],
-            [c.started_at for c in rc],
-            [c.finished_at for c in rc],
-            [c.duration_ms for c in rc],
-            [c.failed_step for c in rc],
-            [_json(c.error) for c in rc],
-            [c.error_message for c in rc],
-            [c.steps_delta for c in rc],
-            [c.updated_at for c in rc],
-            [c.last_seq for c in rc],
-            [c.archived for c in rc],
-            [_json(c.cursor_window) for c in rc],
-            [c.bulk_operation_id for c in rc],
-        )
+        await conn.execute(_UPDATE_RUNS, *_columns(changes.run_changes.values(), _RUN_CHANGE, _JSON_RUN_CHANGE))
 
 
 async def _write_steps(conn: asyncpg.Connection, changes: BatchPlan) -> None:
     if not changes.step_changes:
         return
-    sc = list(changes.step_changes.values())
-    await conn.execute(
-        _UPSERT_STEPS,
-        [c.run_id for c in sc],
-        [c.step for c in sc],
-        [c.position for c in sc],
-        [c.status for c in sc],
-        [c.action for c in sc],
-        [c.attempt for c in sc],
-        [_json(c.input) for c in sc],
-        [_json(c.output) for c in sc],
-        [_json(c.error) for c in sc],
-        [_json(c.assertions) for c in sc],
-        [_json(c.extractions) for c in sc],
-        [c.started_at for c in sc],
-        [c.finished_at for c in sc],
-        [c.duration_ms for c in sc],
-        [c.reused_from for c in sc],
-        [c.reason for c in sc],
-    )
+    await conn.execute(_UPSERT_STEPS, *_columns(changes.step_changes.values(), _STEP_CHANGE, _JSON_STEP_CHANGE))
 
 
 async def _apply_flow_event(conn: asyncpg.Connection, event: FlowEventBase) -> None:
