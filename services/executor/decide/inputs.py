@@ -40,11 +40,23 @@ class StartRun(_Keyed):
 
 
 @dataclass(frozen=True, slots=True)
-class StepCompleted(_Keyed):
-    ID = "{0.run_id}:{0.step}:{0.attempt}:result"
+class _OfRun(_Keyed):
+    """An input about one run (the engine hands it to that run's state)."""
+
     run_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class _OfAttempt(_OfRun):
+    """An input about one attempt of a step."""
+
     step: str
     attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepCompleted(_OfAttempt):
+    ID = "{0.run_id}:{0.step}:{0.attempt}:result"
     ok: bool
     output: Any = None
     error: ErrorInfo | None = None
@@ -52,29 +64,24 @@ class StepCompleted(_Keyed):
 
 
 @dataclass(frozen=True, slots=True)
-class TimerFired(_Keyed):
+class TimerFired(_OfAttempt):
     """A failed attempt's backoff has passed: the next attempt starts."""
 
     ID = "{0.run_id}:{0.step}:{0.attempt}:timer"
-    run_id: str
-    step: str
-    attempt: int
 
 
 @dataclass(frozen=True, slots=True)
-class InternalFailure(_Keyed):
+class InternalFailure(_OfRun):
     ID = "{0.run_id}:internal:{0.at_seq}"
-    run_id: str
     message: str
     trace: str = ""
     at_seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
-class _AsksToStart(_Keyed):
+class _AsksToStart(_OfRun):
     """A waiting run asks again to start, with what the engine counted now."""
 
-    run_id: str
     admission: Admission = Admission()
 
 
@@ -93,18 +100,16 @@ class SlotFreed(_AsksToStart):
 
 
 @dataclass(frozen=True, slots=True)
-class PauseExpired(_Keyed):
+class PauseExpired(_OfRun):
     ID = "{0.run_id}:{0.request_id}:expired"
-    run_id: str
     request_id: str
 
 
 @dataclass(frozen=True, slots=True)
-class DeadlinePassed(_Keyed):
+class DeadlinePassed(_OfRun):
     """The flow-level timeout: the run has been RUNNING/PAUSED for longer than the flow allows."""
 
     ID = "{0.run_id}:deadline"
-    run_id: str
 
 
 @dataclass(frozen=True, slots=True)
