@@ -8,12 +8,13 @@ import faust
 
 from schemas.topics import Topics
 from services.executor.agents import register
-from services.executor.app import create_app
+from services.executor.app import create_app, wait_for_kafka
 from services.executor.settings import ExecutorSettings
 
 
 def main() -> None:
     settings = ExecutorSettings()
+    wait_for_kafka(settings)
     app, triggers, engine = create_app(settings)
     register(app, triggers, engine, Topics(settings.topic_prefix).dlq, settings.trigger_batch_size)
     # DEBUG logging inside aiokafka's send costs ~11% CPU (docs/decisions.md): keep the clients at WARNING.

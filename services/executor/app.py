@@ -2,19 +2,67 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
 import faust
+from aiohttp import web
+from aiokafka import AIOKafkaClient
 from mode import Service
 
 from schemas.topics import Topics
+from services.common.startup import retry_forever
 from services.executor.adapters.flows import FlowRegistry
 from services.executor.adapters.ledger import LedgerWriter
 from services.executor.engine import Engine
 from services.executor.settings import ExecutorSettings
 
 log = logging.getLogger(__name__)
+
+
+def wait_for_kafka(settings: ExecutorSettings) -> None:
+    """Until the broker answers, serve /healthz (alive) and /readyz (503, waiting for Kafka) on the worker's port:
+    faust exits when Kafka is away at its start, which would be a crash loop (docs/operations.md). Runs on the event
+    loop the worker then uses."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    loop.run_until_complete(_wait_for_kafka(settings))
+
+
+async def _wait_for_kafka(settings: ExecutorSettings) -> None:
+    waiting = {"kafka": "not tried yet", "partitions": "not assigned yet"}
+
+    async def attempt() -> None:
+        client = AIOKafkaClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=5000)
+        try:
+            await client.bootstrap()
+        finally:
+            await client.close()
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "active_runs": 0, "partitions": [], "replaying": []})
+
+    async def readyz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "unavailable", "checks": waiting}, status=503,
+                                 headers={"Retry-After": "5"})  # fmt: skip
+
+    try:
+        await attempt()  # the usual case: the broker answers, faust starts at once
+        return
+    except Exception as exc:
+        waiting["kafka"] = f"waiting for Kafka: {exc!r}"
+    pages = web.Application()
+    pages.router.add_get("/healthz", healthz)
+    pages.router.add_get("/readyz", readyz)
+    runner = web.AppRunner(pages, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, settings.web_host, settings.web_port).start()
+    try:
+        await retry_forever("Kafka", attempt, failed=lambda problem: waiting.update(kafka=problem))
+    finally:
+        await runner.cleanup()
+    log.info("Kafka answers at %s; starting the worker", settings.kafka_bootstrap)
 
 
 def create_app(settings: ExecutorSettings) -> tuple[faust.App, faust.TopicT, Engine]:
@@ -32,6 +80,9 @@ def create_app(settings: ExecutorSettings) -> tuple[faust.App, faust.TopicT, Eng
         consumer_auto_offset_reset="earliest",
         broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=min(3.0, settings.session_timeout_s / 3),
+        # Static membership: a restarted executor rejoins as itself and gets its partitions back without a
+        # rebalance or waiting out its old session (docs/decisions.md).
+        consumer_group_instance_id=settings.group_instance_id,
         web_host=settings.web_host,
         web_bind=settings.web_host,
         web_port=settings.web_port,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 from pydantic import Field
 
 from services.common.settings import DEFAULT_EXECUTOR_WEB_PORT, CommonSettings, service_field
@@ -19,8 +21,17 @@ class ExecutorSettings(CommonSettings):
     http_max_body_bytes: int = service_field("executor", "http_max_body_bytes", 64 * 1024)
     producer_linger_ms: int = service_field("executor", "producer_linger_ms", 5)
     trigger_batch_size: int = service_field("executor", "trigger_batch_size", 500)
-    # A killed executor's partitions move to a live one after this long without heartbeats.
+    # A killed executor's partitions move to a live one after this long without heartbeats; restarted with the same
+    # instance id, it takes them back at once, without waiting for it (docs/decisions.md, static membership).
     session_timeout_s: float = service_field("executor", "session_timeout_s", 10.0)
+    # This replica's stable name in the consumer group (Kafka's group.instance.id): the same across its restarts,
+    # different from every other replica's. Empty: `<hostname>-<web_port>` (a pod's name under Kubernetes).
+    instance_id: str = service_field("executor", "instance_id", "")
+
+    @property
+    def group_instance_id(self) -> str:
+        return self.instance_id or f"{socket.gethostname()}-{self.web_port}"
+
     # Named connections for database_query and kafka_* steps, as JSON: {"orders": "postgresql://…",
     # "events": "kafka://host:9092,host2:9092"}. Steps name them, so flows never hold the credentials.
     connectors: dict[str, str] = service_field("executor", "connectors", {})

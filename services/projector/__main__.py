@@ -9,21 +9,14 @@ import signal
 
 from aiohttp import web
 
-from services.common.db import connect
-from services.common.migrate import migrate
 from services.projector.app import create_web_app
 from services.projector.consumer import Projector
 from services.projector.settings import ProjectorSettings
 
 
 async def serve(settings: ProjectorSettings) -> None:
-    conn = await connect(settings.database_url, settings.database_schema)
-    try:
-        await migrate(conn, settings.database_schema)
-    finally:
-        await conn.close()
     projector = Projector(settings)
-    await projector.start()
+    # The web pages first: /healthz answers and /readyz says what the start waits for (PostgreSQL, Kafka).
     runner = web.AppRunner(create_web_app(projector), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, settings.http_host, settings.http_port).start()
@@ -31,20 +24,26 @@ async def serve(settings: ProjectorSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    work = asyncio.create_task(projector.run())
-    purger = asyncio.create_task(projector.retention_loop())
-    sender = asyncio.create_task(projector.webhook_loop())
     waiter = asyncio.create_task(stop.wait())
+    tasks: list[asyncio.Task[None]] = []
     try:
+        starting = asyncio.create_task(projector.start())
+        await asyncio.wait({starting, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            return
+        starting.result()
+        work = asyncio.create_task(projector.run())
+        tasks = [work, asyncio.create_task(projector.retention_loop()), asyncio.create_task(projector.webhook_loop())]
         done, _ = await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
         if work in done:
             work.result()  # a crash surfaces here and the supervisor restarts the process
     finally:
-        purger.cancel()
-        sender.cancel()
-        work.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await work
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await projector.stop()
         await runner.cleanup()
 

@@ -10,17 +10,18 @@ from services.projector.consumer import Projector
 
 def create_web_app(projector: Projector) -> web.Application:
     async def healthz(request: web.Request) -> web.Response:
-        status = 200 if projector.ready.is_set() else 503
+        """Liveness only: the process answers, whether or not its dependencies do (that is /readyz)."""
         return web.json_response(
-            {"status": "ok" if status == 200 else "starting", "batches": projector.applied_batches},
-            status=status,
+            {"status": "ok", "assigned": projector.ready.is_set(), "batches": projector.applied_batches}
         )
 
     async def readyz(request: web.Request) -> web.Response:
         checks = await projector.readiness()
         ok = all(v == "ok" for v in checks.values())
         return web.json_response(
-            {"status": "ready" if ok else "unavailable", "checks": checks}, status=200 if ok else 503
+            {"status": "ready" if ok else "unavailable", "checks": checks},
+            status=200 if ok else 503,
+            headers={} if ok else {"Retry-After": "5"},
         )
 
     async def metrics(request: web.Request) -> web.Response:

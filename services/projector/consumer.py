@@ -14,10 +14,13 @@ from aiokafka.errors import KafkaError
 
 from schemas import codec
 from schemas.topics import Topics
-from services.common.db import create_pool, pool_problem
+from services.common.db import connect, create_pool, pool_problem
+from services.common.migrate import migrate
+from services.common.startup import FIRST_TRY_S, retry_forever
 from services.projector import metrics, retention
 from services.projector.adapters import alerts, webhooks
 from services.projector.adapters.store import (
+    BatchResult,
     Positioned,
     SchemaGuard,
     SchemaSwapped,
@@ -28,6 +31,10 @@ from services.projector.adapters.store import (
 from services.projector.settings import ProjectorSettings
 
 log = logging.getLogger(__name__)
+
+# PostgreSQL away (stopped, restarting, unreachable): a batch is tried again, the process goes on.
+DATABASE_AWAY = (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                 asyncpg.OperatorInterventionError)  # fmt: skip
 
 
 class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -83,10 +90,35 @@ class Projector:
         self.ready = asyncio.Event()
         self.applied_batches = 0
         self._reactors: list[asyncio.Task[None]] = []
+        # Set once Kafka answered (`start`); until then /readyz names what the start waits for.
+        self.consumer: AIOKafkaConsumer
+        self.dlq: AIOKafkaProducer
+        self.kafka_started = False
+        self.waiting_for: str | None = "starting"
 
     async def start(self) -> None:
+        """PostgreSQL reached and migrated, then Kafka: each retried until it answers (never a crash loop while a
+        dependency is away; /readyz says which one is awaited, docs/operations.md)."""
+        await retry_forever("PostgreSQL", self._first_connect, failed=self._waiting)
+        await retry_forever("Kafka", self._start_kafka, failed=self._waiting)
+        self.waiting_for = None
+        self._reactors = [asyncio.create_task(self.alert_loop()), asyncio.create_task(self.alert_clock_loop())]
+
+    def _waiting(self, problem: str) -> None:
+        self.waiting_for = problem
+
+    async def _first_connect(self) -> None:
         settings = self.settings
-        self.consumer = AIOKafkaConsumer(
+        conn = await asyncio.wait_for(connect(settings.database_url, settings.database_schema), FIRST_TRY_S)
+        try:
+            await migrate(conn, settings.database_schema)
+        finally:
+            await conn.close()
+        await self._connect()
+
+    async def _start_kafka(self) -> None:
+        settings = self.settings
+        consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.kafka_bootstrap,
             group_id=settings.consumer_group,
             enable_auto_commit=False,
@@ -97,19 +129,28 @@ class Projector:
             # it. Refreshing often bounds that wait to seconds.
             metadata_max_age_ms=3_000,
         )
-        self.dlq = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
-        await self._connect()
-        await self.dlq.start()
-        await self.consumer.start()
+        dlq = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+        try:
+            await dlq.start()
+            await consumer.start()
+        except BaseException:
+            await asyncio.gather(dlq.stop(), consumer.stop(), return_exceptions=True)
+            raise
+        self.consumer, self.dlq, self.kafka_started = consumer, dlq, True
         self.consumer.subscribe([self.topics.ledger, self.topics.flows], listener=_SeekToStoredOffsets(self))
-        self._reactors = [asyncio.create_task(self.alert_loop()), asyncio.create_task(self.alert_clock_loop())]
 
     async def _connect(self) -> None:
-        self.pool = await create_pool(self.settings.database_url, self.settings.database_schema, max_size=4)
-        async with self.pool.acquire() as conn:
-            self.guard = SchemaGuard(
-                self.settings.database_schema, await schema_oid(conn, self.settings.database_schema)
-            )
+        pool = await create_pool(self.settings.database_url, self.settings.database_schema, max_size=4,
+                                 timeout=FIRST_TRY_S)  # fmt: skip
+        try:
+            async with pool.acquire() as conn:
+                self.guard = SchemaGuard(
+                    self.settings.database_schema, await schema_oid(conn, self.settings.database_schema)
+                )
+        except BaseException:
+            await pool.close()
+            raise
+        self.pool = pool
 
     async def _follow_swap(self) -> None:
         """A rebuild swapped in a new schema: new connections, then carry on from the offsets stored in it."""
@@ -124,15 +165,22 @@ class Projector:
         for task in self._reactors:
             task.cancel()
         await asyncio.gather(*self._reactors, return_exceptions=True)
-        await self.consumer.stop()
-        await self.dlq.stop()
+        if self.kafka_started:
+            await self.consumer.stop()
+            await self.dlq.stop()
         if self.pool:
             await self.pool.close()
 
     async def readiness(self) -> dict[str, str]:
         """For /readyz: each thing the projector needs to keep the read models current, "ok" or the problem."""
         checks = {"partitions": "ok" if self.ready.is_set() else "not assigned yet"}
-        checks["postgres"] = "not connected" if self.pool is None else (await pool_problem(self.pool) or "ok")
+        if self.pool is None:
+            checks["postgres"] = self.waiting_for or "not connected"
+        else:
+            checks["postgres"] = await pool_problem(self.pool) or "ok"
+        if not self.kafka_started:
+            checks["kafka"] = self.waiting_for if self.pool is not None and self.waiting_for else "not connected yet"
+            return checks
         try:
             async with asyncio.timeout(3):
                 await self.consumer._client.fetch_all_metadata()  # aiokafka exposes no public check
@@ -202,8 +250,7 @@ class Projector:
                 reader.result()  # the reader died: its exception ends the process, the supervisor restarts it
             batch = backlog.take()
             started = time.perf_counter()
-            async with self.pool.acquire() as conn:
-                result = await apply_batch(conn, self.settings.consumer_group, batch, self.guard)
+            result = await self._apply_until_done(batch)
             metrics.BATCHES.observe(time.perf_counter() - started)
             metrics.BATCH_SIZE.observe(len(batch))
             for status, count in result.finished.items():
@@ -212,6 +259,21 @@ class Projector:
             metrics.EVENTS.labels("applied").inc(result.events - result.duplicates)
             metrics.EVENTS.labels("duplicate").inc(result.duplicates)
             self.applied_batches += 1
+
+    async def _apply_until_done(self, batch: list[Positioned]) -> BatchResult:
+        """One transaction for the batch, tried again while PostgreSQL is away: the rows and offsets commit together
+        or not at all, so a retry is the same transaction (no process restart, no rejoin of the group)."""
+        delay = 0.2
+        while True:
+            assert self.pool is not None
+            try:
+                async with self.pool.acquire() as conn:
+                    return await apply_batch(conn, self.settings.consumer_group, batch, self.guard)
+            except DATABASE_AWAY as exc:
+                log.warning("a batch of %d records could not be applied (%r); retrying in %.1f s", len(batch), exc,
+                            delay)  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
 
     def _record_lag(self, batch: list[Positioned]) -> None:
         last: dict[tuple[str, int], int] = {}
