@@ -117,24 +117,26 @@ class Subscription:
         log.info("flow %s/%s %s reading %s", *self.labels[:2], "stops" if paused else "resumes", self.topic)
 
     async def place(self, assigned: set[TopicPartition]) -> None:
-        """Newly assigned partitions: from the group's committed offset; without one, from `start_from`."""
+        """Newly assigned partitions: from the group's committed offset; without one, from `start_from`.
+
+        Every position is an offset looked up now and set at once: a lazy seek to the end (`seek_to_end`) would be
+        resolved later, at the end as it is then, skipping what was produced meanwhile."""
         consumer = self._consumer
         if consumer is None or not assigned:
             return
-        fresh = [tp for tp in assigned if await consumer.committed(tp) is None]
-        start = self.flow.trigger.start_from
-        if fresh and start == "earliest":
-            await consumer.seek_to_beginning(*fresh)
-        elif fresh and start == "latest":
-            await consumer.seek_to_end(*fresh)
-        elif fresh:
-            at = await consumer.offsets_for_times({tp: int(self.since.timestamp() * 1000) for tp in fresh})
-            for tp in fresh:
-                found = at.get(tp)
-                if found is None:
-                    await consumer.seek_to_end(tp)
-                else:
-                    consumer.seek(tp, found.offset)
+        fresh = [tp for tp in sorted(assigned) if await consumer.committed(tp) is None]
+        if fresh:
+            start = self.flow.trigger.start_from
+            ends = await consumer.end_offsets(fresh)
+            if start == "earliest":
+                at = dict(await consumer.beginning_offsets(fresh))
+            elif start == "latest":
+                at = dict(ends)
+            else:  # the first message produced after the flow read this topic; none yet: whatever comes next
+                found = await consumer.offsets_for_times({tp: int(self.since.timestamp() * 1000) for tp in fresh})
+                at = {tp: found[tp].offset if found.get(tp) is not None else ends[tp] for tp in fresh}
+            for tp, offset in at.items():
+                consumer.seek(tp, offset)
         if self.paused:
             consumer.pause(*assigned)
 
@@ -170,8 +172,10 @@ class Subscription:
         assert consumer is not None
         assigned = consumer.assignment()
         if assigned:
-            await consumer.seek_to_end(*assigned)
-            await consumer.commit({tp: OffsetAndMetadata(await consumer.position(tp), "") for tp in assigned})
+            ends = await consumer.end_offsets(list(assigned))
+            for tp, end in ends.items():
+                consumer.seek(tp, end)
+            await consumer.commit({tp: OffsetAndMetadata(end, "") for tp, end in ends.items()})
         self._skip_to_newest = False
 
     async def _handle(self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, list[Any]]) -> None:
