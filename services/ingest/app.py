@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import ORJSONResponse
 
 from schemas.topics import Topics
@@ -94,6 +95,21 @@ def create_app(settings: IngestSettings) -> FastAPI:
     app.add_middleware(UntilMigrated, database=lambda: getattr(app.state, "database", None))
     install(app, ready=functools.partial(_ready, app))
     app.add_middleware(RateLimitHeaders)
+    # Outermost: the web console (the API's origin) triggers flows from the browser (docs/console.md).
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.allowed_origins,
+        allow_methods=["POST"],
+        allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-Id"],
+        expose_headers=[
+            "Retry-After",
+            "X-Request-Id",
+            "X-RateLimit-Limit",
+            "X-RateLimit-Remaining",
+            "X-RateLimit-Reset",
+        ],
+        max_age=600,
+    )
     app.include_router(triggers.router)
     return app
 

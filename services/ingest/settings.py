@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from services.common.settings import DEFAULT_INGEST_PORT, CommonSettings, service_field
+from pydantic import Field
+
+from services.common.settings import DEFAULT_API_PORT, DEFAULT_INGEST_PORT, CommonSettings, service_field
 
 
 class IngestSettings(CommonSettings):
@@ -42,3 +44,13 @@ class IngestSettings(CommonSettings):
     kafka_trigger_session_timeout_ms: int = service_field(
         "ingest", "kafka_trigger_session_timeout_ms", 10_000, ge=1000, le=300_000
     )
+    # Web pages that may trigger flows from a browser (CORS, docs/console.md): origins, comma-separated; bearer keys
+    # only, never cookies. Empty: the web console of this deployment's API, http://127.0.0.1:<FLOWTRAIL_API_PORT>
+    # (and localhost), as `flowtrail up` runs it.
+    cors_origins: str = service_field("ingest", "cors_origins", "")
+    api_port: int = Field(default=DEFAULT_API_PORT, validation_alias="FLOWTRAIL_API_PORT")
+
+    @property
+    def allowed_origins(self) -> list[str]:
+        named = [origin.strip().rstrip("/") for origin in self.cors_origins.split(",") if origin.strip()]
+        return named or [f"http://{host}:{self.api_port}" for host in ("127.0.0.1", "localhost")]
