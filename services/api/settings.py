@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from services.common.settings import DEFAULT_API_PORT, CommonSettings, service_field
+from pydantic import Field
+
+from services.common.settings import DEFAULT_API_PORT, DEFAULT_INGEST_PORT, CommonSettings, service_field
 
 
 class ApiSettings(CommonSettings):
@@ -25,3 +27,7 @@ class ApiSettings(CommonSettings):
     rate_limit_window_s: int = service_field("api", "rate_limit_window_s", 60, ge=1, le=3600)
     # How long a rotated key keeps working when the rotate request does not say (`grace_period_s`).
     key_rotation_grace_s: int = service_field("api", "key_rotation_grace_s", 86_400, ge=0)
+    # Where a browser reaches ingest, for the console's trigger form (docs/console.md). Empty: the console's own host
+    # at ingest's port, FLOWTRAIL_INGEST_PORT, as `flowtrail up` runs them.
+    console_ingest_url: str = service_field("api", "console_ingest_url", "")
+    ingest_port: int = Field(default=DEFAULT_INGEST_PORT, validation_alias="FLOWTRAIL_INGEST_PORT")
