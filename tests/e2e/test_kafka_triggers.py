@@ -24,6 +24,8 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from deploy.launcher.status import consumer_lag, render_status
+from services.common.settings import CommonSettings
 from services.ingest.kafka_triggers import Message, kafka_run_id
 from tests.conftest import Infra
 from tests.harness import Env, flow, running, topic_records, wait_until
@@ -117,6 +119,13 @@ async def test_a_paused_flow_consumes_nothing_and_resumes_where_it_stopped(env: 
     await wait_until(lambda: _is(env, "flowtrail_ingest_kafka_trigger_lag", 20, flow="pausable"), 30, "lag of 20")
     await asyncio.sleep(2)
     assert await _made(env, "pausable", 0) == 5
+    # `flowtrail status` shows the flow's group 20 messages behind on its topic.
+    settings = CommonSettings(kafka_bootstrap=env.infra.kafka_bootstrap, database_url=env.infra.database_url,
+                              database_schema=env.sandbox.schema, topic_prefix=env.sandbox.topics.prefix)  # fmt: skip
+    lag = (await consumer_lag(settings))[f"kafka trigger {TENANT}.pausable.{src.pausable}"]
+    assert (lag["topic"], lag["total_lag"]) == (src.pausable, 20), lag
+    assert f"{src.pausable}: total 20" in render_status({"state_dir": "-", "components": {}, "supervisor_pid": None,
+                                  "api_key_present": False, "consumer_lag": {"pausable": lag}})  # fmt: skip
     await env.ok("POST", "/v1/flows/pausable/resume")
     await wait_until(lambda: _made(env, "pausable", 25), 60, "the 20 after the resume", logs=env.log_tails)
     await wait_until(lambda: _is(env, "flowtrail_ingest_kafka_trigger_lag", 0, flow="pausable"), 30, "lag of 0")
