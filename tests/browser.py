@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -44,15 +44,10 @@ async def headless_chromium() -> AsyncIterator[Browser]:
             await browser.close()
 
 
-async def signed_in(browser: Browser, key: str, scopes: Sequence[str]) -> BrowserContext:
-    """A browser context whose tabs start signed in to the console with `key` (the session storage the sign-in form
-    leaves: services/api/console/static/api.js), at a laptop's 1280 x 900."""
+async def signed_in(browser: Browser, key: str) -> BrowserContext:
+    """A browser context whose tabs start signed in to the console with `key` (the key in session storage, as the
+    sign-in form leaves it; the page then asks GET /v1/session for the key's scopes, see
+    services/api/console/static/api.js), at a laptop's 1280 x 900."""
     context = await browser.new_context(viewport={"width": 1280, "height": 900})
-    stored = {"flowtrail.key": key, "flowtrail.scopes": orjson.dumps(list(scopes)).decode()}
-    await context.add_init_script(
-        "".join(
-            f"sessionStorage.setItem({orjson.dumps(k).decode()}, {orjson.dumps(v).decode()});"
-            for k, v in stored.items()
-        )
-    )
+    await context.add_init_script(f"sessionStorage.setItem('flowtrail.key', {orjson.dumps(key).decode()});")
     return context

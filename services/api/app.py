@@ -17,6 +17,7 @@ from services.api.adapters.flows import FlowLog
 from services.api.adapters.notify import Notifier
 from services.api.routes import actions, alerts, analytics, connectors, data, flows, keys, runs, stream, webhooks
 from services.api.routes import secrets as secrets_routes
+from services.api.routes import session as session_routes
 from services.api.settings import ApiSettings
 from services.common.auth import Authenticator
 from services.common.bodylimit import BodyLimit
@@ -87,6 +88,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(stream.router)
     app.include_router(webhooks.router)
     app.include_router(keys.router)
+    app.include_router(session_routes.router)
     app.include_router(flows.router)
     app.include_router(alerts.router)
     app.include_router(connectors.router)

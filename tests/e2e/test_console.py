@@ -3,6 +3,7 @@ with a demo key, driven through headless Chromium (tests/browser.py)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from deploy.launcher.demo_upstream import DemoUpstream
 from services.api import console
 from tests.browser import headless_chromium, signed_in
 from tests.conftest import Infra, make_sandbox
-from tests.harness import TERMINAL, Env, api_in_process, running, stub_upstream, wait_until
+from tests.harness import TERMINAL, Env, KeySpec, api_in_process, running, stub_upstream, wait_until
 
 TENANT = "demo"
 SCREENSHOTS = Path(__file__).resolve().parents[2] / ".state" / "screenshots"
@@ -52,7 +53,8 @@ class Demo:
 async def demo(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Demo]:
     systems = Systems(orders=DemoUpstream.seeded().orders, misbehave=True)  # the demo's shop, a users API gone stale
     async with stub_upstream({}, systems.app()) as up, running(
-        infra, tmp_path_factory, keys={"demo": TENANT}, upstream=up, env={"FLOWTRAIL_INGEST_SCHEDULER": "false"}
+        infra, tmp_path_factory, keys={"demo": TENANT, "reader": KeySpec(TENANT, scopes=["runs:read"], name="viewer")},
+        upstream=up, env={"FLOWTRAIL_INGEST_SCHEDULER": "false"},
     ) as env:  # fmt: skip
         await env.publish(demo_flows(TENANT, ingest=env.url("ingest"), api=env.url("api"), upstream=up.url))
         started = {
@@ -81,7 +83,7 @@ async def browser() -> AsyncIterator[Browser]:
 @pytest.fixture(scope="module")
 async def signed_in_tabs(browser: Browser, demo: Demo) -> AsyncIterator[BrowserContext]:
     """A browser context whose tabs are signed in with the demo key (as the sign-in form leaves them)."""
-    context = await signed_in(browser, demo.env.key, ["runs:read", "runs:write", "flows:write"])
+    context = await signed_in(browser, demo.env.key)
     yield context
     await context.close()
 
@@ -140,6 +142,64 @@ async def test_sign_in_with_the_demo_key_shows_the_demo_runs(browser: Browser, d
         await page.reload()
         await expect(page.get_by_role("heading", name="Sign in to Flowtrail")).to_be_visible()
         await expect(page.get_by_role("status")).to_contain_text("sign in again")
+    finally:
+        await context.close()
+
+
+async def sign_in(browser: Browser, demo: Demo, key: str) -> tuple[BrowserContext, Page, list[str]]:
+    """A new tab signed in through the form with `key`, and the API paths it has asked for."""
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    page = await context.new_page()
+    asked: list[str] = []
+    page.on("request", lambda r: asked.append(f"{r.method} {r.url.removeprefix(demo.env.url('api'))}"))
+    await page.goto(demo.url)
+    await page.get_by_label("API key").fill(key)
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.get_by_role("table", name="Runs")).to_be_visible()
+    return context, page, asked
+
+
+WRITES = ["Retry selected…", "Cancel selected…", "Archive selected…", "Retry all matching…", "Archive all matching…"]
+
+
+async def test_the_keys_scopes_decide_which_buttons_appear(browser: Browser, demo: Demo) -> None:
+    reader = demo.env.keys["reader"]
+    session = await demo.env.ok("GET", "/v1/session", reader)
+    assert session["tenant_id"] == TENANT and session["environment"] == "PRODUCTION", session
+    assert session["scopes"] == ["runs:read"] and session["key"]["id"] == demo.env.key_ids["reader"], session
+    assert reader.startswith(session["key"]["prefix"]) and session["rate_limits"]["reads"] > 0, session
+    failed, flow = demo.runs["assertion"]["id"], f"{demo.url}#/flows/{API_TEST}"
+
+    context, page, asked = await sign_in(browser, demo, reader)
+    try:
+        await expect(page.get_by_role("banner")).to_contain_text(f"{TENANT} · viewer")  # who is signed in
+        await expect(row(page, failed)).to_be_visible()
+        for name in WRITES:
+            await expect(page.get_by_role("button", name=name)).to_have_count(0)
+        await open_run(page, demo, failed)
+        await expect(page.get_by_role("heading", level=1)).to_contain_text("FAILED")
+        for name in ["Retry from the failed step", "Re-run on the latest version", "Cancel", "Archive"]:
+            await expect(page.get_by_role("button", name=name, exact=True)).to_have_count(0)
+        await page.goto(flow)
+        await expect(page.get_by_role("heading", level=1)).to_contain_text("Create user then fetch it")
+        await expect(page.get_by_role("button", name="Pause flow")).to_have_count(0)
+        await expect(page.get_by_role("form", name="Trigger")).to_have_count(0)
+        # Sign-in asked the key's session, and tried no write to find out what the key may do.
+        assert "GET /v1/session" in asked and not [a for a in asked if a.startswith("POST")], asked
+    finally:
+        await context.close()
+
+    context, page, asked = await sign_in(browser, demo, demo.env.key)  # every scope
+    try:
+        for name in WRITES:
+            await expect(page.get_by_role("button", name=name)).to_be_visible()
+        await open_run(page, demo, failed)
+        for name in ["Retry from the failed step", "Re-run on the latest version", "Archive"]:
+            await expect(page.get_by_role("button", name=name, exact=True)).to_be_visible()
+        await page.goto(flow)
+        await expect(page.get_by_role("button", name="Pause flow")).to_be_visible()
+        await expect(page.get_by_role("form", name="Trigger")).to_be_visible()
+        assert not [a for a in asked if a.startswith("POST")], asked
     finally:
         await context.close()
 
@@ -312,6 +372,71 @@ async def test_a_flows_versions_diff_and_pause(page: Page, demo: Demo) -> None:
 
 async def _latest(demo: Demo, flow_id: str, version: int) -> bool:
     return bool((await demo.env.ok("GET", f"/v1/flows/{flow_id}"))["latest_version"] == version)
+
+
+# ---------------------------------------------------------------- the trigger form and bulk actions by filter
+
+
+async def test_a_run_triggered_from_the_flows_form_reaches_its_end_live(page: Page, demo: Demo) -> None:
+    await page.goto(f"{demo.url}#/flows/{API_TEST}")
+    form = page.get_by_role("form", name="Trigger")
+    loads = await reloads(page)
+    await form.get_by_label("Input (JSON)").fill("{not json")
+    await form.get_by_role("button", name="Trigger run").click()
+    await expect(form.get_by_role("alert")).to_contain_text("Input is not JSON")
+
+    # Sent to ingest (another origin, which allows the console's): the run opens and ends on screen.
+    await form.get_by_label("Input (JSON)").fill('{"from": "the console"}')
+    await form.get_by_label("Idempotency key (optional)").fill("console-trigger-1")
+    await form.get_by_role("button", name="Trigger run").click()
+    await expect(page).to_have_url(re.compile(r"#/runs/run_"))
+    run_id = page.url.rsplit("/", 1)[1]
+    heading = page.get_by_role("heading", level=1)
+    await expect(heading).to_contain_text(run_id)
+    final = await demo.env.wait_status(run_id)
+    await expect(heading.locator(".status")).to_have_text(final["status"], timeout=30_000)
+    assert final["trigger"]["payload"] == {"from": "the console"} and final["trigger_type"] == "api", final
+    assert loads == []
+
+    # The same Idempotency-Key names the same run; live mode answers once the run has ended.
+    await page.goto(f"{demo.url}#/flows/{API_TEST}")
+    await form.get_by_label("Input (JSON)").fill('{"from": "the console"}')
+    await form.get_by_label("Idempotency key (optional)").fill("console-trigger-1")
+    await form.get_by_role("button", name="Trigger run").click()
+    await expect(page).to_have_url(f"{demo.url}#/runs/{run_id}")
+    await page.goto(f"{demo.url}#/flows/{API_TEST}")
+    await form.get_by_label("Mode").select_option("live")
+    await form.get_by_role("button", name="Trigger run").click()
+    await expect(page).not_to_have_url(re.compile(f"#/flows/|{run_id}"), timeout=60_000)
+    live = (await demo.env.run(page.url.rsplit("/", 1)[1])) or {}
+    assert live.get("status") in TERMINAL and live["execution_mode"] == "live", live
+    await expect(page.get_by_role("heading", level=1).locator(".status")).to_have_text(live["status"])
+    assert loads == []
+
+
+async def test_bulk_archive_by_the_lists_status_filter_shows_the_dry_run_count_first(page: Page, demo: Demo) -> None:
+    await page.goto(f"{demo.url}#/runs?status=FAILED")
+    rows = page.locator("tr[data-run]")
+    await expect(rows.first).to_be_visible()
+    shown = {str(await r.get_attribute("data-run")) for r in await rows.all()}
+    api = await demo.env.ok("POST", "/v1/runs/bulk/archive",
+                            json={"statuses": ["FAILED"], "include_archived": False, "dry_run": True})  # fmt: skip
+    assert api["count"] == len(shown) > 0 and {r["id"] for r in api["sample"]} <= shown, (api, shown)
+
+    await page.get_by_role("button", name="Archive all matching…").click()
+    dialog = page.get_by_role("dialog", name="Bulk archive")
+    await expect(dialog.get_by_test_id("dry-run")).to_have_text(
+        f"Dry run: {api['count']} of {api['matched']} run(s) matching the filters would be archived."
+    )
+    for run_id in shown:  # nothing changed yet
+        assert (await demo.env.run(run_id) or {}).get("archived") is False
+    loads = await reloads(page)
+    await dialog.get_by_role("button", name=f"Archive {api['count']} run(s)").click()
+    await expect(page.get_by_role("status")).to_contain_text(f"archive: {api['count']} run(s)")
+    await expect(rows).to_have_count(0, timeout=30_000)
+    assert loads == []
+    for run_id in shown:
+        assert (await demo.env.run(run_id) or {}).get("archived") is True, run_id
 
 
 # ---------------------------------------------------------------- without its packages

@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from fastapi import FastAPI
-from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 HERE = Path(__file__).parent
@@ -55,6 +55,14 @@ def mount(app: FastAPI) -> None:
         if not installed():
             return HTMLResponse(NOT_INSTALLED, status_code=503, headers={"Retry-After": "60"})
         return FileResponse(STATIC / "index.html", headers=_REVALIDATE)
+
+    @app.get("/console/config.json", include_in_schema=False)
+    async def config(request: Request) -> JSONResponse:
+        """What the page needs of the deployment: where ingest is, for the trigger form (another origin, which
+        allows the console's: FLOWTRAIL_INGEST_CORS_ORIGINS)."""
+        settings = request.app.state.settings
+        ingest = settings.console_ingest_url or str(request.url.replace(port=settings.ingest_port, path="", query=""))
+        return JSONResponse({"ingest_url": ingest.rstrip("/")}, headers=_REVALIDATE)
 
     app.mount("/console/vendor", Packages(directory=VENDOR, check_dir=False), name="console-vendor")
     app.mount("/console", StaticFiles(directory=STATIC), name="console")

@@ -2,11 +2,13 @@
 // shown as a person expects them (a refused key signs out; 429 waits for Retry-After and says so).
 
 const KEY = "flowtrail.key";
-const SCOPES = "flowtrail.scopes";
+const SESSION = "flowtrail.session"; // the key's GET /v1/session answer: tenant, environment, scopes, the key itself
 
 export const session = {
   get key() { return sessionStorage.getItem(KEY); },
-  get scopes() { return JSON.parse(sessionStorage.getItem(SCOPES) || "[]"); },
+  // null until GET /v1/session has answered for this key (`loadSession`).
+  get info() { return JSON.parse(sessionStorage.getItem(SESSION) || "null"); },
+  get scopes() { return (this.info || { scopes: [] }).scopes; },
   can(scope) { const s = this.scopes; return s.includes(scope) || s.includes("admin"); },
   get environment() { return (this.key || "").startsWith("ft_test_") ? "TESTING" : "PRODUCTION"; },
 };
@@ -27,7 +29,7 @@ export function notify(message, kind = "info") {
 
 export function signOut(reason) {
   sessionStorage.removeItem(KEY);
-  sessionStorage.removeItem(SCOPES);
+  sessionStorage.removeItem(SESSION);
   window.dispatchEvent(new CustomEvent("ft-signed-out", { detail: { reason } }));
 }
 
@@ -45,15 +47,16 @@ export function qs(params = {}) {
   return text ? `?${text}` : "";
 }
 
-async function send(method, path, body, key, signal) {
-  const headers = { Authorization: `Bearer ${key}` };
+async function send(method, path, body, key, signal, extra) {
+  const headers = { ...extra, Authorization: `Bearer ${key}` };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   return fetch(path, { method, headers, signal, body: body === undefined ? undefined : JSON.stringify(body) });
 }
 
-export async function api(method, path, body, { signal, key = session.key } = {}) {
+// `path` is the API's (same origin) or a whole URL (ingest's triggers, docs/console.md).
+export async function api(method, path, body, { signal, key = session.key, headers } = {}) {
   for (let attempt = 1; ; attempt++) {
-    const r = await send(method, path, body, key, signal);
+    const r = await send(method, path, body, key, signal, headers);
     if (r.status === 429 && attempt <= 3) {
       const wait = Math.max(1, Number(r.headers.get("Retry-After")) || 1);
       notify(`Too many requests for this key: retrying in ${wait} s.`, "warn");
@@ -77,25 +80,29 @@ export async function api(method, path, body, { signal, key = session.key } = {}
 export const get = (path, params, options) => api("GET", path + qs(params), undefined, options);
 export const post = (path, body, options) => api("POST", path, body ?? {}, options);
 
-// Whether the key may do a write, asked without changing anything: the scope check answers 403 before the route
-// looks at its path or body, so a write aimed at nothing tells (docs/console.md).
-async function holds(path, key) {
-  const r = await send("POST", path, { ids: ["run_console_scope_probe"], dry_run: true }, key);
-  return r.status !== 403 && r.status !== 401;
+// Signs in: the key must be accepted; its session (GET /v1/session) says which buttons appear.
+export async function signIn(key) {
+  const info = await get("/v1/session", {}, { key });
+  sessionStorage.setItem(KEY, key);
+  sessionStorage.setItem(SESSION, JSON.stringify(info));
 }
 
-// Signs in: the key must read runs; which writes it may do decides which buttons appear.
-export async function signIn(key) {
-  await get("/v1/runs", { limit: 1 }, { key });
-  const scopes = ["runs:read"];
-  const [runsWrite, flowsWrite] = await Promise.all([
-    holds("/v1/runs/bulk/archive", key),
-    holds("/v1/flows/console-scope-probe/pause", key),
-  ]);
-  if (runsWrite) scopes.push("runs:write");
-  if (flowsWrite) scopes.push("flows:write");
-  sessionStorage.setItem(KEY, key);
-  sessionStorage.setItem(SCOPES, JSON.stringify(scopes));
+// The session of a tab that has a key but not yet its session (opened signed in): asked once, kept like sign-in's.
+export async function loadSession() {
+  const key = session.key;
+  const info = await get("/v1/session");
+  if (session.key === key) sessionStorage.setItem(SESSION, JSON.stringify(info));
+  return info;
+}
+
+// The deployment's addresses (GET /console/config.json): ingest's, where triggers go. Asked once per page.
+let config = null;
+export function consoleConfig() {
+  config ??= fetch("/console/config.json").then((r) => {
+    if (!r.ok) throw new Error(`the console's configuration answered ${r.status}`);
+    return r.json();
+  }).catch((error) => { config = null; throw error; });
+  return config;
 }
 
 // Server-Sent Events read with fetch (EventSource cannot send the bearer key): calls onEvent({id, event, data})

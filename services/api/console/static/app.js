@@ -2,7 +2,7 @@
 
 import { render } from "preact";
 import { useEffect, useState } from "preact/hooks";
-import { session, signIn, signOut } from "./api.js";
+import { loadSession, session, signIn, signOut } from "./api.js";
 import { html, route } from "./ui.js";
 import { RunsPage } from "./runs.js";
 
@@ -72,9 +72,15 @@ function App() {
   const [reason, setReason] = useState(null);
   const [where, setWhere] = useState(route());
   const [notice, setNotice] = useState(null);
+  const [who, setWho] = useState(session.info);
+  // A tab opened with a key but without its session asks for it; the pages show meanwhile, their write buttons
+  // once it is known.
+  useEffect(() => {
+    if (signedIn && !who) loadSession().then(setWho, () => {});
+  }, [signedIn, who]);
   useEffect(() => {
     const onHash = () => setWhere(route());
-    const onOut = (e) => { setReason(e.detail.reason); setSignedIn(false); };
+    const onOut = (e) => { setReason(e.detail.reason); setSignedIn(false); setWho(null); };
     let timer;
     const onNotice = (e) => { setNotice(e.detail); clearTimeout(timer); timer = setTimeout(() => setNotice(null), 8000); };
     window.addEventListener("hashchange", onHash);
@@ -86,7 +92,9 @@ function App() {
       window.removeEventListener("ft-notice", onNotice);
     };
   }, []);
-  if (!signedIn) return html`<${SignIn} reason=${reason} onDone=${() => { setReason(null); setSignedIn(true); }} />`;
+  if (!signedIn) {
+    return html`<${SignIn} reason=${reason} onDone=${() => { setReason(null); setWho(session.info); setSignedIn(true); }} />`;
+  }
   const section = where.parts[0] || "runs";
   return html`
     <header class="top">
@@ -96,6 +104,8 @@ function App() {
           style="margin-right: 1rem">${label}</a>`)}
       </nav>
       <div class="who">
+        ${who && html`<span class="muted" title=${`Signed in with key ${who.key.id} (${who.key.scopes.join(", ")})`}>
+          ${who.tenant_id} · ${who.key.name || who.key.prefix + "…"}</span>`}
         <span title="The key's environment: a TESTING key sees TESTING data">${session.environment}</span>
         <button onClick=${() => signOut("Signed out.")}>Sign out</button>
       </div>

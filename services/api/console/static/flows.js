@@ -1,9 +1,10 @@
 // Flows (docs/console.md): the list, and a flow's detail with its versions, a diff between two of them, its
-// schedule and connectors, and pause / resume.
+// schedule and connectors, pause / resume, and the trigger form (sent to ingest, whose address the API's
+// /console/config.json gives).
 
 import { useState } from "preact/hooks";
-import { get, post, session } from "./api.js";
-import { Json, Problem, html, time, useLoad } from "./ui.js";
+import { consoleConfig, get, post, session } from "./api.js";
+import { Json, Problem, go, html, time, useLoad } from "./ui.js";
 
 // A line diff of two texts (longest common subsequence): [kind, line] with kind " ", "+" or "-".
 export function diffLines(before, after) {
@@ -47,6 +48,53 @@ function Diff({ id, versions }) {
     <pre class="diff">${lines.map(([k, line]) => html`<div class=${k === "+" ? "add" : k === "-" ? "del" : ""}>${k} ${line}</div>`)}</pre></section>`;
 }
 
+// POST /v1/flows/{id}/trigger on ingest: a JSON input, the mode, an optional start time and Idempotency-Key; the
+// run it names opens, live.
+function Trigger({ id }) {
+  const [mode, setMode] = useState("async");
+  const [busy, setBusy] = useState(null);
+  const [error, setError] = useState(null);
+  async function submit(event) {
+    event.preventDefault();
+    const form = new FormData(event.target);
+    setError(null);
+    const body = { mode };
+    try {
+      body.input = JSON.parse(form.get("input") || "null");
+    } catch (e) {
+      setError({ message: `Input is not JSON: ${e.message}` });
+      return;
+    }
+    if (mode !== "live" && form.get("run_at")) body.run_at = new Date(form.get("run_at")).toISOString();
+    const key = form.get("idempotency_key").trim();
+    setBusy(mode === "live" ? "Waiting for the run to end (live mode)…" : "Triggering…");
+    try {
+      const { ingest_url: ingest } = await consoleConfig();
+      const answer = await post(`${ingest}/v1/flows/${encodeURIComponent(id)}/trigger`, body,
+        { headers: key ? { "Idempotency-Key": key } : {} });
+      go(`#/runs/${encodeURIComponent(answer.run_id)}`);
+    } catch (e) {
+      setError(e);
+    } finally {
+      setBusy(null);
+    }
+  }
+  return html`<section class="card" aria-label="Trigger a run"><h2>Trigger a run</h2>
+    <form onSubmit=${submit} aria-label="Trigger">
+      <label>Input (JSON)<textarea name="input" rows="5" class="mono" style="width: 100%" defaultValue="{}"></textarea></label>
+      <div class="row">
+        <label>Mode <select name="mode" value=${mode} onChange=${(e) => setMode(e.target.value)}>
+          <option value="async">async: answer at once</option>
+          <option value="live">live: wait for the end</option></select></label>
+        <label>Run at (optional) <input type="datetime-local" name="run_at" step="1" disabled=${mode === "live"} /></label>
+        <label>Idempotency key (optional) <input name="idempotency_key" size="24" /></label>
+        <button class="primary" type="submit" disabled=${Boolean(busy)}>Trigger run</button>
+      </div>
+      ${busy && html`<p class="muted" role="status">${busy}</p>`}
+      <${Problem} error=${error} />
+    </form></section>`;
+}
+
 function FlowDetail({ id }) {
   const flow = useLoad(() => get(`/v1/flows/${encodeURIComponent(id)}`), [id]);
   const [error, setError] = useState(null);
@@ -65,6 +113,7 @@ function FlowDetail({ id }) {
       <dt>runs</dt><dd><a href=${`#/runs?flow_id=${encodeURIComponent(f.id)}`}>this flow's runs</a>${" · "}<a href=${`#/analytics?flow_id=${encodeURIComponent(f.id)}`}>analytics</a></dd></dl>
       ${session.can("flows:write") && html`<button onClick=${toggle}>${f.status === "paused" ? "Resume flow" : "Pause flow"}</button>`}
     </div><${Problem} error=${error} /></section>
+    ${session.can("runs:write") && html`<${Trigger} id=${f.id} />`}
     <section class="card"><h2>Versions</h2><ul>${f.versions.map((v) => html`<li>v${v.version} · published ${time(v.published_at)}</li>`)}</ul></section>
     ${f.versions.length > 1 && html`<${Diff} id=${f.id} versions=${f.versions.map((v) => v.version).sort((a, b) => b - a)} />`}
     <section class="card"><h2>Definition (v${f.latest_version})</h2><${Json} value=${f.definition} label="definition" /></section>`;

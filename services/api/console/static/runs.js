@@ -1,5 +1,6 @@
 // The runs list (docs/console.md): filters in the location hash, cursor paging, rows kept live by the tenant's
-// status stream (GET /v1/stream), bulk retry / cancel / archive with the dry run's count shown before confirming.
+// status stream (GET /v1/stream), bulk retry / cancel / archive of the selected runs or of every run matching the
+// filters, with the dry run's count shown before confirming.
 
 import { useEffect, useState } from "preact/hooks";
 import { get, post, qs, session, stream } from "./api.js";
@@ -74,22 +75,43 @@ function Filters({ params, flows }) {
   </form>`;
 }
 
-function Bulk({ selected, onDone }) {
-  const [pending, setPending] = useState(null); // {action, preview}
+// The bulk filter (POST /v1/runs/bulk/*) for the list's filters: {body} or, when the list uses a filter the bulk
+// actions do not take, {why}. Runs created after the dry run are left out (`created_before`), so the confirmed
+// action reaches the runs the dry run counted, not newer ones.
+function byFilter(q) {
+  const missing = ["trigger_type", "tags", "q"].filter((name) => q[name]);
+  if (q.caller && q.caller.length > 1) missing.push("several callers");
+  if (missing.length) return { why: `Bulk actions by filter cannot use ${missing.join(", ")}: select the runs instead.` };
+  if (!q.flow_id && !q.status && !q.caller && !q.from) {
+    return { why: "Bulk actions by filter need a filter (a flow, a status, a caller or a time range)." };
+  }
+  const body = { include_archived: q.include_archived === "true", created_before: new Date().toISOString() };
+  if (q.flow_id) body.flow_id = q.flow_id;
+  if (q.status) body.statuses = q.status;
+  if (q.caller) body.caller = q.caller[0];
+  if (q.from) body.created_after = q.from;
+  return { body };
+}
+
+const title = (word) => word[0].toUpperCase() + word.slice(1);
+
+function Bulk({ selected, q, onDone }) {
+  const [pending, setPending] = useState(null); // {action, body, what, preview}
   const [error, setError] = useState(null);
   const ids = [...selected];
-  async function preview(action) {
+  const filter = byFilter(q);
+  async function preview(action, body, what) {
     setError(null);
     try {
-      setPending({ action, preview: await post(`/v1/runs/bulk/${action}`, { ids, dry_run: true }) });
+      setPending({ action, body, what, preview: await post(`/v1/runs/bulk/${action}`, { ...body, dry_run: true }) });
     } catch (e) { setError(e); }
   }
   async function answer(yes) {
-    const { action } = pending;
+    const { action, body } = pending;
     setPending(null);
     if (!yes) return;
     try {
-      const done = await post(`/v1/runs/bulk/${action}`, { ids });
+      const done = await post(`/v1/runs/bulk/${action}`, body);
       onDone(`${action}: ${done.count} run(s), operation ${done.bulk_operation_id}`);
     } catch (e) { setError(e); }
   }
@@ -97,13 +119,16 @@ function Bulk({ selected, onDone }) {
   const skipped = pending ? Object.entries(pending.preview.skipped || {}) : [];
   return html`<div class="row" style="margin: .5rem 0">
     <span>${ids.length} selected</span>
-    ${["retry", "cancel", "archive"].map((a) => html`<button disabled=${!ids.length} onClick=${() => preview(a)}>
-      ${a[0].toUpperCase() + a.slice(1)} selected…</button>`)}
+    ${["retry", "cancel", "archive"].map((a) => html`<button disabled=${!ids.length}
+      onClick=${() => preview(a, { ids }, "selected run(s)")}>${title(a)} selected…</button>`)}
+    <span class="muted">or every run matching the filters:</span>
+    ${["retry", "cancel", "archive"].map((a) => html`<button disabled=${!filter.body} title=${filter.why || ""}
+      onClick=${() => preview(a, byFilter(q).body, "run(s) matching the filters")}>${title(a)} all matching…</button>`)}
     <${Problem} error=${error} />
     <${Confirm} open=${Boolean(pending)} title=${pending ? `Bulk ${pending.action}` : ""}
-      confirmLabel=${pending ? `${pending.action[0].toUpperCase() + pending.action.slice(1)} ${pending.preview.count} run(s)` : ""}
+      confirmLabel=${pending ? `${title(pending.action)} ${pending.preview.count} run(s)` : ""}
       onClose=${answer}>
-      ${pending && html`<p data-testid="dry-run">Dry run: <b>${pending.preview.count}</b> of ${pending.preview.matched}${" "}selected run(s) would be ${PAST[pending.action]}.</p>
+      ${pending && html`<p data-testid="dry-run">Dry run: <b>${pending.preview.count}</b> of ${pending.preview.matched}${" "}${pending.what} would be ${PAST[pending.action]}.</p>
         ${skipped.length > 0 && html`<p class="muted">Left alone: ${skipped.map(([why, n]) => `${n} ${why}`).join(", ")}</p>`}`}
     </${Confirm}>
   </div>`;
@@ -146,7 +171,7 @@ export function RunsPage({ params }) {
     <${Filters} params=${params} flows=${flows.data} />
     <${Problem} error=${runs.error} />
     ${done && html`<p class="notice" role="status">${done}</p>`}
-    <${Bulk} selected=${selected} onDone=${(message) => { setDone(message); setSelected(new Set()); runs.reload(); }} />
+    <${Bulk} selected=${selected} q=${q} onDone=${(message) => { setDone(message); setSelected(new Set()); runs.reload(); }} />
     <table aria-label="Runs" aria-busy=${runs.loading ? "true" : "false"}>
       <thead><tr>
         <th><input type="checkbox" aria-label="Select every run on this page" checked=${all}
