@@ -74,7 +74,7 @@ async def test_runs_page_is_usable_quickly_at_scale(infra: Infra, scale: Scale, 
                         api_ms.append((time.perf_counter() - started) * 1000)
 
             async with headless_chromium() as browser:
-                context = await signed_in(browser, key, ["runs:read", "runs:write"])
+                context = await signed_in(browser, key)
                 page = await context.new_page()
                 usable_ms, list_ms = [], []
                 for i in range(SAMPLES + 2):
