@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 
 from aiokafka.admin import NewTopic
@@ -96,9 +97,19 @@ class MarkLog:
 # ---------------------------------------------------------------- the loop
 
 
+@dataclass(frozen=True)
+class SchedulerTiming:
+    """The scheduler's sense of time: `clock` gives schedule time, `time_scale` converts schedule seconds into real
+    ones for sleeping (1.0 with the wall clock)."""
+
+    clock: Clock = utcnow
+    time_scale: float = 1.0
+    max_catch_up_s: float = 3600.0  # the newest missed tick still fires while at most this old
+    poll_s: float = 1.0  # the longest sleep between passes, and the pause after a failed one
+
+
 class Scheduler:
-    """Follows the flows topic and appends each due tick's trigger; `clock` gives schedule time, `time_scale`
-    converts schedule seconds into real ones for sleeping (1.0 with the wall clock)."""
+    """Follows the flows topic and appends each due tick's trigger, timed by `timing`."""
 
     def __init__(
         self,
@@ -106,10 +117,7 @@ class Scheduler:
         topics: Topics,
         triggers: TriggerLog,
         *,
-        clock: Clock = utcnow,
-        time_scale: float = 1.0,
-        max_catch_up_s: float = 3600.0,
-        poll_s: float = 1.0,
+        timing: SchedulerTiming = SchedulerTiming(),
         windows: Windows | None = None,
         accepted: Callable[[list[TriggerReceived]], Awaitable[None]] | None = None,
     ) -> None:
@@ -117,10 +125,7 @@ class Scheduler:
         self.accepted = accepted
         # A syncing flow's tick reads the window from where its last successful run ended up to the tick.
         self.windows = windows
-        self.clock = clock
-        self.time_scale = time_scale
-        self.max_catch_up_s = max_catch_up_s
-        self.poll_s = poll_s
+        self.timing = timing
         self.flows = FlowFollower(bootstrap, topics.flows, on_event=self._on_flow_event)
         self.marks = MarkLog(bootstrap, f"{topics.prefix}.schedules")
         self.observed: datetime | None = None  # the clock time of the last completed pass
@@ -160,19 +165,21 @@ class Scheduler:
 
     async def _run(self) -> None:
         while True:
-            wait = self.poll_s
+            wait = self.timing.poll_s
             try:
-                await self.run_pass(self.clock())
-                wait = self.timetable.sleep_s(self.clock(), self.flows.paused, self.poll_s, self.time_scale)
+                await self.run_pass(self.timing.clock())
+                wait = self.timetable.sleep_s(
+                    self.timing.clock(), self.flows.paused, self.timing.poll_s, self.timing.time_scale
+                )
             except Exception:  # Kafka away: keep the loop, retry the same ticks (same run ids) shortly
-                log.exception("scheduler pass failed; retrying in %.1f s", self.poll_s)
+                log.exception("scheduler pass failed; retrying in %.1f s", self.timing.poll_s)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
 
     async def run_pass(self, now: datetime) -> None:
         """Fires every tick due at `now`; returns once their triggers and the settled marks are durable."""
         self._wake.clear()  # a flow event from here on wakes the next sleep at once
-        planned = self.timetable.due(now, self.flows.paused, self.max_catch_up_s)
+        planned = self.timetable.due(now, self.flows.paused, self.timing.max_catch_up_s)
         fired = [(due.fire, scheduled_trigger(entry.flow, due.fire, now))
                  for _, entry, due in planned if due.fire is not None]  # fmt: skip
         if fired and self.windows is not None:
@@ -181,7 +188,7 @@ class Scheduler:
             await self.triggers.append([(t.run_id, codec.dumps(t)) for _, t in fired])
             if self.accepted is not None:  # a tick's run is visible from the moment it is durable
                 await self.accepted([t for _, t in fired])
-            durable = self.clock()
+            durable = self.timing.clock()
             for tick, _ in fired:
                 metrics.SCHEDULE_LATENESS.observe((durable - tick).total_seconds())
             metrics.TRIGGERS.labels("schedule").inc(len(fired))
@@ -204,7 +211,7 @@ class Scheduler:
         count = f"at least {due.skipped}" if due.skipped >= COUNT_CAP else str(due.skipped)
         if due.fire is None:
             log.warning("flow %s/%s: %s missed tick(s) up to %s skipped: the newest is older than max_catch_up_s=%gs",
-                        *key, count, tick_iso(due.settled), self.max_catch_up_s)  # fmt: skip
+                        *key, count, tick_iso(due.settled), self.timing.max_catch_up_s)  # fmt: skip
         else:
             log.warning("flow %s/%s: %s missed tick(s) skipped; catching up with the newest, %s",
                         *key, count, tick_iso(due.fire))  # fmt: skip

@@ -23,11 +23,11 @@ from schemas.flows import Environment, FlowDefinition, StepDefinition, TriggerCo
 from services.common.appender import Appender
 from services.common.db import create_pool
 from services.common.kafka import publish_flow_events
-from services.common.schedule import ScaledClock, scheduled_run_id
+from services.common.schedule import ScaledClock, Windows, scheduled_run_id
 from services.ingest.adapters.triggers import TriggerLog
 from services.ingest.adapters.windows import cursor_window
 from services.ingest.app import create_app
-from services.ingest.scheduler import Scheduler
+from services.ingest.scheduler import Scheduler, SchedulerTiming
 from services.ingest.settings import IngestSettings
 from tests.conftest import Sandbox
 from tests.harness import wait_until
@@ -90,12 +90,20 @@ async def triggers(sandbox: Sandbox) -> AsyncIterator[TriggerReader]:
 
 
 @asynccontextmanager
-async def scheduler(sandbox: Sandbox, clock: Callable[[], datetime], **options: Any) -> AsyncIterator[Scheduler]:
+async def scheduler(
+    sandbox: Sandbox, clock: Callable[[], datetime], windows: Windows | None = None, **timing: Any
+) -> AsyncIterator[Scheduler]:
     appender = Appender(sandbox.infra.kafka_bootstrap, linger_ms=0)
     await appender.start()
     log = TriggerLog(appender, sandbox.topics.triggers)
-    options.setdefault("poll_s", 0.02)
-    running = Scheduler(sandbox.infra.kafka_bootstrap, sandbox.topics, log, clock=clock, **options)
+    timing.setdefault("poll_s", 0.02)
+    running = Scheduler(
+        sandbox.infra.kafka_bootstrap,
+        sandbox.topics,
+        log,
+        timing=SchedulerTiming(clock=clock, **timing),
+        windows=windows,
+    )
     await running.start()
     try:
         yield running

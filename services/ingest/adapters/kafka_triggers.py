@@ -14,6 +14,7 @@ import contextlib
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -74,8 +75,8 @@ class Subscription:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.owner.bootstrap, group_id=self.group, client_id=f"flowtrail-ingest-{self.flow.id}",
             enable_auto_commit=False, auto_offset_reset="earliest", isolation_level="read_committed",
-            max_poll_records=self.owner.batch, session_timeout_ms=self.owner.session_timeout_ms,
-            heartbeat_interval_ms=max(100, self.owner.session_timeout_ms // 3),
+            max_poll_records=self.owner.limits.batch, session_timeout_ms=self.owner.limits.session_timeout_ms,
+            heartbeat_interval_ms=max(100, self.owner.limits.session_timeout_ms // 3),
             # A topic created after the flow was published is found within seconds, not metadata.max.age's 5 min.
             metadata_max_age_ms=3000,
         )  # fmt: skip
@@ -155,7 +156,7 @@ class Subscription:
                     await self._to_newest()
                 consumer = self._consumer
                 assert consumer is not None
-                batches = await consumer.getmany(timeout_ms=500, max_records=self.owner.batch)
+                batches = await consumer.getmany(timeout_ms=500, max_records=self.owner.limits.batch)
                 if batches:
                     await self._handle(consumer, batches)
                 await self._measure_lag(consumer)
@@ -192,7 +193,9 @@ class Subscription:
             for record in records:
                 message = Message(record.topic, record.partition, record.offset, record.timestamp, record.key,
                                   record.value, tuple(record.headers or ()))  # fmt: skip
-                outcome = admit(message, flow.trigger, tenant_id, flow_id, max_value_bytes=self.owner.max_value_bytes)
+                outcome = admit(
+                    message, flow.trigger, tenant_id, flow_id, max_value_bytes=self.owner.limits.max_value_bytes
+                )
                 if isinstance(outcome, Run):
                     trigger = TriggerReceived(
                         tenant_id=tenant_id, run_id=outcome.run_id, flow_id=flow_id, flow_version=flow.version,
@@ -268,24 +271,33 @@ class _Placement(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.subscription.place(assigned)
 
 
+@dataclass(frozen=True)
+class KafkaTriggerLimits:
+    """How much a subscription reads at once and what it lets through; ingest's settings say each
+    (docs/kafka-triggers.md)."""
+
+    batch: int = 500  # messages fetched, made into runs and appended at once per flow
+    max_value_bytes: int = 512 * 1024  # a message's value past this is dead-lettered, not run
+    max_executor_lag: int = 20_000  # no message is fetched while the executor has more triggers to take (0: off)
+    allowed_topics: str = ".*"  # the topics a flow may read, over the whole name; Flowtrail's own never
+    session_timeout_ms: int = 10_000  # how soon a dead replica's partitions go to the others
+
+
 class KafkaTriggers:
     """Every kafka-triggered flow of the deployment, each a Subscription, kept in line with the flows topic."""
 
     def __init__(
         self, bootstrap: str, topics: Topics, trigger_log: TriggerLog, dlq: Appender, *, windows: Windows,
-        batch: int = 500, max_value_bytes: int = 512 * 1024, max_executor_lag: int = 20_000,
-        allowed_topics: str = ".*", session_timeout_ms: int = 10_000,
+        limits: KafkaTriggerLimits = KafkaTriggerLimits(),
     ) -> None:  # fmt: skip
         self.bootstrap = bootstrap
         self.topics = topics
         self.trigger_log = trigger_log
         self.dlq = dlq
         self.windows = windows
-        self.batch = batch
-        self.max_value_bytes = max_value_bytes
-        self.session_timeout_ms = session_timeout_ms
-        self.allowed = re.compile(allowed_topics)
-        self.backlog = Backlog(bootstrap, topics.triggers, f"{topics.prefix}-executor", max_executor_lag)
+        self.limits = limits
+        self.allowed = re.compile(limits.allowed_topics)
+        self.backlog = Backlog(bootstrap, topics.triggers, f"{topics.prefix}-executor", limits.max_executor_lag)
         self.follower = FlowFollower(bootstrap, topics.flows, on_event=self._on_flow_event)
         self.subscriptions: dict[FlowKey, Subscription] = {}
         self._since: dict[tuple[str, str, str], datetime] = {}  # (tenant, flow, topic) → first published
