@@ -22,11 +22,11 @@ from services.common.http import install
 from services.common.idempotency import Idempotency
 from services.common.ratelimit import RateLimitHeaders, rate_limiter
 from services.common.startup import Database, UntilMigrated
-from services.ingest.adapters.kafka_triggers import KafkaTriggers
+from services.ingest.adapters.kafka_triggers import KafkaTriggerLimits, KafkaTriggers
 from services.ingest.adapters.triggers import TriggerLog
 from services.ingest.adapters.windows import cursor_window
 from services.ingest.routes import triggers
-from services.ingest.scheduler import Scheduler
+from services.ingest.scheduler import Scheduler, SchedulerTiming
 from services.ingest.settings import IngestSettings
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,9 @@ def create_app(settings: IngestSettings) -> FastAPI:
         if settings.scheduler:
             app.state.scheduler = Scheduler(
                 settings.kafka_bootstrap, Topics(settings.topic_prefix), app.state.trigger_log,
-                max_catch_up_s=settings.scheduler_max_catch_up_s, poll_s=settings.scheduler_poll_s,
+                timing=SchedulerTiming(
+                    max_catch_up_s=settings.scheduler_max_catch_up_s, poll_s=settings.scheduler_poll_s
+                ),
                 windows=functools.partial(cursor_window, app.state.pool),
                 accepted=functools.partial(record_accepted_triggers, app.state.pool),
             )  # fmt: skip
@@ -67,10 +69,13 @@ def create_app(settings: IngestSettings) -> FastAPI:
         if settings.kafka_triggers:
             app.state.kafka_triggers = KafkaTriggers(
                 settings.kafka_bootstrap, Topics(settings.topic_prefix), app.state.trigger_log, app.state.appender,
-                windows=functools.partial(cursor_window, app.state.pool), batch=settings.kafka_trigger_batch,
-                max_value_bytes=settings.max_input_bytes, max_executor_lag=settings.kafka_trigger_max_executor_lag,
-                allowed_topics=settings.kafka_trigger_topics,
-                session_timeout_ms=settings.kafka_trigger_session_timeout_ms,
+                windows=functools.partial(cursor_window, app.state.pool),
+                limits=KafkaTriggerLimits(
+                    batch=settings.kafka_trigger_batch, max_value_bytes=settings.max_input_bytes,
+                    max_executor_lag=settings.kafka_trigger_max_executor_lag,
+                    allowed_topics=settings.kafka_trigger_topics,
+                    session_timeout_ms=settings.kafka_trigger_session_timeout_ms,
+                ),
             )  # fmt: skip
         app.state.kafka_triggers_task = asyncio.create_task(_start_scheduler(app.state.kafka_triggers))
         try:
