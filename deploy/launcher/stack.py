@@ -49,35 +49,31 @@ def health_url(name: str) -> str:
     return f"http://127.0.0.1:{SERVICE_PORTS[name]}/healthz"
 
 
+class _InStateDir:
+    """A StackPaths attribute: the path at `parts` below the state folder."""
+
+    def __init__(self, *parts: str) -> None:
+        self.parts = parts
+
+    def __get__(self, paths: StackPaths, owner: type[StackPaths]) -> Path:
+        return paths.state_dir.joinpath(*self.parts)
+
+
 @dataclass(frozen=True)
 class StackPaths:
     """Where the launcher keeps its files inside the state folder."""
 
     state_dir: Path
 
+    logs = _InStateDir("logs")
+    api_key = _InStateDir("api_key")
+    stack_json = _InStateDir("stack.json")
+    supervisor_pid = _InStateDir("supervisor.pid")
+    supervisor_log = _InStateDir("logs", "supervisor.log")
+
     @classmethod
     def of(cls, settings: CommonSettings) -> StackPaths:
         return cls(Path(settings.state_dir).resolve())
-
-    @property
-    def logs(self) -> Path:
-        return self.state_dir / "logs"
-
-    @property
-    def api_key(self) -> Path:
-        return self.state_dir / "api_key"
-
-    @property
-    def stack_json(self) -> Path:
-        return self.state_dir / "stack.json"
-
-    @property
-    def supervisor_pid(self) -> Path:
-        return self.state_dir / "supervisor.pid"
-
-    @property
-    def supervisor_log(self) -> Path:
-        return self.logs / "supervisor.log"
 
 
 def running_supervisor(paths: StackPaths) -> int | None:
