@@ -21,6 +21,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from schemas import codec
 from schemas.events import EventBase, new_id
 from schemas.topics import partition_for
+from services.common.auth import create_api_key, ensure_tenant
 from tests.conftest import Infra, Sandbox, make_sandbox
 from tests.factories import run_events
 
@@ -150,6 +151,15 @@ def synthetic_runs(n: int, *, tenant_ids: tuple[str, ...] = ("t1",), flows: int 
             rows = []
     if rows:
         yield rows
+
+
+async def seed_runs(conn: asyncpg.Connection, schema: str, n: int, tenant_ids: tuple[str, ...] = ("t1",)) -> str:
+    """Tenant t1 with a new API key (returned), and `n` synthetic runs over `tenant_ids`, copied into `schema`."""
+    await ensure_tenant(conn, "t1", "T1")
+    _, key = await create_api_key(conn, "t1")
+    for chunk in synthetic_runs(n, tenant_ids=tenant_ids):
+        await copy_rows(conn, "runs", RUN_COLUMNS, chunk, schema)
+    return key
 
 
 async def produce_history(bootstrap: str, topic: str, partitions: int, template: Sequence[EventBase], runs: int, *,

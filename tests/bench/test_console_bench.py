@@ -17,9 +17,8 @@ from pathlib import Path
 
 import httpx
 
-from services.common.auth import create_api_key, ensure_tenant
 from services.common.db import connect
-from tests.bench.loaders import RUN_COLUMNS, STEP_COLUMNS, bench_sandbox, copy_rows, synthetic_runs
+from tests.bench.loaders import STEP_COLUMNS, bench_sandbox, copy_rows, seed_runs
 from tests.bench.measure import percentile
 from tests.bench.report import Report, Target
 from tests.bench.scale import Scale
@@ -37,10 +36,7 @@ async def test_runs_page_is_usable_quickly_at_scale(infra: Infra, scale: Scale, 
     async with bench_sandbox(infra, partitions=1) as box:
         conn = await connect(infra.database_url, box.schema)
         try:
-            await ensure_tenant(conn, "t1", "T1")
-            _, key = await create_api_key(conn, "t1")
-            for chunk in synthetic_runs(n, tenant_ids=("t1",)):
-                await copy_rows(conn, "runs", RUN_COLUMNS, chunk, box.schema)
+            key = await seed_runs(conn, box.schema, n)
             # One run with 50 HTTP steps, each with a request and an answer, for the detail page.
             big = await conn.fetchval(
                 "SELECT id FROM runs WHERE environment = 'PRODUCTION' ORDER BY created_at DESC OFFSET 10 LIMIT 1"

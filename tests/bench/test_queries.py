@@ -22,9 +22,8 @@ import aiohttp
 import orjson
 
 from services.api.adapters.runs import Cursor, RunFilter, Sort, get_run_detail, list_runs
-from services.common.auth import create_api_key, ensure_tenant
 from services.common.db import connect
-from tests.bench.loaders import RUN_COLUMNS, STEP_COLUMNS, bench_sandbox, copy_rows, synthetic_runs
+from tests.bench.loaders import STEP_COLUMNS, bench_sandbox, copy_rows, seed_runs
 from tests.bench.measure import percentile
 from tests.bench.report import Report, Target
 from tests.bench.scale import Scale
@@ -124,11 +123,8 @@ async def test_runs_api_queries_at_scale(infra: Infra, scale: Scale, report: Rep
     async with bench_sandbox(infra, partitions=1) as box:
         conn = await connect(infra.database_url, box.schema)
         try:
-            await ensure_tenant(conn, "t1", "T1")
-            _, key = await create_api_key(conn, "t1")
             started = time.perf_counter()
-            for chunk in synthetic_runs(n, tenant_ids=("t1", "t1", "t1", "t2")):
-                await copy_rows(conn, "runs", RUN_COLUMNS, chunk, box.schema)
+            key = await seed_runs(conn, box.schema, n, tenant_ids=("t1", "t1", "t1", "t2"))
             # A rare error on a handful of runs, and one run with 20 steps to fetch.
             await conn.execute(
                 "UPDATE runs SET error_message = $1, status = 'FAILED' WHERE id IN "
