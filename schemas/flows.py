@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -193,22 +194,27 @@ class FlowDefinition(Frozen):
 # ---------------------------------------------------------------- action inputs (validated after rendering)
 
 
-class DatabaseQueryInput(Frozen):
-    """`database_query`: one SQL statement with `$1…` parameters on a named connector or a DSN."""
+class DatabaseConnection(Frozen):
+    """A PostgreSQL database, named by exactly one of a connector or a DSN (`database_query`'s and sync ends')."""
 
     connector: str | None = None  # a name from FLOWTRAIL_EXECUTOR_CONNECTORS, configured by the operator
     dsn: str | None = None  # postgresql://user:password@host:port/db; the password is masked wherever shown
+
+    @model_validator(mode="after")
+    def _one_connection(self) -> DatabaseConnection:
+        if (self.connector is None) == (self.dsn is None):
+            raise ValueError("give exactly one of `connector` (a configured name) or `dsn`")
+        return self
+
+
+class DatabaseQueryInput(DatabaseConnection):
+    """`database_query`: one SQL statement with `$1…` parameters on a named connector or a DSN."""
+
     query: str = Field(min_length=1)
     params: list[Any] = Field(default_factory=list)  # bound by the server, never formatted into the SQL
     max_rows: int | None = Field(default=None, ge=1)
     timeout_s: float | None = Field(default=None, gt=0)  # the statement timeout; the step timeout caps it
     read_only: bool = False
-
-    @model_validator(mode="after")
-    def _one_connection(self) -> DatabaseQueryInput:
-        if (self.connector is None) == (self.dsn is None):
-            raise ValueError("give exactly one of `connector` (a configured name) or `dsn`")
-        return self
 
 
 class KafkaProduceInput(Frozen):
@@ -280,12 +286,17 @@ def mask_secrets(value: Any) -> Any:
     return value
 
 
+def any_text(value: Any, test: Callable[[str], bool]) -> bool:
+    """Whether `test` holds for some string in a JSON-like value, at any depth (dict values, list items)."""
+    if isinstance(value, str):
+        return test(value)
+    if isinstance(value, dict):
+        return any(any_text(v, test) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(any_text(v, test) for v in value)
+    return False
+
+
 def contains_mask(value: Any) -> bool:
     """Whether `mask_secrets` hid something here (or a value merely contains `***`)."""
-    if isinstance(value, str):
-        return MASK in value
-    if isinstance(value, dict):
-        return any(contains_mask(v) for v in value.values())
-    if isinstance(value, list | tuple):
-        return any(contains_mask(v) for v in value)
-    return False
+    return any_text(value, lambda text: MASK in text)

@@ -30,7 +30,7 @@ import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from schemas.flows import MASK, FlowDefinition, is_secret_key
+from schemas.flows import MASK, FlowDefinition, any_text, is_secret_key
 
 PREFIX = "enc:v1:"
 TOKEN = re.compile(r"enc:v1:([0-9a-f]{8}):([A-Za-z0-9_\-]{38,})")
@@ -238,13 +238,7 @@ def is_ciphertext(value: Any) -> bool:
 
 
 def contains_ciphertext(value: Any) -> bool:
-    if isinstance(value, str):
-        return PREFIX in value
-    if isinstance(value, dict):
-        return any(contains_ciphertext(v) for v in value.values())
-    if isinstance(value, list | tuple):
-        return any(contains_ciphertext(v) for v in value)
-    return False
+    return any_text(value, lambda text: PREFIX in text)
 
 
 def inline_context(tenant_id: str) -> str:

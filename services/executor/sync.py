@@ -13,7 +13,7 @@ from jmespath.exceptions import JMESPathError
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from schemas.events import CANONICAL_ENTITIES
-from schemas.flows import Frozen
+from schemas.flows import DatabaseConnection, Frozen
 
 HTTP_SCHEMES = ("http", "https")
 MAX_REDIRECTS = 5
@@ -69,15 +69,8 @@ class HttpDestination(Endpoint):
     concurrency: int = Field(default=4, ge=1, le=32)  # records in flight at once
 
 
-class DatabaseEnd(Frozen):
-    connector: str | None = None
-    dsn: str | None = None  # postgresql://user:password@host/db; guarded like database_query's, masked when shown
-
-    @model_validator(mode="after")
-    def _one_connection(self) -> DatabaseEnd:
-        if (self.connector is None) == (self.dsn is None):
-            raise ValueError("give exactly one of `connector` (a configured name) or `dsn`")
-        return self
+class DatabaseEnd(DatabaseConnection):
+    """A PostgreSQL source or destination; its DSN is guarded like database_query's and masked when shown."""
 
 
 class PostgresSource(DatabaseEnd):
