@@ -4,7 +4,7 @@ with a demo key, driven through headless Chromium (tests/browser.py)."""
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -309,20 +309,27 @@ async def test_the_time_travel_scrubber_shows_the_run_as_it_was(page: Page, demo
 # ---------------------------------------------------------------- bulk actions and analytics
 
 
+async def archive_after_the_dry_run(page: Page, demo: Demo, button: str, what: str, run_ids: Iterable[str]) -> None:
+    """Clicks a bulk archive `button`: the dialog shows the dry run (`what` would be archived) while nothing has
+    changed yet; confirmed, the page says how many runs the archive took."""
+    await page.get_by_role("button", name=button).click()
+    dialog = page.get_by_role("dialog", name="Bulk archive")
+    await expect(dialog.get_by_test_id("dry-run")).to_have_text(f"Dry run: {what} would be archived.")
+    for run_id in run_ids:  # nothing changed yet
+        assert (await demo.env.run(run_id) or {}).get("archived") is False
+    count = what.split()[0]
+    await dialog.get_by_role("button", name=f"Archive {count} run(s)").click()
+    await expect(page.get_by_role("status")).to_contain_text(f"archive: {count} run(s)")
+
+
 async def test_bulk_archive_shows_the_dry_run_count_first(page: Page, demo: Demo) -> None:
     orders = [r["id"] for n, r in demo.runs.items() if n.startswith("order-")]
     await page.goto(f"{demo.url}#/runs?flow_id=demo-order-sync")
     await expect(page.locator("tr[data-run]")).to_have_count(len(orders))
     await page.get_by_label("Select every run on this page").check()
-    await page.get_by_role("button", name="Archive selected…").click()
-    dialog = page.get_by_role("dialog", name="Bulk archive")
-    await expect(dialog.get_by_test_id("dry-run")).to_have_text(
-        f"Dry run: {len(orders)} of {len(orders)} selected run(s) would be archived."
+    await archive_after_the_dry_run(
+        page, demo, "Archive selected…", f"{len(orders)} of {len(orders)} selected run(s)", orders
     )
-    for run_id in orders:  # nothing changed yet
-        assert (await demo.env.run(run_id) or {}).get("archived") is False
-    await dialog.get_by_role("button", name=f"Archive {len(orders)} run(s)").click()
-    await expect(page.get_by_role("status")).to_contain_text(f"archive: {len(orders)} run(s)")
     await expect(page.locator("tr[data-run]")).to_have_count(0, timeout=30_000)
     await page.get_by_label("archived too").check()
     await page.get_by_role("button", name="Apply").click()
@@ -423,16 +430,9 @@ async def test_bulk_archive_by_the_lists_status_filter_shows_the_dry_run_count_f
                             json={"statuses": ["FAILED"], "include_archived": False, "dry_run": True})  # fmt: skip
     assert api["count"] == len(shown) > 0 and {r["id"] for r in api["sample"]} <= shown, (api, shown)
 
-    await page.get_by_role("button", name="Archive all matching…").click()
-    dialog = page.get_by_role("dialog", name="Bulk archive")
-    await expect(dialog.get_by_test_id("dry-run")).to_have_text(
-        f"Dry run: {api['count']} of {api['matched']} run(s) matching the filters would be archived."
-    )
-    for run_id in shown:  # nothing changed yet
-        assert (await demo.env.run(run_id) or {}).get("archived") is False
     loads = await reloads(page)
-    await dialog.get_by_role("button", name=f"Archive {api['count']} run(s)").click()
-    await expect(page.get_by_role("status")).to_contain_text(f"archive: {api['count']} run(s)")
+    what = f"{api['count']} of {api['matched']} run(s) matching the filters"
+    await archive_after_the_dry_run(page, demo, "Archive all matching…", what, shown)
     await expect(rows).to_have_count(0, timeout=30_000)
     assert loads == []
     for run_id in shown:

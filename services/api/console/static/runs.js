@@ -2,7 +2,7 @@
 // status stream (GET /v1/stream), bulk retry / cancel / archive of the selected runs or of every run matching the
 // filters, with the dry run's count shown before confirming.
 
-import { useEffect, useState } from "preact/hooks";
+import { useEffect, useRef, useState } from "preact/hooks";
 import { get, post, qs, session, stream } from "./api.js";
 import { Confirm, Problem, RunLink, STATUSES, Status, TRIGGER_TYPES, go, html, ms, time, useLoad } from "./ui.js";
 
@@ -141,12 +141,15 @@ export function RunsPage({ params }) {
   const runs = useLoad(() => get("/v1/runs", query(params)), [key]);
   const [selected, setSelected] = useState(new Set());
   const [done, setDone] = useState(null);
+  const live = useRef(new Map()); // run id → the newest summary the stream gave
   useEffect(() => setSelected(new Set()), [key]);
 
   useEffect(() => {
     const stop = new AbortController();
     const filter = { flow_id: q.flow_id, status: q.status };
+    live.current = new Map();
     stream(`/v1/stream${qs(filter)}`, ({ data: run }) => {
+      live.current.set(run.id, run);
       runs.setData((page) => {
         if (!page) return page;
         const at = page.data.findIndex((r) => r.id === run.id);
@@ -159,7 +162,14 @@ export function RunsPage({ params }) {
   }, [key]);
 
   const page = runs.data;
-  const rows = page ? page.data : [];
+  // A list (re)loaded while a change was on its way may answer a run as it was before a change the stream has
+  // delivered already (a bulk action's reload): the newer of the two wins.
+  const rows = (page ? page.data : [])
+    .map((r) => {
+      const seen = live.current.get(r.id);
+      return seen && Date.parse(seen.updated_at) > Date.parse(r.updated_at) ? { ...r, ...seen } : r;
+    })
+    .filter((r) => q.include_archived || !r.archived);
   // The moment the first page of runs is on screen, for the bench (tests/bench/test_console_bench.py).
   useEffect(() => {
     if (page && !performance.getEntriesByName("runs-rendered").length) performance.mark("runs-rendered");
