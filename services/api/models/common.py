@@ -7,6 +7,14 @@ from datetime import datetime
 from services.api.models import JSON, Out
 
 
+class Timing(Out):
+    """When something that runs (a run, a step, a step's attempt) started and finished, and how long it took."""
+
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    duration_ms: float | None = None
+
+
 class LastSuccess(Out):
     """The last run that succeeded (a connector's health, an alert rule's state)."""
 

@@ -9,11 +9,12 @@ from pydantic import Field
 
 from schemas.events import RecordCounts, RecordFailedPayload
 from services.api.models import JSON, Out
+from services.api.models.common import Timing
 
 Line = TypeVar("Line", bound=Out)
 
 
-class RunSummary(Out):
+class RunSummary(Timing):
     id: str
     flow_id: str
     flow_version: int | None = None
@@ -31,10 +32,7 @@ class RunSummary(Out):
     error_message: str | None = None
     steps_count: int | None = None
     created_at: datetime | None = None
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
     updated_at: datetime | None = None
-    duration_ms: float | None = None
     archived: bool | None = None
     error_category: str | None = None
     error_fingerprint: str | None = None
@@ -66,14 +64,11 @@ class DurationBreakdown(Out):
     other_ms: float | None = None
 
 
-class StepAttempt(Out):
+class StepAttempt(Timing):
     attempt: int
     status: str
     error: JSON = None
     retry_at: datetime | None = None
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    duration_ms: float | None = None
     output: JSON = Field(
         default=None,
         description="what this attempt answered (an http_request's status, headers and body preview), capped and "
@@ -81,7 +76,7 @@ class StepAttempt(Out):
     )
 
 
-class RunStep(Out):
+class RunStep(Timing):
     name: str
     position: int | None = None
     action: str | None = None
@@ -92,9 +87,6 @@ class RunStep(Out):
     error: JSON = None
     assertions: list[JSON] = []
     extractions: dict[str, JSON] = {}
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    duration_ms: float | None = None
     attempts: list[StepAttempt] = []
     reused_from: str | None = Field(
         default=None, description="FROM_FAILED_STEP: not run again in this run; the run in which the step ran"
