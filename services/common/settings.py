@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -55,5 +55,6 @@ class CommonSettings(BaseSettings):
 
 def service_field(service: str, name: str, default: Any, **kwargs: Any) -> Any:
     """A service's own setting, read from `FLOWTRAIL_<SERVICE>_<NAME>` (STYLE: settings names)."""
-    env = f"FLOWTRAIL_{service}_{name}".upper()
-    return Field(default=default, validation_alias=AliasChoices(env, name), **kwargs)
+    # Only the prefixed name: a bare `PORT` or `HOST` set by a shell or a platform must not move a service. The field
+    # name still works as a constructor keyword (`populate_by_name`).
+    return Field(default=default, validation_alias=f"FLOWTRAIL_{service}_{name}".upper(), **kwargs)
