@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -20,12 +19,10 @@ from services.api.routes import secrets as secrets_routes
 from services.api.routes import session as session_routes
 from services.api.settings import ApiSettings
 from services.common.auth import Authenticator
-from services.common.bodylimit import BodyLimit
 from services.common.db import keep_session
-from services.common.http import OrjsonResponse, install
-from services.common.idempotency import Idempotency
-from services.common.ratelimit import RateLimitHeaders, rate_limiter
-from services.common.startup import Database, UntilMigrated
+from services.common.ratelimit import rate_limiter
+from services.common.startup import Database
+from services.common.webapp import service_app
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +69,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
             await app.state.notifier.stop()
             await app.state.database.close()
 
-    app = FastAPI(title="Flowtrail API", version="1", default_response_class=OrjsonResponse, lifespan=lifespan)
-    app.state.settings = settings
-    # Innermost first: the key check reads the whole body, which the limit has bounded by then.
-    app.add_middleware(Idempotency)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(UntilMigrated, database=lambda: getattr(app.state, "database", None))
-    install(app, ready=functools.partial(_ready, app))
-    app.add_middleware(RateLimitHeaders)
+    app = service_app("Flowtrail API", settings, lifespan, ready=_ready, max_body_bytes=settings.max_body_bytes,
+                      version="1")  # fmt: skip
     # Routes are matched in this order: the runs reads, the busiest, first (actions holds only POSTs).
     app.include_router(runs.router)
     app.include_router(actions.router)

@@ -11,17 +11,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import ORJSONResponse
 
 from schemas.topics import Topics
 from services.common.accepted import record_accepted_triggers
 from services.common.appender import Appender
 from services.common.auth import Authenticator
-from services.common.bodylimit import BodyLimit
-from services.common.http import install
-from services.common.idempotency import Idempotency
-from services.common.ratelimit import RateLimitHeaders, rate_limiter
-from services.common.startup import Database, UntilMigrated
+from services.common.ratelimit import rate_limiter
+from services.common.startup import Database
+from services.common.webapp import service_app
 from services.ingest.adapters.kafka_triggers import KafkaTriggerLimits, KafkaTriggers
 from services.ingest.adapters.triggers import TriggerLog
 from services.ingest.adapters.windows import cursor_window
@@ -92,14 +89,7 @@ def create_app(settings: IngestSettings) -> FastAPI:
             await app.state.bulk_appender.stop()
             await app.state.database.close()
 
-    app = FastAPI(title="Flowtrail ingest", default_response_class=ORJSONResponse, lifespan=lifespan)
-    app.state.settings = settings
-    # Innermost first: the key check reads the whole body, which the limit has bounded by then.
-    app.add_middleware(Idempotency)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(UntilMigrated, database=lambda: getattr(app.state, "database", None))
-    install(app, ready=functools.partial(_ready, app))
-    app.add_middleware(RateLimitHeaders)
+    app = service_app("Flowtrail ingest", settings, lifespan, ready=_ready, max_body_bytes=settings.max_body_bytes)
     # Outermost: the web console (the API's origin) triggers flows from the browser (docs/console.md).
     app.add_middleware(
         CORSMiddleware,

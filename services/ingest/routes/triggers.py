@@ -7,7 +7,6 @@ import time
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import ORJSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas import codec
@@ -18,7 +17,7 @@ from services.common.accepted import record_accepted
 from services.common.appender import Appender, AppendFailed
 from services.common.auth import Principal, require_scope
 from services.common.contract import INT32_MAX, AnyCase, Timestamp
-from services.common.http import ApiError
+from services.common.http import ApiError, OrjsonResponse
 from services.common.idempotency import derived_run_ids, idempotency_key
 from services.ingest import metrics
 from services.ingest.adapters.windows import cursor_window
@@ -89,7 +88,7 @@ async def trigger_flow(
     body: TriggerRequest,
     request: Request,
     principal: Annotated[Principal, Depends(require_scope("runs:write"))],
-) -> ORJSONResponse:
+) -> OrjsonResponse:
     settings = request.app.state.settings
     pool = request.app.state.pool
     # The key's environment too: a TESTING key must not run a PRODUCTION flow's steps, nor the reverse.
@@ -137,13 +136,13 @@ async def trigger_flow(
     await record_accepted(pool, template, run_ids, inputs, flow_version=version)
     metrics.TRIGGERS.labels(body.mode).inc(len(records))
     if body.inputs is not None:
-        return ORJSONResponse({"run_ids": run_ids, "count": len(run_ids)}, status_code=202)
+        return OrjsonResponse({"run_ids": run_ids, "count": len(run_ids)}, status_code=202)
     run_id = run_ids[0]
     if body.mode != "live":
         status = "SCHEDULED" if body.run_at is not None else "QUEUED"
-        return ORJSONResponse({"run_id": run_id, "status": status}, status_code=202)
+        return OrjsonResponse({"run_id": run_id, "status": status}, status_code=202)
     result = await _wait_final(pool, principal.tenant_id, run_id, settings.live_timeout_s)
-    return ORJSONResponse(result, status_code=200 if result["status"] in _TERMINAL else 202)
+    return OrjsonResponse(result, status_code=200 if result["status"] in _TERMINAL else 202)
 
 
 _TERMINAL = {s.value for s in TERMINAL_RUN_STATUSES}
