@@ -121,6 +121,9 @@ class Projector:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.kafka_bootstrap,
             group_id=settings.consumer_group,
+            # Static membership, as the executor's (docs/decisions.md): a restart after a kill takes its partitions
+            # back at once.
+            group_instance_id=settings.group_instance_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=4 * 1024 * 1024,

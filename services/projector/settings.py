@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 from services.common.settings import DEFAULT_PROJECTOR_METRICS_PORT, CommonSettings, service_field
 
 
@@ -32,6 +34,15 @@ class ProjectorSettings(CommonSettings):
     smtp_username: str = service_field("projector", "smtp_username", "")
     smtp_password: str = service_field("projector", "smtp_password", "")
     smtp_timeout_s: float = service_field("projector", "smtp_timeout_s", 10.0)
+
+    # This replica's stable name in the consumer group (Kafka's group.instance.id): a projector restarted after a
+    # kill rejoins as itself and gets its partitions back without waiting out its old session (docs/decisions.md).
+    # Empty: `<hostname>-<http_port>`.
+    instance_id: str = service_field("projector", "instance_id", "")
+
+    @property
+    def group_instance_id(self) -> str:
+        return self.instance_id or f"{socket.gethostname()}-{self.http_port}"
 
     @property
     def consumer_group(self) -> str:
