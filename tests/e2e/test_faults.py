@@ -52,20 +52,7 @@ class Faults:
         return await self.env.http.get(f"{self.stack[name].url}/readyz", timeout=5)
 
     async def until_ready(self, names: tuple[str, ...], since: float, within: float) -> dict[str, float]:
-        """Seconds from `since` until each service answered 200 on /readyz."""
-        ready: dict[str, float] = {}
-
-        async def all_ready() -> bool:
-            for name in names:
-                try:
-                    if name not in ready and (await self.readyz(name)).status_code == 200:
-                        ready[name] = time.monotonic() - since
-                except httpx.TransportError:  # the executor's worker taking over its port from the waiting page
-                    pass
-            return len(ready) == len(names)
-
-        await wait_until(all_ready, within, f"{names} ready", every=0.1, logs=self.env.log_tails)
-        return ready
+        return await until_ready(self.env, names, since, within)
 
     async def until_healthy(self, within: float) -> None:
         async def all_alive() -> bool:
@@ -81,6 +68,24 @@ class Faults:
 
     async def trigger(self, n: int) -> httpx.Response:
         return await self.env.ingest("POST", "/v1/flows/hello/trigger", json={"input": {"n": n}}, timeout=10)
+
+
+async def until_ready(env: Env, names: tuple[str, ...], since: float, within: float) -> dict[str, float]:
+    """Seconds from `since` until each service answered 200 on /readyz."""
+    ready: dict[str, float] = {}
+
+    async def all_ready() -> bool:
+        for name in names:
+            try:
+                answer = await env.http.get(f"{env.stack[name].url}/readyz", timeout=5)
+                if name not in ready and answer.status_code == 200:
+                    ready[name] = time.monotonic() - since
+            except httpx.TransportError:  # not listening yet, or the executor's worker taking over its port
+                pass
+        return len(ready) == len(names)
+
+    await wait_until(all_ready, within, f"{names} ready", every=0.1, logs=env.log_tails)
+    return ready
 
 
 @asynccontextmanager
@@ -230,6 +235,7 @@ async def test_a_killed_executors_runs_move_again_within_seconds(
         env.stack = Stack.build(env.sandbox, ALL_SERVICES, tmp_path_factory.mktemp("logs"),
                                 FLOWTRAIL_INGEST_SCHEDULER="false")  # fmt: skip
         async with supervised(env.stack) as supervisor:
+            await until_ready(env, ALL_SERVICES, time.monotonic(), 120)
             await publish_flows(env.sandbox, [FLOW])
             await wait_flows_projected(env.sandbox, 1, within=90)
             await env.wait_status(await env.trigger("hello", {"n": 0}), {"SUCCEEDED"}, within=60)
