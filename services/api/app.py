@@ -72,18 +72,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app = service_app("Flowtrail API", settings, lifespan, ready=_ready, max_body_bytes=settings.max_body_bytes,
                       version="1")  # fmt: skip
     # Routes are matched in this order: the runs reads, the busiest, first (actions holds only POSTs).
-    app.include_router(runs.router)
-    app.include_router(actions.router)
-    app.include_router(analytics.router)
-    app.include_router(data.router)
-    app.include_router(stream.router)
-    app.include_router(webhooks.router)
-    app.include_router(keys.router)
-    app.include_router(session_routes.router)
-    app.include_router(flows.router)
-    app.include_router(alerts.router)
-    app.include_router(connectors.router)
-    app.include_router(secrets_routes.router)
+    for routes in (runs, actions, analytics, data, stream, webhooks, keys, session_routes, flows, alerts, connectors,
+                   secrets_routes):  # fmt: skip
+        app.include_router(routes.router)
     console.mount(app)  # the web console at `/`, after every API route (docs/console.md)
     return app
 
