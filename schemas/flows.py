@@ -81,7 +81,7 @@ class StepDefinition(Frozen):
 
 
 KAFKA_TOPIC_PATTERN = r"^[a-zA-Z0-9._\-]{1,249}$"
-_KAFKA_FIELDS = ("key_pattern", "filter", "input", "value_format", "start_from", "resume_from")
+_KAFKA_FIELDS = ("connector", "key_pattern", "filter", "input", "value_format", "start_from", "resume_from")
 
 
 class TriggerConfig(Frozen):
@@ -92,6 +92,8 @@ class TriggerConfig(Frozen):
     cron: str | None = None
     interval_s: float | None = None
     topic: str | None = None
+    # kafka: the tenant's `kafka` connector (name or id) whose cluster holds `topic`; absent: the deployment's own.
+    connector: str | None = Field(default=None, min_length=1, max_length=100)
     # kafka: a regular expression the whole key (UTF-8) must match; a message without a key never matches.
     key_pattern: str | None = None
     # kafka: JMESPath (JSONPath when it starts with `$`) over the decoded value; the message runs when truthy.

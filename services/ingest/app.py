@@ -16,7 +16,9 @@ from schemas.topics import Topics
 from services.common.accepted import record_accepted_triggers
 from services.common.appender import Appender
 from services.common.auth import Authenticator
+from services.common.connectors import ConnectorRegistry
 from services.common.ratelimit import rate_limiter
+from services.common.secretstore import SecretReader
 from services.common.startup import Database
 from services.common.webapp import service_app
 from services.ingest.adapters.kafka_triggers import KafkaTriggerLimits, KafkaTriggers
@@ -63,7 +65,10 @@ def create_app(settings: IngestSettings) -> FastAPI:
         # In the background, retried until Kafka answers: ingest serves (and says it is not ready) meanwhile.
         app.state.scheduler_task = asyncio.create_task(_start_scheduler(app.state.scheduler))
         app.state.kafka_triggers = None
+        app.state.secrets = None
         if settings.kafka_triggers:
+            # A trigger's kafka connector: the tenant's (decrypted with the secrets key) or the operator's.
+            app.state.secrets = SecretReader.from_settings(settings)
             app.state.kafka_triggers = KafkaTriggers(
                 settings.kafka_bootstrap, Topics(settings.topic_prefix), app.state.trigger_log, app.state.appender,
                 windows=functools.partial(cursor_window, app.state.pool),
@@ -73,6 +78,9 @@ def create_app(settings: IngestSettings) -> FastAPI:
                     allowed_topics=settings.kafka_trigger_topics,
                     session_timeout_ms=settings.kafka_trigger_session_timeout_ms,
                 ),
+                connectors=ConnectorRegistry(settings.connectors, app.state.secrets,
+                                             setting="FLOWTRAIL_INGEST_CONNECTORS"),
+                allow_private=settings.allow_private_networks,
             )  # fmt: skip
         app.state.kafka_triggers_task = asyncio.create_task(_start_scheduler(app.state.kafka_triggers))
         try:
@@ -85,6 +93,8 @@ def create_app(settings: IngestSettings) -> FastAPI:
             for background in (app.state.scheduler, app.state.kafka_triggers):
                 if background is not None:
                     await background.stop()
+            if app.state.secrets is not None:
+                await app.state.secrets.close()
             await app.state.appender.stop()
             await app.state.bulk_appender.stop()
             await app.state.database.close()

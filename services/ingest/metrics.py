@@ -47,6 +47,12 @@ KAFKA_TRIGGER_PAUSED = Gauge(
 KAFKA_TRIGGER_SUBSCRIPTIONS = Gauge(
     "flowtrail_ingest_kafka_trigger_subscriptions", "Kafka-triggered flows this process reads, paused ones included"
 )
+KAFKA_TRIGGER_UNSTARTED = Gauge(
+    "flowtrail_ingest_kafka_trigger_unstarted",
+    "1 while a kafka-triggered flow's consumer cannot start, by reason: unknown_connector, blocked_address, "
+    "unresolvable_host, connector_unusable, secret_not_found, … (retried every few seconds)",
+    [*_FLOW_TOPIC, "reason"],
+)
 KAFKA_TRIGGER_APPEND_FAILURES = Counter(
     "flowtrail_ingest_kafka_trigger_append_failures_total",
     "Batches of kafka triggers not wholly durable at once (appended again; their offsets wait)",

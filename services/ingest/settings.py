@@ -44,6 +44,10 @@ class IngestSettings(CommonSettings):
     kafka_trigger_session_timeout_ms: int = service_field(
         "ingest", "kafka_trigger_session_timeout_ms", 10_000, ge=1000, le=300_000
     )
+    # A kafka trigger's tenant connector may name private and loopback brokers (docs/network-guard.md).
+    allow_private_networks: bool = service_field("ingest", "allow_private_networks", False)
+    # Deployment-wide kafka connectors a trigger may name (name → `kafka://host:port[,…]`), trusted: not guarded.
+    connectors: dict[str, str] = service_field("ingest", "connectors", {})
     # Web pages that may trigger flows from a browser (CORS, docs/console.md): origins, comma-separated; bearer keys
     # only, never cookies. Empty: the web console of this deployment's API, http://127.0.0.1:<FLOWTRAIL_API_PORT>
     # (and localhost), as `flowtrail up` runs it.

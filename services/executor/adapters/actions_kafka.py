@@ -6,7 +6,6 @@ import asyncio
 import datetime as dt
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -17,8 +16,9 @@ from aiokafka.structs import OffsetAndMetadata
 from schemas.events import ErrorCategory
 from schemas.flows import KafkaConsumeInput, KafkaProduceInput
 from services.common import kafka
+from services.common.connectors import kafka_cluster
 from services.common.failures import classify_kafka, masked_message
-from services.common.netguard import BlockedAddress, KafkaGuard, UnresolvableHost, kafka_bootstrap
+from services.common.netguard import BlockedAddress, KafkaGuard, UnresolvableHost
 from services.executor.adapters.actions_base import (
     StepCall,
     StepError,
@@ -64,14 +64,14 @@ class KafkaActions:
             servers = self.bootstrap
         else:
             resolved = await self.connectors.resolve(call.tenant_id, call.environment, connector, ("kafka",), "kafka")
-            servers = resolved.url.removeprefix("kafka://")
-            if not resolved.trusted and not self.allow_private:
-                try:
-                    servers = await kafka_bootstrap(_hosts(servers))
-                except BlockedAddress as exc:
-                    raise StepError(ErrorCategory.VALIDATION, str(exc), code="blocked_address") from exc
-                except UnresolvableHost as exc:
-                    raise StepError(ErrorCategory.TRANSIENT, str(exc), code="unresolvable_host") from exc
+            try:
+                cluster = await kafka_cluster(resolved, allow_private=self.allow_private)
+            except BlockedAddress as exc:
+                raise StepError(ErrorCategory.VALIDATION, str(exc), code="blocked_address") from exc
+            except UnresolvableHost as exc:
+                raise StepError(ErrorCategory.TRANSIENT, str(exc), code="unresolvable_host") from exc
+            servers = cluster.servers
+            if cluster.guarded:
                 self._guarded.add(servers)
         if servers == self.bootstrap and (topic.startswith(self.reserved) or topic == self.reserved[0][:-1]):
             raise StepError(ErrorCategory.VALIDATION, f"topic {topic!r} belongs to Flowtrail or the broker; "
@@ -301,12 +301,3 @@ def _iso(timestamp_ms: int | None) -> str | None:
     if timestamp_ms is None or timestamp_ms < 0:
         return None
     return dt.datetime.fromtimestamp(timestamp_ms / 1000, dt.UTC).isoformat(timespec="milliseconds")
-
-
-def _hosts(servers: str) -> list[tuple[str, int]]:
-    """`host:port,host:port` (IPv6 in brackets) as (host, port) pairs; 9092 when a port is missing."""
-    out = []
-    for item in filter(None, (x.strip() for x in servers.split(","))):
-        parts = urlsplit(f"//{item}")
-        out.append((parts.hostname or item, parts.port or 9092))
-    return out

@@ -33,10 +33,13 @@ from schemas.events import (
     TriggerReceived,
     TriggerType,
 )
-from schemas.flows import FlowDefinition, StepAction
+from schemas.flows import FlowDefinition, StepAction, mask_text
 from schemas.topics import Topics
 from services.common.appender import Appender, AppendFailed
+from services.common.connectors import ConnectorRegistry, KafkaCluster, kafka_cluster
+from services.common.failures import StepError
 from services.common.flowfollow import FlowFollower, FlowKey, cancelled
+from services.common.netguard import ALLOW_HINT, BlockedAddress, KafkaGuard, UnresolvableHost
 from services.ingest import metrics
 from services.ingest.adapters.backlog import Backlog
 from services.ingest.adapters.triggers import TriggerLog
@@ -45,6 +48,7 @@ from services.ingest.kafka_triggers import DeadLetter, Filtered, Message, Run, a
 log = logging.getLogger(__name__)
 
 Windows = Callable[[str, str, int], Awaitable[CursorWindow | None]]
+_INGEST_ALLOW_HINT = "set FLOWTRAIL_INGEST_ALLOW_PRIVATE_NETWORKS=true to allow it"
 
 
 def group_id(prefix: str, tenant_id: str, flow_id: str, topic: str) -> str:
@@ -53,11 +57,16 @@ def group_id(prefix: str, tenant_id: str, flow_id: str, topic: str) -> str:
 
 
 class Subscription:
-    """One flow reading one topic in its own consumer group; every ingest replica runs one, sharing partitions."""
+    """One flow reading one topic in its own consumer group; every ingest replica runs one, sharing partitions. The
+    topic is on `cluster`: the deployment's own, or the cluster of the kafka connector the trigger names."""
 
-    def __init__(self, owner: KafkaTriggers, flow: FlowDefinition, paused: bool, since: datetime) -> None:
+    def __init__(
+        self, owner: KafkaTriggers, flow: FlowDefinition, paused: bool, since: datetime, cluster: KafkaCluster
+    ) -> None:
         assert flow.trigger.topic is not None
         self.owner = owner
+        self.cluster = cluster
+        self.connector = flow.trigger.connector  # another connector in a newer version: another subscription
         self.flow = flow  # a newer version on the same topic replaces it: its filter and mapping apply from then on
         self.topic = flow.trigger.topic
         self.since = since  # when the flow first read this topic: `start_from: published` starts there
@@ -73,7 +82,7 @@ class Subscription:
 
     async def start(self) -> None:
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.owner.bootstrap, group_id=self.group, client_id=f"flowtrail-ingest-{self.flow.id}",
+            bootstrap_servers=self.cluster.servers, group_id=self.group, client_id=f"flowtrail-ingest-{self.flow.id}",
             enable_auto_commit=False, auto_offset_reset="earliest", isolation_level="read_committed",
             max_poll_records=self.owner.limits.batch, session_timeout_ms=self.owner.limits.session_timeout_ms,
             heartbeat_interval_ms=max(100, self.owner.limits.session_timeout_ms // 3),
@@ -81,9 +90,16 @@ class Subscription:
             metadata_max_age_ms=3000,
         )  # fmt: skip
         consumer.subscribe([self.topic], listener=_Placement(self))
+        # A tenant's connector: every broker its cluster advertises is checked before it is dialled, and a cluster
+        # advertising a blocked one is refused here (BlockedAddress), before anything is read.
+        guard = KafkaGuard() if self.cluster.guarded else None
+        if guard is not None:
+            guard.install(consumer._client)
         self._consumer = consumer
         try:
             await consumer.start()
+            if guard is not None:
+                await guard.check_cluster(consumer._client)
         except BaseException:
             self._consumer = None
             with contextlib.suppress(Exception):
@@ -91,7 +107,8 @@ class Subscription:
             raise
         metrics.KAFKA_TRIGGER_PAUSED.labels(*self.labels).set(1 if self.paused else 0)
         self._task = asyncio.create_task(self._run(), name=f"kafka-trigger-{self.flow.id}")
-        log.info("flow %s/%s reads topic %s (group %s)%s", *self.labels[:2], self.topic, self.group,
+        log.info("flow %s/%s reads topic %s (group %s%s)%s", *self.labels[:2], self.topic, self.group,
+                 f", connector {self.connector}" if self.connector else "",
                  " — paused" if self.paused else "")  # fmt: skip
 
     async def stop(self) -> None:
@@ -288,9 +305,13 @@ class KafkaTriggers:
 
     def __init__(
         self, bootstrap: str, topics: Topics, trigger_log: TriggerLog, dlq: Appender, *, windows: Windows,
-        limits: KafkaTriggerLimits = KafkaTriggerLimits(),
+        limits: KafkaTriggerLimits = KafkaTriggerLimits(), connectors: ConnectorRegistry | None = None,
+        allow_private: bool = False,
     ) -> None:  # fmt: skip
         self.bootstrap = bootstrap
+        # The kafka connectors a trigger may name; a tenant's are guarded unless private networks are allowed.
+        self.connectors = connectors or ConnectorRegistry({}, None, setting="FLOWTRAIL_INGEST_CONNECTORS")
+        self.allow_private = allow_private
         self.topics = topics
         self.trigger_log = trigger_log
         self.dlq = dlq
@@ -303,6 +324,7 @@ class KafkaTriggers:
         self._since: dict[tuple[str, str, str], datetime] = {}  # (tenant, flow, topic) → first published
         self._resumed: set[FlowKey] = set()  # resumed since the last reconcile (live events only)
         self._refused: set[tuple[str, str, str]] = set()
+        self._unstarted: dict[FlowKey, tuple[tuple[str, str, str], str]] = {}  # why a flow's consumer did not start
         self._started = False
         self._dirty = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -357,9 +379,12 @@ class KafkaTriggers:
         wanted = {key: flow for key, flow in self.follower.latest.items() if self._wanted(flow)}
         for key, sub in list(self.subscriptions.items()):
             flow = wanted.get(key)
-            if flow is None or flow.trigger.topic != sub.topic:  # no longer kafka-triggered, or another topic
+            # No longer kafka-triggered, or another topic or cluster.
+            if flow is None or flow.trigger.topic != sub.topic or flow.trigger.connector != sub.connector:
                 del self.subscriptions[key]
                 await sub.stop()
+        for key in [k for k in self._unstarted if k not in wanted]:
+            self._clear_unstarted(key)
         resumed, self._resumed = self._resumed, set()
         for key, flow in wanted.items():
             paused = key in self.follower.paused
@@ -368,16 +393,65 @@ class KafkaTriggers:
                 topic = flow.trigger.topic
                 assert topic is not None
                 since = self._since.get((*key, topic)) or self.follower.published_at[key]
-                found = Subscription(self, flow, paused, since)
-                try:
-                    await found.start()
-                except (KafkaError, OSError, TimeoutError) as exc:
-                    log.warning("flow %s/%s cannot read %s yet (%r); retrying", *key, topic, exc)
-                    await found.stop()
+                subscribed = await self._subscribe(key, flow, paused, since)
+                if subscribed is None:
                     continue
-                self.subscriptions[key] = found
+                self.subscriptions[key] = found = subscribed
             sub = found
             sub.flow = flow
             newest = key in resumed and flow.trigger.resume_from == "newest"
             sub.set_paused(paused, skip_to_newest=newest and not paused)
         metrics.KAFKA_TRIGGER_SUBSCRIPTIONS.set(len(self.subscriptions))
+
+    async def cluster(self, flow: FlowDefinition) -> KafkaCluster:
+        """Where the flow's topic is: the deployment's cluster, or the cluster of the kafka connector it names
+        (services/common/connectors.py). Raises StepError (unknown or unusable connector), BlockedAddress or
+        UnresolvableHost (a tenant connector's broker refused by the guard, docs/network-guard.md)."""
+        name = flow.trigger.connector
+        if name is None:
+            return KafkaCluster(self.bootstrap, guarded=False)
+        resolved = await self.connectors.resolve(flow.tenant_id, flow.environment, name, ("kafka",), "kafka")
+        return await kafka_cluster(resolved, allow_private=self.allow_private)
+
+    async def _subscribe(
+        self, key: FlowKey, flow: FlowDefinition, paused: bool, since: datetime
+    ) -> Subscription | None:
+        """The flow's subscription, started; None when it cannot start now (tried again at the next reconcile). A
+        connector that cannot be used is logged once and shown by `flowtrail_ingest_kafka_trigger_unstarted`."""
+        try:
+            subscription = Subscription(self, flow, paused, since, await self.cluster(flow))
+            try:
+                await subscription.start()
+            except BaseException:
+                await subscription.stop()
+                raise
+        except StepError as exc:
+            self._unstart(key, flow, exc.error.code or "connector", str(exc))
+            return None
+        except BlockedAddress as exc:  # the hint names ingest's own setting
+            self._unstart(key, flow, "blocked_address", str(exc).replace(ALLOW_HINT, _INGEST_ALLOW_HINT))
+            return None
+        except UnresolvableHost as exc:
+            self._unstart(key, flow, "unresolvable_host", str(exc))
+            return None
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.warning("flow %s/%s cannot read %s yet (%r); retrying", *key, flow.trigger.topic, exc)
+            return None
+        self._clear_unstarted(key)
+        return subscription
+
+    def _unstart(self, key: FlowKey, flow: FlowDefinition, reason: str, message: str) -> None:
+        labels = (flow.tenant_id, flow.id, flow.trigger.topic or "")
+        if self._unstarted.get(key) == (labels, reason):
+            return  # said already
+        self._clear_unstarted(key)
+        self._unstarted[key] = (labels, reason)
+        metrics.KAFKA_TRIGGER_UNSTARTED.labels(*labels, reason).set(1)
+        log.error("flow %s/%s does not read %s (connector %r): %s; retrying every few seconds", *key, labels[2],
+                  flow.trigger.connector, mask_text(message))  # fmt: skip
+
+    def _clear_unstarted(self, key: FlowKey) -> None:
+        before = self._unstarted.pop(key, None)
+        if before is not None:
+            with contextlib.suppress(KeyError):
+                metrics.KAFKA_TRIGGER_UNSTARTED.remove(*before[0], before[1])
