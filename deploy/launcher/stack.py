@@ -117,6 +117,7 @@ def service_env(settings: CommonSettings) -> dict[str, str]:
     env.setdefault("FLOWTRAIL_PROJECTOR_WEBHOOK_ALLOW_PRIVATE_NETWORKS", "true")
     env.setdefault("FLOWTRAIL_API_WEBHOOK_ALLOW_PRIVATE_NETWORKS", "true")
     env.setdefault("FLOWTRAIL_API_CONNECTOR_ALLOW_PRIVATE_NETWORKS", "true")  # local databases and services
+    env.setdefault("FLOWTRAIL_INGEST_ALLOW_PRIVATE_NETWORKS", "true")  # a kafka trigger's connector on this machine
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
