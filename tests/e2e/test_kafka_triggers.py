@@ -1,7 +1,8 @@
 """Kafka-triggered flows on the real broker (docs/kafka-triggers.md): messages an independent producer writes to a
 topic become exactly one run each, through an ingest killed with -9 mid-stream; a poison message is dead-lettered
 while its neighbours run; a paused flow consumes nothing and resumes where it stopped; two flows on one topic each
-get every message; the lag shows in /metrics.
+get every message; the lag shows in /metrics; a flow reads its topic on a tenant connector's cluster (a second,
+private broker), and a flow naming an unknown connector leaves the others alone.
 
 The stream test produces FLOWTRAIL_KAFKA_TRIGGER_E2E_MESSAGES messages, 10,000 (the issue's figure) unless set; a
 smaller number (`=2000`) is the smoke variant for a loaded machine.
@@ -15,8 +16,9 @@ import functools
 import os
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -24,10 +26,12 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from deploy.launcher.kafka import ensure_kafka, kafka_jar_dir, stop_kafka
 from deploy.launcher.status import consumer_lag, render_status
 from services.common.settings import CommonSettings
 from services.ingest.kafka_triggers import Message, kafka_run_id
 from tests.conftest import Infra
+from tests.e2e.stack import free_port
 from tests.harness import Env, flow, running, topic_records, wait_until
 
 MESSAGES = int(os.environ.get("FLOWTRAIL_KAFKA_TRIGGER_E2E_MESSAGES", "10000"))
@@ -153,6 +157,57 @@ async def test_two_flows_on_one_topic_each_get_every_message(env: Env, src: Topi
     assert len({r["id"] for r in rows}) == 100  # each flow its own run of each message
 
 
+async def test_a_flow_reads_its_topic_on_a_tenant_connectors_cluster(env: Env, private_kafka: str) -> None:
+    topic = f"{env.sandbox.topics.prefix}-src-{uuid.uuid4().hex[:6]}.elsewhere"
+    admin = AIOKafkaAdminClient(bootstrap_servers=private_kafka)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, 2, 1)])
+    finally:
+        await admin.close()
+    connector = {"name": "elsewhere", "kind": "kafka", "config": {"url": f"kafka://{private_kafka}"}}
+    await env.ok("POST", "/v1/connectors", status=201, json=connector)
+    await env.publish([flow(TENANT, "remote", STEP, trigger={"type": "kafka", "topic": topic,
+                                                              "connector": "elsewhere"})])  # fmt: skip
+    async with AIOKafkaProducer(bootstrap_servers=private_kafka, acks="all") as producer:
+        sent = [await producer.send(topic, orjson.dumps({"n": n})) for n in range(30)]
+        produced = [(m.partition, m.offset) for m in await asyncio.gather(*sent)]
+    await wait_until(lambda: _made(env, "remote", 30), 60, "30 runs from the private broker", logs=env.log_tails)
+    await asyncio.sleep(1)  # none more comes
+    db = await env.db()
+    try:
+        rows = await db.fetch("SELECT id, caller, (trigger_payload->>'n')::int AS n FROM runs WHERE flow_id = 'remote'")
+    finally:
+        await db.close()
+    # Exactly one run per message of the private broker, named by where it is there.
+    assert {r["id"]: r["caller"] for r in rows} == {
+        kafka_run_id(TENANT, "remote", _at(topic, p, o)): f"{topic}/{p}/{o}" for p, o in produced
+    }
+    assert sorted(r["n"] for r in rows) == list(range(30))
+
+
+async def test_a_flow_naming_an_unknown_connector_leaves_the_others_alone(env: Env, src: Topics) -> None:
+    topic = f"{src.shared}-local"
+    admin = AIOKafkaAdminClient(bootstrap_servers=env.infra.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, 2, 1)])
+    finally:
+        await admin.close()
+    trigger = {"type": "kafka", "topic": topic}
+    await env.publish([flow(TENANT, "lost", STEP, trigger={**trigger, "connector": "nowhere"}),
+                       flow(TENANT, "local", STEP, trigger=trigger)])  # fmt: skip
+    # The unknown connector is said in /metrics, and its flow does not fall back to the deployment's cluster.
+    await wait_until(lambda: _is(env, "flowtrail_ingest_kafka_trigger_unstarted", 1, flow="lost",
+                                 reason="unknown_connector"), 30, "the unknown connector in /metrics")  # fmt: skip
+    await _produce(env, topic, range(10))
+    await wait_until(lambda: _made(env, "local", 10), 60, "10 runs of the flow beside it", logs=env.log_tails)
+    await asyncio.sleep(1)
+    assert await _made(env, "local", 0) == 10
+    assert await _made(env, "lost", 0) == 0
+    assert await _is(env, "flowtrail_ingest_kafka_trigger_unstarted", 1, flow="lost", reason="unknown_connector")
+
+
 # ---------------------------------------------------------------- the environment
 
 
@@ -169,8 +224,11 @@ class Topics:
 @pytest.fixture(scope="module")
 async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
     # The broker's minimum session timeout: the killed ingest's partitions move on sooner.
+    # Connectors on loopback: the private broker of the connector test.
     async with running(infra, tmp_path_factory, keys={"a": TENANT}, partitions=4, flows=[flow(TENANT, "http", STEP)],
-                       env={"FLOWTRAIL_INGEST_KAFKA_TRIGGER_SESSION_TIMEOUT_MS": "6000"}) as env:  # fmt: skip
+                       env={"FLOWTRAIL_INGEST_KAFKA_TRIGGER_SESSION_TIMEOUT_MS": "6000",
+                            "FLOWTRAIL_INGEST_ALLOW_PRIVATE_NETWORKS": "true",
+                            "FLOWTRAIL_API_CONNECTOR_ALLOW_PRIVATE_NETWORKS": "true"}) as env:  # fmt: skip
         # The stack runs runs before any message is produced (a broker slow to show new topics can leave the
         # executor without its partitions for minutes: that is not what these tests measure).
         await env.wait_status(await env.trigger("http", {"n": 0}), ["SUCCEEDED"], within=180)
@@ -197,6 +255,21 @@ async def src(env: Env) -> AsyncIterator[Topics]:
         kafka("pausable", topics.pausable), kafka("fan-a", topics.shared), kafka("fan-b", topics.shared),
     ])  # fmt: skip
     yield topics
+
+
+@pytest.fixture(scope="module")
+def private_kafka(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A second broker, on loopback ports and a state folder of its own (the shared one's jars): a tenant's cluster.
+    Only it is stopped afterwards."""
+    state = tmp_path_factory.mktemp("private-kafka")
+    (state / "cache").mkdir()
+    os.symlink(kafka_jar_dir(infra.state_dir), kafka_jar_dir(state))
+    broker = ensure_kafka(state, port=free_port(), controller_port=free_port(), num_partitions=2, timeout=90)
+    try:
+        yield broker.bootstrap
+    finally:
+        stop_kafka(Path(state), timeout=20)
+        broker.stop(timeout=5)
 
 
 def _producer(env: Env) -> AIOKafkaProducer:
