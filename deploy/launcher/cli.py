@@ -174,12 +174,15 @@ def cmd_projector(args: argparse.Namespace) -> int:
     if args.job == "purge":
         return asyncio.run(_purge(settings))
     swap = args.job == "rebuild"
-    outcome = asyncio.run(
-        rebuild.run(
-            settings, swap=swap, progress=progress, keep_shadow=getattr(args, "keep_shadow", False),
-            show=getattr(args, "show", 20),
-        )
-    )  # fmt: skip
+    try:
+        outcome = asyncio.run(
+            rebuild.run(
+                settings, swap=swap, progress=progress, keep_shadow=getattr(args, "keep_shadow", False),
+                show=getattr(args, "show", 20),
+            )
+        )  # fmt: skip
+    except rebuild.LogBehindReadModels as exc:
+        raise LauncherError(str(exc)) from exc
     rate = outcome.events / outcome.seconds if outcome.seconds else 0.0
     print(f"replayed {outcome.events:,} events in {outcome.seconds:.1f}s ({rate:,.0f} events/s)")
     print(f"{'table':<20} {'live rows':>10} {'rebuilt rows':>12}  match")

@@ -227,6 +227,25 @@ class Replayer:
         self.progress(f"replayed {self.events:,}/{total:,} events  {rate:,.0f} events/s  ETA {eta}")
 
 
+class LogBehindReadModels(RuntimeError):
+    """The read models say they projected records the log does not have: nothing can be replayed up to them."""
+
+
+def _check_log_reaches(targets: dict[TopicPartition, int], ends: dict[TopicPartition, int]) -> None:
+    """Refuse at once (a replay would wait forever) when a partition ends before the offset the read models record:
+    the log was truncated or replaced — its broker's data lost, or the bootstrap naming another cluster."""
+    behind = sorted((tp.topic, tp.partition, target, ends.get(tp, 0)) for tp, target in targets.items()
+                    if target > ends.get(tp, 0))  # fmt: skip
+    if behind:
+        where = "; ".join(f"{t}[{p}] recorded up to offset {want:,}, the log ends at {end:,}"
+                          for t, p, want, end in behind)  # fmt: skip
+        raise LogBehindReadModels(
+            f"the read models were projected from records this log does not have ({where}): the log was truncated "
+            "or replaced (the broker's data lost, or FLOWTRAIL_KAFKA_BOOTSTRAP names another cluster), so they "
+            "cannot be checked or rebuilt against it"
+        )
+
+
 def _targets_from(offsets: dict[str, dict[int, int]], partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
     return {tp: offsets.get(tp.topic, {}).get(tp.partition, 0) for tp in partitions}
 
@@ -283,6 +302,7 @@ async def run(
             async with Replayer(settings, shadow_conn, progress) as replayer:
                 targets = _targets_from(live_offsets, replayer.partitions)
                 ends = await replayer.end_offsets()
+                _check_log_reaches(targets, ends)
                 progress(f"replaying {sum(targets.values()):,} records of {sum(ends.values()):,} into {shadow}")
                 await replayer.replay_to(targets)
                 if not swap:

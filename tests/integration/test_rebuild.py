@@ -99,3 +99,27 @@ async def test_verify_finds_tampered_runs_and_rebuild_repairs_them_while_project
         finally:
             if "swapped" in locals() and swapped.swapped_to:
                 await db.execute(f'DROP SCHEMA IF EXISTS "{swapped.swapped_to}" CASCADE')
+
+
+async def test_verify_and_rebuild_refuse_at_once_when_the_log_ends_before_what_the_read_models_projected(
+    infra: Infra, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A ledger truncated or replaced under the read models (the broker's data lost, or the bootstrap naming another
+    cluster) cannot be replayed up to the offsets they record: both jobs say so and stop, instead of waiting forever."""
+    async with running(infra, tmp_path_factory, services=("projector",)) as env, connected(env) as db:
+        events = [e for i in range(20) for e in run_events(f"run_t{i:03d}")]
+        await append_ledger(env.sandbox, events)
+        await wait_projected(env, len(events), within=60)
+        ledger = env.sandbox.topics.ledger
+        recorded = await db.fetchval(
+            "UPDATE projector_offsets SET next_offset = next_offset + 20 WHERE topic = $1 AND partition = 0 "
+            "RETURNING next_offset", ledger,
+        )  # fmt: skip
+        for swap in (False, True):
+            with pytest.raises(rebuild.LogBehindReadModels) as refused:
+                await asyncio.wait_for(rebuild.run(_settings(env.sandbox), swap=swap, progress=lambda _: None), 60)
+            message = str(refused.value)
+            assert f"{ledger}[0] recorded up to offset {recorded:,}, the log ends at {recorded - 20:,}" in message
+            assert "truncated or replaced" in message
+        # Nothing was swapped in: the live read models are still there, whole.
+        assert await db.fetchval("SELECT count(*) FROM runs WHERE id LIKE 'run_t%'") == 20
