@@ -114,7 +114,8 @@ async def test_a_poison_message_is_dead_lettered_while_its_neighbours_run(env: E
 
 
 async def test_a_paused_flow_consumes_nothing_and_resumes_where_it_stopped(env: Env, src: Topics) -> None:
-    await _produce(env, src.pausable, range(5))
+    # All on one partition: the other has had no message before the pause, and its waiting ones must count too.
+    await _produce(env, src.pausable, range(5), partition=1)
     await wait_until(lambda: _made(env, "pausable", 5), 60, "5 runs before the pause", logs=env.log_tails)
     await env.ok("POST", "/v1/flows/pausable/pause", json={"reason": "maintenance"})
     await wait_until(lambda: _is(env, "flowtrail_ingest_kafka_trigger_paused", 1, flow="pausable"), 30, "paused")
@@ -277,9 +278,9 @@ def _producer(env: Env) -> AIOKafkaProducer:
     return AIOKafkaProducer(bootstrap_servers=env.infra.kafka_bootstrap, acks="all", linger_ms=5)
 
 
-async def _produce(env: Env, topic: str, numbers: range) -> None:
+async def _produce(env: Env, topic: str, numbers: range, partition: int | None = None) -> None:
     async with _producer(env) as producer:
-        sent = [await producer.send(topic, orjson.dumps({"n": n})) for n in numbers]
+        sent = [await producer.send(topic, orjson.dumps({"n": n}), partition=partition) for n in numbers]
         await asyncio.gather(*sent)
 
 

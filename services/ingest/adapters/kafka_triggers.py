@@ -155,6 +155,12 @@ class Subscription:
                 at = {tp: found[tp].offset if found.get(tp) is not None else ends[tp] for tp in fresh}
             for tp, offset in at.items():
                 consumer.seek(tp, offset)
+            # The start is the flow's place from now on, so a paused flow's waiting messages count as lag in
+            # `flowtrail status` on every partition, not only on those that have had a message since.
+            try:
+                await consumer.commit({tp: OffsetAndMetadata(offset, "") for tp, offset in at.items()})
+            except KafkaError as exc:  # committed with the first batch instead
+                log.warning("start offsets of %s/%s on %s not committed yet (%r)", *self.labels, exc)
         if self.paused:
             consumer.pause(*assigned)
 
