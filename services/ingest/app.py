@@ -21,9 +21,10 @@ from services.common.ratelimit import rate_limiter
 from services.common.secretstore import SecretReader
 from services.common.startup import Database
 from services.common.webapp import service_app
-from services.ingest.adapters.kafka_triggers import KafkaTriggerLimits, KafkaTriggers
+from services.ingest.adapters.kafka_triggers import KafkaTriggers
 from services.ingest.adapters.triggers import TriggerLog
 from services.ingest.adapters.windows import cursor_window
+from services.ingest.kafka_triggers import KafkaTriggerLimits
 from services.ingest.routes import triggers
 from services.ingest.scheduler import Scheduler, SchedulerTiming
 from services.ingest.settings import IngestSettings

@@ -145,3 +145,20 @@ def _b64(data: bytes | None) -> str | None:
 @lru_cache(maxsize=1024)
 def _pattern(expression: str) -> re.Pattern[str]:
     return re.compile(expression)
+
+
+def group_id(prefix: str, tenant_id: str, flow_id: str, topic: str) -> str:
+    """The consumer group of one flow's subscription to one topic: its committed offsets are where the flow is."""
+    return f"{prefix}.kafka-trigger.{tenant_id}.{flow_id}.{topic}"
+
+
+@dataclass(frozen=True)
+class KafkaTriggerLimits:
+    """How much a subscription reads at once and what it lets through; ingest's settings say each
+    (docs/kafka-triggers.md)."""
+
+    batch: int = 500  # messages fetched, made into runs and appended at once per flow
+    max_value_bytes: int = 512 * 1024  # a message's value past this is dead-lettered, not run
+    max_executor_lag: int = 20_000  # no message is fetched while the executor has more triggers to take (0: off)
+    allowed_topics: str = ".*"  # the topics a flow may read, over the whole name; Flowtrail's own never
+    session_timeout_ms: int = 10_000  # how soon a dead replica's partitions go to the others

@@ -14,7 +14,6 @@ import contextlib
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -43,17 +42,21 @@ from services.common.netguard import ALLOW_HINT, BlockedAddress, KafkaGuard, Unr
 from services.ingest import metrics
 from services.ingest.adapters.backlog import Backlog
 from services.ingest.adapters.triggers import TriggerLog
-from services.ingest.kafka_triggers import DeadLetter, Filtered, Message, Run, admit, dead_letter
+from services.ingest.kafka_triggers import (
+    DeadLetter,
+    Filtered,
+    KafkaTriggerLimits,
+    Message,
+    Run,
+    admit,
+    dead_letter,
+    group_id,
+)
 
 log = logging.getLogger(__name__)
 
 Windows = Callable[[str, str, int], Awaitable[CursorWindow | None]]
 _INGEST_ALLOW_HINT = "set FLOWTRAIL_INGEST_ALLOW_PRIVATE_NETWORKS=true to allow it"
-
-
-def group_id(prefix: str, tenant_id: str, flow_id: str, topic: str) -> str:
-    """The consumer group of one flow's subscription to one topic: its committed offsets are where the flow is."""
-    return f"{prefix}.kafka-trigger.{tenant_id}.{flow_id}.{topic}"
 
 
 class Subscription:
@@ -292,18 +295,6 @@ class _Placement(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         await self.subscription.place(assigned)
-
-
-@dataclass(frozen=True)
-class KafkaTriggerLimits:
-    """How much a subscription reads at once and what it lets through; ingest's settings say each
-    (docs/kafka-triggers.md)."""
-
-    batch: int = 500  # messages fetched, made into runs and appended at once per flow
-    max_value_bytes: int = 512 * 1024  # a message's value past this is dead-lettered, not run
-    max_executor_lag: int = 20_000  # no message is fetched while the executor has more triggers to take (0: off)
-    allowed_topics: str = ".*"  # the topics a flow may read, over the whole name; Flowtrail's own never
-    session_timeout_ms: int = 10_000  # how soon a dead replica's partitions go to the others
 
 
 class KafkaTriggers:
