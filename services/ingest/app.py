@@ -19,7 +19,7 @@ from services.common.auth import Authenticator
 from services.common.connectors import ConnectorRegistry
 from services.common.ratelimit import rate_limiter
 from services.common.secretstore import SecretReader
-from services.common.startup import Database
+from services.common.startup import Database, retry_forever
 from services.common.webapp import service_app
 from services.ingest.adapters.kafka_triggers import KafkaTriggers
 from services.ingest.adapters.triggers import TriggerLog
@@ -121,18 +121,20 @@ def create_app(settings: IngestSettings) -> FastAPI:
 
 
 async def _start_scheduler(scheduler: Scheduler | KafkaTriggers | None) -> None:
-    """Starts the scheduler (or the kafka triggers), retried until Kafka answers."""
-    delay = 0.5
-    while scheduler is not None:
+    """Starts the scheduler (or the kafka triggers), retried until Kafka answers: every 2 s at most, so ingest is
+    ready within seconds of the broker's return however long it was away."""
+    if scheduler is None:
+        return
+
+    async def attempt() -> None:
         try:
             await scheduler.start()
-            return
-        except Exception as exc:  # Kafka away at start: try again, never give up
-            log.warning("%s cannot start yet (%r); retrying in %.1f s", type(scheduler).__name__, exc, delay)
+        except Exception:
             with contextlib.suppress(Exception):
                 await scheduler.stop()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+            raise
+
+    await retry_forever(f"Kafka for the {type(scheduler).__name__}", attempt)
 
 
 async def _ready(app: FastAPI) -> dict[str, str | None]:

@@ -192,7 +192,7 @@ class Subscription:
             except Exception:  # the broker away, PostgreSQL away, a bug: the same messages again, shortly
                 log.exception("kafka trigger of %s/%s on %s failed; retrying in %.1f s", *self.labels, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                delay = min(delay * 2, 2.0)
 
     async def _to_newest(self) -> None:
         consumer = self._consumer
