@@ -147,6 +147,8 @@ class FlowDefinition(Frozen):
     name: str
     version: int = Field(ge=1)
     description: str = ""
+    # The name `POST /v1/actions/{action_name}/async|live` knows the flow by besides its id (docs/flows.md).
+    action_name: str | None = Field(default=None, pattern=r"^[a-zA-Z0-9_\-.]{1,128}$")
     environment: Environment = Environment.PRODUCTION
     trigger: TriggerConfig = TriggerConfig()
     steps: tuple[StepDefinition, ...] = Field(min_length=1)
