@@ -54,13 +54,32 @@ async def read_to_end(
         await consumer.stop()
 
 
+def replication_factor(brokers: int) -> int:
+    """Replicas of each topic on a cluster of `brokers` (docs/cluster.md): one per broker, at most three."""
+    return max(1, min(brokers, 3))
+
+
+def min_insync_replicas(factor: int) -> int:
+    """Replicas an acks=all write waits for: all but one, so one broker may be down without stopping writes."""
+    return factor - 1 if factor > 1 else 1
+
+
+def replicated(topic: NewTopic, brokers: int) -> NewTopic:
+    """`topic` replicated as a cluster of `brokers` allows, with its `min.insync.replicas`."""
+    factor = replication_factor(brokers)
+    configs = {"min.insync.replicas": str(min_insync_replicas(factor)), **(topic.topic_configs or {})}
+    return NewTopic(topic.name, topic.num_partitions, factor, topic_configs=configs)
+
+
 async def create_missing(bootstrap: str, wanted: Sequence[NewTopic]) -> list[str]:
-    """Create the topics that do not exist yet; returns the names created now."""
+    """Create the topics that do not exist yet, each `replicated` over the brokers the cluster has now (the
+    replication factor in `wanted` is not used); returns the names created now."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        missing = [t for t in wanted if t.name not in existing]
+        brokers = len((await admin.describe_cluster())["brokers"])
+        missing = [replicated(t, brokers) for t in wanted if t.name not in existing]
         if missing:
             try:
                 await admin.create_topics(missing)
