@@ -82,6 +82,10 @@ class StepDefinition(Frozen):
 
 KAFKA_TOPIC_PATTERN = r"^[a-zA-Z0-9._\-]{1,249}$"
 _KAFKA_FIELDS = ("connector", "key_pattern", "filter", "input", "value_format", "start_from", "resume_from")
+_WEBHOOK_FIELDS = ("signature_header", "signature_scheme", "signed_content", "secret_name", "tolerance_s",
+                   "delivery_id_header", "url_generation")  # fmt: skip
+# An HTTP header name (RFC 9110 token characters).
+_HEADER_NAME = r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,100}$"
 
 
 class TriggerConfig(Frozen):
@@ -108,17 +112,32 @@ class TriggerConfig(Frozen):
     start_from: Literal["published", "earliest", "latest"] = "published"
     # kafka: after a pause, go on from the message where consumption stopped, or skip to the newest.
     resume_from: Literal["stopped", "newest"] = "stopped"
+    # webhook (docs/intake.md#webhook-triggers): the header carrying the upstream's signature; absent: unsigned.
+    signature_header: str | None = Field(default=None, pattern=_HEADER_NAME)
+    # webhook: HMAC-SHA256 of the signed content, as hex or base64.
+    signature_scheme: Literal["hmac-sha256-hex", "hmac-sha256-base64"] = "hmac-sha256-hex"
+    # webhook: the raw body, or Stripe's `t=<unix time>,v1=<signature>` header signing `<t>.<body>`.
+    signed_content: Literal["body", "t.body"] = "body"
+    # webhook: the name of the secret in the secrets store (docs/secrets.md) that signs deliveries.
+    secret_name: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+    # webhook, `t.body`: how far a delivery's `t` may be from now, in seconds (replays of older ones are refused).
+    tolerance_s: int = Field(default=300, ge=1, le=86_400)
+    # webhook: the header naming a delivery; a redelivery with the same value is the same run.
+    delivery_id_header: str = Field(default="Idempotency-Key", pattern=_HEADER_NAME)
+    # webhook: raising it retires every hook URL issued before (a leaked URL).
+    url_generation: int = Field(default=1, ge=1, le=1_000_000)
 
     @model_validator(mode="after")
     def _kafka_options(self, info: ValidationInfo) -> TriggerConfig:
-        """The kafka options only on a kafka trigger, and each compiles; not re-checked for a stored version."""
+        """The kafka and webhook options only on their own trigger type, the kafka ones compiled and a webhook's
+        signature complete; not re-checked for a stored version."""
         if isinstance(info.context, dict) and info.context.get(_STORED):
             return self
+        _only_on(self, "webhook", _WEBHOOK_FIELDS)
+        if self.type == "webhook" and (self.signature_header is None) != (self.secret_name is None):
+            raise ValueError("signature_header and secret_name: a signed webhook needs both, an unsigned one neither")
+        _only_on(self, "kafka", _KAFKA_FIELDS)
         if self.type != "kafka":
-            # Set to something else than its default (a dump of any trigger carries every field, at its default).
-            given = [n for n in _KAFKA_FIELDS if getattr(self, n) != type(self).model_fields[n].default]
-            if given:
-                raise ValueError(f"{', '.join(given)}: only a kafka trigger takes these, not {self.type}")
             return self
         problems = []
         if self.topic is not None and not re.fullmatch(KAFKA_TOPIC_PATTERN, self.topic):
@@ -139,6 +158,14 @@ class TriggerConfig(Frozen):
         if problems:
             raise PydanticCustomError("flow_expression", "{problems}", {"problems": "; ".join(problems)})
         return self
+
+
+def _only_on(trigger: TriggerConfig, kind: str, names: tuple[str, ...]) -> None:
+    """Options of one trigger type set on another type are refused. Set means other than the default: a dump of
+    any trigger carries every field, at its default."""
+    given = [n for n in names if getattr(trigger, n) != type(trigger).model_fields[n].default]
+    if trigger.type != kind and given:
+        raise ValueError(f"{', '.join(given)}: only a {kind} trigger takes these, not {trigger.type}")
 
 
 class FlowDefinition(Frozen):

@@ -90,6 +90,8 @@ class TriggerInfo(Frozen):
     type: TriggerType
     caller: str | None = None  # API key id or user that fired it
     payload: Any = None
+    # A webhook delivery's request headers, credentials and signatures masked (docs/intake.md#webhook-triggers).
+    headers: dict[str, str] | None = None
 
 
 class EventBase(Frozen):
