@@ -25,9 +25,10 @@ class Topics:
     ledger = _Topic()
     flows = _Topic()
     dlq = _Topic()
+    snapshots = _Topic()
 
     def all(self) -> list[str]:
-        return [self.triggers, self.commands, self.ledger, self.flows, self.dlq]
+        return [self.triggers, self.commands, self.ledger, self.flows, self.dlq, self.snapshots]
 
 
 # Topics keyed by run_id share one partition count, so partition N of the triggers and
@@ -35,6 +36,15 @@ class Topics:
 # their order total. The ledger is kept forever: it is the truth (invariant 1).
 KEEP_FOREVER = {"retention.ms": "-1", "retention.bytes": "-1"}
 COMPACTED = {"cleanup.policy": "compact"}
+# The executor's snapshots, one per ledger partition, each the state of that partition's scan (docs/decisions.md):
+# only the latest matters, so the topic is compacted, its segments roll hourly so old ones can be compacted away,
+# and a record may be as large as SNAPSHOT_MAX_BYTES (the producer's and consumers' sizes follow it).
+SNAPSHOT_MAX_BYTES = 64 * 1024 * 1024
+SNAPSHOT_TOPIC_CONFIG = {
+    **COMPACTED,
+    "max.message.bytes": str(SNAPSHOT_MAX_BYTES),
+    "segment.ms": str(3_600_000),
+}
 
 
 def partition_for(run_id: str, partitions: int) -> int:

@@ -13,7 +13,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 
 from schemas import codec
 from schemas.events import FlowEventBase
-from schemas.topics import KEEP_FOREVER, Topics
+from schemas.topics import KEEP_FOREVER, SNAPSHOT_TOPIC_CONFIG, Topics
 
 
 def producer(bootstrap: str, **options: Any) -> AIOKafkaProducer:
@@ -31,17 +31,18 @@ def follower(bootstrap: str, **options: Any) -> AIOKafkaConsumer:
 
 
 async def read_to_end(
-    bootstrap: str, topic: str, partition: int, *, max_records: int = 5000
+    bootstrap: str, topic: str, partition: int, *, start: int = 0, max_records: int = 5000, **options: Any
 ) -> AsyncIterator[list[ConsumerRecord[bytes, bytes]]]:
-    """The records of one partition from its first offset to its end as of the call, a fetched batch at a time."""
+    """The records of one partition from offset `start` (or its first offset, if later) to its end as of the call,
+    a fetched batch at a time. `options` go to the consumer (fetch sizes for large records)."""
     tp = TopicPartition(topic, partition)
-    consumer = follower(bootstrap)
+    consumer = follower(bootstrap, **options)
     await consumer.start()
     try:
         consumer.assign([tp])
         end = (await consumer.end_offsets([tp]))[tp]
         # seek() is immediate; seek_to_beginning() can lose a race with the reset that assign() starts.
-        consumer.seek(tp, (await consumer.beginning_offsets([tp]))[tp])
+        consumer.seek(tp, max(start, (await consumer.beginning_offsets([tp]))[tp]))
         position = await consumer.position(tp)
         while position < end:
             batch = (await consumer.getmany(tp, timeout_ms=1000, max_records=max_records)).get(tp, [])
@@ -101,6 +102,8 @@ async def ensure_topics(bootstrap: str, topics: Topics, partitions: int) -> list
             NewTopic(topics.ledger, partitions, 1, topic_configs=KEEP_FOREVER),
             NewTopic(topics.flows, 1, 1, topic_configs=KEEP_FOREVER),
             NewTopic(topics.dlq, 1, 1, topic_configs=KEEP_FOREVER),
+            # Executor snapshots: partition p holds the latest snapshot of ledger partition p (docs/decisions.md).
+            NewTopic(topics.snapshots, partitions, 1, topic_configs=SNAPSHOT_TOPIC_CONFIG),
         ],
     )
 

@@ -25,7 +25,8 @@ from schemas.events import (
 from schemas.topics import Topics
 from services.executor import metrics
 from services.executor.adapters.flows import FlowRegistry
-from services.executor.adapters.ledger import LedgerWriter, iter_partition_raw
+from services.executor.adapters.ledger import LedgerWriter
+from services.executor.adapters.snapshots import SnapshotStore, Snapshotter, scan_partition
 from services.executor.adapters.steps import StepRunners
 from services.executor.admission import LiveRuns, is_active
 from services.executor.decide import Clock, CommandInput, Input, StartRun, archive, decide_and_fold
@@ -60,6 +61,11 @@ class Engine:
         self.archived: set[str] = set()
         self.live = LiveRuns(settings)
         self.partitions = Partitions(self._load, self._resume)
+        self.snapshots = SnapshotStore(settings.kafka_bootstrap, Topics(settings.topic_prefix), settings.partitions)
+        self.snapshotter = Snapshotter(
+            settings.kafka_bootstrap, ledger.topic, self.snapshots, lambda: set(self.partitions.owned),
+            interval_s=settings.snapshot_interval_s, min_events=settings.snapshot_min_events,
+        )  # fmt: skip
         self.subflows = Subflows(Topics(settings.topic_prefix), settings.partitions, ledger)
         self.loop = RunLoop(settings, flows, self.live, self.subflows, self.runners, self.feed)
         self._started = False
@@ -84,6 +90,7 @@ class Engine:
             if not self._started:
                 await self.ledger.start()
                 await self.flows.start()
+                self.snapshotter.start()
                 self._started = True
 
     def clock(self) -> Clock:
@@ -98,11 +105,13 @@ class Engine:
         await self.partitions.assign(partitions, background=background)
 
     async def _load(self, partition: int) -> PartitionScan:
-        """Fold the partition's open runs into the live ones."""
-        scan = PartitionScan(partition, self.finished, self.archived, datetime.now(UTC))
-        async for batch in iter_partition_raw(self.settings.kafka_bootstrap, self.ledger.topic, partition):
-            scan.take(batch)
-        metrics.REPLAY_EVENTS.inc(scan.count)
+        """Fold the partition's open runs into the live ones: its latest snapshot and the ledger after it (or the
+        whole ledger partition), then the partition's ended and archived runs joined to the engine's."""
+        scan = await scan_partition(self.settings.kafka_bootstrap, self.ledger.topic, self.snapshots, partition)
+        metrics.REPLAY_EVENTS.inc(scan.replayed)
+        self.snapshotter.replayed(scan)
+        self.finished.absorb(scan.finished)
+        self.archived |= scan.archived
         for state in scan.open_runs():
             live = self.live.get(state.run_id)
             if live is not None and live.next_seq >= state.next_seq:
@@ -240,6 +249,7 @@ class Engine:
         return futures
 
     async def close(self) -> None:
+        await self.snapshotter.close()
         if self._started:
             await self.ledger.producer.flush()
         await self.loop.close()

@@ -26,7 +26,7 @@ def run_hash(run_id: str) -> int:
 class FinishedRuns:
     def __init__(self) -> None:
         self._keys = array("Q")  # sorted hashes
-        self._seqs = array("l")  # next seq, by the same index
+        self._seqs = array("q")  # next seq, by the same index
         self._recent: dict[int, int] = {}
 
     def __len__(self) -> int:
@@ -57,26 +57,66 @@ class FinishedRuns:
         if not self._recent:
             return
         new = sorted(self._recent.items())
-        old_keys, old_seqs = self._keys, self._seqs
-        keys, seqs = array("Q"), array("l")
-        i = j = 0
-        while i < len(old_keys) and j < len(new):
-            if old_keys[i] < new[j][0]:
-                keys.append(old_keys[i])
-                seqs.append(old_seqs[i])
-                i += 1
-            else:
-                if old_keys[i] == new[j][0]:
-                    i += 1  # the recent value wins
-                keys.append(new[j][0])
-                seqs.append(new[j][1])
-                j += 1
-        keys.extend(old_keys[i:])
-        seqs.extend(old_seqs[i:])
-        keys.extend(k for k, _ in new[j:])
-        seqs.extend(s for _, s in new[j:])
-        self._keys, self._seqs, self._recent = keys, seqs, {}
+        self._keys, self._seqs = _merge(self._keys, self._seqs, array("Q", (k for k, _ in new)),
+                                        array("q", (s for _, s in new)), newer_wins=True)  # fmt: skip
+        self._recent = {}
 
     def hashes(self) -> Iterator[int]:
         yield from self._keys
         yield from self._recent
+
+    def items(self) -> dict[int, int]:
+        """Every run's hash and next seq (tests: two sets compare equal by these)."""
+        return {**dict(zip(self._keys, self._seqs, strict=True)), **self._recent}
+
+    def arrays(self) -> tuple[array[int], array[int]]:
+        """The sorted hashes and their next seqs, everything merged in (what a snapshot stores, services/executor/
+        snapshots.py). They are this set's own: read them, do not change them."""
+        self.compact()
+        return self._keys, self._seqs
+
+    @classmethod
+    def from_arrays(cls, keys: array[int], seqs: array[int]) -> FinishedRuns:
+        """The set whose `arrays()` these were (sorted hashes, unique, with their next seqs)."""
+        if keys.typecode != "Q" or seqs.typecode != "q" or len(keys) != len(seqs):
+            raise ValueError("finished runs: hashes and seqs do not match")
+        finished = cls()
+        finished._keys, finished._seqs = keys, seqs
+        return finished
+
+    def absorb(self, other: FinishedRuns) -> None:
+        """Add every run of `other` (a partition's replay); a run known to both keeps the higher next seq."""
+        keys, seqs = other.arrays()
+        if not self._keys and not self._recent:
+            self._keys, self._seqs = keys[:], seqs[:]  # the usual restart: nothing known yet
+            return
+        self.compact()
+        self._keys, self._seqs = _merge(self._keys, self._seqs, keys, seqs, newer_wins=False)
+
+
+def _merge(
+    old_keys: array[int], old_seqs: array[int], keys: array[int], seqs: array[int], *, newer_wins: bool
+) -> tuple[array[int], array[int]]:
+    """Two sorted (hash, next seq) arrays as one; a hash in both keeps the second's seq (`newer_wins`) or the
+    higher one."""
+    out_keys, out_seqs = array("Q"), array("q")
+    i = j = 0
+    while i < len(old_keys) and j < len(keys):
+        if old_keys[i] < keys[j]:
+            out_keys.append(old_keys[i])
+            out_seqs.append(old_seqs[i])
+            i += 1
+        else:
+            seq = seqs[j]
+            if old_keys[i] == keys[j]:
+                if not newer_wins:
+                    seq = max(seq, old_seqs[i])
+                i += 1
+            out_keys.append(keys[j])
+            out_seqs.append(seq)
+            j += 1
+    out_keys.extend(old_keys[i:])
+    out_seqs.extend(old_seqs[i:])
+    out_keys.extend(keys[j:])
+    out_seqs.extend(seqs[j:])
+    return out_keys, out_seqs

@@ -9,7 +9,14 @@ STEP_SECONDS = Histogram(
     "flowtrail_executor_step_seconds", "Step runner duration", ["action", "outcome"],
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120),
 )  # fmt: skip
-REPLAY_EVENTS = Counter("flowtrail_executor_replayed_events_total", "Ledger events replayed on assignment")
+REPLAY_EVENTS = Counter(
+    "flowtrail_executor_replayed_events_total", "Ledger events replayed on assignment (after the snapshot, if one)"
+)
+SNAPSHOTS = Counter("flowtrail_executor_snapshots_total", "Partition snapshots written or not", ["outcome"])
+SNAPSHOT_LOADS = Counter(
+    "flowtrail_executor_snapshot_loads_total", "Snapshots read on assignment, by what became of them", ["outcome"]
+)
+SNAPSHOT_BYTES = Gauge("flowtrail_executor_snapshot_bytes", "Size of the last snapshot written")
 INTERNAL_ERRORS = Counter("flowtrail_executor_internal_errors_total", "Runs ended INTERNAL_ERROR")
 COMMANDS = Counter("flowtrail_executor_commands_total", "Commands consumed", ["type", "outcome"])
 REPLAY_SECONDS = Histogram(

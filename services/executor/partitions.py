@@ -84,8 +84,9 @@ class Partitions:
             if self.replaying.get(partition) is asyncio.current_task():
                 del self.replaying[partition]
         metrics.REPLAY_SECONDS.observe(time.perf_counter() - began)
-        log.info("partition %s: %s events replayed in %.1f s, %s runs resumed", partition, scan.count,
-                 time.perf_counter() - began, resumed)  # fmt: skip
+        since = f"the snapshot at offset {scan.restored_from.offset}" if scan.restored_from else "offset 0"
+        log.info("partition %s: %s events replayed from %s in %.1f s (%s in all), %s runs resumed", partition,
+                 scan.replayed, since, time.perf_counter() - began, scan.count, resumed)  # fmt: skip
 
     def revoke(self, partitions: Iterable[int]) -> list[str]:
         """Give the partitions up; returns their runs, forgotten here (the engine stops them). Their inputs now wait

@@ -27,6 +27,10 @@ class ExecutorSettings(CommonSettings):
     # This replica's stable name in the consumer group (Kafka's group.instance.id): the same across its restarts,
     # different from every other replica's. Empty: `<hostname>-<web_port>` (a pod's name under Kubernetes).
     instance_id: str = service_field("executor", "instance_id", "")
+    # Each owned partition's snapshot is rewritten this often once its ledger has `snapshot_min_events` new records
+    # past the last one: a restart replays only what follows it (docs/architecture.md, Recovery).
+    snapshot_interval_s: float = service_field("executor", "snapshot_interval_s", 60.0, gt=0)
+    snapshot_min_events: int = service_field("executor", "snapshot_min_events", 10_000, ge=1)
 
     @property
     def group_instance_id(self) -> str:

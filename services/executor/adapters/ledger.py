@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 from collections.abc import AsyncIterator, Iterable
@@ -14,6 +15,7 @@ from aiokafka import AIOKafkaProducer
 from schemas import codec
 from schemas.events import EventBase
 from services.common import kafka
+from services.executor.replay import LogPosition
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +64,32 @@ def _crash_on_failure(future: asyncio.Future[object]) -> None:
         os._exit(70)
 
 
-async def iter_partition_raw(bootstrap: str, topic: str, partition: int) -> AsyncIterator[list[dict[str, Any]]]:
-    """The records of one ledger partition as parsed JSON objects, from offset 0 to the end as of now, a fetched
-    batch at a time: the replay folds as it reads, so memory follows the runs still open, not the history."""
-    async for batch in kafka.read_to_end(bootstrap, topic, partition):
+class LedgerChanged(Exception):
+    """The ledger no longer holds the record a snapshot ends at (truncated, recreated): replay it all."""
+
+
+def record_digest(value: bytes | None) -> str:
+    """A ledger record's identity: a hash of its bytes (two different events never share one, in practice)."""
+    return hashlib.blake2b(value or b"", digest_size=8).hexdigest()
+
+
+async def iter_partition_tail(
+    bootstrap: str, topic: str, partition: int, after: LogPosition | None = None
+) -> AsyncIterator[tuple[list[dict[str, Any]], LogPosition]]:
+    """The records of one ledger partition as parsed JSON objects, to the end as of now, a fetched batch at a time,
+    each with the position of its last record: from offset 0, or from the record after `after` — which must still
+    be at its offset with the same bytes, else LedgerChanged. The replay folds as it reads, so memory follows the
+    runs still open, not the history."""
+    checked = after is None
+    async for batch in kafka.read_to_end(bootstrap, topic, partition, start=after.offset if after else 0):
+        if not checked:
+            assert after is not None
+            first = batch[0]
+            if first.offset != after.offset or record_digest(first.value) != after.digest:
+                raise LedgerChanged(f"{topic}-{partition}: the record at offset {after.offset} is not the one seen")
+            checked, batch = True, batch[1:]
+            if not batch:
+                continue
         objects: list[dict[str, Any]] = []
         for record in batch:
             try:
@@ -75,6 +99,14 @@ async def iter_partition_raw(bootstrap: str, topic: str, partition: int) -> Asyn
                 continue
             if isinstance(obj, dict):
                 objects.append(obj)
+        yield objects, LogPosition(batch[-1].offset, record_digest(batch[-1].value))
+    if not checked:
+        raise LedgerChanged(f"{topic}-{partition} ends before offset {after.offset if after else 0}")
+
+
+async def iter_partition_raw(bootstrap: str, topic: str, partition: int) -> AsyncIterator[list[dict[str, Any]]]:
+    """The records of one ledger partition as parsed JSON objects, from offset 0 to the end as of now."""
+    async for objects, _ in iter_partition_tail(bootstrap, topic, partition):
         if objects:
             yield objects
 
