@@ -14,7 +14,19 @@ from services.api import console
 from services.api.adapters.commands import CommandLog
 from services.api.adapters.flows import FlowLog
 from services.api.adapters.notify import Notifier
-from services.api.routes import actions, alerts, analytics, connectors, data, flows, keys, runs, stream, webhooks
+from services.api.routes import (
+    actions,
+    alerts,
+    analytics,
+    connectors,
+    data,
+    diagnosis,
+    flows,
+    keys,
+    runs,
+    stream,
+    webhooks,
+)
 from services.api.routes import secrets as secrets_routes
 from services.api.routes import session as session_routes
 from services.api.settings import ApiSettings
@@ -72,8 +84,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app = service_app("Flowtrail API", settings, lifespan, ready=_ready, max_body_bytes=settings.max_body_bytes,
                       version="1")  # fmt: skip
     # Routes are matched in this order: the runs reads, the busiest, first (actions holds only POSTs).
-    for routes in (runs, actions, analytics, data, stream, webhooks, keys, session_routes, flows, alerts, connectors,
-                   secrets_routes):  # fmt: skip
+    for routes in (runs, actions, analytics, diagnosis, data, stream, webhooks, keys, session_routes, flows, alerts,
+                   connectors, secrets_routes):  # fmt: skip
         app.include_router(routes.router)
     console.mount(app)  # the web console at `/`, after every API route (docs/console.md)
     return app
