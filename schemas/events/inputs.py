@@ -43,6 +43,9 @@ class TriggerReceived(Frozen):
     parent_run_id: str | None = None
     parent_step: str | None = None
     parent_attempt: int | None = None
+    # A run linked to its parent by a trigger's `ap-parent-run-id` header (no step waits for it): its failure fails
+    # the parent when the trigger asked so with `ap-fail-parent-on-failure: true` (docs/intake.md#nested-runs).
+    fail_parent_on_failure: bool = False
     # A retry (docs/runs.md): the run retried, how, and for FROM_FAILED_STEP the outputs of the steps that succeeded.
     retry_of: str | None = None
     retry_strategy: RetryStrategy | None = None

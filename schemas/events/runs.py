@@ -33,6 +33,8 @@ class RunRequestedPayload(Frozen):
     received_at: datetime | None = None
     parent_step: str | None = None
     parent_attempt: int | None = None
+    # A child linked by a trigger header whose failure fails its parent (docs/intake.md#nested-runs).
+    fail_parent_on_failure: bool = False
     retry_strategy: RetryStrategy | None = None
     only_keys: dict[str, list[str]] = Field(default_factory=dict)
     run_at: datetime | None = None

@@ -56,6 +56,7 @@ class RunState:
     parent_run_id: str | None = None
     parent_step: str | None = None
     parent_attempt: int | None = None
+    fail_parent_on_failure: bool = False  # a child linked by header: its failure fails the parent
     retry_of: str | None = None
     only_keys: dict[str, list[str]] = field(default_factory=dict)
     cursor_window: CursorWindow | None = None
@@ -105,6 +106,7 @@ def _requested(event: ev.RunRequested) -> RunState:
         parent_run_id=p.parent_run_id,
         parent_step=p.parent_step,
         parent_attempt=p.parent_attempt,
+        fail_parent_on_failure=p.fail_parent_on_failure,
         retry_of=p.retry_of,
         only_keys=dict(p.only_keys),
         cursor_window=p.cursor_window,

@@ -11,11 +11,13 @@ from typing import Any
 from schemas import codec
 from schemas.events import ChildRunFinished, TriggerInfo, TriggerReceived, TriggerType
 from schemas.flows import FlowDefinition
-from schemas.status import StepStatus
+from schemas.status import RunStatus, StepStatus
 from schemas.topics import Topics, partition_for
 from services.executor.adapters.ledger import LedgerWriter
 from services.executor.adapters.steps import runner_input
 from services.executor.fold import RunState
+
+_ENDED_OK = frozenset({RunStatus.SUCCEEDED, RunStatus.PARTIAL})
 
 
 def child_run_id(parent_run_id: str, step: str, attempt: int) -> str:
@@ -69,14 +71,17 @@ class Subflows:
         sent.add(child_id)
 
     async def notify_parent(self, child: RunState) -> None:
-        """Tell the parent run that this child ended (the parent recognises a repeat by the child's id)."""
-        assert child.parent_run_id is not None and child.parent_step is not None
+        """Tell the parent run that this child ended (the parent recognises a repeat by the child's id). A child
+        linked by a trigger header (no parent step) tells only a failure its trigger asked to pass on."""
+        assert child.parent_run_id is not None
+        if child.parent_step is None and not (child.fail_parent_on_failure and child.status not in _ENDED_OK):
+            return
         command = ChildRunFinished(
             tenant_id=child.tenant_id,
             run_id=child.parent_run_id,
             issued_by="executor",
             child_run_id=child.run_id,
-            step=child.parent_step,
+            step=child.parent_step or "",
             attempt=child.parent_attempt or 1,
             status=child.status.value,
             output=run_output(child),

@@ -50,6 +50,7 @@ def _requested(t: TriggerReceived, flow: FlowDefinition | None) -> ev.RunRequest
         parent_run_id=t.parent_run_id,
         parent_step=t.parent_step,
         parent_attempt=t.parent_attempt,
+        fail_parent_on_failure=t.fail_parent_on_failure,
         retry_of=t.retry_of,
         retry_strategy=t.retry_strategy,
         bulk_operation_id=t.bulk_operation_id,

@@ -39,7 +39,17 @@ def resume(out: Emitter, flow: FlowDefinition, c: ResumeRun) -> None:
 
 
 def child_finished(out: Emitter, flow: FlowDefinition, c: ChildRunFinished) -> None:
-    """A subflow step's child run ended: the step completes with its result (when a step still waits for it)."""
+    """A subflow step's child run ended: the step completes with its result (when a step still waits for it).
+    A child linked by a trigger header (no step, docs/intake.md#nested-runs) tells only of its failure, and a
+    parent still RUNNING fails with it."""
+    if not c.step:
+        if out.run.status == RunStatus.RUNNING and c.status not in _FINISHED_OK:
+            cause = f": {c.error.message}" if c.error else ""
+            error = ErrorInfo(category=ErrorCategory.VALIDATION, code="child_run_failed",
+                              message=f"child run {c.child_run_id} ended {c.status}{cause}",
+                              details={"child_run_id": c.child_run_id})  # fmt: skip
+            finish(out, ev.RunFailed, error=error, reason=error.message)
+        return
     step = out.run.steps.get(c.step)
     if out.run.status != RunStatus.RUNNING or step is None or step.status != StepStatus.RUNNING:
         return
