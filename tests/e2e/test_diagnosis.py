@@ -8,6 +8,7 @@ Time runs 100 times faster in the executor (FLOWTRAIL_EXECUTOR_TIME_SCALE=0.01):
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -16,11 +17,14 @@ from aiohttp import web
 from tests.conftest import Infra
 from tests.harness import CALL, Env, answer, api_error, delayed, first_calls, running, stub_upstream, wait_until
 
+# Connectors on loopback may be registered (the shop upstream below is one).
+ENV = {"FLOWTRAIL_EXECUTOR_TIME_SCALE": "0.01", "FLOWTRAIL_API_CONNECTOR_ALLOW_PRIVATE_NETWORKS": "true"}
+
 
 @pytest.fixture(scope="module")
 async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
     async with running(infra, tmp_path_factory, keys={"a": "tenant-a", "b": "tenant-b"},
-                       env={"FLOWTRAIL_EXECUTOR_TIME_SCALE": "0.01"}) as env:  # fmt: skip
+                       env=ENV) as env:  # fmt: skip
         yield env
 
 
@@ -39,6 +43,10 @@ async def runs_of(env: Env, flow_id: str, inputs: list[dict[str, Any]]) -> list[
 async def diagnosis(env: Env, run_id: str, **params: Any) -> dict[str, Any]:
     body: dict[str, Any] = await env.ok("GET", f"/v1/runs/{run_id}/diagnosis", params=params)
     return body
+
+
+def _at(text: str) -> datetime:
+    return datetime.fromisoformat(text)
 
 
 def fired(found: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -231,6 +239,49 @@ async def test_a_timeout_that_came_with_a_new_flow_version_names_the_changed_tim
         "had it). Version 2 changed steps.build.timeout_s from 5 s to 0.2 s; its successful attempts took a median "
         f"of {h['step_median_success_ms']:g} ms: raise it back above that"
     ), found["next_action"]
+
+
+async def test_credentials_refused_through_a_connector_show_its_health_and_say_rotate_them(env: Env) -> None:
+    async def orders(request: web.Request) -> web.Response:
+        if request.headers.get("X-Api-Key") != "shop-key-1":
+            return web.json_response({"error": "invalid api key"}, status=401)
+        return web.json_response({"orders": [{"id": "o-1", "total": 3}]})
+
+    async def sink(request: web.Request) -> web.Response:
+        return web.json_response({"id": (await request.json())["order"]}, status=201)
+
+    async with stub_upstream({("GET", "/orders"): orders, ("POST", "/sink"): sink}) as shop:
+        assert (await env.api("PUT", "/v1/secrets/SHOP_KEY", json={"value": "shop-key-1"})).status_code == 201
+        await env.ok("POST", "/v1/connectors", status=201, json={"name": "shop", "kind": "http", "config": {
+            "url": shop.url, "headers": {"X-Api-Key": "{{ secrets.SHOP_KEY }}"}}})  # fmt: skip
+        await env.create_flow({"id": "shop-sync", "name": "Shop sync", "steps": [
+            {"name": "sync", "action": "sync_records", "retry": {"delays_s": []}, "input": {
+                "source": {"kind": "http", "connector": "shop", "path": "/orders", "records_path": "orders"},
+                "destination": {"kind": "http", "connector": "shop", "path": "/sink"},
+                "key": "id", "mapping": {"order": "id", "total": "total"}}},
+        ]})  # fmt: skip
+        worked = await runs_of(env, "shop-sync", [{}, {}])
+        assert [r["status"] for r in worked] == ["SUCCEEDED"] * 2
+        # The key is replaced by a wrong one: every run from now on is refused.
+        assert (await env.api("PUT", "/v1/secrets/SHOP_KEY", json={"value": "shop-key-0"})).status_code == 200
+        refused = await runs_of(env, "shop-sync", [{}, {}])
+        assert [r["status"] for r in refused] == ["FAILED"] * 2
+        body = await diagnosis(env, refused[-1]["id"])
+
+    found = body["diagnosis"]
+    assert found["root_cause"] == "auth_or_config"
+    assert found["error"]["category"] == "AUTH"
+    dep = found["dependency"]
+    assert (dep["kind"], dep["name"], dep["status"]) == ("connector", "shop", "degraded")
+    assert (dep["failures"], dep["successes"], dep["failure_categories"]) == (1, 2, {"AUTH": 1})
+    first = refused[0]  # degraded since the first refused run, while it ran
+    assert _at(first["started_at"]) <= _at(dep["degraded_since"]) <= _at(first["finished_at"]), (dep, first)
+    assert {"credentials_rejected", "connector_degraded"} <= set(fired(found))
+    assert found["next_action"].startswith(
+        "2 of the last 4 runs failed with this fingerprint since version 1. Connector shop is degraded since "
+    ), found["next_action"]
+    assert "rotate its credentials (the tenant's secrets) and check it with POST /v1/connectors/{id}/verify" in (
+        found["next_action"])  # fmt: skip
 
 
 async def test_a_run_that_did_not_fail_has_no_diagnosis_and_other_tenants_runs_are_not_found(env: Env) -> None:
