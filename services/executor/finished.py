@@ -88,7 +88,8 @@ class FinishedRuns:
         """Add every run of `other` (a partition's replay); a run known to both keeps the higher next seq."""
         keys, seqs = other.arrays()
         if not self._keys and not self._recent:
-            self._keys, self._seqs = keys[:], seqs[:]  # the usual restart: nothing known yet
+            # The usual restart: nothing known yet. Shared, not copied: neither set changes its arrays in place.
+            self._keys, self._seqs = keys, seqs
             return
         self.compact()
         self._keys, self._seqs = _merge(self._keys, self._seqs, keys, seqs, newer_wins=False)

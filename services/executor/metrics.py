@@ -14,7 +14,9 @@ REPLAY_EVENTS = Counter(
 )
 SNAPSHOTS = Counter("flowtrail_executor_snapshots_total", "Partition snapshots written or not", ["outcome"])
 SNAPSHOT_LOADS = Counter(
-    "flowtrail_executor_snapshot_loads_total", "Snapshots read on assignment, by what became of them", ["outcome"]
+    "flowtrail_executor_snapshot_loads_total",
+    "Snapshots read (replays, the periodic writer) by what became of them",
+    ["outcome"],
 )
 SNAPSHOT_BYTES = Gauge("flowtrail_executor_snapshot_bytes", "Size of the last snapshot written")
 INTERNAL_ERRORS = Counter("flowtrail_executor_internal_errors_total", "Runs ended INTERNAL_ERROR")

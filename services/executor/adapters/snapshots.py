@@ -157,7 +157,8 @@ class Snapshotter:
         self.interval_s = interval_s
         self.min_events = min_events
         self.covered: dict[int, int] = {}  # the offset the latest snapshot of each partition covers, as known here
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()  # writes queued by replays
+        self._periodic: asyncio.Task[None] | None = None
 
     def replayed(self, scan: PartitionScan) -> None:
         """A partition's replay just ended at `scan`: store it (in the background) unless its snapshot is recent.
@@ -171,15 +172,22 @@ class Snapshotter:
         self._background(self._write(scan.partition, scan.position.offset, data))
 
     def start(self) -> None:
-        self._background(self._every_interval())
+        if self._periodic is None:
+            self._periodic = asyncio.create_task(self._every_interval(), name="snapshots")
+
+    async def written(self) -> None:
+        """Until the snapshots queued by replays are written (or have failed)."""
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
+        tasks = [*self._tasks, *([self._periodic] if self._periodic else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._periodic = None
         await self.store.close()
 
-    def _background(self, work: Coroutine[Any, Any, Any]) -> None:
+    def _background(self, work: Coroutine[Any, Any, bool]) -> None:
         task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
