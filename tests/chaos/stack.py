@@ -1,0 +1,184 @@
+"""The chaos run's own infrastructure: a private PostgreSQL and a private broker in the run's own state folder and
+ports (never the shared ones other tests use), and Flowtrail's services on them, run by the launcher's supervisor as
+`flowtrail up` runs them, in a topology of the run's choosing (docs/operations.md#recovery-figures)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from deploy.launcher.kafka import ensure_kafka, ensure_kafka_jars, kafka_jar_dir, kafka_pid, stop_kafka
+from deploy.launcher.postgres import _paths as pg_paths
+from deploy.launcher.postgres import _run as pg_run
+from deploy.launcher.postgres import ensure_postgres, find_pg_bin, stop_postgres
+from deploy.launcher.supervisor import ServiceSpec, Supervisor
+from services.common.settings import REPO_ROOT
+from tests.conftest import STATE_DIR, Infra, Sandbox, make_sandbox
+from tests.e2e.stack import Stack, free_port
+from tests.harness import ALL_SERVICES, Env, make_keys_with_ids
+
+INSTANCE_ENV = {"executor": "FLOWTRAIL_EXECUTOR_INSTANCE_ID", "projector": "FLOWTRAIL_PROJECTOR_INSTANCE_ID"}
+
+
+@dataclass(frozen=True)
+class Topology:
+    """How many of each: brokers, executor and projector processes (one ingest, one API), ledger partitions."""
+
+    brokers: int = 1
+    executors: int = 1
+    projectors: int = 1
+    partitions: int = 4
+
+    def describe(self) -> str:
+        return (f"{self.brokers} broker(s), {self.executors} executor(s), {self.projectors} projector(s), "
+                f"1 ingest, 1 api, {self.partitions} partitions")  # fmt: skip
+
+
+class PrivatePostgres:
+    """A PostgreSQL cluster of the run's own (`<state>/postgres`, a free port), restarted `-m immediate`."""
+
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        self.port = free_port()
+        self.dsn = ""
+
+    def start(self) -> None:
+        self.dsn = ensure_postgres(self.state, port=self.port).dsn
+
+    def stop_immediate(self) -> None:
+        """`pg_ctl stop -m immediate`: every backend killed at once, no checkpoint; recovery replays the WAL."""
+        pg_bin = find_pg_bin()
+        assert pg_bin is not None
+        paths = pg_paths(self.state)
+        argv = [str(pg_bin / "pg_ctl"), "-D", str(paths["data"]), "-m", "immediate", "-w", "-t", "60", "stop"]
+        done = pg_run(argv, cwd=paths["root"], timeout=90)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    def stop(self) -> None:
+        stop_postgres(self.state, timeout=30)
+
+
+class PrivateBroker:
+    """A single-node KRaft broker of the run's own, killed with SIGKILL and started again on the same data."""
+
+    def __init__(self, state: Path, partitions: int) -> None:
+        self.state = state
+        self.partitions = partitions
+        self.port, self.controller = free_port(), free_port()
+        (state / "cache").mkdir(parents=True, exist_ok=True)
+        os.symlink(ensure_kafka_jars(STATE_DIR), kafka_jar_dir(state))  # the shared jars, not a second download
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        ensure_kafka(self.state, port=self.port, controller_port=self.controller, num_partitions=self.partitions,
+                     timeout=120)  # fmt: skip
+
+    def kill(self) -> None:
+        pid = kafka_pid(self.state)
+        assert pid is not None, "the chaos broker is not running"
+        os.kill(pid, 9)
+        with contextlib.suppress(ChildProcessError):  # our child: reaped, or the pid file would name a zombie
+            os.waitpid(pid, 0)
+
+    def stop(self) -> None:
+        stop_kafka(self.state, timeout=20)
+
+
+@dataclass
+class ChaosStack:
+    """The running stack: the harness's Env (sandbox, keys, clients), its supervisor, the private PostgreSQL and
+    broker, and each supervised process by name (`executor`, `executor-2`, …) with its service."""
+
+    env: Env
+    supervisor: Supervisor
+    postgres: PrivatePostgres
+    broker: PrivateBroker
+    topology: Topology
+    processes: dict[str, str] = field(default_factory=dict)  # supervised name → service
+
+    def named(self, service: str) -> list[str]:
+        return [name for name, kind in self.processes.items() if kind == service]
+
+    async def until_ready(self, names: list[str], since: float, within: float) -> float:
+        """Seconds from `since` until every named process answered 200 on /readyz."""
+        deadline = since + within
+        waiting = set(names)
+        async with httpx.AsyncClient(timeout=3, trust_env=False) as client:
+            while waiting:
+                for name in list(waiting):
+                    try:
+                        if (await client.get(f"{self.env.stack[name].url}/readyz")).status_code == 200:
+                            waiting.discard(name)
+                    except httpx.HTTPError:
+                        pass
+                if waiting:
+                    assert time.monotonic() < deadline, f"{sorted(waiting)} not ready within {within} s"
+                    await asyncio.sleep(0.1)
+        return time.monotonic() - since
+
+
+def _specs(stack: Stack, topology: Topology) -> dict[str, tuple[str, dict[str, str]]]:
+    """Supervised name → (service, its environment): one ingest and one API, `executors` executors and
+    `projectors` projectors, each replica on its own port with its own static-membership instance id."""
+    counts = {"ingest": 1, "api": 1, "executor": topology.executors, "projector": topology.projectors}
+    out: dict[str, tuple[str, dict[str, str]]] = {}
+    for service in ALL_SERVICES:
+        for i in range(1, counts[service] + 1):
+            name = service if i == 1 else f"{service}-{i}"
+            process = stack[service] if i == 1 else stack.add(service, name)
+            env = {**os.environ, **process.env}
+            if service in INSTANCE_ENV:
+                env[INSTANCE_ENV[service]] = f"chaos-{name}"
+            out[name] = (service, env)
+    return out
+
+
+@asynccontextmanager
+async def chaos_stack(topology: Topology, state: Path, logs: Path, **extra_env: str) -> AsyncIterator[ChaosStack]:
+    """Start the private PostgreSQL and broker in `state`, a sandbox on them, and every service under the
+    supervisor; everything stopped on exit."""
+    assert topology.brokers == 1, "more than one broker needs the cluster launcher (docs/operations.md)"
+    postgres = PrivatePostgres(state / "pg")
+    broker = PrivateBroker(state / "kafka", topology.partitions)
+    try:
+        await asyncio.gather(asyncio.to_thread(postgres.start), asyncio.to_thread(broker.start))
+        infra = Infra(broker.bootstrap, postgres.dsn, STATE_DIR)
+        async with make_sandbox(infra, topology.partitions) as sandbox:
+            async with _supervised(sandbox, topology, postgres, broker, logs, extra_env) as stack:
+                yield stack
+    finally:
+        await asyncio.to_thread(broker.stop)
+        await asyncio.to_thread(postgres.stop)
+
+
+@asynccontextmanager
+async def _supervised(sandbox: Sandbox, topology: Topology, postgres: PrivatePostgres, broker: PrivateBroker,
+                      logs: Path, extra_env: dict[str, str]) -> AsyncIterator[ChaosStack]:  # fmt: skip
+    made = await make_keys_with_ids(sandbox, {"a": "tenant-a"})
+    stack = Stack.build(sandbox, ALL_SERVICES, logs, **extra_env)
+    specs = _specs(stack, topology)
+    supervisor = Supervisor(logs, ready_url=lambda name: f"{stack[name].url}/readyz")
+    for name, (service, environment) in specs.items():
+        argv = [sys.executable, "-m", f"services.{service}"]
+        supervisor.add(ServiceSpec(name=name, argv=argv, env=environment, cwd=REPO_ROOT))
+    await supervisor.start_all()
+    try:
+        async with httpx.AsyncClient(timeout=30, trust_env=False) as http:
+            env = Env(sandbox, stack, {n: k for n, (_, k) in made.items()}, http,
+                      key_ids={n: i for n, (i, _) in made.items()})  # fmt: skip
+            yield ChaosStack(env, supervisor, postgres, broker, topology,
+                             {name: service for name, (service, _) in specs.items()})  # fmt: skip
+    finally:
+        await supervisor.stop_all()
