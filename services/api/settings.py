@@ -14,6 +14,12 @@ class ApiSettings(CommonSettings):
     # A request body larger than this is refused with 413 before it is read (a flow definition is one Kafka
     # message, so it must also fit FLOWTRAIL_KAFKA_MAX_MESSAGE_BYTES).
     max_body_bytes: int = service_field("api", "max_body_bytes", 1024 * 1024, ge=1024)
+    # Triggers at the API's base URL (`POST /v1/flows/{id}/trigger`, `/v1/actions/{name}/async|live`) take the
+    # bodies, inputs and waits ingest takes (docs/intake.md), under these.
+    max_trigger_body_bytes: int = service_field("api", "max_trigger_body_bytes", 64 * 1024 * 1024, ge=1024)
+    max_batch_inputs: int = service_field("api", "max_batch_inputs", 100_000)
+    max_input_bytes: int = service_field("api", "max_input_bytes", 512 * 1024, ge=1024)
+    live_timeout_s: float = service_field("api", "live_timeout_s", 30.0)
     # Webhook receivers on private or loopback addresses: local development only.
     webhook_allow_private_networks: bool = service_field("api", "webhook_allow_private_networks", False)
     # Connectors (their URLs and DSNs, and the checks `verify` makes) on private or loopback addresses.

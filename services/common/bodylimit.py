@@ -2,6 +2,8 @@
 
 A declared Content-Length over the limit is refused at once; a body sent without one (chunked) is counted as it
 arrives and refused the moment it passes the limit, so no client can make a service buffer more than the limit.
+A service may give the routes that start runs (the "triggers" rate-limit class) a limit of their own: the API takes
+ingest's trigger bodies at its base URL (docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import orjson
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.common.ratelimit import classify
 
 
 async def send_error(
@@ -30,18 +34,23 @@ class _TooLarge(HTTPException):
         super().__init__(413, message)
 
 
+def _refusal(max_bytes: int) -> str:
+    return f"the request body is larger than {max_bytes:,} bytes; send fewer or smaller inputs per request"
+
+
 class BodyLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, trigger_max_bytes: int | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
-
-    def _message(self) -> str:
-        return f"the request body is larger than {self.max_bytes:,} bytes; send fewer or smaller inputs per request"
+        self.trigger_max_bytes = trigger_max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes = self.max_bytes
+        if self.trigger_max_bytes is not None and classify(scope["method"], scope["path"]) == "triggers":
+            max_bytes = self.trigger_max_bytes
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
@@ -49,8 +58,8 @@ class BodyLimit:
                 except ValueError:
                     await send_error(scope, send, 400, "invalid_request", "Content-Length is not a number")
                     return
-                if declared > self.max_bytes:
-                    await send_error(scope, send, 413, "payload_too_large", self._message())
+                if declared > max_bytes:
+                    await send_error(scope, send, 413, "payload_too_large", _refusal(max_bytes))
                     return
                 break
         received = 0
@@ -61,8 +70,8 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _TooLarge(self._message())
+                if received > max_bytes:
+                    raise _TooLarge(_refusal(max_bytes))
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -75,4 +84,4 @@ class BodyLimit:
             await self.app(scope, counting_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await send_error(scope, send, 413, "payload_too_large", self._message())
+                await send_error(scope, send, 413, "payload_too_large", _refusal(max_bytes))

@@ -1,11 +1,12 @@
 """Per-key sliding-window rate limits (docs/api-contract.md), kept in PostgreSQL so every API and ingest process
 shares them.
 
-Reads (GET/HEAD) 600, writes (POST/PUT/PATCH/DELETE) 120 and triggers (POST /v1/flows/{id}/trigger) 60 requests
-per minute by default. Each request costs one upsert: the key's row holds the admitted counts of the current
-and the previous fixed window, and the estimate `previous * overlap + current` approximates a true sliding
-window (Cloudflare's "sliding window counter"). Only admitted requests count, so a client that keeps
-retrying while limited is let in again as soon as the window has slid far enough.
+Reads (GET/HEAD) 600, writes (POST/PUT/PATCH/DELETE) 120 and triggers (POST /v1/flows/{id}/trigger and
+/v1/actions/{name}/async|live, on either service: one budget) 60 requests per minute by default. Each request costs
+one upsert: the key's row holds the admitted counts of the current and the previous fixed window, and the estimate
+`previous * overlap + current` approximates a true sliding window (Cloudflare's "sliding window counter"). Only
+admitted requests count, so a client that keeps retrying while limited is let in again as soon as the window has
+slid far enough.
 
 The upserts of requests that arrive while one is on its way travel together in the next round trip (asyncpg
 pipelines them in one transaction), each still its own statement, so every request is counted exactly as if
@@ -27,7 +28,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from services.common.http import ApiError
 
 CLASSES = ("reads", "writes", "triggers")
-_TRIGGER_PATH = re.compile(r"^/v1/flows/[^/]+/trigger$")
+# Every route that starts runs (services/common/trigger_routes.py), at ingest's port and the API's alike.
+_TRIGGER_PATH = re.compile(r"^/v1/(flows/[^/]+/trigger|actions/[^/]+/(async|live))$")
 _READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Where the auth dependency leaves the headers for RateLimitHeaders (request.state is scope["state"]).
 _STATE_KEY = "rate_limit_headers"

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from schemas.topics import Topics
+from services.common import trigger_origin
 from services.common.accepted import record_accepted_triggers
 from services.common.appender import Appender
 from services.common.auth import Authenticator
@@ -20,12 +21,12 @@ from services.common.connectors import ConnectorRegistry
 from services.common.ratelimit import rate_limiter
 from services.common.secretstore import SecretReader
 from services.common.startup import Database, retry_forever
+from services.common.triggerlog import TriggerLog
 from services.common.webapp import service_app
+from services.common.windows import cursor_window
 from services.ingest.adapters.kafka_triggers import KafkaTriggers
-from services.ingest.adapters.triggers import TriggerLog
-from services.ingest.adapters.windows import cursor_window
 from services.ingest.kafka_triggers import KafkaTriggerLimits
-from services.ingest.routes import triggers
+from services.ingest.routes import triggers, webhooks
 from services.ingest.scheduler import Scheduler, SchedulerTiming
 from services.ingest.settings import IngestSettings
 
@@ -53,6 +54,7 @@ def create_app(settings: IngestSettings) -> FastAPI:
         app.state.trigger_log = TriggerLog(
             app.state.appender, Topics(settings.topic_prefix).triggers, bulk=app.state.bulk_appender
         )
+        app.state.intake = triggers.intake(settings, app.state.trigger_log, app.state.appender)
         app.state.scheduler = None
         if settings.scheduler:
             app.state.scheduler = Scheduler(
@@ -106,7 +108,7 @@ def create_app(settings: IngestSettings) -> FastAPI:
         CORSMiddleware,
         allow_origins=settings.allowed_origins,
         allow_methods=["POST"],
-        allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-Id"],
+        allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-Id", *trigger_origin.HEADERS],
         expose_headers=[
             "Retry-After",
             "X-Request-Id",
@@ -117,6 +119,7 @@ def create_app(settings: IngestSettings) -> FastAPI:
         max_age=600,
     )
     app.include_router(triggers.router)
+    app.include_router(webhooks.router)
     return app
 
 

@@ -48,8 +48,8 @@ from services.common.schedule import (
     scheduled_trigger,
     tick_iso,
 )
+from services.common.triggerlog import TriggerLog
 from services.ingest import metrics
-from services.ingest.adapters.triggers import TriggerLog
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from services.common.appender import Appender
 from services.common.db import create_pool
 from services.common.kafka import publish_flow_events
 from services.common.schedule import ScaledClock, Windows, scheduled_run_id
-from services.ingest.adapters.triggers import TriggerLog
-from services.ingest.adapters.windows import cursor_window
+from services.common.triggerlog import TriggerLog
+from services.common.windows import cursor_window
 from services.ingest.app import create_app
 from services.ingest.scheduler import Scheduler, SchedulerTiming
 from services.ingest.settings import IngestSettings

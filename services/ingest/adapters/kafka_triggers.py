@@ -39,9 +39,9 @@ from services.common.connectors import ConnectorRegistry, KafkaCluster, kafka_cl
 from services.common.failures import StepError
 from services.common.flowfollow import FlowFollower, FlowKey, cancelled
 from services.common.netguard import ALLOW_HINT, BlockedAddress, KafkaGuard, UnresolvableHost
+from services.common.triggerlog import TriggerLog
 from services.ingest import metrics
 from services.ingest.adapters.backlog import Backlog
-from services.ingest.adapters.triggers import TriggerLog
 from services.ingest.kafka_triggers import (
     DeadLetter,
     Filtered,

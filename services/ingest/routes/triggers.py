@@ -1,231 +1,30 @@
-"""POST /v1/flows/{flow_id}/trigger: one input or many become run requests on the triggers topic."""
+"""Ingest's trigger routes: the shared ones (services/common/trigger_routes.py, `POST /v1/flows/{flow_id}/trigger`
+and `POST /v1/actions/{action_name}/async|live`) over ingest's intake: its trigger log, limits and metrics."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-from typing import Annotated, Any, Literal
-
-from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from schemas import codec
-from schemas.events import ExecutionMode, TriggerInfo, TriggerReceived, TriggerType, new_run_id
-from schemas.flows import Environment
-from schemas.status import TERMINAL_RUN_STATUSES
-from services.common.accepted import record_accepted
-from services.common.appender import Appender, AppendFailed
-from services.common.auth import Principal, require_scope
-from services.common.contract import INT32_MAX, AnyCase, Timestamp
-from services.common.http import ApiError, OrjsonResponse
-from services.common.idempotency import derived_run_ids, idempotency_key
+from services.common.appender import Appender
+from services.common.trigger_routes import router
+from services.common.triggering import TriggerIntake
+from services.common.triggerlog import TriggerLog
 from services.ingest import metrics
-from services.ingest.adapters.windows import cursor_window
+from services.ingest.settings import IngestSettings
 
-router = APIRouter()
-
-
-class TriggerRequest(BaseModel):
-    """Seed 002: `input` for one run (any mode), `inputs` for up to 100,000 runs (async and schedule)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    # Any case: seed 002 writes LIVE and ASYNC.
-    mode: Annotated[Literal["live", "async", "schedule"], AnyCase] = "async"
-    input: Any = None
-    inputs: list[Any] | None = None
-    flow_version: int | None = Field(default=None, ge=1, le=INT32_MAX)
-    # Run later: the run waits as SCHEDULED until this time (RFC 3339 with an offset), then queues like any other.
-    run_at: Timestamp | None = None
-
-    @model_validator(mode="after")
-    def _one_of(self) -> TriggerRequest:
-        if self.inputs is not None and self.input is not None:
-            raise ValueError("send either `input` or `inputs`, not both")
-        if self.inputs is not None and self.mode == "live":
-            raise ValueError("`inputs` is for async and schedule modes; live mode takes one `input`")
-        if self.run_at is not None and self.mode == "live":
-            raise ValueError("`run_at` is for async and schedule modes; a live request waits for the result now")
-        if self.inputs is not None and not self.inputs:
-            raise ValueError("`inputs` must hold at least one input")
-        return self
+__all__ = ["intake", "router"]
 
 
-class TriggerAccepted(BaseModel):
-    """202: one run accepted (QUEUED, or SCHEDULED for `run_at`), visible at `GET /v1/runs/{run_id}` from now on."""
-
-    run_id: str
-    status: Literal["QUEUED", "SCHEDULED"]
+def _appended(mode: str, runs: int, seconds: float) -> None:
+    metrics.APPEND_SECONDS.observe(seconds)
+    metrics.TRIGGERS.labels(mode).inc(runs)
 
 
-class BatchAccepted(BaseModel):
-    """202: every input accepted, one run each, in input order."""
-
-    run_ids: list[str]
-    count: int
-
-
-class LiveResult(BaseModel):
-    """Live mode: 200 with the final status (output only on success; the failing step's own output labelled), or 202
-    with the current status (`waiting_for` while PAUSED) when the live timeout passed first."""
-
-    run_id: str
-    status: str
-    output: Any = None
-    error: Any = None
-    failed_step: str | None = None
-    failed_step_output: Any = None
-    waiting_for: Any = None
-    duration_ms: float | None = None
-
-
-@router.post(
-    "/v1/flows/{flow_id}/trigger", status_code=202, response_model=TriggerAccepted | BatchAccepted | LiveResult,
-    responses={200: {"model": LiveResult, "description": "live mode: the run's final status"}},
-)  # fmt: skip
-async def trigger_flow(
-    flow_id: str,
-    body: TriggerRequest,
-    request: Request,
-    principal: Annotated[Principal, Depends(require_scope("runs:write"))],
-) -> OrjsonResponse:
-    settings = request.app.state.settings
-    pool = request.app.state.pool
-    # The key's environment too: a TESTING key must not run a PRODUCTION flow's steps, nor the reverse.
-    flow = await pool.fetchrow(
-        "SELECT id, status, latest_version FROM flows WHERE tenant_id = $1 AND id = $2 AND environment = $3",
-        principal.tenant_id, flow_id, principal.environment,
-    )  # fmt: skip
-    if flow is None:
-        raise ApiError(404, "not_found", f"no flow with id {flow_id!r}")
-    if flow["status"] == "paused":
-        raise ApiError(409, "conflict", f"flow {flow_id!r} is paused; resume it before triggering runs")
-    if body.flow_version is not None and body.flow_version > flow["latest_version"]:
-        raise ApiError(404, "not_found", f"flow {flow_id!r} has no version {body.flow_version}")
-    inputs = body.inputs if body.inputs is not None else [body.input]
-    if len(inputs) > settings.max_batch_inputs:
-        raise ApiError(422, "validation_error", f"inputs: at most {settings.max_batch_inputs} per request")
-    trigger_type = TriggerType.SCHEDULE if body.mode == "schedule" else TriggerType.API
-    version = body.flow_version or flow["latest_version"]
-    template = TriggerReceived(
-        tenant_id=principal.tenant_id,
-        run_id="",
-        flow_id=flow_id,
-        flow_version=body.flow_version,
-        trigger=TriggerInfo(type=trigger_type, caller=principal.key_id),
-        environment=Environment(principal.environment),
-        execution_mode=ExecutionMode(body.mode),
-        run_at=body.run_at,
-        cursor_window=await cursor_window(pool, principal.tenant_id, flow_id, version),
+def intake(settings: IngestSettings, trigger_log: TriggerLog, appender: Appender) -> TriggerIntake:
+    return TriggerIntake(
+        append=trigger_log.append,
+        max_batch_inputs=settings.max_batch_inputs,
+        max_input_bytes=settings.max_input_bytes,
+        max_record_bytes=appender.max_record_bytes,
+        live_timeout_s=settings.live_timeout_s,
+        on_appended=_appended,
+        on_append_failed=metrics.APPEND_FAILURES.inc,
     )
-    key = idempotency_key(request.scope["headers"])
-    if key is None:
-        run_ids = [new_run_id() for _ in inputs]
-    else:  # a retry of this request names the same runs: the executor starts each once (invariant 9)
-        run_ids = derived_run_ids(principal.tenant_id, principal.environment, key, len(inputs))
-    records = list(zip(run_ids, codec.dumps_triggers(template, run_ids, inputs), strict=True))
-    _refuse_oversize(records, template, body.inputs is not None, settings, request.app.state.appender)
-    started = time.perf_counter()
-    try:
-        await request.app.state.trigger_log.append(records)
-    except AppendFailed as exc:
-        metrics.APPEND_FAILURES.inc()
-        raise _incomplete(exc, len(records), keyed=key is not None) from exc
-    metrics.APPEND_SECONDS.observe(time.perf_counter() - started)
-    # Visible from the 202 on (invariant 9): QUEUED or SCHEDULED with the accepted time, until the projector's row.
-    await record_accepted(pool, template, run_ids, inputs, flow_version=version)
-    metrics.TRIGGERS.labels(body.mode).inc(len(records))
-    if body.inputs is not None:
-        return OrjsonResponse({"run_ids": run_ids, "count": len(run_ids)}, status_code=202)
-    run_id = run_ids[0]
-    if body.mode != "live":
-        status = "SCHEDULED" if body.run_at is not None else "QUEUED"
-        return OrjsonResponse({"run_id": run_id, "status": status}, status_code=202)
-    result = await _wait_final(pool, principal.tenant_id, run_id, settings.live_timeout_s)
-    return OrjsonResponse(result, status_code=200 if result["status"] in _TERMINAL else 202)
-
-
-_TERMINAL = {s.value for s in TERMINAL_RUN_STATUSES}
-_SUCCEEDED = {"SUCCEEDED", "PARTIAL"}
-
-
-def _refuse_oversize(
-    records: list[tuple[str, bytes]], template: TriggerReceived, batch: bool, settings: Any, appender: Appender
-) -> None:
-    """413 before anything reaches Kafka: an input over FLOWTRAIL_INGEST_MAX_INPUT_BYTES, or whose run request
-    would not fit one Kafka message. Named by its index, so the client knows which one to fix."""
-    envelope = len(codec.dumps_triggers(template, [records[0][0]], [None])[0]) - len(b"null")
-    limit = min(settings.max_input_bytes, appender.max_record_bytes - envelope - len(records[0][0]))
-    for index, (_, value) in enumerate(records):
-        size = len(value) - envelope
-        if size > limit:
-            where = f"inputs[{index}]" if batch else "input"
-            raise ApiError(413, "payload_too_large",
-                           f"{where} is {size:,} bytes as JSON; the limit is {limit:,} bytes per input. "
-                           "Nothing was appended.", details={"index": index, "size": size, "limit": limit})  # fmt: skip
-
-
-def _incomplete(exc: AppendFailed, total: int, *, keyed: bool) -> ApiError:
-    """503 with Retry-After, saying exactly what reached the log, so the client knows what a retry does."""
-    details = {"appended": len(exc.appended), "refused": len(exc.refused), "unknown": len(exc.unknown),
-               "appended_indexes": exc.appended, "unknown_indexes": exc.unknown}  # fmt: skip
-    if exc.nothing_appended:
-        message = f"Kafka could not take the request ({exc.reason}); nothing was appended: it is safe to retry"
-    else:
-        message = (
-            f"the request was appended only in part: {len(exc.appended):,} of {total:,} inputs are durable, "
-            f"{len(exc.refused):,} were refused and {len(exc.unknown):,} are unknown ({exc.reason}). "
-        )
-        message += (
-            "Retry with the same Idempotency-Key: the retry names the same run ids and each run is created once."
-            if keyed
-            else "This request had no Idempotency-Key, so retrying it whole would run the appended inputs again: "
-            "resend only the inputs not listed in details.appended_indexes, with an Idempotency-Key."
-        )
-    return ApiError(503, "kafka_unavailable", message, headers={"Retry-After": "2"}, details=details)
-
-
-async def _wait_final(pool: Any, tenant_id: str, run_id: str, timeout_s: float) -> dict[str, Any]:
-    """Live mode (seed 002): poll the read model until the run is final or paused, or the timeout passes.
-
-    A run that succeeded (or partly) answers its output — that of its last step that succeeded. A run that ended
-    otherwise answers no output: its error, the step that failed and that step's own output (`failed_step_output`,
-    an upstream's error body, say), never an earlier step's result. A paused run answers at once with `waiting_for`
-    (the human_input request to answer)."""
-    deadline = time.monotonic() + timeout_s
-    status = "QUEUED"
-    delay = 0.01
-    while time.monotonic() < deadline:
-        row = await pool.fetchrow(
-            "SELECT status, error, duration_ms, failed_step FROM runs WHERE tenant_id = $1 AND id = $2",
-            tenant_id, run_id,
-        )  # fmt: skip
-        if row is not None:
-            status = row["status"]
-            if status in _SUCCEEDED:
-                output = await pool.fetchval(
-                    "SELECT output FROM run_steps WHERE run_id = $1 AND status = 'SUCCEEDED' "
-                    "ORDER BY position DESC LIMIT 1",
-                    run_id,
-                )
-                return {"run_id": run_id, "status": status, "output": output, "error": row["error"],
-                        "duration_ms": row["duration_ms"]}  # fmt: skip
-            if status in _TERMINAL:
-                failed_output = None
-                if row["failed_step"] is not None:
-                    failed_output = await pool.fetchval(
-                        "SELECT output FROM run_steps WHERE run_id = $1 AND step = $2", run_id, row["failed_step"]
-                    )
-                return {"run_id": run_id, "status": status, "output": None, "error": row["error"],
-                        "failed_step": row["failed_step"], "failed_step_output": failed_output,
-                        "duration_ms": row["duration_ms"]}  # fmt: skip
-            if status == "PAUSED":
-                waiting = await pool.fetchval(
-                    "SELECT payload FROM run_events WHERE run_id = $1 AND type = 'RunPaused' ORDER BY seq DESC LIMIT 1",
-                    run_id,
-                )
-                if waiting is not None:
-                    return {"run_id": run_id, "status": status, "waiting_for": waiting}
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.2)
-    return {"run_id": run_id, "status": status}
