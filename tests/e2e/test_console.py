@@ -261,6 +261,20 @@ async def test_a_failed_assertion_shows_actual_and_expected_and_its_retry_finish
     assert retried["status"] == "SUCCEEDED" and retried["retry_of"] == failed["id"]
 
 
+async def test_a_failed_run_shows_its_diagnosis_and_a_run_that_succeeded_none(page: Page, demo: Demo) -> None:
+    await open_run(page, demo, demo.runs["assertion"]["id"])
+    panel = page.get_by_role("region", name="Diagnosis")
+    await expect(panel.get_by_test_id("root-cause")).to_have_text("data / validation")
+    await expect(panel.get_by_test_id("diagnosis-assertion")).to_contain_text('actual "ada@old.example"')
+    await expect(panel.get_by_test_id("next-action")).to_contain_text("saw 'ada@old.example'")
+    await expect(panel.get_by_role("table", name="Evidence")).to_contain_text("assertion_failed")
+    await panel.screenshot(path=SCREENSHOTS / "run-diagnosis.png")
+    succeeded = next(r for r in demo.runs.values() if r["status"] == "SUCCEEDED")
+    await open_run(page, demo, succeeded["id"])
+    await expect(page.get_by_role("region", name="Run")).to_be_visible()
+    await expect(page.get_by_role("region", name="Diagnosis")).to_have_count(0)
+
+
 async def test_a_paused_run_is_resumed_through_the_form(page: Page, demo: Demo) -> None:
     paused = demo.runs["paused"]
     await open_run(page, demo, paused["id"])

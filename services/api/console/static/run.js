@@ -4,6 +4,7 @@
 
 import { useEffect, useRef, useState } from "preact/hooks";
 import { ApiError, get, post, session, stream } from "./api.js";
+import { DIAGNOSED, DiagnosisPanel } from "./diagnosis.js";
 import { StepPanel } from "./step.js";
 import { FAILED, Icon, Json, Problem, RunLink, Status, TERMINAL, go, html, ms, time, useLoad } from "./ui.js";
 
@@ -202,6 +203,7 @@ export function RunPage({ id }) {
       <${Breakdown} b=${r.duration_breakdown || {}} />
       <details><summary>Trigger payload</summary><${Json} value=${r.trigger && r.trigger.payload} label="payload" /></details>
     </section>
+    ${asOf === null && DIAGNOSED.has(r.status) && html`<${DiagnosisPanel} id=${r.id} version=${version} />`}
     ${r.status === "PAUSED" && r.waiting_for && asOf === null && session.can("runs:write") &&
       html`<${ResumeForm} run=${r} onDone=${(m) => { setMessage(m); setVersion((v) => v + 1); }} />`}
     <${Scrubber} events=${events.data || []} asOf=${asOf} onChange=${setAsOf} />
