@@ -15,12 +15,14 @@ and then talks to it through `env.trigger(...)`, `env.api(...)`, `env.wait_statu
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeAlias
 
 import httpx
@@ -29,6 +31,8 @@ import pytest
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
+from deploy.launcher.kafka import KafkaHandle, ensure_kafka
+from deploy.launcher.supervisor import ServiceSpec, Supervisor
 from schemas import codec
 from schemas.events import EventBase, FlowVersionPublished
 from schemas.flows import FlowDefinition
@@ -647,3 +651,96 @@ async def connected(env: Env) -> AsyncIterator[Any]:
         yield conn
     finally:
         await conn.close()
+
+
+# ---------------------------------------------------------------- faults: the supervisor, a private broker, a cut proxy
+
+# The recovery figures of docs/operations.md#recovery-figures, with room for this shared two-core machine.
+SLACK = 1.5
+
+
+async def until_ready(env: Env, names: tuple[str, ...], since: float, within: float) -> dict[str, float]:
+    """Seconds from `since` until each service answered 200 on /readyz."""
+    ready: dict[str, float] = {}
+
+    async def all_ready() -> bool:
+        for name in names:
+            try:
+                answer = await env.http.get(f"{env.stack[name].url}/readyz", timeout=5)
+                if name not in ready and answer.status_code == 200:
+                    ready[name] = time.monotonic() - since
+            except httpx.TransportError:  # not listening yet
+                pass
+        return len(ready) == len(names)
+
+    await wait_until(all_ready, within, f"{names} ready", every=0.1, logs=env.log_tails)
+    return ready
+
+
+@asynccontextmanager
+async def supervised(stack: Stack) -> AsyncIterator[Supervisor]:
+    """The stack's services run by the launcher's supervisor (restarted after any exit, as `flowtrail up` does)."""
+    supervisor = Supervisor(stack.log_dir, ready_url=lambda name: f"{stack[name].url}/readyz")
+    for name, service in stack.services.items():
+        supervisor.add(ServiceSpec.service(name, {**os.environ, **service.env}))
+    await supervisor.start_all()
+    try:
+        yield supervisor
+    finally:
+        await supervisor.stop_all()
+
+
+def private_broker(state: Path, port: int, controller: int) -> KafkaHandle:
+    """A broker of the test's own in `state` (the shared one stays up): started, or the running one's handle."""
+    return ensure_kafka(state, port=port, controller_port=controller, num_partitions=2, timeout=90)
+
+
+def stop_pid(pid: int | None) -> None:
+    """SIGTERM, and SIGKILL when still alive after 30 s."""
+    assert pid is not None
+    os.kill(pid, 15)
+    for _ in range(300):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, 9)
+
+
+class CutProxy:
+    """A loopback TCP proxy in front of PostgreSQL that the test can cut: open connections drop and new ones are
+    refused, as in a database outage, for this test's services only (the shared server stays up for everyone)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def open(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+
+    async def cut(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+        for writer in list(self.writers):
+            writer.transport.abort()
+        self.writers.clear()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
