@@ -28,6 +28,7 @@ from services.common.auth import Principal
 from services.common.contract import INT32_MAX, AnyCase, Timestamp
 from services.common.http import ApiError
 from services.common.idempotency import derived_run_ids, idempotency_key
+from services.common.trigger_origin import trigger_origin
 from services.common.windows import cursor_window
 
 Mode = Literal["live", "async", "schedule"]
@@ -160,7 +161,8 @@ async def accept(
     inputs = body.inputs if body.inputs is not None else [body.input]
     if len(inputs) > intake.max_batch_inputs:
         raise ApiError(422, "validation_error", f"inputs: at most {intake.max_batch_inputs} per request")
-    trigger_type = TriggerType.SCHEDULE if body.mode == "schedule" else TriggerType.API
+    origin = await trigger_origin(pool, principal, headers)  # manual, and a parent run (docs/intake.md)
+    trigger_type = TriggerType.SCHEDULE if body.mode == "schedule" else origin.type
     version = body.flow_version or flow["latest_version"]
     template = TriggerReceived(
         tenant_id=principal.tenant_id,
@@ -172,6 +174,8 @@ async def accept(
         execution_mode=ExecutionMode(body.mode),
         run_at=body.run_at,
         cursor_window=await cursor_window(pool, principal.tenant_id, flow_id, version),
+        parent_run_id=origin.parent_run_id,
+        fail_parent_on_failure=origin.fail_parent_on_failure,
     )
     key = idempotency_key(headers)
     if key is None:
