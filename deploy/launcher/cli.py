@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 
+from deploy.launcher import trigger_cmd
 from deploy.launcher.errors import LauncherError
 from deploy.launcher.kafka import stop_kafka
 from deploy.launcher.postgres import stop_postgres
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="add no key: re-encrypt with the current first key (after putting a new one first in "
         "FLOWTRAIL_SECRETS_KEY or the key file yourself)",
     )  # fmt: skip
+    trigger_cmd.add_parser(sub)
     return parser
 
 
@@ -239,7 +241,7 @@ def cmd_secrets(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "demo": cmd_demo, "projector": cmd_projector,
-            "secrets": cmd_secrets}  # fmt: skip
+            "secrets": cmd_secrets, "trigger": trigger_cmd.run}  # fmt: skip
 
 
 def _configure_logging(verbose: bool, daemon: bool) -> None:
