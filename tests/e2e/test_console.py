@@ -416,7 +416,9 @@ async def test_a_run_triggered_from_the_flows_form_reaches_its_end_live(page: Pa
     await expect(heading).to_contain_text(run_id)
     final = await demo.env.wait_status(run_id)
     await expect(heading.locator(".status")).to_have_text(final["status"], timeout=30_000)
-    assert final["trigger"]["payload"] == {"from": "the console"} and final["trigger_type"] == "api", final
+    # Recorded as a manual run by the signed-in key (docs/intake.md#manual-triggers-and-nested-runs).
+    assert final["trigger"]["payload"] == {"from": "the console"} and final["trigger_type"] == "manual", final
+    assert final["trigger"]["caller"] == demo.env.key_ids["demo"], final
     assert loads == []
 
     # The same Idempotency-Key names the same run; live mode answers once the run has ended.

@@ -70,8 +70,9 @@ function Trigger({ id }) {
     setBusy(mode === "live" ? "Waiting for the run to end (live mode)…" : "Triggering…");
     try {
       const { ingest_url: ingest } = await consoleConfig();
-      const answer = await post(`${ingest}/v1/flows/${encodeURIComponent(id)}/trigger`, body,
-        { headers: key ? { "Idempotency-Key": key } : {} });
+      // Recorded as a manual run, its caller this key (docs/intake.md#manual-triggers-and-nested-runs).
+      const headers = { "X-Flowtrail-Trigger": "manual", ...(key ? { "Idempotency-Key": key } : {}) };
+      const answer = await post(`${ingest}/v1/flows/${encodeURIComponent(id)}/trigger`, body, { headers });
       go(`#/runs/${encodeURIComponent(answer.run_id)}`);
     } catch (e) {
       setError(e);
