@@ -9,8 +9,10 @@ import logging
 import sys
 
 from deploy.launcher import trigger_cmd
+from deploy.launcher.brokers import stop_cluster_nodes
 from deploy.launcher.errors import LauncherError
 from deploy.launcher.kafka import stop_kafka
+from deploy.launcher.layout import ClusterSettings
 from deploy.launcher.postgres import stop_postgres
 from deploy.launcher.procs import cmdline, pid_alive, remove_file, terminate
 from deploy.launcher.stack import StackPaths, read_api_key, read_stack_json, running_supervisor
@@ -29,6 +31,16 @@ def _partitions(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 1 <= value <= 16:
+        raise argparse.ArgumentTypeError("must be between 1 and 16")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flowtrail",
@@ -41,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--detach", action="store_true", help="run in the background; stop with `flowtrail down`")
     up.add_argument("--partitions", type=_partitions, help="partitions per topic (default: FLOWTRAIL_PARTITIONS or 4)")
     up.add_argument("--no-demo", action="store_true", help="do not run the demo once the stack is healthy")
+    up.add_argument("--brokers", type=_count, help="Kafka nodes of a local KRaft cluster, replication factor up to "
+                    "3 (default: FLOWTRAIL_BROKERS or 1; docs/cluster.md)")  # fmt: skip
+    up.add_argument("--executors", type=_count, help="executor processes (default: FLOWTRAIL_EXECUTORS or 1)")
+    up.add_argument("--projectors", type=_count, help="projector processes (default: FLOWTRAIL_PROJECTORS or 1)")
     up.add_argument("--daemon", action="store_true", help=argparse.SUPPRESS)
 
     down = sub.add_parser("down", help="stop the stack, Kafka and PostgreSQL")
@@ -85,13 +101,19 @@ def _settings(args: argparse.Namespace) -> CommonSettings:
     return settings
 
 
+def _cluster(args: argparse.Namespace) -> ClusterSettings:
+    """FLOWTRAIL_BROKERS / _EXECUTORS / _PROJECTORS, each overridden by its flag."""
+    flags = {name: getattr(args, name) for name in ("brokers", "executors", "projectors")}
+    return ClusterSettings(**{name: value for name, value in flags.items() if value is not None})
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from deploy.launcher.up import run_up, run_up_detached
 
-    settings = _settings(args)
+    settings, cluster = _settings(args), _cluster(args)
     if args.detach and not args.daemon:
-        return run_up_detached(settings, demo=not args.no_demo, partitions=args.partitions)
-    return run_up(settings, demo=not (args.no_demo or args.daemon))
+        return run_up_detached(settings, demo=not args.no_demo, partitions=args.partitions, cluster=cluster)
+    return run_up(settings, demo=not (args.no_demo or args.daemon), cluster=cluster)
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -108,7 +130,8 @@ def cmd_down(args: argparse.Namespace) -> int:
     stack = read_stack_json(paths) or {}
     for name, info in (stack.get("services") or {}).items():
         pid = info.get("pid") if isinstance(info, dict) else None
-        if isinstance(pid, int) and pid_alive(pid) and f"services.{name}" in cmdline(pid):
+        # A replica's name is its service's, numbered when there are several (executor-2).
+        if isinstance(pid, int) and pid_alive(pid) and f"services.{name.partition('-')[0]}" in cmdline(pid):
             print(f"stopping leftover {name} (pid {pid}) ...", flush=True)
             terminate(pid, timeout=15.0)
             stopped_something = True
@@ -118,6 +141,10 @@ def cmd_down(args: argparse.Namespace) -> int:
     if not args.keep_infra:
         if stop_kafka(paths.state_dir):
             print("stopped Kafka")
+            stopped_something = True
+        nodes = stop_cluster_nodes(paths.state_dir)
+        if nodes:
+            print(f"stopped Kafka nodes {', '.join(map(str, nodes))}")
             stopped_something = True
         if stop_postgres(paths.state_dir):
             print("stopped PostgreSQL")

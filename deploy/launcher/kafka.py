@@ -34,8 +34,8 @@ POM_PATH = Path(__file__).resolve().parents[1] / "kafka" / "pom.xml"
 # Marks a jar folder that Maven filled completely (a half-finished download has no marker).
 _COMPLETE_MARKER = ".complete"
 _MAIN_JAR = f"kafka_2.13-{KAFKA_VERSION}.jar"
-_CMDLINE_MARKER = "kafka.Kafka"
-_JVM_OPTS = [
+CMDLINE_MARKER = "kafka.Kafka"
+JVM_OPTS = [
     "-Xms256m",
     "-Xmx768m",
     "-XX:+UseG1GC",
@@ -81,7 +81,7 @@ class KafkaHandle:
             log.warning("Kafka did not stop within %.0f s and was killed", timeout)
         if self._process is not None:
             self._process.wait()
-        if self._pid_file is not None and live_pid_from_file(self._pid_file, _CMDLINE_MARKER) is None:
+        if self._pid_file is not None and live_pid_from_file(self._pid_file, CMDLINE_MARKER) is None:
             remove_file(self._pid_file)
         self.started_by_us = False
         self.pid = None
@@ -152,13 +152,29 @@ def new_cluster_id() -> str:
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=")
 
 
-def server_properties(data_dir: Path, port: int, controller_port: int, num_partitions: int = 4) -> str:
-    """The configuration of a single-node KRaft broker+controller listening on loopback only."""
+def server_properties(
+    data_dir: Path,
+    port: int,
+    controller_port: int,
+    num_partitions: int = 4,
+    *,
+    node_id: int = 1,
+    voters: str | None = None,
+    replication: int = 1,
+    min_insync: int = 1,
+) -> str:
+    """The configuration of a KRaft node acting as broker and controller, listening on loopback only: one node alone
+    (the defaults), or one of a cluster whose `voters` are every node (docs/cluster.md)."""
+    cluster = ""
+    if voters is not None:
+        # A killed node is fenced (its partitions led elsewhere, dropped from every ISR) within 3 s instead of 9 s,
+        # so acks=all writes go on that soon; loopback heartbeats every 0.5 s are cheap.
+        cluster = "broker.heartbeat.interval.ms=500\nbroker.session.timeout.ms=3000\nreplica.lag.time.max.ms=10000\n"
     return f"""\
 # Written by the Flowtrail launcher on every start; edits are lost.
 process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@127.0.0.1:{controller_port}
+node.id={node_id}
+controller.quorum.voters={voters or f"{node_id}@127.0.0.1:{controller_port}"}
 listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
 advertised.listeners=PLAINTEXT://127.0.0.1:{port}
 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
@@ -166,20 +182,20 @@ controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
 log.dirs={data_dir}
 num.partitions={num_partitions}
-default.replication.factor=1
-min.insync.replicas=1
+default.replication.factor={replication}
+min.insync.replicas={min_insync}
 offsets.topic.num.partitions=4
-offsets.topic.replication.factor=1
+offsets.topic.replication.factor={replication}
 transaction.state.log.num.partitions=2
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
+transaction.state.log.replication.factor={replication}
+transaction.state.log.min.isr={min_insync}
 group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=true
 delete.topic.enable=true
 num.network.threads=2
 num.io.threads=4
 log.cleaner.dedupe.buffer.size=33554432
-"""
+{cluster}"""
 
 
 def _paths(state_dir: Path) -> dict[str, Path]:
@@ -195,14 +211,14 @@ def _paths(state_dir: Path) -> dict[str, Path]:
     }
 
 
-def _format_storage(java: str, jar_dir: Path, paths: dict[str, Path]) -> None:
-    if (paths["data"] / "meta.properties").exists():
+def format_storage(java: str, jar_dir: Path, config: Path, log4j: Path, data_dir: Path, cluster_id: str) -> None:
+    """Format a node's log folder for `cluster_id` unless it already is (its meta.properties exists)."""
+    if (data_dir / "meta.properties").exists():
         return
-    cluster_id = new_cluster_id()
-    log.info("formatting Kafka storage in %s (cluster id %s)", paths["data"], cluster_id)
+    log.info("formatting Kafka storage in %s (cluster id %s)", data_dir, cluster_id)
     argv = [
-        java, f"-Dlog4j.configuration=file:{paths['log4j']}", "-cp", f"{jar_dir}/*",
-        "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(paths["config"]),
+        java, f"-Dlog4j.configuration=file:{log4j}", "-cp", f"{jar_dir}/*",
+        "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config),
     ]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
     if done.returncode != 0:
@@ -241,10 +257,10 @@ def ensure_kafka(
     paths["dir"].mkdir(parents=True, exist_ok=True)
     with file_lock(paths["lock"]):
         if kafka_answers(port):
-            pid = live_pid_from_file(paths["pid"], _CMDLINE_MARKER)
+            pid = live_pid_from_file(paths["pid"], CMDLINE_MARKER)
             log.info("reusing the Kafka broker already answering on %s", bootstrap)
             return KafkaHandle(bootstrap=bootstrap, started_by_us=False, pid=pid)
-        starting = live_pid_from_file(paths["pid"], _CMDLINE_MARKER)
+        starting = live_pid_from_file(paths["pid"], CMDLINE_MARKER)
         if starting is not None:
             # A broker from an earlier launcher is still starting up (or hung): give it the usual time.
             log.info("waiting for the Kafka broker started earlier (pid %d)", starting)
@@ -261,9 +277,9 @@ def ensure_kafka(
         paths["data"].mkdir(parents=True, exist_ok=True)
         paths["config"].write_text(server_properties(paths["data"], port, controller_port, num_partitions))
         paths["log4j"].write_text(LOG4J_PROPERTIES)
-        _format_storage(java, jar_dir, paths)
+        format_storage(java, jar_dir, paths["config"], paths["log4j"], paths["data"], new_cluster_id())
         argv = [
-            java, *_JVM_OPTS, f"-Dlog4j.configuration=file:{paths['log4j']}",
+            java, *JVM_OPTS, f"-Dlog4j.configuration=file:{paths['log4j']}",
             "-cp", f"{jar_dir}/*", "kafka.Kafka", str(paths["config"]),
         ]  # fmt: skip
         log_fd = open_log(paths["log"])
@@ -293,13 +309,13 @@ def ensure_kafka(
 
 def kafka_pid(state_dir: Path) -> int | None:
     """The pid of the broker recorded in ``<state_dir>/kafka.pid`` when it still runs."""
-    return live_pid_from_file(_paths(Path(state_dir))["pid"], _CMDLINE_MARKER)
+    return live_pid_from_file(_paths(Path(state_dir))["pid"], CMDLINE_MARKER)
 
 
 def stop_kafka(state_dir: Path, timeout: float = 30.0) -> bool:
     """Stop the broker recorded in ``<state_dir>/kafka.pid``; False when none was running."""
     pid_file = _paths(Path(state_dir))["pid"]
-    pid = live_pid_from_file(pid_file, _CMDLINE_MARKER)
+    pid = live_pid_from_file(pid_file, CMDLINE_MARKER)
     if pid is None:
         remove_file(pid_file)
         return False

@@ -20,19 +20,19 @@ T = TypeVar("T")
 _CLIENT_ID = "flowtrail-launcher"
 
 
-async def _broker_count(bootstrap: str, limit_s: float) -> int | None:
+async def _broker_ids(bootstrap: str, limit_s: float) -> set[int] | None:
     client = AIOKafkaClient(bootstrap_servers=bootstrap, client_id=_CLIENT_ID, request_timeout_ms=int(limit_s * 1000))
     try:
         async with asyncio.timeout(limit_s):
             await client.bootstrap()
-        return len(client.cluster.brokers())
+        return {broker.nodeId for broker in client.cluster.brokers()}
     except (KafkaError, OSError, TimeoutError):
         return None
     finally:
         await client.close()
 
 
-def _run(coro: Coroutine[Any, Any, T]) -> T:
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
@@ -41,15 +41,21 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         return pool.submit(asyncio.run, coro).result()
 
 
-def kafka_broker_count(port: int, host: str = "127.0.0.1", timeout: float = 2.0) -> int | None:
-    """How many brokers a Metadata request to ``host:port`` lists; None when no Kafka answers there."""
+def broker_ids(bootstrap: str, timeout: float = 2.0) -> set[int] | None:
+    """The node ids a Metadata request to `bootstrap` lists (live, unfenced brokers); None when no Kafka answers."""
     quiet = logging.getLogger("aiokafka")
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)  # "unable to bootstrap" is the expected answer while a broker starts
     try:
-        return _run(_broker_count(f"{host}:{port}", timeout))
+        return run_sync(_broker_ids(bootstrap, timeout))
     finally:
         quiet.setLevel(level)
+
+
+def kafka_broker_count(port: int, host: str = "127.0.0.1", timeout: float = 2.0) -> int | None:
+    """How many brokers a Metadata request to ``host:port`` lists; None when no Kafka answers there."""
+    ids = broker_ids(f"{host}:{port}", timeout)
+    return None if ids is None else len(ids)
 
 
 def kafka_answers(port: int, host: str = "127.0.0.1", timeout: float = 2.0) -> bool:

@@ -1,52 +1,34 @@
-"""Pieces of the running local stack: service specs, health checks, stack.json, API key file, banner."""
+"""Pieces of the running local stack: where things are, the services' environment, stack.json, API key file, banner."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
-
 from deploy.launcher.errors import LauncherError
-from deploy.launcher.procs import live_pid_from_file, remove_file, with_log_tail
-from deploy.launcher.supervisor import ServiceSpec, Supervisor
+from deploy.launcher.procs import live_pid_from_file, remove_file
 from services.common.settings import (
     DEFAULT_API_PORT,
-    DEFAULT_EXECUTOR_WEB_PORT,
     DEFAULT_INGEST_PORT,
     DEFAULT_KAFKA_CONTROLLER_PORT,
     DEFAULT_KAFKA_PORT,
     DEFAULT_POSTGRES_PORT,
-    DEFAULT_PROJECTOR_METRICS_PORT,
     CommonSettings,
 )
 
 log = logging.getLogger("flowtrail.launcher")
 
-# Start order; each answers GET /healthz on its port once it is ready.
-SERVICE_PORTS: dict[str, int] = {
-    "ingest": DEFAULT_INGEST_PORT,
-    "executor": DEFAULT_EXECUTOR_WEB_PORT,
-    "projector": DEFAULT_PROJECTOR_METRICS_PORT,
-    "api": DEFAULT_API_PORT,
-}
 API_URL = f"http://127.0.0.1:{DEFAULT_API_PORT}"
 INGEST_URL = f"http://127.0.0.1:{DEFAULT_INGEST_PORT}"
 HEALTH_TIMEOUT = 90.0
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # Command-line fragments that identify a launcher process (pid files can be stale and pids reused).
 LAUNCHER_MARKERS = ("deploy.launcher", "bin/flowtrail")
-
-
-def health_url(name: str) -> str:
-    return f"http://127.0.0.1:{SERVICE_PORTS[name]}/healthz"
 
 
 class _InStateDir:
@@ -122,41 +104,6 @@ def service_env(settings: CommonSettings) -> dict[str, str]:
     return env
 
 
-def service_specs(settings: CommonSettings) -> list[ServiceSpec]:
-    env = service_env(settings)
-    return [ServiceSpec.service(name, env) for name in SERVICE_PORTS]
-
-
-async def wait_healthy(supervisor: Supervisor, limit: float = HEALTH_TIMEOUT) -> None:
-    """Wait until every service answers 200 on /healthz; LauncherError with the log tail otherwise."""
-    pending = list(SERVICE_PORTS)
-    deadline = time.monotonic() + limit
-    async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
-        while pending:
-            for name in list(pending):
-                if supervisor.is_failed(name):
-                    raise LauncherError(with_log_tail(f"{name} keeps crashing", supervisor.log_path(name)))
-                try:
-                    response = await client.get(health_url(name))
-                except httpx.HTTPError:
-                    continue
-                if response.status_code == 200:
-                    log.info("%s is healthy", name)
-                    pending.remove(name)
-            if not pending:
-                return
-            if time.monotonic() >= deadline:
-                name = pending[0]
-                others = f" (also not healthy: {', '.join(pending[1:])})" if len(pending) > 1 else ""
-                raise LauncherError(
-                    with_log_tail(
-                        f"{name} did not answer 200 on {health_url(name)} within {limit:.0f} s{others}",
-                        supervisor.log_path(name),
-                    )
-                )
-            await asyncio.sleep(0.5)
-
-
 def write_api_key(paths: StackPaths, api_key: str) -> None:
     """Save the API key readable by its owner only (0600)."""
     paths.api_key.parent.mkdir(parents=True, exist_ok=True)
@@ -216,6 +163,14 @@ def banner(stack: dict[str, Any], api_key: str, paths: StackPaths) -> str:
         f"  Tenant      {stack.get('tenant_id') or '-'}",
         f"  Kafka       {kafka.get('bootstrap', '-')}   PostgreSQL {pg.get('dsn', '-')}",
         f"  Logs        {paths.logs}/  (api.log, ingest.log, executor.log, projector.log, kafka.log, ...)",
+        *(
+            [
+                f"  Cluster     {kafka['brokers']} brokers, replication factor {kafka['replication_factor']}; "
+                "`flowtrail status` shows every member"
+            ]
+            if kafka.get("brokers", 1) > 1
+            else []
+        ),
         "",
         "Try:",
         f"  KEY=$(cat {key_file})",

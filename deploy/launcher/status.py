@@ -1,4 +1,5 @@
-"""`flowtrail status`: which components answer, and how far the executor and projector lag behind."""
+"""`flowtrail status`: every broker (up, the active controller) and service replica, the executor's and projector's
+consumer groups with their members' partitions, and how far each group lags behind (docs/cluster.md)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,15 @@ from typing import Any
 
 import httpx
 
+from deploy.launcher.brokers import node_pid, quorum_leader
+from deploy.launcher.cluster import read_layout
+from deploy.launcher.groups import describe_group
 from deploy.launcher.kafka import kafka_pid
-from deploy.launcher.kafka_wire import kafka_answers
+from deploy.launcher.kafka_wire import broker_ids
+from deploy.launcher.layout import Layout
 from deploy.launcher.postgres import postgres_answers, postgres_pid
 from deploy.launcher.stack import (
-    API_URL,
-    INGEST_URL,
-    SERVICE_PORTS,
     StackPaths,
-    health_url,
     kafka_endpoint,
     postgres_endpoint,
     read_stack_json,
@@ -96,6 +97,7 @@ async def _group_lag(settings: CommonSettings, admin: Any, consumer: Any, servic
         total += max(lag, 0)
         result["partitions"].append({"partition": tp.partition, "end": end, "committed": position, "lag": lag})
     result["total_lag"] = total
+    result.update(await describe_group(settings.kafka_bootstrap, group, topic))
     return result
 
 
@@ -148,50 +150,81 @@ async def consumer_lag(settings: CommonSettings) -> dict[str, dict[str, Any]]:
         await admin.close()
 
 
-async def _healthy(client: httpx.AsyncClient, name: str) -> bool:
+async def _healthy(client: httpx.AsyncClient, url: str) -> bool:
     try:
-        return (await client.get(health_url(name))).status_code == 200
+        return (await client.get(f"{url}/healthz")).status_code == 200
     except httpx.HTTPError:
         return False
 
 
-async def _readiness(client: httpx.AsyncClient, name: str) -> dict[str, Any] | None:
+async def _readiness(client: httpx.AsyncClient, url: str) -> dict[str, Any] | None:
     """The service's /readyz answer: {"status": "ready"|"unavailable", "checks": {...}}; None when it is down."""
     try:
-        answer = await client.get(health_url(name).replace("/healthz", "/readyz"))
+        answer = await client.get(f"{url}/readyz")
         body = answer.json()
     except (httpx.HTTPError, ValueError):
         return None
     return body if isinstance(body, dict) else None
 
 
+def current_layout(settings: CommonSettings) -> Layout:
+    """The layout `flowtrail up` (or a LocalCluster) recorded in the state folder, else the default one."""
+    _, port, _ = kafka_endpoint(settings)
+    return read_layout(StackPaths.of(settings).state_dir) or Layout.plan(kafka_port=port)
+
+
+def _brokers(settings: CommonSettings, layout: Layout) -> list[dict[str, Any]]:
+    """Each node: up (it answers and lists itself), the active controller (the quorum's leader), its pid."""
+    state_dir = StackPaths.of(settings).state_dir
+    alone = len(layout.brokers) == 1
+    leader = None if alone else quorum_leader(state_dir, layout)
+    out = []
+    for node in layout.brokers:
+        # Without a recorded cluster, the one broker is wherever FLOWTRAIL_KAFKA_BOOTSTRAP names first.
+        address = settings.kafka_bootstrap.split(",")[0].strip() if alone else node.address
+        listed = broker_ids(address)
+        up = listed is not None and (alone or node.node_id in listed)
+        out.append({
+            "node_id": node.node_id, "address": address, "controller_port": node.controller_port, "up": up,
+            "controller": up and (alone or node.node_id == leader),
+            "pid": kafka_pid(state_dir) if alone else node_pid(state_dir, node),
+        })  # fmt: skip
+    return out
+
+
 async def collect_status(settings: CommonSettings) -> dict[str, Any]:
     """Everything `flowtrail status` shows, as plain data (also what `--json` prints)."""
     paths = StackPaths.of(settings)
-    k_host, k_port, _ = kafka_endpoint(settings)
+    layout = current_layout(settings)
+    if len(layout.brokers) > 1:
+        settings = settings.model_copy(update={"kafka_bootstrap": layout.bootstrap})
     pg_host, pg_port = postgres_endpoint(settings)
-    kafka_up, pg_up = await asyncio.gather(
-        asyncio.to_thread(kafka_answers, k_port, k_host),
-        asyncio.to_thread(postgres_answers, pg_port, pg_host),
+    brokers, pg_up = await asyncio.gather(
+        asyncio.to_thread(_brokers, settings, layout), asyncio.to_thread(postgres_answers, pg_port, pg_host)
     )
+    kafka_up = any(b["up"] for b in brokers)
+    addresses = ",".join(b["address"] for b in brokers)
     components: dict[str, dict[str, Any]] = {
-        "kafka": {"up": kafka_up, "address": f"{k_host}:{k_port}", "pid": kafka_pid(paths.state_dir)},
+        "kafka": {"up": kafka_up, "address": addresses, "pid": brokers[0]["pid"] if len(brokers) == 1 else None},
         "postgres": {"up": pg_up, "address": f"{pg_host}:{pg_port}", "pid": postgres_pid(paths.state_dir)},
     }
     supervisor_pid = running_supervisor(paths)
     stack = read_stack_json(paths) or {}
     # stack.json outlives a supervisor that was killed; its pids mean nothing then.
     supervised = stack.get("services", {}) if supervisor_pid and stack.get("supervisor_pid") == supervisor_pid else {}
+    members = layout.members
     async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
-        healthy = await asyncio.gather(*(_healthy(client, name) for name in SERVICE_PORTS))
-        readiness = await asyncio.gather(*(_readiness(client, name) for name in SERVICE_PORTS))
-    for name, up, ready in zip(SERVICE_PORTS, healthy, readiness, strict=True):
-        info = supervised.get(name, {})
-        components[name] = {
+        healthy = await asyncio.gather(*(_healthy(client, m.url) for m in members))
+        readiness = await asyncio.gather(*(_readiness(client, m.url) for m in members))
+    for member, up, ready in zip(members, healthy, readiness, strict=True):
+        info = supervised.get(member.name, {})
+        components[member.name] = {
+            "service": member.service,
+            "instance_id": member.instance_id,
             "up": up,
             "ready": bool(ready and ready.get("status") == "ready"),
             "checks": (ready or {}).get("checks", {}),
-            "address": health_url(name),
+            "address": f"{member.url}/healthz",
             "pid": info.get("pid"),
             "state": info.get("state"),
             "restarts": info.get("restarts"),
@@ -206,14 +239,17 @@ async def collect_status(settings: CommonSettings) -> dict[str, Any]:
             lag = await asyncio.wait_for(consumer_lag(settings), timeout=LAG_TIMEOUT)
         except Exception as exc:
             lag = {"error": f"{type(exc).__name__}: {exc}"}
+    api, ingest = layout.of("api"), layout.of("ingest")
     return {
         "state_dir": str(paths.state_dir),
         "supervisor_pid": supervisor_pid,
-        "api_url": API_URL,
-        "ingest_url": INGEST_URL,
+        "api_url": api[0].url if api else None,
+        "ingest_url": ingest[0].url if ingest else None,
         "api_key_path": str(paths.api_key),
         "api_key_present": paths.api_key.exists(),
         "logs_dir": str(paths.logs),
+        "brokers": brokers,
+        "replication": {"factor": layout.replication_factor, "min_insync_replicas": layout.min_insync_replicas},
         "components": components,
         "consumer_lag": lag,
     }
@@ -237,6 +273,15 @@ def _why_failing(info: dict[str, Any]) -> list[str]:
 def render_status(status: dict[str, Any]) -> str:
     """Human-readable form of ``collect_status``."""
     lines = [f"Flowtrail status (state folder {status['state_dir']})"]
+    brokers = status.get("brokers") or []
+    if len(brokers) > 1:
+        replication = status.get("replication") or {}
+        lines.append(f"Kafka brokers (replication factor {replication.get('factor')}, "
+                     f"min.insync.replicas {replication.get('min_insync_replicas')})")  # fmt: skip
+        for b in brokers:
+            role = "  controller" if b["controller"] else ""
+            pid = f"  pid {b['pid']}" if b.get("pid") else ""
+            lines.append(f"  node {b['node_id']:<5} {'up' if b['up'] else 'down':<7} {b['address']}{role}{pid}")
     for name, info in status["components"].items():
         word = "up" if info["up"] else "down"
         if info["up"] and "ready" in info:
@@ -264,11 +309,16 @@ def render_status(status: dict[str, Any]) -> str:
                 lines.append(f"{head}: {info['error']}")
                 continue
             lines.append(f"{head}: total {info['total_lag']} (offsets from {info['offsets_from']})")
+            if "members" in info:
+                lines.append(f"    {info.get('state', '?')}, {len(info['members'])} member(s)")
+            for member in info.get("members", []):
+                parts = ",".join(str(p) for p in member["partitions"]) or "none"
+                lines.append(f"    member {member['instance_id'] or member['member_id']}: partitions {parts}")
             for part in info["partitions"]:
                 committed = "-" if part["committed"] is None else part["committed"]
                 lines.append(
                     f"      p{part['partition']:<3} end {part['end']:<8} committed {committed:<8} lag {part['lag']}"
                 )
-    if status["supervisor_pid"] or status["api_key_present"]:
+    if status.get("api_url") and (status["supervisor_pid"] or status["api_key_present"]):
         lines.append(f"API {status['api_url']}   ingest {status['ingest_url']}   key file {status['api_key_path']}")
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""`flowtrail up`: Kafka, PostgreSQL, bootstrap, then the four services supervised, in front or detached."""
+"""`flowtrail up`: Kafka (one broker or a local cluster), PostgreSQL, bootstrap, then the services' replicas
+supervised, in front or detached (docs/cluster.md)."""
 
 from __future__ import annotations
 
@@ -16,26 +17,28 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, TypeVar
 
+from deploy.launcher.brokers import KafkaCluster
+from deploy.launcher.cluster import LAYOUT_FILE, Replicas, write_layout
 from deploy.launcher.errors import LauncherError
 from deploy.launcher.kafka import ensure_kafka
 from deploy.launcher.kafka_wire import kafka_answers
+from deploy.launcher.layout import ClusterSettings, Layout
 from deploy.launcher.postgres import ensure_postgres, postgres_answers, postgres_pid
 from deploy.launcher.procs import open_log, remove_file, terminate, with_log_tail, write_pid
 from deploy.launcher.stack import (
     API_URL,
+    HEALTH_TIMEOUT,
     INGEST_URL,
     LOOPBACK,
     StackPaths,
     banner,
-    health_url,
     kafka_endpoint,
     postgres_endpoint,
     read_api_key,
     read_stack_json,
     remove_own_files,
     running_supervisor,
-    service_specs,
-    wait_healthy,
+    service_env,
     write_api_key,
     write_json_atomic,
 )
@@ -68,9 +71,12 @@ def console_line(stack: dict[str, Any]) -> str:
     return f"Console: open {stack['api_url']}/ in a browser and sign in with the API key above.\n"
 
 
-def ready_url(name: str) -> str:
-    """The service's readiness page (docs/intake.md), which the supervisor polls after each start."""
-    return health_url(name).removesuffix("/healthz") + "/readyz"
+def plan(settings: CommonSettings, cluster: ClusterSettings) -> Layout:
+    """The brokers and replicas to start: node 1 where FLOWTRAIL_KAFKA_BOOTSTRAP points, the others on the ports
+    after it (docs/cluster.md)."""
+    _, port, _ = kafka_endpoint(settings)
+    return Layout.plan(brokers=cluster.brokers, executors=cluster.executors, projectors=cluster.projectors,
+                       kafka_port=port)  # fmt: skip
 
 
 def load_hook(module: str, attr: str) -> Any:
@@ -84,9 +90,19 @@ def load_hook(module: str, attr: str) -> Any:
     return getattr(loaded, attr)
 
 
-def _ensure_infra(settings: CommonSettings, paths: StackPaths, infra: _Infra) -> None:
+def _ensure_infra(settings: CommonSettings, paths: StackPaths, infra: _Infra, layout: Layout) -> None:
     k_host, k_port, k_controller = kafka_endpoint(settings)
-    if k_host in LOOPBACK:
+    if len(layout.brokers) > 1:
+        if k_host not in LOOPBACK:
+            raise LauncherError(f"--brokers {len(layout.brokers)} starts a cluster on this machine, but "
+                                f"FLOWTRAIL_KAFKA_BOOTSTRAP names {k_host}")  # fmt: skip
+        cluster = KafkaCluster(paths.state_dir, layout)
+        cluster.start()
+        infra.teardown.append(("the Kafka cluster", cluster.stop))
+        infra.kafka = {"bootstrap": layout.bootstrap, "brokers": len(layout.brokers), "started_by_us": True,
+                       "replication_factor": layout.replication_factor,
+                       "pids": {n.node_id: cluster.pid(n.node_id) for n in layout.brokers}}  # fmt: skip
+    elif k_host in LOOPBACK:
         kafka = ensure_kafka(paths.state_dir, k_port, k_controller, num_partitions=settings.partitions)
         if kafka.started_by_us:
             infra.teardown.append(("Kafka", kafka.stop))
@@ -143,7 +159,7 @@ async def run_demo_safely(settings: CommonSettings, api_key: str, stop: asyncio.
         )
 
 
-async def _serve(settings: CommonSettings, paths: StackPaths, infra: _Infra, *, demo: bool) -> None:
+async def _serve(settings: CommonSettings, paths: StackPaths, infra: _Infra, layout: Layout, *, demo: bool) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -163,12 +179,10 @@ async def _serve(settings: CommonSettings, paths: StackPaths, infra: _Infra, *, 
         log.info("bootstrapping: topics, migrations, demo flows, tenant and API key")
         result = await _until(stop, bootstrap(settings))
         # A service's restart delay is back at its shortest once it answers ready (docs/operations.md).
-        supervisor = Supervisor(paths.logs, on_change=publish, ready_url=ready_url)
-        for spec in service_specs(settings):
-            supervisor.add(spec)
-        await supervisor.start_all()
-        log.info("waiting for the services to answer /healthz")
-        await _until(stop, wait_healthy(supervisor))
+        replicas = Replicas(paths.logs, layout, on_change=publish)
+        supervisor = replicas.supervisor
+        log.info("starting the services; waiting for each to answer /healthz")
+        await _until(stop, replicas.start(service_env(settings), page="/healthz", within=HEALTH_TIMEOUT))
         api_key = str(result.api_key)
         write_api_key(paths, api_key)
         flow_ids = list(getattr(result, "flow_ids", None) or [])
@@ -223,9 +237,12 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def run_up(settings: CommonSettings, *, demo: bool) -> int:
+def run_up(settings: CommonSettings, *, demo: bool, cluster: ClusterSettings | None = None) -> int:
     """Start everything in this process and keep it running until Ctrl-C / SIGTERM; then stop it all."""
     paths = StackPaths.of(settings)
+    layout = plan(settings, cluster or ClusterSettings())
+    if len(layout.brokers) > 1:
+        settings = settings.model_copy(update={"kafka_bootstrap": layout.bootstrap})
     other = running_supervisor(paths)
     if other is not None and other != os.getpid():
         raise LauncherError(_already_running(other))
@@ -233,12 +250,13 @@ def run_up(settings: CommonSettings, *, demo: bool) -> int:
     ensure_secrets_key(settings)
     write_pid(paths.supervisor_pid, os.getpid())
     remove_file(paths.stack_json)
+    write_layout(paths.state_dir, layout)
     infra = _Infra()
     # Until the event loop takes over the signals, SIGTERM unwinds like Ctrl-C so the finally block runs.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        _ensure_infra(settings, paths, infra)
-        asyncio.run(_serve(settings, paths, infra, demo=demo))
+        _ensure_infra(settings, paths, infra, layout)
+        asyncio.run(_serve(settings, paths, infra, layout, demo=demo))
         return 0
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
@@ -253,10 +271,13 @@ def run_up(settings: CommonSettings, *, demo: bool) -> int:
             except Exception as exc:
                 print(f"flowtrail: could not stop {name}: {exc}", file=sys.stderr)
         remove_own_files(paths)
+        remove_file(paths.state_dir / LAYOUT_FILE)
         print("Flowtrail stopped.", flush=True)
 
 
-def run_up_detached(settings: CommonSettings, *, demo: bool, partitions: int | None) -> int:
+def run_up_detached(
+    settings: CommonSettings, *, demo: bool, partitions: int | None, cluster: ClusterSettings | None = None
+) -> int:
     """Start `up` as a background daemon, wait until it is healthy, print the banner and return."""
     paths = StackPaths.of(settings)
     other = running_supervisor(paths)
@@ -267,6 +288,8 @@ def run_up_detached(settings: CommonSettings, *, demo: bool, partitions: int | N
     argv = [sys.executable, "-u", "-m", "deploy.launcher.cli", "up", "--no-demo", "--daemon"]
     if partitions is not None:
         argv += ["--partitions", str(partitions)]
+    for name, count in (cluster or ClusterSettings()).model_dump().items():
+        argv += [f"--{name}", str(count)]
     log_fd = open_log(paths.supervisor_log)
     try:
         daemon = subprocess.Popen(
