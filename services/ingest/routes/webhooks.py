@@ -58,31 +58,34 @@ class HookAccepted(BaseModel):
 
 
 class HookUrl(BaseModel):
-    """Where the upstream posts: `url` (this ingest's address as the request reached it) and its `path`."""
+    """Where the upstream posts: `url` (this ingest's address as the request reached it) and its `path`; both null
+    when the flow's trigger (`trigger_type`) is not `webhook`."""
 
     flow_id: str
-    url: str
-    path: str
+    trigger_type: str
+    url: str | None
+    path: str | None
     signed: bool
     signature_header: str | None
-    delivery_id_header: str
+    delivery_id_header: str | None
 
 
 @router.get("/v1/flows/{flow_id}/hook", response_model=HookUrl)
 async def get_hook_url(
     flow_id: str, request: Request, principal: Annotated[Principal, Depends(require_scope("runs:write"))]
 ) -> HookUrl:
-    """The URL an upstream posts its deliveries to (for a flow whose trigger is `webhook`). Each call seals a new
-    token; every URL issued stays valid until the flow's `url_generation` is raised."""
+    """The URL an upstream posts its deliveries to, for a flow whose trigger is `webhook` (null for another). Each
+    call seals a new token; every URL issued stays valid until the flow's `url_generation` is raised."""
     flow = await _flow(request.app.state.pool, principal.tenant_id, principal.environment, flow_id)
     if flow is None:
         raise ApiError(404, "not_found", f"no flow with id {flow_id!r}")
     config = flow.trigger
     if config.type != "webhook":
-        raise ApiError(409, "conflict", f"flow {flow_id!r} has a {config.type} trigger; publish it with a webhook one")
+        return HookUrl(flow_id=flow_id, trigger_type=config.type, url=None, path=None, signed=False,
+                       signature_header=None, delivery_id_header=None)  # fmt: skip
     address = HookAddress(principal.tenant_id, principal.environment, flow_id, config.url_generation)
     path = f"/v1/hooks/{flow_id}/{hook_token(_keyring(request), address)}"
-    return HookUrl(flow_id=flow_id, url=str(request.base_url).rstrip("/") + path, path=path,
+    return HookUrl(flow_id=flow_id, trigger_type="webhook", url=str(request.base_url).rstrip("/") + path, path=path,
                    signed=config.signature_header is not None, signature_header=config.signature_header,
                    delivery_id_header=config.delivery_id_header)  # fmt: skip
 
