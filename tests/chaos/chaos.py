@@ -18,6 +18,8 @@ import os
 import shutil
 import time
 from collections import Counter
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -77,6 +79,15 @@ def scale_from_env() -> Scale:
                    seed=int(number("SEED", scale.seed)), topology=topology)  # fmt: skip
 
 
+def _stack(topology: Topology) -> Callable[..., AbstractAsyncContextManager[ChaosStack]]:
+    """One broker: a private broker as the e2e fault tests start one; several: the launcher's local cluster."""
+    if topology.brokers == 1:
+        return chaos_stack
+    from tests.chaos.cluster import cluster_stack
+
+    return cluster_stack
+
+
 def _fresh(folder: Path) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -85,7 +96,7 @@ def _fresh(folder: Path) -> Path:
 
 async def _all_final(stack: ChaosStack, run_ids: list[str], within: float) -> None:
     deadline = time.monotonic() + within
-    conn = await asyncpg.connect(stack.postgres.dsn, server_settings={"search_path": stack.env.sandbox.schema})
+    conn = await asyncpg.connect(stack.postgres.dsn, server_settings={"search_path": stack.sandbox.schema})
     try:
         while True:
             done = await conn.fetchval(FINAL_COUNT, run_ids, TERMINAL)
@@ -104,12 +115,12 @@ async def test_chaos() -> None:
     print(f"\nchaos: {scale.runs} runs at {scale.rate}/s on {scale.topology.describe()}, seed {scale.seed}")
     async with (
         serve(counting) as upstream,
-        chaos_stack(scale.topology, _fresh(STATE), _fresh(LOGS), **settings) as stack,
+        _stack(scale.topology)(scale.topology, _fresh(STATE), _fresh(LOGS), **settings) as stack,
     ):
-        sandbox = stack.env.sandbox
+        sandbox = stack.sandbox
         await stack.until_ready(list(stack.processes), time.monotonic(), 180)
         await wait_flows_projected(sandbox, await publish_flows(sandbox, flows(upstream.url)), within=60)
-        load = Load(stack.env, scale.rate, scale.batch, scale.seed)
+        load = Load(stack.url("ingest"), stack.key, scale.rate, scale.batch, scale.seed)
         loader = asyncio.create_task(load.run())
         faults = Faults(stack, load, scale.plan, scale.seed)
         figures = await faults.run(duration=scale.runs / scale.rate)
@@ -120,7 +131,7 @@ async def test_chaos() -> None:
         accepted = load.accepted_runs()
         await _all_final(stack, list(accepted), within=600)
         final_after = time.monotonic() - last
-        records = await topic_records(stack.broker.bootstrap, [sandbox.topics.ledger], within=300)
+        records = await topic_records(stack.brokers.bootstrap, [sandbox.topics.ledger], within=300)
         outcome = check(accepted, records, counting, scale.topology.executors)
         progress: list[str] = []
         compared = await rebuild.run(projector_settings(sandbox), swap=False, progress=progress.append)

@@ -77,7 +77,7 @@ class Faults:
     async def run(self, duration: float) -> Figures:
         """Land every fault, spread over about `duration` seconds of load."""
         faults = self.plan.faults(self.rng)
-        schema = {"search_path": self.stack.env.sandbox.schema}
+        schema = {"search_path": self.stack.sandbox.schema}
         self.pool = await asyncpg.create_pool(self.stack.postgres.dsn, min_size=1, max_size=2, server_settings=schema)
         try:
             for i, (kind, target) in enumerate(faults):
@@ -99,11 +99,12 @@ class Faults:
             f.landed[f"kill -9 {target}"] += 1
             await self._after_kill(target, name, end)
         elif kind == "broker kill":
-            await asyncio.to_thread(self.stack.broker.kill)
+            node = self.rng.choice(self.stack.brokers.nodes())
+            await asyncio.to_thread(self.stack.brokers.kill, node)
             await asyncio.sleep(self.plan.broker_down_s)
-            await asyncio.to_thread(self.stack.broker.start)
+            await asyncio.to_thread(self.stack.brokers.start_node, node)
             end = time.monotonic()
-            f.log.append(f"{at:7.1f} s  broker killed, started again after {self.plan.broker_down_s:.0f} s")
+            f.log.append(f"{at:7.1f} s  broker {node} killed, started again after {self.plan.broker_down_s:.0f} s")
             f.landed["broker kill"] += 1
             f.add("broker back → trigger intake", await self._intake_after(end))
             f.add("broker back → every service ready", await self.stack.until_ready(self.all(), end, self.within))

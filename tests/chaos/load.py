@@ -17,7 +17,7 @@ import httpx
 from aiohttp import web
 
 from schemas.flows import FlowDefinition
-from tests.harness import Env, Handler, Upstream, flow, stub_upstream
+from tests.harness import Handler, Upstream, flow, stub_upstream
 
 TENANT = "tenant-a"
 # The HTTP step's retry policy: up to 5 attempts; the upstream answers 503 to attempts 1 and 2, 200 to the third.
@@ -101,8 +101,9 @@ class Load:
     `runs` are accepted and `stop` is set; at most `in_flight` requests at once (the rate drops while ingest cannot
     answer, as a client's would)."""
 
-    def __init__(self, env: Env, rate: float, batch: int, seed: int, in_flight: int = 64) -> None:
-        self.env = env
+    def __init__(self, ingest: str, key: str, rate: float, batch: int, seed: int, in_flight: int = 64) -> None:
+        self.ingest = ingest
+        self.key = key
         self.rate = rate
         self.batch = batch
         self.random = random.Random(seed)
@@ -160,8 +161,8 @@ class Load:
         """Send the request with its key until it is answered 202 (after no answer, a 503, a 429 or a 500, the
         same request again: ingest names the same runs, docs/intake.md); give up on any other answer, or after
         `GIVE_UP_S` (the request stays unaccepted and the run fails on it)."""
-        url = f"{self.env.url('ingest')}/v1/flows/{request.flow_id}/trigger"
-        headers = {"Authorization": f"Bearer {self.env.key}", "Idempotency-Key": request.key}
+        url = f"{self.ingest}/v1/flows/{request.flow_id}/trigger"
+        headers = {"Authorization": f"Bearer {self.key}", "Idempotency-Key": request.key}
         body = {"inputs": [{"n": n} for n in request.numbers]}
         try:
             while True:

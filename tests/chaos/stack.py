@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 
@@ -22,9 +23,10 @@ from deploy.launcher.postgres import _run as pg_run
 from deploy.launcher.postgres import ensure_postgres, find_pg_bin, stop_postgres
 from deploy.launcher.supervisor import ServiceSpec, Supervisor
 from services.common.settings import REPO_ROOT
+from tests.chaos.load import TENANT
 from tests.conftest import STATE_DIR, Infra, Sandbox, make_sandbox
 from tests.e2e.stack import Stack, free_port
-from tests.harness import ALL_SERVICES, Env, make_keys_with_ids
+from tests.harness import ALL_SERVICES, make_keys
 
 INSTANCE_ENV = {"executor": "FLOWTRAIL_EXECUTOR_INSTANCE_ID", "projector": "FLOWTRAIL_PROJECTOR_INSTANCE_ID"}
 
@@ -85,7 +87,13 @@ class PrivateBroker:
         ensure_kafka(self.state, port=self.port, controller_port=self.controller, num_partitions=self.partitions,
                      timeout=120)  # fmt: skip
 
-    def kill(self) -> None:
+    def nodes(self) -> list[int]:
+        return [1]
+
+    def start_node(self, node: int) -> None:
+        self.start()
+
+    def kill(self, node: int) -> None:
         pid = kafka_pid(self.state)
         assert pid is not None, "the chaos broker is not running"
         os.kill(pid, 9)
@@ -96,20 +104,40 @@ class PrivateBroker:
         stop_kafka(self.state, timeout=20)
 
 
+class Brokers(Protocol):
+    """The run's broker nodes, one of which can be killed (SIGKILL) and started again on its data."""
+
+    @property
+    def bootstrap(self) -> str: ...
+
+    def nodes(self) -> list[int]: ...
+
+    def kill(self, node: int) -> None: ...
+
+    def start_node(self, node: int) -> None: ...
+
+
 @dataclass
 class ChaosStack:
-    """The running stack: the harness's Env (sandbox, keys, clients), its supervisor, the private PostgreSQL and
-    broker, and each supervised process by name (`executor`, `executor-2`, …) with its service."""
+    """The running stack: its sandbox and API key, its supervisor, the private PostgreSQL and brokers, and each
+    supervised process by name (`executor`, or `executor-1`, `executor-2`, … with several) with its service and
+    URL."""
 
-    env: Env
+    sandbox: Sandbox
+    key: str
     supervisor: Supervisor
     postgres: PrivatePostgres
-    broker: PrivateBroker
+    brokers: Brokers
     topology: Topology
     processes: dict[str, str] = field(default_factory=dict)  # supervised name → service
+    urls: dict[str, str] = field(default_factory=dict)  # supervised name → http://127.0.0.1:<port>
 
     def named(self, service: str) -> list[str]:
         return [name for name, kind in self.processes.items() if kind == service]
+
+    def url(self, service: str) -> str:
+        """The URL of the service's first process."""
+        return self.urls[self.named(service)[0]]
 
     async def until_ready(self, names: list[str], since: float, within: float) -> float:
         """Seconds from `since` until every named process answered 200 on /readyz."""
@@ -119,7 +147,7 @@ class ChaosStack:
             while waiting:
                 for name in list(waiting):
                     try:
-                        if (await client.get(f"{self.env.stack[name].url}/readyz")).status_code == 200:
+                        if (await client.get(f"{self.urls[name]}/readyz")).status_code == 200:
                             waiting.discard(name)
                     except httpx.HTTPError:
                         pass
@@ -156,29 +184,25 @@ async def chaos_stack(topology: Topology, state: Path, logs: Path, **extra_env: 
         await asyncio.gather(asyncio.to_thread(postgres.start), asyncio.to_thread(broker.start))
         infra = Infra(broker.bootstrap, postgres.dsn, STATE_DIR)
         async with make_sandbox(infra, topology.partitions) as sandbox:
-            async with _supervised(sandbox, topology, postgres, broker, logs, extra_env) as stack:
-                yield stack
+            key = await sandbox_key(sandbox)
+            stack = Stack.build(sandbox, ALL_SERVICES, logs, **extra_env)
+            specs = _specs(stack, topology)
+            supervisor = Supervisor(logs, ready_url=lambda name: f"{stack[name].url}/readyz")
+            for name, (service, environment) in specs.items():
+                argv = [sys.executable, "-m", f"services.{service}"]
+                supervisor.add(ServiceSpec(name=name, argv=argv, env=environment, cwd=REPO_ROOT))
+            await supervisor.start_all()
+            try:
+                yield ChaosStack(sandbox, key, supervisor, postgres, broker, topology,
+                                 {name: service for name, (service, _) in specs.items()},
+                                 {name: stack[name].url for name in specs})  # fmt: skip
+            finally:
+                await supervisor.stop_all()
     finally:
         await asyncio.to_thread(broker.stop)
         await asyncio.to_thread(postgres.stop)
 
 
-@asynccontextmanager
-async def _supervised(sandbox: Sandbox, topology: Topology, postgres: PrivatePostgres, broker: PrivateBroker,
-                      logs: Path, extra_env: dict[str, str]) -> AsyncIterator[ChaosStack]:  # fmt: skip
-    made = await make_keys_with_ids(sandbox, {"a": "tenant-a"})
-    stack = Stack.build(sandbox, ALL_SERVICES, logs, **extra_env)
-    specs = _specs(stack, topology)
-    supervisor = Supervisor(logs, ready_url=lambda name: f"{stack[name].url}/readyz")
-    for name, (service, environment) in specs.items():
-        argv = [sys.executable, "-m", f"services.{service}"]
-        supervisor.add(ServiceSpec(name=name, argv=argv, env=environment, cwd=REPO_ROOT))
-    await supervisor.start_all()
-    try:
-        async with httpx.AsyncClient(timeout=30, trust_env=False) as http:
-            env = Env(sandbox, stack, {n: k for n, (_, k) in made.items()}, http,
-                      key_ids={n: i for n, (i, _) in made.items()})  # fmt: skip
-            yield ChaosStack(env, supervisor, postgres, broker, topology,
-                             {name: service for name, (service, _) in specs.items()})  # fmt: skip
-    finally:
-        await supervisor.stop_all()
+async def sandbox_key(sandbox: Sandbox) -> str:
+    """A new API key of the load's tenant."""
+    return (await make_keys(sandbox, {"a": TENANT}))["a"]
