@@ -49,6 +49,7 @@ SERVICES = ("executor", "projector", "api", "ingest")
 LOAD_RUNS = 200
 CONCURRENCY = 32
 MB300 = Target("<=", 300, unit="MB")
+RESTART = "executor restart → every partition replayed"
 
 
 def finished_run(flow: FlowDefinition) -> list[EventBase]:
@@ -130,17 +131,18 @@ async def flowtrail_on_history(infra: Infra, scale: Scale, log_dir: Path, runs: 
             await db.close()
 
 
+async def executor_owns_all(ft: Flowtrail) -> bool:
+    try:
+        timeout = aiohttp.ClientTimeout(total=5)
+        async with aiohttp.ClientSession(timeout=timeout) as s, s.get(ft.stack["executor"].url + "/healthz") as r:
+            return len((await r.json())["partitions"]) == ft.sandbox.partitions
+    except (aiohttp.ClientError, TimeoutError):
+        return False  # busy folding a partition: its event loop answers once that is done
+
+
 async def _until_caught_up(ft: Flowtrail, scale: Scale, phase: Phase, spawned: float) -> None:
     """Until the executor owns (so has replayed) every partition and the projector has projected every event."""
     box = ft.sandbox
-
-    async def executor_owns_all() -> bool:
-        try:
-            timeout = aiohttp.ClientTimeout(total=5)
-            async with aiohttp.ClientSession(timeout=timeout) as s, s.get(ft.stack["executor"].url + "/healthz") as r:
-                return len((await r.json())["partitions"]) == box.partitions
-        except (aiohttp.ClientError, TimeoutError):
-            return False  # busy folding a partition: its event loop answers once that is done
 
     async def projected_all() -> bool:
         done = await ft.db.fetchval(
@@ -149,7 +151,7 @@ async def _until_caught_up(ft: Flowtrail, scale: Scale, phase: Phase, spawned: f
         flows = await ft.db.fetchval("SELECT count(*) FROM flows")
         return int(done) >= await ledger_end(box) and int(flows) >= 1
 
-    executor = asyncio.create_task(wait_until(executor_owns_all, within=scale.timeout_s, interval=0.1,
+    executor = asyncio.create_task(wait_until(lambda: executor_owns_all(ft), within=scale.timeout_s, interval=0.1,
                                               what="executor replay", on_timeout=ft.log_tails))  # fmt: skip
     projector = asyncio.create_task(wait_until(projected_all, within=scale.timeout_s, interval=0.2,
                                                what="projection of the history", on_timeout=ft.log_tails))  # fmt: skip
@@ -200,9 +202,37 @@ async def answers(ft: Flowtrail, run_ids: list[str]) -> None:
             assert r.status == 200 and len((await r.json())["data"]) == 50, await r.text()
 
 
-async def replayed_events(ft: Flowtrail) -> float:
+async def executor_metric(ft: Flowtrail, sample: str) -> float:
     async with aiohttp.ClientSession() as s, s.get(ft.stack["executor"].url + "/metrics") as r:
-        return prometheus_values(await r.text()).get("flowtrail_executor_replayed_events_total", 0.0)
+        return prometheus_values(await r.text()).get(sample, 0.0)
+
+
+async def replayed_events(ft: Flowtrail) -> float:
+    return await executor_metric(ft, "flowtrail_executor_replayed_events_total")
+
+
+async def restart_executor(ft: Flowtrail, scale: Scale, phase: Phase, *, snapshots: bool) -> None:
+    """SIGKILL the executor (once every partition's snapshot is written, if `snapshots`) and start it again: how
+    long until it owns every partition, and how many events it replayed to get there."""
+    if snapshots:
+
+        async def written() -> bool:
+            sample = 'flowtrail_executor_snapshots_total{outcome="written"}'
+            return await executor_metric(ft, sample) >= ft.sandbox.partitions
+
+        await wait_until(written, within=scale.timeout_s, interval=0.2, what="snapshots written",
+                         on_timeout=ft.log_tails)  # fmt: skip
+    executor = ft.stack["executor"]
+    executor.kill()
+    spawned = time.monotonic()
+    executor.start()
+    owned = await wait_until(lambda: executor_owns_all(ft), within=scale.timeout_s, interval=0.1,
+                             what="executor restart", on_timeout=ft.log_tails)  # fmt: skip
+    phase.seconds[RESTART] = owned - spawned
+    phase.facts["replayed_events_after_restart"] = await replayed_events(ft)
+    # The replays alone (partitions replay side by side: the sum over them), without the process's own start.
+    phase.facts["replay_seconds_after_restart"] = await executor_metric(ft, "flowtrail_executor_replay_seconds_sum")
+    phase.measure(ft, "restarted")
 
 
 async def run_phase(infra: Infra, scale: Scale, log_dir: Path, runs: int) -> Phase:
@@ -214,6 +244,8 @@ async def run_phase(infra: Infra, scale: Scale, log_dir: Path, runs: int) -> Pha
             replayed = await replayed_events(ft)
             assert replayed >= sum(phase.facts["events_per_partition"]), (replayed, phase.facts)
             phase.facts["replayed_events_when_caught_up"] = replayed
+            sample = "flowtrail_executor_replay_seconds_sum"
+            phase.facts["replay_seconds_whole"] = await executor_metric(ft, sample)
             oldest = await ft.db.fetchval("SELECT id FROM runs ORDER BY created_at LIMIT 1")
             phase.measure(ft, "replayed")
         ids = await steady_load(ft, scale)
@@ -222,6 +254,10 @@ async def run_phase(infra: Infra, scale: Scale, log_dir: Path, runs: int) -> Pha
         # More than the history means the executor replayed it again: its group rebalanced (e.g. a lost session).
         phase.facts["replayed_events_after_load"] = await replayed_events(ft)
         phase.facts["ledger_events_after_load"] = await ledger_end(ft.sandbox)  # the history's and the load's
+        # The history's snapshot was written after the first replay; the load came after it.
+        await restart_executor(ft, scale, phase, snapshots=bool(runs))
+        if runs:
+            assert phase.facts["replayed_events_after_restart"] < sum(phase.facts["events_per_partition"]), phase.facts
     return phase
 
 
@@ -257,6 +293,18 @@ async def test_memory_after_history(baseline: Phase, infra: Infra, scale: Scale,
     replay = history.seconds[key] - baseline.seconds[key]
     report.add("rebuild", f"executor start → {runs:,}-run history replayed", history.seconds[key], "s",
                note=f"{baseline.seconds[key]:.1f} s without history")  # fmt: skip
+    report.add("rebuild", f"{RESTART}, {runs:,}-run history and a snapshot", history.seconds[RESTART], "s",
+               target=Target("<=", 10, unit="s"),
+               note=f"{history.facts['replayed_events_after_restart']:,.0f} events replayed; "
+                    f"{baseline.seconds[RESTART]:.1f} s without history, "
+                    f"{history.seconds[key]:.1f} s replaying the history whole (no snapshot)")  # fmt: skip
+    report.add("rebuild", f"executor restart, {runs:,}-run history and a snapshot: replay time, every partition",
+               history.facts["replay_seconds_after_restart"], "s",
+               note=f"summed over partitions; {history.facts['replay_seconds_whole']:.1f} s for the whole history, "
+                    f"{baseline.facts['replay_seconds_after_restart']:.1f} s without history")  # fmt: skip
+    report.add("memory", f"RSS after a restart on a {runs:,}-run history and a snapshot: executor",
+               history.memory["restarted"]["executor"]["rss"], "MB", ceiling="memory.executor",
+               target=MB300)  # fmt: skip
     report.add("rebuild", "executor: times the history was replayed by the end of the load",
                history.facts["replayed_events_after_load"] / events, "x", note="1 = no rebalance")  # fmt: skip
     report.add("rebuild", f"executor replay events/s, {events:,} events (startup without history taken off)",
@@ -293,6 +341,7 @@ async def test_executor_replay_memory_per_run(infra: Infra, scale: Scale, report
             started = time.perf_counter()
             await engine.assign([0])
             untraced_s = time.perf_counter() - started
+            await engine.snapshotter.written()  # its snapshot's bytes are let go once written
             kept_before = len(engine.finished)
             # Then one more partition under tracemalloc: what stays after it, and the most held during it.
             gc.collect()
@@ -301,6 +350,7 @@ async def test_executor_replay_memory_per_run(infra: Infra, scale: Scale, report
             base, _ = tracemalloc.get_traced_memory()
             tracemalloc.reset_peak()
             await engine.assign([1])
+            await engine.snapshotter.written()
             gc.collect()
             current, peak = tracemalloc.get_traced_memory()
             kept = tracemalloc.take_snapshot().compare_to(before, "lineno")
