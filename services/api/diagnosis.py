@@ -118,7 +118,8 @@ class Signals:
 def failed_error(s: Signals) -> m.DiagnosedError:
     """The run's error, with the fingerprint the failure groups give it (computed alike when the run has none)."""
     e = s.error or {}
-    message = str(e.get("message") or s.error_message or f"the run ended {s.status}")
+    rejected = f"{s.rejected.count} record(s) rejected, the first: {s.rejected.first_error}" if s.rejected else None
+    message = str(e.get("message") or s.error_message or rejected or f"the run ended {s.status}")
     category = e.get("category")
     fp, pattern = (s.fingerprint, None)
     if category:

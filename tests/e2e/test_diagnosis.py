@@ -196,6 +196,40 @@ async def test_a_bad_record_and_a_failed_assertion_are_data_problems_with_actual
         found["next_action"])  # fmt: skip
 
 
+async def test_a_partial_sync_is_diagnosed_by_the_records_its_destination_rejected(env: Env) -> None:
+    contacts = [{"id": "c-1", "email": "ada@example.com", "updated_at": "2026-01-01T00:00:00+00:00"},
+                {"id": "c-2", "email": "not-an-address", "updated_at": "2026-01-01T00:00:01+00:00"}]  # fmt: skip
+
+    async def sink(request: web.Request) -> web.Response:
+        body = await request.json()
+        if "@" not in body["email"]:
+            return web.json_response({"error": "email is invalid", "field": "email"}, status=422)
+        return web.json_response({"id": f"dest-{body['key']}"}, status=201)
+
+    async with stub_upstream({("GET", "/contacts"): answer({"records": contacts}), ("POST", "/sink"): sink}) as up:
+        await env.create_flow({"id": "contact-sync", "name": "Contact sync", "steps": [
+            {"name": "sync", "action": "sync_records", "retry": {"delays_s": []}, "input": {
+                "source": {"kind": "http", "url": up.url + "/contacts", "records_path": "records"},
+                "destination": {"kind": "http", "url": up.url + "/sink"},
+                "key": "id", "updated_at": "updated_at", "mapping": {"key": "id", "email": "email"}}},
+        ]})  # fmt: skip
+        run = (await runs_of(env, "contact-sync", [{}]))[0]
+        assert run["status"] == "PARTIAL", run
+        body = await diagnosis(env, run["id"])
+
+    assert (body["status"], body["failed"]) == ("PARTIAL", True)
+    found = body["diagnosis"]
+    assert found["root_cause"] == "data_validation"
+    assert found["step"]["name"] == "sync" and found["step"]["action"] == "sync_records"
+    rejected = found["rejected_records"]
+    assert (rejected["count"], rejected["first_key"]) == (1, "c-2"), rejected
+    assert found["error"]["message"] == "1 record(s) failed"  # the run's own words
+    assert rejected["first_error"] == "422 Unprocessable Entity: email is invalid"
+    assert fired(found)["records_rejected"]["observed"]["count"] == 1
+    assert "1 record(s) were rejected (first: c-2" in found["next_action"], found["next_action"]
+    assert "(only the rejected records run again)" in found["next_action"]
+
+
 async def test_a_timeout_that_came_with_a_new_flow_version_names_the_changed_timeout(env: Env) -> None:
     async with stub_upstream({("GET", "/report"): delayed(0.5, answer({"rows": 12}))}) as up:
         # The request's own timeout is long: the step's timeout_s is what runs out.

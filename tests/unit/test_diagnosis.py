@@ -221,7 +221,8 @@ def test_a_step_set_up_wrong_is_auth_or_config_and_the_advice_quotes_the_problem
 def test_a_partial_run_is_diagnosed_by_its_rejected_records() -> None:
     rejected = m.RejectedRecords(count=3, first_key="SO-7", first_field_path="email", first_error="email is required")
     out = d.diagnose(signals(None, status="PARTIAL", rejected=rejected, fingerprint=None))
-    assert out.root_cause == "data_validation" and out.error.message == "the run ended PARTIAL"
+    assert out.root_cause == "data_validation"
+    assert out.error.message == "3 record(s) rejected, the first: email is required"
     assert rules(out)["records_rejected"].observed == {"count": 3, "first_key": "SO-7", "first_field_path": "email"}
     assert "3 record(s) were rejected (first: SO-7 field email: email is required)" in out.next_action
 
