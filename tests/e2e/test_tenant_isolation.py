@@ -378,6 +378,7 @@ PATH_VALUES: dict[str, Callable[[World], list[str]]] = {
     "run_id": lambda w: list(w.a.runs.values()),
     "request_id": lambda w: [w.a.request_id],
     "flow_id": lambda w: A_FLOWS,
+    "action_name": lambda w: A_FLOWS,
     "version": lambda w: ["1"],
     "subscription_id": lambda w: [w.a.subscription_id],
     "delivery_id": lambda w: [w.a.delivery_id],
@@ -400,6 +401,10 @@ BODIES: dict[tuple[str, str], Any] = {
     ("POST", "/v1/flows/{flow_id}/pause"): {"reason": "B was here"},
     ("PATCH", "/v1/alert-rules/{rule_id}"): {"enabled": False, "name": "B was here"},
     ("POST", "/v1/flows/{flow_id}/trigger"): {"input": {"who": "b"}},
+    ("POST", "/v1/actions/{action_name}/async"): {"input": {"who": "b"}},
+    ("POST", "/v1/actions/{action_name}/live"): {"input": {"who": "b"}},
+    ("POST", "/v1/runs/{run_id}/resume"): {"input": {"approved": True}},
+    ("POST", "/v1/schedules/{flow_id}/pause"): {"reason": "B was here"},
     ("PUT", "/v1/secrets/{name}"): {"value": "B's own value"},
 }
 
