@@ -101,7 +101,6 @@ class Signals:
     failed_step: str | None = None
     fingerprint: str | None = None  # runs.error_fingerprint
     step_action: str | None = None
-    step_input: Any = None
     attempts: tuple[Attempt, ...] = ()
     assertions: tuple[Mapping[str, Any], ...] = ()
     rejected: m.RejectedRecords | None = None

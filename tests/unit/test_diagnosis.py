@@ -55,7 +55,7 @@ def signals(error: dict[str, Any] | None, *past: d.PastRun, status: str = "FAILE
         "run_id": this.id, "flow_id": FLOW, "flow_version": 1, "status": status, "error": error,
         "error_message": error["message"] if error else None, "failed_step": "call",
         "fingerprint": fp(error) if error and error.get("category") else None, "step_action": "http_request",
-        "step_input": {"url": "http://127.0.0.1:9000/orders/41"}, "attempts": this.attempts,
+        "attempts": this.attempts,
         "last_n": 50, "past": (this, *past), "versions": {1: version()},
     }  # fmt: skip
     fields.update(more)

@@ -125,7 +125,7 @@ async def signals(
     return pure.Signals(
         run_id=run["id"], flow_id=run["flow_id"], flow_version=run["flow_version"], status=run["status"],
         error=_json(run["error"]), error_message=run["error_message"], failed_step=step,
-        fingerprint=run["error_fingerprint"], step_action=run["action"], step_input=_json(run["input"]),
+        fingerprint=run["error_fingerprint"], step_action=run["action"],
         attempts=_attempts(this["attempts"]) if this else (),
         assertions=tuple(_json(run["assertions"]) or ()),
         rejected=m.RejectedRecords(count=rejected["count"], first_key=rejected["record_key"],
