@@ -183,6 +183,9 @@ def step_change(s: Signals, h: m.History | None) -> m.StepChange | None:
     before = s.versions[max(earlier)]
     changes: list[m.FieldChange] = []
     old_step, new_step = dict(before.step or {}), dict(after.step or {})
+    if not old_step and new_step:  # the version added the step: one change, not one per field
+        changes.append(m.FieldChange(field=f"steps.{s.failed_step}", before=None, after=mask_secrets(new_step)))
+        old_step = new_step
     for name in sorted(set(old_step) | set(new_step)):
         if old_step.get(name) != new_step.get(name):
             changes.append(m.FieldChange(field=f"steps.{s.failed_step}.{name}", before=mask_secrets(old_step.get(name)),

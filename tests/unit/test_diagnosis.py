@@ -263,6 +263,16 @@ def test_a_change_of_input_or_assertions_with_the_version_points_at_config_or_da
     assert out.root_cause == "data_validation" and out.scores == {"data_validation": 8, "auth_or_config": 3}
 
 
+def test_a_step_the_version_added_is_one_change_that_points_at_no_class() -> None:
+    refused = err("VALIDATION", "POST http://h/x answered 400 Bad Request", code="http_status", status_code=400)
+    past = (run(1, failed(1, refused), version=2, final=refused), run(2, version=1))
+    out = d.diagnose(signals(refused, *past, flow_version=2, versions={1: d.Version(step=None), 2: version()}))
+    assert out.step_change is not None
+    assert [(c.field, c.before) for c in out.step_change.changes] == [("steps.call", None)]
+    assert out.step_change.changes[0].after["action"] == "http_request"
+    assert "changed_with_version" not in rules(out) and out.root_cause == "data_validation"
+
+
 # ---------------------------------------------------------------- the history of a fingerprint
 
 

@@ -43,7 +43,7 @@ class FailedStep(Out):
     action: str | None = None
     attempts: int = Field(description="how many attempts this run made of the step")
     retry_delays_s: list[float] | None = Field(
-        default=None, description="the step's own retry policy (`retry.delays_s`), null when it has none"
+        default=None, description="the retry delays in force: the step's own `retry.delays_s`, else the flow's"
     )
     timeout_s: float | None = None
 
