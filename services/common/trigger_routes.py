@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import asyncpg
 from fastapi import APIRouter, Depends, Path, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.common.auth import Principal, require_scope
 from services.common.contract import INT32_MAX, Timestamp
@@ -21,6 +21,7 @@ from services.common.triggering import (
     TriggerIntake,
     TriggerRequest,
     accept,
+    check_inputs,
     find_flow,
 )
 
@@ -60,6 +61,11 @@ class AsyncAction(BaseModel):
     inputs: list[Any] | None = None
     flow_version: int | None = Field(default=None, ge=1, le=INT32_MAX)
     run_at: Timestamp | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> AsyncAction:
+        check_inputs(self.input, self.inputs)
+        return self
 
 
 class LiveAction(BaseModel):
@@ -105,10 +111,6 @@ async def launch_async(
     action_name: ActionName, body: AsyncAction, request: Request, principal: Writer
 ) -> OrjsonResponse:
     """Start one run per input and answer at once (202), as `POST /v1/flows/{id}/trigger` in async mode."""
-    if body.inputs is not None and body.input is not None:
-        raise ApiError(422, "validation_error", "send either `input` or `inputs`, not both")
-    if body.inputs is not None and not body.inputs:
-        raise ApiError(422, "validation_error", "`inputs` must hold at least one input")
     flow = await find_action(request.app.state.pool, principal, action_name)
     trigger = TriggerRequest.model_construct(mode="async", **body.model_dump(exclude_unset=True))
     return await _accept(request, principal, flow, trigger)

@@ -49,15 +49,20 @@ class TriggerRequest(BaseModel):
 
     @model_validator(mode="after")
     def _one_of(self) -> TriggerRequest:
-        if self.inputs is not None and self.input is not None:
-            raise ValueError("send either `input` or `inputs`, not both")
+        check_inputs(self.input, self.inputs)
         if self.inputs is not None and self.mode == "live":
             raise ValueError("`inputs` is for async and schedule modes; live mode takes one `input`")
         if self.run_at is not None and self.mode == "live":
             raise ValueError("`run_at` is for async and schedule modes; a live request waits for the result now")
-        if self.inputs is not None and not self.inputs:
-            raise ValueError("`inputs` must hold at least one input")
         return self
+
+
+def check_inputs(input: Any, inputs: list[Any] | None) -> None:
+    """A body's `input` or `inputs`: not both, and `inputs` not empty (ValueError, a 422 naming it, otherwise)."""
+    if inputs is not None and input is not None:
+        raise ValueError("send either `input` or `inputs`, not both")
+    if inputs is not None and not inputs:
+        raise ValueError("`inputs` must hold at least one input")
 
 
 class TriggerAccepted(BaseModel):
