@@ -28,7 +28,10 @@ def _pattern_sentence(h: m.History | None) -> str:
     if h.appeared_with_version and h.since_version is not None:
         clean = sum(v.runs for v in h.by_version if v.version < h.since_version)
         appeared = f" (none of the {clean} runs of earlier versions had it)"
-    return f"{h.occurrences} of the last {h.runs} runs failed with this fingerprint{since}{appeared}{retried}. "
+    older = ""
+    if h.first_seen is not None and h.first_seen_run_id is None:  # the failure group saw it before these runs
+        older = f"; it was first seen on {h.first_seen:%Y-%m-%d}, before these runs"
+    return f"{h.occurrences} of the last {h.runs} runs failed with this fingerprint{since}{appeared}{retried}{older}. "
 
 
 def _what(err: m.DiagnosedError) -> str:

@@ -291,6 +291,11 @@ def test_first_seen_comes_from_the_failure_group_when_it_is_older_than_the_runs_
     older = T0 - timedelta(days=30)
     h = d.history(signals(OUTAGE, group_first_seen=older), fp(OUTAGE))
     assert h is not None and (h.first_seen, h.first_seen_run_id) == (older, None)
+    out = d.diagnose(signals(OUTAGE, run(1, failed(1, OUTAGE), ok(2)), group_first_seen=older))
+    assert out.next_action.startswith(
+        "2 of the last 2 runs failed with this fingerprint since version 1, and every "
+        "other one passed on retry; it was first seen on 2026-01-30, before these runs. "
+    )
     h = d.history(signals(OUTAGE, group_first_seen=T0 + timedelta(days=1)), fp(OUTAGE))
     assert h is not None and (h.first_seen, h.first_seen_run_id) == (T0, "run_000")
 
