@@ -1,21 +1,26 @@
-"""`python -m services.executor`: runs the executor worker until SIGTERM."""
+"""`python -m services.executor`: answers its probes at once, then runs the executor worker until SIGTERM."""
 
 from __future__ import annotations
 
 import logging
 
-import faust
-
-from schemas.topics import Topics
-from services.executor.agents import register
-from services.executor.app import create_app, wait_for_kafka
+from services.executor.probes import StartupProbes
 from services.executor.settings import ExecutorSettings
 
 
 def main() -> None:
     settings = ExecutorSettings()
-    wait_for_kafka(settings)
-    app, triggers, engine = create_app(settings)
+    # Importing faust, aiohttp and the engine takes seconds on a loaded machine: /healthz and /readyz answer
+    # meanwhile, and the worker's web server takes their socket over (docs/operations.md).
+    probes = StartupProbes(settings.web_host, settings.web_port)
+    import faust
+
+    from schemas.topics import Topics
+    from services.executor.agents import register
+    from services.executor.app import create_app, wait_for_kafka
+
+    wait_for_kafka(settings, probes)
+    app, triggers, engine = create_app(settings, probes)
     register(app, triggers, engine, Topics(settings.topic_prefix).dlq, settings.trigger_batch_size)
     # DEBUG logging inside aiokafka's send costs ~11% CPU (docs/decisions.md): keep the clients at WARNING.
     for noisy in ("aiokafka", "kafka", "faust", "mode", "httpx", "httpcore"):

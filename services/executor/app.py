@@ -7,32 +7,32 @@ import logging
 from typing import Any
 
 import faust
-from aiohttp import web
+from aiohttp.web import BaseSite, SockSite
 from aiokafka import AIOKafkaClient
+from faust.tables import TableManager
+from faust.web import Web
+from faust.web.drivers.aiohttp import Web as AiohttpWeb
 from mode import Service
 
 from schemas.topics import Topics
-from services.common.startup import retry_forever
 from services.executor.adapters.flows import FlowRegistry
 from services.executor.adapters.ledger import LedgerWriter
 from services.executor.engine import Engine
+from services.executor.probes import StartupProbes
 from services.executor.settings import ExecutorSettings
 
 log = logging.getLogger(__name__)
 
 
-def wait_for_kafka(settings: ExecutorSettings) -> None:
-    """Until the broker answers, serve /healthz (alive) and /readyz (503, waiting for Kafka) on the worker's port:
-    faust exits when Kafka is away at its start, which would be a crash loop (docs/operations.md). Runs on the event
-    loop the worker then uses."""
+def wait_for_kafka(settings: ExecutorSettings, probes: StartupProbes) -> None:
+    """Until the broker answers, with `/readyz` naming the wait: faust exits when Kafka is away at its start, which
+    would be a crash loop (docs/operations.md). Runs on the event loop the worker then uses."""
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    loop.run_until_complete(_wait_for_kafka(settings))
+    loop.run_until_complete(_wait_for_kafka(settings, probes))
 
 
-async def _wait_for_kafka(settings: ExecutorSettings) -> None:
-    waiting = {"kafka": "not tried yet", "partitions": "not assigned yet"}
-
+async def _wait_for_kafka(settings: ExecutorSettings, probes: StartupProbes) -> None:
     async def attempt() -> None:
         client = AIOKafkaClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=5000)
         try:
@@ -40,36 +40,63 @@ async def _wait_for_kafka(settings: ExecutorSettings) -> None:
         finally:
             await client.close()
 
-    async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "active_runs": 0, "partitions": [], "replaying": []})
-
-    async def readyz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "unavailable", "checks": waiting}, status=503,
-                                 headers={"Retry-After": "5"})  # fmt: skip
-
     try:
         await attempt()  # the usual case: the broker answers, faust starts at once
-        return
     except Exception as exc:
-        waiting["kafka"] = f"waiting for Kafka: {exc!r}"
-    pages = web.Application()
-    pages.router.add_get("/healthz", healthz)
-    pages.router.add_get("/readyz", readyz)
-    runner = web.AppRunner(pages, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, settings.web_host, settings.web_port).start()
-    try:
-        await retry_forever("Kafka", attempt, failed=lambda problem: waiting.update(kafka=problem))
-    finally:
-        await runner.cleanup()
-    log.info("Kafka answers at %s; starting the worker", settings.kafka_bootstrap)
+        probes.waiting("kafka", f"waiting for Kafka: {exc!r}")
+        # Imported here: it brings FastAPI (~0.3 s of a start), which the executor needs only while it waits.
+        from services.common.startup import retry_forever
+
+        await retry_forever("Kafka", attempt, failed=lambda problem: probes.waiting("kafka", problem))
+        log.info("Kafka answers at %s; starting the worker", settings.kafka_bootstrap)
+    probes.waiting("kafka", "ok")
+    probes.waiting("worker", "starting the faust worker")
 
 
-def create_app(settings: ExecutorSettings) -> tuple[faust.App, faust.TopicT, Engine]:
+class _HandedOverWeb(AiohttpWeb):
+    """faust's web server, serving on the socket the startup probes listened on: the port never stops answering."""
+
+    probes: StartupProbes | None = None
+
+    def _new_transport_tcp(self) -> BaseSite:
+        sock = self.probes.hand_over() if self.probes is not None else None
+        return super()._new_transport_tcp() if sock is None else SockSite(self._runner, sock)
+
+
+class _TablelessManager(TableManager):
+    """faust's table manager without the second it waits at every start for tables to be declared: the executor
+    declares none (its runs are folded from the ledger), so the consumer subscribes at once."""
+
+    async def on_start(self) -> None:
+        if self.values():
+            await super().on_start()
+        elif not self.should_stop:
+            await self._update_channels()
+            await self.recovery.start()
+
+
+class _ExecutorApp(faust.App):
+    probes: StartupProbes | None = None
+
+    def _new_web(self) -> Web:
+        web = _HandedOverWeb(self)
+        web.probes = self.probes
+        return web
+
+
+# Logged as faust's own services are (the worker keeps faust's loggers at WARNING), not as this module.
+_ExecutorApp.logger = faust.App.logger
+_HandedOverWeb.logger = AiohttpWeb.logger
+_TablelessManager.logger = TableManager.logger
+
+
+def create_app(
+    settings: ExecutorSettings, probes: StartupProbes | None = None
+) -> tuple[faust.App, faust.TopicT, Engine]:
     topics = Topics(settings.topic_prefix)
     datadir = settings.state_dir / "executor" / settings.topic_prefix
     datadir.mkdir(parents=True, exist_ok=True)
-    app = faust.App(
+    app = _ExecutorApp(
         f"{settings.topic_prefix}-executor",
         broker=f"kafka://{settings.kafka_bootstrap}",
         store="memory://",
@@ -87,7 +114,9 @@ def create_app(settings: ExecutorSettings) -> tuple[faust.App, faust.TopicT, Eng
         web_bind=settings.web_host,
         web_port=settings.web_port,
         datadir=str(datadir),
+        TableManager=_TablelessManager,
     )
+    app.probes = probes
     # Triggers and commands in one stream: both keyed by run_id with the same partition count, so faust assigns
     # partition N of both to the worker that owns the runs of ledger partition N.
     triggers = app.topic(topics.triggers, topics.commands, value_type=bytes, key_type=bytes, internal=False)

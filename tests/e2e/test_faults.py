@@ -10,7 +10,6 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,17 +17,28 @@ import httpx
 import pytest
 
 from deploy.launcher.kafka import ensure_kafka, kafka_jar_dir, stop_kafka
-from deploy.launcher.supervisor import ServiceSpec, Supervisor
+from deploy.launcher.supervisor import Supervisor
 from tests.conftest import Infra
-from tests.e2e.stack import Stack, free_port
-from tests.e2e.test_intake_outage import _private_broker, _Proxy, _stop_pid
-from tests.harness import ALL_SERVICES, Env, flow, publish_flows, running, wait_flows_projected, wait_until
+from tests.e2e.stack import Service, Stack, free_port
+from tests.harness import (
+    ALL_SERVICES,
+    SLACK,
+    CutProxy,
+    Env,
+    flow,
+    private_broker,
+    publish_flows,
+    running,
+    stop_pid,
+    supervised,
+    until_ready,
+    wait_flows_projected,
+    wait_until,
+)
 
 FLOW = flow("tenant-a", "hello", [{"name": "only", "action": "transform", "input": {"output": {"hi": 1}}}])
 # What each service's /readyz must name while the broker and PostgreSQL are both away.
 WAITS_FOR = {"ingest": ("postgres", "kafka"), "api": ("postgres",), "projector": ("postgres",), "executor": ("kafka",)}
-# The issue's figures (docs/operations.md), with room for this shared two-core machine.
-SLACK = 1.5
 
 
 @dataclass
@@ -37,16 +47,16 @@ class Faults:
 
     env: Env
     stack: Stack
-    proxy: _Proxy
+    proxy: CutProxy
     state: Path
     port: int
     controller: int
 
     def stop_broker(self) -> None:
-        _stop_pid(_private_broker(self.state, self.port, self.controller).pid)
+        stop_pid(private_broker(self.state, self.port, self.controller).pid)
 
     def start_broker(self) -> None:
-        _private_broker(self.state, self.port, self.controller)
+        private_broker(self.state, self.port, self.controller)
 
     async def readyz(self, name: str) -> httpx.Response:
         return await self.env.http.get(f"{self.stack[name].url}/readyz", timeout=5)
@@ -70,37 +80,6 @@ class Faults:
         return await self.env.ingest("POST", "/v1/flows/hello/trigger", json={"input": {"n": n}}, timeout=10)
 
 
-async def until_ready(env: Env, names: tuple[str, ...], since: float, within: float) -> dict[str, float]:
-    """Seconds from `since` until each service answered 200 on /readyz."""
-    ready: dict[str, float] = {}
-
-    async def all_ready() -> bool:
-        for name in names:
-            try:
-                answer = await env.http.get(f"{env.stack[name].url}/readyz", timeout=5)
-                if name not in ready and answer.status_code == 200:
-                    ready[name] = time.monotonic() - since
-            except httpx.TransportError:  # not listening yet, or the executor's worker taking over its port
-                pass
-        return len(ready) == len(names)
-
-    await wait_until(all_ready, within, f"{names} ready", every=0.1, logs=env.log_tails)
-    return ready
-
-
-@asynccontextmanager
-async def supervised(stack: Stack) -> AsyncIterator[Supervisor]:
-    """The stack's services run by the launcher's supervisor (restarted after any exit, as `flowtrail up` does)."""
-    supervisor = Supervisor(stack.log_dir, ready_url=lambda name: f"{stack[name].url}/readyz")
-    for name, service in stack.services.items():
-        supervisor.add(ServiceSpec.service(name, {**os.environ, **service.env}))
-    await supervisor.start_all()
-    try:
-        yield supervisor
-    finally:
-        await supervisor.stop_all()
-
-
 @pytest.fixture
 async def faults(infra: Infra, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Faults]:
     (tmp_path / "cache").mkdir()
@@ -108,7 +87,7 @@ async def faults(infra: Infra, tmp_path: Path, tmp_path_factory: pytest.TempPath
     port, controller = free_port(), free_port()
     broker = ensure_kafka(tmp_path, port=port, controller_port=controller, num_partitions=2, timeout=90)
     database = httpx.URL(infra.database_url)
-    proxy = _Proxy(database.port or 5432)
+    proxy = CutProxy(database.port or 5432)
     await proxy.open()
     private = Infra(f"127.0.0.1:{port}", infra.database_url, infra.state_dir)
     try:
@@ -271,3 +250,57 @@ async def test_a_killed_executors_runs_move_again_within_seconds(
     assert executor["ready_after"] <= 5 * SLACK, executor
     assert next_final <= 15 * SLACK, next_final
     assert set(outcome.values()) == {"SUCCEEDED"}, outcome
+
+
+async def test_a_restarted_executor_answers_its_probes_at_once_and_never_stops_answering(
+    infra: Infra, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The probes answer while faust and the engine are still being imported (seconds on a loaded machine: the
+    figure to ready is test_a_killed_executors_runs_move_again_within_seconds's), and the port never stops answering
+    when the worker's web server takes it over."""
+    async with running(infra, tmp_path_factory, services=("executor",)) as env:
+        executor = env.stack["executor"]
+        await until_ready(env, ("executor",), time.monotonic(), 90)
+        starts = [await _start_watched(env, executor) for _ in range(3)]
+    print("\nexecutor start -> first /readyz answer " + ", ".join(f"{s.answered:.2f}" for s in starts)
+          + " s; -> ready " + ", ".join(f"{s.ready:.2f}" for s in starts) + " s")  # fmt: skip
+    for start in starts:
+        assert start.first.status_code == 503 and start.first.headers["Retry-After"], start.first.text
+        assert start.first.json()["checks"]["worker"].startswith("starting"), start.first.text
+        assert start.healthz == 200
+        assert start.refused_after_first == 0, start
+        # Seconds on an idle machine, tens under heavy load: before the worker is half-way to ready, whatever the load.
+        assert start.answered < start.ready / 2, start
+
+
+@dataclass
+class _Start:
+    first: httpx.Response  # the first answer on /readyz
+    answered: float  # seconds from the start to it
+    ready: float  # seconds from the start to the first 200
+    healthz: int  # /healthz right after the first /readyz answer
+    refused_after_first: int  # probes refused between the first answer and ready: the port stopped answering
+
+
+async def _start_watched(env: Env, executor: Service) -> _Start:
+    """Kill -9 and start the executor, probing /readyz every 20 ms until it is ready."""
+    executor.kill()
+    started = time.monotonic()
+    executor.start()
+    first: httpx.Response | None = None
+    answered = 0.0
+    healthz = refused = 0
+    while True:
+        assert time.monotonic() - started < 60, env.log_tails()
+        try:
+            answer = await env.http.get(f"{executor.url}/readyz", timeout=5)
+        except httpx.TransportError:
+            refused += first is not None
+            await asyncio.sleep(0.02)
+            continue
+        if first is None:
+            first, answered = answer, time.monotonic() - started
+            healthz = (await env.http.get(f"{executor.url}/healthz", timeout=5)).status_code
+        if answer.status_code == 200:
+            return _Start(first, answered, time.monotonic() - started, healthz, refused)
+        await asyncio.sleep(0.02)

@@ -15,10 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deploy.launcher.kafka import KafkaHandle, ensure_kafka, kafka_jar_dir, stop_kafka
+from deploy.launcher.kafka import kafka_jar_dir, stop_kafka
 from tests.conftest import Infra
 from tests.e2e.stack import free_port
-from tests.harness import Env, running, wait_until
+from tests.harness import CutProxy, Env, private_broker, running, stop_pid, wait_until
 
 NO_SCHEDULER = {"FLOWTRAIL_INGEST_SCHEDULER": "false"}
 
@@ -33,10 +33,6 @@ async def _noop_flow(env: Env) -> None:
         )
     finally:
         await conn.close()
-
-
-def _private_broker(state: Path, port: int, controller: int) -> KafkaHandle:
-    return ensure_kafka(state, port=port, controller_port=controller, num_partitions=2, timeout=90)
 
 
 async def _ready(env: Env, status: int, within: float, what: str) -> None:
@@ -55,7 +51,7 @@ async def outage_env(
     (tmp_path / "cache").mkdir()
     os.symlink(shared, kafka_jar_dir(tmp_path))
     port, controller = free_port(), free_port()
-    broker = _private_broker(tmp_path, port, controller)
+    broker = private_broker(tmp_path, port, controller)
     private = Infra(f"127.0.0.1:{port}", infra.database_url, infra.state_dir)
     try:
         async with running(private, tmp_path_factory, keys={"t1": "t1"}, services=("ingest",),
@@ -85,14 +81,14 @@ async def test_a_broker_restart_under_load_is_503_then_every_trigger_succeeds(
     loaders = [asyncio.create_task(load()) for _ in range(4)]
     try:
         await asyncio.sleep(2)
-        handle = _private_broker(state, port, controller)  # the running broker's handle, to stop it
+        handle = private_broker(state, port, controller)  # the running broker's handle, to stop it
         stopped_at = time.monotonic()
-        await asyncio.to_thread(_stop_pid, handle.pid)
+        await asyncio.to_thread(stop_pid, handle.pid)
         await _ready(env, 503, 30, "/readyz saying the broker is gone")
         down = (await env.ingest("GET", "/readyz")).json()
         assert down["status"] == "unavailable" and "Kafka" in down["checks"]["kafka"]
         await asyncio.sleep(4)  # triggers keep coming while the broker is away
-        restarted = await asyncio.to_thread(_private_broker, state, port, controller)
+        restarted = await asyncio.to_thread(private_broker, state, port, controller)
         restarted_at = time.monotonic()
         await _ready(env, 200, 60, "ingest ready after the broker came back")
         recovered_at = time.monotonic()
@@ -113,78 +109,28 @@ async def test_a_broker_restart_under_load_is_503_then_every_trigger_succeeds(
     assert restarted.bootstrap == f"127.0.0.1:{port}"
 
 
-def _stop_pid(pid: int | None) -> None:
-    assert pid is not None
-    os.kill(pid, 15)
-    for _ in range(300):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    os.kill(pid, 9)
-
-
 async def test_ingest_starts_without_kafka_and_is_ready_once_it_answers(
     outage_env: tuple[Env, Path, int, int],
 ) -> None:
     env, state, port, controller = outage_env
-    await asyncio.to_thread(_stop_pid, _private_broker(state, port, controller).pid)
+    await asyncio.to_thread(stop_pid, private_broker(state, port, controller).pid)
     await env.stack["ingest"].restart(within=60)  # alive at once, though the broker is away
     ready = await env.ingest("GET", "/readyz")
     assert ready.status_code == 503 and "Kafka" in ready.json()["checks"]["kafka"], ready.text
     refused = await env.ingest("POST", "/v1/flows/noop/trigger", json={"input": {"n": 1}})
     assert refused.status_code == 503 and refused.headers["Retry-After"], refused.text
     assert "nothing was appended" in refused.json()["error"]["message"]
-    await asyncio.to_thread(_private_broker, state, port, controller)
+    await asyncio.to_thread(private_broker, state, port, controller)
     await _ready(env, 200, 60, "ingest ready once the broker answers")
     accepted = await env.ingest("POST", "/v1/flows/noop/trigger", json={"input": {"n": 2}})
     assert accepted.status_code == 202, accepted.text
-
-
-class _Proxy:
-    """A loopback TCP proxy in front of PostgreSQL that the test can cut: open connections drop and new ones are
-    refused, as in a database outage, for this test's ingest only (the shared server stays up for everyone)."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = free_port()
-        self.server: asyncio.Server | None = None
-        self.writers: set[asyncio.StreamWriter] = set()
-
-    async def open(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
-
-    async def cut(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
-        for writer in list(self.writers):
-            writer.transport.abort()
-        self.writers.clear()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self.writers |= {writer, up_writer}
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                dst.transport.abort()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
 
 async def test_a_database_outage_is_503_and_triggers_succeed_after_it(
     infra: Infra, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     database = httpx.URL(infra.database_url)
-    proxy = _Proxy(database.port or 5432)
+    proxy = CutProxy(database.port or 5432)
     await proxy.open()
     through_proxy = {"FLOWTRAIL_DATABASE_URL": str(database.copy_with(port=proxy.port)), **NO_SCHEDULER}
     try:
