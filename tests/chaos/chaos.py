@@ -8,7 +8,7 @@ kill -9 of executors, projectors, ingest and the API, the broker killed and star
 
 Not collected by `make test` (the file name is not test_*). Settings (environment):
 FLOWTRAIL_CHAOS_SCALE=small|default, and to override one of the scale's values FLOWTRAIL_CHAOS_RUNS, _RATE,
-_SEED, _EXECUTORS, _PROJECTORS, _BROKERS, _PARTITIONS."""
+_SEED, _EXECUTORS, _PROJECTORS, _BROKERS, _PARTITIONS; FLOWTRAIL_CHAOS_DIR, the run's folder."""
 
 from __future__ import annotations
 
@@ -33,11 +33,13 @@ from tests.chaos.report import as_json, table
 from tests.chaos.stack import ChaosStack, Topology, chaos_stack
 from tests.harness import projector_settings, publish_flows, topic_records, wait_flows_projected
 
-REPORT = Path(os.environ.get("FLOWTRAIL_STATE_DIR", ".state")) / "chaos" / "latest.json"
-LOGS = REPORT.parent / "logs"  # each process's log of the last run
+# The run's folder (FLOWTRAIL_CHAOS_DIR, to run two at once): the report, the logs, the private data.
+FOLDER = Path(os.environ.get("FLOWTRAIL_CHAOS_DIR", Path(os.environ.get("FLOWTRAIL_STATE_DIR", ".state")) / "chaos"))
+REPORT = FOLDER / "latest.json"
+LOGS = FOLDER / "logs"  # each process's log of the last run
 # The private PostgreSQL's and broker's data of the last run. Not under pytest's temporary folder: another pytest
 # session starting takes the other users' access to it away, and PostgreSQL runs as its own user.
-STATE = REPORT.parent / "state"
+STATE = FOLDER / "state"
 # Every accepted run final within this many seconds of the last fault (issue 15), or of the last trigger when the
 # load went on after it.
 FINAL_WITHIN_S = 60
@@ -53,6 +55,9 @@ class Scale:
     seed: int
 
 
+# The default runs on a three-broker cluster with two executors and two projectors (docs/cluster.md); the small
+# size, run by CI, on one broker and one process of each service, which start faster on a two-core machine (the same
+# small run on the cluster: FLOWTRAIL_CHAOS_BROKERS=3 FLOWTRAIL_CHAOS_EXECUTORS=2 FLOWTRAIL_CHAOS_PROJECTORS=2).
 SCALES = {
     "small": Scale(runs=1500, rate=12, batch=3, seed=15,
                    plan=Plan(kills={"executor": 2, "projector": 1, "ingest": 1, "api": 1}, broker_kills=1,
@@ -61,7 +66,7 @@ SCALES = {
     "default": Scale(runs=20_000, rate=20, batch=4, seed=20,
                      plan=Plan(kills={"executor": 6, "projector": 5, "ingest": 5, "api": 4}, broker_kills=2,
                                broker_down_s=20, postgres_restarts=2, postgres_down_s=5, pauses=2, pause_s=30),
-                     topology=Topology()),
+                     topology=Topology(brokers=3, executors=2, projectors=2)),
 }  # fmt: skip
 
 
