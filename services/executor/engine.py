@@ -110,7 +110,7 @@ class Engine:
         scan = await scan_partition(self.settings.kafka_bootstrap, self.ledger.topic, self.snapshots, partition)
         metrics.REPLAY_EVENTS.inc(scan.replayed)
         self.snapshotter.replayed(scan)
-        self.finished.absorb(scan.finished)
+        self.finished.absorb(partition, scan.finished)
         self.archived |= scan.archived
         for state in scan.open_runs():
             live = self.live.get(state.run_id)

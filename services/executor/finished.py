@@ -24,27 +24,40 @@ def run_hash(run_id: str) -> int:
 
 
 class FinishedRuns:
+    """Run hash → next seq. The runs ended here go to `_recent`, merged into the sorted `_keys`/`_seqs` now and then;
+    a partition's replay is absorbed whole (`absorb`) and searched as it is, never merged, so a restart adds each
+    partition's history without a pass over it (docs/architecture.md, Recovery)."""
+
     def __init__(self) -> None:
         self._keys = array("Q")  # sorted hashes
         self._seqs = array("q")  # next seq, by the same index
         self._recent: dict[int, int] = {}
+        self._absorbed: dict[int, tuple[array[int], array[int]]] = {}  # by partition: its replay's sorted arrays
 
     def __len__(self) -> int:
-        return len(self._keys) + sum(1 for h in self._recent if self._index(h) is None)
+        """The runs known; a run ended here after its partition's replay was absorbed counts twice."""
+        stored = len(self._keys) + sum(len(keys) for keys, _ in self._absorbed.values())
+        return stored + sum(1 for h in self._recent if self._stored(h) is None)
 
     def __contains__(self, run_id: object) -> bool:
         return isinstance(run_id, str) and self.get(run_id) is not None
 
     def _index(self, h: int) -> int | None:
-        i = bisect_left(self._keys, h)
-        return i if i < len(self._keys) and self._keys[i] == h else None
+        return _find(self._keys, h)
+
+    def _stored(self, h: int) -> int | None:
+        """The highest next seq of `h` in the sorted arrays (its own and the absorbed ones)."""
+        found = None
+        for keys, seqs in (self._keys, self._seqs), *self._absorbed.values():
+            if (i := _find(keys, h)) is not None and (found is None or seqs[i] > found):
+                found = seqs[i]
+        return found
 
     def get(self, run_id: str) -> int | None:
         h = run_hash(run_id)
         if (seq := self._recent.get(h)) is not None:
-            return seq
-        i = self._index(h)
-        return None if i is None else self._seqs[i]
+            return seq  # the newest: a run's next seq only grows
+        return self._stored(h)
 
     def __setitem__(self, run_id: str, next_seq: int) -> None:
         self._recent[run_hash(run_id)] = next_seq
@@ -63,16 +76,22 @@ class FinishedRuns:
 
     def hashes(self) -> Iterator[int]:
         yield from self._keys
+        for keys, _ in self._absorbed.values():
+            yield from keys
         yield from self._recent
 
     def items(self) -> dict[int, int]:
         """Every run's hash and next seq (tests: two sets compare equal by these)."""
-        return {**dict(zip(self._keys, self._seqs, strict=True)), **self._recent}
+        keys, seqs = self.arrays()
+        return dict(zip(keys, seqs, strict=True))
 
     def arrays(self) -> tuple[array[int], array[int]]:
         """The sorted hashes and their next seqs, everything merged in (what a snapshot stores, services/executor/
         snapshots.py). They are this set's own: read them, do not change them."""
         self.compact()
+        for keys, seqs in self._absorbed.values():
+            self._keys, self._seqs = _merge(self._keys, self._seqs, keys, seqs, newer_wins=False)
+        self._absorbed = {}
         return self._keys, self._seqs
 
     @classmethod
@@ -84,15 +103,16 @@ class FinishedRuns:
         finished._keys, finished._seqs = keys, seqs
         return finished
 
-    def absorb(self, other: FinishedRuns) -> None:
-        """Add every run of `other` (a partition's replay); a run known to both keeps the higher next seq."""
-        keys, seqs = other.arrays()
-        if not self._keys and not self._recent:
-            # The usual restart: nothing known yet. Shared, not copied: neither set changes its arrays in place.
-            self._keys, self._seqs = keys, seqs
-            return
-        self.compact()
-        self._keys, self._seqs = _merge(self._keys, self._seqs, keys, seqs, newer_wins=False)
+    def absorb(self, partition: int, other: FinishedRuns) -> None:
+        """Add the runs of `partition`'s replay, replacing what an earlier replay of it gave (a replay of a log
+        that only grows knows everything the earlier one did); a run also known otherwise keeps its higher seq.
+        `other`'s arrays are shared, not copied: neither set changes its arrays in place."""
+        self._absorbed[partition] = other.arrays()
+
+
+def _find(keys: array[int], h: int) -> int | None:
+    i = bisect_left(keys, h)
+    return i if i < len(keys) and keys[i] == h else None
 
 
 def _merge(

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.executor import snapshots
-from services.executor.finished import FinishedRuns
+from services.executor.finished import FinishedRuns, run_hash
 from services.executor.replay import CHILD_RENOTIFY_WINDOW, LogPosition, PartitionScan
 from tests.unit.drive import T0
 from tests.unit.test_executor_parts import ended, raw, started
@@ -143,13 +143,24 @@ def test_a_scan_that_took_nothing_has_no_snapshot() -> None:
 
 
 def test_the_engine_joins_each_partitions_ended_runs_keeping_the_higher_next_seq() -> None:
-    engine, first, second = FinishedRuns(), FinishedRuns(), FinishedRuns()
+    engine, first, second, again = FinishedRuns(), FinishedRuns(), FinishedRuns(), FinishedRuns()
     first["run-a"], first["run-b"] = 3, 5
-    second["run-b"], second["run-c"] = 6, 2  # run-b archived since: one more event
-    engine.absorb(first)
+    second["run-c"] = 2
+    engine.absorb(0, first)
     engine["run-d"] = 4  # ended live, not yet compacted
-    engine.absorb(second)
+    engine.absorb(1, second)
+    engine["run-c"] = 3  # archived live: one more event
+    engine.compact()
     assert {r: engine.get(r) for r in ("run-a", "run-b", "run-c", "run-d", "run-e")} == {
-        "run-a": 3, "run-b": 6, "run-c": 2, "run-d": 4, "run-e": None,
+        "run-a": 3, "run-b": 5, "run-c": 3, "run-d": 4, "run-e": None,
     }  # fmt: skip
-    assert len(engine) == 4
+    assert len(engine) == 5  # run-c counts twice: ended live after its partition's replay was absorbed
+    # Partition 0 replayed again (reassigned): its new replay replaces the old one, archived run-b included.
+    again["run-a"], again["run-b"] = 3, 6
+    engine.absorb(0, again)
+    assert (engine.get("run-a"), engine.get("run-b"), engine.get("run-c")) == (3, 6, 3)
+    assert engine.items() == {**first.items(), **second.items(), **again.items(), **_hashes(c=3, d=4)}
+
+
+def _hashes(**seqs: int) -> dict[int, int]:
+    return {run_hash(f"run-{name}"): seq for name, seq in seqs.items()}
