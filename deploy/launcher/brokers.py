@@ -223,7 +223,7 @@ class KafkaCluster:
         self._reap(node_id)
         remove_file(self.paths(node_id).pid)
 
-    def start_node(self, node_id: int, timeout: float = 60.0) -> None:
+    def start_node(self, node_id: int, timeout: float = 120.0) -> None:
         """Start one stopped node again with its configuration and data; returns when it lists itself."""
         node = self.layout.broker(node_id)
         if self.pid(node_id) is not None:

@@ -162,7 +162,7 @@ class LocalCluster:
         """SIGTERM one node (controlled shutdown)."""
         self.kafka.stop_node(node_id, timeout)
 
-    async def start_broker(self, node_id: int, within: float = 60.0) -> None:
+    async def start_broker(self, node_id: int, within: float = 120.0) -> None:
         """Start a stopped or killed node again; returns when it lists itself."""
         await asyncio.to_thread(self.kafka.start_node, node_id, within)
 

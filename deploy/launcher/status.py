@@ -281,7 +281,7 @@ def render_status(status: dict[str, Any]) -> str:
         for b in brokers:
             role = "  controller" if b["controller"] else ""
             pid = f"  pid {b['pid']}" if b.get("pid") else ""
-            lines.append(f"  node {b['node_id']:<5} {'up' if b['up'] else 'down':<7} {b['address']}{role}{pid}")
+            lines.append(f"  node {b['node_id']:<6} {'up' if b['up'] else 'down':<7} {b['address']}{role}{pid}")
     for name, info in status["components"].items():
         word = "up" if info["up"] else "down"
         if info["up"] and "ready" in info:
@@ -294,10 +294,10 @@ def render_status(status: dict[str, Any]) -> str:
         if info.get("state") and info["state"] != "running":
             extra.append(str(info["state"]))
         suffix = f"  ({', '.join(extra)})" if extra else ""
-        lines.append(f"  {name:<10} {word:<7} {info['address']}{suffix}")
+        lines.append(f"  {name:<11} {word:<7} {info['address']}{suffix}")
         lines += _why_failing(info)
     sup = status["supervisor_pid"]
-    lines.append(f"  {'supervisor':<10} {'up' if sup else 'down':<7} {f'pid {sup}' if sup else ''}".rstrip())
+    lines.append(f"  {'supervisor':<11} {'up' if sup else 'down':<7} {f'pid {sup}' if sup else ''}".rstrip())
     lag = status["consumer_lag"]
     if "error" in lag:
         lines.append(f"Consumer lag: unavailable ({lag['error']})")
