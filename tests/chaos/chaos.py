@@ -63,7 +63,7 @@ SCALES = {
                    plan=Plan(kills={"executor": 2, "projector": 1, "ingest": 1, "api": 1}, broker_kills=1,
                              broker_down_s=8, postgres_restarts=1, postgres_down_s=3, pauses=1, pause_s=10),
                    topology=Topology()),
-    "default": Scale(runs=20_000, rate=20, batch=4, seed=20,
+    "default": Scale(runs=20_000, rate=15, batch=4, seed=20,
                      plan=Plan(kills={"executor": 6, "projector": 5, "ingest": 5, "api": 4}, broker_kills=2,
                                broker_down_s=20, postgres_restarts=2, postgres_down_s=5, pauses=2, pause_s=30),
                      topology=Topology(brokers=3, executors=2, projectors=2)),
@@ -149,11 +149,12 @@ async def test_chaos() -> None:
         "trigger requests / tries / never accepted": f"{len(load.requests)} / "
         f"{sum(r.tries for r in load.requests)} / {unanswered}",
         "trigger answers (0: none)": " ".join(f"{c} x{n}" for c, n in sorted(codes.items())),
+        "recoveries not seen within 180 s": len(figures.timeouts),
         "restarts": " ".join(f"{n} {c}" for n, c in restarts.items()),
         "verify": verify if compared.comparison.equal else "DIFFERENT",
     }
     print(table(figures, outcome, extra))
-    print("faults:\n" + "\n".join(figures.log))
+    print("faults:\n" + "\n".join(figures.log + [f"NOT RECOVERED {t}" for t in figures.timeouts]))
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     settings_used = {"scale": os.environ.get("FLOWTRAIL_CHAOS_SCALE", "default"), "runs": scale.runs,
                      "rate": scale.rate, "seed": scale.seed, "topology": scale.topology.describe()}  # fmt: skip
@@ -161,6 +162,7 @@ async def test_chaos() -> None:
     print(f"written to {REPORT}; logs in {LOGS}")
     assert not outcome.problems, outcome.problems
     assert unanswered == 0, f"{unanswered} trigger requests never accepted"
+    assert not figures.timeouts, figures.timeouts
     assert 500 not in codes, f"ingest answered 500 {codes[500]} times (a fault must be 503 + Retry-After)"
     assert outcome.final == outcome.accepted and outcome.missing == 0 and outcome.duplicated == 0
     assert compared.comparison.equal, verify
