@@ -7,8 +7,9 @@ import asyncio
 import json
 import logging
 import sys
+from collections.abc import Callable
 
-from deploy.launcher import trigger_cmd
+from deploy.launcher import tenants_cmd, trigger_cmd
 from deploy.launcher.brokers import stop_cluster_nodes
 from deploy.launcher.errors import LauncherError
 from deploy.launcher.kafka import stop_kafka
@@ -21,24 +22,19 @@ from services.common.settings import CommonSettings
 log = logging.getLogger("flowtrail.launcher")
 
 
-def _partitions(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 1 <= value <= 256:
-        raise argparse.ArgumentTypeError("partitions must be between 1 and 256")
-    return value
+def _between(low: int, high: int, what: str) -> Callable[[str], int]:
+    """An argparse type: a whole number from `low` to `high`."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{what} must be between {low} and {high}")
+        return value
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 1 <= value <= 16:
-        raise argparse.ArgumentTypeError("must be between 1 and 16")
-    return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,12 +47,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start the stack (foreground unless --detach)")
     up.add_argument("--detach", action="store_true", help="run in the background; stop with `flowtrail down`")
-    up.add_argument("--partitions", type=_partitions, help="partitions per topic (default: FLOWTRAIL_PARTITIONS or 4)")
+    up.add_argument(
+        "--partitions",
+        type=_between(1, 256, "partitions"),
+        help="partitions per topic (default: FLOWTRAIL_PARTITIONS or 4)",
+    )
     up.add_argument("--no-demo", action="store_true", help="do not run the demo once the stack is healthy")
-    up.add_argument("--brokers", type=_count, help="Kafka nodes of a local KRaft cluster, replication factor up to "
-                    "3 (default: FLOWTRAIL_BROKERS or 1; docs/cluster.md)")  # fmt: skip
-    up.add_argument("--executors", type=_count, help="executor processes (default: FLOWTRAIL_EXECUTORS or 1)")
-    up.add_argument("--projectors", type=_count, help="projector processes (default: FLOWTRAIL_PROJECTORS or 1)")
+    up.add_argument(
+        "--brokers",
+        type=_between(1, 9, "brokers"),
+        help="Kafka nodes of a local KRaft cluster, "
+        "replication factor up to 3 (default: FLOWTRAIL_BROKERS or 1; docs/cluster.md)",
+    )
+    up.add_argument(
+        "--executors", type=_between(1, 16, "executors"), help="executor processes (default: FLOWTRAIL_EXECUTORS or 1)"
+    )
+    up.add_argument("--projectors", type=_between(1, 16, "projectors"),
+                    help="projector processes (default: FLOWTRAIL_PROJECTORS or 1)")  # fmt: skip
     up.add_argument("--daemon", action="store_true", help=argparse.SUPPRESS)
 
     down = sub.add_parser("down", help="stop the stack, Kafka and PostgreSQL")
@@ -91,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         "FLOWTRAIL_SECRETS_KEY or the key file yourself)",
     )  # fmt: skip
     trigger_cmd.add_parser(sub)
+    tenants_cmd.add_parser(sub)
     return parser
 
 
@@ -268,7 +276,7 @@ def cmd_secrets(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "demo": cmd_demo, "projector": cmd_projector,
-            "secrets": cmd_secrets, "trigger": trigger_cmd.run}  # fmt: skip
+            "secrets": cmd_secrets, "trigger": trigger_cmd.run, "tenants": tenants_cmd.run}  # fmt: skip
 
 
 def _configure_logging(verbose: bool, daemon: bool) -> None:
