@@ -94,6 +94,8 @@ def _stack(topology: Topology) -> Callable[..., AbstractAsyncContextManager[Chao
 
 
 def _fresh(folder: Path) -> Path:
+    if folder.is_symlink():  # a cluster run's logs link
+        folder.unlink()
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     return folder
