@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from services.common.settings import DEFAULT_API_PORT, DEFAULT_INGEST_PORT, CommonSettings, service_field
 
@@ -36,4 +36,7 @@ class ApiSettings(CommonSettings):
     # Where a browser reaches ingest, for the console's trigger form (docs/console.md). Empty: the console's own host
     # at ingest's port, FLOWTRAIL_INGEST_PORT, as `flowtrail up` runs them.
     console_ingest_url: str = service_field("api", "console_ingest_url", "")
+    # The deployment's operator key (docs/tenants.md): the bearer token of the operator routes `/v1/admin/…`, compared
+    # in constant time. Empty: those routes answer 403 `operator_api_disabled`.
+    operator_key: SecretStr = service_field("api", "operator_key", SecretStr(""))
     ingest_port: int = Field(default=DEFAULT_INGEST_PORT, validation_alias="FLOWTRAIL_INGEST_PORT")
