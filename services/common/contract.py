@@ -135,7 +135,11 @@ def document(routes: list[Any], schema: dict[str, Any]) -> dict[str, Any]:
             if scope is None:
                 continue
             operation["security"] = [{"bearer": []}]
-            note = f"Needs the `{scope}` scope (or `admin`)."
+            note = (
+                "Needs the deployment's operator key (FLOWTRAIL_API_OPERATOR_KEY), not a tenant's API key."
+                if scope == "operator"
+                else f"Needs the `{scope}` scope (or `admin`)."
+            )
             operation["description"] = f"{operation.get('description', '').rstrip()}\n\n{note}".lstrip()
             for status in error_statuses(method.lower(), route.path, "requestBody" in operation):
                 responses.setdefault(str(status), _error_response(status))
