@@ -16,6 +16,7 @@ from services.api.adapters.flows import FlowLog
 from services.api.adapters.notify import Notifier
 from services.api.routes import (
     actions,
+    admin,
     alerts,
     analytics,
     connectors,
@@ -104,7 +105,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
                       trigger_body_bytes=settings.max_trigger_body_bytes, version="1")  # fmt: skip
     # Routes are matched in this order: the runs reads, the busiest, first (actions holds only POSTs).
     for routes in (runs, actions, resume, analytics, diagnosis, data, stream, webhooks, keys, session_routes, flows,
-                   schedules, alerts, connectors, secrets_routes):  # fmt: skip
+                   schedules, alerts, connectors, secrets_routes, admin):  # fmt: skip
         app.include_router(routes.router)
     app.include_router(trigger_routes)  # the same routes as ingest's, one behaviour (docs/decisions.md)
     console.mount(app)  # the web console at `/`, after every API route (docs/console.md)
