@@ -43,6 +43,7 @@ from deploy.launcher.stack import (
     write_json_atomic,
 )
 from deploy.launcher.supervisor import Supervisor
+from deploy.launcher.tenants_cmd import ensure_operator_key
 from services.common.crypto import ensure_key_file
 from services.common.settings import REPO_ROOT, CommonSettings
 
@@ -182,7 +183,10 @@ async def _serve(settings: CommonSettings, paths: StackPaths, infra: _Infra, lay
         replicas = Replicas(paths.logs, layout, on_change=publish)
         supervisor = replicas.supervisor
         log.info("starting the services; waiting for each to answer /healthz")
-        await _until(stop, replicas.start(service_env(settings), page="/healthz", within=HEALTH_TIMEOUT))
+        env = service_env(settings)
+        # The operator routes' key (docs/tenants.md): generated into the state folder once, unless the env gives it.
+        env.setdefault("FLOWTRAIL_API_OPERATOR_KEY", ensure_operator_key(paths.state_dir))
+        await _until(stop, replicas.start(env, page="/healthz", within=HEALTH_TIMEOUT))
         api_key = str(result.api_key)
         write_api_key(paths, api_key)
         flow_ids = list(getattr(result, "flow_ids", None) or [])
