@@ -83,7 +83,7 @@ class StepDefinition(Frozen):
 KAFKA_TOPIC_PATTERN = r"^[a-zA-Z0-9._\-]{1,249}$"
 _KAFKA_FIELDS = ("connector", "key_pattern", "filter", "input", "value_format", "start_from", "resume_from")
 _WEBHOOK_FIELDS = ("signature_header", "signature_scheme", "signed_content", "secret_name", "tolerance_s",
-                   "delivery_id_header", "url_generation")  # fmt: skip
+                   "delivery_id_header", "delivery_id_path", "url_generation")  # fmt: skip
 # An HTTP header name (RFC 9110 token characters).
 _HEADER_NAME = r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,100}$"
 
@@ -124,6 +124,9 @@ class TriggerConfig(Frozen):
     tolerance_s: int = Field(default=300, ge=1, le=86_400)
     # webhook: the header naming a delivery; a redelivery with the same value is the same run.
     delivery_id_header: str = Field(default="Idempotency-Key", pattern=_HEADER_NAME)
+    # webhook: without that header, JMESPath (JSONPath when it starts with `$`) to the delivery's id in the body
+    # (Stripe's `id`).
+    delivery_id_path: str | None = Field(default=None, min_length=1, max_length=500)
     # webhook: raising it retires every hook URL issued before (a leaked URL).
     url_generation: int = Field(default=1, ge=1, le=1_000_000)
 
@@ -137,6 +140,12 @@ class TriggerConfig(Frozen):
         if self.type == "webhook" and (self.signature_header is None) != (self.secret_name is None):
             raise ValueError("signature_header and secret_name: a signed webhook needs both, an unsigned one neither")
         _only_on(self, "kafka", _KAFKA_FIELDS)
+        if self.type == "webhook" and self.delivery_id_path is not None:
+            try:
+                compile_expression(self.delivery_id_path)
+            except ExpressionError as exc:
+                message = "delivery_id_path: {problem}"
+                raise PydanticCustomError("flow_expression", message, {"problem": str(exc)}) from None
         if self.type != "kafka":
             return self
         problems = []

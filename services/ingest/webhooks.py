@@ -22,6 +22,7 @@ from schemas.flows import MASK, TriggerConfig, is_secret_key
 from services.common.crypto import PREFIX, Keyring, SecretsKeyError
 from services.common.http import body_problem
 from services.common.idempotency import MAX_KEY_LENGTH, derived_run_ids
+from services.common.templating import TemplateError, evaluate
 
 # A text body becomes the run input `{"text": <body>}`.
 TEXT_KEY = "text"
@@ -236,16 +237,24 @@ def recorded_headers(headers: Iterable[tuple[str, str]], trigger: TriggerConfig)
     return out
 
 
-def delivery_id(headers: Iterable[tuple[str, str]], trigger: TriggerConfig) -> str | None:
-    """The upstream's id of this delivery (`delivery_id_header`), None without one; 400 when it is not 1 to 255
-    printable ASCII characters."""
+def delivery_id(headers: Iterable[tuple[str, str]], trigger: TriggerConfig, run_input: Any) -> str | None:
+    """The upstream's id of this delivery: its `delivery_id_header`, else what `delivery_id_path` finds in the
+    decoded body (a string or an integer); None without either. 400 when it is not 1 to 255 printable ASCII
+    characters."""
     wanted = trigger.delivery_id_header.lower()
     value = next((v for n, v in headers if n.lower() == wanted), None)
+    where = trigger.delivery_id_header
+    if value is None and trigger.delivery_id_path is not None:
+        where = f"the body's {trigger.delivery_id_path}"
+        try:
+            found = evaluate(trigger.delivery_id_path, run_input)
+        except TemplateError:
+            found = None
+        value = str(found) if isinstance(found, str | int) and not isinstance(found, bool) else None
     if value is None:
         return None
     if not 0 < len(value) <= MAX_KEY_LENGTH or not value.isascii() or not value.isprintable():
-        message = f"{trigger.delivery_id_header} must be 1 to {MAX_KEY_LENGTH} printable ASCII characters"
-        raise Refused(400, "invalid_request", message)
+        raise Refused(400, "invalid_request", f"{where} must be 1 to {MAX_KEY_LENGTH} printable ASCII characters")
     return value
 
 

@@ -29,7 +29,7 @@ SCHEMES: dict[str, dict[str, Any]] = {
                  "X-GitHub-Delivery"},
     "hook-b64": {"signature_header": "X-Signature", "secret_name": "sig", "signature_scheme": "hmac-sha256-base64"},
     "hook-stripe": {"signature_header": "Stripe-Signature", "secret_name": "sig", "signed_content": "t.body",
-                    "tolerance_s": 300},
+                    "tolerance_s": 300, "delivery_id_path": "id"},
     "hook-stripe-b64": {"signature_header": "Stripe-Signature", "secret_name": "gh", "signed_content": "t.body",
                         "signature_scheme": "hmac-sha256-base64"},
 }  # fmt: skip
@@ -194,6 +194,13 @@ async def test_a_redelivery_is_the_same_run_even_when_resigned_or_concurrent(env
             "SELECT count(*) FROM run_events WHERE run_id = $1 AND type = 'RunRequested'", other
         )
     assert requested == 1
+    # Stripe sends no delivery header; its retries carry the same event (`delivery_id_path: id`), signed anew.
+    url = await hook_url(env, "hook-stripe")
+    event = b'{"id": "evt_retried", "type": "invoice.paid"}'
+    first = await env.http.post(url, content=event, headers=signed("hook-stripe", event, at=int(time.time()) - 60))
+    retry = await env.http.post(url, content=event, headers=signed("hook-stripe", event))
+    assert first.status_code == retry.status_code == 202, (first.text, retry.text)
+    assert retry.json()["run_id"] == first.json()["run_id"]
     # Another flow's delivery with the same id is its own run.
     plain = await deliver(env, await hook_url(env, "hook-plain"), b"{}", Idempotency_Key="d-43",
                           Content_Type="application/json")  # fmt: skip

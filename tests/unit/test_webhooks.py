@@ -208,11 +208,19 @@ def test_recorded_headers_mask_credentials_and_signatures() -> None:
 
 def test_a_delivery_id_names_one_run_per_flow() -> None:
     config = webhook(delivery_id_header="X-GitHub-Delivery")
-    assert wh.delivery_id([("x-github-delivery", "d-1")], config) == "d-1"
-    assert wh.delivery_id([("idempotency-key", "d-1")], config) is None
-    assert wh.delivery_id([("idempotency-key", "d-1")], webhook()) == "d-1"
-    assert refused(wh.delivery_id, [("idempotency-key", "é")], webhook()) == (400, "invalid_request")
-    assert refused(wh.delivery_id, [("idempotency-key", "x" * 256)], webhook()) == (400, "invalid_request")
+    assert wh.delivery_id([("x-github-delivery", "d-1")], config, None) == "d-1"
+    assert wh.delivery_id([("idempotency-key", "d-1")], config, None) is None
+    assert wh.delivery_id([("idempotency-key", "d-1")], webhook(), None) == "d-1"
+    assert refused(wh.delivery_id, [("idempotency-key", "é")], webhook(), None) == (400, "invalid_request")
+    assert refused(wh.delivery_id, [("idempotency-key", "x" * 256)], webhook(), None) == (400, "invalid_request")
+    # Stripe sends no delivery header: its event id is in the body.
+    stripe = webhook(delivery_id_path="id")
+    assert wh.delivery_id([], stripe, {"id": "evt_1"}) == "evt_1"
+    assert wh.delivery_id([("idempotency-key", "k")], stripe, {"id": "evt_1"}) == "k"  # the header first
+    assert wh.delivery_id([], webhook(delivery_id_path="$.data.n"), {"data": {"n": 7}}) == "7"
+    for body in (None, {"text": "x"}, {"id": None}, {"id": True}, {"id": {"a": 1}}, [1, 2]):
+        assert wh.delivery_id([], stripe, body) is None
+    assert refused(wh.delivery_id, [], stripe, {"id": "é"}) == (400, "invalid_request")
     run = wh.delivery_run_id(ADDRESS, "d-1")
     assert run == wh.delivery_run_id(ADDRESS, "d-1") and run.startswith("run_") and len(run) == 32
     assert run != wh.delivery_run_id(ADDRESS, "d-2")
@@ -238,6 +246,8 @@ def test_a_signed_webhook_needs_its_header_and_its_secret() -> None:
         webhook(signature_header="Bad Header:", secret_name="s")
     with pytest.raises(ValidationError):
         webhook(signature_header="X-Sig", secret_name="not a name")
+    with pytest.raises(ValidationError, match="delivery_id_path: invalid JMESPath"):
+        webhook(delivery_id_path="data.[")
     # A stored version is read as it was published.
     stored = TriggerConfig.model_validate({"type": "webhook", "signature_header": "X"}, context=STORED_FLOW)
     assert stored.secret_name is None

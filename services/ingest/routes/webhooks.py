@@ -118,7 +118,7 @@ async def deliver(flow_id: str, token: str, request: Request) -> OrjsonResponse:
             secret = await _signing_secret(request, address, config)
             verify_signature(config, request.headers.get(config.signature_header), body, secret, time.time())
         run_input = decode_body(request.headers.get("content-type"), body)
-        delivery = delivery_id(headers, config)
+        delivery = delivery_id(headers, config, run_input)
     except Refused as exc:
         raise ApiError(exc.status, exc.code, exc.message) from None
     if (size := len(orjson.dumps(run_input))) > intake.max_input_bytes:
