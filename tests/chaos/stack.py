@@ -18,14 +18,13 @@ from typing import Protocol
 import httpx
 
 from deploy.launcher.kafka import ensure_kafka, ensure_kafka_jars, kafka_jar_dir, kafka_pid, stop_kafka
-from deploy.launcher.postgres import _paths as pg_paths
-from deploy.launcher.postgres import _run as pg_run
-from deploy.launcher.postgres import ensure_postgres, find_pg_bin, stop_postgres
+from deploy.launcher.postgres import find_pg_bin
 from deploy.launcher.supervisor import ServiceSpec, Supervisor
 from services.common.settings import REPO_ROOT
 from tests.chaos.load import TENANT
 from tests.conftest import STATE_DIR, Infra, Sandbox, make_sandbox
 from tests.e2e.stack import Stack, free_port
+from tests.e2e.test_postgres_restart import PrivateCluster, cluster_paths, run_as_cluster_owner
 from tests.harness import ALL_SERVICES, make_keys
 
 INSTANCE_ENV = {"executor": "FLOWTRAIL_EXECUTOR_INSTANCE_ID", "projector": "FLOWTRAIL_PROJECTOR_INSTANCE_ID"}
@@ -45,28 +44,18 @@ class Topology:
                 f"1 ingest, 1 api, {self.partitions} partitions")  # fmt: skip
 
 
-class PrivatePostgres:
-    """A PostgreSQL cluster of the run's own (`<state>/postgres`, a free port), restarted `-m immediate`."""
-
-    def __init__(self, state: Path) -> None:
-        self.state = state
-        self.port = free_port()
-        self.dsn = ""
-
-    def start(self) -> None:
-        self.dsn = ensure_postgres(self.state, port=self.port).dsn
+class PrivatePostgres(PrivateCluster):
+    """The run's own PostgreSQL cluster (as tests/e2e/test_postgres_restart.py starts one), also stopped
+    `-m immediate` so that it stays away for a while before its start."""
 
     def stop_immediate(self) -> None:
-        """`pg_ctl stop -m immediate`: every backend killed at once, no checkpoint; recovery replays the WAL."""
+        """`pg_ctl stop -m immediate`: every backend killed at once, no checkpoint; its start replays the WAL."""
         pg_bin = find_pg_bin()
         assert pg_bin is not None
-        paths = pg_paths(self.state)
+        paths = cluster_paths(self.state)
         argv = [str(pg_bin / "pg_ctl"), "-D", str(paths["data"]), "-m", "immediate", "-w", "-t", "60", "stop"]
-        done = pg_run(argv, cwd=paths["root"], timeout=90)
+        done = run_as_cluster_owner(argv, cwd=paths["root"], timeout=90)
         assert done.returncode == 0, done.stdout + done.stderr
-
-    def stop(self) -> None:
-        stop_postgres(self.state, timeout=30)
 
 
 class PrivateBroker:
