@@ -389,6 +389,7 @@ PATH_VALUES: dict[str, Callable[[World], list[str]]] = {
     "entity": lambda w: ["order"],
     "canonical_id": lambda w: w.a.canonical_ids,
     "name": lambda w: [w.a.secret_name],
+    "tenant_id": lambda w: [A],
 }
 
 # A valid body for each route that takes one, so a refusal can only come from whose id it is.
@@ -406,11 +407,17 @@ BODIES: dict[tuple[str, str], Any] = {
     ("POST", "/v1/runs/{run_id}/resume"): {"input": {"approved": True}},
     ("POST", "/v1/schedules/{flow_id}/pause"): {"reason": "B was here"},
     ("PUT", "/v1/secrets/{name}"): {"value": "B's own value"},
+    ("PATCH", "/v1/admin/tenants/{tenant_id}"): {"retention": {"metadata_days": 1, "payload_days": 1}},
 }
 
 # Routes that name a resource in the caller's own namespace: B writing one by A's name makes B's own (A's is untouched,
 # as a_view checks), so B's answer is this status, not 404.
 OWN_NAMESPACE: dict[tuple[str, str], int] = {("PUT", "/v1/secrets/{name}"): 201}
+
+# The operator routes (docs/tenants.md) take the deployment's operator key only: every tenant's key, A's too, is 403
+# (`operator_api_disabled` where the deployment has no operator key, as here).
+OPERATOR_ONLY = "/v1/admin/"
+OPERATOR_REFUSALS = ("forbidden", "operator_api_disabled")
 
 
 async def _b_runs_of(w: World, flow_id: str) -> int:
@@ -495,6 +502,12 @@ async def test_every_route_with_a_path_parameter_answers_b_404_for_a_s_ids_and_c
                 problems.append(f"{where} shows A's {leaked}: {text[:300]}")
             empty = EMPTY_ANSWERS.get((route.method, route.path))
             own = OWN_NAMESPACE.get((route.method, route.path))
+            if route.path.startswith(OPERATOR_ONLY):
+                for who, key in (("B", w.key_b), ("A", w.key_a)):
+                    status, text = await _answer(w, route, path, key)
+                    if status != 403 or orjson.loads(text)["error"]["code"] not in OPERATOR_REFUSALS:
+                        problems.append(f"{who} {route.method} {path} -> {status}, not 403: {text[:300]}")
+                continue
             if own is not None:
                 if status != own:
                     problems.append(f"{where}, not {own} (B's own {values}): {text[:300]}")
