@@ -1,12 +1,14 @@
 """Retention: drop runs past their tenant's retention, blank payload bodies past the payload retention.
 
 Only read-model rows change; the ledger topic is never touched. Each purge records its marks per
-tenant, and a rebuild applies the same marks to the replayed schema, so the two compare equal.
+tenant, and a rebuild applies the same marks to the replayed schema, so the two compare equal. The periods are each
+tenant's own, set through the operator API (docs/tenants.md).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -22,6 +24,9 @@ TOMBSTONE_DAYS = timedelta(days=7)
 _TERMINAL = sorted(s.value for s in TERMINAL_RUN_STATUSES)
 # Rows that hang off a run; deleted with it.
 _CHILD_TABLES = ("run_steps", "step_attempts", "run_events", "run_logs", "record_errors")
+# Runs deleted, and runs blanked, per transaction: the projector's batches wait for one purge batch at most, however
+# far a tenant's retention was shortened.
+BATCH_RUNS = 1000
 
 
 @dataclass(frozen=True)
@@ -37,12 +42,16 @@ class PurgeResult:
     payloads_blanked: int
 
 
+def plan(periods: Iterable[tuple[str, int, int]], now: datetime) -> list[Marks]:
+    """The marks a purge at `now` applies, from each tenant's (id, metadata days, payload days)."""
+    return [
+        Marks(tenant, now - timedelta(days=runs), now - timedelta(days=payloads)) for tenant, runs, payloads in periods
+    ]
+
+
 async def marks_for(conn: asyncpg.Connection, now: datetime) -> list[Marks]:
     rows = await conn.fetch("SELECT id, retention_days, payload_retention_days FROM tenants ORDER BY id")
-    return [
-        Marks(r["id"], now - timedelta(days=r["retention_days"]), now - timedelta(days=r["payload_retention_days"]))
-        for r in rows
-    ]
+    return plan(((r["id"], r["retention_days"], r["payload_retention_days"]) for r in rows), now)
 
 
 async def recorded_marks(conn: asyncpg.Connection) -> list[Marks]:
@@ -50,20 +59,30 @@ async def recorded_marks(conn: asyncpg.Connection) -> list[Marks]:
     return [Marks(r["tenant_id"], r["runs_before"], r["payloads_before"]) for r in rows]
 
 
-async def apply_marks(conn: asyncpg.Connection, marks: list[Marks], *, record: bool = True) -> PurgeResult:
-    """Purge by the given marks in one transaction. Unfinished runs are never touched."""
+async def apply_marks(
+    conn: asyncpg.Connection, marks: list[Marks], *, record: bool = True, batch: int = BATCH_RUNS
+) -> PurgeResult:
+    """Purge by the given marks, each tenant's in transactions of at most `batch` runs deleted and `batch` blanked.
+    A tenant's mark is recorded with its last batch, the one that found fewer than `batch` runs left under it, so
+    the recorded marks always describe a finished purge. Unfinished runs are never touched."""
     deleted = blanked = 0
-    async with conn.transaction():
-        if record:
-            # Projector batches hold this lock shared: none can slip a run past the purge while it runs.
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('flowtrail-projector:' || current_schema()))")
-        for m in marks:
-            ids = await _ids(conn, "tenant_id = $1 AND created_at < $2", m.tenant_id, m.runs_before)
-            deleted += await _delete(conn, ids)
-            ids = await _ids(conn, "tenant_id = $1 AND created_at < $2 AND NOT payloads_purged", m.tenant_id,
-                             m.payloads_before)  # fmt: skip
-            blanked += await _blank(conn, ids)
-            if record:
+    for m in marks:
+        done = False
+        while not done:
+            async with conn.transaction():
+                if record:
+                    # Projector batches hold this lock shared: none can slip a run past the purge while it runs.
+                    await conn.execute(
+                        "SELECT pg_advisory_xact_lock(hashtext('flowtrail-projector:' || current_schema()))"
+                    )
+                ids = await _ids(conn, "tenant_id = $1 AND created_at < $2", m.tenant_id, m.runs_before, limit=batch)
+                deleted += await _delete(conn, ids)
+                ids_blanked = await _ids(conn, "tenant_id = $1 AND created_at < $2 AND NOT payloads_purged",
+                                         m.tenant_id, m.payloads_before, limit=batch)  # fmt: skip
+                blanked += await _blank(conn, ids_blanked)
+                done = len(ids) < batch and len(ids_blanked) < batch
+                if not (done and record):
+                    continue
                 await conn.execute(
                     """
                     INSERT INTO retention_marks (tenant_id, runs_before, payloads_before, purged_at)
@@ -102,9 +121,11 @@ async def enforce_marks(conn: asyncpg.Connection, run_ids: list[str]) -> None:
     await _blank(conn, blank)
 
 
-async def _ids(conn: asyncpg.Connection, where: str, *args: object) -> list[str]:
+async def _ids(conn: asyncpg.Connection, where: str, *args: object, limit: int) -> list[str]:
     n = len(args) + 1
-    rows = await conn.fetch(f"SELECT id FROM runs WHERE {where} AND status = ANY(${n}::text[])", *args, _TERMINAL)
+    rows = await conn.fetch(
+        f"SELECT id FROM runs WHERE {where} AND status = ANY(${n}::text[]) LIMIT ${n + 1}", *args, _TERMINAL, limit
+    )
     return [r["id"] for r in rows]
 
 
