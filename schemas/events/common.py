@@ -89,6 +89,8 @@ class ReusedStep(Frozen):
 class TriggerInfo(Frozen):
     type: TriggerType
     caller: str | None = None  # API key id or user that fired it
+    # A manual trigger: the name its key had then, so the run says who even after the key is renamed or deleted.
+    caller_name: str | None = None
     payload: Any = None
     # A webhook delivery's request headers, credentials and signatures masked (docs/intake.md#webhook-triggers).
     headers: dict[str, str] | None = None

@@ -7,7 +7,7 @@ id, so nobody can name another user), and the nested-run headers `ap-parent-run-
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import asyncpg
 
@@ -27,11 +27,13 @@ _MAX_RUN_ID = 100
 
 @dataclass(frozen=True)
 class Origin:
-    """`type` replaces `api` for a request marked manual; `parent_run_id` links the runs to a parent."""
+    """`type` replaces `api` for a request marked manual, `caller_name` is then the key's name; `parent_run_id`
+    links the runs to a parent."""
 
     type: TriggerType = TriggerType.API
     parent_run_id: str | None = None
     fail_parent_on_failure: bool = False
+    caller_name: str | None = None
 
 
 def parse_origin(headers: Mapping[str, str]) -> Origin:
@@ -63,4 +65,7 @@ async def trigger_origin(pool: asyncpg.Pool, principal: Principal, headers: Iter
         principal.tenant_id, origin.parent_run_id, principal.environment,
     ):  # fmt: skip
         raise ApiError(404, "not_found", f"{PARENT_HEADER}: no run with id {origin.parent_run_id!r}")
+    if origin.type == TriggerType.MANUAL:
+        name = await pool.fetchval("SELECT name FROM api_keys WHERE id = $1", principal.key_id)
+        return replace(origin, caller_name=name or None)
     return origin

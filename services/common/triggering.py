@@ -174,7 +174,7 @@ async def accept(
         run_id="",
         flow_id=flow_id,
         flow_version=body.flow_version,
-        trigger=TriggerInfo(type=trigger_type, caller=principal.key_id),
+        trigger=TriggerInfo(type=trigger_type, caller=principal.key_id, caller_name=origin.caller_name),
         environment=Environment(principal.environment),
         execution_mode=ExecutionMode(body.mode),
         run_at=body.run_at,
