@@ -17,7 +17,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from schemas.topics import SNAPSHOT_MAX_BYTES, Topics
 from services.common import kafka
@@ -34,7 +34,8 @@ _READ_TIMEOUT_S = 60.0
 
 
 class SnapshotStore:
-    """Reads and writes the snapshots topic."""
+    """Reads and writes the snapshots topic. `start()` (at the engine's start) makes sure the topic exists and
+    starts the one consumer every read uses, in the background, so a replay does not wait for either."""
 
     def __init__(self, bootstrap: str, topics: Topics, partitions: int) -> None:
         self.bootstrap = bootstrap
@@ -42,43 +43,60 @@ class SnapshotStore:
         self.topic = topics.snapshots
         self.partitions = partitions
         self._producer: AIOKafkaProducer | None = None
-        self._lock = asyncio.Lock()
-        self._topic_ready = False
+        self._consumer: AIOKafkaConsumer | None = None
+        self._ready: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()  # one read at a time on the one consumer
+        self._producer_lock = asyncio.Lock()
 
-    async def _ensure_topic(self) -> None:
-        """A deployment older than snapshots lacks the topic: create it (with the others' settings) before a
-        client's metadata request lets the broker auto-create it uncompacted."""
-        async with self._lock:
-            if not self._topic_ready:
-                await kafka.ensure_topics(self.bootstrap, self.topics, self.partitions)
-                self._topic_ready = True
+    def start(self) -> None:
+        failed = self._ready is not None and self._ready.done() and (self._ready.cancelled() or self._ready.exception())
+        if self._ready is None or failed:
+            self._ready = asyncio.create_task(self._prepare(), name="snapshots:prepare")
+
+    async def _prepare(self) -> None:
+        # A deployment older than snapshots lacks the topic: create it (with the others' settings) before a client's
+        # metadata request lets the broker auto-create it uncompacted.
+        # A consumer started with no partition asks for no topic's metadata: both can go on at once.
+        consumer = kafka.follower(self.bootstrap, max_partition_fetch_bytes=_WIRE_BYTES, fetch_max_bytes=_WIRE_BYTES)
+        try:
+            await asyncio.gather(kafka.ensure_topics(self.bootstrap, self.topics, self.partitions), consumer.start())
+        except BaseException:
+            await consumer.stop()
+            raise
+        self._consumer = consumer
+
+    async def _ensure_ready(self) -> AIOKafkaConsumer:
+        self.start()
+        assert self._ready is not None
+        await asyncio.shield(self._ready)
+        assert self._consumer is not None
+        return self._consumer
 
     async def latest(self, partition: int) -> bytes | None:
         """The last snapshot written for ledger partition `partition`, or None if there is none."""
-        await self._ensure_topic()
+        consumer = await self._ensure_ready()
         tp = TopicPartition(self.topic, partition)
-        consumer = kafka.follower(self.bootstrap, max_partition_fetch_bytes=_WIRE_BYTES, fetch_max_bytes=_WIRE_BYTES)
-        await consumer.start()
-        try:
+        async with self._lock:
             consumer.assign([tp])
-            end = (await consumer.end_offsets([tp]))[tp]
-            if end == 0:
-                return None
-            consumer.seek(tp, end - 1)
-            deadline = time.monotonic() + _READ_TIMEOUT_S
-            while time.monotonic() < deadline:
-                for record in (await consumer.getmany(tp, timeout_ms=1000)).get(tp, []):
-                    if record.offset == end - 1:
-                        return record.value
-                if await consumer.position(tp) >= end:
-                    return None  # the last offset held no record (compacted away, a control record)
-            raise TimeoutError(f"{self.topic}-{partition}: offset {end - 1} not read in {_READ_TIMEOUT_S:.0f} s")
-        finally:
-            await consumer.stop()
+            try:
+                end = (await consumer.end_offsets([tp]))[tp]
+                if end == 0:
+                    return None
+                consumer.seek(tp, end - 1)
+                deadline = time.monotonic() + _READ_TIMEOUT_S
+                while time.monotonic() < deadline:
+                    for record in (await consumer.getmany(tp, timeout_ms=1000)).get(tp, []):
+                        if record.offset == end - 1:
+                            return record.value
+                    if await consumer.position(tp) >= end:
+                        return None  # the last offset held no record (compacted away, a control record)
+                raise TimeoutError(f"{self.topic}-{partition}: offset {end - 1} not read in {_READ_TIMEOUT_S:.0f} s")
+            finally:
+                consumer.unsubscribe()  # no fetching between reads
 
     async def write(self, partition: int, data: bytes) -> None:
-        await self._ensure_topic()
-        async with self._lock:
+        await self._ensure_ready()
+        async with self._producer_lock:
             if self._producer is None:
                 producer = kafka.producer(self.bootstrap, max_request_size=_WIRE_BYTES)
                 await producer.start()
@@ -93,6 +111,12 @@ class SnapshotStore:
             raise
 
     async def close(self) -> None:
+        if self._ready is not None and not self._ready.done():
+            self._ready.cancel()
+            await asyncio.gather(self._ready, return_exceptions=True)
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
         if self._producer is not None:
             await self._producer.stop()
             self._producer = None
@@ -172,6 +196,7 @@ class Snapshotter:
         self._background(self._write(scan.partition, scan.position.offset, data))
 
     def start(self) -> None:
+        self.store.start()
         if self._periodic is None:
             self._periodic = asyncio.create_task(self._every_interval(), name="snapshots")
 
