@@ -8,7 +8,10 @@ export UV_PYTHON_DOWNLOADS := never
 
 $(VENV)/.synced: pyproject.toml uv.lock
 	@command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet --disable-pip-version-check uv
-	uv sync --frozen --python python3.11
+	uv sync --frozen --compile-bytecode --python python3.11
+	@# Bytecode written once here: with PYTHONDONTWRITEBYTECODE set, every service start would compile faust and
+	@# the services from source (about 1.2 s of CPU each start; docs/operations.md, recovery).
+	$(PY) -m compileall -q -j 0 schemas services deploy >/dev/null
 	@touch $@
 
 # The web console's JavaScript packages (docs/console.md), from the npm registry as locked; without npm the API
