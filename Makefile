@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: setup browser run up down status demo test test-unit fuzz lint fmt schemas soak chaos chaos-smoke bench bench-smoke clean
+.PHONY: setup browser redis run up down status demo test test-unit fuzz lint fmt schemas soak chaos chaos-smoke bench bench-smoke clean
 
 $(VENV)/.synced: pyproject.toml uv.lock
 	@command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet --disable-pip-version-check uv
@@ -26,6 +26,9 @@ setup: $(VENV)/.synced $(CONSOLE)/node_modules/.package-lock.json ## .venv with 
 browser: setup ## Debian's chromium for the console's browser tests, installed with apt-get when missing
 	@test -x /usr/bin/chromium || $(PY) -c "from tests.browser import chromium; chromium()"
 
+redis: setup ## Debian's redis-server for the redis_get / redis_set tests, installed with apt-get when missing
+	@test -x /usr/bin/redis-server || $(PY) -c "from tests.redis_server import redis_server_binary; redis_server_binary()"
+
 run: setup ## Kafka + PostgreSQL + all services + demo flows; prints the API URL and key; Ctrl-C stops it
 	$(VENV)/bin/flowtrail up
 
@@ -41,7 +44,7 @@ status: setup
 demo: setup
 	$(VENV)/bin/flowtrail demo
 
-test: setup browser ## every test, on a real Kafka broker and PostgreSQL that the session starts or reuses
+test: setup browser redis ## every test, on a real Kafka broker and PostgreSQL that the session starts or reuses
 	$(VENV)/bin/pytest -q
 
 test-unit: setup
