@@ -8,11 +8,16 @@ the silence began to count), with the same id a replay gives it.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-KINDS = ("failed_run", "consecutive_partial", "no_success", "failure_rate")
+from services.projector import slo_burn
+
+KINDS = ("failed_run", "consecutive_partial", "no_success", "failure_rate", "slo_burn")
+# Kinds whose open alert is resolved by their own measure, not by the flow's next success.
+_SELF_RESOLVING = frozenset({"failure_rate", "slo_burn"})
 FAILED = frozenset({"FAILED", "TIMED_OUT", "INTERNAL_ERROR"})
 # The outcomes of a flow's work. CANCELED, INVALID and QUOTA_EXCEEDED say nothing about the flow's health:
 # they neither break a streak nor count in a failure rate.
@@ -104,9 +109,12 @@ def delivery_id(alert: str, action: str, channel_index: int) -> str:
     return "ald_" + uuid.uuid5(_NS, f"{alert}:{action}:{channel_index}").hex[:20]
 
 
-def step(rule: Rule, state: State, run: Finished) -> tuple[State, list[Action]]:
+def step(
+    rule: Rule, state: State, run: Finished, counts: Mapping[float, slo_burn.Counts] | None = None
+) -> tuple[State, list[Action]]:
     """Fold one finished run of the rule's flow into its state. Every kind resolves its open alert on the
-    flow's next success, except failure_rate, which resolves when the rate drops back under the threshold."""
+    flow's next success, except failure_rate, which resolves when the rate drops back under the threshold, and
+    slo_burn, which resolves when no window pair burns (`counts`: its windows' runs, ending at this run)."""
     actions: list[Action] = []
     if rule.kind == "no_success":
         # The silence may have crossed the limit before this run, perhaps under an earlier revision.
@@ -134,7 +142,10 @@ def step(rule: Rule, state: State, run: Finished) -> tuple[State, list[Action]]:
     elif rule.kind == "failure_rate":
         state, burn = _burn(rule, state, run, p)
         actions += burn
-    if succeeded and state.open and rule.kind != "failure_rate":  # a burn is resolved by the rate alone
+    elif rule.kind == "slo_burn" and counts is not None:
+        state, burn = _slo(rule, state, run, p, counts)
+        actions += burn
+    if succeeded and state.open and rule.kind not in _SELF_RESOLVING:
         actions.append(Resolve(run.at, run.run_id))
         state = replace(state, open=False)
     if succeeded:
@@ -183,6 +194,30 @@ def _burn(rule: Rule, state: State, run: Finished, p: dict[str, Any]) -> tuple[S
                    "threshold": p["threshold"], "window_minutes": p["window_minutes"]}  # fmt: skip
         return replace(state, open=True), [Fire(f"burn:{run.run_id}", run.at, run.run_id, reason, details)]
     if state.open and rate < p["threshold"]:
+        return replace(state, open=False), [Resolve(run.at, run.run_id)]
+    return state, []
+
+
+def _slo(
+    rule: Rule, state: State, run: Finished, p: dict[str, Any], counts: Mapping[float, slo_burn.Counts]
+) -> tuple[State, list[Action]]:
+    """slo_burn: page when a window pair burns the error budget too fast (services/projector/slo_burn.py)."""
+    decision = slo_burn.decide(p["objective"], p, counts)
+    if decision.burning and not state.open:
+        pair = decision.pair
+        assert pair is not None
+        rates = decision.rates
+        reason = (f"flow {rule.flow_id} is burning its {p['objective']:.4g} objective's error budget "
+                  f"{rates[pair.long_minutes]:.3g}x over {pair.long_minutes:g} min and "
+                  f"{rates[pair.short_minutes]:.3g}x over {pair.short_minutes:g} min ({pair.label})")  # fmt: skip
+        details = {**_run_details(run), "objective": p["objective"], "period_days": p["period_days"],
+                   "pair": {"long_minutes": pair.long_minutes, "short_minutes": pair.short_minutes,
+                            "factor": pair.factor},
+                   "windows": {f"{m:g}": {"failed": c.failed, "runs": c.total,
+                                          "burn_rate": round(decision.rates[m], 4)}
+                               for m, c in sorted(counts.items())}}  # fmt: skip
+        return replace(state, open=True), [Fire(f"slo:{run.run_id}", run.at, run.run_id, reason, details)]
+    if state.open and not decision.burning:
         return replace(state, open=False), [Resolve(run.at, run.run_id)]
     return state, []
 
