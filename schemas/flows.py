@@ -7,7 +7,7 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from schemas.expressions import (
@@ -42,6 +42,9 @@ class StepAction(StrEnum):
     SUBFLOW = "subflow"
     SYNC_RECORDS = "sync_records"
     PYTHON = "python"
+    REDIS_GET = "redis_get"
+    REDIS_SET = "redis_set"
+    GRPC_CALL = "grpc_call"
 
 
 class Frozen(BaseModel):
@@ -78,6 +81,30 @@ class StepDefinition(Frozen):
     # variable name → JMESPath (or JSONPath when it starts with `$`) over the step's output; later steps read
     # `vars.<name>`.
     extract: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _input_fields(self, info: ValidationInfo) -> StepDefinition:
+        """The input of an action with a published model is checked at publish (docs/flows.md): unknown fields,
+        missing ones and bad values are refused; a value that is a `{{ … }}` template is checked when it is rendered
+        at run time. Not re-checked for a stored version."""
+        model = _PUBLISH_CHECKED.get(self.action)
+        if model is None or (isinstance(info.context, dict) and info.context.get(_STORED)):
+            return self
+        problems = input_problems(model, self.input)
+        if problems:
+            raise PydanticCustomError("step_input", "{action} input: {problems}",
+                                      {"action": self.action.value, "problems": "; ".join(problems)})  # fmt: skip
+        return self
+
+
+def input_problems(model: type[BaseModel], value: Any) -> list[str]:
+    """What `model` refuses in a step's input, leaving out values that are templates (rendered at run time)."""
+    try:
+        model.model_validate(value)
+    except ValidationError as exc:
+        return [f"{'.'.join(str(p) for p in e['loc']) or 'input'}: {e['msg']}" for e in exc.errors()
+                if not (isinstance(e.get("input"), str) and template_expressions(e["input"]))]  # fmt: skip
+    return []
 
 
 KAFKA_TOPIC_PATTERN = r"^[a-zA-Z0-9._\-]{1,249}$"
@@ -286,6 +313,63 @@ class PythonInput(Frozen):
 
     function: str = Field(min_length=1)
     input: Any = None
+
+
+class RedisGetInput(Frozen):
+    """`redis_get`: the value of `key` on a `redis://` (or `rediss://`) connector; null when the key is missing."""
+
+    connector: str = Field(min_length=1, max_length=100)
+    key: str = Field(min_length=1, max_length=4096)
+    # The stored bytes as UTF-8 text, or parsed as JSON (a value that is not JSON fails the step).
+    value_format: Literal["text", "json"] = "text"
+    # Overrides the connector URL's password; write `{{ secrets.NAME }}` (docs/secrets.md).
+    password: str | None = None
+
+
+class RedisSetInput(Frozen):
+    """`redis_set`: a string value is stored as UTF-8 text, any other value as JSON; optional expiry and NX/XX."""
+
+    connector: str = Field(min_length=1, max_length=100)
+    key: str = Field(min_length=1, max_length=4096)
+    value: str | int | float | bool | list[Any] | dict[str, Any]
+    ttl_s: float | None = Field(default=None, gt=0, le=10 * 365 * 86_400)  # expires after; absent: never
+    # nx: only when the key does not exist yet; xx: only when it does. Not written: `written` is false.
+    condition: Literal["nx", "xx"] | None = None
+    password: str | None = None
+
+
+_GRPC_NAME = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
+
+
+class GrpcCallInput(Frozen):
+    """`grpc_call`: one unary call; the request and the response are JSON (protobuf's JSON mapping). The message
+    types come from the server's reflection, or from `descriptor_set` (a base64 FileDescriptorSet,
+    `protoc --include_imports --descriptor_set_out`)."""
+
+    connector: str | None = Field(default=None, min_length=1, max_length=100)  # a grpc:// or grpcs:// connector
+    target: str | None = Field(default=None, pattern=r"^grpcs?://[^/?#\s]+$")  # grpc://host:port, grpcs://…
+    service: str = Field(pattern=_GRPC_NAME, max_length=500)  # fully qualified: `package.Service`
+    method: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=200)
+    request: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, str] = Field(default_factory=dict)  # lower-case keys; `-bin` keys are not supported
+    deadline_s: float | None = Field(default=None, gt=0)  # the step timeout caps it
+    descriptor_set: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> GrpcCallInput:
+        if (self.connector is None) == (self.target is None):
+            raise ValueError("give exactly one of `connector` (a configured name) or `target` (grpc://host:port)")
+        bad = sorted(k for k in self.metadata if k != k.lower() or k.endswith("-bin") or not k)
+        if bad:
+            raise ValueError(f"metadata keys must be lower case and not end in -bin: {', '.join(bad)}")
+        return self
+
+
+_PUBLISH_CHECKED: dict[StepAction, type[BaseModel]] = {
+    StepAction.REDIS_GET: RedisGetInput,
+    StepAction.REDIS_SET: RedisSetInput,
+    StepAction.GRPC_CALL: GrpcCallInput,
+}
 
 
 # ---------------------------------------------------------------- secrets in step inputs

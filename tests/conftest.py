@@ -21,6 +21,7 @@ from services.common.db import connect
 from services.common.kafka import ensure_topics
 from services.common.migrate import migrate
 from services.common.settings import REPO_ROOT
+from tests.redis_server import RedisServer, redis_server
 
 STATE_DIR = Path(os.environ.get("FLOWTRAIL_STATE_DIR", REPO_ROOT / ".state"))
 
@@ -110,3 +111,10 @@ async def db(sandbox: Sandbox) -> AsyncIterator[asyncpg.Connection]:
     conn = await connect(sandbox.infra.database_url, sandbox.schema)
     yield conn
     await conn.close()
+
+
+@pytest.fixture(scope="session")
+def redis() -> Iterator[RedisServer]:
+    """A real redis-server on a loopback port for the session (tests/redis_server.py)."""
+    with redis_server() as server:
+        yield server

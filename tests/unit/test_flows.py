@@ -52,10 +52,13 @@ def test_a_valid_flow_and_its_defaults() -> None:
 
 def test_every_documented_action_is_accepted() -> None:
     actions = {"http_request", "transform", "delay", "database_query", "kafka_produce", "kafka_consume",
-               "human_input", "subflow", "sync_records", "python"}  # fmt: skip
+               "human_input", "subflow", "sync_records", "python", "redis_get", "redis_set", "grpc_call"}  # fmt: skip
     assert {a.value for a in StepAction} == actions
+    # These three have their input checked at publish (tests/unit/test_actions_redis_grpc.py).
+    inputs = {"redis_get": {"connector": "c", "key": "k"}, "redis_set": {"connector": "c", "key": "k", "value": 1},
+              "grpc_call": {"target": "grpc://h:1", "service": "pkg.S", "method": "M"}}  # fmt: skip
     for action in actions:
-        StepDefinition(name="s", action=action)  # type: ignore[arg-type]
+        StepDefinition(name="s", action=action, input=inputs.get(action, {}))  # type: ignore[arg-type]
 
 
 def test_position_and_step_lookup() -> None:

@@ -25,6 +25,7 @@ from services.executor.adapters.actions_base import StepCall, StepError, StepOut
 from services.executor.adapters.actions_db import DatabaseActions
 from services.executor.adapters.actions_kafka import KafkaActions
 from services.executor.adapters.actions_python import PythonActions
+from services.executor.adapters.actions_redis import RedisActions
 from services.executor.adapters.actions_sync import SyncRecordsActions
 from services.executor.adapters.connectors import ConnectorRegistry
 from services.executor.adapters.secret_inputs import PendingInput, resolve, scrub
@@ -92,6 +93,8 @@ class StepRunners:
         self.kafka = KafkaActions(bootstrap=kafka_bootstrap, reserved_prefix=topic_prefix, connectors=self.connectors,
                                   max_output_bytes=max_output_bytes, allow_private=allow_private_networks)  # fmt: skip
         self.python = PythonActions(max_output_bytes=max_output_bytes)
+        self.redis = RedisActions(connectors=self.connectors, allow_private=allow_private_networks,
+                                  max_output_bytes=max_output_bytes)  # fmt: skip
         # Its output keeps every failed record and upsert (decide turns them into their own ledger events), so
         # it is capped by the record counts of the source, not by max_output_bytes.
         self.sync = SyncRecordsActions(connectors=self.connectors, allow_private=allow_private_networks,
@@ -105,6 +108,8 @@ class StepRunners:
             "kafka_consume": self.kafka.consume,
             "python": self.python.call,
             "sync_records": self.sync.sync,
+            "redis_get": self.redis.get,
+            "redis_set": self.redis.set,
         }
 
     @classmethod
@@ -126,6 +131,7 @@ class StepRunners:
         await self.sync.close()
         await self.db.close()
         await self.kafka.close()
+        await self.redis.close()
         if self.secrets is not None:
             await self.secrets.close()
 

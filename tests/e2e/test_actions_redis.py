@@ -1,0 +1,172 @@
+"""redis_get and redis_set steps against a real redis-server (tests/redis_server.py): values, TTL, NX/XX, missing
+keys, keys of another type, refused credentials, an unreachable server, and the guard on a tenant's connector."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from services.common.connectors import ConnectorRegistry, Resolved
+from services.executor.adapters.steps import StepCall, StepOutcome, StepRunners
+from tests.e2e.stack import free_port
+from tests.redis_server import RedisServer
+
+
+@pytest.fixture
+async def runners(redis: RedisServer) -> AsyncIterator[StepRunners]:
+    connectors = {
+        "cache": redis.url(),
+        "cache-db3": redis.url(db=3),
+        "wrong-pass": redis.url("not-it"),
+        "no-pass": f"redis://127.0.0.1:{redis.port}/0",
+        "gone": f"redis://127.0.0.1:{free_port()}/0",
+    }
+    r = StepRunners(allow_private_networks=False, time_scale=1.0, max_body_bytes=4096, connectors=connectors,
+                    max_output_bytes=4096)  # fmt: skip
+    yield r
+    await r.close()
+
+
+@pytest.fixture
+async def direct(redis: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis.url())
+    yield client
+    await client.aclose()
+
+
+async def run(runners: StepRunners, action: str, spec: dict[str, Any]) -> StepOutcome:
+    call = StepCall(run_id="run-r", step="s", action=action, attempt=1, input=spec, started_at=datetime.now(UTC),
+                    timeout_s=20)  # fmt: skip
+    return await runners.run(call)
+
+
+def failed(outcome: StepOutcome) -> tuple[str, str | None, str]:
+    assert not outcome.ok and outcome.error is not None, outcome
+    return outcome.error.category.value, outcome.error.code, outcome.error.message
+
+
+def key(name: str) -> str:
+    return f"t:{name}:{datetime.now(UTC).timestamp()}"
+
+
+async def test_set_then_get_text_and_json_values(runners: StepRunners, direct: aioredis.Redis, redis: RedisServer
+                                                 ) -> None:  # fmt: skip
+    k = key("order")
+    written = await run(runners, "redis_set", {"connector": "cache", "key": k, "value": {"id": "SO-1", "qty": 2}})
+    assert written.ok, written
+    assert written.output["written"] is True and written.output["key"] == k
+    assert written.output["connection"] == redis.url("***")  # the password is never shown
+    assert await direct.get(k) == b'{"id":"SO-1","qty":2}'  # any non-string value is stored as JSON
+
+    as_json = await run(runners, "redis_get", {"connector": "cache", "key": k, "value_format": "json"})
+    assert as_json.ok and as_json.output["value"] == {"id": "SO-1", "qty": 2} and as_json.output["found"] is True
+    assert as_json.output["ttl_s"] is None  # no expiry
+    as_text = await run(runners, "redis_get", {"connector": "cache", "key": k})
+    assert as_text.output["value"] == '{"id":"SO-1","qty":2}'
+
+    plain = key("greeting")
+    assert (await run(runners, "redis_set", {"connector": "cache", "key": plain, "value": "héllo"})).ok
+    assert await direct.get(plain) == "héllo".encode()  # a string is stored as its UTF-8 text
+    assert (await run(runners, "redis_get", {"connector": "cache", "key": plain})).output["value"] == "héllo"
+
+
+async def test_a_missing_key_is_null_not_an_error(runners: StepRunners) -> None:
+    outcome = await run(runners, "redis_get", {"connector": "cache", "key": key("nothing")})
+    assert outcome.ok
+    assert (outcome.output["found"], outcome.output["value"], outcome.output["ttl_s"]) == (False, None, None)
+
+
+async def test_a_ttl_expires_the_key(runners: StepRunners, direct: aioredis.Redis) -> None:
+    k = key("session")
+    outcome = await run(runners, "redis_set", {"connector": "cache", "key": k, "value": "tok", "ttl_s": 0.4})
+    assert outcome.ok and outcome.output["ttl_s"] == 0.4
+    read = await run(runners, "redis_get", {"connector": "cache", "key": k})
+    assert read.output["value"] == "tok" and 0 < read.output["ttl_s"] <= 0.4
+    await asyncio.sleep(0.6)
+    assert (await run(runners, "redis_get", {"connector": "cache", "key": k})).output["found"] is False
+    assert await direct.exists(k) == 0
+
+
+async def test_nx_writes_only_a_new_key_and_xx_only_an_existing_one(runners: StepRunners) -> None:
+    k = key("lock")
+    first = await run(runners, "redis_set", {"connector": "cache", "key": k, "value": "a", "condition": "nx"})
+    second = await run(runners, "redis_set", {"connector": "cache", "key": k, "value": "b", "condition": "nx"})
+    assert first.output["written"] is True and second.ok and second.output["written"] is False
+    assert (await run(runners, "redis_get", {"connector": "cache", "key": k})).output["value"] == "a"
+    absent = await run(runners, "redis_set", {"connector": "cache", "key": key("none"), "value": 1, "condition": "xx"})
+    assert absent.ok and absent.output["written"] is False
+    replaced = await run(runners, "redis_set", {"connector": "cache", "key": k, "value": "c", "condition": "xx"})
+    assert replaced.output["written"] is True
+    assert (await run(runners, "redis_get", {"connector": "cache", "key": k})).output["value"] == "c"
+
+
+async def test_the_connector_url_picks_the_database(runners: StepRunners, redis: RedisServer) -> None:
+    k = key("db3")
+    assert (await run(runners, "redis_set", {"connector": "cache-db3", "key": k, "value": "x"})).ok
+    assert (await run(runners, "redis_get", {"connector": "cache", "key": k})).output["found"] is False
+    assert (await run(runners, "redis_get", {"connector": "cache-db3", "key": k})).output["value"] == "x"
+
+
+async def test_a_key_of_another_type_or_an_undecodable_value_is_a_validation_error(
+    runners: StepRunners, direct: aioredis.Redis
+) -> None:
+    listed = key("list")
+    await direct.rpush(listed, "a", "b")
+    category, code, message = failed(await run(runners, "redis_get", {"connector": "cache", "key": listed}))
+    assert (category, code) == ("VALIDATION", "wrong_type") and "WRONGTYPE" in message
+    text = key("text")
+    await direct.set(text, "not json")
+    outcome = await run(runners, "redis_get", {"connector": "cache", "key": text, "value_format": "json"})
+    assert failed(outcome)[:2] == ("VALIDATION", "not_json")
+    binary = key("bin")
+    await direct.set(binary, b"\xff\xfe")
+    assert failed(await run(runners, "redis_get", {"connector": "cache", "key": binary}))[:2] == (
+        "VALIDATION", "not_text")  # fmt: skip
+
+
+async def test_refused_credentials_are_auth_and_a_step_password_from_secrets_works(
+    runners: StepRunners, redis: RedisServer
+) -> None:
+    for name in ("wrong-pass", "no-pass"):
+        category, code, message = failed(await run(runners, "redis_get", {"connector": name, "key": "k"}))
+        assert (category, code) == ("AUTH", "auth"), (name, message)
+        assert "not-it" not in message
+    # The step's `password` (written `{{ secrets.NAME }}` in a flow) overrides the connector URL's.
+    fixed = await run(runners, "redis_get", {"connector": "no-pass", "key": key("k"), "password": redis.password})
+    assert fixed.ok and fixed.output["found"] is False
+
+
+async def test_an_unreachable_server_is_transient_and_an_unknown_connector_validation(runners: StepRunners) -> None:
+    category, code, _ = failed(await run(runners, "redis_set", {"connector": "gone", "key": "k", "value": "v"}))
+    assert (category, code) == ("TRANSIENT", "network")
+    category, code, message = failed(await run(runners, "redis_get", {"connector": "nope", "key": "k"}))
+    assert (category, code) == ("VALIDATION", "unknown_connector") and "cache" in message
+
+
+class _TenantConnectors(ConnectorRegistry):
+    """Every name is the tenant's own connector (as registered with POST /v1/connectors): not trusted."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__({}, None)
+        self.url = url
+
+    async def resolve(self, tenant_id: str, environment: str, name: str, schemes: tuple[str, ...],
+                      kind: str) -> Resolved:  # fmt: skip
+        return Resolved(self.url, trusted=False)
+
+
+async def test_a_tenant_connector_to_a_private_address_is_refused_at_the_connection(redis: RedisServer) -> None:
+    runners = StepRunners(allow_private_networks=False, time_scale=1.0, max_body_bytes=4096)
+    runners.redis.connectors = _TenantConnectors(redis.url())
+    try:
+        outcome = await run(runners, "redis_get", {"connector": "mine", "key": "k"})
+        category, code, message = failed(outcome)
+        assert (category, code) == ("VALIDATION", "blocked_address") and "127.0.0.1" in message
+        assert redis.password not in message
+    finally:
+        await runners.close()
