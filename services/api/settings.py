@@ -40,3 +40,6 @@ class ApiSettings(CommonSettings):
     # in constant time. Empty: those routes answer 403 `operator_api_disabled`.
     operator_key: SecretStr = service_field("api", "operator_key", SecretStr(""))
     ingest_port: int = Field(default=DEFAULT_INGEST_PORT, validation_alias="FLOWTRAIL_INGEST_PORT")
+    # The projector's SMTP server, which sends email alerts: without one an email channel is refused with 422 when a
+    # rule is created or changed (docs/alerts.md), rather than accepted and never delivered.
+    projector_smtp_host: str = Field(default="", validation_alias="FLOWTRAIL_PROJECTOR_SMTP_HOST")

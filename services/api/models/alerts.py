@@ -27,6 +27,14 @@ class AlertRule(Out):
     threshold: float | None = None
     window_minutes: float | None = None
     min_runs: int | None = None
+    objective: float | None = None
+    period_days: float | None = None
+    fast_long_minutes: float | None = None
+    fast_short_minutes: float | None = None
+    fast_factor: float | None = None
+    slow_long_minutes: float | None = None
+    slow_short_minutes: float | None = None
+    slow_factor: float | None = None
     channels: list[JSON]
     enabled: bool
     created_at: datetime

@@ -24,18 +24,20 @@ from services.common.contract import AnyCase
 from services.common.cursor import TIME_AND_ID
 from services.common.http import ApiError
 from services.common.netguard import BlockedAddress, check_url
+from services.projector import slo_burn
 
 router = APIRouter()
 
-Kind = Literal["failed_run", "consecutive_partial", "no_success", "failure_rate"]
+Kind = Literal["failed_run", "consecutive_partial", "no_success", "failure_rate", "slo_burn"]
 PARAMS: dict[str, tuple[str, ...]] = {
     "failed_run": (),
     "consecutive_partial": ("n",),
     "no_success": ("minutes",),
     "failure_rate": ("threshold", "window_minutes", "min_runs"),
+    "slo_burn": slo_burn.PARAMS,
 }
-_ALL_PARAMS = ("n", "minutes", "threshold", "window_minutes", "min_runs")
-_DEFAULTS: dict[str, Any] = {"min_runs": 1}
+_ALL_PARAMS = ("n", "minutes", "threshold", "window_minutes", "min_runs", *slo_burn.PARAMS)
+_DEFAULTS: dict[str, Any] = {"min_runs": 1, **slo_burn.DEFAULTS}
 _EMAIL = r"^[^@\s,<>]+@[^@\s,<>]+\.[^@\s,<>]+$"
 
 
@@ -76,6 +78,15 @@ class _Settings(BaseModel):
     threshold: float | None = Field(default=None, gt=0, le=1)
     window_minutes: float | None = Field(default=None, gt=0, le=527_040)
     min_runs: int | None = Field(default=None, ge=1, le=100_000)
+    # slo_burn (docs/alerts.md): the share of runs that must succeed, and the window pairs that page.
+    objective: float | None = Field(default=None, gt=0, lt=1)
+    period_days: float | None = Field(default=None, gt=0, le=366)
+    fast_long_minutes: float | None = Field(default=None, gt=0, le=527_040)
+    fast_short_minutes: float | None = Field(default=None, gt=0, le=527_040)
+    fast_factor: float | None = Field(default=None, gt=0, le=100_000)
+    slow_long_minutes: float | None = Field(default=None, gt=0, le=527_040)
+    slow_short_minutes: float | None = Field(default=None, gt=0, le=527_040)
+    slow_factor: float | None = Field(default=None, gt=0, le=100_000)
 
 
 class NewRule(_Settings):
@@ -104,16 +115,31 @@ def params_for(kind: str, given: dict[str, Any]) -> dict[str, Any]:
     extra = sorted(set(given) - set(wanted))
     if extra:
         raise ValueError(f"{', '.join(extra)} do(es) not apply to kind {kind!r} (it takes: {', '.join(wanted) or '-'})")
-    params = {k: given.get(k, _DEFAULTS.get(k)) for k in wanted}
+    params: dict[str, Any] = {k: given.get(k, _DEFAULTS.get(k)) for k in wanted}
     missing = [k for k, v in params.items() if v is None]
     if missing:
         raise ValueError(f"kind {kind!r} needs {', '.join(missing)}")
+    if kind == "slo_burn":
+        for name in ("fast", "slow"):
+            if params[f"{name}_short_minutes"] >= params[f"{name}_long_minutes"]:
+                raise ValueError(f"{name}_short_minutes must be shorter than {name}_long_minutes")
     return params
 
 
+# What each channel kind needs from the deployment to deliver at all: (setting, variable it is read from).
+_PREREQUISITES: dict[str, tuple[str, str]] = {"email": ("projector_smtp_host", "FLOWTRAIL_PROJECTOR_SMTP_HOST")}
+
+
 async def _check_channels(request: Request, channels: list[Any]) -> None:
-    allow_private = request.app.state.settings.webhook_allow_private_networks
+    """A channel that cannot deliver is refused now (422 naming the missing setting), not failed for 24 hours."""
+    settings = request.app.state.settings
+    allow_private = settings.webhook_allow_private_networks
     for i, channel in enumerate(channels):
+        if channel.type in _PREREQUISITES:
+            field, variable = _PREREQUISITES[channel.type]
+            if not getattr(settings, field):
+                message = f"channels.{i}: {channel.type} alerts cannot be delivered: {variable} is not set"
+                raise ApiError(422, "validation_error", message)
         if channel.type == "email":
             continue
         try:

@@ -20,7 +20,7 @@ from services.common.channels import PAGERDUTY_URL
 from services.common.netguard import check_url, guarded_client
 from services.common.outbox import Attempt, Outbox, Queue
 from services.common.webhooks import sign
-from services.projector import alerts
+from services.projector import alerts, slo_burn
 from services.projector.alerts import Finished, Fire, Resolve, Rule, State
 from services.projector.settings import ProjectorSettings
 
@@ -95,12 +95,38 @@ async def evaluate(conn: asyncpg.Connection, events: list[EventBase], *, deliver
         outcome.rules[rule.id] = (rule, row["channels"])
         state = states[rule.id]
         for done in by_flow.get((rule.tenant_id, rule.environment, rule.flow_id), []):
-            state, actions = alerts.step(rule, state, done)
+            counts = await _slo_counts(conn, rule, done.at) if rule.kind == "slo_burn" else None
+            state, actions = alerts.step(rule, state, done, counts)
             outcome.apply(rule, actions)
         if state != states[rule.id]:
             changed[rule.id] = state
     await _save_states(conn, changed)
     return await _record(conn, outcome, deliver=deliver)
+
+
+async def _slo_counts(conn: asyncpg.Connection, rule: Rule, at: datetime) -> dict[float, slo_burn.Counts] | None:
+    """slo_burn: the flow's finished and failed runs in each of the rule's windows ending at `at`, in one query
+    (tenant and flow by the runs_tenant_flow_created_idx prefix; a run that finished by `at` was created by it)."""
+    revision = rule.in_force(at)
+    if revision is None:
+        return None
+    minutes = slo_burn.windows(revision.params)
+    rows = await conn.fetch(
+        """
+        WITH r AS MATERIALIZED (
+            SELECT finished_at, status = ANY($6::text[]) AS failed FROM runs
+            WHERE tenant_id = $1 AND flow_id = $2 AND environment = $3 AND created_at <= $4 AND finished_at <= $4
+              AND finished_at > $4 - make_interval(secs => $5 * 60) AND status = ANY($7::text[])
+        )
+        SELECT w.m, count(r.finished_at) AS total, count(r.finished_at) FILTER (WHERE r.failed) AS failed
+        FROM unnest($8::float8[]) AS w(m)
+        LEFT JOIN r ON r.finished_at > $4 - make_interval(secs => w.m * 60)
+        GROUP BY w.m
+        """,
+        rule.tenant_id, rule.flow_id, rule.environment, at, max(minutes), sorted(alerts.FAILED),
+        sorted(alerts.OUTCOMES), minutes,
+    )  # fmt: skip
+    return {float(r["m"]): slo_burn.Counts(r["failed"], r["total"]) for r in rows}
 
 
 async def tick(pool: asyncpg.Pool, now: datetime, *, lock_key: str) -> int:

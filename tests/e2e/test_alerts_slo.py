@@ -1,0 +1,128 @@
+"""slo_burn alerts on the real broker and database, with the projector and the API as processes: a flow's runs
+page when both windows of the fast pair (1 h and 5 min) or of the slow pair (6 h and 30 min) burn the error
+budget too fast, never on one window alone, and resolve once no pair burns; the alert goes out like every
+kind's (a loopback webhook receiver stands in). Email channels are refused while no SMTP server is set.
+
+Runs are dated from the rule's creation on (a rule judges runs that finish after it exists), up to hours
+ahead: the windows are counted in event time, so an hour of history is appended in a second."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+
+from tests.conftest import Infra
+from tests.harness import LOOPBACK_WEBHOOKS, Env, answer, running, stub_upstream, wait_until
+from tests.integration.test_alerts import alerts_of, new_rule, play
+
+OBJECTIVE = 0.99  # 1 % of runs may fail: the fast pair pages above 14.4 %, the slow one above 6 %
+B = 300.0  # minutes of history before the fast test's hour
+
+
+@pytest.fixture(scope="module")
+async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
+    settings = {**LOOPBACK_WEBHOOKS, "FLOWTRAIL_PROJECTOR_ALERT_BACKOFF_S": "0.2",
+                "FLOWTRAIL_PROJECTOR_ALERT_POLL_S": "0.05"}  # fmt: skip
+    async with (
+        stub_upstream({("POST", "/webhook"): answer("ok")}) as inbox,
+        running(
+            infra, tmp_path_factory, keys={"admin": "t1"}, services=("projector", "api"), env=settings, upstream=inbox
+        ) as env,  # fmt: skip
+    ):
+        yield env
+
+
+def runs(
+    prefix: str, flow: str, t0: datetime, at_minutes: list[float], statuses: str
+) -> list[tuple[str, str, datetime, str]]:
+    """(run id, status, finished at, flow) for play(): 'S'/'F' runs at t0 + the given minutes."""
+    names = {"S": "SUCCEEDED", "F": "FAILED"}
+    assert len(at_minutes) == len(statuses)
+    return [(f"{prefix}{i}", names[s], t0 + timedelta(minutes=m), flow)
+            for i, (m, s) in enumerate(zip(at_minutes, statuses, strict=True))]  # fmt: skip
+
+
+async def slo_rule(env: Env, api: Any, flow: str) -> tuple[dict[str, Any], datetime]:
+    rule = await new_rule(api, flow_id=flow, kind="slo_burn", objective=OBJECTIVE, name=f"{flow} SLO",
+                          channels=[{"type": "webhook", "url": f"{env.upstream.url}/webhook"}])  # fmt: skip
+    return rule, datetime.fromisoformat(rule["created_at"]) + timedelta(seconds=1)
+
+
+async def test_fast_pair_pages_not_one_window_alone_and_resolves_when_no_pair_burns(env: Env) -> None:
+    async with env.client() as api:
+        rule, t0 = await slo_rule(env, api, "f-fast")
+        assert rule["kind"] == "slo_burn" and rule["objective"] == OBJECTIVE
+        assert (rule["fast_long_minutes"], rule["fast_short_minutes"], rule["fast_factor"]) == (60, 5, 14.4)
+        assert (rule["slow_long_minutes"], rule["slow_short_minutes"], rule["slow_factor"]) == (360, 30, 6)
+
+        # Five hours of one success a minute keep the 6 h window cool throughout. Then an hour of successes,
+        # then two failures and three successes within five minutes: the 5 min window burns (2 of 5), the hour
+        # does not (2 of 107): no page.
+        await play(env, runs("base", "f-fast", t0, [float(m) for m in range(1, 301)], "S" * 300))
+        calm = [B + 0.5 * i for i in range(1, 101)]
+        await play(env, runs("ok", "f-fast", t0, calm, "S" * 100))
+        await play(env, runs("blip", "f-fast", t0, [B + 58, B + 58.5, B + 59, B + 59.5, B + 60], "FFSSS"))
+        assert await alerts_of(api, rule) == []
+
+        # More failures: once 17 of the hour's 117 runs failed (> 14.4 %) both fast windows burn: one page.
+        await play(env, runs("down", "f-fast", t0, [B + 60.2 + 0.1 * i for i in range(16)], "F" * 16))
+        (alert,) = await alerts_of(api, rule)
+        assert alert["status"] == "open" and alert["kind"] == "slo_burn" and alert["run_id"] == "down14"
+        assert alert["payload"]["pair"] == {"long_minutes": 60, "short_minutes": 5, "factor": 14.4}
+        assert alert["payload"]["windows"]["60"]["burn_rate"] > 14.4 and "1h/5m > 14.4x" in alert["reason"]
+
+        # A success while the failures are still in the last 5 min resolves nothing.
+        await play(env, runs("back", "f-fast", t0, [B + 62], "S"))
+        assert [a["status"] for a in await alerts_of(api, rule)] == ["open"]
+        # Five quiet minutes later no pair burns (the 6 h window never did): resolved by that run.
+        await play(env, runs("calm", "f-fast", t0, [B + 67], "S"))
+        (alert,) = await alerts_of(api, rule)
+        assert alert["status"] == "resolved" and alert["resolved_by_run_id"] == "calm0"
+
+        async def both_sent() -> bool:
+            ds = (await api.get(f"/v1/alerts/{alert['id']}")).json()["deliveries"]
+            return [(d["action"], d["status"]) for d in ds] == [("trigger", "delivered"), ("resolve", "delivered")]
+
+        await wait_until(both_sent, logs=env.log_tails)
+        sent = [
+            c.json()["event"] for c in env.upstream.seen("/webhook") if c.json()["data"]["alert"]["id"] == alert["id"]
+        ]
+        assert sent == ["alert.fired", "alert.resolved"]
+
+
+async def test_slow_pair_pages_a_steady_ten_percent_failure_rate(env: Env) -> None:
+    """10 % of runs failing: under the fast pair's 14.4 % over the hour, over the slow pair's 6 %."""
+    async with env.client() as api:
+        rule, t0 = await slo_rule(env, api, "f-slow")
+        await play(env, runs("slow", "f-slow", t0, [float(i + 1) for i in range(20)], ("S" * 9 + "F") * 2))
+        first, second = await alerts_of(api, rule)
+        assert first["run_id"] == "slow9" and first["kind"] == "slo_burn"
+        assert first["payload"]["pair"] == {"long_minutes": 360, "short_minutes": 30, "factor": 6}
+        assert "6h/30m > 6x" in first["reason"]
+        # Seven successes thin the failure to 1 in 17 (under 6 %): resolved; the next failure (2 in 20) pages again.
+        assert first["status"] == "resolved" and first["resolved_by_run_id"] == "slow16"
+        assert second["run_id"] == "slow19" and second["status"] == "open"
+
+
+async def test_rules_and_channels_that_cannot_work_are_refused(env: Env) -> None:
+    async with env.client() as api:
+        bad = [
+            ({"flow_id": "f", "kind": "slo_burn"}, "needs objective"),
+            ({"flow_id": "f", "kind": "slo_burn", "objective": 1}, "objective"),
+            ({"flow_id": "f", "kind": "slo_burn", "objective": 0.99, "fast_short_minutes": 90},
+             "fast_short_minutes must be shorter than fast_long_minutes"),
+            ({"flow_id": "f", "kind": "failed_run", "objective": 0.99}, "objective do(es) not apply"),
+            # No FLOWTRAIL_PROJECTOR_SMTP_HOST in this deployment: an email channel could never deliver.
+            ({"flow_id": "f", "kind": "failed_run", "channels": [{"type": "email", "to": ["ops@example.com"]}]},
+             "FLOWTRAIL_PROJECTOR_SMTP_HOST is not set"),
+        ]  # fmt: skip
+        for body, needle in bad:
+            r = await api.post("/v1/alert-rules", json=body)
+            assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error", (body, r.text)
+            assert needle in r.json()["error"]["message"], (needle, r.text)
+        rule = await new_rule(api, flow_id="f", kind="failed_run")
+        r = await api.patch(f"/v1/alert-rules/{rule['id']}", json={"channels": [{"type": "email", "to": ["a@b.co"]}]})
+        assert r.status_code == 422 and "FLOWTRAIL_PROJECTOR_SMTP_HOST" in r.json()["error"]["message"], r.text
