@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from collections.abc import Callable
 from enum import StrEnum
@@ -362,7 +364,28 @@ class GrpcCallInput(Frozen):
         bad = sorted(k for k in self.metadata if k != k.lower() or k.endswith("-bin") or not k)
         if bad:
             raise ValueError(f"metadata keys must be lower case and not end in -bin: {', '.join(bad)}")
+        if self.descriptor_set is not None and not template_expressions(self.descriptor_set):
+            problem = _descriptor_set_problem(self.descriptor_set, self.service, self.method)
+            if problem:
+                raise ValueError(f"descriptor_set: {problem}")
         return self
+
+
+def _descriptor_set_problem(encoded: str, service: str, method: str) -> str | None:
+    """Why a base64 FileDescriptorSet cannot serve `service`/`method` (unreadable, no such service or method)."""
+    from google.protobuf import descriptor_pb2
+    from google.protobuf.message import DecodeError
+
+    try:
+        files = descriptor_pb2.FileDescriptorSet.FromString(base64.b64decode(encoded, validate=True)).file
+    except (binascii.Error, DecodeError, ValueError) as exc:
+        return f"not a base64 FileDescriptorSet ({exc})"
+    services = {(f"{f.package}.{s.name}" if f.package else s.name): s for f in files for s in f.service}
+    found = services.get(service)
+    if found is None:
+        return f"no service {service!r} (it has: {', '.join(sorted(services)) or 'none'})"
+    methods = sorted(m.name for m in found.method)
+    return None if method in methods else f"service {service!r} has no method {method!r} (it has: {', '.join(methods)})"
 
 
 _PUBLISH_CHECKED: dict[StepAction, type[BaseModel]] = {

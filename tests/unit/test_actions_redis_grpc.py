@@ -105,3 +105,12 @@ def test_redis_failures_are_classified() -> None:
         got = classify_redis(exc)
         assert got is not None and (got[0].value, got[1]) == expected, exc
     assert classify_redis(KeyError("bug")) is None  # an executor bug stays INTERNAL
+
+
+def test_a_descriptor_set_is_read_at_publish() -> None:
+    step = {"target": "grpc://h:1", "service": "shop.v1.Orders", "method": "Get"}
+    assert "descriptor_set: not a base64 FileDescriptorSet" in refusal("grpc_call", {**step, "descriptor_set": "%%"})
+    empty = "CgA="  # one empty file: no service
+    assert "no service 'shop.v1.Orders' (it has: none)" in refusal("grpc_call", {**step, "descriptor_set": empty})
+    # A templated set is read when the step runs.
+    assert publish("grpc_call", {**step, "descriptor_set": "{{ vars.descriptors }}"})

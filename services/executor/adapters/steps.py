@@ -23,6 +23,7 @@ from services.common.secretstore import SecretReader
 from services.common.templating import TemplateError, masked_secrets, render, secret_names, with_secrets
 from services.executor.adapters.actions_base import StepCall, StepError, StepOutcome, cap_output
 from services.executor.adapters.actions_db import DatabaseActions
+from services.executor.adapters.actions_grpc import GrpcActions
 from services.executor.adapters.actions_kafka import KafkaActions
 from services.executor.adapters.actions_python import PythonActions
 from services.executor.adapters.actions_redis import RedisActions
@@ -95,6 +96,8 @@ class StepRunners:
         self.python = PythonActions(max_output_bytes=max_output_bytes)
         self.redis = RedisActions(connectors=self.connectors, allow_private=allow_private_networks,
                                   max_output_bytes=max_output_bytes)  # fmt: skip
+        self.grpc = GrpcActions(connectors=self.connectors, allow_private=allow_private_networks,
+                                max_output_bytes=max_output_bytes)  # fmt: skip
         # Its output keeps every failed record and upsert (decide turns them into their own ledger events), so
         # it is capped by the record counts of the source, not by max_output_bytes.
         self.sync = SyncRecordsActions(connectors=self.connectors, allow_private=allow_private_networks,
@@ -110,6 +113,7 @@ class StepRunners:
             "sync_records": self.sync.sync,
             "redis_get": self.redis.get,
             "redis_set": self.redis.set,
+            "grpc_call": self.grpc.call,
         }
 
     @classmethod
@@ -132,6 +136,7 @@ class StepRunners:
         await self.db.close()
         await self.kafka.close()
         await self.redis.close()
+        await self.grpc.close()
         if self.secrets is not None:
             await self.secrets.close()
 
