@@ -8,12 +8,15 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
 from services.common.connectors import ConnectorRegistry, Resolved
 from services.executor.adapters.steps import StepCall, StepOutcome, StepRunners
+from tests.conftest import Infra
 from tests.e2e.stack import free_port
+from tests.harness import running, steps_of
 from tests.redis_server import RedisServer
 
 
@@ -170,3 +173,39 @@ async def test_a_tenant_connector_to_a_private_address_is_refused_at_the_connect
         assert redis.password not in message
     finally:
         await runners.close()
+
+
+async def test_a_run_writes_and_reads_redis_with_the_password_from_the_secrets_store(
+    infra: Infra, tmp_path_factory: pytest.TempPathFactory, redis: RedisServer
+) -> None:
+    """On real processes: the operator's connector carries no password, the step takes it from the tenant's secrets
+    store; the run shows key, value and TTL, and the password is in no event."""
+    connectors = orjson.dumps({"cache": f"redis://127.0.0.1:{redis.port}/0"}).decode()
+    async with running(infra, tmp_path_factory, env={"FLOWTRAIL_EXECUTOR_CONNECTORS": connectors}) as env:
+        await env.ok("PUT", "/v1/secrets/redis_password", json={"value": redis.password}, status=201)
+        secret = "{{ secrets.redis_password }}"
+        k = key("e2e") + ":{{ trigger.order_id }}"
+        flow = {"id": "cache-order", "name": "Cache an order", "steps": [
+            {"name": "put", "action": "redis_set",
+             "input": {"connector": "cache", "key": k, "value": {"order": "{{ trigger.order_id }}"}, "ttl_s": 60,
+                       "condition": "nx", "password": secret}},
+            {"name": "read", "action": "redis_get",
+             "input": {"connector": "cache", "key": k, "value_format": "json", "password": secret},
+             "assertions": [{"expression": "value.order", "expected": "{{ trigger.order_id }}"}]},
+        ]}  # fmt: skip
+        bad_step = {"name": "put", "action": "redis_set", "input": {"connector": "cache", "key": "k", "ttl": 5}}
+        bad = {**flow, "id": "bad-cache", "steps": [bad_step]}
+        refused = await env.api("POST", "/v1/flows", json=bad)
+        assert refused.status_code == 422, refused.text
+        message = refused.json()["error"]["message"]
+        assert "redis_set input:" in message and "value: Field required" in message and "ttl: Extra inputs" in message
+        await env.create_flow(flow)
+
+        run_id = await env.trigger("cache-order", {"order_id": "SO-11"})
+        run = await env.wait_status(run_id, within=90)
+        assert run["status"] == "SUCCEEDED", run
+        put, read = steps_of(run)["put"], steps_of(run)["read"]
+        assert put["input"]["password"] == "***" and put["output"]["written"] is True
+        assert put["output"]["key"].endswith(":SO-11") and put["output"]["ttl_s"] == 60
+        assert read["output"]["value"] == {"order": "SO-11"} and 0 < read["output"]["ttl_s"] <= 60
+        assert redis.password not in orjson.dumps(await env.events(run_id)).decode()
