@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import grpc
+import orjson
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc_reflection.v1alpha import reflection
@@ -21,7 +22,9 @@ from pydantic import ValidationError
 from schemas.flows import FlowDefinition
 from services.executor.adapters.actions_grpc import classify_grpc
 from services.executor.adapters.steps import StepCall, StepOutcome, StepRunners
+from tests.conftest import Infra
 from tests.e2e.stack import free_port
+from tests.harness import running, steps_of
 
 SERVICE = "shop.v1.Orders"
 F = descriptor_pb2.FieldDescriptorProto
@@ -192,3 +195,38 @@ async def test_a_target_in_a_flow_may_not_reach_private_networks(runners: StepRu
         outcome = await run(runners, {**get({}), "connector": None, "target": target})
         category, code, message = failed(outcome)
         assert (category, code) == ("VALIDATION", "blocked_address") and "private or reserved" in message, target
+
+
+async def test_a_run_calls_grpc_and_a_retryable_status_is_retried(
+    infra: Infra, tmp_path_factory: pytest.TempPathFactory, servers: Servers
+) -> None:
+    """On real processes: a grpc_call's response extracted into a variable; UNAVAILABLE retried, then the run fails
+    with the status as the error's code; an unknown method in a descriptor set is refused at publish (422)."""
+    connectors = orjson.dumps({"orders": f"grpc://127.0.0.1:{servers.reflecting}"}).decode()
+    extra = {"FLOWTRAIL_EXECUTOR_CONNECTORS": connectors, "FLOWTRAIL_EXECUTOR_TIME_SCALE": "0.01"}
+    async with running(infra, tmp_path_factory, env=extra) as env:
+        call = {"connector": "orders", "service": SERVICE, "method": "Get", "deadline_s": 5,
+                "request": {"order_id": "{{ trigger.order_id }}", "fail_with": "{{ trigger.fail }}"}}  # fmt: skip
+        flow = {"id": "grpc-order", "name": "Order over gRPC", "steps": [
+            {"name": "get", "action": "grpc_call", "input": call, "extract": {"qty": "response.qty"},
+             "retry": {"delays_s": [0.1]}},
+            {"name": "show", "action": "transform", "input": {"output": {"qty": "{{ vars.qty }}"}}},
+        ]}  # fmt: skip
+        await env.create_flow(flow)
+        bad = {**call, "method": "Delete", "descriptor_set": descriptor_set()}
+        refused = await env.api("POST", "/v1/flows", json={**flow, "id": "grpc-bad", "steps": [
+            {"name": "get", "action": "grpc_call", "input": bad}]})  # fmt: skip
+        assert refused.status_code == 422 and "no method 'Delete'" in refused.json()["error"]["message"], refused.text
+
+        ok = await env.wait_status(await env.trigger("grpc-order", {"order_id": "SO-21", "fail": ""}), within=90)
+        assert ok["status"] == "SUCCEEDED", ok
+        get_step = steps_of(ok)["get"]
+        assert get_step["output"]["response"]["order_id"] == "SO-21" and get_step["output"]["status"] == "OK"
+        assert steps_of(ok)["show"]["output"] == {"qty": "3"}
+
+        failing = await env.trigger("grpc-order", {"order_id": "SO-22", "fail": "UNAVAILABLE"})
+        failed_run = await env.wait_status(failing, within=90)
+        assert failed_run["status"] == "FAILED", failed_run
+        attempts = steps_of(failed_run)["get"]["attempts"]
+        assert [a["error"]["code"] for a in attempts] == ["UNAVAILABLE", "UNAVAILABLE"]
+        assert {a["error"]["category"] for a in attempts} == {"TRANSIENT"}
