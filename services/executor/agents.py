@@ -57,7 +57,8 @@ def register(app: faust.App, triggers: faust.TopicT, engine: Engine, dlq_topic: 
 
     @app.page("/readyz")
     async def readyz(web: Any, request: Any) -> Any:
-        """503 while inputs would wait: the ledger cannot be reached, or assigned partitions are still replaying."""
+        """503 while inputs would wait: the ledger cannot be reached, no assignment came yet, or assigned partitions are
+        still replaying."""
         checks: dict[str, str] = {}
         try:
             async with asyncio.timeout(3):
@@ -65,9 +66,13 @@ def register(app: faust.App, triggers: faust.TopicT, engine: Engine, dlq_topic: 
             checks["kafka"] = "ok"
         except Exception as exc:  # not started, unreachable, timed out: each means not ready
             checks["kafka"] = f"Kafka unreachable: {exc!r}"
-        checks["partitions"] = (f"replaying {sorted(engine.replaying)}" if engine.replaying
-                                else f"serving {sorted(engine.owned)}")  # fmt: skip
-        ok = checks["kafka"] == "ok" and not engine.replaying
+        if not engine.partitions.assigned:
+            checks["partitions"] = "waiting for the consumer group's first assignment"
+        elif engine.replaying:
+            checks["partitions"] = f"replaying {sorted(engine.replaying)}"
+        else:
+            checks["partitions"] = f"serving {sorted(engine.owned)}"
+        ok = checks["kafka"] == "ok" and engine.partitions.assigned and not engine.replaying
         return web.json({"status": "ready" if ok else "unavailable", "checks": checks}, status=200 if ok else 503)
 
     @app.page("/metrics")

@@ -36,6 +36,8 @@ class Partitions:
         self.replayed: dict[int, asyncio.Event] = {}
         self.foreign: set[int] = set()  # partitions the last assignment gave to another worker
         self.replaying: dict[int, asyncio.Task[None]] = {}
+        # False until the consumer group's first assignment (which may give this worker no partition at all).
+        self.assigned = False
 
     def claim(self, run_id: str, partition: int) -> None:
         """The run lives on this (owned) partition: its events are appended there."""
@@ -56,6 +58,7 @@ class Partitions:
         sends no heartbeats while the callback runs, so a replay longer than the session timeout would get the
         worker dropped from the group, rejoin, and replay everything again, forever.
         """
+        self.assigned = True
         assigned = set(partitions)
         for partition in [p for p in self.replayed if p not in assigned and p not in self.owned]:
             self.foreign.add(partition)

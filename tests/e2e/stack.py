@@ -52,7 +52,11 @@ class Service:
         finally:
             os.close(log_fd)
 
-    async def wait_healthy(self, within: float = 60.0) -> None:
+    async def wait_healthy(self, within: float = 60.0, *, ready: bool = True) -> None:
+        """Until the service answers 200 on /readyz (its dependencies reached, an executor's partitions assigned and
+        replayed), or on /healthz (alive: the process answers) with `ready=False`, as for a start without the broker.
+        The executor answers /healthz from its first moments, before faust is even imported."""
+        probe = "/readyz" if ready else "/healthz"
         deadline = time.monotonic() + within
         async with httpx.AsyncClient(timeout=2) as client:
             while True:
@@ -60,12 +64,12 @@ class Service:
                 if self.process.poll() is not None:
                     raise AssertionError(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
                 try:
-                    if (await client.get(f"{self.url}/healthz")).status_code == 200:
+                    if (await client.get(f"{self.url}{probe}")).status_code == 200:
                         return
                 except httpx.TransportError:
                     pass
                 if time.monotonic() > deadline:
-                    raise AssertionError(f"{self.name} not healthy after {within}s:\n{self.log_tail()}")
+                    raise AssertionError(f"{self.name} not answering {probe} after {within}s:\n{self.log_tail()}")
                 await asyncio.sleep(0.1)
 
     def kill(self) -> None:
@@ -74,11 +78,11 @@ class Service:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(10)
 
-    async def restart(self, within: float = 60.0) -> None:
-        """Killed (SIGKILL) if running, started again, healthy."""
+    async def restart(self, within: float = 60.0, *, ready: bool = True) -> None:
+        """Killed (SIGKILL) if running, started again, ready (or only alive, `ready=False`)."""
         self.kill()
         self.start()
-        await self.wait_healthy(within)
+        await self.wait_healthy(within, ready=ready)
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
@@ -129,7 +133,7 @@ class Stack:
         return self.services[key]
 
     async def start(self, *names: str) -> None:
-        """Start the services named (default: every one) and wait until each is healthy."""
+        """Start the services named (default: every one) and wait until each is ready."""
         chosen = [self.services[n] for n in names] if names else list(self.services.values())
         for service in chosen:
             service.start()

@@ -114,7 +114,7 @@ async def test_ingest_starts_without_kafka_and_is_ready_once_it_answers(
 ) -> None:
     env, state, port, controller = outage_env
     await asyncio.to_thread(stop_pid, private_broker(state, port, controller).pid)
-    await env.stack["ingest"].restart(within=60)  # alive at once, though the broker is away
+    await env.stack["ingest"].restart(within=60, ready=False)  # alive at once, though the broker is away
     ready = await env.ingest("GET", "/readyz")
     assert ready.status_code == 503 and "Kafka" in ready.json()["checks"]["kafka"], ready.text
     refused = await env.ingest("POST", "/v1/flows/noop/trigger", json={"input": {"n": 1}})
