@@ -72,6 +72,7 @@ CONTROL: tuple[str, ...] = (
     "webhook_attempts",
     "alert_rules",
     "alert_deliveries",
+    "oncall_pages",
 )
 # Control-plane tables the replay reads (alert rules decide which alerts are derived): copied into the shadow
 # before it replays, and again at the swap with the rest.
