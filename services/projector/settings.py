@@ -34,6 +34,10 @@ class ProjectorSettings(CommonSettings):
     smtp_username: str = service_field("projector", "smtp_username", "")
     smtp_password: str = service_field("projector", "smtp_password", "")
     smtp_timeout_s: float = service_field("projector", "smtp_timeout_s", 10.0)
+    # On-call (docs/alerts.md): runs failing with an INTERNAL error (Flowtrail's own bug) page this webhook, once per
+    # error fingerprint per window; empty: nobody is paged. It obeys the private-network setting above.
+    oncall_webhook_url: str = service_field("projector", "oncall_webhook_url", "")
+    oncall_window_s: float = service_field("projector", "oncall_window_s", 3600.0, gt=0)
 
     # This replica's stable name in the consumer group (Kafka's group.instance.id): a projector restarted after a
     # kill rejoins as itself and gets its partitions back without waiting out its old session (docs/decisions.md).

@@ -1,22 +1,36 @@
 """slo_burn alerts on the real broker and database, with the projector and the API as processes: a flow's runs
 page when both windows of the fast pair (1 h and 5 min) or of the slow pair (6 h and 30 min) burn the error
 budget too fast, never on one window alone, and resolve once no pair burns; the alert goes out like every
-kind's (a loopback webhook receiver stands in). Email channels are refused while no SMTP server is set.
+kind's (a loopback webhook receiver stands in). Runs failing INTERNAL (Flowtrail's own bug) page the deployment's
+on-call webhook without any rule, once per error fingerprint per hour. Email channels are refused while no SMTP
+server is set.
 
 Runs are dated from the rule's creation on (a rule judges runs that finish after it exists), up to hours
 ahead: the windows are counted in event time, so an hour of history is appended in a second."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
+from schemas.events import EventBase
 from tests.conftest import Infra
-from tests.harness import LOOPBACK_WEBHOOKS, Env, answer, running, stub_upstream, wait_until
-from tests.integration.test_alerts import alerts_of, new_rule, play
+from tests.harness import (
+    LOOPBACK_WEBHOOKS,
+    Env,
+    answer,
+    append_ledger,
+    connected,
+    running,
+    stub_upstream,
+    wait_sql,
+    wait_until,
+)
+from tests.integration.test_alerts import alerts_of, finished, new_rule, play
 
 OBJECTIVE = 0.99  # 1 % of runs may fail: the fast pair pages above 14.4 %, the slow one above 6 %
 B = 300.0  # minutes of history before the fast test's hour
@@ -24,15 +38,13 @@ B = 300.0  # minutes of history before the fast test's hour
 
 @pytest.fixture(scope="module")
 async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
-    settings = {**LOOPBACK_WEBHOOKS, "FLOWTRAIL_PROJECTOR_ALERT_BACKOFF_S": "0.2",
-                "FLOWTRAIL_PROJECTOR_ALERT_POLL_S": "0.05"}  # fmt: skip
-    async with (
-        stub_upstream({("POST", "/webhook"): answer("ok")}) as inbox,
-        running(
-            infra, tmp_path_factory, keys={"admin": "t1"}, services=("projector", "api"), env=settings, upstream=inbox
-        ) as env,  # fmt: skip
-    ):
-        yield env
+    async with stub_upstream({("POST", "/webhook"): answer("ok"), ("POST", "/oncall"): answer("ok")}) as inbox:
+        settings = {**LOOPBACK_WEBHOOKS, "FLOWTRAIL_PROJECTOR_ALERT_BACKOFF_S": "0.2",
+                    "FLOWTRAIL_PROJECTOR_ALERT_POLL_S": "0.05",
+                    "FLOWTRAIL_PROJECTOR_ONCALL_WEBHOOK_URL": f"{inbox.url}/oncall"}  # fmt: skip
+        async with running(infra, tmp_path_factory, keys={"admin": "t1"}, services=("projector", "api"),
+                           env=settings, upstream=inbox) as env:  # fmt: skip
+            yield env
 
 
 def runs(
@@ -126,3 +138,47 @@ async def test_rules_and_channels_that_cannot_work_are_refused(env: Env) -> None
         rule = await new_rule(api, flow_id="f", kind="failed_run")
         r = await api.patch(f"/v1/alert-rules/{rule['id']}", json={"channels": [{"type": "email", "to": ["a@b.co"]}]})
         assert r.status_code == 422 and "FLOWTRAIL_PROJECTOR_SMTP_HOST" in r.json()["error"]["message"], r.text
+
+
+def internal_failure(run_id: str, at: datetime, message: str, *, flow: str = "f-bug", category: str = "INTERNAL"
+                     ) -> list[EventBase]:  # fmt: skip
+    """A one-step run failing at `at` with an error of `category` (INTERNAL: Flowtrail's own bug)."""
+    events = finished(run_id, "FAILED", at, flow=flow)
+    error = {"category": category, "message": message}
+    return [type(e).model_validate({**e.model_dump(), "payload": {**e.payload.model_dump(), "error": error}})
+            if "error" in type(e.payload).model_fields else e for e in events]  # fmt: skip
+
+
+async def test_internal_errors_page_on_call_once_per_fingerprint_per_hour(env: Env) -> None:
+    t0 = datetime.now(UTC)
+    crash, stuck = "KeyError: 'cursor' in the run loop", "AssertionError: snapshot went backwards"
+    runs_ = [
+        *internal_failure("bug-a0", t0 + timedelta(minutes=1), crash),
+        *internal_failure("bug-a1", t0 + timedelta(minutes=2), crash),  # same fingerprint within the hour: quiet
+        *internal_failure("bug-b0", t0 + timedelta(minutes=3), stuck),  # another fingerprint: pages
+        *internal_failure("user-0", t0 + timedelta(minutes=4), "the CRM rejected the record", category="VALIDATION"),
+        *internal_failure("bug-a2", t0 + timedelta(minutes=50), crash),  # still within the hour of a0: quiet
+        *internal_failure("bug-a3", t0 + timedelta(minutes=62), crash),  # an hour after a0's page: pages again
+    ]
+    await append_ledger(env.sandbox, runs_, partitions=1)
+    ids = sorted({e.run_id for e in runs_})
+    async with connected(env) as db:
+        await wait_sql(db, "SELECT count(*) = $2 FROM runs WHERE id = ANY($1::text[]) AND finished_at IS NOT NULL",
+                       ids, len(ids), what="runs projected", logs=env.log_tails)  # fmt: skip
+
+    async def three_pages() -> bool:
+        return len(env.upstream.seen("/oncall")) >= 3
+
+    await wait_until(three_pages, logs=env.log_tails)
+    await asyncio.sleep(1)  # a fourth page would have been sent by now (the dispatcher looks every 50 ms)
+    pages = [(dict(c.headers), c.json()) for c in env.upstream.seen("/oncall")]
+    assert sorted(body["data"]["run_id"] for _, body in pages) == ["bug-a0", "bug-a3", "bug-b0"]
+    by_run = {body["data"]["run_id"]: (headers, body) for headers, body in pages}
+    headers, body = by_run["bug-a0"]
+    assert headers["X-Flowtrail-Event"] == "flowtrail.internal_error" and headers["X-Flowtrail-Delivery"] == body["id"]
+    data = body["data"]
+    assert (data["tenant_id"], data["flow_id"], data["message"], data["window_s"]) == ("t1", "f-bug", crash, 3600)
+    assert (
+        data["fingerprint"] == by_run["bug-a3"][1]["data"]["fingerprint"] != by_run["bug-b0"][1]["data"]["fingerprint"]
+    )
+    assert "bug-a0" in body["summary"] and crash in body["summary"]

@@ -21,6 +21,7 @@ from services.common.netguard import check_url, guarded_client
 from services.common.outbox import Attempt, Outbox, Queue
 from services.common.webhooks import sign
 from services.projector import alerts, slo_burn
+from services.projector.adapters import oncall
 from services.projector.alerts import Finished, Fire, Resolve, Rule, State
 from services.projector.settings import ProjectorSettings
 
@@ -65,6 +66,8 @@ async def evaluate(conn: asyncpg.Connection, events: list[EventBase], *, deliver
     finished = [e for e in events if TERMINAL_EVENT_STATUS.get(e.type) in alerts.OUTCOMES]
     if not finished:
         return 0
+    if deliver:  # on-call pages are sent, not derived: a replay pages nobody again
+        await oncall.enqueue(conn, sorted({e.run_id for e in finished}))
     pairs = sorted({(e.tenant_id, e.flow_id) for e in finished})
     rows = await conn.fetch(
         f"SELECT {_RULE_COLUMNS} FROM alert_rules WHERE (tenant_id, flow_id) IN "
@@ -289,12 +292,14 @@ class Dispatcher:
         self.client = guarded_client(settings.webhook_allow_private_networks, timeout=10, follow_redirects=False)
         self.outbox = Outbox(_QUEUE, self._send, backoff_s=settings.alert_backoff_s, lease_s=lease_s,
                              noun="alert delivery", journal=_journal)  # fmt: skip
+        self.pages = Outbox(oncall.QUEUE, self._send, backoff_s=settings.alert_backoff_s, lease_s=lease_s,
+                            noun="on-call page")  # fmt: skip
 
     async def close(self) -> None:
         await self.client.aclose()
 
     async def run_once(self, pool: asyncpg.Pool, limit: int = 50) -> int:
-        return len(await self.outbox.run_once(pool, limit))
+        return len(await self.outbox.run_once(pool, limit)) + len(await self.pages.run_once(pool, limit))
 
     async def _send(self, d: asyncpg.Record) -> int | None:
         if d["channel_type"] == "email":
@@ -303,6 +308,8 @@ class Dispatcher:
         await check_url(d["target"], allow_private=True)  # scheme and host; the address where it connects
         body = codec.dumps(d["body"])
         headers = {"Content-Type": "application/json"}
+        if d["channel_type"] == "oncall":
+            headers |= {"X-Flowtrail-Event": d["body"]["event"], "X-Flowtrail-Delivery": d["id"]}
         if d["channel_type"] == "webhook":
             headers |= {"X-Flowtrail-Event": d["body"]["event"], "X-Flowtrail-Delivery": d["id"],
                         "X-Flowtrail-Signature": sign(d["secret"], body)}  # fmt: skip
