@@ -4,9 +4,6 @@ used; a test that cannot get the browser fails, it does not skip."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,22 +11,14 @@ from pathlib import Path
 import orjson
 from playwright.async_api import Browser, BrowserContext, async_playwright
 
+from tests.debian import debian_binary
+
 CHROMIUM = Path("/usr/bin/chromium")
 
 
 def chromium() -> Path:
     """Debian's chromium, installed with `apt-get install chromium` when it is missing and we are root."""
-    if CHROMIUM.is_file():
-        return CHROMIUM
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise AssertionError(f"{CHROMIUM} is missing: install Debian's browser with `sudo apt-get install chromium`")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]):
-        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=1800, check=False)
-        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-20:])
-        assert done.returncode == 0, f"`{' '.join(argv)}` failed (exit code {done.returncode}):\n{tail}"
-    assert CHROMIUM.is_file(), f"apt-get installed chromium but {CHROMIUM} is missing"
-    return CHROMIUM
+    return debian_binary(CHROMIUM, "chromium")
 
 
 @asynccontextmanager
