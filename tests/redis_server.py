@@ -4,8 +4,6 @@ own directory and a password. A test that cannot get it fails, it does not skip.
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import subprocess
 import tempfile
@@ -14,6 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.debian import debian_binary
 
 REDIS_SERVER = Path("/usr/bin/redis-server")
 PASSWORD = "redis-pass-not-shown"
@@ -32,17 +32,7 @@ class RedisServer:
 
 def redis_server_binary() -> Path:
     """Debian's redis-server, installed with `apt-get install redis-server` when it is missing and we are root."""
-    if REDIS_SERVER.is_file():
-        return REDIS_SERVER
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise AssertionError(f"{REDIS_SERVER} is missing: install it with `sudo apt-get install redis-server`")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "redis-server"]):
-        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=1800, check=False)
-        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-20:])
-        assert done.returncode == 0, f"`{' '.join(argv)}` failed (exit code {done.returncode}):\n{tail}"
-    assert REDIS_SERVER.is_file(), f"apt-get installed redis-server but {REDIS_SERVER} is missing"
-    return REDIS_SERVER
+    return debian_binary(REDIS_SERVER, "redis-server")
 
 
 def _free_port() -> int:

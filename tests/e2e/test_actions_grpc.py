@@ -9,7 +9,6 @@ import asyncio
 import base64
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -21,10 +20,11 @@ from pydantic import ValidationError
 
 from schemas.flows import FlowDefinition
 from services.executor.adapters.actions_grpc import classify_grpc
-from services.executor.adapters.steps import StepCall, StepOutcome, StepRunners
+from services.executor.adapters.steps import StepOutcome, StepRunners
 from tests.conftest import Infra
 from tests.e2e.stack import free_port
 from tests.harness import running, steps_of
+from tests.integration.test_step_actions import failed, run
 
 SERVICE = "shop.v1.Orders"
 F = descriptor_pb2.FieldDescriptorProto
@@ -106,37 +106,30 @@ async def runners(servers: Servers) -> AsyncIterator[StepRunners]:
     await r.close()
 
 
-async def run(runners: StepRunners, spec: dict[str, Any], timeout_s: float = 20) -> StepOutcome:
-    call = StepCall(run_id="run-g", step="s", action="grpc_call", attempt=1, input=spec, started_at=datetime.now(UTC),
-                    timeout_s=timeout_s)  # fmt: skip
-    return await runners.run(call)
+async def call(runners: StepRunners, spec: dict[str, Any], timeout_s: float = 20) -> StepOutcome:
+    return await run(runners, "grpc_call", spec, timeout_s=timeout_s)
 
 
 def get(request: dict[str, Any], connector: str = "orders", **extra: Any) -> dict[str, Any]:
     return {"connector": connector, "service": SERVICE, "method": "Get", "request": request, **extra}
 
 
-def failed(outcome: StepOutcome) -> tuple[str, str | None, str]:
-    assert not outcome.ok and outcome.error is not None, outcome
-    return outcome.error.category.value, outcome.error.code, outcome.error.message
-
-
 async def test_a_call_with_types_from_reflection(runners: StepRunners) -> None:
-    outcome = await run(runners, get({"order_id": "SO-1"}, metadata={"x-tenant": "acme"}))
+    outcome = await call(runners, get({"order_id": "SO-1"}, metadata={"x-tenant": "acme"}))
     assert outcome.ok, outcome
     out = outcome.output
     assert (out["service"], out["method"], out["status"]) == (SERVICE, "Get", "OK")
     assert out["request"] == {"order_id": "SO-1"}
     # The response as JSON with the .proto's field names; zero values shown; int64 as a string (protobuf's mapping).
     assert out["response"] == {"order_id": "SO-1", "qty": "3", "paid": False,
-                               "tags": ["x-tenant=acme", "idempotency-key=run-g:s:1"]}  # fmt: skip
+                               "tags": ["x-tenant=acme", "idempotency-key=run-1:s:1"]}  # fmt: skip
     assert out["response_metadata"]["x-served-by"] == "orders-test"
 
 
 async def test_a_call_with_types_from_a_descriptor_set(runners: StepRunners) -> None:
-    without = await run(runners, get({"order_id": "SO-2"}, connector="plain"))
+    without = await call(runners, get({"order_id": "SO-2"}, connector="plain"))
     assert failed(without)[:2] == ("VALIDATION", "no_reflection") and "descriptor_set" in failed(without)[2]
-    outcome = await run(runners, get({"order_id": "SO-2"}, connector="plain", descriptor_set=descriptor_set()))
+    outcome = await call(runners, get({"order_id": "SO-2"}, connector="plain", descriptor_set=descriptor_set()))
     assert outcome.ok and outcome.output["response"]["order_id"] == "SO-2"
 
 
@@ -146,7 +139,7 @@ async def test_a_call_with_types_from_a_descriptor_set(runners: StepRunners) -> 
     ("UNAUTHENTICATED", "AUTH"), ("PERMISSION_DENIED", "AUTH"), ("ABORTED", "CONFLICT"), ("ALREADY_EXISTS", "CONFLICT"),
 ])  # fmt: skip
 async def test_each_status_is_classified(runners: StepRunners, status: str, category: str) -> None:
-    outcome = await run(runners, get({"order_id": "SO-3", "fail_with": status}))
+    outcome = await call(runners, get({"order_id": "SO-3", "fail_with": status}))
     got_category, code, message = failed(outcome)
     assert (got_category, code) == (category, status)
     assert f"told to fail with {status}" in message
@@ -162,20 +155,20 @@ def test_every_status_code_has_a_category() -> None:
 
 
 async def test_a_deadline_is_transient(runners: StepRunners) -> None:
-    outcome = await run(runners, get({"order_id": "SO-4", "delay_ms": 2000}, deadline_s=0.3))
+    outcome = await call(runners, get({"order_id": "SO-4", "delay_ms": 2000}, deadline_s=0.3))
     assert failed(outcome)[:2] == ("TRANSIENT", "DEADLINE_EXCEEDED")
     # The step's timeout caps the deadline, so the call ends before the step is cut off.
-    capped = await run(runners, get({"order_id": "SO-4", "delay_ms": 3000}), timeout_s=0.5)
+    capped = await call(runners, get({"order_id": "SO-4", "delay_ms": 3000}), timeout_s=0.5)
     assert failed(capped)[:2] == ("TRANSIENT", "DEADLINE_EXCEEDED")
 
 
 async def test_unknown_services_methods_and_bad_requests(runners: StepRunners) -> None:
-    category, code, message = failed(await run(runners, {**get({}), "service": "shop.v1.Nope"}))
+    category, code, message = failed(await call(runners, {**get({}), "service": "shop.v1.Nope"}))
     assert (category, code) == ("VALIDATION", "unknown_service") and "shop.v1.Nope" in message
-    category, code, message = failed(await run(runners, {**get({}), "method": "Delete"}))
+    category, code, message = failed(await call(runners, {**get({}), "method": "Delete"}))
     assert (category, code) == ("VALIDATION", "unknown_method") and "Get, Watch" in message
-    assert failed(await run(runners, {**get({}), "method": "Watch"}))[:2] == ("VALIDATION", "streaming_method")
-    category, code, message = failed(await run(runners, get({"order_id": "SO-5", "colour": "red"})))
+    assert failed(await call(runners, {**get({}), "method": "Watch"}))[:2] == ("VALIDATION", "streaming_method")
+    category, code, message = failed(await call(runners, get({"order_id": "SO-5", "colour": "red"})))
     assert (category, code) == ("VALIDATION", "invalid_request") and "colour" in message
     # With a descriptor set the same mistakes are refused at publish.
     step = {"name": "s", "action": "grpc_call", "input": {**get({}), "method": "Delete",
@@ -185,14 +178,14 @@ async def test_unknown_services_methods_and_bad_requests(runners: StepRunners) -
 
 
 async def test_an_unreachable_server_is_transient(runners: StepRunners) -> None:
-    category, code, message = failed(await run(runners, get({}, connector="gone"), timeout_s=5))
+    category, code, message = failed(await call(runners, get({}, connector="gone"), timeout_s=5))
     assert (category, code) == ("TRANSIENT", "UNAVAILABLE"), message
 
 
 async def test_a_target_in_a_flow_may_not_reach_private_networks(runners: StepRunners, servers: Servers) -> None:
     # A target written in the step is not the operator's connector: guarded, loopback included, before dialling.
     for target in (f"grpc://127.0.0.1:{servers.reflecting}", "grpc://10.1.2.3:50051", "grpcs://[::1]:443"):
-        outcome = await run(runners, {**get({}), "connector": None, "target": target})
+        outcome = await call(runners, {**get({}), "connector": None, "target": target})
         category, code, message = failed(outcome)
         assert (category, code) == ("VALIDATION", "blocked_address") and "private or reserved" in message, target
 

@@ -6,17 +6,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
 
 import orjson
 import pytest
 import redis.asyncio as aioredis
 
 from services.common.connectors import ConnectorRegistry, Resolved
-from services.executor.adapters.steps import StepCall, StepOutcome, StepRunners
+from services.executor.adapters.steps import StepRunners
 from tests.conftest import Infra
 from tests.e2e.stack import free_port
 from tests.harness import running, steps_of
+from tests.integration.test_step_actions import failed, run
 from tests.redis_server import RedisServer
 
 
@@ -40,17 +40,6 @@ async def direct(redis: RedisServer) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(redis.url())
     yield client
     await client.aclose()
-
-
-async def run(runners: StepRunners, action: str, spec: dict[str, Any]) -> StepOutcome:
-    call = StepCall(run_id="run-r", step="s", action=action, attempt=1, input=spec, started_at=datetime.now(UTC),
-                    timeout_s=20)  # fmt: skip
-    return await runners.run(call)
-
-
-def failed(outcome: StepOutcome) -> tuple[str, str | None, str]:
-    assert not outcome.ok and outcome.error is not None, outcome
-    return outcome.error.category.value, outcome.error.code, outcome.error.message
 
 
 def key(name: str) -> str:
