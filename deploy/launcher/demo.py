@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from deploy.launcher.demo_flows import API_TEST, APPROVAL, ORDER_SYNC, demo_inputs
+from deploy.launcher.demo_flows import API_TEST, APPROVAL, ORDER_SYNC, WEBHOOK, demo_inputs
 from deploy.launcher.demo_upstream import DEMO_UPSTREAM_PORT, DemoUpstream, serve
 from schemas.status import TERMINAL_RUN_STATUSES
 from services.common.settings import DEFAULT_API_PORT, DEFAULT_INGEST_PORT, CommonSettings
@@ -18,6 +18,8 @@ from services.common.settings import DEFAULT_API_PORT, DEFAULT_INGEST_PORT, Comm
 TERMINAL = {s.value for s in TERMINAL_RUN_STATUSES}
 PLAN = {"demo-order-sync": 5, "demo-invoice-push": 2, ORDER_SYNC: 1, API_TEST: 1, APPROVAL: 1}
 ANSWER = {"approved": True, "carrier": "DHL", "by": "flowtrail demo"}
+# The shop's own order-created event, posted raw (no {"input": …} envelope, no key) to the flow's hook URL, twice.
+SHOP_EVENT = {"id": 820982911946154508, "name": "#1050", "email": "jon@example.com", "total_price": "199.00"}
 
 
 class DemoError(RuntimeError):
@@ -64,6 +66,38 @@ async def _act(
               f"{r.json()['run_id']}", file=out)  # fmt: skip
         return str(r.json()["run_id"])
     return None
+
+
+async def _deliver_webhook(client: httpx.AsyncClient, ingest_url: str, key: str, deadline: float) -> str:
+    """The shop's webhook delivery, and its redelivery: one run (the event's id names it)."""
+    headers = {"Authorization": f"Bearer {key}"}
+    while True:  # as for a trigger: the flow may not be projected yet right after `up`
+        r = await client.get(f"{ingest_url}/v1/flows/{WEBHOOK}/hook", headers=headers)
+        if r.status_code == 200 and r.json().get("url"):
+            break
+        if r.status_code != 404 or time.monotonic() > deadline:
+            raise DemoError(f"GET /v1/flows/{WEBHOOK}/hook answered {r.status_code}: {r.text}")
+        await asyncio.sleep(0.2)
+    runs = set()
+    for _ in range(2):
+        delivery = await client.post(r.json()["url"], json=SHOP_EVENT)
+        if delivery.status_code != 202:
+            raise DemoError(f"webhook delivery answered {delivery.status_code}: {delivery.text}")
+        runs.add(str(delivery.json()["run_id"]))
+    if len(runs) != 1:
+        raise DemoError(f"a redelivered webhook made another run: {sorted(runs)}")
+    return runs.pop()
+
+
+async def _diagnose(client: httpx.AsyncClient, api_url: str, headers: dict[str, str], run_id: str) -> str:
+    """One line: what GET /v1/runs/{id}/diagnosis says of a failed run."""
+    r = await client.get(f"{api_url}/v1/runs/{run_id}/diagnosis", headers=headers)
+    if r.status_code != 200:
+        raise DemoError(f"GET /v1/runs/{run_id}/diagnosis answered {r.status_code}: {r.text}")
+    found = r.json().get("diagnosis")
+    if not found:
+        return f"{run_id}: {r.json()['message']}"
+    return f"{run_id}: root cause {found['root_cause']}; next: {found['next_action']}"
 
 
 def _progress(runs: dict[str, dict[str, Any]], started: float) -> str:
@@ -113,6 +147,10 @@ async def _run_demo(api_key: str, api_url: str, ingest_url: str, timeout_s: floa
             for payload in demo_inputs(flow_id, n):
                 flow_of[await _trigger(client, ingest_url, api_key, flow_id, payload, deadline)] = flow_id
         print(f"fired {len(flow_of)} triggers: " + ", ".join(f"{n} x {f}" for f, n in PLAN.items()), file=out)
+        hooked = await _deliver_webhook(client, ingest_url, api_key, deadline)
+        flow_of[hooked] = f"{WEBHOOK} (webhook)"
+        print(f"the shop delivered its order-created event twice to the {WEBHOOK} hook URL: one run, {hooked}",
+              file=out)  # fmt: skip
         runs: dict[str, dict[str, Any]] = {run_id: {} for run_id in flow_of}
         last_line = ""
         handled: set[tuple[str, str]] = set()  # (run, status): a paused run is answered once, not at every poll
@@ -150,6 +188,10 @@ async def _run_demo(api_key: str, api_url: str, ingest_url: str, timeout_s: floa
         why = why or run.get("error_message") or ""  # a PARTIAL run says how many records failed
         duration = run.get("duration_ms") or 0
         print(f"{run_id:<34} {flow_of[run_id]:<36} {run['status']:<10} {duration:>7.0f}  {why}", file=out)
+    failed = [run_id for run_id, run in runs.items() if run["status"] == "FAILED"]
+    if failed:
+        async with httpx.AsyncClient(timeout=10) as client:
+            print(f"\ndiagnosis of {await _diagnose(client, api_url, headers, failed[0])}", file=out)
     print(f"\nsee one: curl -H 'Authorization: Bearer {api_key}' {api_url}/v1/runs/{next(iter(runs))}", file=out)
     print(f"synced orders: curl -H 'Authorization: Bearer {api_key}' {api_url}/api/public/data/order", file=out)
     return runs

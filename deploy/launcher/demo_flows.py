@@ -14,6 +14,7 @@ DEMO_TENANT = "demo"
 ORDER_SYNC = "demo-shopify-netsuite-orders"
 API_TEST = "demo-create-user-then-fetch"
 APPROVAL = "demo-ship-on-approval"
+WEBHOOK = "demo-shop-order-created"
 
 
 def demo_flows(
@@ -78,7 +79,24 @@ def demo_flows(
             {"name": "confirm", "action": "delay", "input": {"seconds": 0.1}},
         ],
     }
-    flows = [order_sync, invoice_push, *seed_flows(tenant_id, upstream)]
+    order_created = {
+        "id": WEBHOOK,
+        "tenant_id": tenant_id,
+        "name": "Demo: the shop's order-created webhook",
+        "version": 1,
+        "description": "The shop posts its own order-created event to the flow's hook URL (GET /v1/flows/{id}/hook): "
+        "each delivery is one run of trigger type webhook, a redelivery of the same event id the same run.",
+        "tags": ["demo", "webhook", "orders"],
+        "trigger": {"type": "webhook", "delivery_id_path": "id"},
+        "steps": [
+            {
+                "name": "label_order",
+                "action": "transform",
+                "input": {"output": {"order": "{{ trigger.name }}", "email": "{{ trigger.email }}"}},
+            },
+        ],
+    }
+    flows = [order_sync, invoice_push, order_created, *seed_flows(tenant_id, upstream)]
     return [FlowDefinition.model_validate(f) for f in flows]
 
 

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from deploy.launcher import demo_flows
 from deploy.launcher.demo import ANSWER, run_demo
-from deploy.launcher.demo_flows import API_TEST, APPROVAL, ORDER_SYNC
+from deploy.launcher.demo_flows import API_TEST, APPROVAL, ORDER_SYNC, WEBHOOK
 from deploy.launcher.demo_upstream import NETSUITE_SALES_ORDERS, SHOP_ORDERS, DemoUpstream, shop_order
 from schemas.flows import FlowDefinition
 from services.common.settings import CommonSettings
@@ -258,7 +258,12 @@ async def test_the_demo_runs_the_seed_flows_on_its_loopback_upstream_answering_a
     assert {s["name"]: s for s in approval["steps"]}["approve"]["output"] == ANSWER
     assert {r["status"] for r in by_flow["demo-order-sync"]} == {"SUCCEEDED"}
     assert {r["status"] for r in by_flow["demo-invoice-push"]} == {"FAILED"}  # on purpose
+    [hooked] = by_flow[WEBHOOK]  # delivered twice, one run
+    assert hooked["status"] == "SUCCEEDED" and hooked["trigger_type"] == "webhook", hooked
+    assert hooked["steps"][0]["output"] == {"order": "#1050", "email": "jon@example.com"}
     shown = out.getvalue()
     assert "answered" in shown and "retried it as " + retry["id"] in shown and "/api/public/data/order" in shown
+    first_failed = next(run for run in runs.values() if run["status"] == "FAILED")  # an invoice push, refused
+    assert f"diagnosis of {first_failed['id']}: root cause auth_or_config; next: " in shown, shown
     demo = await env.api("GET", "/api/public/data/order", "demo")
     assert demo.status_code == 200 and demo.json()["count"] == 5  # the four synced at first, the fixed one after
