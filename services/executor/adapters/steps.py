@@ -8,7 +8,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import orjson
@@ -23,15 +24,17 @@ from services.common.secretstore import SecretReader
 from services.common.templating import TemplateError, masked_secrets, render, secret_names, with_secrets
 from services.executor.adapters.actions_base import StepCall, StepError, StepOutcome, cap_output
 from services.executor.adapters.actions_db import DatabaseActions
-from services.executor.adapters.actions_grpc import GrpcActions
 from services.executor.adapters.actions_kafka import KafkaActions
 from services.executor.adapters.actions_python import PythonActions
-from services.executor.adapters.actions_redis import RedisActions
 from services.executor.adapters.actions_sync import SyncRecordsActions
 from services.executor.adapters.connectors import ConnectorRegistry
 from services.executor.adapters.secret_inputs import PendingInput, resolve, scrub
 from services.executor.fold import RunState
 from services.executor.settings import ExecutorSettings
+
+if TYPE_CHECKING:
+    from services.executor.adapters.actions_grpc import GrpcActions
+    from services.executor.adapters.actions_redis import RedisActions
 
 __all__ = ["PendingInput", "StepCall", "StepError", "StepOutcome", "StepRunners", "classify_status", "runner_input"]
 
@@ -94,10 +97,6 @@ class StepRunners:
         self.kafka = KafkaActions(bootstrap=kafka_bootstrap, reserved_prefix=topic_prefix, connectors=self.connectors,
                                   max_output_bytes=max_output_bytes, allow_private=allow_private_networks)  # fmt: skip
         self.python = PythonActions(max_output_bytes=max_output_bytes)
-        self.redis = RedisActions(connectors=self.connectors, allow_private=allow_private_networks,
-                                  max_output_bytes=max_output_bytes)  # fmt: skip
-        self.grpc = GrpcActions(connectors=self.connectors, allow_private=allow_private_networks,
-                                max_output_bytes=max_output_bytes)  # fmt: skip
         # Its output keeps every failed record and upsert (decide turns them into their own ledger events), so
         # it is capped by the record counts of the source, not by max_output_bytes.
         self.sync = SyncRecordsActions(connectors=self.connectors, allow_private=allow_private_networks,
@@ -111,10 +110,25 @@ class StepRunners:
             "kafka_consume": self.kafka.consume,
             "python": self.python.call,
             "sync_records": self.sync.sync,
-            "redis_get": self.redis.get,
-            "redis_set": self.redis.set,
-            "grpc_call": self.grpc.call,
+            "redis_get": lambda call: self.redis.get(call),
+            "redis_set": lambda call: self.redis.set(call),
+            "grpc_call": lambda call: self.grpc.call(call),
         }
+
+    # redis-py, grpcio and protobuf are imported when a step first needs them, not at every executor start.
+    @cached_property
+    def redis(self) -> RedisActions:
+        from services.executor.adapters.actions_redis import RedisActions
+
+        return RedisActions(connectors=self.connectors, allow_private=self.allow_private,
+                            max_output_bytes=self.max_output)  # fmt: skip
+
+    @cached_property
+    def grpc(self) -> GrpcActions:
+        from services.executor.adapters.actions_grpc import GrpcActions
+
+        return GrpcActions(connectors=self.connectors, allow_private=self.allow_private,
+                           max_output_bytes=self.max_output)  # fmt: skip
 
     @classmethod
     def from_settings(cls, settings: ExecutorSettings) -> StepRunners:
@@ -135,8 +149,10 @@ class StepRunners:
         await self.sync.close()
         await self.db.close()
         await self.kafka.close()
-        await self.redis.close()
-        await self.grpc.close()
+        if "redis" in self.__dict__:
+            await self.redis.close()
+        if "grpc" in self.__dict__:
+            await self.grpc.close()
         if self.secrets is not None:
             await self.secrets.close()
 
