@@ -16,6 +16,8 @@ from typing import Any
 from services.projector import slo_burn
 
 KINDS = ("failed_run", "consecutive_partial", "no_success", "failure_rate", "slo_burn")
+# An slo_burn rule with this flow_id watches every flow of its tenant (and environment) at once.
+TENANT_WIDE = "*"
 # Kinds whose open alert is resolved by their own measure, not by the flow's next success.
 _SELF_RESOLVING = frozenset({"failure_rate", "slo_burn"})
 FAILED = frozenset({"FAILED", "TIMED_OUT", "INTERNAL_ERROR"})
@@ -81,6 +83,7 @@ class Finished:
     flow_name: str = ""
     error_message: str | None = None
     failed_step: str | None = None
+    flow_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,10 +210,12 @@ def _slo(
         pair = decision.pair
         assert pair is not None
         rates = decision.rates
-        reason = (f"flow {rule.flow_id} is burning its {p['objective']:.4g} objective's error budget "
+        scope = "the tenant's flows are" if rule.flow_id == TENANT_WIDE else f"flow {rule.flow_id} is"
+        reason = (f"{scope} burning the {p['objective']:.4g} objective's error budget "
                   f"{rates[pair.long_minutes]:.3g}x over {pair.long_minutes:g} min and "
                   f"{rates[pair.short_minutes]:.3g}x over {pair.short_minutes:g} min ({pair.label})")  # fmt: skip
-        details = {**_run_details(run), "objective": p["objective"], "period_days": p["period_days"],
+        details = {**_run_details(run), **({"flow_id": run.flow_id} if rule.flow_id == TENANT_WIDE else {}),
+                   "objective": p["objective"], "period_days": p["period_days"],
                    "pair": {"long_minutes": pair.long_minutes, "short_minutes": pair.short_minutes,
                             "factor": pair.factor},
                    "windows": {f"{m:g}": {"failed": c.failed, "runs": c.total,

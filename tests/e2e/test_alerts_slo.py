@@ -42,7 +42,7 @@ async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIt
         settings = {**LOOPBACK_WEBHOOKS, "FLOWTRAIL_PROJECTOR_ALERT_BACKOFF_S": "0.2",
                     "FLOWTRAIL_PROJECTOR_ALERT_POLL_S": "0.05",
                     "FLOWTRAIL_PROJECTOR_ONCALL_WEBHOOK_URL": f"{inbox.url}/oncall"}  # fmt: skip
-        async with running(infra, tmp_path_factory, keys={"admin": "t1"}, services=("projector", "api"),
+        async with running(infra, tmp_path_factory, keys={"admin": "t1", "t2": "t2"}, services=("projector", "api"),
                            env=settings, upstream=inbox) as env:  # fmt: skip
             yield env
 
@@ -119,6 +119,21 @@ async def test_slow_pair_pages_a_steady_ten_percent_failure_rate(env: Env) -> No
         assert second["run_id"] == "slow19" and second["status"] == "open"
 
 
+async def test_a_tenant_wide_objective_counts_every_flow_of_the_tenant(env: Env) -> None:
+    """flow_id '*': one failure among eleven runs of two flows (9 %) burns the tenant's budget on the slow pair,
+    while the flow that never failed stays quiet under its own rule. Tenant t2: no other test's runs count."""
+    async with env.client(key="t2") as api:
+        tenant, t0 = await slo_rule(env, api, "*")
+        quiet, _ = await slo_rule(env, api, "f-ta")
+        await play(env, runs("ta", "f-ta", t0, [float(m) for m in range(1, 11)], "S" * 10), tenant="t2")
+        await play(env, runs("tb", "f-tb", t0, [10.5], "F"), tenant="t2")
+        (alert,) = await alerts_of(api, tenant)
+        assert alert["run_id"] == "tb0" and alert["flow_id"] == "*" and alert["payload"]["flow_id"] == "f-tb"
+        assert alert["payload"]["windows"]["360"] == {"failed": 1, "runs": 11, "burn_rate": 9.0909}
+        assert alert["reason"].startswith("the tenant's flows are burning") and "6h/30m > 6x" in alert["reason"]
+        assert await alerts_of(api, quiet) == []
+
+
 async def test_rules_and_channels_that_cannot_work_are_refused(env: Env) -> None:
     async with env.client() as api:
         bad = [
@@ -127,6 +142,7 @@ async def test_rules_and_channels_that_cannot_work_are_refused(env: Env) -> None
             ({"flow_id": "f", "kind": "slo_burn", "objective": 0.99, "fast_short_minutes": 90},
              "fast_short_minutes must be shorter than fast_long_minutes"),
             ({"flow_id": "f", "kind": "failed_run", "objective": 0.99}, "objective do(es) not apply"),
+            ({"flow_id": "*", "kind": "failed_run"}, "is for kind 'slo_burn' only"),
             # No FLOWTRAIL_PROJECTOR_SMTP_HOST in this deployment: an email channel could never deliver.
             ({"flow_id": "f", "kind": "failed_run", "channels": [{"type": "email", "to": ["ops@example.com"]}]},
              "FLOWTRAIL_PROJECTOR_SMTP_HOST is not set"),

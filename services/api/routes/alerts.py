@@ -25,6 +25,7 @@ from services.common.cursor import TIME_AND_ID
 from services.common.http import ApiError
 from services.common.netguard import BlockedAddress, check_url
 from services.projector import slo_burn
+from services.projector.alerts import TENANT_WIDE
 
 router = APIRouter()
 
@@ -100,6 +101,8 @@ class NewRule(_Settings):
     @model_validator(mode="after")
     def _params_fit_kind(self) -> NewRule:
         params_for(self.kind, self.model_dump(include=set(_ALL_PARAMS), exclude_none=True))
+        if self.flow_id == TENANT_WIDE and self.kind != "slo_burn":
+            raise ValueError(f"flow_id {TENANT_WIDE!r} (every flow of the tenant) is for kind 'slo_burn' only")
         return self
 
 

@@ -71,8 +71,9 @@ async def evaluate(conn: asyncpg.Connection, events: list[EventBase], *, deliver
     pairs = sorted({(e.tenant_id, e.flow_id) for e in finished})
     rows = await conn.fetch(
         f"SELECT {_RULE_COLUMNS} FROM alert_rules WHERE (tenant_id, flow_id) IN "
-        "(SELECT * FROM unnest($1::text[], $2::text[])) ORDER BY id FOR KEY SHARE",
-        [p[0] for p in pairs], [p[1] for p in pairs],
+        "(SELECT * FROM unnest($1::text[], $2::text[])) "
+        "OR (flow_id = $3 AND tenant_id = ANY(SELECT DISTINCT unnest($1::text[]))) ORDER BY id FOR KEY SHARE",
+        [p[0] for p in pairs], [p[1] for p in pairs], alerts.TENANT_WIDE,
     )  # fmt: skip
     if not rows:
         return 0
@@ -83,13 +84,14 @@ async def evaluate(conn: asyncpg.Connection, events: list[EventBase], *, deliver
             list({e.run_id for e in finished}),
         )
     }
-    by_flow: dict[tuple[str, str, str], list[Finished]] = {}
+    by_flow: dict[tuple[str, str, str], list[Finished]] = {}  # (tenant, environment, flow or TENANT_WIDE)
     for e in sorted(finished, key=lambda e: (e.occurred_at, e.run_id)):
         if (run := runs.get(e.run_id)) is None:
             continue  # purged by retention before it was projected
         done = Finished(e.run_id, TERMINAL_EVENT_STATUS[e.type], e.occurred_at, run["flow_name"],
-                        run["error_message"], run["failed_step"])  # fmt: skip
+                        run["error_message"], run["failed_step"], e.flow_id)  # fmt: skip
         by_flow.setdefault((e.tenant_id, run["environment"], e.flow_id), []).append(done)
+        by_flow.setdefault((e.tenant_id, run["environment"], alerts.TENANT_WIDE), []).append(done)
     states = await _lock_states(conn, [r["id"] for r in rows])
     outcome = _Outcome()
     changed: dict[str, State] = {}
@@ -108,17 +110,20 @@ async def evaluate(conn: asyncpg.Connection, events: list[EventBase], *, deliver
 
 
 async def _slo_counts(conn: asyncpg.Connection, rule: Rule, at: datetime) -> dict[float, slo_burn.Counts] | None:
-    """slo_burn: the flow's finished and failed runs in each of the rule's windows ending at `at`, in one query
-    (tenant and flow by the runs_tenant_flow_created_idx prefix; a run that finished by `at` was created by it)."""
+    """slo_burn: the flow's (or with TENANT_WIDE the tenant's) finished and failed runs in each of the rule's windows
+    ending at `at`, in one query: runs_tenant_flow_created_idx (runs_tenant_created_idx for a tenant) bounded by
+    created_at, as a run that finished by `at` was created by it."""
     revision = rule.in_force(at)
     if revision is None:
         return None
     minutes = slo_burn.windows(revision.params)
+    # Literal clauses, so each shape plans on its own index: (tenant, flow, created_at) or (tenant, created_at).
+    flow = "$2::text = $2" if rule.flow_id == alerts.TENANT_WIDE else "flow_id = $2"
     rows = await conn.fetch(
-        """
+        f"""
         WITH r AS MATERIALIZED (
             SELECT finished_at, status = ANY($6::text[]) AS failed FROM runs
-            WHERE tenant_id = $1 AND flow_id = $2 AND environment = $3 AND created_at <= $4 AND finished_at <= $4
+            WHERE tenant_id = $1 AND {flow} AND environment = $3 AND created_at <= $4 AND finished_at <= $4
               AND finished_at > $4 - make_interval(secs => $5 * 60) AND status = ANY($7::text[])
         )
         SELECT w.m, count(r.finished_at) AS total, count(r.finished_at) FILTER (WHERE r.failed) AS failed
