@@ -13,11 +13,10 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from services.projector import slo_burn
+from services.common import slo_burn
 
 KINDS = ("failed_run", "consecutive_partial", "no_success", "failure_rate", "slo_burn")
-# An slo_burn rule with this flow_id watches every flow of its tenant (and environment) at once.
-TENANT_WIDE = "*"
+TENANT_WIDE = slo_burn.TENANT_WIDE
 # Kinds whose open alert is resolved by their own measure, not by the flow's next success.
 _SELF_RESOLVING = frozenset({"failure_rate", "slo_burn"})
 FAILED = frozenset({"FAILED", "TIMED_OUT", "INTERNAL_ERROR"})
@@ -204,7 +203,7 @@ def _burn(rule: Rule, state: State, run: Finished, p: dict[str, Any]) -> tuple[S
 def _slo(
     rule: Rule, state: State, run: Finished, p: dict[str, Any], counts: Mapping[float, slo_burn.Counts]
 ) -> tuple[State, list[Action]]:
-    """slo_burn: page when a window pair burns the error budget too fast (services/projector/slo_burn.py)."""
+    """slo_burn: page when a window pair burns the error budget too fast (services/common/slo_burn.py)."""
     decision = slo_burn.decide(p["objective"], p, counts)
     if decision.burning and not state.open:
         pair = decision.pair

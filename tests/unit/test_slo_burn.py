@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.projector import alerts, slo_burn
+from services.common import slo_burn
+from services.common.slo_burn import Counts, decide
+from services.projector import alerts
 from services.projector.alerts import Finished, Fire, Resolve, Revision, Rule, State
-from services.projector.slo_burn import Counts, decide
 
 OBJECTIVE = 0.99  # budget: 1 % of runs may fail
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

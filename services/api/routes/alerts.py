@@ -18,14 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.api.models.alerts import Alert, AlertDelivery, AlertDetail, AlertRule, AlertRules, Alerts, NewAlertRule
 from services.api.routes import Admin, found
+from services.common import slo_burn
 from services.common.auth import Principal
 from services.common.channels import PAGERDUTY_URL
 from services.common.contract import AnyCase
 from services.common.cursor import TIME_AND_ID
 from services.common.http import ApiError
 from services.common.netguard import BlockedAddress, check_url
-from services.projector import slo_burn
-from services.projector.alerts import TENANT_WIDE
+from services.common.slo_burn import TENANT_WIDE
 
 router = APIRouter()
 

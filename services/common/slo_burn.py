@@ -4,7 +4,8 @@ Multi-window, multi-burn-rate alerting: a pair (long window, short window, facto
 the window's error ratio divided by the error budget, 1 - objective — exceeds the factor in both windows. The
 long window says the budget is really going; the short one says it still is, so the alert resolves soon after
 the burning stops. Ratios are compared exactly (as fractions of the decimal settings), so a burn rate of exactly
-the factor does not page, however the floats round.
+the factor does not page, however the floats round. Shared by the projector, which judges rules, and the API,
+which checks a rule's parameters when it is created.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class Decision:
 
 # The defaults of the SRE workbook's "multiwindow, multi-burn-rate alerts" for a 30-day objective: 2 % of the
 # budget spent in an hour, or 5 % in six hours.
+# An slo_burn rule with this flow_id watches every flow of its tenant (and environment) at once.
+TENANT_WIDE = "*"
 FAST = Pair(60, 5, 14.4)
 SLOW = Pair(360, 30, 6.0)
 PARAMS = ("objective", "period_days", "fast_long_minutes", "fast_short_minutes", "fast_factor",
