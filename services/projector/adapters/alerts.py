@@ -16,11 +16,12 @@ import asyncpg
 
 from schemas import codec
 from schemas.events import TERMINAL_EVENT_STATUS, EventBase
+from services.common import slo_burn
 from services.common.channels import PAGERDUTY_URL
 from services.common.netguard import check_url, guarded_client
 from services.common.outbox import Attempt, Outbox, Queue
 from services.common.webhooks import sign
-from services.projector import alerts, slo_burn
+from services.projector import alerts
 from services.projector.adapters import oncall
 from services.projector.alerts import Finished, Fire, Resolve, Rule, State
 from services.projector.settings import ProjectorSettings
