@@ -70,10 +70,10 @@ schemas: setup ## regenerate schemas/jsonschema from the pydantic models
 soak: setup ## verify equals live after a mixed workload of every run shape, ~400,000 runs (about 30 min; FLOWTRAIL_WORKLOAD_RUNS); not in make test
 	FLOWTRAIL_WORKLOAD_RUNS=$${FLOWTRAIL_WORKLOAD_RUNS:-400000} $(VENV)/bin/pytest -q -s tests/e2e/test_mixed_workload.py
 
-chaos: setup ## a load of four flow shapes while kill -9, broker kills, PostgreSQL restarts and SIGSTOPs land; every accepted trigger checked on the ledger; verify equal; one table of faults, runs and recovery p50/p99/max (≥ 20,000 runs, about 25 min; docs/operations.md); not in make test
+chaos: setup ## a load of four flow shapes while kill -9, broker kills, PostgreSQL restarts and SIGSTOPs land; every accepted trigger checked on the ledger; verify equal; one table of faults, runs and recovery p50/p99/max (20,000 runs on 3 brokers, 2 executors, 2 projectors; about 30 min; docs/operations.md); not in make test
 	FLOWTRAIL_CHAOS_SCALE=$${FLOWTRAIL_CHAOS_SCALE:-default} $(VENV)/bin/pytest -q -s tests/chaos/chaos.py
 
-chaos-smoke: setup ## the same, small: a few faults of each kind, ~1,500 runs, about 4 min (CI)
+chaos-smoke: setup ## the same, small: a few faults of each kind, ~1,500 runs on one broker, 4-7 min (CI)
 	FLOWTRAIL_CHAOS_SCALE=small $(VENV)/bin/pytest -q -s tests/chaos/chaos.py
 
 bench: setup ## figures vs raw Kafka/PostgreSQL ceilings; one table, also .state/bench/latest.json (FLOWTRAIL_BENCH_SCALE=smoke|default|full)
