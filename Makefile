@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: setup browser redis run up down status demo test test-unit fuzz lint fmt schemas soak chaos chaos-smoke bench bench-smoke clean
+.PHONY: setup browser redis kustomize promtool run up down status demo test test-unit fuzz lint fmt schemas soak chaos chaos-smoke bench bench-smoke clean
 
 $(VENV)/.synced: pyproject.toml uv.lock
 	@command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet --disable-pip-version-check uv
@@ -29,6 +29,20 @@ browser: setup ## Debian's chromium for the console's browser tests, installed w
 redis: setup ## Debian's redis-server for the redis_get / redis_set tests, installed with apt-get when missing
 	@test -x /usr/bin/redis-server || $(PY) -c "from tests.redis_server import redis_server_binary; redis_server_binary()"
 
+# Go tools the tests run (docs/kubernetes.md, docs/observability.md), built from the Go module proxy into
+# .state/tools/bin when missing or of another version.
+TOOLS := $(CURDIR)/.state/tools/bin
+KUSTOMIZE_VERSION := v5.7.1
+PROMTOOL_VERSION := v0.316.0
+kustomize: ## kustomize $(KUSTOMIZE_VERSION) for the Kubernetes manifests' tests (go install, about 2 min the first time)
+	@$(TOOLS)/kustomize version 2>/dev/null | grep -qx $(KUSTOMIZE_VERSION) || \
+		GOBIN=$(TOOLS) GOTOOLCHAIN=local go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
+
+promtool: ## Prometheus's promtool ($(PROMTOOL_VERSION)) for the alert rules' tests (go install, several minutes the first time)
+	@test "$$(cat $(TOOLS)/.promtool-version 2>/dev/null)" = $(PROMTOOL_VERSION) -a -x $(TOOLS)/promtool || { \
+		GOBIN=$(TOOLS) GOTOOLCHAIN=local go install github.com/prometheus/prometheus/cmd/promtool@$(PROMTOOL_VERSION) && \
+		echo $(PROMTOOL_VERSION) > $(TOOLS)/.promtool-version; }
+
 run: setup ## Kafka + PostgreSQL + all services + demo flows; prints the API URL and key; Ctrl-C stops it
 	$(VENV)/bin/flowtrail up
 
@@ -44,7 +58,7 @@ status: setup
 demo: setup
 	$(VENV)/bin/flowtrail demo
 
-test: setup browser redis ## every test, on a real Kafka broker and PostgreSQL that the session starts or reuses
+test: setup browser redis kustomize promtool ## every test, on a real Kafka broker and PostgreSQL that the session starts or reuses
 	$(VENV)/bin/pytest -q
 
 test-unit: setup
