@@ -9,7 +9,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from deploy.launcher import tenants_cmd, trigger_cmd
+from deploy.launcher import export_cmd, tenants_cmd, trigger_cmd
 from deploy.launcher.brokers import stop_cluster_nodes
 from deploy.launcher.errors import LauncherError
 from deploy.launcher.kafka import stop_kafka
@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     trigger_cmd.add_parser(sub)
     tenants_cmd.add_parser(sub)
+    export_cmd.add_parser(sub)
     return parser
 
 
@@ -276,7 +277,8 @@ def cmd_secrets(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "demo": cmd_demo, "projector": cmd_projector,
-            "secrets": cmd_secrets, "trigger": trigger_cmd.run, "tenants": tenants_cmd.run}  # fmt: skip
+            "secrets": cmd_secrets, "trigger": trigger_cmd.run, "tenants": tenants_cmd.run,
+            "export": export_cmd.run}  # fmt: skip
 
 
 def _configure_logging(verbose: bool, daemon: bool) -> None:
