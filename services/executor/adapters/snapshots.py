@@ -92,7 +92,9 @@ class SnapshotStore:
                         return None  # the last offset held no record (compacted away, a control record)
                 raise TimeoutError(f"{self.topic}-{partition}: offset {end - 1} not read in {_READ_TIMEOUT_S:.0f} s")
             finally:
-                consumer.unsubscribe()  # no fetching between reads
+                # No fetching between reads. (Not unsubscribe(): a consumer stopped after it can wait forever
+                # for its fetch task.)
+                consumer.pause(tp)
 
     async def write(self, partition: int, data: bytes) -> None:
         await self._ensure_ready()
