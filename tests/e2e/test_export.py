@@ -19,13 +19,14 @@ import pytest
 
 from deploy.launcher.export_cmd import export
 from schemas.flows import FlowDefinition
-from tests.bench.loaders import produce_history
+from tests.bench.loaders import bench_sandbox, produce_history
 from tests.bench.procstat import rss_mb
-from tests.conftest import Infra, Sandbox
+from tests.conftest import Infra
 from tests.factories import run_events
 from tests.harness import Env, answer, first_calls, flow, running, stub_upstream
 
 pytestmark = pytest.mark.e2e
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "analytics" / "flow_stats.py"
 
 ROUTES = {
     ("GET", "/flaky/{n}"): first_calls(1, answer({"busy": True}, 503), answer({"ok": True})),
@@ -138,27 +139,50 @@ async def test_the_cli_writes_json_lines_with_progress(env: Env, history: dict[s
     assert {r["status"] for r in lines} == {"SUCCEEDED"}
 
 
-async def test_memory_stays_flat_exporting_200k_events(sandbox: Sandbox, tmp_path: Path) -> None:
+async def test_example_analytics_job_equals_the_api(env: Env, history: dict[str, list[str]], tmp_path: Path) -> None:
+    """examples/analytics/flow_stats.py over the export: the figures of GET /v1/analytics/flows/{flow_id}."""
+    sandbox = env.sandbox
+    await export(sandbox.infra.kafka_bootstrap, sandbox.topics, tmp_path, tenant="tenant-a")
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, str(EXAMPLE), str(tmp_path), "--json"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    stats = orjson.loads(done.stdout)
+    assert set(stats) == {"ok", "flaky", "bad"}
+    since = (datetime.now(UTC) - timedelta(days=1)).isoformat()
+    for flow_id, mine in stats.items():
+        api = await env.ok("GET", f"/v1/analytics/flows/{flow_id}", params={"from": since, "bucket": "day"})
+        assert (mine["runs"], mine["pass_rate"]) == (api["runs"], api["pass_rate"]), flow_id
+        days = [b for b in api["series"] if b["runs"]]
+        if len(days) == 1:  # percentiles are per bucket: equal when the runs fall on one UTC day
+            for q in ("p50", "p95", "p99"):
+                assert mine["duration_ms"][q] == pytest.approx(days[0]["duration_ms"][q]), (flow_id, q)
+    assert stats["ok"]["pass_rate"] == 1.0 and stats["bad"]["pass_rate"] == 0.0
+
+
+async def test_memory_stays_flat_exporting_200k_events(infra: Infra, tmp_path: Path) -> None:
     template = run_events("run_template", steps=3)  # 9 events a run
     runs = 200_000 // len(template) + 1
-    await produce_history(sandbox.infra.kafka_bootstrap, sandbox.topics.ledger, sandbox.partitions, template, runs)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "deploy.launcher.cli", "export", str(tmp_path / "out"),
-        env={**os.environ, **sandbox.env()}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    peak, samples, started = 0.0, [], time.monotonic()
-    outcome = asyncio.ensure_future(proc.communicate())
-    while not outcome.done():
-        rss = rss_mb(proc.pid)
-        if rss is not None:
-            peak = max(peak, rss)
-            samples.append(rss)
-        await asyncio.wait([outcome], timeout=0.2)
-        assert time.monotonic() - started < 600, "export took over 10 minutes"
-    out_b, err_b = outcome.result()
-    out, err = out_b.decode(), err_b.decode()
-    assert proc.returncode == 0, err
-    elapsed = time.monotonic() - started
+    async with bench_sandbox(infra, 2) as sandbox:  # its large topics are deleted afterwards
+        await produce_history(sandbox.infra.kafka_bootstrap, sandbox.topics.ledger, sandbox.partitions, template, runs)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "deploy.launcher.cli", "export", str(tmp_path / "out"),
+            env={**os.environ, **sandbox.env()}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        peak, samples, started = 0.0, [], time.monotonic()
+        outcome = asyncio.ensure_future(proc.communicate())
+        while not outcome.done():
+            rss = rss_mb(proc.pid)
+            if rss is not None:
+                peak = max(peak, rss)
+                samples.append(rss)
+            await asyncio.wait([outcome], timeout=0.2)
+            assert time.monotonic() - started < 600, "export took over 10 minutes"
+        out_b, err_b = outcome.result()
+        out, err = out_b.decode(), err_b.decode()
+        assert proc.returncode == 0, err
+        elapsed = time.monotonic() - started
     thirds = [samples[len(samples) * k // 3] for k in range(3)] if samples else []
     print(f"\nexport of {runs * len(template):,} events: peak RSS {peak:.0f} MB (sampled: {thirds}), {elapsed:.1f} s, "
           f"{runs * len(template) / elapsed:,.0f} events/s; {out.strip()}")  # fmt: skip
