@@ -13,7 +13,6 @@ import asyncio
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -156,9 +155,9 @@ class Exporter:
         for row in rows.new_runs.values():
             self.tables["runs"].add({"steps_count": 0, **row})
         for step in rows.step_changes.values():
-            self.tables["steps"].add(asdict(step))
+            self.tables["steps"].add(vars(step))  # shallow: `asdict` deep-copies every value
         for attempt in details.attempts.values():
-            self.tables["attempts"].add(asdict(attempt))
+            self.tables["attempts"].add(vars(attempt))
 
     def close(self) -> dict[str, int]:
         for events in self.open.values():
