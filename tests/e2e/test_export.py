@@ -16,6 +16,7 @@ from pathlib import Path
 import orjson
 import pyarrow.parquet as pq
 import pytest
+from aiohttp import web
 
 from deploy.launcher.export_cmd import export
 from schemas.flows import FlowDefinition
@@ -28,8 +29,17 @@ from tests.harness import Env, answer, first_calls, flow, running, stub_upstream
 pytestmark = pytest.mark.e2e
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "analytics" / "flow_stats.py"
 
+
+async def _sometimes(request: web.Request) -> web.Response:
+    """Refuses odd numbers: a step that passes and fails on one flow version (a flaky step)."""
+    if int(request.match_info["n"]) % 2:
+        return web.json_response({"error": "odd"}, status=422)
+    return web.json_response({"ok": True})
+
+
 ROUTES = {
     ("GET", "/flaky/{n}"): first_calls(1, answer({"busy": True}, 503), answer({"ok": True})),
+    ("GET", "/sometimes/{n}"): _sometimes,
     ("GET", "/bad"): answer({"error": "rejected"}, 422),
 }
 
@@ -42,6 +52,8 @@ def _flows(upstream: str) -> list[FlowDefinition]:
                                     "input": {"method": "GET", "url": upstream + "/flaky/{{ trigger.n }}"}}]),
         flow("tenant-a", "bad", [shape, {"name": "call", "action": "http_request", "retry": {"delays_s": []},
                                          "input": {"method": "GET", "url": upstream + "/bad"}}]),
+        flow("tenant-a", "mixed", [{"name": "call", "action": "http_request", "retry": {"delays_s": []},
+                                    "input": {"method": "GET", "url": upstream + "/sometimes/{{ trigger.n }}"}}]),
         flow("tenant-b", "ok", [shape]),
     ]  # fmt: skip
 
@@ -62,6 +74,7 @@ async def history(env: Env) -> dict[str, list[str]]:
         "ok": [await env.trigger("ok", {"n": i}) for i in range(4)],
         "flaky": [await env.trigger("flaky", {"n": i}) for i in range(3)],
         "bad": [await env.trigger("bad", {"n": i}) for i in range(2)],
+        "mixed": [await env.trigger("mixed", {"n": i}) for i in range(4)],
         "b": [await env.trigger("ok", {"n": i}, key="b") for i in range(2)],
     }
     await env.wait_all([r for k, ids in runs.items() if k != "b" for r in ids], within=120)
@@ -104,7 +117,8 @@ async def test_export_of_real_runs_equals_the_api(env: Env, history: dict[str, l
         assert events_of[row["id"]] == len(await env.events(row["id"])), "every event of the run exported"
 
     by_flow = Counter((r["flow_id"], r["status"]) for r in runs)
-    assert by_flow == {("ok", "SUCCEEDED"): 4, ("flaky", "SUCCEEDED"): 3, ("bad", "FAILED"): 2}
+    assert by_flow == {("ok", "SUCCEEDED"): 4, ("flaky", "SUCCEEDED"): 3, ("bad", "FAILED"): 2,
+                       ("mixed", "SUCCEEDED"): 2, ("mixed", "FAILED"): 2}  # fmt: skip
     flaky_attempts = [a for a in attempts if a["run_id"] in history["flaky"]]
     assert sorted(a["status"] for a in flaky_attempts) == ["FAILED"] * 3 + ["SUCCEEDED"] * 3  # retried once each
     first = next(e for e in events if e["type"] == "RunRequested" and e["run_id"] == history["flaky"][0])
@@ -148,8 +162,9 @@ async def test_example_analytics_job_equals_the_api(env: Env, history: dict[str,
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    stats = orjson.loads(done.stdout)
-    assert set(stats) == {"ok", "flaky", "bad"}
+    out = orjson.loads(done.stdout)
+    stats = out["flows"]
+    assert set(stats) == {"ok", "flaky", "bad", "mixed"}
     since = (datetime.now(UTC) - timedelta(days=1)).isoformat()
     for flow_id, mine in stats.items():
         api = await env.ok("GET", f"/v1/analytics/flows/{flow_id}", params={"from": since, "bucket": "day"})
@@ -159,6 +174,10 @@ async def test_example_analytics_job_equals_the_api(env: Env, history: dict[str,
             for q in ("p50", "p95", "p99"):
                 assert mine["duration_ms"][q] == pytest.approx(days[0]["duration_ms"][q]), (flow_id, q)
     assert stats["ok"]["pass_rate"] == 1.0 and stats["bad"]["pass_rate"] == 0.0
+    api_flaky = (await env.ok("GET", "/v1/analytics/flakiness"))["data"]
+    keys = ("flow_id", "flow_version", "step", "succeeded", "failed", "retried", "score")
+    assert [{k: f[k] for k in keys} for f in out["flaky_steps"]] == [{k: f[k] for k in keys} for f in api_flaky]
+    assert [(f["flow_id"], f["step"], f["score"]) for f in out["flaky_steps"]] == [("mixed", "call", 1.0)]
 
 
 async def test_memory_stays_flat_exporting_200k_events(infra: Infra, tmp_path: Path) -> None:
