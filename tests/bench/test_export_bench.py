@@ -7,7 +7,7 @@ from pathlib import Path
 
 from aiokafka import TopicPartition
 
-from deploy.launcher.export_cmd import export
+from deploy.launcher.export_files import export
 from services.common.kafka import follower, topic_partitions
 from tests.bench.ceilings import KafkaCeiling
 from tests.bench.loaders import bench_sandbox, produce_history

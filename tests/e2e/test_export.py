@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
 
-from deploy.launcher.export_cmd import export
+from deploy.launcher.export_files import export
 from schemas.flows import FlowDefinition
 from tests.bench.loaders import bench_sandbox, produce_history
 from tests.bench.procstat import rss_mb
