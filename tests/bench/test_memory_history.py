@@ -120,7 +120,10 @@ async def flowtrail_on_history(infra: Infra, scale: Scale, log_dir: Path, runs: 
             logs.mkdir(parents=True, exist_ok=True)
             stack = profiled(Stack.build(box, SERVICES, logs))
             spawned = time.monotonic()
-            await stack.start()
+            for service in stack.services.values():
+                service.start()
+            # Ready (an executor: every partition replayed) may take longer on a history than the stack's own wait.
+            await asyncio.gather(*(s.wait_healthy(scale.timeout_s) for s in stack.services.values()))
             try:
                 ft = Flowtrail(box, stack, key, db)
                 await _until_caught_up(ft, scale, phase, spawned)
