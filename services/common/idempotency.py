@@ -114,6 +114,9 @@ class Idempotency:
         except ApiError:
             await self.app(scope, receive, send)  # the route answers 401 as it always does
             return
+        except DATABASE_DOWN:  # the key looked up while PostgreSQL is away or starting up: nothing ran yet
+            await _database_unavailable(scope, send)
+            return
         chunks = []
         while True:
             message = await receive()
@@ -136,9 +139,7 @@ class Idempotency:
         except DATABASE_DOWN:
             if scope.get("state", {}).get(_ANSWERED):
                 raise
-            await send_error(scope, send, 503, "database_unavailable",
-                             "PostgreSQL is unavailable; nothing was changed: retry after a moment",
-                             {"Retry-After": "2"})  # fmt: skip
+            await _database_unavailable(scope, send)
             return
         if stored is not None:
             await _replay(send, stored, scope)
@@ -283,6 +284,12 @@ def _reused(key: str) -> Stored:
         "message": f"Idempotency-Key {key!r} was used with a different request (method, path or body) in the "
                    "last 24 hours; use a new key for a new request",
     }}))  # fmt: skip
+
+
+async def _database_unavailable(scope: Scope, send: Send) -> None:
+    await send_error(scope, send, 503, "database_unavailable",
+                     "PostgreSQL is unavailable; nothing was changed: retry after a moment",
+                     {"Retry-After": "2"})  # fmt: skip
 
 
 async def _replay(send: Send, stored: Stored, scope: Scope) -> None:

@@ -28,6 +28,7 @@ from tests.harness import (
     Env,
     assert_verify_equal,
     flow,
+    make_keys,
     publish_flows,
     running,
     supervised,
@@ -88,14 +89,23 @@ class Load:
     triggers: list[tuple[float, httpx.Response]] = field(default_factory=list)
     reads: list[tuple[float, httpx.Response]] = field(default_factory=list)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    # Keys used once each: a key seen for the first time is looked up in PostgreSQL, not in the 5 s key cache.
+    fresh_keys: list[str] = field(default_factory=list)
 
     async def run(self) -> None:
         await asyncio.gather(self._trigger(), self._read())
 
     async def _trigger(self) -> None:
+        """Each kind of trigger request in turn: without an Idempotency-Key and with one (its middleware looks the
+        bearer key up before the route runs), at ingest's base URL and at the API's, with a known key and with one
+        used for the first time."""
         while not self.stop.is_set():
-            answer = await self.env.ingest("POST", "/v1/flows/hello/trigger", json={"input": {"n": len(self.triggers)}},
-                                           timeout=10)  # fmt: skip
+            n = len(self.triggers)
+            service = self.env.ingest if n % 4 < 2 else self.env.api
+            headers = {"Idempotency-Key": f"pg-restart-{n}"} if n % 2 else {}
+            key = self.fresh_keys.pop() if n % 3 == 0 and self.fresh_keys else None
+            answer = await service("POST", "/v1/flows/hello/trigger", key, json={"input": {"n": n}}, headers=headers,
+                                   timeout=10)  # fmt: skip
             self.triggers.append((time.monotonic(), answer))
             await asyncio.sleep(0.05)
 
@@ -119,7 +129,8 @@ async def test_a_postgres_restart_under_load_is_503_at_most_and_every_accepted_r
             await until_ready(env, ALL_SERVICES, time.monotonic(), 120)
             await publish_flows(env.sandbox, [FLOW])
             await wait_flows_projected(env.sandbox, 1, within=90)
-            load = Load(env)
+            fresh = await make_keys(env.sandbox, {f"fresh-{i}": "tenant-a" for i in range(300)})
+            load = Load(env, fresh_keys=list(fresh.values()))
             loader = asyncio.create_task(load.run())
             try:
                 await asyncio.sleep(2)
