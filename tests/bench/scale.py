@@ -1,12 +1,15 @@
-"""How big a benchmark run is: `FLOWTRAIL_BENCH_SCALE=smoke|default|full` picks one preset."""
+"""How big a benchmark run is: `FLOWTRAIL_BENCH_SCALE=smoke|default|full` picks one preset;
+`FLOWTRAIL_BENCH_HISTORY_RUNS=N` overrides its `history_runs` alone (e.g. the 1,000,000-run restart without the
+rest of the full scale)."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 ENV = "FLOWTRAIL_BENCH_SCALE"
+HISTORY_RUNS_ENV = "FLOWTRAIL_BENCH_HISTORY_RUNS"
 
 
 @dataclass(frozen=True)
@@ -67,4 +70,9 @@ def current() -> Scale:
     name = os.environ.get(ENV, "default").strip().lower() or "default"
     if name not in SCALES:
         raise ValueError(f"{ENV}={name!r}: choose one of {', '.join(SCALES)}")
-    return SCALES[name]
+    chosen = SCALES[name]
+    if history := os.environ.get(HISTORY_RUNS_ENV, "").strip().replace("_", ""):
+        if not history.isdigit() or int(history) < 1:
+            raise ValueError(f"{HISTORY_RUNS_ENV}={history!r}: a positive number of runs")
+        chosen = replace(chosen, history_runs=int(history))
+    return chosen
