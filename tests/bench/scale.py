@@ -35,6 +35,10 @@ class Scale:
     query_runs: int = 5_000
     # Memory after history: finished 1-step runs written to the ledger before the services start (issue: 1M).
     history_runs: int = 2_000
+    # Export: ledger events `flowtrail export` writes to Parquet, run in its own process (issue: 1M under 300 MB).
+    export_events: int = 1_000_000
+    # Analytics at scale: runs of varied outcomes and durations the example job and the API both count (issue: 100k).
+    analytics_runs: int = 100_000
     concurrency: int = 32
     steps: int = 10
     record_bytes: int = 500
@@ -50,6 +54,7 @@ SCALES = {
     "smoke": Scale(
         name="smoke", partitions=4, kafka_messages=5_000, copy_runs=100, list_seed_runs=5_000, query_samples=50,
         projection_runs=100, e2e_runs=64, latency_runs=30, sequential_runs=3, batch_inputs=2_000, timeout_s=120,
+        export_events=2_400, analytics_runs=500,
     ),
     # A few minutes on a 2-core machine.
     "default": Scale(
