@@ -5,6 +5,12 @@ load) and on a ledger that already holds N finished 1-step runs (written straigh
 writes them). Each figure is the with-history value over the without-history one; "no growth with history"
 is a ratio near 1. Then the executor's own replay code runs in this process on the same ledger, timed and
 under tracemalloc, to say how many bytes a finished run keeps and where they are allocated.
+
+The executor is also killed and restarted on the history twice: once its snapshots are written (it replays only
+the ledger after them), then with every snapshot replaced by bytes it cannot decode (it replays the history whole,
+the fallback of docs/architecture.md, Recovery), beside the same restart without history. The history's size is
+the scale's `history_runs`; `FLOWTRAIL_BENCH_HISTORY_RUNS=1000000` sets it alone (the whole replay then takes
+minutes).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from schemas.events import EventBase, FlowVersionPublished, TriggerInfo, TriggerReceived, TriggerType, new_run_id
 from schemas.flows import FlowDefinition
@@ -50,6 +56,7 @@ LOAD_RUNS = 200
 CONCURRENCY = 32
 MB300 = Target("<=", 300, unit="MB")
 RESTART = "executor restart → every partition replayed"
+WHOLE_RESTART = "executor restart, snapshots unreadable → every partition replayed"
 
 
 def finished_run(flow: FlowDefinition) -> list[EventBase]:
@@ -214,9 +221,12 @@ async def replayed_events(ft: Flowtrail) -> float:
     return await executor_metric(ft, "flowtrail_executor_replayed_events_total")
 
 
-async def restart_executor(ft: Flowtrail, scale: Scale, phase: Phase, *, snapshots: bool) -> None:
+async def restart_executor(ft: Flowtrail, scale: Scale, phase: Phase, *, snapshots: bool,
+                           unreadable: bool = False) -> None:  # fmt: skip
     """SIGKILL the executor (once every partition's snapshot is written, if `snapshots`) and start it again: how
-    long until it owns every partition, and how many events it replayed to get there."""
+    long until it owns every partition, and how many events it replayed to get there. `unreadable`: every
+    partition's latest snapshot is overwritten with bytes that are not a snapshot first, so the restart replays
+    the whole ledger (recorded under WHOLE_RESTART and the point "restarted whole")."""
     if snapshots:
 
         async def written() -> bool:
@@ -227,15 +237,32 @@ async def restart_executor(ft: Flowtrail, scale: Scale, phase: Phase, *, snapsho
                          on_timeout=ft.log_tails)  # fmt: skip
     executor = ft.stack["executor"]
     executor.kill()
+    if unreadable:
+        await spoil_snapshots(ft.sandbox)
     spawned = time.monotonic()
     executor.start()
     owned = await wait_until(lambda: executor_owns_all(ft), within=scale.timeout_s, interval=0.1,
                              what="executor restart", on_timeout=ft.log_tails)  # fmt: skip
-    phase.seconds[RESTART] = owned - spawned
-    phase.facts["replayed_events_after_restart"] = await replayed_events(ft)
+    suffix = "_whole" if unreadable else ""
+    phase.seconds[WHOLE_RESTART if unreadable else RESTART] = owned - spawned
+    phase.facts[f"replayed_events_after_restart{suffix}"] = await replayed_events(ft)
     # The replays alone (partitions replay side by side: the sum over them), without the process's own start.
-    phase.facts["replay_seconds_after_restart"] = await executor_metric(ft, "flowtrail_executor_replay_seconds_sum")
-    phase.measure(ft, "restarted")
+    phase.facts[f"replay_seconds_after_restart{suffix}"] = await executor_metric(
+        ft, "flowtrail_executor_replay_seconds_sum"
+    )
+    phase.measure(ft, "restarted whole" if unreadable else "restarted")
+
+
+async def spoil_snapshots(box: Sandbox) -> None:
+    """A record that is not a snapshot, last in every partition of the snapshots topic: the executor ignores it
+    (counted as undecodable) and replays its partitions from offset 0."""
+    producer = AIOKafkaProducer(bootstrap_servers=box.infra.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        for p in range(box.partitions):
+            await producer.send_and_wait(box.topics.snapshots, b"not a snapshot", key=str(p).encode(), partition=p)
+    finally:
+        await producer.stop()
 
 
 async def run_phase(infra: Infra, scale: Scale, log_dir: Path, runs: int) -> Phase:
@@ -261,6 +288,10 @@ async def run_phase(infra: Infra, scale: Scale, log_dir: Path, runs: int) -> Pha
         await restart_executor(ft, scale, phase, snapshots=bool(runs))
         if runs:
             assert phase.facts["replayed_events_after_restart"] < sum(phase.facts["events_per_partition"]), phase.facts
+            # The same restart without a usable snapshot: the history replayed whole, with the projector idle.
+            await restart_executor(ft, scale, phase, snapshots=False, unreadable=True)
+            replayed = phase.facts["replayed_events_after_restart_whole"]
+            assert replayed >= sum(phase.facts["events_per_partition"]), phase.facts
     return phase
 
 
@@ -296,18 +327,26 @@ async def test_memory_after_history(baseline: Phase, infra: Infra, scale: Scale,
     replay = history.seconds[key] - baseline.seconds[key]
     report.add("rebuild", f"executor start → {runs:,}-run history replayed", history.seconds[key], "s",
                note=f"{baseline.seconds[key]:.1f} s without history")  # fmt: skip
+    restarted, base_restarted = history.memory["restarted"]["executor"], baseline.memory["restarted"]["executor"]
     report.add("rebuild", f"{RESTART}, {runs:,}-run history and a snapshot", history.seconds[RESTART], "s",
                target=Target("<=", 10, unit="s"),
-               note=f"{history.facts['replayed_events_after_restart']:,.0f} events replayed; "
-                    f"{baseline.seconds[RESTART]:.1f} s without history, "
-                    f"{history.seconds[key]:.1f} s replaying the history whole (no snapshot)")  # fmt: skip
+               note=f"{history.facts['replayed_events_after_restart']:,.0f} events replayed; without history: "
+                    f"start {baseline.seconds[key]:.1f} s, restart {baseline.seconds[RESTART]:.1f} s; replaying "
+                    f"the history whole: restart {history.seconds[WHOLE_RESTART]:.1f} s, first start "
+                    f"{history.seconds[key]:.1f} s; executor RSS after it {restarted['rss']:.0f} MB, "
+                    f"{base_restarted['rss']:.0f} MB without history")  # fmt: skip
+    report.add("rebuild", f"{WHOLE_RESTART}, {runs:,}-run history", history.seconds[WHOLE_RESTART], "s",
+               note=f"{history.facts['replayed_events_after_restart_whole']:,.0f} events replayed, "
+                    f"{history.facts['replay_seconds_after_restart_whole']:.1f} s replaying summed over partitions; "
+                    f"executor RSS after it {history.memory['restarted whole']['executor']['rss']:.0f} MB")  # fmt: skip
     report.add("rebuild", f"executor restart, {runs:,}-run history and a snapshot: replay time, every partition",
                history.facts["replay_seconds_after_restart"], "s",
                note=f"summed over partitions; {history.facts['replay_seconds_whole']:.1f} s for the whole history, "
                     f"{baseline.facts['replay_seconds_after_restart']:.1f} s without history")  # fmt: skip
     report.add("memory", f"RSS after a restart on a {runs:,}-run history and a snapshot: executor",
-               history.memory["restarted"]["executor"]["rss"], "MB", ceiling="memory.executor",
-               target=MB300)  # fmt: skip
+               restarted["rss"], "MB", ceiling="memory.executor", target=MB300,
+               note=f"{base_restarted['rss']:.0f} MB after a restart without history; "
+                    f"peak {restarted['peak']:.0f} MB, {base_restarted['peak']:.0f} MB")  # fmt: skip
     report.add("rebuild", "executor: times the history was replayed by the end of the load",
                history.facts["replayed_events_after_load"] / events, "x", note="1 = no rebalance")  # fmt: skip
     report.add("rebuild", f"executor replay events/s, {events:,} events (startup without history taken off)",
