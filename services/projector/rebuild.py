@@ -79,6 +79,9 @@ CONTROL: tuple[str, ...] = (
 REPLAY_INPUTS = ("alert_rules",)
 # The projector's own bookkeeping: neither replayed nor compared (purged_runs is re-made by the purge marks).
 OWN = ("projector_offsets", "schema_migrations", "purged_runs")
+# The executors' shared admission slots and queue: coordination state, not a read model (the executors reconcile them
+# with their runs), so rebuild and verify leave them alone.
+COORDINATION = ("admission_slots", "admission_queue")
 
 Progress = Callable[[str], None]
 
@@ -139,7 +142,7 @@ async def checksums(conn: asyncpg.Connection, schema: str) -> dict[str, tuple[in
 
 async def _check_tables_are_classified(conn: asyncpg.Connection, schema: str) -> None:
     tables = {r["tablename"] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1", schema)}
-    unknown = sorted(tables - set(DERIVED) - set(CONTROL) - set(OWN))
+    unknown = sorted(tables - set(DERIVED) - set(CONTROL) - set(OWN) - set(COORDINATION))
     if unknown:
         raise RuntimeError(
             f"table(s) {', '.join(unknown)} are neither derived nor control-plane: classify them in {__name__}"
