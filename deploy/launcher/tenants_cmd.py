@@ -16,11 +16,11 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from deploy.launcher.errors import LauncherError
 from deploy.launcher.stack import API_URL
-from deploy.launcher.trigger_cmd import _call
+from deploy.launcher.trigger_cmd import launcher_errors
+from flowtrail.client import AsyncClient
+from flowtrail.client.models import AdminTenant, Tenant
 from services.common.settings import CommonSettings
 
 OPERATOR_KEY_FILE = "operator_key"
@@ -88,45 +88,38 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def tenants(args: argparse.Namespace, api_url: str, operator_key: str) -> int:
-    base = f"{api_url.rstrip('/')}/v1/admin/tenants"
-    headers = {"Authorization": f"Bearer {operator_key}"}
-    async with httpx.AsyncClient(timeout=30) as http:
-        if args.job == "create":
-            body: dict[str, Any] = {"name": args.name, "environment": "TESTING" if args.testing else "PRODUCTION"}
-            if args.id:
-                body["id"] = args.id
-            made = await _call(http, "POST", base, headers, json=body)
-            print(_describe(made))
-            print(f"\nadmin API key (shown once, store it now): {made['admin_key']['key']}")
-        elif args.job == "list":
-            after: str | None = None
-            while True:
-                page = await _call(
-                    http, "GET", base, headers, params={"limit": 1000, **({"after": after} if after else {})}
-                )
-                for tenant in page["data"]:
-                    print(_line(tenant))
-                after = page["next_after"]
-                if not after:
-                    break
-        elif args.job == "show":
-            print(json.dumps(await _call(http, "GET", f"{base}/{args.id}", headers), indent=2))
-        elif args.job == "set-retention":
-            retention = {k: v for k, v in (("metadata_days", args.metadata_days), ("payload_days", args.payload_days))
-                         if v is not None}  # fmt: skip
-            if not retention:
-                raise LauncherError("set-retention needs --metadata-days and/or --payload-days")
-            print(_describe(await _call(http, "PATCH", f"{base}/{args.id}", headers, json={"retention": retention})))
+    async with AsyncClient(api_url, operator_key) as client:
+        with launcher_errors():
+            await _job(client, args)
     return 0
 
 
-def _line(tenant: dict[str, Any]) -> str:
-    r, quota = tenant["retention"], tenant["quotas"]["max_active_runs"]
-    return (f"{tenant['id']}\t{tenant['name']}\tmetadata {r['metadata_days']} d\tpayloads {r['payload_days']} d\t"
-            f"active runs quota {quota if quota is not None else '-'}\tkeys {tenant['active_api_keys']}")  # fmt: skip
+async def _job(client: AsyncClient, args: argparse.Namespace) -> None:
+    if args.job == "create":
+        made = await client.tenants.create(args.name, id=args.id or None,
+                                           environment="TESTING" if args.testing else "PRODUCTION")  # fmt: skip
+        print(_describe(made))
+        print(f"\nadmin API key (shown once, store it now): {made.admin_key.key}")
+    elif args.job == "list":
+        async for tenant in client.tenants.iter(page_size=1000):
+            print(_line(tenant))
+    elif args.job == "show":
+        shown = await client.tenants.get(args.id)
+        print(json.dumps(shown.model_dump(mode="json", exclude_unset=True), indent=2))
+    elif args.job == "set-retention":
+        if args.metadata_days is None and args.payload_days is None:
+            raise LauncherError("set-retention needs --metadata-days and/or --payload-days")
+        print(_describe(await client.tenants.update(args.id, metadata_days=args.metadata_days,
+                                                    payload_days=args.payload_days)))  # fmt: skip
 
 
-def _describe(tenant: dict[str, Any]) -> str:
-    r = tenant["retention"]
-    return (f"tenant {tenant['id']} ({tenant['name']}): runs kept {r['metadata_days']} days, payloads "
-            f"{r['payload_days']} days")  # fmt: skip
+def _line(tenant: AdminTenant) -> str:
+    r, quota = tenant.retention, tenant.quotas.max_active_runs
+    return (f"{tenant.id}\t{tenant.name}\tmetadata {r.metadata_days} d\tpayloads {r.payload_days} d\t"
+            f"active runs quota {quota if quota is not None else '-'}\tkeys {tenant.active_api_keys}")  # fmt: skip
+
+
+def _describe(tenant: Tenant) -> str:
+    r = tenant.retention
+    return (f"tenant {tenant.id} ({tenant.name}): runs kept {r.metadata_days} days, payloads "
+            f"{r.payload_days} days")  # fmt: skip

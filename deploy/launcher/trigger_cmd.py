@@ -8,21 +8,18 @@ FLOWTRAIL_INGEST_URL and FLOWTRAIL_API_URL, or the local stack's addresses.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
-
-import httpx
 
 from deploy.launcher.errors import LauncherError
 from deploy.launcher.stack import API_URL, INGEST_URL, StackPaths, read_api_key
-from schemas.status import TERMINAL_RUN_STATUSES
+from flowtrail.client import Client, FlowtrailConnectionError, FlowtrailError, Origin, WaitTimeout
 from services.common.settings import CommonSettings
 
-_TERMINAL = frozenset(s.value for s in TERMINAL_RUN_STATUSES)
 _SUCCEEDED = frozenset({"SUCCEEDED", "PARTIAL"})
 
 
@@ -43,7 +40,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return asyncio.run(_trigger(args, _input(args.input)))
+    return _trigger(args, _input(args.input))
 
 
 def _input(text: str) -> Any:
@@ -64,61 +61,43 @@ def _key() -> str:
     return os.environ.get("FLOWTRAIL_API_KEY") or read_api_key(StackPaths.of(CommonSettings()))
 
 
-async def _trigger(args: argparse.Namespace, run_input: Any) -> int:
+def _trigger(args: argparse.Namespace, run_input: Any) -> int:
     key = _key()
-    headers = {"Authorization": f"Bearer {key}", "X-Flowtrail-Trigger": "manual"}
-    if args.idempotency_key:
-        headers["Idempotency-Key"] = args.idempotency_key
-    if args.parent_run_id:
-        headers["ap-parent-run-id"] = args.parent_run_id
-        headers["ap-fail-parent-on-failure"] = "true" if args.fail_parent_on_failure else "false"
-    elif args.fail_parent_on_failure:
+    if args.fail_parent_on_failure and not args.parent_run_id:
         raise LauncherError("--fail-parent-on-failure needs --parent-run-id")
-    ingest = os.environ.get("FLOWTRAIL_INGEST_URL", INGEST_URL).rstrip("/")
-    api = os.environ.get("FLOWTRAIL_API_URL", API_URL).rstrip("/")
-    async with httpx.AsyncClient(timeout=30) as http:
-        answer = await _call(http, "POST", f"{ingest}/v1/flows/{args.flow}/trigger", headers,
-                             json={"input": run_input})  # fmt: skip
-        run_id = answer["run_id"]
-        print(f"{run_id} {answer['status']}", flush=True)
+    origin: Origin = {"manual": True}
+    if args.parent_run_id:
+        origin["parent_run_id"] = args.parent_run_id
+        origin["fail_parent_on_failure"] = args.fail_parent_on_failure
+    ingest = os.environ.get("FLOWTRAIL_INGEST_URL", INGEST_URL)
+    api = os.environ.get("FLOWTRAIL_API_URL", API_URL)
+    with Client(api, key, ingest_url=ingest) as client, launcher_errors():
+        accepted = client.triggers.trigger(args.flow, run_input, idempotency_key=args.idempotency_key, **origin)
+        print(f"{accepted.run_id} {accepted.status}", flush=True)
         if not args.wait:
             return 0
-        detail = await _wait(http, f"{api}/v1/runs/{run_id}", headers["Authorization"], args.timeout)
-    if detail is None:
-        print(f"{run_id} still running after {args.timeout:g} s", file=sys.stderr)
-        return 3
-    print(json.dumps(_summary(detail), indent=2, ensure_ascii=False))
-    return 0 if detail["status"] in _SUCCEEDED else 1
-
-
-async def _call(http: httpx.AsyncClient, method: str, url: str, headers: dict[str, str], **kwargs: Any) -> Any:
-    try:
-        r = await http.request(method, url, headers=headers, **kwargs)
-    except httpx.HTTPError as exc:
-        raise LauncherError(f"{url}: {exc!r}; is Flowtrail running (`flowtrail status`)?") from None
-    if r.status_code >= 400:
         try:
-            error = r.json()["error"]
-            reason = f"{error['code']}: {error['message']}"
-        except (ValueError, KeyError, TypeError):
-            reason = r.text[:500]
-        raise LauncherError(f"{method} {url} answered {r.status_code} {reason}")
-    return r.json()
+            detail = client.runs.wait(accepted.run_id, timeout_s=args.timeout)
+        except WaitTimeout:
+            print(f"{accepted.run_id} still running after {args.timeout:g} s", file=sys.stderr)
+            return 3
+    print(json.dumps(_summary(detail.model_dump(mode="json", exclude_unset=True)), indent=2, ensure_ascii=False))
+    return 0 if detail.status in _SUCCEEDED else 1
 
 
-async def _wait(http: httpx.AsyncClient, url: str, authorization: str, within_s: float) -> dict[str, Any] | None:
-    """The run's detail once it is final; None when `within_s` seconds pass first."""
-    deadline = time.monotonic() + within_s
-    delay = 0.1
-    while time.monotonic() < deadline:
-        r = await http.get(url, headers={"Authorization": authorization})
-        if r.status_code == 200 and r.json()["status"] in _TERMINAL:
-            return dict(r.json())
-        if r.status_code not in (200, 404):  # 404: not yet visible through this API
-            await _call(http, "GET", url, {"Authorization": authorization})
-        await asyncio.sleep(delay)
-        delay = min(delay * 1.5, 1.0)
-    return None
+@contextmanager
+def launcher_errors() -> Iterator[None]:
+    """The client's errors as the launcher's one-line refusals: `METHOD URL answered STATUS code: message`, or
+    the address that did not answer."""
+    try:
+        yield
+    except FlowtrailConnectionError as exc:
+        raise LauncherError(f"{exc.url}: {exc.__cause__!r}; is Flowtrail running (`flowtrail status`)?") from None
+    except WaitTimeout:
+        raise
+    except FlowtrailError as exc:
+        reason = f"{exc.code}: {exc.message}" if exc.code else exc.message
+        raise LauncherError(f"{exc.method} {exc.url} answered {exc.status} {reason}") from None
 
 
 def _summary(detail: dict[str, Any]) -> dict[str, Any]:
