@@ -100,6 +100,13 @@ class ChildRunFinished(CommandBase):
     error: ErrorInfo | None = None
 
 
+class SlotAvailable(CommandBase):
+    """Sent by the executor that freed a slot of a flow with a concurrency limit to the BLOCKED run (`run_id`) that
+    may now start: its executor asks the shared admission again (docs/architecture.md, Admission)."""
+
+    type: Literal["SlotAvailable"] = "SlotAvailable"
+
+
 class ArchiveRun(CommandBase):
     """Hide a finished run from default listings. The envelope of its RunArchived comes with it: the
     executor keeps only the ids and next seq of finished runs, not their state."""
@@ -110,5 +117,5 @@ class ArchiveRun(CommandBase):
     correlation_id: str
 
 
-Command = Annotated[CancelRun | ResumeRun | ChildRunFinished | ArchiveRun, Field(discriminator="type")]
+Command = Annotated[CancelRun | ResumeRun | ChildRunFinished | SlotAvailable | ArchiveRun, Field(discriminator="type")]
 COMMAND_ADAPTER: TypeAdapter[CommandBase] = TypeAdapter(Command)

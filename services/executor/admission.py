@@ -1,13 +1,15 @@
-"""Admission: the live runs of this worker and what concurrency limits and quotas count over them — active runs per
-flow and per tenant, and each flow's BLOCKED runs in arrival order. `decide` admits or blocks a run from these counts
-(`decide.Admission`); this module only keeps them in step with every status change.
+"""Admission: the live runs of this worker, and what a run asking to start is counted against — the active runs of
+its flow (a flow's `concurrency_limit`) and of its tenant (the tenant's quota) over every executor, in the shared
+admission (`adapters/slots.py`, docs/architecture.md "Admission"). `decide` admits, blocks or refuses a run from the
+counts it is given (`decide.Admission`); this module turns the shared admission's answer into those counts, so the
+decision recorded in the ledger is the one every executor agreed on.
 """
 
 from __future__ import annotations
 
-from collections import deque
-
+from schemas.flows import FlowDefinition
 from schemas.status import RunStatus
+from services.executor.adapters.slots import Holder, SharedSlots, SlotAnswer
 from services.executor.decide import Admission
 from services.executor.fold import RunState
 from services.executor.settings import ExecutorSettings
@@ -20,15 +22,16 @@ def is_active(state: RunState | None) -> bool:
     return state is not None and state.status in _ACTIVE
 
 
-class LiveRuns:
-    """The state of every run not yet terminal, and the slot counts and queues derived from them."""
+def holds_or_waits(state: RunState | None) -> bool:
+    """A run with a row in the shared admission: holding a slot, or BLOCKED waiting for one."""
+    return state is not None and (state.status in _ACTIVE or state.status == RunStatus.BLOCKED)
 
-    def __init__(self, settings: ExecutorSettings) -> None:
-        self.settings = settings
+
+class LiveRuns:
+    """The state of every run not yet terminal."""
+
+    def __init__(self) -> None:
         self.runs: dict[str, RunState] = {}
-        self.active_flow: dict[tuple[str, str], int] = {}
-        self.active_tenant: dict[str, int] = {}
-        self.blocked: dict[tuple[str, str], deque[str]] = {}
 
     def __contains__(self, run_id: object) -> bool:
         return run_id in self.runs
@@ -39,52 +42,59 @@ class LiveRuns:
     def get(self, run_id: str) -> RunState | None:
         return self.runs.get(run_id)
 
-    def admission(self, tenant_id: str, flow_id: str, *, newcomer: bool = False) -> Admission:
-        """What a run of the flow asking to start is counted against."""
-        limit = self.settings.tenant_quotas.get(tenant_id, self.settings.tenant_max_active_runs)
-        # A new run queues behind the flow's BLOCKED runs: they are unblocked in arrival order.
-        queue = self.blocked.get((tenant_id, flow_id)) if newcomer else None
-        ahead = sum(1 for r in queue if r in self.runs) if queue else 0
-        return Admission(self.active_flow.get((tenant_id, flow_id), 0), self.active_tenant.get(tenant_id, 0), limit,
-                         queued_ahead=ahead)  # fmt: skip
-
     def track(self, before: RunState | None, after: RunState | None) -> None:
-        """Keep the active counts and the blocked queues in step with a run's status change (after None: the run
-        is no longer live here)."""
-        was, now = is_active(before), is_active(after)
-        ref = after or before
-        assert ref is not None
-        key = (ref.tenant_id, ref.flow_id)
-        if was != now:
-            delta = 1 if now else -1
-            self.active_flow[key] = self.active_flow.get(key, 0) + delta
-            self.active_tenant[ref.tenant_id] = self.active_tenant.get(ref.tenant_id, 0) + delta
-        newly_blocked = after is not None and after.status == RunStatus.BLOCKED
-        if newly_blocked and (before is None or before.status != RunStatus.BLOCKED):
-            assert after is not None
-            self.blocked.setdefault(key, deque()).append(after.run_id)
+        """The run's state after a decision (None: the run is no longer live here)."""
         if after is None:
-            self.runs.pop(ref.run_id, None)
+            assert before is not None
+            self.runs.pop(before.run_id, None)
         else:
-            self.runs[ref.run_id] = after
+            self.runs[after.run_id] = after
 
-    def first_blocked(self, state: RunState) -> bool:
-        """The run is the oldest BLOCKED run of its flow: the only one that may try for a slot."""
-        queue = self.blocked.get((state.tenant_id, state.flow_id))
-        return queue is not None and len(queue) > 0 and queue[0] == state.run_id
+    def blocked(self) -> list[str]:
+        return [run_id for run_id, state in self.runs.items() if state.status == RunStatus.BLOCKED]
 
-    def unblocked(self, state: RunState) -> None:
-        """The head of the flow's queue moved on (started, or ended): the next one may try."""
-        self.blocked[(state.tenant_id, state.flow_id)].popleft()
 
-    def next_blocked(self, tenant_id: str, flow_id: str) -> str | None:
-        """A slot of the flow was freed: the first BLOCKED run of the flow (arrival order), which asks to start."""
-        queue = self.blocked.get((tenant_id, flow_id))
-        while queue:
-            run_id = queue[0]
-            state = self.runs.get(run_id)
-            if state is None or state.status != RunStatus.BLOCKED:
-                queue.popleft()  # canceled or moved on meanwhile
-                continue
-            return run_id
-        return None
+def _counts(answer: SlotAnswer, tenant_limit: int | None) -> Admission:
+    """The counts that make `decide` record the shared admission's answer (its checks run in the same order)."""
+    if answer.outcome == "granted":
+        return Admission(tenant_limit=tenant_limit)
+    if answer.outcome == "blocked":  # flow_active + queued_ahead reached the limit: decide sees the flow full
+        return Admission(answer.flow_active, 0, tenant_limit, answer.queued_ahead)
+    return Admission(answer.flow_active, answer.tenant_active, tenant_limit)  # refused: the tenant is at its quota
+
+
+class Admitter:
+    """Asks the shared admission for the runs a limit applies to; every other run starts without asking."""
+
+    def __init__(self, settings: ExecutorSettings, slots: SharedSlots) -> None:
+        self.settings = settings
+        self.slots = slots
+        # Runs whose admission is being asked now, until their decision is tracked: reconciliation keeps their rows.
+        self.asking: set[str] = set()
+
+    def tenant_limit(self, tenant_id: str) -> int | None:
+        return self.settings.tenant_quotas.get(tenant_id, self.settings.tenant_max_active_runs)
+
+    def limited(self, tenant_id: str, flow: FlowDefinition | None) -> bool:
+        """A limit applies to the flow's runs: its concurrency limit, or the tenant's quota."""
+        return (flow is not None and flow.concurrency_limit is not None) or self.tenant_limit(tenant_id) is not None
+
+    async def ask(self, run_id: str, tenant_id: str, flow: FlowDefinition, partition: int, *,
+                  waiting: bool) -> tuple[Admission, SlotAnswer | None]:  # fmt: skip
+        """The counts for `decide`, and the shared admission's answer (None: no limit applies, nothing asked).
+        The caller discards `run_id` from `asking` once the decision is tracked."""
+        tenant_limit = self.tenant_limit(tenant_id)
+        if flow.concurrency_limit is None and tenant_limit is None:
+            return Admission(), None
+        self.asking.add(run_id)
+        answer = await self.slots.admit(run_id, tenant_id, flow.id, partition, flow_limit=flow.concurrency_limit,
+                                        tenant_limit=tenant_limit, waiting=waiting)  # fmt: skip
+        return _counts(answer, tenant_limit), answer
+
+    def holders(self, states: list[RunState], flows: dict[tuple[str, str, int], FlowDefinition | None]) -> list[Holder]:
+        """The active runs among `states` that a limit applies to (`flows`: each run's flow version)."""
+        return [
+            Holder(s.run_id, s.tenant_id, s.flow_id)
+            for s in states
+            if is_active(s) and self.limited(s.tenant_id, flows.get((s.tenant_id, s.flow_id, s.flow_version)))
+        ]

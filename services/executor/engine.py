@@ -1,18 +1,22 @@
 """The run engine: owns the runs of its partitions, feeds inputs to `decide`, appends what it decides.
 
 It composes the parts that each own their state: partition ownership and replay (`partitions.py`, `replay.py`),
-admission — the live runs, slot counts and BLOCKED queues (`admission.py`) —, subflows (`subflows.py`) and the run
-loop that carries out each run's next action (`runloop.py`, choosing with the pure `next.py`). What it keeps itself
-is what every input needs: the runs that ended (`finished.py`) and the ones archived.
+admission — the live runs, and what limits count over every executor (`admission.py`, `adapters/slots.py`) —,
+subflows (`subflows.py`) and the run loop that carries out each run's next action (`runloop.py`, choosing with the
+pure `next.py`). What it keeps itself is what every input needs: the runs that ended (`finished.py`) and the ones
+archived.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import contextlib
+import logging
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+from schemas import codec
 from schemas.events import (
     ArchiveRun,
     CancelRun,
@@ -20,16 +24,29 @@ from schemas.events import (
     CommandBase,
     EventBase,
     ResumeRun,
+    SlotAvailable,
     TriggerReceived,
 )
-from schemas.topics import Topics
+from schemas.flows import FlowDefinition
+from schemas.status import RunStatus
+from schemas.topics import Topics, partition_for
 from services.executor import metrics
 from services.executor.adapters.flows import FlowRegistry
 from services.executor.adapters.ledger import LedgerWriter
+from services.executor.adapters.slots import SharedSlots
 from services.executor.adapters.snapshots import SnapshotStore, Snapshotter, scan_partition
 from services.executor.adapters.steps import StepRunners
-from services.executor.admission import LiveRuns, is_active
-from services.executor.decide import Clock, CommandInput, Input, StartRun, archive, decide_and_fold
+from services.executor.admission import Admitter, LiveRuns, holds_or_waits
+from services.executor.decide import (
+    Admission,
+    Clock,
+    CommandInput,
+    Input,
+    StartRun,
+    archive,
+    decide_and_fold,
+    reaches_admission,
+)
 from services.executor.finished import FinishedRuns
 from services.executor.fold import RunState
 from services.executor.partitions import Partitions
@@ -48,6 +65,11 @@ class _EventCounters(dict[str, Any]):
 
 
 _EVENT_COUNTERS = _EventCounters()
+log = logging.getLogger(__name__)
+
+# How often BLOCKED runs of owned partitions are checked against the shared admission for a free slot: a wake-up
+# lost to a crash between a release and its SlotAvailable command is found within this.
+ADMISSION_SWEEP_S = 2.0
 
 
 class Engine:
@@ -59,7 +81,12 @@ class Engine:
         # Terminal runs and their next seq: a redelivered trigger for one is ignored, an archive appends at that seq.
         self.finished = FinishedRuns()
         self.archived: set[str] = set()
-        self.live = LiveRuns(settings)
+        self.live = LiveRuns()
+        self.admitter = Admitter(settings, SharedSlots(settings.database_url, settings.database_schema))
+        # Set once a partition's rows in the shared admission agree with its replayed runs; its runs ask only after.
+        self.reconciled: dict[int, asyncio.Event] = {}
+        self._reconciling: dict[int, asyncio.Task[None]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
         self.partitions = Partitions(self._load, self._resume)
         self.snapshots = SnapshotStore(settings.kafka_bootstrap, Topics(settings.topic_prefix), settings.partitions)
         self.snapshotter = Snapshotter(
@@ -67,7 +94,7 @@ class Engine:
             interval_s=settings.snapshot_interval_s, min_events=settings.snapshot_min_events,
         )  # fmt: skip
         self.subflows = Subflows(Topics(settings.topic_prefix), settings.partitions, ledger)
-        self.loop = RunLoop(settings, flows, self.live, self.subflows, self.runners, self.feed)
+        self.loop = RunLoop(settings, flows, self.live, self.subflows, self.runners, self.feed, self.ask_to_start)
         self._started = False
         self._start_lock = asyncio.Lock()
 
@@ -91,6 +118,8 @@ class Engine:
                 await self.ledger.start()
                 await self.flows.start()
                 self.snapshotter.start()
+                self.admitter.slots.start()
+                self._sweeper = asyncio.create_task(self._sweep(), name="admission-sweep")
                 self._started = True
 
     def clock(self) -> Clock:
@@ -118,6 +147,7 @@ class Engine:
                 continue  # already live and newer than the ledger read
             self.partitions.claim(state.run_id, partition)
             self.live.track(None, state)
+        self._start_reconcile(partition)
         return scan
 
     async def _resume(self, partition: int, scan: PartitionScan) -> int:
@@ -135,6 +165,12 @@ class Engine:
 
     async def revoke(self, partitions: Iterable[int]) -> None:
         await self.start()
+        partitions = list(partitions)
+        for partition in partitions:
+            self.reconciled.pop(partition, None)
+            task = self._reconciling.pop(partition, None)
+            if task is not None:
+                task.cancel()
         for run_id in self.partitions.revoke(partitions):
             self.loop.stop(run_id)
             state = self.live.get(run_id)
@@ -161,9 +197,14 @@ class Engine:
                 flow = self.flows.get(trigger.tenant_id, trigger.flow_id, trigger.flow_version)
             version = flow.version if flow else (trigger.flow_version or 0)
             self.partitions.claim(trigger.run_id, partition)
-            admission = self.live.admission(trigger.tenant_id, trigger.flow_id, newcomer=True)
-            pending += await self._apply(*decide_and_fold(None, flow, StartRun(trigger, version, admission),
-                                                          self.clock()))  # fmt: skip
+            clock = self.clock()
+            admission = Admission()
+            if flow is not None and reaches_admission(flow, trigger, clock.now):
+                admission = await self._ask(trigger.run_id, trigger.tenant_id, flow, partition, waiting=False)
+            try:
+                pending += await self._apply(*decide_and_fold(None, flow, StartRun(trigger, version, admission), clock))
+            finally:
+                await self._settle(trigger.run_id, trigger.tenant_id, flow)
             metrics.TRIGGERS.labels("started" if flow else "invalid").inc()
             if trigger.run_id in self.live:
                 self.loop.drive(trigger.run_id)
@@ -177,6 +218,12 @@ class Engine:
         for partition, command in commands:
             if isinstance(command, ArchiveRun):
                 pending += await self._archive(partition, command)
+                continue
+            if isinstance(command, SlotAvailable):
+                blocked = (state := self.live.get(command.run_id)) is not None and state.status == RunStatus.BLOCKED
+                metrics.COMMANDS.labels(command.type, "applied" if blocked else "ignored").inc()
+                if blocked:
+                    self.loop.wake(command.run_id)
                 continue
             state = self.live.get(command.run_id)
             if state is None:
@@ -240,15 +287,115 @@ class Engine:
         # Appending failures crash the worker (faust restarts from the ledger): state here must never
         # run ahead of a ledger that did not take the events.
         futures = await self.ledger.append(self.partitions.of(run_id), events)
-        if state.terminal:
-            if state.parent_run_id is not None:
-                await asyncio.gather(*futures)  # the parent hears of the end only once it is recorded
-                await self.subflows.notify_parent(state)
-            if is_active(before):
-                self.loop.release_slot(state.tenant_id, state.flow_id)
+        if state.terminal and state.parent_run_id is not None:
+            await asyncio.gather(*futures)  # the parent hears of the end only once it is recorded
+            await self.subflows.notify_parent(state)
+        if holds_or_waits(before) and not holds_or_waits(state):
+            flow = self.flows.get(state.tenant_id, state.flow_id, state.flow_version)
+            if self.admitter.limited(state.tenant_id, flow):
+                await asyncio.gather(*futures)  # the slot is free once the end is recorded, not before
+                await self._release(run_id, state.tenant_id, state.flow_id)
         return futures
 
+    # ------------------------------------------------------------------ shared admission
+
+    async def _ask(self, run_id: str, tenant_id: str, flow: FlowDefinition, partition: int, *,
+                   waiting: bool) -> Admission:  # fmt: skip
+        """The counts `decide` starts, blocks or refuses the run by: the shared admission's, when a limit applies."""
+        reconciled = self.reconciled.get(partition)
+        if reconciled is not None and self.admitter.limited(tenant_id, flow):
+            await reconciled.wait()
+        admission, _answer = await self.admitter.ask(run_id, tenant_id, flow, partition, waiting=waiting)
+        return admission
+
+    async def ask_to_start(self, run_id: str, make: Callable[[Admission], Input]) -> None:
+        """A SCHEDULED run whose time came, or a BLOCKED or QUEUED run, asks to start (`make` builds ScheduledDue or
+        SlotFreed) with the counts of the shared admission."""
+        state = self.live.get(run_id)
+        if state is None:
+            return
+        flow = self.flows.get(state.tenant_id, state.flow_id, state.flow_version)
+        if flow is None:
+            raise LookupError(f"flow {state.flow_id} v{state.flow_version} is not in the registry")
+        try:
+            admission = await self._ask(run_id, state.tenant_id, flow, self.partitions.of(run_id),
+                                        waiting=state.status == RunStatus.BLOCKED)  # fmt: skip
+            await self.feed(run_id, make(admission))
+        finally:
+            await self._settle(run_id, state.tenant_id, flow)
+
+    async def _settle(self, run_id: str, tenant_id: str, flow: FlowDefinition | None) -> None:
+        """After a decision on a run whose admission was asked: a row the decision did not use goes (the run was
+        canceled meanwhile, or ended in its first decision)."""
+        if run_id not in self.admitter.asking:
+            return
+        self.admitter.asking.discard(run_id)
+        state = self.live.get(run_id)
+        if not holds_or_waits(state) and flow is not None:
+            await self._release(run_id, tenant_id, flow.id)
+
+    async def _release(self, run_id: str, tenant_id: str, flow_id: str) -> None:
+        """The run's row goes; the BLOCKED runs of its flow a freed slot lets start are woken: here, or by a
+        SlotAvailable command to the executor that owns them."""
+        for waiting, partition in await self.admitter.slots.release(run_id, tenant_id, flow_id):
+            if partition in self.owned:
+                if waiting in self.live:
+                    metrics.ADMISSION_WAKEUPS.labels("local").inc()
+                    self.loop.wake(waiting)
+                continue
+            metrics.ADMISSION_WAKEUPS.labels("command").inc()
+            command = SlotAvailable(tenant_id=tenant_id, run_id=waiting, issued_by="executor")
+            await self.ledger.producer.send_and_wait(
+                self.subflows.topics.commands, codec.dumps(command), key=waiting.encode(),
+                partition=partition_for(waiting, self.settings.partitions),
+            )  # fmt: skip
+
+    def _start_reconcile(self, partition: int) -> None:
+        """Once the partition's runs are folded, before any of them asks: its rows in the shared admission are made
+        to agree with them (in the background: a partition of unlimited runs never waits for PostgreSQL)."""
+        self.reconciled[partition] = done = asyncio.Event()
+        runs = [s for r in self.partitions.runs_of(partition) if (s := self.live.get(r)) is not None]
+        flows = {(s.tenant_id, s.flow_id, s.flow_version): self.flows.get(s.tenant_id, s.flow_id, s.flow_version)
+                 for s in runs}  # fmt: skip
+        holding = self.admitter.holders(runs, flows)
+        keep = [s.run_id for s in runs if s.status == RunStatus.BLOCKED]
+
+        async def reconcile() -> None:
+            removed = await self.admitter.slots.reconcile(partition, holding, keep)
+            if removed:
+                log.info("partition %s: %d stale admission rows removed", partition, removed)
+            done.set()
+
+        task = asyncio.create_task(reconcile(), name=f"admission-reconcile:{partition}")
+        self._reconciling[partition] = task
+        task.add_done_callback(lambda t: self._reconciling.pop(partition, None) if self._reconciling.get(partition)
+                               is t else None)  # fmt: skip
+
+    async def _sweep(self) -> None:
+        """Wake the BLOCKED runs of owned partitions that a free slot lets start (see ADMISSION_SWEEP_S)."""
+        while True:
+            await asyncio.sleep(ADMISSION_SWEEP_S)
+            if not self.live.blocked():
+                continue
+            try:
+                for run_id in await self.admitter.slots.may_start(self.owned):
+                    state = self.live.get(run_id)
+                    if state is not None and state.status == RunStatus.BLOCKED:
+                        metrics.ADMISSION_WAKEUPS.labels("sweep").inc()
+                        self.loop.wake(run_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("admission sweep failed")
+
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for task in list(self._reconciling.values()):
+            task.cancel()
+        await self.admitter.slots.close()
         await self.snapshotter.close()
         if self._started:
             await self.ledger.producer.flush()

@@ -25,3 +25,16 @@ REPLAY_SECONDS = Histogram(
     "flowtrail_executor_replay_seconds", "Time to rebuild one assigned partition's runs from the ledger",
     buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 1200),
 )  # fmt: skip
+ADMISSIONS = Counter(
+    "flowtrail_executor_admissions_total",
+    "Shared admissions of runs of limited flows or tenants with a quota, by outcome (granted, blocked, refused)",
+    ["outcome"],
+)
+ADMISSION_WAKEUPS = Counter(
+    "flowtrail_executor_admission_wakeups_total",
+    "BLOCKED runs woken because a slot of their flow was freed, by how (local, command, sweep)",
+    ["via"],
+)
+ADMISSION_ERRORS = Counter(
+    "flowtrail_executor_admission_errors_total", "Shared admission calls that failed and were retried (PostgreSQL away)"
+)

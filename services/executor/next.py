@@ -30,7 +30,8 @@ class ScheduledDue:
 
 @dataclass(frozen=True, slots=True)
 class TryUnblock:
-    """A BLOCKED run at the head of its flow's queue: feed SlotFreed, then wait if still no room."""
+    """A BLOCKED run asks the shared admission for a slot (feed SlotFreed), then waits until it is woken if there is
+    still no room; a QUEUED run — its start lost to a crash — asks for the first time."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,16 +83,16 @@ def deadline(state: RunState, flow: FlowDefinition, time_scale: float) -> dateti
     return state.started_at + timedelta(seconds=flow.timeout_s * time_scale)
 
 
-def choose(state: RunState, flow: FlowDefinition, now: datetime, *, time_scale: float, first_blocked: bool) -> Action:
-    """The run's next action. `first_blocked`: the run is the oldest BLOCKED run of its flow (only it may start)."""
+def choose(state: RunState, flow: FlowDefinition, now: datetime, *, time_scale: float) -> Action:
+    """The run's next action."""
     due = deadline(state, flow, time_scale)
     if due is not None and now >= due:
         return Deadline()
     if state.status == RunStatus.SCHEDULED:
         assert state.run_at is not None
         return Wait(state.run_at) if now < state.run_at else ScheduledDue()
-    if state.status == RunStatus.BLOCKED:
-        return TryUnblock() if first_blocked else Wait(None)  # woken when a run of the flow ends
+    if state.status in (RunStatus.BLOCKED, RunStatus.QUEUED):
+        return TryUnblock()  # the shared admission keeps the arrival order across executors
     if state.status == RunStatus.PAUSED:
         pause = state.pause
         expires = pause.expires_at if pause else None

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 # Decide on an input for a run and queue the events (the engine's `feed`); the futures resolve when they are durable.
 Feed = Callable[[str, decide.Input], Awaitable[list[asyncio.Future[object]]]]
+# A waiting run asks to start: the engine counts it in the shared admission and feeds the input built from the counts.
+AskToStart = Callable[[str, Callable[[decide.Admission], decide.Input]], Awaitable[None]]
 
 
 @dataclass
@@ -42,6 +44,7 @@ class RunLoop:
     subflows: Subflows
     runners: StepRunners
     feed: Feed
+    ask_to_start: AskToStart
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     # The step a run is executing now, so a cancel or the flow deadline can abandon it.
     step_tasks: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
@@ -61,12 +64,6 @@ class RunLoop:
             self.wakeups.setdefault(run_id, asyncio.Event()).set()
         else:
             self.drive(run_id)
-
-    def release_slot(self, tenant_id: str, flow_id: str) -> None:
-        """A run of the flow ended: the first BLOCKED run of the flow (arrival order) asks to start."""
-        run_id = self.live.next_blocked(tenant_id, flow_id)
-        if run_id is not None:
-            self.wake(run_id)
 
     def ended(self, run_id: str) -> None:
         self.wakeups.pop(run_id, None)
@@ -123,14 +120,12 @@ class RunLoop:
         flow = self.flows.get(state.tenant_id, state.flow_id, state.flow_version)
         if flow is None:
             raise LookupError(f"flow {state.flow_id} v{state.flow_version} is not in the registry")
-        action = next_action.choose(state, flow, datetime.now(UTC), time_scale=self.settings.time_scale,
-                                    first_blocked=self.live.first_blocked(state))  # fmt: skip
+        action = next_action.choose(state, flow, datetime.now(UTC), time_scale=self.settings.time_scale)
         match action:
             case next_action.Deadline():
                 await self.feed(run_id, decide.DeadlinePassed(run_id))
             case next_action.ScheduledDue():
-                admission = self.live.admission(state.tenant_id, state.flow_id)
-                await self.feed(run_id, decide.ScheduledDue(run_id, admission))
+                await self.ask_to_start(run_id, lambda admission: decide.ScheduledDue(run_id, admission))
             case next_action.TryUnblock():
                 await self._try_unblock(state)
             case next_action.ExpirePause(request_id):
@@ -151,15 +146,11 @@ class RunLoop:
         return True
 
     async def _try_unblock(self, state: RunState) -> None:
-        """Ask for a slot; when the run moved on, the next BLOCKED run of the flow may try too (room for more than
-        one), else wait until a run of the flow ends."""
+        """Ask for a slot; if there is still no room, wait until woken (a slot of the flow was freed)."""
         run_id, before = state.run_id, state.next_seq
-        await self.feed(run_id, decide.SlotFreed(run_id, self.live.admission(state.tenant_id, state.flow_id)))
+        await self.ask_to_start(run_id, lambda admission: decide.SlotFreed(run_id, admission, at_seq=before))
         after = self.live.get(run_id)
-        if after is None or after.next_seq != before:
-            self.live.unblocked(state)
-            self.release_slot(state.tenant_id, state.flow_id)
-        else:
+        if after is not None and after.next_seq == before:
             await self._wait(run_id, None)
 
     async def _run_step(self, state: RunState, flow: FlowDefinition, name: str, deadline: datetime | None) -> None:

@@ -1,5 +1,6 @@
-"""The engine's pure parts: a partition's replay scan (services/executor/replay.py) and admission's counts and
-BLOCKED queues (services/executor/admission.py), fed states and records the real `decide` produced."""
+"""The engine's pure parts: a partition's replay scan (services/executor/replay.py) and admission
+(services/executor/admission.py: the live runs, when a limit applies, and the counts that make `decide` record the
+shared admission's answer), fed states and records the real `decide` produced."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ from datetime import timedelta
 from typing import Any
 
 import orjson
+import pytest
 
 from schemas import codec
 from schemas.status import RunStatus
-from services.executor.admission import LiveRuns
-from services.executor.decide import Admission, StartRun
+from services.executor.adapters.slots import SharedSlots, SlotAnswer
+from services.executor.admission import Admitter, LiveRuns, _counts
+from services.executor.decide import Admission, SlotFreed, StartRun
 from services.executor.finished import FinishedRuns
+from services.executor.fold import fold_all
 from services.executor.replay import CHILD_RENOTIFY_WINDOW, PartitionScan
 from services.executor.settings import ExecutorSettings
 from tests.unit.drive import T0, Run, make_flow, make_trigger
@@ -80,31 +84,60 @@ def test_a_child_that_ended_recently_is_told_to_its_parent_again_an_old_one_is_n
     assert scan(raw(ended("run-plain")), now=T0)[0].ended_children == []  # not a child: no parent to tell
 
 
-def test_admission_counts_active_runs_per_flow_and_tenant_and_frees_them_when_a_run_ends() -> None:
-    live = LiveRuns(ExecutorSettings(tenant_max_active_runs=5, tenant_quotas={"t1": 2}))
-    a, b = started("run-a"), started("run-b")
+def test_live_runs_keep_each_run_until_it_is_no_longer_live_here() -> None:
+    live = LiveRuns()
+    a, b = started("run-a"), started("run-b", admission=Admission(flow_active=1), concurrency_limit=1)
     assert a.state is not None and b.state is not None
     live.track(None, a.state)
     live.track(None, b.state)
-    assert live.admission("t1", "orders") == Admission(2, 2, 2)  # the tenant's own quota overrides the default
-    assert live.admission("t2", "orders") == Admission(0, 0, 5)
+    assert len(live) == 2 and live.blocked() == ["run-b"]
     live.track(a.state, None)
-    assert live.admission("t1", "orders") == Admission(1, 1, 2) and "run-a" not in live and len(live) == 1
+    assert "run-a" not in live and live.get("run-b") is b.state and len(live) == 1
 
 
-def test_blocked_runs_queue_in_arrival_order_and_a_freed_slot_goes_to_the_oldest_still_blocked() -> None:
-    live = LiveRuns(ExecutorSettings())
-    full = Admission(flow_active=1)
-    first, second = started("run-1", admission=full, concurrency_limit=1), started("run-2", admission=full,
-                                                                                      concurrency_limit=1)  # fmt: skip
-    assert first.state is not None and second.state is not None
-    assert first.state.status == RunStatus.BLOCKED
-    live.track(None, first.state)
-    live.track(None, second.state)
-    assert live.first_blocked(first.state) and not live.first_blocked(second.state)
-    assert live.admission("t1", "orders", newcomer=True).queued_ahead == 2  # a newcomer queues behind both
-    assert live.next_blocked("t1", "orders") == "run-1"
-    live.track(first.state, None)  # canceled meanwhile: the next one gets the slot
-    assert live.next_blocked("t1", "orders") == "run-2" and live.first_blocked(second.state)
-    live.unblocked(second.state)
-    assert live.next_blocked("t1", "orders") is None
+def test_a_limit_applies_to_a_flow_with_a_concurrency_limit_or_a_tenant_with_a_quota() -> None:
+    admitter = Admitter(ExecutorSettings(tenant_max_active_runs=5, tenant_quotas={"t1": 2}), SharedSlots("", "x"))
+    assert admitter.tenant_limit("t1") == 2 and admitter.tenant_limit("t2") == 5  # the tenant's own quota first
+    plain = Admitter(ExecutorSettings(), SharedSlots("", "x"))
+    assert not plain.limited("t1", make_flow(*TWO)) and plain.limited("t1", make_flow(*TWO, concurrency_limit=3))
+    assert plain.limited("t1", None) is False and admitter.limited("t1", make_flow(*TWO))
+
+
+ANSWERS = {
+    "granted": (SlotAnswer("granted", 1, 1, 0), "RunStarted"),
+    "granted again after a crash": (SlotAnswer("granted", 2, 2, 0), "RunStarted"),
+    "blocked by active runs": (SlotAnswer("blocked", 2, 2, 0), "RunBlocked"),
+    "blocked behind earlier arrivals": (SlotAnswer("blocked", 1, 1, 1), "RunBlocked"),
+    "refused by the quota": (SlotAnswer("refused", 1, 3, 0), "RunQuotaExceeded"),
+}
+
+
+@pytest.mark.parametrize("case", ANSWERS)
+def test_decide_records_exactly_the_shared_admissions_answer(case: str) -> None:
+    """The counts given to `decide` make it record what every executor agreed on, for a new run and for a BLOCKED
+    run asking again (limit 2, quota 3)."""
+    answer, recorded = ANSWERS[case]
+    counts = _counts(answer, 3)
+    newcomer = started("run-new", admission=counts, concurrency_limit=2)
+    assert newcomer.types[2] == recorded, newcomer.types
+
+    waiting = started("run-waiting", admission=Admission(flow_active=2), concurrency_limit=2)
+    assert waiting.state is not None and waiting.state.status == RunStatus.BLOCKED
+    before = len(waiting.ledger)
+    waiting.feed(SlotFreed("run-waiting", counts, at_seq=waiting.state.next_seq))
+    asked_again = [e.type for e in waiting.ledger[before:]]
+    if answer.outcome == "blocked":
+        assert asked_again == []  # still no room: nothing recorded, it waits to be woken
+    else:
+        assert asked_again[:2] == ["RunQueued", recorded]
+
+
+def test_a_queued_run_whose_start_was_lost_asks_and_starts_once() -> None:
+    """RunQueued recorded, RunStarted lost to a crash: the run asks for the first time and starts."""
+    run = started("run-q", admission=Admission(), concurrency_limit=2)
+    queued = fold_all(run.ledger[:2])
+    assert queued is not None and queued.status == RunStatus.QUEUED
+    run.state, run.ledger = queued, run.ledger[:2]
+    run.feed(SlotFreed("run-q", Admission(), at_seq=queued.next_seq))
+    assert [e.type for e in run.ledger[2:4]] == ["RunStarted", "StepStarted"]
+    assert [e.seq for e in run.ledger] == list(range(len(run.ledger)))

@@ -25,7 +25,7 @@ def test_every_ledger_event_type_flow_event_trigger_and_flow_has_a_file() -> Non
     names = {f"{cls.__name__}.json" for cls in LEDGER_EVENT_TYPES} | {
         "FlowVersionPublished.json", "FlowPaused.json", "FlowResumed.json", "TriggerReceived.json",
         "FlowDefinition.json", "LedgerEvent.json", "CancelRun.json", "ResumeRun.json", "ChildRunFinished.json",
-        "Command.json", "ArchiveRun.json",
+        "Command.json", "ArchiveRun.json", "SlotAvailable.json",
     }  # fmt: skip
     assert len(LEDGER_EVENT_TYPES) >= 26
     assert set(FRESH) == names

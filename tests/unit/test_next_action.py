@@ -5,8 +5,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 from schemas.events import ResumeRun
+from schemas.status import RunStatus
 from services.executor import next as nxt
 from services.executor.decide import Admission, CommandInput, StartRun
+from services.executor.fold import fold_all
 from tests.unit.drive import T0, Run, error, make_flow, make_trigger
 
 TWO = ({"name": "fetch"}, {"name": "push"})
@@ -17,10 +19,9 @@ def started(run: Run, admission: Admission | None = None) -> Run:
     return run
 
 
-def choose(run: Run, *, first_blocked: bool = False, after_s: float = 0.0) -> nxt.Action:
+def choose(run: Run, *, after_s: float = 0.0) -> nxt.Action:
     assert run.state is not None and run.flow is not None
-    return nxt.choose(run.state, run.flow, run.now + timedelta(seconds=after_s), time_scale=1.0,
-                      first_blocked=first_blocked)  # fmt: skip
+    return nxt.choose(run.state, run.flow, run.now + timedelta(seconds=after_s), time_scale=1.0)
 
 
 def test_a_running_step_is_run_and_a_finished_run_waits_for_nothing() -> None:
@@ -60,10 +61,17 @@ def test_a_scheduled_run_waits_for_its_time_then_is_due() -> None:
     assert choose(run, after_s=300) == nxt.ScheduledDue()
 
 
-def test_only_the_oldest_blocked_run_tries_for_a_slot() -> None:
+def test_a_blocked_run_asks_the_shared_admission_which_keeps_the_arrival_order() -> None:
     run = started(Run(make_flow(*TWO, concurrency_limit=1)), Admission(flow_active=1))
-    assert choose(run, first_blocked=True) == nxt.TryUnblock()
-    assert choose(run, first_blocked=False) == nxt.Wait(None)
+    assert run.state is not None and run.state.status == RunStatus.BLOCKED
+    assert choose(run) == nxt.TryUnblock()
+
+
+def test_a_queued_run_left_without_its_start_by_a_crash_asks_to_start() -> None:
+    run = started(Run(make_flow(*TWO, concurrency_limit=1)))
+    run.state = fold_all(run.ledger[:2])  # RunRequested, RunQueued recorded; RunStarted lost
+    assert run.state is not None and run.state.status == RunStatus.QUEUED
+    assert choose(run) == nxt.TryUnblock()
 
 
 def test_a_pause_waits_for_its_expiry_or_a_resume() -> None:

@@ -17,7 +17,7 @@ from schemas.events import ArchiveRun, CancelRun, ChildRunFinished, ErrorCategor
 from schemas.flows import FlowDefinition
 from schemas.status import RunStatus, StepStatus
 from services.executor.decide import commands
-from services.executor.decide.admission import over_flow_limit, queue, start
+from services.executor.decide.admission import admit, over_flow_limit, queue, reaches_admission, start
 from services.executor.decide.emitter import Emitter, event_id
 from services.executor.decide.finish import finish
 from services.executor.decide.inputs import (
@@ -53,6 +53,7 @@ __all__ = [
     "archive",
     "decide",
     "decide_and_fold",
+    "reaches_admission",
 ]
 
 
@@ -108,6 +109,8 @@ def _route(out: Emitter, flow: FlowDefinition, inp: Input) -> None:
             # Still no room: the run stays BLOCKED, nothing recorded.
             if run.status == RunStatus.BLOCKED and not over_flow_limit(flow, inp.admission):
                 queue(out, flow, inp.admission)
+            elif run.status == RunStatus.QUEUED:  # its start was lost to a crash after RunQueued was recorded
+                admit(out, flow, inp.admission)
         case PauseExpired():
             commands.pause_expired(out, inp)
         case DeadlinePassed():

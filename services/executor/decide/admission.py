@@ -3,6 +3,8 @@ quota, or BLOCKED behind its flow's concurrency limit."""
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from schemas import events as ev
 from schemas.events import TriggerReceived
 from schemas.flows import FlowDefinition, StepDefinition
@@ -39,6 +41,14 @@ def start(out: Emitter, flow: FlowDefinition | None, inp: StartRun) -> None:
     queue(out, flow, inp.admission)
 
 
+def reaches_admission(flow: FlowDefinition | None, trigger: TriggerReceived, now: datetime) -> bool:
+    """The trigger's run will ask for a slot as it starts (`start` does not end it INVALID or schedule it): only
+    then does the engine count it against the flow's limit and the tenant's quota."""
+    if flow is None or input_errors(flow, trigger.trigger.payload):
+        return False
+    return trigger.run_at is None or trigger.run_at <= now
+
+
 def _requested(t: TriggerReceived, flow: FlowDefinition | None) -> ev.RunRequestedPayload:
     return ev.RunRequestedPayload(
         trigger=t.trigger,
@@ -70,10 +80,10 @@ def over_flow_limit(flow: FlowDefinition, admission: Admission) -> bool:
 def queue(out: Emitter, flow: FlowDefinition, admission: Admission) -> None:
     """The run joins the queue (a new, due or unblocked run) and asks to start at once."""
     out.emit(ev.RunQueued, ev.Empty())
-    _admit(out, flow, admission)
+    admit(out, flow, admission)
 
 
-def _admit(out: Emitter, flow: FlowDefinition, admission: Admission) -> None:
+def admit(out: Emitter, flow: FlowDefinition, admission: Admission) -> None:
     """A QUEUED run starts, or is refused by the tenant's quota, or waits BLOCKED for a slot of its flow."""
     if admission.tenant_limit is not None and admission.tenant_active >= admission.tenant_limit:
         reason = f"the tenant already has {admission.tenant_active} active runs, its quota is {admission.tenant_limit}"

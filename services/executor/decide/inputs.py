@@ -94,9 +94,12 @@ class ScheduledDue(_AsksToStart):
 
 @dataclass(frozen=True, slots=True)
 class SlotFreed(_AsksToStart):
-    """A run of a BLOCKED run's flow ended: the first blocked run (arrival order) asks again."""
+    """A BLOCKED run asks again for a slot of its flow (one was freed, or it was woken), or a QUEUED run left without
+    its start by a crash asks for the first time. `at_seq` is the run's next seq when it asked: each ask is a new
+    input, so a run blocked again after one can ask again."""
 
-    ID = "{0.run_id}:unblocked"
+    ID = "{0.run_id}:unblocked:{0.at_seq}"
+    at_seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
