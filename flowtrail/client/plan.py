@@ -306,7 +306,9 @@ class SSEDecoder:
     blank line ends an event, `:` starts a comment such as a keep-alive ping)."""
 
     def __init__(self) -> None:
-        self._event, self._data, self._id = "", [], None  # type: tuple[str, list[str], str | None]
+        self._event = ""
+        self._data: list[str] = []
+        self._id: str | None = None
 
     def feed(self, line: str) -> ServerEvent | None:
         if not line:

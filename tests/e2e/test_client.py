@@ -343,3 +343,38 @@ async def test_503_with_retry_after_is_retried_and_a_lost_answer_names_the_same_
 
     async with flaky_proxy(env.url("api"), first_unavailable) as url:
         assert await asyncio.to_thread(blocking, url) == 1 and len(calls) == 2
+
+
+async def test_a_stream_cut_mid_way_resumes_after_the_last_event_seen(env: Env) -> None:
+    """The proxy passes the real event stream on, and the first time cuts the connection after two events: the
+    client opens it again with Last-Event-ID and the caller sees every event once."""
+    asked: list[str | None] = []
+    http = httpx.AsyncClient(timeout=30)
+
+    async def cut_once(request: web.Request, forward: Any) -> web.StreamResponse:
+        asked.append(request.headers.get("Last-Event-ID"))
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in {"host"}}
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        events = 0
+        async with http.stream("GET", env.url("api") + request.path_qs, headers=headers) as upstream:
+            async for line in upstream.aiter_lines():
+                await response.write(line.encode() + b"\n")
+                events += line == ""
+                if len(asked) == 1 and events == 2:
+                    assert request.transport is not None
+                    request.transport.close()
+                    return response
+        await response.write_eof()
+        return response
+
+    async with AsyncClient(env.url("api"), env.keys["a"]) as client:
+        accepted = await client.triggers.trigger("stepped", {"cut": True})
+        run = await client.runs.wait(accepted.run_id, timeout_s=60)
+        async with flaky_proxy(env.url("api"), cut_once) as url:
+            async with AsyncClient(url, env.keys["a"], retry=RetryPolicy(backoff_s=0.05)) as through:
+                streamed = [e.seq async for e in through.runs.stream(run.id)]
+        recorded = [e.seq for e in (await client.runs.events(run.id)).data]
+    await http.aclose()
+    assert streamed == recorded and len(streamed) > 2
+    assert asked == [None, "1"]  # the second request resumed after seq 1, the last event the first one gave
