@@ -158,11 +158,12 @@ class TriggersApi(_Spec):
         *,
         flow_version: int | None = None,
         idempotency_key: str | None = None,
-        timeout_s: float = 330.0,
+        timeout_s: float = 90.0,
         **origin: Unpack[Origin],
     ) -> Plan[LiveResult]:
         """One run, answered when it ends (its output or error), or with its current status when the API's live
-        timeout passes first. `timeout_s`: how long this request may take."""
+        timeout (FLOWTRAIL_API_LIVE_TIMEOUT_S, 30 s by default) passes first. `timeout_s`: how long this request
+        may take."""
         body = {"mode": "live", "input": input, "flow_version": flow_version}
         return self._send(
             f"/v1/flows/{_seg(flow_id)}/trigger", body, _TriggerAnswers.live, idempotency_key, origin, timeout_s
@@ -213,7 +214,7 @@ class TriggersApi(_Spec):
         *,
         flow_version: int | None = None,
         idempotency_key: str | None = None,
-        timeout_s: float = 330.0,
+        timeout_s: float = 90.0,
     ) -> Plan[LiveResult]:
         body = {"input": input, "flow_version": flow_version}
         return self._send(

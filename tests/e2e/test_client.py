@@ -9,9 +9,11 @@ request id; the blocking and the asyncio client behave the same.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -85,6 +87,11 @@ def test_a_key_sent_twice_names_one_run_and_wait_gives_the_final_status(client: 
     assert [s.name for s in client.runs.steps(first.run_id)] == ["echo"]
     listed = {r.id for r in client.runs.iter(flow_id="echo", page_size=100)}
     assert first.run_id in listed and other.run_id in listed
+
+    live = client.triggers.trigger_live("echo", {"n": 2})
+    assert (live.status, live.output) == ("SUCCEEDED", {"n": 2})
+    launched = client.triggers.launch("echo", {"n": 3})
+    assert client.runs.wait(launched.run_id, timeout_s=60).trigger.payload == {"n": 3}
 
     done = client.triggers.trigger_and_wait("failing", timeout_s=60, manual=True)
     assert done.status == "FAILED" and done.trigger.type == "manual" and done.failed_step == "check"
@@ -301,6 +308,19 @@ async def test_503_with_retry_after_is_retried_and_a_lost_answer_names_the_same_
         started = time.monotonic()
         page = await client.runs.list(flow_id="echo", limit=1)
         assert len(calls) == 2 and time.monotonic() - started >= 1.0 and page.data  # waited Retry-After, then read
+
+    # Retry-After as an HTTP date is honoured too.
+    calls.clear()
+
+    async def first_unavailable_until(request: web.Request, forward: Any) -> web.StreamResponse:
+        calls.append(request.method)
+        when = email.utils.format_datetime(datetime.now(UTC) + timedelta(seconds=2), usegmt=True)
+        return _unavailable(when) if len(calls) == 1 else await forward()
+
+    async with flaky_proxy(env.url("api"), first_unavailable_until) as url, AsyncClient(url, env.keys["a"]) as client:
+        started = time.monotonic()
+        assert (await client.runs.list(flow_id="echo", limit=1)).data
+        assert len(calls) == 2 and time.monotonic() - started >= 1.0
 
     # Retry-After beyond the policy's total time: no wait, the 503 raised with what the API asked.
     async def always(request: web.Request, forward: Any) -> web.StreamResponse:
