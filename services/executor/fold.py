@@ -2,14 +2,35 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from schemas import events as ev
 from schemas.events import RUN_STATUS_OF, CursorWindow, ErrorInfo, EventBase, ReusedStep, TriggerInfo
 from schemas.flows import Environment
 from schemas.status import TERMINAL_RUN_STATUSES, RunStatus, StepStatus
+
+T = TypeVar("T")
+
+
+def _replacer(cls: type[T]) -> Callable[[T, dict[str, Any]], T]:
+    """`dataclasses.replace` for a dataclass whose fields are all init fields, ~3x faster: every field read at
+    once (attrgetter) and passed by position. The fold replaces the run state once per event."""
+    names = tuple(f.name for f in fields(cls))  # type: ignore[arg-type]
+    assert all(f.init for f in fields(cls)), cls  # type: ignore[arg-type]
+    index = {name: i for i, name in enumerate(names)}
+    values_of = operator.attrgetter(*names)
+
+    def replace(obj: T, changes: dict[str, Any]) -> T:
+        values = list(values_of(obj))
+        for name, value in changes.items():
+            values[index[name]] = value
+        return cls(*values)
+
+    return replace
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,10 +107,14 @@ class RunState:
         }
 
 
+_replace_run = _replacer(RunState)
+_replace_step = _replacer(StepState)
+
+
 def _step(state: RunState, name: str, **changes: Any) -> dict[str, StepState]:
     steps = dict(state.steps)
     current = steps.get(name)
-    steps[name] = replace(current, **changes) if current else StepState(**changes)
+    steps[name] = _replace_step(current, changes) if current else StepState(**changes)
     return steps
 
 
@@ -172,7 +197,7 @@ def fold(state: RunState | None, event: EventBase) -> RunState:
         case EventBase(payload=ev.RunFinishedPayload() as p):  # the endings: RunSucceeded, RunFailed, RunCanceled …
             changes["last_error"] = p.error
             changes["pause"] = None
-    return replace(state, **changes)
+    return _replace_run(state, changes)
 
 
 def fold_all(events: list[EventBase]) -> RunState | None:

@@ -3,6 +3,7 @@ next step of the same decision sees the state it left."""
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,11 +15,18 @@ from services.executor.decide.inputs import Clock
 from services.executor.fold import RunState, fold
 
 EVENT_NS = uuid.UUID("6f1d7c1e-9f57-4d55-9a54-2f3a4c1b0e77")
+_EVENT_NS_BYTES = EVENT_NS.bytes
 
 
 def event_id(run_id: str, seq: int) -> str:
-    """The same decision always yields the same event id: a duplicate is visibly one."""
-    return uuid.uuid5(EVENT_NS, f"{run_id}:{seq}").hex
+    """The same decision always yields the same event id: a duplicate is visibly one.
+
+    `uuid.uuid5(EVENT_NS, f"{run_id}:{seq}").hex` (RFC 4122: SHA-1 of namespace and name, version and variant bits
+    set), computed without the UUID object, a third of the cost; a unit test holds the two equal."""
+    digest = bytearray(hashlib.sha1(_EVENT_NS_BYTES + f"{run_id}:{seq}".encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return digest.hex()
 
 
 @dataclass
