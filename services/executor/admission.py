@@ -69,10 +69,17 @@ class Admitter:
     def __init__(self, settings: ExecutorSettings, slots: SharedSlots) -> None:
         self.settings = settings
         self.slots = slots
-        # Runs whose admission is being asked now, until their decision is tracked: reconciliation keeps their rows.
+        # Runs whose admission is being asked now, until their decision is tracked.
         self.asking: set[str] = set()
+        # Quotas the operator API stored with each tenant (`tenants.max_active_runs`), refreshed by the engine.
+        self.stored: dict[str, int] = {}
 
     def tenant_limit(self, tenant_id: str) -> int | None:
+        """The tenant's quota: the one stored with it (operator API), else FLOWTRAIL_EXECUTOR_TENANT_QUOTAS, else
+        FLOWTRAIL_EXECUTOR_TENANT_MAX_ACTIVE_RUNS (None: no quota)."""
+        stored = self.stored.get(tenant_id)
+        if stored is not None:
+            return stored
         return self.settings.tenant_quotas.get(tenant_id, self.settings.tenant_max_active_runs)
 
     def limited(self, tenant_id: str, flow: FlowDefinition | None) -> bool:

@@ -33,10 +33,10 @@ from schemas.topics import Topics, partition_for
 from services.executor import metrics
 from services.executor.adapters.flows import FlowRegistry
 from services.executor.adapters.ledger import LedgerWriter
-from services.executor.adapters.slots import SharedSlots
+from services.executor.adapters.slots import Holder, SharedSlots
 from services.executor.adapters.snapshots import SnapshotStore, Snapshotter, scan_partition
 from services.executor.adapters.steps import StepRunners
-from services.executor.admission import Admitter, LiveRuns, holds_or_waits
+from services.executor.admission import Admitter, LiveRuns, holds_or_waits, is_active
 from services.executor.decide import (
     Admission,
     Clock,
@@ -67,8 +67,9 @@ class _EventCounters(dict[str, Any]):
 _EVENT_COUNTERS = _EventCounters()
 log = logging.getLogger(__name__)
 
-# How often BLOCKED runs of owned partitions are checked against the shared admission for a free slot: a wake-up
-# lost to a crash between a release and its SlotAvailable command is found within this.
+# How often the tenants' stored quotas are read, and BLOCKED runs of owned partitions are checked against the shared
+# admission for a free slot: a wake-up lost to a crash between a release and its SlotAvailable command is found
+# within this.
 ADMISSION_SWEEP_S = 2.0
 
 
@@ -372,21 +373,39 @@ class Engine:
                                is t else None)  # fmt: skip
 
     async def _sweep(self) -> None:
-        """Wake the BLOCKED runs of owned partitions that a free slot lets start (see ADMISSION_SWEEP_S)."""
+        """Every ADMISSION_SWEEP_S: take the tenants' stored quotas, and wake the BLOCKED runs of owned partitions
+        that a free slot lets start."""
         while True:
-            await asyncio.sleep(ADMISSION_SWEEP_S)
-            if not self.live.blocked():
-                continue
             try:
-                for run_id in await self.admitter.slots.may_start(self.owned):
-                    state = self.live.get(run_id)
-                    if state is not None and state.status == RunStatus.BLOCKED:
-                        metrics.ADMISSION_WAKEUPS.labels("sweep").inc()
-                        self.loop.wake(run_id)
+                await self._refresh_quotas()
+                if self.live.blocked():
+                    await self._wake_startable()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("admission sweep failed")
+            await asyncio.sleep(ADMISSION_SWEEP_S)
+
+    async def _refresh_quotas(self) -> None:
+        """The operator API's quotas; a tenant that newly has one gets slots for its runs already active here, so
+        they count from now on."""
+        stored = await self.admitter.slots.stored_quotas()
+        new = set(stored) - set(self.admitter.stored)
+        self.admitter.stored = stored
+        if new:
+            holders = [(Holder(s.run_id, s.tenant_id, s.flow_id), p) for s in list(self.live.runs.values())
+                       if s.tenant_id in new and is_active(s)
+                       and (p := self.partitions.partition_of.get(s.run_id)) is not None]  # fmt: skip
+            if holders:
+                await self.admitter.slots.hold(holders)
+
+    async def _wake_startable(self) -> None:
+        """A wake-up lost to a crash between a release and its SlotAvailable command is found here."""
+        for run_id in await self.admitter.slots.may_start(self.owned):
+            state = self.live.get(run_id)
+            if state is not None and state.status == RunStatus.BLOCKED:
+                metrics.ADMISSION_WAKEUPS.labels("sweep").inc()
+                self.loop.wake(run_id)
 
     async def close(self) -> None:
         if self._sweeper is not None:

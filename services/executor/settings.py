@@ -44,6 +44,6 @@ class ExecutorSettings(CommonSettings):
     db_max_rows: int = service_field("executor", "db_max_rows", 1000)
     # Per-tenant quota of active (RUNNING or PAUSED) runs: a run that would exceed it ends QUOTA_EXCEEDED.
     # `tenant_max_active_runs` applies to every tenant, `tenant_quotas` ({"acme": 50}) overrides it per tenant.
-    # Counted by each executor over the partitions it owns (see README "Concurrency limits and quotas").
+    # Counted over every executor by the shared admission in PostgreSQL (docs/architecture.md, Admission).
     tenant_max_active_runs: int | None = service_field("executor", "tenant_max_active_runs", None)
     tenant_quotas: dict[str, int] = service_field("executor", "tenant_quotas", {})

@@ -15,11 +15,13 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from services.executor.engine import ADMISSION_SWEEP_S
 from tests.conftest import Infra
-from tests.harness import Env, flow, running, stub_upstream, wait_until
+from tests.harness import Env, auth, flow, running, stub_upstream, wait_until
 
 LIMIT = 2
 QUOTA = 3
+OPERATOR_KEY = "ft_op_" + "q" * 43
 HOLD_S = 0.6
 
 
@@ -51,11 +53,13 @@ async def env(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> AsyncIt
         flows = [
             flow("tenant-a", "limited", [call], concurrency_limit=LIMIT),
             flow("tenant-q", "metered", [call, {"name": "wait", "action": "delay", "input": {"seconds": 3}}]),
+            flow("tenant-s", "stored", [call, {"name": "wait", "action": "delay", "input": {"seconds": 3}}]),
         ]  # fmt: skip
         async with running(
             infra, tmp_path_factory, partitions=4, flows=flows,
-            keys={"a": "tenant-a", "q": "tenant-q"},
-            env={"FLOWTRAIL_EXECUTOR_TENANT_QUOTAS": f'{{"tenant-q": {QUOTA}}}'},
+            keys={"a": "tenant-a", "q": "tenant-q", "s": "tenant-s"},
+            env={"FLOWTRAIL_EXECUTOR_TENANT_QUOTAS": f'{{"tenant-q": {QUOTA}}}',
+                 "FLOWTRAIL_API_OPERATOR_KEY": OPERATOR_KEY},
             services=("ingest", "api", "projector", "executor"), upstream=upstream,
         ) as env:  # fmt: skip
             second = env.stack.add("executor", "executor-2")
@@ -116,6 +120,16 @@ async def test_a_tenant_quota_holds_over_two_executors(env: Env) -> None:
     assert sorted(finals.values()) == ["QUOTA_EXCEEDED"] * 7 + ["SUCCEEDED"] * QUOTA, finals
     refused = [await env.run(r, key="q") for r, s in finals.items() if s == "QUOTA_EXCEEDED"]
     assert all(f"quota is {QUOTA}" in (r or {}).get("error_message", "") for r in refused), refused
+
+
+async def test_the_quota_the_operator_api_stores_with_a_tenant_is_enforced_by_every_executor(env: Env) -> None:
+    r = await env.http.patch(env.url("api") + "/v1/admin/tenants/tenant-s", headers=auth(OPERATOR_KEY),
+                             json={"quotas": {"max_active_runs": 2}})  # fmt: skip
+    assert r.status_code == 200, r.text
+    await asyncio.sleep(ADMISSION_SWEEP_S + 1.0)  # each executor reads the stored quotas this often
+    ids = await env.trigger_many("stored", [{"n": i} for i in range(6)], key="s")
+    finals = await env.wait_all(ids, key="s", within=120)
+    assert sorted(finals.values()) == ["QUOTA_EXCEEDED"] * 4 + ["SUCCEEDED"] * 2, finals
 
 
 async def test_an_executor_killed_mid_load_neither_exceeds_the_limit_nor_strands_a_blocked_run(env: Env) -> None:

@@ -127,6 +127,26 @@ class SharedSlots:
 
         return await self._call("reconcile", query)
 
+    async def stored_quotas(self) -> dict[str, int]:
+        """Each tenant's quota of active runs as the operator API stored it (`tenants.max_active_runs`)."""
+
+        async def query(conn: asyncpg.Connection) -> Any:
+            return await conn.fetch("SELECT id, max_active_runs FROM tenants WHERE max_active_runs IS NOT NULL")
+
+        return {r["id"]: r["max_active_runs"] for r in await self._call("quotas", query)}
+
+    async def hold(self, holders: list[tuple[Holder, int]]) -> None:
+        """Slots for runs already active when their tenant got a quota (with their partitions)."""
+
+        async def query(conn: asyncpg.Connection) -> None:
+            await conn.executemany(
+                "INSERT INTO admission_slots (run_id, tenant_id, flow_id, partition) VALUES ($1, $2, $3, $4)"
+                " ON CONFLICT (run_id) DO NOTHING",
+                [(h.run_id, h.tenant_id, h.flow_id, p) for h, p in holders],
+            )
+
+        await self._call("hold", query)
+
     async def may_start(self, partitions: Iterable[int]) -> list[str]:
         """The BLOCKED runs of these partitions that a free slot of their flow lets start now (a wake-up lost to a
         crash between a release and its command is found here)."""
