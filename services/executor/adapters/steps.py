@@ -187,7 +187,9 @@ class StepRunners:
             timeout = call.timeout_s
             if call.action == "delay":
                 timeout += float(call.input.get("seconds", 0)) * self.time_scale
-            output = await asyncio.wait_for(action(call), timeout=timeout)
+            # In this task (asyncio.timeout), not in one more per step as wait_for would start.
+            async with asyncio.timeout(timeout):
+                output = await action(call)
             duration = _ms(began)
             if call.action == "delay":
                 # A durable timer runs from the recorded start, which precedes this call: show all of it.
