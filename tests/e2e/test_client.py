@@ -12,7 +12,7 @@ import asyncio
 import email.utils
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -51,7 +51,8 @@ STEPPED = [{"name": "first", "action": "transform", "input": {"output": 1}},
            {"name": "last", "action": "transform", "input": {"output": "{{ trigger }}"}}]  # fmt: skip
 SLOW = [{"name": "wait", "action": "delay", "input": {"seconds": 60}}]
 FLOWS = [flow(TENANT, "echo", ECHO), flow(TENANT, "paged", ECHO), flow(TENANT, "failing", FAILING),
-         flow(TENANT, "stepped", STEPPED), flow(TENANT, "slow", SLOW), flow(TENANT, "keyed", ECHO)]  # fmt: skip
+         flow(TENANT, "stepped", STEPPED), flow(TENANT, "slow", SLOW), flow(TENANT, "keyed", ECHO),
+         flow(TENANT, "watched", SLOW)]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -398,3 +399,19 @@ async def test_a_stream_cut_mid_way_resumes_after_the_last_event_seen(env: Env) 
     await http.aclose()
     assert streamed == recorded and len(streamed) > 2
     assert asked == [None, "1"]  # the second request resumed after seq 1, the last event the first one gave
+
+
+async def test_watch_follows_the_tenants_status_changes_as_they_happen(env: Env, aclient: AsyncClient) -> None:
+    seen: dict[str, list[str]] = {}
+    # The feed starts when it is first read, so it is asked to start from before the trigger (its cursor form).
+    since = datetime.now(UTC) - timedelta(seconds=1)
+    accepted = await aclient.triggers.trigger("watched")
+    async with aclosing(aclient.runs.watch(flow_id="watched", last_event_id=f"{since.isoformat()}|")) as changes:
+        async with asyncio.timeout(60):
+            async for run in changes:
+                seen.setdefault(run.id, []).append(run.status)
+                if run.id == accepted.run_id and run.status == "RUNNING":
+                    await aclient.runs.cancel(run.id)  # seen live: it would run for a minute otherwise
+                if run.id == accepted.run_id and run.status == "CANCELED":
+                    break
+    assert seen == {accepted.run_id: [*seen[accepted.run_id][:-2], "RUNNING", "CANCELED"]}, seen
