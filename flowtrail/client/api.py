@@ -661,6 +661,22 @@ class ConnectorsApi(_Spec):
         return self._call(Call("GET", f"/v1/connectors/{_seg(connector_id)}", model(m.Connector)))
 
 
+class DataApi(_Spec):
+    """Canonical records (`/api/public/data/{entity}`, a key with `data:read`): normalised, deduplicated records the
+    flows' sync steps wrote, oldest update first."""
+
+    def iter(self, entity: str, *, updated_since: datetime | None = None, fields: Sequence[str] | None = None,
+             page_size: int = 500) -> Items[m.CanonicalRecord]:  # fmt: skip
+        """Every record of the entity (`fields`: only those, with `canonical_id`)."""
+        params = {"updated_since": updated_since, "fields": ",".join(fields) if fields else None, "limit": page_size}
+        first = Call("GET", f"/api/public/data/{_seg(entity)}", model(m.CanonicalRecords), params=params)
+        return Items(pages(self.ctx, first, lambda p: p.data, lambda p: _cursor(first, p.next_cursor)))
+
+    def get(self, entity: str, canonical_id: str) -> Plan[m.CanonicalRecord]:
+        path = f"/api/public/data/{_seg(entity)}/{_seg(canonical_id)}"
+        return self._call(Call("GET", path, model(m.CanonicalRecord)))
+
+
 class SessionApi(_Spec):
     def get(self) -> Plan[m.Session]:
         """Who the key is: its tenant, environment, scopes and rate limits."""

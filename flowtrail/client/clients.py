@@ -147,6 +147,12 @@ class Connectors(_Resource[D]):
     get = _Call(api.ConnectorsApi.get)
 
 
+class Data(_Resource[D]):
+    __doc__ = api.DataApi.__doc__
+    iter = _Listing(api.DataApi.iter)
+    get = _Call(api.DataApi.get)
+
+
 # ---------------------------------------------------------------- the clients
 
 
@@ -181,6 +187,7 @@ class _Client(_Resource[D]):
         self.analytics: Analytics[D] = Analytics(api.AnalyticsApi(ctx), driver)
         self.alerts: Alerts[D] = Alerts(api.AlertsApi(ctx), driver)
         self.connectors: Connectors[D] = Connectors(api.ConnectorsApi(ctx), driver)
+        self.data: Data[D] = Data(api.DataApi(ctx), driver)
 
 
 class Client(_Client[SyncDriver]):

@@ -11,6 +11,7 @@ from services.api.models.admin import AdminTenant, NewTenant, Tenant, Tenants
 from services.api.models.alerts import Alert, AlertDetail, Alerts
 from services.api.models.analytics import Endpoints, FailureGroups, FlakySteps, FlowAnalytics
 from services.api.models.connectors import Connector, Connectors
+from services.api.models.data import CanonicalRecord, CanonicalRecords
 from services.api.models.diagnosis import RunDiagnosis
 from services.api.models.flows import FlowDetail, FlowPending, FlowsPage, FlowSummary, FlowVersion, FlowWritten
 from services.api.models.launch import ResumeAccepted
@@ -52,6 +53,8 @@ __all__ = [
     "AlreadyArchived",
     "BatchAccepted",
     "BulkResult",
+    "CanonicalRecord",
+    "CanonicalRecords",
     "Connector",
     "Connectors",
     "Endpoints",

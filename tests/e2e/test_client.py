@@ -35,8 +35,9 @@ from flowtrail.client import (
     WaitTimeout,
 )
 from flowtrail.client.models import FlowPending, FlowWritten, StreamEvent
+from schemas.events import CANONICAL_ENTITIES
 from tests.conftest import Infra
-from tests.harness import Env, also_running, flow, flow_body, running
+from tests.harness import Env, also_running, connected, flow, flow_body, running
 
 pytestmark = pytest.mark.e2e
 
@@ -49,6 +50,7 @@ FAILING = [{"name": "check", "action": "transform", "input": {"output": {"ok": F
 STEPPED = [{"name": "first", "action": "transform", "input": {"output": 1}},
            {"name": "pause", "action": "delay", "input": {"seconds": 1.5}},
            {"name": "last", "action": "transform", "input": {"output": "{{ trigger }}"}}]  # fmt: skip
+ENTITY = CANONICAL_ENTITIES[0]
 SLOW = [{"name": "wait", "action": "delay", "input": {"seconds": 60}}]
 FLOWS = [flow(TENANT, "echo", ECHO), flow(TENANT, "paged", ECHO), flow(TENANT, "failing", FAILING),
          flow(TENANT, "stepped", STEPPED), flow(TENANT, "slow", SLOW), flow(TENANT, "keyed", ECHO),
@@ -415,3 +417,23 @@ async def test_watch_follows_the_tenants_status_changes_as_they_happen(env: Env,
                 if run.id == accepted.run_id and run.status == "CANCELED":
                     break
     assert seen == {accepted.run_id: [*seen[accepted.run_id][:-2], "RUNNING", "CANCELED"]}, seen
+
+
+async def test_canonical_records_are_listed_across_pages(env: Env, aclient: AsyncClient) -> None:
+    """Records as the projector keeps them (written here straight into the read model), read through the API."""
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    async with connected(env) as db:
+        for i in range(5):
+            at = start + timedelta(minutes=i)
+            await db.execute(
+                "INSERT INTO canonical_records (tenant_id, environment, entity, canonical_id, external_ids, data, "
+                "created_at, updated_at, last_run_id) VALUES ($1, 'PRODUCTION', $2, $3, $4, $5, $6, $6, 'run_x')",
+                TENANT, ENTITY, f"c{i}", {"shop": str(i)}, {"email": f"{i}@example.com", "name": f"N{i}"}, at,
+            )  # fmt: skip
+    records = [r async for r in aclient.data.iter(ENTITY, page_size=2)]
+    assert [r.canonical_id for r in records] == ["c0", "c1", "c2", "c3", "c4"]  # oldest update first, once each
+    assert records[3].model_extra == {"email": "3@example.com", "name": "N3"}
+    later = [r async for r in aclient.data.iter(ENTITY, updated_since=start + timedelta(minutes=3), fields=["email"])]
+    assert [(r.canonical_id, r.model_extra) for r in later] == [("c3", {"email": "3@example.com"}),
+                                                                 ("c4", {"email": "4@example.com"})]  # fmt: skip
+    assert (await aclient.data.get(ENTITY, "c1")).external_ids == {"shop": "1"}
