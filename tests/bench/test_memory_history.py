@@ -59,6 +59,12 @@ RESTART = "executor restart → every partition replayed"
 WHOLE_RESTART = "executor restart, snapshots unreadable → every partition replayed"
 
 
+def patience(scale: Scale) -> float:
+    """The bound on any one wait here: the scale's, or longer for a big history (a whole replay of 1,000,000 runs
+    takes minutes, more on a loaded machine)."""
+    return max(scale.timeout_s, scale.history_runs * 1.8e-3)
+
+
 def finished_run(flow: FlowDefinition) -> list[EventBase]:
     """One run of `flow` as the executor's own decide() writes it: RunRequested … RunSucceeded, every step
     succeeding 2 ms after it started. The history is copies of this run."""
@@ -99,7 +105,7 @@ class Phase:
 
     def measure(self, ft: Flowtrail, point: str) -> None:
         pids = ft.pids()
-        for name in SERVICES:
+        for name in ft.stack.services:
             process = ft.stack[name].process
             assert process is not None and process.poll() is None, f"{name} exited:\n{ft.stack[name].log_tail()}"
         self.memory[point] = {name: vm_mb(pid) for name, pid in pids.items()}
@@ -130,7 +136,7 @@ async def flowtrail_on_history(infra: Infra, scale: Scale, log_dir: Path, runs: 
             for service in stack.services.values():
                 service.start()
             # Ready (an executor: every partition replayed) may take longer on a history than the stack's own wait.
-            await asyncio.gather(*(s.wait_healthy(scale.timeout_s) for s in stack.services.values()))
+            await asyncio.gather(*(s.wait_healthy(patience(scale)) for s in stack.services.values()))
             try:
                 ft = Flowtrail(box, stack, key, db)
                 await _until_caught_up(ft, scale, phase, spawned)
@@ -161,9 +167,9 @@ async def _until_caught_up(ft: Flowtrail, scale: Scale, phase: Phase, spawned: f
         flows = await ft.db.fetchval("SELECT count(*) FROM flows")
         return int(done) >= await ledger_end(box) and int(flows) >= 1
 
-    executor = asyncio.create_task(wait_until(lambda: executor_owns_all(ft), within=scale.timeout_s, interval=0.1,
+    executor = asyncio.create_task(wait_until(lambda: executor_owns_all(ft), within=patience(scale), interval=0.1,
                                               what="executor replay", on_timeout=ft.log_tails))  # fmt: skip
-    projector = asyncio.create_task(wait_until(projected_all, within=scale.timeout_s, interval=0.2,
+    projector = asyncio.create_task(wait_until(projected_all, within=patience(scale), interval=0.2,
                                                what="projection of the history", on_timeout=ft.log_tails))  # fmt: skip
     phase.seconds["executor start → every partition replayed"] = await executor - spawned
     phase.seconds["projector start → history projected"] = await projector - spawned
@@ -191,7 +197,7 @@ async def steady_load(ft: Flowtrail, scale: Scale) -> list[str]:
     async def all_final() -> bool:
         return await ft.terminal_count(FLOW.id) >= before + LOAD_RUNS
 
-    await wait_until(all_final, within=scale.timeout_s, interval=0.05, what="steady load", on_timeout=ft.log_tails)
+    await wait_until(all_final, within=patience(scale), interval=0.05, what="steady load", on_timeout=ft.log_tails)
     statuses = dict(await ft.db.fetch("SELECT status, count(*) FROM runs WHERE id = ANY($1) GROUP BY 1", ids))
     assert statuses == {"SUCCEEDED": LOAD_RUNS}, statuses
     return ids
@@ -233,7 +239,7 @@ async def restart_executor(ft: Flowtrail, scale: Scale, phase: Phase, *, snapsho
             sample = 'flowtrail_executor_snapshots_total{outcome="written"}'
             return await executor_metric(ft, sample) >= ft.sandbox.partitions
 
-        await wait_until(written, within=scale.timeout_s, interval=0.2, what="snapshots written",
+        await wait_until(written, within=patience(scale), interval=0.2, what="snapshots written",
                          on_timeout=ft.log_tails)  # fmt: skip
     executor = ft.stack["executor"]
     executor.kill()
@@ -241,7 +247,7 @@ async def restart_executor(ft: Flowtrail, scale: Scale, phase: Phase, *, snapsho
         await spoil_snapshots(ft.sandbox)
     spawned = time.monotonic()
     executor.start()
-    owned = await wait_until(lambda: executor_owns_all(ft), within=scale.timeout_s, interval=0.1,
+    owned = await wait_until(lambda: executor_owns_all(ft), within=patience(scale), interval=0.1,
                              what="executor restart", on_timeout=ft.log_tails)  # fmt: skip
     suffix = "_whole" if unreadable else ""
     phase.seconds[WHOLE_RESTART if unreadable else RESTART] = owned - spawned
@@ -359,6 +365,78 @@ async def test_memory_after_history(baseline: Phase, infra: Infra, scale: Scale,
     report.details["memory_history"] = {
         "history_runs": runs, "history_events": events, "load_runs": LOAD_RUNS,
         "baseline": {"memory_mb": baseline.memory, "seconds": baseline.seconds, **baseline.facts},
+        "history": {"memory_mb": history.memory, "seconds": history.seconds, **history.facts},
+    }  # fmt: skip
+
+
+START_ALONE = "executor alone: start → every partition replayed"
+
+
+async def executor_alone(infra: Infra, scale: Scale, log_dir: Path, runs: int) -> Phase:
+    """The executor by itself (no projector, API or ingest beside it) on a ledger of `runs` finished runs: its
+    first start (a whole replay: no snapshot yet), then, once its snapshots are written, a SIGKILL and restart."""
+    phase = Phase()
+    async with bench_sandbox(infra, scale.partitions) as box:
+        db = await connect(infra.database_url, box.schema)
+        try:
+            await publish_flow_events(infra.kafka_bootstrap, box.topics, [
+                FlowVersionPublished(tenant_id=TENANT, flow_id=FLOW.id, flow_version=FLOW.version, flow=FLOW)
+            ])  # fmt: skip
+            if runs:
+                started = time.monotonic()
+                per_partition = await produce_history(infra.kafka_bootstrap, box.topics.ledger, box.partitions,
+                                                      finished_run(FLOW), runs)  # fmt: skip
+                phase.seconds["write history"] = time.monotonic() - started
+                phase.facts["events_per_partition"] = per_partition
+            logs = log_dir / ("alone-history" if runs else "alone-baseline")
+            logs.mkdir(parents=True, exist_ok=True)
+            stack = profiled(Stack.build(box, ("executor",), logs))
+            ft = Flowtrail(box, stack, "", db)
+            spawned = time.monotonic()
+            stack["executor"].start()
+            try:
+                owned = await wait_until(lambda: executor_owns_all(ft), within=patience(scale), interval=0.1,
+                                         what="executor start", on_timeout=ft.log_tails)  # fmt: skip
+                phase.seconds[START_ALONE] = owned - spawned
+                phase.facts["replayed_events_at_start"] = await replayed_events(ft)
+                phase.measure(ft, "started")
+                await restart_executor(ft, scale, phase, snapshots=bool(runs))
+            finally:
+                stack.stop()
+        finally:
+            await db.close()
+    if runs:
+        assert phase.facts["replayed_events_at_start"] >= sum(phase.facts["events_per_partition"]), phase.facts
+        assert phase.facts["replayed_events_after_restart"] < sum(phase.facts["events_per_partition"]), phase.facts
+    return phase
+
+
+async def test_executor_restart_alone(infra: Infra, scale: Scale, report: Report, log_dir: Path) -> None:
+    """The issue's restart figure without the rest of the stack (its projector catching up on the history takes
+    longest at 1,000,000 runs): the executor alone, without history and on the history, started then restarted.
+    `-k restart_alone` runs only this."""
+    runs = scale.history_runs
+    base = await executor_alone(infra, scale, log_dir, 0)
+    history = await executor_alone(infra, scale, log_dir, runs)
+    restarted, base_restarted = history.memory["restarted"]["executor"], base.memory["restarted"]["executor"]
+    report.add("rebuild", f"executor alone: restart → every partition replayed, {runs:,}-run history and a snapshot",
+               history.seconds[RESTART], "s", target=Target("<=", 10, unit="s"),
+               note=f"{history.facts['replayed_events_after_restart']:,.0f} events replayed; without history: start "
+                    f"{base.seconds[START_ALONE]:.1f} s, restart {base.seconds[RESTART]:.1f} s; replaying the "
+                    f"history whole (first start, no snapshot) {history.seconds[START_ALONE]:.1f} s; executor RSS "
+                    f"after it {restarted['rss']:.0f} MB, {base_restarted['rss']:.0f} MB without history")  # fmt: skip
+    report.add("rebuild", f"{START_ALONE}, {runs:,}-run history (no snapshot: the whole replay)",
+               history.seconds[START_ALONE], "s",
+               note=f"{history.facts['replayed_events_at_start']:,.0f} events; {base.seconds[START_ALONE]:.1f} s "
+                    f"without history")  # fmt: skip
+    report.add("memory", f"executor alone: RSS after a restart on a {runs:,}-run history and a snapshot",
+               restarted["rss"], "MB", target=MB300,
+               note=f"{base_restarted['rss']:.0f} MB after a restart without history; peak {restarted['peak']:.0f} MB, "
+                    f"{base_restarted['peak']:.0f} MB without history; after the whole replay "
+                    f"{history.memory['started']['executor']['rss']:.0f} MB")  # fmt: skip
+    report.details["executor_restart_alone"] = {
+        "history_runs": runs,
+        "baseline": {"memory_mb": base.memory, "seconds": base.seconds, **base.facts},
         "history": {"memory_mb": history.memory, "seconds": history.seconds, **history.facts},
     }  # fmt: skip
 
