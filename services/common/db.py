@@ -38,12 +38,22 @@ async def keep_session(conn: asyncpg.Connection) -> None:
 
 async def create_pool(
     dsn: str, schema: str, *, min_size: int = 1, max_size: int = 10,
-    reset: Callable[[asyncpg.Connection], Awaitable[None]] | None = None, **connect_options: Any,
+    reset: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
+    settings: dict[str, str] | None = None,
+    on_connect: Callable[[asyncpg.Connection], Awaitable[None]] | None = None, **connect_options: Any,
 ) -> asyncpg.Pool:  # fmt: skip
-    """`connect_options` go to each connection (e.g. `timeout`, how long a connection attempt may take)."""
+    """`settings`: more server settings for each connection (e.g. `synchronous_commit`); `on_connect`: called with
+    each new connection after the codecs are set; `connect_options` go to each connection (e.g. `timeout`, how long a
+    connection attempt may take)."""
+
+    async def init(conn: asyncpg.Connection) -> None:
+        await _init_connection(conn)
+        if on_connect is not None:
+            await on_connect(conn)
+
     pool = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, init=_init_connection, server_settings=_server_settings(schema),
-        reset=reset, **connect_options,
+        dsn, min_size=min_size, max_size=max_size, init=init,
+        server_settings={**_server_settings(schema), **(settings or {})}, reset=reset, **connect_options,
     )  # fmt: skip
     assert pool is not None
     return pool

@@ -83,7 +83,8 @@ class Engine:
         self.finished = FinishedRuns()
         self.archived: set[str] = set()
         self.live = LiveRuns()
-        self.admitter = Admitter(settings, SharedSlots(settings.database_url, settings.database_schema))
+        self.admitter = Admitter(settings, SharedSlots(settings.database_url, settings.database_schema,
+                                                       repair=self._repair_admission))  # fmt: skip
         # Set once a partition's rows in the shared admission agree with its replayed runs; its runs ask only after.
         self.reconciled: dict[int, asyncio.Event] = {}
         self._reconciling: dict[int, asyncio.Task[None]] = {}
@@ -355,11 +356,7 @@ class Engine:
         """Once the partition's runs are folded, before any of them asks: its rows in the shared admission are made
         to agree with them (in the background: a partition of unlimited runs never waits for PostgreSQL)."""
         self.reconciled[partition] = done = asyncio.Event()
-        runs = [s for r in self.partitions.runs_of(partition) if (s := self.live.get(r)) is not None]
-        flows = {(s.tenant_id, s.flow_id, s.flow_version): self.flows.get(s.tenant_id, s.flow_id, s.flow_version)
-                 for s in runs}  # fmt: skip
-        holding = self.admitter.holders(runs, flows)
-        keep = [s.run_id for s in runs if s.status == RunStatus.BLOCKED]
+        holding, keep = self._admission_rows(partition)
 
         async def reconcile() -> None:
             removed = await self.admitter.slots.reconcile(partition, holding, keep)
@@ -371,6 +368,22 @@ class Engine:
         self._reconciling[partition] = task
         task.add_done_callback(lambda t: self._reconciling.pop(partition, None) if self._reconciling.get(partition)
                                is t else None)  # fmt: skip
+
+    def _admission_rows(self, partition: int) -> tuple[list[Holder], list[str]]:
+        """The partition's rows as its live runs say: slots of its active limited runs, and the runs whose rows stay
+        (BLOCKED ones, and any run asking now)."""
+        runs = [s for r in self.partitions.runs_of(partition) if (s := self.live.get(r)) is not None]
+        flows = {(s.tenant_id, s.flow_id, s.flow_version): self.flows.get(s.tenant_id, s.flow_id, s.flow_version)
+                 for s in runs}  # fmt: skip
+        keep = [s.run_id for s in runs if s.status == RunStatus.BLOCKED] + list(self.admitter.asking)
+        return self.admitter.holders(runs, flows), keep
+
+    async def _repair_admission(self) -> None:
+        """PostgreSQL restarted and may have lost the last admissions it acknowledged (they commit without waiting
+        for the WAL flush): every owned partition's rows are written again from the live runs."""
+        for partition in sorted(self.owned):
+            holding, keep = self._admission_rows(partition)
+            await self.admitter.slots.reconcile(partition, holding, keep)
 
     async def _sweep(self) -> None:
         """Every ADMISSION_SWEEP_S: take the tenants' stored quotas, and wake the BLOCKED runs of owned partitions

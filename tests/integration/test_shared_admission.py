@@ -118,3 +118,32 @@ async def test_reconciliation_removes_rows_of_runs_that_ended_without_their_rele
         assert held == {"running", "paused", "other-partition"} and queued == {"still-blocked"}
     finally:
         await slots.close()
+
+
+async def test_after_postgresql_restarts_the_rows_it_may_have_lost_are_written_again_before_the_next_admission(
+    sandbox: Sandbox, db: asyncpg.Connection
+) -> None:
+    """Admissions commit without waiting for the WAL flush, so a crash of PostgreSQL may lose the last ones: a new
+    postmaster seen on a new connection makes the executor write its rows again before it admits anything."""
+    repairs: list[str] = []
+
+    async def repair() -> None:  # what the engine does: its live runs' rows, written again
+        repairs.append("repaired")
+        await slots.reconcile(0, [Holder("running", "t1", "f")], [])
+
+    slots = SharedSlots(sandbox.infra.database_url, sandbox.schema, repair=repair)
+    try:
+        assert (await slots.admit("running", "t1", "f", 0, flow_limit=1, tenant_limit=None, waiting=False)).outcome == (
+            "granted"
+        )
+        await db.execute("DELETE FROM admission_slots")  # the commit a crash lost
+        assert slots.db.pool is not None
+        slots._postmaster = "an earlier postmaster"  # as if PostgreSQL restarted since the last connection
+        await slots.db.pool.expire_connections()
+        late = await slots.admit("newcomer", "t1", "f", 0, flow_limit=1, tenant_limit=None, waiting=False)
+        assert late.outcome == "blocked" and repairs == ["repaired"]  # without the repair it would be granted
+        assert (await slots.admit("other", "t1", "f", 0, flow_limit=1, tenant_limit=None, waiting=False)).outcome == (
+            "blocked"
+        ) and repairs == ["repaired"]  # once
+    finally:
+        await slots.close()
