@@ -27,6 +27,7 @@ from services.projector.adapters.store import (
     apply_batch,
     load_offsets,
     schema_oid,
+    stage,
 )
 from services.projector.settings import ProjectorSettings
 
@@ -87,6 +88,9 @@ class Projector:
         self.settings = settings
         self.topics = Topics(settings.topic_prefix)
         self.pool: asyncpg.Pool | None = None
+        # The connection batches are applied on, kept between batches (no pool reset per batch) with its staging
+        # table made once; dropped when it fails or the schema is swapped.
+        self._batch_conn: asyncpg.pool.PoolConnectionProxy | None = None
         self.ready = asyncio.Event()
         self.applied_batches = 0
         self._reactors: list[asyncio.Task[None]] = []
@@ -159,6 +163,7 @@ class Projector:
         """A rebuild swapped in a new schema: new connections, then carry on from the offsets stored in it."""
         log.warning("schema %s was replaced by a rebuild; reconnecting and seeking to its offsets", self.guard.name)
         assert self.pool is not None
+        await self._drop_batch_conn()
         await self.pool.close()
         await self._connect()
         await self.seek_assigned(sorted(self.consumer.assignment()))
@@ -172,6 +177,7 @@ class Projector:
             await self.consumer.stop()
             await self.dlq.stop()
         if self.pool:
+            await self._drop_batch_conn()
             await self.pool.close()
 
     async def readiness(self) -> dict[str, str]:
@@ -270,13 +276,28 @@ class Projector:
         while True:
             assert self.pool is not None
             try:
-                async with self.pool.acquire() as conn:
-                    return await apply_batch(conn, self.settings.consumer_group, batch, self.guard)
+                if self._batch_conn is None:
+                    conn = await self.pool.acquire()
+                    try:
+                        await stage(conn)
+                    except BaseException:
+                        await self.pool.release(conn)
+                        raise
+                    self._batch_conn = conn
+                return await apply_batch(self._batch_conn, self.settings.consumer_group, batch, self.guard,
+                                         staged=True)  # fmt: skip
             except DATABASE_AWAY as exc:
+                await self._drop_batch_conn()
                 log.warning("a batch of %d records could not be applied (%r); retrying in %.1f s", len(batch), exc,
                             delay)  # fmt: skip
                 await asyncio.sleep(delay)
                 delay = min(2.0, delay * 2)
+
+    async def _drop_batch_conn(self) -> None:
+        conn, self._batch_conn = self._batch_conn, None
+        if conn is not None and self.pool is not None:
+            with contextlib.suppress(*DATABASE_AWAY):
+                await self.pool.release(conn, timeout=2)
 
     def _record_lag(self, batch: list[Positioned]) -> None:
         last: dict[tuple[str, int], int] = {}

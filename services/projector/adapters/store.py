@@ -50,8 +50,11 @@ _STAGE_EVENTS = """
 CREATE TEMP TABLE IF NOT EXISTS staged_events (LIKE run_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS
 """
 
+# Events of runs the retention purge already removed are duplicates, as run_events would have said.
 _INSERT_STAGED_EVENTS = """
-INSERT INTO run_events SELECT * FROM staged_events
+INSERT INTO run_events
+SELECT s.* FROM staged_events s LEFT JOIN purged_runs p ON p.run_id = s.run_id
+WHERE p.run_id IS NULL OR s.seq > p.last_seq
 ON CONFLICT (run_id, seq) DO NOTHING
 RETURNING run_id, seq
 """
@@ -165,12 +168,23 @@ ON CONFLICT (run_id, step) DO UPDATE SET
     reason      = COALESCE(EXCLUDED.reason, s.reason)
 """
 
+# The offsets, and when the batch wrote events ($5) the notice live streams in the API wake up on (delivered on
+# commit, so they read what this batch wrote): one round trip.
 _SAVE_OFFSETS = """
-INSERT INTO projector_offsets (consumer_group, topic, partition, next_offset, updated_at)
-SELECT $1, t, p, o, now() FROM unnest($2::text[], $3::int[], $4::bigint[]) AS x(t, p, o)
-ON CONFLICT (consumer_group, topic, partition) DO UPDATE
-SET next_offset = GREATEST(projector_offsets.next_offset, EXCLUDED.next_offset), updated_at = now()
+WITH saved AS (
+    INSERT INTO projector_offsets (consumer_group, topic, partition, next_offset, updated_at)
+    SELECT $1, t, p, o, now() FROM unnest($2::text[], $3::int[], $4::bigint[]) AS x(t, p, o)
+    ON CONFLICT (consumer_group, topic, partition) DO UPDATE
+    SET next_offset = GREATEST(projector_offsets.next_offset, EXCLUDED.next_offset), updated_at = now()
+)
+SELECT pg_notify('flowtrail_projected', current_schema()) WHERE $5::bool
 """
+
+
+async def stage(conn: asyncpg.Connection) -> None:
+    """Once per connection, outside a transaction: the session's staging table `apply_batch(staged=True)` copies
+    events into (a temporary table, emptied at each commit)."""
+    await conn.execute(_STAGE_EVENTS)
 
 
 async def load_offsets(conn: asyncpg.Connection, group: str, topic: str) -> dict[int, int]:
@@ -217,9 +231,11 @@ async def apply_batch(
     guard: SchemaGuard | None = None,
     *,
     side_effects: bool = True,
+    staged: bool = False,
 ) -> BatchResult:
     """One transaction: new events, their row changes, offsets. `side_effects=False` (a rebuild's replay)
-    enqueues no webhook deliveries: those were offered when the events first happened."""
+    enqueues no webhook deliveries: those were offered when the events first happened. `staged`: `stage` ran on
+    this connection, so the batch need not make sure its staging table exists."""
     ledger = [p for p in batch if isinstance(p.event, EventBase)]
     flows = [p for p in batch if isinstance(p.event, FlowEventBase)]
     async with conn.transaction():
@@ -227,7 +243,7 @@ async def apply_batch(
             await conn.execute("SELECT pg_advisory_xact_lock_shared(hashtext($1))", guard.lock_key)
             if await schema_oid(conn, guard.name) != guard.oid:
                 raise SchemaSwapped(guard.name)
-        new_events = await _insert_events(conn, ledger)
+        new_events = await _insert_events(conn, ledger, staged)
         changes = plan(new_events)
         for run_id, seq, before, after in changes.out_of_order:
             metrics.OUT_OF_ORDER.inc()
@@ -245,10 +261,7 @@ async def apply_batch(
         await connectors.project(conn, new_events, deliver=side_effects)
         if side_effects:
             await webhooks.enqueue(conn, new_events, [p.event for p in flows])
-        await _save_offsets(conn, group, batch)
-        if new_events:
-            # Delivered on commit: live streams in the API wake up and read what this batch wrote.
-            await conn.execute("SELECT pg_notify('flowtrail_projected', current_schema())")
+        await _save_offsets(conn, group, batch, notify=bool(new_events))
     finished: dict[str, int] = {}
     for e in new_events:
         if (status := TERMINAL_EVENTS.get(type(e))) is not None:
@@ -261,26 +274,18 @@ async def apply_batch(
     )
 
 
-async def _insert_events(conn: asyncpg.Connection, ledger: list[Positioned]) -> list[EventBase]:
+async def _insert_events(conn: asyncpg.Connection, ledger: list[Positioned], staged: bool) -> list[EventBase]:
     """Insert into run_events; returns the events that were new, in log order (first one wins)."""
     unique: dict[tuple[str, int], Positioned] = {}
     for p in ledger:
         unique.setdefault((p.event.run_id, p.event.seq), p)
     if not unique:
         return []
-    purged = await conn.fetch(
-        "SELECT run_id, last_seq FROM purged_runs WHERE run_id = ANY($1::text[])", list({k[0] for k in unique})
-    )
-    if purged:
-        # Events of runs the retention purge already removed: duplicates, as run_events would have said.
-        gone = {r["run_id"]: r["last_seq"] for r in purged}
-        unique = {k: p for k, p in unique.items() if k[0] not in gone or k[1] > gone[k[0]]}
     rows = list(unique.values())
-    if not rows:
-        return []
     # COPY into a per-session staging table, then one INSERT … ON CONFLICT: COPY's binary rows cost far
     # less to send and parse than array parameters, and the payload JSON is passed through unparsed.
-    await conn.execute(_STAGE_EVENTS)
+    if not staged:
+        await conn.execute(_STAGE_EVENTS)
     await conn.copy_records_to_table(
         "staged_events",
         records=[
@@ -347,7 +352,7 @@ async def _apply_flow_event(conn: asyncpg.Connection, event: FlowEventBase) -> N
         )  # fmt: skip
 
 
-async def _save_offsets(conn: asyncpg.Connection, group: str, batch: list[Positioned]) -> None:
+async def _save_offsets(conn: asyncpg.Connection, group: str, batch: list[Positioned], *, notify: bool) -> None:
     last: dict[tuple[str, int], int] = {}
     for p in batch:
         key = (p.topic, p.partition)
@@ -355,5 +360,5 @@ async def _save_offsets(conn: asyncpg.Connection, group: str, batch: list[Positi
     if last:
         keys = list(last)
         await conn.execute(
-            _SAVE_OFFSETS, group, [k[0] for k in keys], [k[1] for k in keys], [last[k] + 1 for k in keys]
+            _SAVE_OFFSETS, group, [k[0] for k in keys], [k[1] for k in keys], [last[k] + 1 for k in keys], notify
         )
