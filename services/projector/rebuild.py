@@ -14,6 +14,8 @@ carry on from the offsets stored in it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -29,7 +31,7 @@ from services.common.db import _quote_ident, connect
 from services.common.kafka import topic_partitions
 from services.common.migrate import migrate
 from services.projector import compare, retention
-from services.projector.adapters.store import Positioned, apply_batch, load_offsets, swap_lock_key
+from services.projector.adapters.store import Positioned, apply_batch, load_offsets, stage, swap_lock_key
 from services.projector.settings import ProjectorSettings
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,9 @@ OWN = ("projector_offsets", "schema_migrations", "purged_runs")
 COORDINATION = ("admission_slots", "admission_queue")
 
 Progress = Callable[[str], None]
+# Records decoded between two yields to the event loop while a batch is applied: decoding a whole fetch at once would
+# keep the applying side from sending its next statement for that long.
+_DECODE_SLICE = 200
 
 
 @dataclass
@@ -162,6 +167,7 @@ class Replayer:
         self._last_report = 0.0
 
     async def __aenter__(self) -> Replayer:
+        await stage(self.shadow)
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka_bootstrap,
             enable_auto_commit=False,
@@ -186,38 +192,63 @@ class Replayer:
         return dict(await self.consumer.end_offsets(self.partitions))
 
     async def replay_to(self, targets: dict[TopicPartition, int], total_hint: int | None = None) -> None:
-        """Apply every record below each partition's target offset; returns when all are reached."""
-        group = self.settings.consumer_group
+        """Apply every record below each partition's target offset; returns when all are reached. The next fetch is
+        read and decoded while a batch is applied (PostgreSQL works in its own process, so the two overlap)."""
         remaining = {tp for tp in self.partitions if targets.get(tp, 0) > await self.consumer.position(tp)}
         self.consumer.pause(*[tp for tp in self.partitions if tp not in remaining])
         self.consumer.resume(*remaining)
         total = total_hint if total_hint is not None else sum(targets.values())
-        while remaining:
-            fetched = await self.consumer.getmany(
-                *remaining, timeout_ms=500, max_records=self.settings.batch_max_records
-            )
-            batch: list[Positioned] = []
-            for tp, records in fetched.items():
-                decode = codec.decode_flow_event if tp.topic == self.topics.flows else codec.decode_ledger_event
-                for record in records:
-                    if record.offset >= targets[tp]:
-                        # Fetched past the target: the next catch-up starts exactly here.
-                        self.consumer.seek(tp, targets[tp])
-                        break
-                    try:
-                        event = decode(record.value)
-                    except codec.DecodeError:
-                        event = None  # the live projector dead-lettered it; skip it the same way
-                    batch.append(Positioned(tp.topic, tp.partition, record.offset, event))
-            if batch:
-                await apply_batch(self.shadow, group, batch, side_effects=False)
+        # At most two decoded batches wait: memory stays bounded by the batch size.
+        fetched: asyncio.Queue[list[Positioned] | BaseException | None] = asyncio.Queue(maxsize=2)
+        reader = asyncio.create_task(self._read_to(targets, remaining, fetched))
+        try:
+            while (batch := await fetched.get()) is not None:
+                if isinstance(batch, BaseException):
+                    raise batch
+                await apply_batch(self.shadow, self.settings.consumer_group, batch, side_effects=False, staged=True)
                 self.events += len(batch)
-            for tp in list(remaining):
-                if await self.consumer.position(tp) >= targets[tp]:
-                    remaining.discard(tp)
-                    self.consumer.pause(tp)
-            self._report(total)
+                self._report(total)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
         self._report(total, final=True)
+
+    async def _read_to(
+        self,
+        targets: dict[TopicPartition, int],
+        remaining: set[TopicPartition],
+        out: asyncio.Queue[list[Positioned] | BaseException | None],
+    ) -> None:
+        try:
+            while remaining:
+                fetched = await self.consumer.getmany(
+                    *remaining, timeout_ms=500, max_records=self.settings.batch_max_records
+                )
+                batch: list[Positioned] = []
+                for tp, records in fetched.items():
+                    decode = codec.decode_flow_event if tp.topic == self.topics.flows else codec.decode_ledger_event
+                    for i, record in enumerate(records):
+                        if i % _DECODE_SLICE == _DECODE_SLICE - 1:
+                            await asyncio.sleep(0)  # let the applying side go on as soon as PostgreSQL answers
+                        if record.offset >= targets[tp]:
+                            # Fetched past the target: the next catch-up starts exactly here.
+                            self.consumer.seek(tp, targets[tp])
+                            break
+                        try:
+                            event = decode(record.value)
+                        except codec.DecodeError:
+                            event = None  # the live projector dead-lettered it; skip it the same way
+                        batch.append(Positioned(tp.topic, tp.partition, record.offset, event))
+                for tp in list(remaining):
+                    if await self.consumer.position(tp) >= targets[tp]:
+                        remaining.discard(tp)
+                        self.consumer.pause(tp)
+                if batch:
+                    await out.put(batch)
+            await out.put(None)
+        except Exception as exc:  # handed to the applying side, which raises it
+            await out.put(exc)
 
     def _report(self, total: int, final: bool = False) -> None:
         now = time.monotonic()
