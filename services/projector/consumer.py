@@ -38,6 +38,12 @@ DATABASE_AWAY = (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg
                  asyncpg.OperatorInterventionError)  # fmt: skip
 
 
+class _DatabaseLost(Exception):
+    """PostgreSQL failed under a batch. With `synchronous_commit` off the batches committed just before may be lost
+    with it (rows and offsets together), so the projector goes on from the offsets stored in PostgreSQL, not from
+    where it had read to."""
+
+
 class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
     """Offsets live in PostgreSQL with the rows (invariant 3); Kafka's committed offsets are not used."""
 
@@ -215,19 +221,23 @@ class Projector:
     async def run(self) -> None:
         """Fetch and decode while the previous transaction is applied (PostgreSQL works in its own process,
         so the two overlap); each transaction takes everything read so far, so under load transactions grow
-        instead of queueing. On a schema swap, drop what was read ahead and re-seek."""
+        instead of queueing. On a schema swap or when PostgreSQL failed, drop what was read ahead and go on from the
+        stored offsets."""
         while True:
             backlog = _Backlog(self.settings.batch_max_records)
             reader = asyncio.create_task(self._read(backlog))
+            resume = self._follow_swap
             try:
                 await self._apply_from(backlog, reader)
             except SchemaSwapped:
                 pass
+            except _DatabaseLost:
+                resume = self._seek_when_back
             finally:
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await reader
-            await self._follow_swap()
+            await resume()
 
     async def _read(self, backlog: _Backlog) -> None:
         while True:
@@ -270,26 +280,36 @@ class Projector:
             self.applied_batches += 1
 
     async def _apply_until_done(self, batch: list[Positioned]) -> BatchResult:
-        """One transaction for the batch, tried again while PostgreSQL is away: the rows and offsets commit together
-        or not at all, so a retry is the same transaction (no process restart, no rejoin of the group)."""
+        """One transaction for the batch: the rows and offsets commit together or not at all. While PostgreSQL is
+        away the projector waits for it and goes on from the offsets stored there (`_seek_when_back`; no process
+        restart, no rejoin of the group)."""
+        assert self.pool is not None
+        try:
+            if self._batch_conn is None:
+                conn = await self.pool.acquire()
+                try:
+                    await stage(conn)
+                    if not self.settings.synchronous_commit:
+                        await conn.execute("SET synchronous_commit = off")  # the pool's reset undoes it on release
+                except BaseException:
+                    await self.pool.release(conn)
+                    raise
+                self._batch_conn = conn
+            return await apply_batch(self._batch_conn, self.settings.consumer_group, batch, self.guard, staged=True)
+        except DATABASE_AWAY as exc:
+            await self._drop_batch_conn()
+            log.warning("a batch of %d records could not be applied (%r); going on from the stored offsets once "
+                        "PostgreSQL answers", len(batch), exc)  # fmt: skip
+            raise _DatabaseLost from exc
+
+    async def _seek_when_back(self) -> None:
         delay = 0.2
         while True:
-            assert self.pool is not None
             try:
-                if self._batch_conn is None:
-                    conn = await self.pool.acquire()
-                    try:
-                        await stage(conn)
-                    except BaseException:
-                        await self.pool.release(conn)
-                        raise
-                    self._batch_conn = conn
-                return await apply_batch(self._batch_conn, self.settings.consumer_group, batch, self.guard,
-                                         staged=True)  # fmt: skip
+                await self.seek_assigned(sorted(self.consumer.assignment()))
+                return
             except DATABASE_AWAY as exc:
-                await self._drop_batch_conn()
-                log.warning("a batch of %d records could not be applied (%r); retrying in %.1f s", len(batch), exc,
-                            delay)  # fmt: skip
+                log.warning("PostgreSQL still away (%r); retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(2.0, delay * 2)
 

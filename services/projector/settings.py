@@ -13,6 +13,10 @@ class ProjectorSettings(CommonSettings):
     # Many events per transaction: one fetch of up to this many records becomes one transaction.
     batch_max_records: int = service_field("projector", "batch_max_records", 5000)
     batch_wait_ms: int = service_field("projector", "batch_wait_ms", 20)
+    # Whether a batch's commit waits for its WAL to reach disk. Off: a commit answers at once (under load the
+    # flush took most of a small batch's time), and a PostgreSQL crash may lose the last batches' rows and offsets
+    # together; the projector then goes on from the offsets PostgreSQL kept, so it projects those events again.
+    synchronous_commit: bool = service_field("projector", "synchronous_commit", False)
     # How often the retention purge runs (0 turns it off); the periods themselves are per tenant.
     retention_interval_s: float = service_field("projector", "retention_interval_s", 3600.0)
     # Webhooks: how often due deliveries are looked for, the first retry delay (doubling, at most an
