@@ -147,14 +147,27 @@ def fold(state: RunState | None, event: EventBase) -> RunState:
         if not isinstance(event, ev.RunRequested):
             raise ValueError(f"run {event.run_id} starts with {event.type}, not RunRequested")
         state = _requested(event)
-    changes: dict[str, Any] = {
-        "next_seq": event.seq + 1,
-        "causations": state.causations | {event.causation_id},
-    }
+    changes: dict[str, Any] = {"next_seq": event.seq + 1}
+    if event.causation_id not in state.causations:  # a decision's events share their input: one copy per input
+        changes["causations"] = state.causations | {event.causation_id}
     # RunRequested created the state (CREATED); every later run event moves it as the one table says.
     if not isinstance(event, ev.RunRequested) and (status := RUN_STATUS_OF.get(type(event))) is not None:
         changes["status"] = status
-    match event:
+    match event:  # the commonest first: each case is a type test
+        case ev.StepStarted(payload=p):
+            current = state.steps.get(p.step)
+            first_started_at = current.first_started_at if current else None
+            changes["steps"] = _step(
+                state, p.step, status=StepStatus.RUNNING, attempt=p.attempt,
+                started_at=event.occurred_at, first_started_at=first_started_at or event.occurred_at,
+                input=p.input, retry_at=None,
+            )  # fmt: skip
+        case ev.StepSucceeded(payload=p):
+            changes["steps"] = _step(
+                state, p.step, status=StepStatus.SUCCEEDED, attempt=p.attempt, output=p.output, error=None
+            )
+            if p.extractions:
+                changes["vars"] = {**state.vars, **p.extractions}
         case ev.RunStarted(payload=p):
             changes["started_at"] = event.occurred_at
             if p.cursor_window is not None:
@@ -167,25 +180,11 @@ def fold(state: RunState | None, event: EventBase) -> RunState:
             changes["pause"] = Pause(p.request_id, p.step, p.expires_at)
         case ev.RunResumed():
             changes["pause"] = None
-        case ev.StepStarted(payload=p):
-            current = state.steps.get(p.step)
-            first_started_at = current.first_started_at if current else None
-            changes["steps"] = _step(
-                state, p.step, status=StepStatus.RUNNING, attempt=p.attempt,
-                started_at=event.occurred_at, first_started_at=first_started_at or event.occurred_at,
-                input=p.input, retry_at=None,
-            )  # fmt: skip
         case ev.StepAttemptFailed(payload=p):
             changes["steps"] = _step(
                 state, p.step, status=StepStatus.RETRYING, attempt=p.attempt, error=p.error,
                 retry_at=p.retry_at,
             )  # fmt: skip
-        case ev.StepSucceeded(payload=p):
-            changes["steps"] = _step(
-                state, p.step, status=StepStatus.SUCCEEDED, attempt=p.attempt, output=p.output, error=None
-            )
-            if p.extractions:
-                changes["vars"] = {**state.vars, **p.extractions}
         case ev.StepFailed(payload=p):
             changes["steps"] = _step(
                 state, p.step, status=StepStatus.FAILED, attempt=p.attempt, output=p.output, error=p.error
