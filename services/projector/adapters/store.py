@@ -23,7 +23,7 @@ from services.common.runfold.details import plan_details
 from services.common.runfold.rows import BatchPlan, plan
 from services.projector import connectors, metrics, retention
 from services.projector.adapters import alerts, search, webhooks
-from services.projector.adapters.details import write_details
+from services.projector.adapters.details import COPY_FROM_ROWS, STAGE_LOGS, write_details
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,22 @@ _STAGE_EVENTS = """
 CREATE TEMP TABLE IF NOT EXISTS staged_events (LIKE run_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS
 """
 
+_EVENT_COLUMNS = (
+    "run_id", "seq", "event_id", "type", "tenant_id", "occurred_at", "causation_id", "payload", "kafka_partition",
+    "kafka_offset",
+)  # fmt: skip
 # Events of runs the retention purge already removed are duplicates, as run_events would have said.
+_INSERT_EVENTS = f"""
+INSERT INTO run_events ({", ".join(_EVENT_COLUMNS)})
+SELECT u.run_id, u.seq, u.event_id, u.type, u.tenant_id, u.occurred_at, u.causation_id, u.payload::jsonb,
+       u.kafka_partition, u.kafka_offset
+FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::text[], $8::text[],
+            $9::int[], $10::bigint[]) AS u({", ".join(_EVENT_COLUMNS)})
+LEFT JOIN purged_runs p ON p.run_id = u.run_id
+WHERE p.run_id IS NULL OR u.seq > p.last_seq
+ON CONFLICT (run_id, seq) DO NOTHING
+RETURNING run_id, seq
+"""
 _INSERT_STAGED_EVENTS = """
 INSERT INTO run_events
 SELECT s.* FROM staged_events s LEFT JOIN purged_runs p ON p.run_id = s.run_id
@@ -182,9 +197,10 @@ SELECT pg_notify('flowtrail_projected', current_schema()) WHERE $5::bool
 
 
 async def stage(conn: asyncpg.Connection) -> None:
-    """Once per connection, outside a transaction: the session's staging table `apply_batch(staged=True)` copies
-    events into (a temporary table, emptied at each commit)."""
+    """Once per connection, outside a transaction: the session's staging tables `apply_batch(staged=True)` copies
+    events and logs into (temporary tables, emptied at each commit)."""
     await conn.execute(_STAGE_EVENTS)
+    await conn.execute(STAGE_LOGS)
 
 
 async def load_offsets(conn: asyncpg.Connection, group: str, topic: str) -> dict[int, int]:
@@ -251,7 +267,7 @@ async def apply_batch(
                         before, after)  # fmt: skip
         await _write_runs(conn, changes)
         await _write_steps(conn, changes)
-        await write_details(conn, plan_details(new_events))
+        await write_details(conn, plan_details(new_events), staged=staged)
         await search.append(conn, new_events)
         await retention.enforce_marks(conn, list({e.run_id for e in new_events if type(e) in TERMINAL_EVENTS}))
         for p in flows:
@@ -282,6 +298,17 @@ async def _insert_events(conn: asyncpg.Connection, ledger: list[Positioned], sta
     if not unique:
         return []
     rows = list(unique.values())
+    if len(rows) < COPY_FROM_ROWS:
+        # A few events (latency counts): one statement with array parameters.
+        es = [p.event for p in rows]
+        inserted = await conn.fetch(
+            _INSERT_EVENTS, [e.run_id for e in es], [e.seq for e in es], [e.event_id for e in es],
+            [e.type for e in es], [e.tenant_id for e in es], [e.occurred_at for e in es],
+            [e.causation_id for e in es], [codec.dumps(e.payload).decode() for e in es],
+            [p.partition for p in rows], [p.offset for p in rows],
+        )  # fmt: skip
+        fresh = {(r["run_id"], r["seq"]) for r in inserted}
+        return [p.event for p in rows if (p.event.run_id, p.event.seq) in fresh]
     # COPY into a per-session staging table, then one INSERT … ON CONFLICT: COPY's binary rows cost far
     # less to send and parse than array parameters, and the payload JSON is passed through unparsed.
     if not staged:
