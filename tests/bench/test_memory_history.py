@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import time
 import tracemalloc
 from collections.abc import AsyncIterator
@@ -44,6 +45,7 @@ from tests.bench.ceilings import KafkaCeiling
 from tests.bench.load import TENANT, Flowtrail, TriggerClient, noop_flow, profiled
 from tests.bench.loaders import bench_sandbox, produce_history
 from tests.bench.measure import prometheus_values, wait_until
+from tests.bench.procstat import cpu_seconds
 from tests.bench.report import Ceiling, Report, Target
 from tests.bench.scale import Scale
 from tests.conftest import Infra, Sandbox
@@ -111,6 +113,19 @@ class Phase:
         self.memory[point] = {name: vm_mb(pid) for name, pid in pids.items()}
 
 
+async def write_history(box: Sandbox, runs: int, phase: Phase) -> None:
+    """FLOW published, and `runs` finished runs of it in the ledger (none: only the flow)."""
+    bootstrap = box.infra.kafka_bootstrap
+    await publish_flow_events(bootstrap, box.topics, [
+        FlowVersionPublished(tenant_id=TENANT, flow_id=FLOW.id, flow_version=FLOW.version, flow=FLOW)
+    ])  # fmt: skip
+    if runs:
+        started = time.monotonic()
+        per_partition = await produce_history(bootstrap, box.topics.ledger, box.partitions, finished_run(FLOW), runs)
+        phase.seconds["write history"] = time.monotonic() - started
+        phase.facts["events_per_partition"] = per_partition
+
+
 @asynccontextmanager
 async def flowtrail_on_history(infra: Infra, scale: Scale, log_dir: Path, runs: int,
                                phase: Phase) -> AsyncIterator[Flowtrail]:  # fmt: skip
@@ -120,15 +135,7 @@ async def flowtrail_on_history(infra: Infra, scale: Scale, log_dir: Path, runs: 
         try:
             await ensure_tenant(db, TENANT, "Benchmarks")
             _, key = await create_api_key(db, TENANT)
-            await publish_flow_events(infra.kafka_bootstrap, box.topics, [
-                FlowVersionPublished(tenant_id=TENANT, flow_id=FLOW.id, flow_version=FLOW.version, flow=FLOW)
-            ])  # fmt: skip
-            if runs:
-                started = time.monotonic()
-                per_partition = await produce_history(infra.kafka_bootstrap, box.topics.ledger, box.partitions,
-                                                      finished_run(FLOW), runs)  # fmt: skip
-                phase.seconds["write history"] = time.monotonic() - started
-                phase.facts["events_per_partition"] = per_partition
+            await write_history(box, runs, phase)
             logs = log_dir / ("history" if runs else "baseline")
             logs.mkdir(parents=True, exist_ok=True)
             stack = profiled(Stack.build(box, SERVICES, logs))
@@ -251,6 +258,11 @@ async def restart_executor(ft: Flowtrail, scale: Scale, phase: Phase, *, snapsho
                              what="executor restart", on_timeout=ft.log_tails)  # fmt: skip
     suffix = "_whole" if unreadable else ""
     phase.seconds[WHOLE_RESTART if unreadable else RESTART] = owned - spawned
+    # CPU the new process spent until then, and the machine's load: on a shared machine the wall time is mostly
+    # waiting for a core.
+    assert executor.process is not None
+    phase.facts[f"cpu_seconds_to_restart{suffix}"] = cpu_seconds(executor.process.pid)
+    phase.facts[f"load_at_restart{suffix}"] = os.getloadavg()[0]
     phase.facts[f"replayed_events_after_restart{suffix}"] = await replayed_events(ft)
     # The replays alone (partitions replay side by side: the sum over them), without the process's own start.
     phase.facts[f"replay_seconds_after_restart{suffix}"] = await executor_metric(
@@ -379,15 +391,7 @@ async def executor_alone(infra: Infra, scale: Scale, log_dir: Path, runs: int) -
     async with bench_sandbox(infra, scale.partitions) as box:
         db = await connect(infra.database_url, box.schema)
         try:
-            await publish_flow_events(infra.kafka_bootstrap, box.topics, [
-                FlowVersionPublished(tenant_id=TENANT, flow_id=FLOW.id, flow_version=FLOW.version, flow=FLOW)
-            ])  # fmt: skip
-            if runs:
-                started = time.monotonic()
-                per_partition = await produce_history(infra.kafka_bootstrap, box.topics.ledger, box.partitions,
-                                                      finished_run(FLOW), runs)  # fmt: skip
-                phase.seconds["write history"] = time.monotonic() - started
-                phase.facts["events_per_partition"] = per_partition
+            await write_history(box, runs, phase)
             logs = log_dir / ("alone-history" if runs else "alone-baseline")
             logs.mkdir(parents=True, exist_ok=True)
             stack = profiled(Stack.build(box, ("executor",), logs))
@@ -398,6 +402,9 @@ async def executor_alone(infra: Infra, scale: Scale, log_dir: Path, runs: int) -
                 owned = await wait_until(lambda: executor_owns_all(ft), within=patience(scale), interval=0.1,
                                          what="executor start", on_timeout=ft.log_tails)  # fmt: skip
                 phase.seconds[START_ALONE] = owned - spawned
+                process = stack["executor"].process
+                assert process is not None
+                phase.facts["cpu_seconds_to_start"] = cpu_seconds(process.pid)
                 phase.facts["replayed_events_at_start"] = await replayed_events(ft)
                 phase.measure(ft, "started")
                 await restart_executor(ft, scale, phase, snapshots=bool(runs))
@@ -425,9 +432,15 @@ async def test_executor_restart_alone(infra: Infra, scale: Scale, report: Report
                     f"{base.seconds[START_ALONE]:.1f} s, restart {base.seconds[RESTART]:.1f} s; replaying the "
                     f"history whole (first start, no snapshot) {history.seconds[START_ALONE]:.1f} s; executor RSS "
                     f"after it {restarted['rss']:.0f} MB, {base_restarted['rss']:.0f} MB without history")  # fmt: skip
+    report.add("rebuild", f"executor alone: CPU of the restart, {runs:,}-run history and a snapshot",
+               history.facts["cpu_seconds_to_restart"], "s",
+               note=f"{base.facts['cpu_seconds_to_restart']:.1f} s without history; load average "
+                    f"{history.facts['load_at_restart']:.1f} and {base.facts['load_at_restart']:.1f} on "
+                    f"{os.cpu_count()} cores at the two restarts")  # fmt: skip
     report.add("rebuild", f"{START_ALONE}, {runs:,}-run history (no snapshot: the whole replay)",
                history.seconds[START_ALONE], "s",
-               note=f"{history.facts['replayed_events_at_start']:,.0f} events; {base.seconds[START_ALONE]:.1f} s "
+               note=f"{history.facts['replayed_events_at_start']:,.0f} events, "
+                    f"{history.facts['cpu_seconds_to_start']:.0f} s of CPU; {base.seconds[START_ALONE]:.1f} s "
                     f"without history")  # fmt: skip
     report.add("memory", f"executor alone: RSS after a restart on a {runs:,}-run history and a snapshot",
                restarted["rss"], "MB", target=MB300,
