@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 
 import aiohttp
+import asyncpg
+from aiokafka import AIOKafkaProducer
 
+from schemas import codec
 from services.common.db import connect
 from services.projector import rebuild
 from services.projector.settings import ProjectorSettings
 from tests.bench.ceilings import CopyCeiling, KafkaCeiling
 from tests.bench.load import profiled
 from tests.bench.loaders import bench_sandbox
-from tests.bench.measure import prometheus_values, wait_until
+from tests.bench.measure import percentile, prometheus_values, wait_until
 from tests.bench.procstat import CpuMeter, postgres_pids
 from tests.bench.report import Report, Target
 from tests.bench.scale import Scale
-from tests.conftest import Infra
+from tests.conftest import Infra, Sandbox
 from tests.e2e.stack import Stack
 from tests.factories import produce, run_events
 
@@ -58,11 +63,13 @@ async def test_projector_drains_a_ledger_backlog(
 
             t1 = await wait_until(drained, within=scale.timeout_s, interval=0.02, what="projection", on_timeout=tail)
             cpu = meter.stop()
+            tables = ("run_events", "runs", "run_steps")
+            counts = {t: int(await db.fetchval(f"SELECT count(*) FROM {t}")) for t in tables}
             async with aiohttp.ClientSession() as s, s.get(stack["projector"].url + "/metrics") as r:
                 metrics = prometheus_values(await r.text())
+            visible_ms = await _terminal_to_visible(infra, box, db, min(scale.latency_runs, 100))
         finally:
             stack.stop()
-        counts = {t: int(await db.fetchval(f"SELECT count(*) FROM {t}")) for t in ("run_events", "runs", "run_steps")}
         await db.close()
         # Rebuild: `flowtrail projector verify` replays the same ledger into a shadow schema and compares.
         settings = ProjectorSettings(
@@ -81,6 +88,9 @@ async def test_projector_drains_a_ledger_backlog(
     report.add("projection", "projector read-model rows/s", events_per_s * rows_per_event, "rows/s",
                ceiling="copy.mix", target=Target(">=", 0.6, on="ratio"))  # fmt: skip
     report.add("cpu", "projector CPU while draining", cpu["projector"], "% core")
+    for q in (50, 99):
+        report.add("latency", f"projector idle: terminal event acked → visible in runs p{q}, {len(visible_ms)} runs",
+                   percentile(visible_ms, q), "ms")  # fmt: skip
     assert outcome.comparison.equal, outcome.comparison.differing_tables
     report.add("rebuild", f"projector verify (replay into a shadow schema) events/s, {outcome.events:,} events",
                outcome.events / outcome.seconds, "events/s", ceiling="kafka.consume",
@@ -93,3 +103,35 @@ async def test_projector_drains_a_ledger_backlog(
         # Share of the drain spent inside the batch transaction (SQL); the rest is fetch + decode + fold.
         "transaction_seconds": db_s, "transaction_share": db_s / seconds if seconds else None,
     }  # fmt: skip
+
+
+async def _terminal_to_visible(infra: Infra, box: Sandbox, db: asyncpg.Connection, count: int) -> list[float]:
+    """One 1-step run at a time on an idle projector: ms from the broker acknowledging the run's terminal event to
+    the run's final status in `runs` (its earlier events are projected first)."""
+    producer = AIOKafkaProducer(bootstrap_servers=infra.kafka_bootstrap, acks="all")
+    await producer.start()
+    out: list[float] = []
+    try:
+        for i in range(count):
+            run_id = f"idle{i:06d}"
+            events = run_events(run_id, steps=1)
+            partition = hash(run_id) % box.partitions
+            for e in events:
+                if e is events[-1]:
+                    seen = events[-2].seq
+
+                    async def before_terminal(seq: int = seen, rid: str = run_id) -> bool:
+                        return await db.fetchval("SELECT last_seq FROM runs WHERE id = $1", rid) == seq
+
+                    await wait_until(before_terminal, within=30, interval=0.005, what="run before its terminal event")
+                await producer.send_and_wait(box.topics.ledger, codec.dumps(e), key=run_id.encode(),
+                                             partition=partition)  # fmt: skip
+            acked = time.perf_counter()
+            while await db.fetchval("SELECT status FROM runs WHERE id = $1", run_id) != "SUCCEEDED":
+                if time.perf_counter() - acked > 30:
+                    raise AssertionError(f"run {run_id} not visible as SUCCEEDED 30 s after its terminal event")
+                await asyncio.sleep(0.001)
+            out.append((time.perf_counter() - acked) * 1000)
+    finally:
+        await producer.stop()
+    return out
