@@ -82,7 +82,8 @@ REPLAY_INPUTS = ("alert_rules",)
 # The projector's own bookkeeping: neither replayed nor compared (purged_runs is re-made by the purge marks).
 OWN = ("projector_offsets", "schema_migrations", "purged_runs")
 # The executors' shared admission slots and queue: coordination state, not a read model (the executors reconcile them
-# with their runs), so rebuild and verify leave them alone.
+# with their runs), so verify leaves them alone and a swap moves the live tables themselves into the rebuilt schema:
+# an admission in flight, whose statement already resolved them, still writes where every executor reads after it.
 COORDINATION = ("admission_slots", "admission_queue")
 
 Progress = Callable[[str], None]
@@ -392,6 +393,9 @@ async def _swap(
             await admin.execute(f"DELETE FROM {sq}.{table}")
         for table in CONTROL:
             await admin.execute(f"INSERT INTO {sq}.{table} SELECT * FROM {lq}.{table}")
+        for table in COORDINATION:
+            await admin.execute(f"DROP TABLE {sq}.{table}")
+            await admin.execute(f"ALTER TABLE {lq}.{table} SET SCHEMA {sq}")
         # Runs accepted but not yet in the ledger stay visible across the swap.
         await admin.execute(f"INSERT INTO {sq}.runs SELECT * FROM {lq}.runs WHERE last_seq < 0 ON CONFLICT DO NOTHING")
         await admin.execute(f"ALTER SCHEMA {lq} RENAME TO {_quote_ident(old)}")

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from services.executor.adapters.slots import SharedSlots
 from services.projector import rebuild
 from services.projector.settings import ProjectorSettings
 from tests.conftest import Infra, Sandbox
@@ -68,6 +69,11 @@ async def test_verify_finds_tampered_runs_and_rebuild_repairs_them_while_project
             assert {d.columns for d in attempts.first} == {("duration_ms",)}
             assert "step_attempts: 12 row(s) differ (first 3 in key order)" in rebuild.describe(capped.comparison)
 
+            # An executor holds a slot of a limited flow in the shared admission (coordination state, not derived).
+            slots = SharedSlots(sandbox.infra.database_url, sandbox.schema)
+            held = await slots.admit("held", "t1", "f", 0, flow_limit=1, tenant_limit=None, waiting=False)
+            assert held.outcome == "granted"
+
             # Rebuild while new runs keep arriving; the running projector must follow the swap.
             second = [e for i in range(300) for e in run_events(f"run_b{i:04d}")]
             producing = asyncio.create_task(append_ledger(sandbox, second))
@@ -86,6 +92,12 @@ async def test_verify_finds_tampered_runs_and_rebuild_repairs_them_while_project
             assert await db.fetchval("SELECT count(*) FROM run_steps WHERE run_id = 'run_a0010'") == 3
             assert await db.fetchval("SELECT count(*) FROM run_events") == len(first) + len(second)
             assert await db.fetchval("SELECT count(*) FROM runs") == 600
+            # The slot held before the swap still counts after it, for the executor's connections made before it.
+            late = await slots.admit("late", "t1", "f", 0, flow_limit=1, tenant_limit=None, waiting=False)
+            assert (late.outcome, late.flow_active) == ("blocked", 1)
+            assert await db.fetchval("SELECT count(*) FROM admission_slots") == 1
+            assert await db.fetchval("SELECT run_id FROM admission_queue") == "late"
+            await slots.close()
             # The old schema is kept for inspection.
             assert await db.fetchval("SELECT count(*) FROM pg_namespace WHERE nspname = $1", swapped.swapped_to) == 1
 
