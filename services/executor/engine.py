@@ -203,6 +203,7 @@ class Engine:
             admission = Admission()
             if flow is not None and reaches_admission(flow, trigger, clock.now):
                 admission = await self._ask(trigger.run_id, trigger.tenant_id, flow, partition, waiting=False)
+                clock = self.clock()  # RunStarted is stamped after its grant, never before the slot was free
             try:
                 pending += await self._apply(*decide_and_fold(None, flow, StartRun(trigger, version, admission), clock))
             finally:
