@@ -67,14 +67,13 @@ class SharedSlots:
         self._postmaster = started
 
     async def _repair(self) -> None:
+        """Once per restart of PostgreSQL; every other call waits on the lock until it is done, so no admission or
+        release of this executor interleaves with the rows being written again."""
         async with self._repairing:
-            if self._stale and self.repair is not None:
-                self._stale = False
-                try:
+            if self._stale:
+                if self.repair is not None:
                     await self.repair()
-                except BaseException:
-                    self._stale = True
-                    raise
+                self._stale = False
 
     def start(self) -> None:
         """Connect and migrate in the background: an executor serves unlimited runs while PostgreSQL is away."""
