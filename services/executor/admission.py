@@ -87,16 +87,16 @@ class Admitter:
         return (flow is not None and flow.concurrency_limit is not None) or self.tenant_limit(tenant_id) is not None
 
     async def ask(self, run_id: str, tenant_id: str, flow: FlowDefinition, partition: int, *,
-                  waiting: bool) -> tuple[Admission, SlotAnswer | None]:  # fmt: skip
-        """The counts for `decide`, and the shared admission's answer (None: no limit applies, nothing asked).
-        The caller discards `run_id` from `asking` once the decision is tracked."""
+                  waiting: bool) -> Admission:  # fmt: skip
+        """The counts for `decide`: the shared admission's answer when a limit applies, else room to start. The
+        caller discards `run_id` from `asking` once the decision is tracked."""
         tenant_limit = self.tenant_limit(tenant_id)
         if flow.concurrency_limit is None and tenant_limit is None:
-            return Admission(), None
+            return Admission()
         self.asking.add(run_id)
         answer = await self.slots.admit(run_id, tenant_id, flow.id, partition, flow_limit=flow.concurrency_limit,
                                         tenant_limit=tenant_limit, waiting=waiting)  # fmt: skip
-        return _counts(answer, tenant_limit), answer
+        return _counts(answer, tenant_limit)
 
     def holders(self, states: list[RunState], flows: dict[tuple[str, str, int], FlowDefinition | None]) -> list[Holder]:
         """The active runs among `states` that a limit applies to (`flows`: each run's flow version)."""

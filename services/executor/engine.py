@@ -308,8 +308,7 @@ class Engine:
         reconciled = self.reconciled.get(partition)
         if reconciled is not None and self.admitter.limited(tenant_id, flow):
             await reconciled.wait()
-        admission, _answer = await self.admitter.ask(run_id, tenant_id, flow, partition, waiting=waiting)
-        return admission
+        return await self.admitter.ask(run_id, tenant_id, flow, partition, waiting=waiting)
 
     async def ask_to_start(self, run_id: str, make: Callable[[Admission], Input]) -> None:
         """A SCHEDULED run whose time came, or a BLOCKED or QUEUED run, asks to start (`make` builds ScheduledDue or
