@@ -18,6 +18,7 @@ from services.common.accepted import record_accepted_triggers
 from services.common.appender import Appender
 from services.common.auth import Authenticator
 from services.common.connectors import ConnectorRegistry
+from services.common.db import keep_session
 from services.common.ratelimit import rate_limiter
 from services.common.secretstore import SecretReader
 from services.common.startup import Database, retry_forever
@@ -37,7 +38,8 @@ def create_app(settings: IngestSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Started without waiting for PostgreSQL either: until it is migrated, requests answer 503 (docs/operations.md).
-        app.state.database = Database(settings.database_url, settings.database_schema)
+        # keep_session: ingest leaves no session state on a connection, so a release costs no reset round trip.
+        app.state.database = Database(settings.database_url, settings.database_schema, reset=keep_session)
         await app.state.database.start()
         app.state.pool = app.state.database.pool
         app.state.authenticator = Authenticator(app.state.pool, limiter=rate_limiter(app.state.pool, settings))
