@@ -7,14 +7,17 @@ from typing import Any
 
 from schemas.events import CursorWindow
 
-_WINDOW = """
-SELECT (SELECT (r.cursor_window->>'updated_until')::timestamptz FROM runs r
+# Where flow $2 of tenant $1 last ended a window; and whether a flow version `v` syncs records. Also used as parts of
+# one statement by the trigger route's flow lookup (services/common/triggering.py).
+SINCE = """(SELECT (r.cursor_window->>'updated_until')::timestamptz FROM runs r
          WHERE r.tenant_id = $1 AND r.flow_id = $2 AND r.status IN ('SUCCEEDED', 'PARTIAL')
            AND r.cursor_window IS NOT NULL AND r.retry_of IS NULL  -- a retry replays an older window
-         ORDER BY r.created_at DESC LIMIT 1) AS since
+         ORDER BY r.created_at DESC LIMIT 1)"""
+SYNCS = """v.definition->'steps' @> '[{"action": "sync_records"}]'"""
+_WINDOW = f"""
+SELECT {SINCE} AS since
 FROM flow_versions v
-WHERE v.tenant_id = $1 AND v.flow_id = $2 AND v.version = $3
-  AND v.definition->'steps' @> '[{"action": "sync_records"}]'
+WHERE v.tenant_id = $1 AND v.flow_id = $2 AND v.version = $3 AND {SYNCS}
 """
 
 
