@@ -23,6 +23,8 @@ from services.common.triggering import (
     accept,
     check_inputs,
     find_flow,
+    lookup_flow,
+    usable,
 )
 
 router = APIRouter()
@@ -45,7 +47,7 @@ async def _accept(request: Request, principal: Principal, flow: asyncpg.Record, 
 )  # fmt: skip
 async def trigger_flow(flow_id: str, body: TriggerRequest, request: Request, principal: Writer) -> OrjsonResponse:
     """One run per input: `input` (any mode) or `inputs` (up to 100,000; async and schedule modes)."""
-    flow = await find_flow(request.app.state.pool, principal, flow_id)
+    flow = await find_flow(request.app.state.pool, principal, flow_id, body.flow_version)
     return await _accept(request, principal, flow, body)
 
 
@@ -80,28 +82,28 @@ class LiveAction(BaseModel):
 ActionName = Annotated[str, Path(description="a flow's id, or the `action_name` its latest version declares")]
 
 
-async def find_action(pool: asyncpg.Pool, principal: Principal, name: str) -> asyncpg.Record:
+async def find_action(
+    pool: asyncpg.Pool, principal: Principal, name: str, version: int | None = None
+) -> asyncpg.Record:
     """The flow launched as `name`: the flow with that id, else the one whose latest version declares it as its
-    `action_name` (docs/flows.md); 404 when none, 409 when several declare it or the flow is paused."""
-    by_id = await pool.fetchval(
-        "SELECT id FROM flows WHERE tenant_id = $1 AND environment = $2 AND id = $3",
+    `action_name` (docs/flows.md); 404 when none, 409 when several declare it or the flow is paused. As `find_flow`,
+    with what the cursor window of `version` (the latest when None) needs."""
+    by_id = await lookup_flow(pool, principal, name, version)
+    if by_id is not None:
+        return usable(by_id, name)
+    named = await pool.fetch(
+        "SELECT f.id FROM flows f JOIN flow_versions v ON v.tenant_id = f.tenant_id AND v.flow_id = f.id "
+        "AND v.version = f.latest_version WHERE f.tenant_id = $1 AND f.environment = $2 "
+        "AND v.definition->>'action_name' = $3 ORDER BY f.id LIMIT 5",
         principal.tenant_id, principal.environment, name,
     )  # fmt: skip
-    if by_id is None:
-        named = await pool.fetch(
-            "SELECT f.id FROM flows f JOIN flow_versions v ON v.tenant_id = f.tenant_id AND v.flow_id = f.id "
-            "AND v.version = f.latest_version WHERE f.tenant_id = $1 AND f.environment = $2 "
-            "AND v.definition->>'action_name' = $3 ORDER BY f.id LIMIT 5",
-            principal.tenant_id, principal.environment, name,
-        )  # fmt: skip
-        if not named:
-            raise ApiError(404, "not_found", f"no flow with id or action_name {name!r}")
-        if len(named) > 1:
-            ids = ", ".join(repr(r["id"]) for r in named)
-            raise ApiError(409, "conflict", f"action_name {name!r} is declared by several flows ({ids}); launch one "
-                           "by its id")  # fmt: skip
-        by_id = named[0]["id"]
-    return await find_flow(pool, principal, by_id)
+    if not named:
+        raise ApiError(404, "not_found", f"no flow with id or action_name {name!r}")
+    if len(named) > 1:
+        ids = ", ".join(repr(r["id"]) for r in named)
+        raise ApiError(409, "conflict", f"action_name {name!r} is declared by several flows ({ids}); launch one "
+                       "by its id")  # fmt: skip
+    return await find_flow(pool, principal, named[0]["id"], version)
 
 
 @router.post(
@@ -111,7 +113,7 @@ async def launch_async(
     action_name: ActionName, body: AsyncAction, request: Request, principal: Writer
 ) -> OrjsonResponse:
     """Start one run per input and answer at once (202), as `POST /v1/flows/{id}/trigger` in async mode."""
-    flow = await find_action(request.app.state.pool, principal, action_name)
+    flow = await find_action(request.app.state.pool, principal, action_name, body.flow_version)
     trigger = TriggerRequest.model_construct(mode="async", **body.model_dump(exclude_unset=True))
     return await _accept(request, principal, flow, trigger)
 
@@ -126,6 +128,6 @@ async def launch_live(action_name: ActionName, body: LiveAction, request: Reques
     """Start one run and wait for its result: 200 with the final status (the output on success, the error and the
     failing step's own output otherwise), or 202 with the current one — `waiting_for` while PAUSED — when the live
     timeout passes first."""
-    flow = await find_action(request.app.state.pool, principal, action_name)
+    flow = await find_action(request.app.state.pool, principal, action_name, body.flow_version)
     trigger = TriggerRequest.model_construct(mode="live", **body.model_dump(exclude_unset=True))
     return await _accept(request, principal, flow, trigger)

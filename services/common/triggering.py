@@ -13,13 +13,14 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import asyncpg
 from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
 
 from schemas import codec
-from schemas.events import ExecutionMode, TriggerInfo, TriggerReceived, TriggerType, new_run_id
+from schemas.events import CursorWindow, ExecutionMode, TriggerInfo, TriggerReceived, TriggerType, new_run_id
 from schemas.flows import Environment
 from schemas.status import TERMINAL_RUN_STATUSES
 from services.common.accepted import record_accepted
@@ -29,7 +30,7 @@ from services.common.contract import INT32_MAX, AnyCase, Timestamp
 from services.common.http import ApiError
 from services.common.idempotency import derived_run_ids, idempotency_key
 from services.common.trigger_origin import trigger_origin
-from services.common.windows import cursor_window
+from services.common.windows import SINCE, SYNCS
 
 Mode = Literal["live", "async", "schedule"]
 
@@ -137,13 +138,38 @@ class Answer:
     status: int
 
 
-async def find_flow(pool: asyncpg.Pool, principal: Principal, flow_id: str) -> asyncpg.Record:
+# The flow and, in the same round trip, what its cursor window needs (docs/runs.md): whether the version a trigger
+# runs ($4, else the latest) syncs records and where the flow's last window ended (services/common/windows.py).
+_FLOW = f"""
+SELECT f.id, f.status, f.latest_version, w.syncs, w.since
+FROM flows f
+LEFT JOIN LATERAL (
+    SELECT true AS syncs, {SINCE} AS since
+    FROM flow_versions v
+    WHERE v.tenant_id = $1 AND v.flow_id = $2 AND v.version = coalesce($4::int, f.latest_version) AND {SYNCS}
+) AS w ON true
+WHERE f.tenant_id = $1 AND f.id = $2 AND f.environment = $3
+"""
+
+
+async def find_flow(
+    pool: asyncpg.Pool, principal: Principal, flow_id: str, version: int | None = None
+) -> asyncpg.Record:
     """The flow a trigger names, in the key's tenant and environment (a TESTING key must not run a PRODUCTION flow's
-    steps, nor the reverse): 404 when there is none, 409 while it is paused."""
-    flow = await pool.fetchrow(
-        "SELECT id, status, latest_version FROM flows WHERE tenant_id = $1 AND id = $2 AND environment = $3",
-        principal.tenant_id, flow_id, principal.environment,
-    )  # fmt: skip
+    steps, nor the reverse): 404 when there is none, 409 while it is paused. With it, in the same statement, the
+    cursor window's start for `version` (the latest when None), which `accept` reads."""
+    return usable(await lookup_flow(pool, principal, flow_id, version), flow_id)
+
+
+async def lookup_flow(
+    pool: asyncpg.Pool, principal: Principal, flow_id: str, version: int | None = None
+) -> asyncpg.Record | None:
+    """`find_flow`'s row, None when the key's tenant and environment have no such flow."""
+    return await pool.fetchrow(_FLOW, principal.tenant_id, flow_id, principal.environment, version)
+
+
+def usable(flow: asyncpg.Record | None, flow_id: str) -> asyncpg.Record:
+    """The flow found, unless there is none (404) or it is paused (409)."""
     if flow is None:
         raise ApiError(404, "not_found", f"no flow with id {flow_id!r}")
     if flow["status"] == "paused":
@@ -169,6 +195,8 @@ async def accept(
     origin = await trigger_origin(pool, principal, headers)  # manual, and a parent run (docs/intake.md)
     trigger_type = TriggerType.SCHEDULE if body.mode == "schedule" else origin.type
     version = body.flow_version or flow["latest_version"]
+    # The window's start was read with the flow (find_flow, for the version asked for); it ends now.
+    window = CursorWindow(updated_since=flow["since"], updated_until=datetime.now(UTC)) if flow["syncs"] else None
     template = TriggerReceived(
         tenant_id=principal.tenant_id,
         run_id="",
@@ -178,7 +206,7 @@ async def accept(
         environment=Environment(principal.environment),
         execution_mode=ExecutionMode(body.mode),
         run_at=body.run_at,
-        cursor_window=await cursor_window(pool, principal.tenant_id, flow_id, version),
+        cursor_window=window,
         parent_run_id=origin.parent_run_id,
         fail_parent_on_failure=origin.fail_parent_on_failure,
     )
