@@ -10,6 +10,7 @@ import signal
 from aiohttp import web
 
 from services.projector.app import create_web_app
+from services.projector.collector import tune_for_projecting
 from services.projector.consumer import Projector
 from services.projector.settings import ProjectorSettings
 
@@ -35,6 +36,7 @@ async def serve(settings: ProjectorSettings) -> None:
                 await starting
             return
         starting.result()
+        tune_for_projecting()
         work = asyncio.create_task(projector.run())
         tasks = [work, asyncio.create_task(projector.retention_loop()), asyncio.create_task(projector.webhook_loop())]
         done, _ = await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)

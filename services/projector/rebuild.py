@@ -32,6 +32,7 @@ from services.common.kafka import topic_partitions
 from services.common.migrate import migrate
 from services.projector import compare, retention
 from services.projector.adapters.store import Positioned, apply_batch, load_offsets, stage, swap_lock_key
+from services.projector.collector import fewer_collections
 from services.projector.settings import ProjectorSettings
 
 log = logging.getLogger(__name__)
@@ -312,6 +313,11 @@ async def run(
     settings: ProjectorSettings, *, swap: bool, progress: Progress, keep_shadow: bool = False, show: int = 20
 ) -> Outcome:
     """`show`: verify lists up to this many differing keys per table."""
+    with fewer_collections():
+        return await _run(settings, swap=swap, progress=progress, keep_shadow=keep_shadow, show=show)
+
+
+async def _run(settings: ProjectorSettings, *, swap: bool, progress: Progress, keep_shadow: bool, show: int) -> Outcome:
     live = settings.database_schema
     shadow = f"{live}__rebuild"
     topics = Topics(settings.topic_prefix)
