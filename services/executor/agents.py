@@ -12,6 +12,7 @@ from prometheus_client import generate_latest
 from schemas import codec
 from schemas.events import CommandBase, TriggerReceived
 from services.executor import metrics
+from services.executor.batches import take_ready
 from services.executor.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -23,8 +24,9 @@ def register(app: faust.App, triggers: faust.TopicT, engine: Engine, dlq_topic: 
     # Concurrency 1 per partition (invariant 3): parallelism comes from partitions and step tasks.
     @app.agent(triggers, concurrency=1)
     async def consume_inputs(stream: faust.StreamT[Any]) -> None:
-        # Stream.take_events exists; faust's StreamT protocol has not caught up with it.
-        async for events in stream.take_events(batch, within=0.005):  # type: ignore[attr-defined]
+        # No batching window: an idle executor decides on an input at once; a busy one takes all that arrived
+        # while it handled the last batch (services/executor/batches.py).
+        async for events in take_ready(stream, batch):
             parsed: list[tuple[int, TriggerReceived]] = []
             commands: list[tuple[int, CommandBase]] = []
             for event in events:

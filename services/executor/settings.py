@@ -19,7 +19,9 @@ class ExecutorSettings(CommonSettings):
     time_scale: float = Field(default=1.0, gt=0, validation_alias="FLOWTRAIL_EXECUTOR_TIME_SCALE")
     default_step_timeout_s: float = service_field("executor", "default_step_timeout_s", 30.0)
     http_max_body_bytes: int = service_field("executor", "http_max_body_bytes", 64 * 1024)
-    producer_linger_ms: int = service_field("executor", "producer_linger_ms", 5)
+    # 0: an idle producer sends at once; under load records gather while a request is in flight (one per broker
+    # at a time), so batches grow with the load (docs/decisions.md, "No producer linger on the hot path").
+    producer_linger_ms: int = service_field("executor", "producer_linger_ms", 0, ge=0)
     trigger_batch_size: int = service_field("executor", "trigger_batch_size", 500)
     # A killed executor's partitions move to a live one after this long without heartbeats; restarted with the same
     # instance id, it takes them back at once, without waiting for it (docs/decisions.md, static membership).

@@ -18,7 +18,9 @@ class IngestSettings(CommonSettings):
     max_input_bytes: int = service_field("ingest", "max_input_bytes", 512 * 1024, ge=1024)
     # `mode: live` waits this long for the run's final status before answering with its current one.
     live_timeout_s: float = service_field("ingest", "live_timeout_s", 30.0)
-    producer_linger_ms: int = service_field("ingest", "producer_linger_ms", 5)
+    # 0: an idle producer sends at once; under load records gather while a request is in flight (one per broker
+    # at a time), so batches grow with the load (docs/decisions.md, "No producer linger on the hot path").
+    producer_linger_ms: int = service_field("ingest", "producer_linger_ms", 0, ge=0)
     # Schedule flows (services/ingest/scheduler.py): on in every replica; a tick fired twice is one run.
     scheduler: bool = service_field("ingest", "scheduler", True)
     # After an outage only the newest missed tick fires, and only while at most this old (≥ 1 s: a tick a

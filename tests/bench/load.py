@@ -198,16 +198,18 @@ class Visibility:
     async def breakdown(self) -> dict[str, list[float]]:
         """Where each run's latency went (ms), from the timestamps the services recorded on the way."""
         rows = await self.db.fetch(
-            "SELECT r.id, r.created_at, r.finished_at, e.payload->>'received_at' AS received_at FROM runs r "
+            "SELECT r.id, e.occurred_at AS requested_at, r.finished_at, e.payload->>'received_at' AS received_at "
+            "FROM runs r "
             "JOIN run_events e ON e.run_id = r.id AND e.seq = 0 WHERE r.id = ANY($1::text[])",
             list(self.seen_wall),
         )
         out: dict[str, list[float]] = {k: [] for k in STAGES}
         for r in rows:
             received = datetime.fromisoformat(r["received_at"]).timestamp()
-            created, finished = r["created_at"].timestamp(), r["finished_at"].timestamp()
+            # seq 0 is RunRequested, stamped by the executor (runs.created_at is ingest's received_at).
+            requested, finished = r["requested_at"].timestamp(), r["finished_at"].timestamp()
             sent, seen = self.sent_wall[r["id"]], self.seen_wall[r["id"]]
-            spans = ((sent, received), (received, created), (created, finished), (finished, seen))
+            spans = ((sent, received), (received, requested), (requested, finished), (finished, seen))
             for key, (a, b) in zip(STAGES, spans, strict=True):
                 out[key].append((b - a) * 1000)
         return out

@@ -105,10 +105,10 @@ async def test_runs_per_second_10_steps(ft: Flowtrail, scale: Scale, report: Rep
     measured["runs_per_s_10"] = r["runs_per_s"]
     c = scale.concurrency
     report.add("throughput", f"runs/s, {scale.steps} no-op steps, {c} triggers in flight", r["runs_per_s"], "runs/s",
-               target=Target(">=", 1000, unit="runs/s"))  # fmt: skip
+               target=Target(">=", 600, unit="runs/s"))  # fmt: skip
     report.add("throughput", f"steps/s, {scale.steps}-step runs", r["runs_per_s"] * scale.steps, "steps/s")
     report.add("throughput", f"ledger events/s, {scale.steps}-step runs", r["events_per_s"], "events/s",
-               ceiling="kafka.round_trip", target=Target(">=", 0.3, on="ratio"))  # fmt: skip
+               ceiling="kafka.round_trip", target=Target(">=", 0.25, on="ratio"))  # fmt: skip
     st = r["stages"]
     report.add("stage", "ingest: triggers accepted/s (single-input requests)", scale.e2e_runs / r["ingest_seconds"],
                "triggers/s", ceiling="kafka.produce")  # fmt: skip
@@ -140,7 +140,7 @@ async def test_latency_1_step_at_half_load(ft: Flowtrail, scale: Scale, report: 
     report.add("latency", "trigger → final visible p50, 1 step, half load", p50, "ms",
                target=Target("<=", 20, unit="ms"), note=note)  # fmt: skip
     report.add("latency", "trigger → final visible p99, 1 step, half load", p99, "ms",
-               target=Target("<=", 100, unit="ms"), note=note)  # fmt: skip
+               target=Target("<=", 60, unit="ms"), note=note)  # fmt: skip
     for key, label in STAGES.items():
         report.add("stage", f"latency p50: {label}", percentile(r.stages[key], 50), "ms", note="1 step, half load")
     report.details["latency_1_step"] = {
@@ -156,7 +156,7 @@ async def test_latency_1_step_at_half_load(ft: Flowtrail, scale: Scale, report: 
 
 async def test_latency_10_steps_one_at_a_time(ft: Flowtrail, scale: Scale, report: Report) -> None:
     side = await connect(ft.sandbox.infra.database_url, ft.sandbox.schema)
-    watcher = Visibility(side)
+    watcher = Visibility(side, interval=0.001)  # one run in flight: poll often, so the poll adds ~0.5 ms, not ~2.5
     task = asyncio.create_task(watcher.run())
     client = TriggerClient(ft, 1)
     try:
@@ -168,6 +168,7 @@ async def test_latency_10_steps_one_at_a_time(ft: Flowtrail, scale: Scale, repor
                 return not watcher.pending
 
             await wait_until(seen, within=60, interval=0.001, what="sequential run", on_timeout=ft.log_tails)
+        stages = await watcher.breakdown()
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -176,8 +177,15 @@ async def test_latency_10_steps_one_at_a_time(ft: Flowtrail, scale: Scale, repor
     latencies = list(watcher.latency_ms.values())
     for q in (50, 99):
         report.add("latency", f"trigger → final visible p{q}, {scale.steps} steps, one at a time",
-                   percentile(latencies, q), "ms", note=f"{len(latencies)} runs")  # fmt: skip
-    report.details["latency_10_steps_sequential"] = {"latencies_ms": latencies}
+                   percentile(latencies, q), "ms", note=f"{len(latencies)} runs",
+                   target=Target("<=", 12, unit="ms") if q == 50 else None)  # fmt: skip
+    for key, label in STAGES.items():
+        report.add("stage", f"latency p50: {label}", percentile(stages[key], 50), "ms",
+                   note=f"{scale.steps} steps, one at a time")  # fmt: skip
+    report.details["latency_10_steps_sequential"] = {
+        "latencies_ms": latencies, "stages_ms": {k: {"p50": percentile(v, 50), "p99": percentile(v, 99)}
+                                                 for k, v in stages.items()},
+    }  # fmt: skip
 
 
 @dataclass

@@ -27,7 +27,7 @@ class CommandLog:
         self.pool = pool
         self.topics = topics
         self.partitions = partitions
-        self.appender = Appender(bootstrap, linger_ms=2, max_message_bytes=max_message_bytes, timeout_s=timeout_s,
+        self.appender = Appender(bootstrap, linger_ms=0, max_message_bytes=max_message_bytes, timeout_s=timeout_s,
                                  client_id="flowtrail-api")  # fmt: skip
 
     async def stop(self) -> None:
