@@ -304,7 +304,7 @@ async def _insert_events(conn: asyncpg.Connection, ledger: list[Positioned], sta
         inserted = await conn.fetch(
             _INSERT_EVENTS, [e.run_id for e in es], [e.seq for e in es], [e.event_id for e in es],
             [e.type for e in es], [e.tenant_id for e in es], [e.occurred_at for e in es],
-            [e.causation_id for e in es], [codec.dumps(e.payload).decode() for e in es],
+            [e.causation_id for e in es], [codec.dumps_model(e.payload).decode() for e in es],
             [p.partition for p in rows], [p.offset for p in rows],
         )  # fmt: skip
         fresh = {(r["run_id"], r["seq"]) for r in inserted}
@@ -318,7 +318,7 @@ async def _insert_events(conn: asyncpg.Connection, ledger: list[Positioned], sta
         records=[
             (
                 p.event.run_id, p.event.seq, p.event.event_id, p.event.type, p.event.tenant_id, p.event.occurred_at,
-                p.event.causation_id, orjson.Fragment(codec.dumps(p.event.payload)), p.partition, p.offset,
+                p.event.causation_id, orjson.Fragment(codec.dumps_model(p.event.payload)), p.partition, p.offset,
             )
             for p in rows
         ],
