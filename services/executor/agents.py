@@ -26,10 +26,10 @@ def register(app: faust.App, triggers: faust.TopicT, engine: Engine, dlq_topic: 
     async def consume_inputs(stream: faust.StreamT[Any]) -> None:
         # No batching window: an idle executor decides on an input at once; a busy one takes all that arrived
         # while it handled the last batch (services/executor/batches.py).
-        async for events in take_ready(stream, batch):
+        async for taken in take_ready(stream, batch):
             parsed: list[tuple[int, TriggerReceived]] = []
             commands: list[tuple[int, CommandBase]] = []
-            for event in events:
+            for event in taken.events:
                 message = event.message
                 is_command = message.topic.endswith(".commands")
                 try:
@@ -46,11 +46,12 @@ def register(app: faust.App, triggers: faust.TopicT, engine: Engine, dlq_topic: 
                         value=event.value,
                         headers={"flowtrail-reason": str(exc).encode(), "flowtrail-source": message.topic.encode()},
                     )
-            # Each returns once what its inputs caused is durable; only then may the offsets commit.
+            # Each returns the futures of the records its inputs caused; the inputs' offsets commit once those are
+            # durable, while the next batch is already being decided.
             if parsed:
-                await engine.on_triggers(parsed)
+                taken.durable += await engine.on_triggers(parsed)
             if commands:
-                await engine.on_commands(commands)
+                taken.durable += await engine.on_commands(commands)
 
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:

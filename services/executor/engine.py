@@ -183,8 +183,9 @@ class Engine:
 
     # ------------------------------------------------------------------ inputs
 
-    async def on_triggers(self, triggers: list[tuple[int, TriggerReceived]]) -> None:
-        """Start a run per new trigger; returns once their first events are durable in the ledger."""
+    async def on_triggers(self, triggers: list[tuple[int, TriggerReceived]]) -> list[asyncio.Future[object]]:
+        """Start a run per new trigger; returns the futures of their first events, which resolve once those are durable
+        in the ledger (the triggers' offsets may commit only then)."""
         triggers = await self.partitions.until_replayed(triggers)
         pending: list[asyncio.Future[object]] = []
         for partition, trigger in triggers:
@@ -211,11 +212,11 @@ class Engine:
             metrics.TRIGGERS.labels("started" if flow else "invalid").inc()
             if trigger.run_id in self.live:
                 self.loop.drive(trigger.run_id)
-        if pending:
-            await asyncio.gather(*pending)
+        return pending
 
-    async def on_commands(self, commands: list[tuple[int, CommandBase]]) -> None:
-        """Cancel, resume and child-ended commands; returns once what they caused is durable."""
+    async def on_commands(self, commands: list[tuple[int, CommandBase]]) -> list[asyncio.Future[object]]:
+        """Cancel, resume, archive, slot and child-ended commands; returns the futures of what they caused, which
+        resolve once it is durable."""
         commands = await self.partitions.until_replayed(commands)
         pending: list[asyncio.Future[object]] = []
         for partition, command in commands:
@@ -243,8 +244,7 @@ class Engine:
             if after is None:
                 self.loop.abandon_step(command.run_id)  # ended (canceled)
             self.loop.wake(command.run_id)
-        if pending:
-            await asyncio.gather(*pending)
+        return pending
 
     async def _archive(self, partition: int, command: ArchiveRun) -> list[asyncio.Future[object]]:
         next_seq = self.finished.get(command.run_id)

@@ -60,9 +60,10 @@ SCALES = {
     "default": Scale(
         name="default", partitions=4, kafka_messages=200_000, copy_runs=4_000, list_seed_runs=200_000,
         query_samples=500, projection_runs=5_000, e2e_runs=2_000, latency_runs=400, sequential_runs=20,
-        batch_inputs=100_000, query_runs=1_000_000, history_runs=100_000,
+        batch_inputs=100_000, query_runs=1_000_000, history_runs=100_000, export_events=200_000,
+        analytics_runs=10_000,
     ),
-    # The sizes: a million ledger events to project.
+    # The sizes: a million ledger events to project and to export, 100,000 runs for the analytics job.
     "full": Scale(
         name="full", partitions=4, kafka_messages=1_000_000, copy_runs=20_000, list_seed_runs=1_000_000,
         query_samples=2_000, projection_runs=41_667, e2e_runs=10_000, latency_runs=1_000, sequential_runs=50,
