@@ -15,10 +15,12 @@ from datetime import timedelta
 from typing import Any
 
 import asyncpg
+import pytest
 
 from schemas.events import CancelRun, ChildRunFinished, EventBase, ResumeRun, RetryStrategy
 from services.executor.decide import Admission, CommandInput, DeadlinePassed, PauseExpired, StartRun
 from services.projector import rebuild
+from services.projector.adapters import details, store
 from services.projector.adapters.store import Positioned, apply_batch
 from tests.unit.drive import Run, error, make_flow, make_trigger, retried_step_log
 
@@ -205,6 +207,26 @@ async def test_any_split_of_the_log_into_batches_gives_the_same_rows(db: asyncpg
         got = await rebuild.checksums(db, schema)
         differing = {t for t in expected if expected[t] != got[t]}
         assert not differing, f"{name}: {sorted(differing)} differ from projecting the whole log in one batch"
+
+
+async def test_copy_through_staging_and_array_parameters_give_the_same_rows(
+    db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large batches send events, step changes and logs by COPY into staging tables, small ones as array parameters:
+    the whole log and its random cuts project to the same rows either way."""
+    ledger = _ledger()
+    schema = await db.fetchval("SELECT current_schema()")
+    await store.stage(db)
+    splits = _splits(len(ledger))
+    got: dict[int, list[dict[str, tuple[int, str]]]] = {}
+    for copy_from in (1, 10**9):  # every batch staged, then none
+        monkeypatch.setattr(store, "COPY_FROM_ROWS", copy_from)
+        monkeypatch.setattr(details, "COPY_FROM_ROWS", copy_from)
+        got[copy_from] = []
+        for name in ("one batch", "cuts 0", "cuts 1", "redelivered"):
+            await _project(db, [[(i, ledger[i]) for i in b] for b in splits[name]])
+            got[copy_from].append(await rebuild.checksums(db, schema))
+    assert got[1] == got[10**9]
 
 
 async def test_an_attempt_canceled_while_waiting_to_retry_keeps_its_duration_in_any_batching(

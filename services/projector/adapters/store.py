@@ -103,6 +103,11 @@ def _json(value: Any) -> str | None:
     return None if value is None else codec.dumps(value).decode()
 
 
+def _fragment(value: Any) -> orjson.Fragment | None:
+    """A JSON value for a jsonb column of a COPY: encoded once, passed through by the connection's jsonb codec."""
+    return None if value is None else orjson.Fragment(codec.dumps(value))
+
+
 def _columns(changes: Iterable[Any], fields: tuple[str, ...], json: set[str]) -> list[list[Any]]:
     """The changes as one array a field, for unnest; the `json` fields encoded as text."""
     rows = list(changes)
@@ -154,16 +159,7 @@ FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::fl
 WHERE r.id = u.id
 """
 
-_UPSERT_STEPS = f"""
-INSERT INTO run_steps AS s (run_id, step, position, status, action, attempt, input, output, error, assertions,
-                            extractions, started_at, finished_at, duration_ms, reused_from, reason)
-SELECT u.run_id, u.step, u.position, u.status, u.action, COALESCE(u.attempt, 1), u.input::jsonb,
-       u.output::jsonb, u.error::jsonb, u.assertions::jsonb, u.extractions::jsonb, u.started_at, u.finished_at,
-       u.duration_ms, u.reused_from, u.reason
-FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[], $6::int[], $7::text[], $8::text[],
-            $9::text[], $10::text[], $11::text[], $12::timestamptz[], $13::timestamptz[], $14::float8[],
-            $15::text[], $16::text[])
-     AS u({", ".join(_STEP_CHANGE)})
+_STEPS_ON_CONFLICT = """
 ON CONFLICT (run_id, step) DO UPDATE SET
     position    = LEAST(EXCLUDED.position, s.position),
     status      = EXCLUDED.status,
@@ -182,6 +178,28 @@ ON CONFLICT (run_id, step) DO UPDATE SET
     reused_from = COALESCE(EXCLUDED.reused_from, s.reused_from),
     reason      = COALESCE(EXCLUDED.reason, s.reason)
 """
+_INSERT_STEPS = f"""
+INSERT INTO run_steps AS s ({", ".join(_STEP_CHANGE)})
+SELECT u.run_id, u.step, u.position, u.status, u.action, COALESCE(u.attempt, 1), u.input::jsonb,
+       u.output::jsonb, u.error::jsonb, u.assertions::jsonb, u.extractions::jsonb, u.started_at, u.finished_at,
+       u.duration_ms, u.reused_from, u.reason
+"""
+_UPSERT_STEPS = f"""{_INSERT_STEPS}
+FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[], $6::int[], $7::text[], $8::text[],
+            $9::text[], $10::text[], $11::text[], $12::timestamptz[], $13::timestamptz[], $14::float8[],
+            $15::text[], $16::text[])
+     AS u({", ".join(_STEP_CHANGE)})
+{_STEPS_ON_CONFLICT}"""
+# Large batches' step changes: COPY into this staging table (a StepChange's fields in order, no constraints: a change
+# may leave `attempt` null), then the same upsert from it.
+_STAGE_STEPS = """
+CREATE TEMP TABLE IF NOT EXISTS staged_steps (
+    run_id text, step text, position int, status text, action text, attempt int, input jsonb, output jsonb,
+    error jsonb, assertions jsonb, extractions jsonb, started_at timestamptz, finished_at timestamptz,
+    duration_ms float8, reused_from text, reason text
+) ON COMMIT DELETE ROWS
+"""
+_UPSERT_STAGED_STEPS = f"{_INSERT_STEPS}FROM staged_steps u{_STEPS_ON_CONFLICT}"
 
 # The offsets, and when the batch wrote events ($5) the notice live streams in the API wake up on (delivered on
 # commit, so they read what this batch wrote): one round trip.
@@ -200,6 +218,7 @@ async def stage(conn: asyncpg.Connection) -> None:
     """Once per connection, outside a transaction: the session's staging tables `apply_batch(staged=True)` copies
     events and logs into (temporary tables, emptied at each commit)."""
     await conn.execute(_STAGE_EVENTS)
+    await conn.execute(_STAGE_STEPS)
     await conn.execute(STAGE_LOGS)
 
 
@@ -266,7 +285,7 @@ async def apply_batch(
             log.warning("run %s seq %s: %s -> %s is not an allowed transition; projected as logged", run_id, seq,
                         before, after)  # fmt: skip
         await _write_runs(conn, changes)
-        await _write_steps(conn, changes)
+        await _write_steps(conn, changes, staged)
         await write_details(conn, plan_details(new_events), staged=staged)
         await search.append(conn, new_events)
         await retention.enforce_marks(conn, list({e.run_id for e in new_events if type(e) in TERMINAL_EVENTS}))
@@ -340,10 +359,21 @@ async def _write_runs(conn: asyncpg.Connection, changes: BatchPlan) -> None:
         await conn.execute(_UPDATE_RUNS, *_columns(changes.run_changes.values(), _RUN_CHANGE, _JSON_RUN_CHANGE))
 
 
-async def _write_steps(conn: asyncpg.Connection, changes: BatchPlan) -> None:
+async def _write_steps(conn: asyncpg.Connection, changes: BatchPlan, staged: bool) -> None:
     if not changes.step_changes:
         return
-    await conn.execute(_UPSERT_STEPS, *_columns(changes.step_changes.values(), _STEP_CHANGE, _JSON_STEP_CHANGE))
+    if len(changes.step_changes) < COPY_FROM_ROWS:
+        await conn.execute(_UPSERT_STEPS, *_columns(changes.step_changes.values(), _STEP_CHANGE, _JSON_STEP_CHANGE))
+        return
+    # As events: COPY's binary rows cost PostgreSQL less than array parameters cast from text.
+    if not staged:
+        await conn.execute(_STAGE_STEPS)
+    records = [
+        tuple(_fragment(getattr(c, f)) if f in _JSON_STEP_CHANGE else getattr(c, f) for f in _STEP_CHANGE)
+        for c in changes.step_changes.values()
+    ]
+    await conn.copy_records_to_table("staged_steps", records=records)
+    await conn.execute(_UPSERT_STAGED_STEPS)
 
 
 async def _apply_flow_event(conn: asyncpg.Connection, event: FlowEventBase) -> None:
