@@ -17,14 +17,24 @@ def _json(value: Any) -> str | None:
     return None if value is None else codec.dumps(value).decode()
 
 
-_UPSERT_ATTEMPTS = """
+def fragment(value: Any) -> orjson.Fragment | None:
+    """A JSON value for a jsonb column of a COPY: encoded once, passed through by the connection's jsonb codec."""
+    return None if value is None else orjson.Fragment(codec.dumps(value))
+
+
+_ATTEMPT_COLUMNS = (
+    "run_id", "step", "attempt", "status", "input", "error", "retry_at", "started_at", "finished_at", "duration_ms",
+    "output",
+)  # fmt: skip
+_JSON_ATTEMPT_COLUMNS = {"input", "error", "output"}
+# The cast from text is a no-op on the staging table's jsonb columns: one SELECT list for both sources.
+_INSERT_ATTEMPTS = """
 INSERT INTO step_attempts AS a (run_id, step, attempt, status, input, error, retry_at, started_at, finished_at,
                                 duration_ms, output)
 SELECT u.run_id, u.step, u.attempt, u.status, u.input::jsonb, u.error::jsonb, u.retry_at, u.started_at,
        u.finished_at, u.duration_ms, u.output::jsonb
-FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[], $6::text[], $7::timestamptz[],
-            $8::timestamptz[], $9::timestamptz[], $10::float8[], $11::text[])
-     AS u(run_id, step, attempt, status, input, error, retry_at, started_at, finished_at, duration_ms, output)
+"""
+_ATTEMPTS_ON_CONFLICT = """
 ON CONFLICT (run_id, step, attempt) DO UPDATE SET
     status      = EXCLUDED.status,
     input       = COALESCE(EXCLUDED.input, a.input),
@@ -35,6 +45,18 @@ ON CONFLICT (run_id, step, attempt) DO UPDATE SET
     finished_at = COALESCE(EXCLUDED.finished_at, a.finished_at),
     duration_ms = COALESCE(EXCLUDED.duration_ms, a.duration_ms)
 """
+_UPSERT_ATTEMPTS = f"""{_INSERT_ATTEMPTS}
+FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[], $6::text[], $7::timestamptz[],
+            $8::timestamptz[], $9::timestamptz[], $10::float8[], $11::text[])
+     AS u({", ".join(_ATTEMPT_COLUMNS)})
+{_ATTEMPTS_ON_CONFLICT}"""
+STAGE_ATTEMPTS = """
+CREATE TEMP TABLE IF NOT EXISTS staged_attempts (
+    run_id text, step text, attempt int, status text, input jsonb, error jsonb, retry_at timestamptz,
+    started_at timestamptz, finished_at timestamptz, duration_ms float8, output jsonb
+) ON COMMIT DELETE ROWS
+"""
+_UPSERT_STAGED_ATTEMPTS = f"{_INSERT_ATTEMPTS}FROM staged_attempts u{_ATTEMPTS_ON_CONFLICT}"
 
 # At least this many rows go through COPY into a staging table, then one INSERT: COPY's rows cost PostgreSQL less
 # than array parameters, but take two more round trips, so fewer rows (a small batch, where latency counts) are sent
@@ -145,15 +167,22 @@ def _columns(rows: list[dict[str, Any]], names: tuple[str, ...], json_names: tup
 async def write_details(conn: asyncpg.Connection, plan: DetailPlan, *, staged: bool = False) -> None:
     """Run in the batch's transaction, after the runs rows of the batch are written. `staged`: the staging
     tables exist on this connection (services.projector.adapters.store.stage)."""
-    if plan.attempts:
+    if 0 < len(plan.attempts) < COPY_FROM_ROWS:
         at = list(plan.attempts.values())
         await conn.execute(
             _UPSERT_ATTEMPTS,
-            [a.run_id for a in at], [a.step for a in at], [a.attempt for a in at], [a.status for a in at],
-            [_json(a.input) for a in at], [_json(a.error) for a in at], [a.retry_at for a in at],
-            [a.started_at for a in at], [a.finished_at for a in at], [a.duration_ms for a in at],
-            [_json(a.output) for a in at],
+            *[[_json(getattr(a, c)) for a in at] if c in _JSON_ATTEMPT_COLUMNS else [getattr(a, c) for a in at]
+              for c in _ATTEMPT_COLUMNS],
         )  # fmt: skip
+    elif plan.attempts:
+        if not staged:
+            await conn.execute(STAGE_ATTEMPTS)
+        records = [
+            tuple(fragment(getattr(a, c)) if c in _JSON_ATTEMPT_COLUMNS else getattr(a, c) for c in _ATTEMPT_COLUMNS)
+            for a in plan.attempts.values()
+        ]
+        await conn.copy_records_to_table("staged_attempts", records=records)
+        await conn.execute(_UPSERT_STAGED_ATTEMPTS)
     if 0 < len(plan.logs) < COPY_FROM_ROWS:
         await conn.execute(_INSERT_LOGS, *_columns(plan.logs, _LOG_COLUMNS, ("fields",)))
     elif plan.logs:

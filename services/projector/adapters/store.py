@@ -23,7 +23,7 @@ from services.common.runfold.details import plan_details
 from services.common.runfold.rows import BatchPlan, plan
 from services.projector import connectors, metrics, retention
 from services.projector.adapters import alerts, search, webhooks
-from services.projector.adapters.details import COPY_FROM_ROWS, STAGE_LOGS, write_details
+from services.projector.adapters.details import COPY_FROM_ROWS, STAGE_ATTEMPTS, STAGE_LOGS, fragment, write_details
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +101,6 @@ def _select(column: str) -> str:
 
 def _json(value: Any) -> str | None:
     return None if value is None else codec.dumps(value).decode()
-
-
-def _fragment(value: Any) -> orjson.Fragment | None:
-    """A JSON value for a jsonb column of a COPY: encoded once, passed through by the connection's jsonb codec."""
-    return None if value is None else orjson.Fragment(codec.dumps(value))
 
 
 def _columns(changes: Iterable[Any], fields: tuple[str, ...], json: set[str]) -> list[list[Any]]:
@@ -216,9 +211,10 @@ SELECT pg_notify('flowtrail_projected', current_schema()) WHERE $5::bool
 
 async def stage(conn: asyncpg.Connection) -> None:
     """Once per connection, outside a transaction: the session's staging tables `apply_batch(staged=True)` copies
-    events and logs into (temporary tables, emptied at each commit)."""
+    events, step changes, attempts and logs into (temporary tables, emptied at each commit)."""
     await conn.execute(_STAGE_EVENTS)
     await conn.execute(_STAGE_STEPS)
+    await conn.execute(STAGE_ATTEMPTS)
     await conn.execute(STAGE_LOGS)
 
 
@@ -369,7 +365,7 @@ async def _write_steps(conn: asyncpg.Connection, changes: BatchPlan, staged: boo
     if not staged:
         await conn.execute(_STAGE_STEPS)
     records = [
-        tuple(_fragment(getattr(c, f)) if f in _JSON_STEP_CHANGE else getattr(c, f) for f in _STEP_CHANGE)
+        tuple(fragment(getattr(c, f)) if f in _JSON_STEP_CHANGE else getattr(c, f) for f in _STEP_CHANGE)
         for c in changes.step_changes.values()
     ]
     await conn.copy_records_to_table("staged_steps", records=records)
