@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import asyncpg
@@ -164,25 +165,44 @@ def _columns(rows: list[dict[str, Any]], names: tuple[str, ...], json_names: tup
     return [[_json(r[n]) if n in json_names else r[n] for r in rows] for n in names]
 
 
+async def upsert_changes(
+    conn: asyncpg.Connection,
+    changes: list[Any],
+    fields: tuple[str, ...],
+    json_fields: Collection[str],
+    *,
+    arrays: str,
+    stage: str,
+    staging_table: str,
+    from_staging: str,
+    staged: bool,
+) -> None:
+    """`changes` (objects with `fields` as attributes) upserted by `arrays`, one array parameter a field, when they are
+    fewer than COPY_FROM_ROWS; else COPYed into `staging_table` (made by `stage` unless `staged`) and upserted by
+    `from_staging`. `json_fields` travel as JSON text in arrays, as encoded JSON in a COPY."""
+    if not changes:
+        return
+    if len(changes) < COPY_FROM_ROWS:
+        await conn.execute(
+            arrays,
+            *[[_json(getattr(c, f)) for c in changes] if f in json_fields else [getattr(c, f) for c in changes]
+              for f in fields],
+        )  # fmt: skip
+        return
+    if not staged:
+        await conn.execute(stage)
+    records = [tuple(fragment(getattr(c, f)) if f in json_fields else getattr(c, f) for f in fields) for c in changes]
+    await conn.copy_records_to_table(staging_table, records=records)
+    await conn.execute(from_staging)
+
+
 async def write_details(conn: asyncpg.Connection, plan: DetailPlan, *, staged: bool = False) -> None:
     """Run in the batch's transaction, after the runs rows of the batch are written. `staged`: the staging
     tables exist on this connection (services.projector.adapters.store.stage)."""
-    if 0 < len(plan.attempts) < COPY_FROM_ROWS:
-        at = list(plan.attempts.values())
-        await conn.execute(
-            _UPSERT_ATTEMPTS,
-            *[[_json(getattr(a, c)) for a in at] if c in _JSON_ATTEMPT_COLUMNS else [getattr(a, c) for a in at]
-              for c in _ATTEMPT_COLUMNS],
-        )  # fmt: skip
-    elif plan.attempts:
-        if not staged:
-            await conn.execute(STAGE_ATTEMPTS)
-        records = [
-            tuple(fragment(getattr(a, c)) if c in _JSON_ATTEMPT_COLUMNS else getattr(a, c) for c in _ATTEMPT_COLUMNS)
-            for a in plan.attempts.values()
-        ]
-        await conn.copy_records_to_table("staged_attempts", records=records)
-        await conn.execute(_UPSERT_STAGED_ATTEMPTS)
+    await upsert_changes(
+        conn, list(plan.attempts.values()), _ATTEMPT_COLUMNS, _JSON_ATTEMPT_COLUMNS, arrays=_UPSERT_ATTEMPTS,
+        stage=STAGE_ATTEMPTS, staging_table="staged_attempts", from_staging=_UPSERT_STAGED_ATTEMPTS, staged=staged,
+    )  # fmt: skip
     if 0 < len(plan.logs) < COPY_FROM_ROWS:
         await conn.execute(_INSERT_LOGS, *_columns(plan.logs, _LOG_COLUMNS, ("fields",)))
     elif plan.logs:

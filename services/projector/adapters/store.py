@@ -23,7 +23,13 @@ from services.common.runfold.details import plan_details
 from services.common.runfold.rows import BatchPlan, plan
 from services.projector import connectors, metrics, retention
 from services.projector.adapters import alerts, search, webhooks
-from services.projector.adapters.details import COPY_FROM_ROWS, STAGE_ATTEMPTS, STAGE_LOGS, fragment, write_details
+from services.projector.adapters.details import (
+    COPY_FROM_ROWS,
+    STAGE_ATTEMPTS,
+    STAGE_LOGS,
+    upsert_changes,
+    write_details,
+)
 
 log = logging.getLogger(__name__)
 
@@ -356,20 +362,10 @@ async def _write_runs(conn: asyncpg.Connection, changes: BatchPlan) -> None:
 
 
 async def _write_steps(conn: asyncpg.Connection, changes: BatchPlan, staged: bool) -> None:
-    if not changes.step_changes:
-        return
-    if len(changes.step_changes) < COPY_FROM_ROWS:
-        await conn.execute(_UPSERT_STEPS, *_columns(changes.step_changes.values(), _STEP_CHANGE, _JSON_STEP_CHANGE))
-        return
-    # As events: COPY's binary rows cost PostgreSQL less than array parameters cast from text.
-    if not staged:
-        await conn.execute(_STAGE_STEPS)
-    records = [
-        tuple(fragment(getattr(c, f)) if f in _JSON_STEP_CHANGE else getattr(c, f) for f in _STEP_CHANGE)
-        for c in changes.step_changes.values()
-    ]
-    await conn.copy_records_to_table("staged_steps", records=records)
-    await conn.execute(_UPSERT_STAGED_STEPS)
+    await upsert_changes(
+        conn, list(changes.step_changes.values()), _STEP_CHANGE, _JSON_STEP_CHANGE, arrays=_UPSERT_STEPS,
+        stage=_STAGE_STEPS, staging_table="staged_steps", from_staging=_UPSERT_STAGED_STEPS, staged=staged,
+    )  # fmt: skip
 
 
 async def _apply_flow_event(conn: asyncpg.Connection, event: FlowEventBase) -> None:
