@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -32,7 +31,6 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from deploy.launcher.supervisor import ServiceSpec, open_child_log, spawn_options
 from services.common import kafka, ratelimit
@@ -41,7 +39,7 @@ from services.common.db import connect, create_pool, keep_session
 from services.common.ratelimit import BLOCK_LEASE_S
 from services.ingest.settings import IngestSettings
 from tests.bench.load import TENANT, profiled
-from tests.bench.loaders import bench_sandbox, delete_topics
+from tests.bench.loaders import bench_sandbox
 from tests.bench.measure import percentile
 from tests.bench.procstat import cpu_seconds
 from tests.bench.report import Report
@@ -85,7 +83,7 @@ async def test_single_input_triggers_against_raw_produce_and_round_trips(
 ) -> None:
     n, k = TRIGGERS.get(scale.name, TRIGGERS["default"]), scale.concurrency
     box = sides[0].box
-    produce = await _raw_produce(box.infra.kafka_bootstrap, n, k, scale.partitions)
+    produce = await _raw_produce(box.infra.kafka_bootstrap, box.topics.triggers, n, k)
     round_trips = await _raw_round_trips(box, n, k)
     report.add_ceiling("ingest.raw_produce", f"raw Kafka produce, one record awaited each, {k} in flight", produce,
                        "msg/s")  # fmt: skip
@@ -314,16 +312,10 @@ async def _count_runs(box: Sandbox) -> tuple[int, int]:
         await db.close()
 
 
-async def _raw_produce(bootstrap: str, n: int, k: int, partitions: int) -> float:
+async def _raw_produce(bootstrap: str, topic: str, n: int, k: int) -> float:
     """Records per second through a producer built as ingest's appender builds it (acks=all, idempotent, its
-    linger), each send awaited on its own with `k` in flight, as the trigger route awaits its append."""
-    topic = f"bench.raw-ingest.{uuid.uuid4().hex[:10]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, partitions, 1)])
-    finally:
-        await admin.close()
+    linger), each send awaited on its own with `k` in flight, as the trigger route awaits its append: to the
+    sandbox's triggers topic, which nothing reads here (no executor runs), deleted with the sandbox."""
     value = orjson.dumps({"type": "TriggerReceived", "tenant_id": TENANT, "flow_id": FLOW, "pad": "x" * 400})
     producer = kafka.producer(bootstrap, linger_ms=IngestSettings().producer_linger_ms, max_batch_size=512 * 1024)
     await producer.start()
@@ -340,7 +332,6 @@ async def _raw_produce(bootstrap: str, n: int, k: int, partitions: int) -> float
         return n / (time.perf_counter() - started)
     finally:
         await producer.stop()
-        await delete_topics(bootstrap, [topic])
 
 
 async def _raw_round_trips(box: Sandbox, n: int, k: int) -> float:
