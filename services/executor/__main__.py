@@ -7,6 +7,10 @@ import logging
 from services.executor.probes import StartupProbes
 from services.executor.settings import ExecutorSettings
 
+# Allocations between young garbage collections (700 by default; services/common/collector.py). Measured in one
+# process, decide + fold + encode of a 10-step run beside a long-lived heap: 1,058 -> 928 us of CPU (median of 4).
+YOUNG_COLLECTION_EVERY = 20_000
+
 
 def main() -> None:
     settings = ExecutorSettings()
@@ -26,6 +30,9 @@ def main() -> None:
     for noisy in ("aiokafka", "kafka", "faust", "mode", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     worker = faust.Worker(app, loglevel=settings.log_level, quiet=True)
+    from services.common.collector import tune_collector
+
+    tune_collector(YOUNG_COLLECTION_EVERY)
     worker.execute_from_commandline()
 
 
