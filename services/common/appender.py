@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 RECORD_OVERHEAD = 64
 # A record batch's own header.
 BATCH_OVERHEAD = 61
+# Appends of at most this many records are sent record by record (see Appender._send).
+PER_RECORD_SENDS = 64
 
 
 @dataclass
@@ -228,10 +230,21 @@ class Appender:
         records: Sequence[tuple[bytes, bytes, int | None]],
         batches: list[tuple[asyncio.Future[object], list[int]]],
     ) -> None:
-        """Per-partition batches built here, each within the broker's message size: for a 100,000-record request,
-        one future per batch instead of one per record. Each batch handed over is added to `batches` at once, so a
-        failure part way leaves the list saying what may reach the log."""
+        """Each record or batch handed over is added to `batches` at once, so a failure part way leaves the list
+        saying what may reach the log.
+
+        Small appends (a trigger request's one input) go record by record into the producer's shared batches, so the
+        records of concurrent requests travel in one produce request per partition. Larger ones are cut into
+        per-partition batches built here, each within the broker's message size: for a 100,000-record request, one
+        future per batch instead of one per record. (A batch handed over whole waits until the partition has no
+        other batch queued — one per request would queue every concurrent request behind the one before it, and
+        aiokafka's wait there gives up early, docs/decisions.md "No waiting on the hot path".)"""
         partitions = await self.partitions(topic)
+        if len(records) <= PER_RECORD_SENDS:
+            for index, (key, value, partition) in enumerate(records):
+                p = partition if partition is not None else partition_for(key.decode(), partitions)
+                batches.append((await producer.send(topic, value, key=key, partition=p), [index]))
+            return
         builders: dict[int, tuple[object, list[int]]] = {}
         for index, (key, value, partition) in enumerate(records):
             p = partition if partition is not None else partition_for(key.decode(), partitions)
