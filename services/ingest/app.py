@@ -17,6 +17,7 @@ from services.common import trigger_origin
 from services.common.accepted import record_accepted_triggers
 from services.common.appender import Appender
 from services.common.auth import Authenticator
+from services.common.collector import tune_collector
 from services.common.connectors import ConnectorRegistry
 from services.common.db import keep_session
 from services.common.ratelimit import rate_limiter
@@ -32,6 +33,10 @@ from services.ingest.scheduler import Scheduler, SchedulerTiming
 from services.ingest.settings import IngestSettings
 
 log = logging.getLogger(__name__)
+
+
+# Allocations between young garbage collections (700 by default; services/common/collector.py).
+YOUNG_COLLECTION_EVERY = 20_000
 
 
 def create_app(settings: IngestSettings) -> FastAPI:
@@ -88,6 +93,7 @@ def create_app(settings: IngestSettings) -> FastAPI:
                 allow_private=settings.allow_private_networks,
             )  # fmt: skip
         app.state.kafka_triggers_task = asyncio.create_task(_start_scheduler(app.state.kafka_triggers))
+        tune_collector(YOUNG_COLLECTION_EVERY)  # what exists now lives as long as the process
         try:
             yield
         finally:

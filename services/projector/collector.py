@@ -13,6 +13,8 @@ import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from services.common.collector import tune_collector
+
 ALLOCATIONS_PER_COLLECTION = 50_000
 
 
@@ -20,10 +22,7 @@ def tune_for_projecting() -> None:
     """For the projector process, once it has started: what exists by then lives as long as the process, so it is
     moved out of the collector's sight (a full collection then scans only what batches allocate), and young
     collections run less often."""
-    gc.collect()
-    gc.freeze()
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(ALLOCATIONS_PER_COLLECTION, older, oldest)
+    tune_collector(ALLOCATIONS_PER_COLLECTION)
 
 
 @contextmanager
