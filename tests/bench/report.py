@@ -11,7 +11,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 # Rows are printed group by group in this order; a new benchmark module picks one or adds its own.
-GROUPS = ("ceiling", "throughput", "latency", "projection", "rebuild", "query", "batch", "memory", "stage", "cpu")
+GROUPS = (
+    "ceiling",
+    "throughput",
+    "latency",
+    "projection",
+    "rebuild",
+    "query",
+    "batch",
+    "memory",
+    "stage",
+    "cpu",
+    "compression",
+)
 
 
 @dataclass(frozen=True)
