@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from deploy.launcher.layout import free_ports
 from tests.debian import debian_binary
 
 REDIS_SERVER = Path("/usr/bin/redis-server")
@@ -36,9 +37,7 @@ def redis_server_binary() -> Path:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]  # below the ephemeral range: see deploy/launcher/layout.py
 
 
 @contextmanager

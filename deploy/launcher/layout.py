@@ -3,9 +3,11 @@ the service replicas with their ports and instance ids (docs/cluster.md). Nothin
 
 from __future__ import annotations
 
+import random
 import socket
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field
@@ -185,14 +187,34 @@ class Layout:
 
 
 def free_ports(count: int) -> list[int]:
-    """`count` distinct ports nothing listens on now (all held open together, so none is handed out twice)."""
-    sockets = []
+    """`count` distinct ports nothing listens on now (all held open together, so none is handed out twice), picked
+    below the kernel's ephemeral range. A port from that range (what binding port 0 gives) can be taken as the local
+    port of some outgoing connection between the pick and the service's own bind, which then fails with "address
+    already in use"; below it, only a listener can take it."""
+    low = _ephemeral_low()
+    sockets: list[socket.socket] = []
     try:
-        for _ in range(count):
+        while len(sockets) < count:
             sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
+            try:
+                sock.bind(("127.0.0.1", random.randint(_PICK_FROM, low - 1) if low - 1 > _PICK_FROM else 0))
+            except OSError:  # in use (or lingering in TIME_WAIT): another one
+                sock.close()
+                continue
             sockets.append(sock)
         return [int(s.getsockname()[1]) for s in sockets]
     finally:
         for sock in sockets:
             sock.close()
+
+
+# Ports are picked from here up to the ephemeral range: above the fixed ports the launcher uses (Kafka 19092/19093,
+# PostgreSQL 15432, the services' 87xx).
+_PICK_FROM = 20_000
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default

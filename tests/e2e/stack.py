@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import httpx
 
+from deploy.launcher.layout import free_ports
 from deploy.launcher.supervisor import ServiceSpec, open_child_log, spawn_options
 from tests.conftest import Sandbox
 
@@ -27,9 +27,8 @@ PORT_ENV = {
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on, below the ephemeral range (deploy/launcher/layout.py, free_ports)."""
+    return free_ports(1)[0]
 
 
 @dataclass

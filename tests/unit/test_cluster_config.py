@@ -3,6 +3,7 @@ and min.insync.replicas the broker count allows, and each replica's port and ins
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from aiokafka.admin import NewTopic
 
 from deploy.launcher.cli import _cluster, build_parser
 from deploy.launcher.kafka import server_properties
-from deploy.launcher.layout import ClusterSettings, Layout
+from deploy.launcher.layout import ClusterSettings, Layout, free_ports
 from services.common.kafka import min_insync_replicas, replicated, replication_factor
 
 
@@ -85,6 +86,18 @@ def test_free_ports_are_distinct_and_the_layout_survives_its_json() -> None:
     ports = [p for n in layout.brokers for p in (n.port, n.controller_port)] + [m.port for m in layout.members]
     assert len(ports) == len(set(ports)) == 6 + 6
     assert Layout.from_json(layout.to_json()) == layout
+
+
+def test_free_ports_are_below_the_ephemeral_range_so_no_outgoing_connection_can_take_one_first() -> None:
+    # A port from the ephemeral range could become some client socket's local port before the service bound it:
+    # a test stack's API once failed with "address already in use" that way.
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = free_ports(200)
+    assert len(set(ports)) == 200
+    assert all(1024 < p < low for p in ports), [p for p in ports if not 1024 < p < low]
+    for port in ports[:20]:  # and nothing listens there: each can be bound now
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
 
 
 def test_flags_override_the_settings_which_default_to_one_of_each(monkeypatch: pytest.MonkeyPatch) -> None:
