@@ -11,11 +11,18 @@ from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from services.executor.adapters.ledger import LedgerWriter
 from services.executor.settings import ExecutorSettings
-from tests.bench.loaders import EVENT_COLUMNS, RUN_COLUMNS, STEP_COLUMNS, copy_rows, delete_topics, read_model_rows
+from tests.bench.loaders import (
+    EVENT_COLUMNS,
+    RUN_COLUMNS,
+    STEP_COLUMNS,
+    copy_rows,
+    create_topic,
+    delete_topics,
+    read_model_rows,
+)
 from tests.bench.measure import percentile
 
 
@@ -60,12 +67,7 @@ async def kafka_produce_then_consume(bootstrap: str, messages: int, record_bytes
                                      partitions: int) -> KafkaCeiling:  # fmt: skip
     """Produce with the executor's own ledger producer settings to a fresh topic, then read it all back."""
     topic = f"bench.raw.{uuid.uuid4().hex[:10]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, partitions, 1)])
-    finally:
-        await admin.close()
+    await create_topic(bootstrap, topic, partitions)
     records = _records(messages, record_bytes)
     # The LedgerWriter builds the producer exactly as the executor does (acks=all, idempotence, linger).
     writer = LedgerWriter(bootstrap, topic, linger_ms=ExecutorSettings().producer_linger_ms)

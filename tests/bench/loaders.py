@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from schemas import codec
 from schemas.events import EventBase, new_id
@@ -49,6 +49,15 @@ async def bench_sandbox(infra: Infra, partitions: int) -> AsyncIterator[Sandbox]
             yield box
         finally:
             await delete_topics(infra.kafka_bootstrap, box.topics.all())
+
+
+async def create_topic(bootstrap: str, name: str, partitions: int) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, partitions, 1)])
+    finally:
+        await admin.close()
 
 
 async def delete_topics(bootstrap: str, names: list[str]) -> None:

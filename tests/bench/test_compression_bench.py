@@ -13,13 +13,11 @@ import time
 import uuid
 from pathlib import Path
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
 from schemas import codec
 from schemas.topics import partition_for
 from services.common import kafka
 from services.executor.settings import ExecutorSettings
-from tests.bench.loaders import delete_topics
+from tests.bench.loaders import create_topic, delete_topics
 from tests.bench.report import Report
 from tests.bench.scale import Scale
 from tests.conftest import Infra
@@ -40,12 +38,7 @@ def _log_bytes(infra: Infra, topic: str, partitions: int) -> int | None:
 async def _produce(infra: Infra, records: list[tuple[bytes, bytes, int]], partitions: int,
                    compression: str | None) -> tuple[float, float, int | None]:  # fmt: skip
     topic = f"bench.compress.{compression or 'none'}.{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=infra.kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, partitions, 1)])
-    finally:
-        await admin.close()
+    await create_topic(infra.kafka_bootstrap, topic, partitions)
     # The ledger writer's settings (services/executor/adapters/ledger.py), with the codec under test.
     producer = kafka.producer(infra.kafka_bootstrap, linger_ms=ExecutorSettings().producer_linger_ms,
                               max_batch_size=256 * 1024, compression_type=compression)  # fmt: skip
