@@ -20,6 +20,11 @@ from services.executor.replay import LogPosition
 log = logging.getLogger(__name__)
 
 
+# A ledger record's bytes: pydantic's serialiser writes the event's JSON at once, the bytes `codec.dumps` gives
+# through a JSON-mode dump and orjson (tests/unit/test_executor_event_build.py holds them equal for every event type).
+encode_event = codec.dumps_model
+
+
 class LedgerWriter:
     def __init__(self, bootstrap: str, topic: str, *, linger_ms: int) -> None:
         self.topic = topic
@@ -49,7 +54,7 @@ class LedgerWriter:
         futures = []
         for event in events:
             future = await self.producer.send(
-                self.topic, codec.dumps(event), key=event.run_id.encode(), partition=partition
+                self.topic, encode_event(event), key=event.run_id.encode(), partition=partition
             )
             future.add_done_callback(_crash_on_failure)
             futures.append(future)
