@@ -14,9 +14,15 @@ def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def quote_literal(value: str) -> str:
+    """A string as an SQL literal, for the few statements sent as text with their values (several statements in one
+    round trip take no parameters). Safe because every connection has standard_conforming_strings on (below)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
 def _server_settings(schema: str) -> dict[str, str]:
-    # A startup parameter, not a SET: the pool's RESET ALL on release would undo a SET.
-    return {"search_path": f"{_quote_ident(schema)}, public"}
+    # Startup parameters, not SETs: the pool's RESET ALL on release would undo a SET.
+    return {"search_path": f"{_quote_ident(schema)}, public", "standard_conforming_strings": "on"}
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

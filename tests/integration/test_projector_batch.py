@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncpg
+import pytest
 
-from services.projector.adapters.store import Positioned, apply_batch
+from services.projector.adapters.store import Positioned, SchemaGuard, SchemaSwapped, apply_batch, schema_oid
 from tests.factories import run_events
 
 
@@ -28,3 +29,30 @@ async def test_duplicates_in_a_batch_count_once_and_the_first_in_log_order_wins(
     assert again.duplicates == len(batch)
     assert await db.fetchval("SELECT steps_count FROM runs") == 3
     assert await db.fetchval("SELECT next_offset FROM projector_offsets") == len(batch)
+
+
+async def test_a_batch_on_a_schema_a_rebuild_replaced_writes_nothing_and_leaves_no_transaction(
+    db: asyncpg.Connection,
+) -> None:
+    schema = await db.fetchval("SELECT current_schema()")
+    batch = [Positioned("ledger", 0, offset, e) for offset, e in enumerate(run_events("run-1", steps=2))]
+    stale = SchemaGuard(schema, await schema_oid(db, schema) + 1)  # the oid the schema had before a swap
+    with pytest.raises(SchemaSwapped):
+        await apply_batch(db, "g", batch, stale)
+    assert not db.is_in_transaction()
+    assert await db.fetchval("SELECT count(*) FROM run_events") == 0
+    assert await db.fetchval("SELECT count(*) FROM projector_offsets") == 0
+    # The same batch under the schema's own guard is applied whole.
+    current = SchemaGuard(schema, await schema_oid(db, schema))
+    assert (await apply_batch(db, "g", batch, current)).events == len(batch)
+    assert await db.fetchval("SELECT status FROM runs WHERE id = 'run-1'") == "SUCCEEDED"
+
+
+@pytest.mark.parametrize("group", ["g'; DROP TABLE runs; --", "back\\slash", "quote''s", "naïve-ü"])
+async def test_offsets_are_stored_under_the_consumer_group_exactly_as_named(db: asyncpg.Connection, group: str) -> None:
+    """The offsets travel with the COMMIT as literals: any group name is stored as given, and runs nothing."""
+    events = run_events("run-1", steps=1)
+    await apply_batch(db, group, [Positioned("ledger-topic", 2, 40 + i, e) for i, e in enumerate(events)])
+    stored = await db.fetch("SELECT consumer_group, topic, partition, next_offset FROM projector_offsets")
+    assert [tuple(r) for r in stored] == [(group, "ledger-topic", 2, 40 + len(events))]
+    assert await db.fetchval("SELECT count(*) FROM runs") == 1

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import re
+from collections.abc import Callable, Collection
 from typing import Any
 
 import asyncpg
@@ -16,6 +17,47 @@ from services.projector.adapters.canonical import write_canonical
 
 def _json(value: Any) -> str | None:
     return None if value is None else codec.dumps(value).decode()
+
+
+_PARAMETER = re.compile(r"\$(\d+)")
+
+
+class Pending:
+    """Write statements of one batch sent together: one statement whose parts are data-modifying WITH clauses, so
+    one round trip instead of one a statement (a small batch's round trips are most of its time,
+    docs/projector.md#throughput). Each part is an INSERT, UPDATE or DELETE without RETURNING. The parts run on one
+    snapshot and see none of each other's changes: two parts never write the same rows, and a statement that must
+    see a part's rows runs after `flush`."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[str, tuple[Any, ...]]] = []
+
+    def add(self, sql: str, *args: Any) -> None:
+        self.parts.append((sql, args))
+
+    async def flush(self, conn: asyncpg.Connection) -> None:
+        parts, self.parts = self.parts, []
+        if len(parts) == 1:
+            await conn.execute(parts[0][0], *parts[0][1])
+        elif parts:
+            await conn.execute(*combine(parts))
+
+
+def combine(parts: list[tuple[str, tuple[Any, ...]]]) -> tuple[Any, ...]:
+    """The parts as one statement and its arguments: each part's parameters renumbered after the parts before it."""
+    clauses: list[str] = []
+    args: list[Any] = []
+    for sql, part_args in parts:
+        if "$$" in sql or sql.lstrip().upper().startswith("WITH"):
+            raise ValueError("a part must be a plain data-modifying statement")
+        renumbered = _PARAMETER.sub(_shifted(len(args)), sql)
+        clauses.append(f"w{len(clauses)} AS ({renumbered})")
+        args.extend(part_args)
+    return ("WITH " + ",\n".join(clauses) + "\nSELECT 1", *args)
+
+
+def _shifted(shift: int) -> Callable[[re.Match[str]], str]:
+    return lambda m: f"${int(m.group(1)) + shift}"
 
 
 def fragment(value: Any) -> orjson.Fragment | None:
@@ -176,14 +218,16 @@ async def upsert_changes(
     staging_table: str,
     from_staging: str,
     staged: bool,
+    pending: Pending,
 ) -> None:
     """`changes` (objects with `fields` as attributes) upserted by `arrays`, one array parameter a field, when they are
     fewer than COPY_FROM_ROWS; else COPYed into `staging_table` (made by `stage` unless `staged`) and upserted by
-    `from_staging`. `json_fields` travel as JSON text in arrays, as encoded JSON in a COPY."""
+    `from_staging`. `json_fields` travel as JSON text in arrays, as encoded JSON in a COPY. The upsert joins
+    `pending`; the COPY, when there is one, runs now."""
     if not changes:
         return
     if len(changes) < COPY_FROM_ROWS:
-        await conn.execute(
+        pending.add(
             arrays,
             *[[_json(getattr(c, f)) for c in changes] if f in json_fields else [getattr(c, f) for c in changes]
               for f in fields],
@@ -193,18 +237,23 @@ async def upsert_changes(
         await conn.execute(stage)
     records = [tuple(fragment(getattr(c, f)) if f in json_fields else getattr(c, f) for f in fields) for c in changes]
     await conn.copy_records_to_table(staging_table, records=records)
-    await conn.execute(from_staging)
+    pending.add(from_staging)
 
 
-async def write_details(conn: asyncpg.Connection, plan: DetailPlan, *, staged: bool = False) -> None:
-    """Run in the batch's transaction, after the runs rows of the batch are written. `staged`: the staging
-    tables exist on this connection (services.projector.adapters.store.stage)."""
+async def write_details(
+    conn: asyncpg.Connection, plan: DetailPlan, *, staged: bool = False, pending: Pending | None = None
+) -> None:
+    """Run in the batch's transaction. The attempts, logs and record errors join `pending` (the batch's run and step
+    writes), which is sent before anything reads `runs`. `staged`: the staging tables exist on this connection
+    (services.projector.adapters.store.stage)."""
+    pending = Pending() if pending is None else pending
     await upsert_changes(
         conn, list(plan.attempts.values()), _ATTEMPT_COLUMNS, _JSON_ATTEMPT_COLUMNS, arrays=_UPSERT_ATTEMPTS,
         stage=STAGE_ATTEMPTS, staging_table="staged_attempts", from_staging=_UPSERT_STAGED_ATTEMPTS, staged=staged,
+        pending=pending,
     )  # fmt: skip
     if 0 < len(plan.logs) < COPY_FROM_ROWS:
-        await conn.execute(_INSERT_LOGS, *_columns(plan.logs, _LOG_COLUMNS, ("fields",)))
+        pending.add(_INSERT_LOGS, *_columns(plan.logs, _LOG_COLUMNS, ("fields",)))
     elif plan.logs:
         if not staged:
             await conn.execute(STAGE_LOGS)
@@ -214,11 +263,13 @@ async def write_details(conn: asyncpg.Connection, plan: DetailPlan, *, staged: b
             for g in plan.logs
         ]  # fmt: skip
         await conn.copy_records_to_table("staged_logs", records=records, columns=list(_LOG_COLUMNS))
-        await conn.execute(_INSERT_STAGED_LOGS)
+        pending.add(_INSERT_STAGED_LOGS)
     if plan.record_errors:
         names = ("run_id", "seq", "tenant_id", "step", "record_key", "field_path", "error", "raw_error",
                  "occurred_at")  # fmt: skip
-        await conn.execute(_INSERT_RECORD_ERRORS, *_columns(plan.record_errors, names, ("raw_error",)))
+        pending.add(_INSERT_RECORD_ERRORS, *_columns(plan.record_errors, names, ("raw_error",)))
+    await pending.flush(conn)
+    # These update runs rows the flushed statement may have inserted: each after it, on its own.
     if plan.records:
         ids = list(plan.records)
         await conn.execute(_UPDATE_RUN_RECORDS, ids, *[[plan.records[i][n] for i in ids] for n in RECORD_COUNTERS])
@@ -231,12 +282,15 @@ async def write_details(conn: asyncpg.Connection, plan: DetailPlan, *, staged: b
         | {e.run_id for e in plan.endpoints} | {e.run_id for e in plan.canonical}
     )  # fmt: skip
     runs = {r["id"]: r for r in await conn.fetch(_LOOKUP_RUNS, list(touched))} if touched else {}
+    # The rollups: four tables, each written by one statement, sent as one.
+    rollups = Pending()
     if plan.failures and (rows := aggregate.failure_groups(plan, runs)):
-        await conn.execute(_UPSERT_GROUPS, *_transpose(rows, 12))
+        rollups.add(_UPSERT_GROUPS, *_transpose(rows, 12))
     if plan.finished and (rows := aggregate.hourly(plan, runs)):
-        await conn.execute(_ROLLUP_HOURLY, *_transpose(rows, 10))
+        rollups.add(_ROLLUP_HOURLY, *_transpose(rows, 10))
     if plan.outcomes and (rows := aggregate.outcomes(plan, runs)):
-        await conn.execute(_UPSERT_OUTCOMES, *_transpose(rows, 9))
+        rollups.add(_UPSERT_OUTCOMES, *_transpose(rows, 9))
     if plan.endpoints and (rows := aggregate.endpoints(plan, runs)):
-        await conn.execute(_UPSERT_ENDPOINTS, *_transpose(rows, 8))
+        rollups.add(_UPSERT_ENDPOINTS, *_transpose(rows, 8))
+    await rollups.flush(conn)
     await write_canonical(conn, plan.canonical, {i: r["environment"] for i, r in runs.items()})

@@ -19,6 +19,7 @@ from schemas.events import (
     FlowResumed,
     FlowVersionPublished,
 )
+from services.common.db import quote_literal
 from services.common.runfold.details import plan_details
 from services.common.runfold.rows import BatchPlan, plan
 from services.projector import connectors, metrics, retention
@@ -27,6 +28,7 @@ from services.projector.adapters.details import (
     COPY_FROM_ROWS,
     STAGE_ATTEMPTS,
     STAGE_LOGS,
+    Pending,
     upsert_changes,
     write_details,
 )
@@ -202,17 +204,18 @@ CREATE TEMP TABLE IF NOT EXISTS staged_steps (
 """
 _UPSERT_STAGED_STEPS = f"{_INSERT_STEPS}FROM staged_steps u{_STEPS_ON_CONFLICT}"
 
-# The offsets, and when the batch wrote events ($5) the notice live streams in the API wake up on (delivered on
-# commit, so they read what this batch wrote): one round trip.
+# The offsets, and when the batch wrote events the notice live streams in the API wake up on (delivered on commit,
+# so they read what this batch wrote), sent with the COMMIT as one text of statements: one round trip. Such a text
+# takes no parameters, so its values are literals (integers, and names quoted by quote_literal).
 _SAVE_OFFSETS = """
-WITH saved AS (
-    INSERT INTO projector_offsets (consumer_group, topic, partition, next_offset, updated_at)
-    SELECT $1, t, p, o, now() FROM unnest($2::text[], $3::int[], $4::bigint[]) AS x(t, p, o)
-    ON CONFLICT (consumer_group, topic, partition) DO UPDATE
-    SET next_offset = GREATEST(projector_offsets.next_offset, EXCLUDED.next_offset), updated_at = now()
-)
-SELECT pg_notify('flowtrail_projected', current_schema()) WHERE $5::bool
+INSERT INTO projector_offsets (consumer_group, topic, partition, next_offset, updated_at) VALUES {values}
+ON CONFLICT (consumer_group, topic, partition) DO UPDATE
+SET next_offset = GREATEST(projector_offsets.next_offset, EXCLUDED.next_offset), updated_at = now();
 """
+_NOTIFY = "SELECT pg_notify('flowtrail_projected', current_schema());\n"
+# The batch's first round trip: BEGIN, and with a guard the swap lock and the schema check
+# (migration 0030_projector_batch_guard.sql), which raises SQLSTATE FT001 when a rebuild replaced the schema.
+_SWAPPED = "FT001"
 
 
 async def stage(conn: asyncpg.Connection) -> None:
@@ -275,20 +278,30 @@ async def apply_batch(
     this connection, so the batch need not make sure its staging table exists."""
     ledger = [p for p in batch if isinstance(p.event, EventBase)]
     flows = [p for p in batch if isinstance(p.event, FlowEventBase)]
-    async with conn.transaction():
-        if guard is not None:
-            await conn.execute("SELECT pg_advisory_xact_lock_shared(hashtext($1))", guard.lock_key)
-            if await schema_oid(conn, guard.name) != guard.oid:
-                raise SchemaSwapped(guard.name)
+    # The transaction is opened and committed by hand so that BEGIN travels with the guard and COMMIT with the
+    # offsets: a small batch's round trips are most of its time (docs/projector.md#throughput).
+    try:
+        await conn.execute(_begin(guard))
+    except asyncpg.PostgresError as exc:
+        await _rollback(conn)
+        if exc.sqlstate == _SWAPPED and guard is not None:
+            raise SchemaSwapped(guard.name) from exc
+        raise
+    except BaseException:
+        await _rollback(conn)
+        raise
+    try:
         new_events = await _insert_events(conn, ledger, staged)
         changes = plan(new_events)
         for run_id, seq, before, after in changes.out_of_order:
             metrics.OUT_OF_ORDER.inc()
             log.warning("run %s seq %s: %s -> %s is not an allowed transition; projected as logged", run_id, seq,
                         before, after)  # fmt: skip
-        await _write_runs(conn, changes)
-        await _write_steps(conn, changes, staged)
-        await write_details(conn, plan_details(new_events), staged=staged)
+        # The run, step and detail writes go as one statement (details.Pending).
+        pending = Pending()
+        await _write_runs(conn, changes, pending)
+        await _write_steps(conn, changes, staged, pending)
+        await write_details(conn, plan_details(new_events), staged=staged, pending=pending)
         await search.append(conn, new_events)
         await retention.enforce_marks(conn, list({e.run_id for e in new_events if type(e) in TERMINAL_EVENTS}))
         for p in flows:
@@ -298,7 +311,10 @@ async def apply_batch(
         await connectors.project(conn, new_events, deliver=side_effects)
         if side_effects:
             await webhooks.enqueue(conn, new_events, [p.event for p in flows])
-        await _save_offsets(conn, group, batch, notify=bool(new_events))
+        await conn.execute(_commit(group, batch, notify=bool(new_events)))
+    except BaseException:
+        await _rollback(conn)
+        raise
     finished: dict[str, int] = {}
     for e in new_events:
         if (status := TERMINAL_EVENTS.get(type(e))) is not None:
@@ -349,22 +365,25 @@ async def _insert_events(conn: asyncpg.Connection, ledger: list[Positioned], sta
     return [p.event for p in rows if (p.event.run_id, p.event.seq) in fresh]
 
 
-async def _write_runs(conn: asyncpg.Connection, changes: BatchPlan) -> None:
+async def _write_runs(conn: asyncpg.Connection, changes: BatchPlan, pending: Pending) -> None:
     if changes.new_runs:
         rows = list(changes.new_runs.values())
         columns = [
             [_json(row.get(c)) if c in _JSON_RUN_COLUMNS else row.get(c, _RUN_DEFAULTS.get(c)) for row in rows]
             for c in _RUN_COLUMNS
         ]
-        await conn.execute(_INSERT_RUNS, *columns)
+        pending.add(_INSERT_RUNS, *columns)
     if changes.run_changes:
-        await conn.execute(_UPDATE_RUNS, *_columns(changes.run_changes.values(), _RUN_CHANGE, _JSON_RUN_CHANGE))
+        if not changes.new_runs.keys().isdisjoint(changes.run_changes):
+            await pending.flush(conn)  # one statement writes a row once: the insert goes first, on its own
+        pending.add(_UPDATE_RUNS, *_columns(changes.run_changes.values(), _RUN_CHANGE, _JSON_RUN_CHANGE))
 
 
-async def _write_steps(conn: asyncpg.Connection, changes: BatchPlan, staged: bool) -> None:
+async def _write_steps(conn: asyncpg.Connection, changes: BatchPlan, staged: bool, pending: Pending) -> None:
     await upsert_changes(
         conn, list(changes.step_changes.values()), _STEP_CHANGE, _JSON_STEP_CHANGE, arrays=_UPSERT_STEPS,
         stage=_STAGE_STEPS, staging_table="staged_steps", from_staging=_UPSERT_STAGED_STEPS, staged=staged,
+        pending=pending,
     )  # fmt: skip
 
 
@@ -401,13 +420,37 @@ async def _apply_flow_event(conn: asyncpg.Connection, event: FlowEventBase) -> N
         )  # fmt: skip
 
 
-async def _save_offsets(conn: asyncpg.Connection, group: str, batch: list[Positioned], *, notify: bool) -> None:
+def _begin(guard: SchemaGuard | None) -> str:
+    if guard is None:
+        return "BEGIN"
+    return (f"BEGIN; SELECT projector_batch_guard({quote_literal(guard.lock_key)}, {quote_literal(guard.name)}, "
+            f"{int(guard.oid)})")  # fmt: skip
+
+
+def _commit(group: str, batch: list[Positioned], *, notify: bool) -> str:
+    """The batch's last round trip: its offsets (the next offset to read per partition), the notice, COMMIT."""
     last: dict[tuple[str, int], int] = {}
     for p in batch:
         key = (p.topic, p.partition)
         last[key] = max(last.get(key, -1), p.offset)
+    sql = ""
     if last:
-        keys = list(last)
-        await conn.execute(
-            _SAVE_OFFSETS, group, [k[0] for k in keys], [k[1] for k in keys], [last[k] + 1 for k in keys], notify
+        values = ", ".join(
+            f"({quote_literal(group)}, {quote_literal(topic)}, {int(partition)}, {int(offset) + 1}, now())"
+            for (topic, partition), offset in last.items()
         )
+        sql = _SAVE_OFFSETS.format(values=values)
+    if notify:
+        sql += _NOTIFY
+    return sql + "COMMIT"
+
+
+async def _rollback(conn: asyncpg.Connection) -> None:
+    """After a failure inside the batch: end its transaction if the connection is still in one. A connection that
+    broke is left to the caller, which drops it."""
+    if conn.is_closed() or not conn.is_in_transaction():
+        return
+    try:
+        await conn.execute("ROLLBACK")
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+        log.warning("ROLLBACK of a failed projector batch failed; the connection is dropped by its owner")
