@@ -187,12 +187,14 @@ class RunLoop:
         task = asyncio.current_task()
         assert task is not None
         self.step_tasks[run_id] = task
-        timeout = None if deadline is None else max(0.0, (deadline - now).total_seconds())
         try:
-            async with asyncio.timeout(timeout) as limit:
+            if deadline is None:  # only a cancel can abandon the step
                 outcome = await self.runners.run(call)
+            else:
+                async with asyncio.timeout(max(0.0, (deadline - now).total_seconds())) as limit:
+                    outcome = await self.runners.run(call)
         except TimeoutError:
-            if limit.expired():
+            if deadline is not None and limit.expired():
                 return  # the flow deadline passed mid-step: abandoned
             raise
         finally:

@@ -74,6 +74,9 @@ def runner_input(state: RunState, definition: StepDefinition) -> Any:
     return rendered
 
 
+# Actions whose runner never suspends (no I/O, no sleep): a timeout could not fire before they return.
+_NEVER_WAITS = frozenset({"transform"})
+
 # Their input is written to the ledger again (a child's trigger, a pause's prompt): secrets stay masked there.
 _RECORDED_AGAIN = (StepAction.SUBFLOW, StepAction.HUMAN_INPUT)
 
@@ -187,9 +190,12 @@ class StepRunners:
             timeout = call.timeout_s
             if call.action == "delay":
                 timeout += float(call.input.get("seconds", 0)) * self.time_scale
-            # In this task (asyncio.timeout), not in one more per step as wait_for would start.
-            async with asyncio.timeout(timeout):
-                output = await action(call)
+            if call.action in _NEVER_WAITS:
+                output = await action(call)  # it cannot outlast any timeout: no timer to arm and cancel
+            else:
+                # In this task (asyncio.timeout), not in one more per step as wait_for would start.
+                async with asyncio.timeout(timeout):
+                    output = await action(call)
             duration = _ms(began)
             if call.action == "delay":
                 # A durable timer runs from the recorded start, which precedes this call: show all of it.
