@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from datetime import datetime
@@ -17,19 +16,24 @@ T = TypeVar("T")
 
 
 def _replacer(cls: type[T]) -> Callable[[T, dict[str, Any]], T]:
-    """`dataclasses.replace` for a dataclass whose fields are all init fields, ~3x faster: every field read at
-    once (attrgetter) and passed by position. The fold replaces the run state once per event."""
+    """`dataclasses.replace` for a frozen slots dataclass whose fields are all init fields and that has no
+    __post_init__, about 2.5x faster: a function written once per class (as dataclasses writes __init__) copies each
+    slot through its descriptor and then sets the changed ones, without the frozen __init__'s object.__setattr__ per
+    field. The fold replaces the run state once per event (tests/unit/test_executor_encoding.py holds both equal)."""
     names = tuple(f.name for f in fields(cls))  # type: ignore[arg-type]
-    assert all(f.init for f in fields(cls)), cls  # type: ignore[arg-type]
-    index = {name: i for i, name in enumerate(names)}
-    values_of = operator.attrgetter(*names)
-
-    def replace(obj: T, changes: dict[str, Any]) -> T:
-        values = list(values_of(obj))
-        for name, value in changes.items():
-            values[index[name]] = value
-        return cls(*values)
-
+    assert all(f.init for f in fields(cls)) and not hasattr(cls, "__post_init__"), cls  # type: ignore[arg-type]
+    assert getattr(cls, "__slots__", None) == names, cls
+    setters = {name: getattr(cls, name).__set__ for name in names}
+    namespace: dict[str, Any] = {"new": object.__new__, "cls": cls, "setters": setters}
+    namespace.update({f"set_{name}": setter for name, setter in setters.items()})
+    body = "".join(f"    set_{name}(copy, obj.{name})\n" for name in names)
+    # The source is built from the class's own field names, as dataclasses builds __init__.
+    exec(
+        f"def replace(obj, changes):\n    copy = new(cls)\n{body}"
+        "    for name, value in changes.items():\n        setters[name](copy, value)\n    return copy\n",
+        namespace,
+    )
+    replace: Callable[[T, dict[str, Any]], T] = namespace["replace"]
     return replace
 
 

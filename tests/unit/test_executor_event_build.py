@@ -1,9 +1,11 @@
 """The events the executor builds without validating them again (decide.emitter.build_event) and encodes in one pass
 (adapters.ledger.encode_event) are the events and the bytes the validating constructor and `codec.dumps` give: every
-ledger event type, the runs decide drives, odd numbers and strings. Readers of the ledger see no difference."""
+ledger event type, the runs decide drives, odd numbers and strings. Readers of the ledger see no difference. The
+fold's generated state copies (services/executor/fold.py) are as frozen as the states they copy."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from datetime import UTC, datetime
 from typing import Any
@@ -15,9 +17,11 @@ from pydantic import ValidationError
 from schemas import codec
 from schemas import events as ev
 from schemas.events import EventBase
+from schemas.status import RunStatus, StepStatus
 from services.executor.adapters.ledger import encode_event
 from services.executor.decide import CommandInput
 from services.executor.decide.emitter import _GIVEN, build_event
+from services.executor.fold import fold_all
 from tests.unit.drive import Run, error, make_flow, make_trigger
 from tests.unit.test_codec import ledger_events
 
@@ -105,3 +109,20 @@ def test_a_payload_of_another_event_type_is_refused() -> None:
                 if k != "payload"}  # fmt: skip
     with pytest.raises(TypeError, match="StepCanceled takes a StepCanceledPayload, not StepSkippedPayload"):
         build_event(ev.StepCanceled, payload, **envelope)
+
+
+def test_the_folds_copies_are_frozen_and_leave_the_original_as_it_was() -> None:
+    run = Run(make_flow({"name": "a"}, {"name": "b"}), make_trigger("r-copy"))
+    run.start()
+    before = run.state
+    assert before is not None and before.steps["a"].status == StepStatus.RUNNING
+    run.complete(output={"x": 1})
+    after = run.state
+    assert after is not None and after is not before
+    assert before.next_seq < after.next_seq and before.steps["a"].status == StepStatus.RUNNING
+    assert after.steps["a"].status == StepStatus.SUCCEEDED and after.steps["b"].status == StepStatus.RUNNING
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        after.status = RunStatus.FAILED  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        after.steps["a"].attempt = 2  # type: ignore[misc]
+    assert fold_all(run.ledger) == after
