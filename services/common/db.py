@@ -33,7 +33,10 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         schema="pg_catalog",
         format="binary",
     )
-    await conn.set_type_codec("json", encoder=orjson.dumps, decoder=orjson.loads, schema="pg_catalog", format="text")
+    # A text-format codec's encoder returns str.
+    await conn.set_type_codec(
+        "json", encoder=lambda v: orjson.dumps(v).decode(), decoder=orjson.loads, schema="pg_catalog", format="text"
+    )
 
 
 async def keep_session(conn: asyncpg.Connection) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+from pydantic import BaseModel
 
 from schemas import codec
 from services.common.runfold.details import RECORD_COUNTERS, DetailPlan
@@ -60,6 +61,31 @@ def _shifted(shift: int) -> Callable[[re.Match[str]], str]:
     return lambda m: f"${int(m.group(1)) + shift}"
 
 
+def recordset(columns: tuple[str, ...], types: tuple[str, ...]) -> str:
+    """The FROM item of a small batch's rows: $1 is the rows as one JSON array of objects (`rows_json`), read back as
+    a table `u` with these columns. One parameter encoded by orjson in one call instead of one array parameter a
+    column, whose every element asyncpg checks in Python (that cost more than the rest of the statement's
+    encoding). JSON null reads as NULL; a jsonb column takes the JSON value as it is."""
+    pairs = ", ".join(f"{c} {t}" for c, t in zip(columns, types, strict=True))
+    return f"json_to_recordset($1::text::json) AS u({pairs})"
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")  # as codec.dumps encodes a model
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def rows_json(rows: list[Any], fields: tuple[str, ...], *, mapping: bool = False) -> str:
+    """$1 for `recordset`: each row (an object with `fields` as attributes, or a mapping) as a JSON object. JSON values
+    are written as codec.dumps writes them, so jsonb columns get the same values as from `fragment` in a COPY."""
+    if mapping:
+        objects = [{f: r.get(f) for f in fields} for r in rows]
+    else:
+        objects = [{f: getattr(r, f) for f in fields} for r in rows]
+    return orjson.dumps(objects, option=orjson.OPT_UTC_Z, default=_plain).decode()  # codec.dumps's option
+
+
 def fragment(value: Any) -> orjson.Fragment | None:
     """A JSON value for a jsonb column of a COPY: encoded once, passed through by the connection's jsonb codec."""
     return None if value is None else orjson.Fragment(codec.dumps(value))
@@ -88,10 +114,11 @@ ON CONFLICT (run_id, step, attempt) DO UPDATE SET
     finished_at = COALESCE(EXCLUDED.finished_at, a.finished_at),
     duration_ms = COALESCE(EXCLUDED.duration_ms, a.duration_ms)
 """
+_ATTEMPT_TYPES = (
+    "text", "text", "int", "text", "jsonb", "jsonb", "timestamptz", "timestamptz", "timestamptz", "float8", "jsonb",
+)  # fmt: skip
 _UPSERT_ATTEMPTS = f"""{_INSERT_ATTEMPTS}
-FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[], $6::text[], $7::timestamptz[],
-            $8::timestamptz[], $9::timestamptz[], $10::float8[], $11::text[])
-     AS u({", ".join(_ATTEMPT_COLUMNS)})
+FROM {recordset(_ATTEMPT_COLUMNS, _ATTEMPT_TYPES)}
 {_ATTEMPTS_ON_CONFLICT}"""
 STAGE_ATTEMPTS = """
 CREATE TEMP TABLE IF NOT EXISTS staged_attempts (
@@ -102,21 +129,21 @@ CREATE TEMP TABLE IF NOT EXISTS staged_attempts (
 _UPSERT_STAGED_ATTEMPTS = f"{_INSERT_ATTEMPTS}FROM staged_attempts u{_ATTEMPTS_ON_CONFLICT}"
 
 # At least this many rows go through COPY into a staging table, then one INSERT: COPY's rows cost PostgreSQL less
-# than array parameters, but take two more round trips, so fewer rows (a small batch, where latency counts) are sent
-# as arrays in one statement. Both give the same rows.
+# than JSON, but take two more round trips, so fewer rows (a small batch, where latency counts) are sent as JSON
+# (`recordset`) in one statement. Both give the same rows.
 COPY_FROM_ROWS = 128
 
-_INSERT_LOGS = """
-INSERT INTO run_logs (run_id, seq, tenant_id, level, step, message, fields, occurred_at)
-SELECT u.run_id, u.seq, u.tenant_id, u.level, u.step, u.message, u.fields::jsonb, u.occurred_at
-FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::timestamptz[])
-     AS u(run_id, seq, tenant_id, level, step, message, fields, occurred_at)
+_LOG_COLUMNS = ("run_id", "seq", "tenant_id", "level", "step", "message", "fields", "occurred_at")
+_LOG_TYPES = ("text", "int", "text", "text", "text", "text", "jsonb", "timestamptz")
+_INSERT_LOGS = f"""
+INSERT INTO run_logs ({", ".join(_LOG_COLUMNS)})
+SELECT {", ".join(f"u.{c}" for c in _LOG_COLUMNS)}
+FROM {recordset(_LOG_COLUMNS, _LOG_TYPES)}
 ON CONFLICT DO NOTHING
 """
 STAGE_LOGS = """
 CREATE TEMP TABLE IF NOT EXISTS staged_logs (LIKE run_logs INCLUDING DEFAULTS) ON COMMIT DELETE ROWS
 """
-_LOG_COLUMNS = ("run_id", "seq", "tenant_id", "level", "step", "message", "fields", "occurred_at")
 _INSERT_STAGED_LOGS = f"""
 INSERT INTO run_logs ({", ".join(_LOG_COLUMNS)}) SELECT {", ".join(_LOG_COLUMNS)} FROM staged_logs
 ON CONFLICT DO NOTHING
@@ -213,25 +240,21 @@ async def upsert_changes(
     fields: tuple[str, ...],
     json_fields: Collection[str],
     *,
-    arrays: str,
+    rows_sql: str,
     stage: str,
     staging_table: str,
     from_staging: str,
     staged: bool,
     pending: Pending,
 ) -> None:
-    """`changes` (objects with `fields` as attributes) upserted by `arrays`, one array parameter a field, when they are
+    """`changes` (objects with `fields` as attributes) upserted by `rows_sql` (its rows from `recordset`) when they are
     fewer than COPY_FROM_ROWS; else COPYed into `staging_table` (made by `stage` unless `staged`) and upserted by
-    `from_staging`. `json_fields` travel as JSON text in arrays, as encoded JSON in a COPY. The upsert joins
-    `pending`; the COPY, when there is one, runs now."""
+    `from_staging`, the `json_fields` as encoded JSON. The upsert joins `pending`; the COPY, when there is one, runs
+    now."""
     if not changes:
         return
     if len(changes) < COPY_FROM_ROWS:
-        pending.add(
-            arrays,
-            *[[_json(getattr(c, f)) for c in changes] if f in json_fields else [getattr(c, f) for c in changes]
-              for f in fields],
-        )  # fmt: skip
+        pending.add(rows_sql, rows_json(changes, fields))
         return
     if not staged:
         await conn.execute(stage)
@@ -248,12 +271,12 @@ async def write_details(
     (services.projector.adapters.store.stage)."""
     pending = Pending() if pending is None else pending
     await upsert_changes(
-        conn, list(plan.attempts.values()), _ATTEMPT_COLUMNS, _JSON_ATTEMPT_COLUMNS, arrays=_UPSERT_ATTEMPTS,
+        conn, list(plan.attempts.values()), _ATTEMPT_COLUMNS, _JSON_ATTEMPT_COLUMNS, rows_sql=_UPSERT_ATTEMPTS,
         stage=STAGE_ATTEMPTS, staging_table="staged_attempts", from_staging=_UPSERT_STAGED_ATTEMPTS, staged=staged,
         pending=pending,
     )  # fmt: skip
     if 0 < len(plan.logs) < COPY_FROM_ROWS:
-        pending.add(_INSERT_LOGS, *_columns(plan.logs, _LOG_COLUMNS, ("fields",)))
+        pending.add(_INSERT_LOGS, rows_json(plan.logs, _LOG_COLUMNS, mapping=True))
     elif plan.logs:
         if not staged:
             await conn.execute(STAGE_LOGS)

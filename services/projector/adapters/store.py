@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +28,8 @@ from services.projector.adapters.details import (
     STAGE_ATTEMPTS,
     STAGE_LOGS,
     Pending,
+    recordset,
+    rows_json,
     upsert_changes,
     write_details,
 )
@@ -63,12 +64,11 @@ _EVENT_COLUMNS = (
     "kafka_offset",
 )  # fmt: skip
 # Events of runs the retention purge already removed are duplicates, as run_events would have said.
+_EVENT_TYPES = ("text", "int", "text", "text", "text", "timestamptz", "text", "jsonb", "int", "bigint")
 _INSERT_EVENTS = f"""
 INSERT INTO run_events ({", ".join(_EVENT_COLUMNS)})
-SELECT u.run_id, u.seq, u.event_id, u.type, u.tenant_id, u.occurred_at, u.causation_id, u.payload::jsonb,
-       u.kafka_partition, u.kafka_offset
-FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::text[], $8::text[],
-            $9::int[], $10::bigint[]) AS u({", ".join(_EVENT_COLUMNS)})
+SELECT {", ".join(f"u.{c}" for c in _EVENT_COLUMNS)}
+FROM {recordset(_EVENT_COLUMNS, _EVENT_TYPES)}
 LEFT JOIN purged_runs p ON p.run_id = u.run_id
 WHERE p.run_id IS NULL OR u.seq > p.last_seq
 ON CONFLICT (run_id, seq) DO NOTHING
@@ -90,12 +90,11 @@ _RUN_COLUMNS = (
     "updated_at", "duration_ms", "last_seq", "archived", "cursor_window", "retry_strategy",
 )  # fmt: skip
 _RUN_TYPES = (
-    "text", "text", "text", "int", "text", "text", "text", "text", "text", "text", "text", "text",
-    "text", "text", "text", "text", "text", "text", "int", "timestamptz", "timestamptz", "timestamptz",
-    "timestamptz", "float8", "int", "bool", "text", "text",
+    "text", "text", "text", "int", "text", "text", "text", "text", "text", "text", "jsonb", "jsonb",
+    "text", "text", "text", "text", "jsonb", "text", "int", "timestamptz", "timestamptz", "timestamptz",
+    "timestamptz", "float8", "int", "bool", "jsonb", "text",
 )  # fmt: skip
-# JSON columns travel as text and are cast: asyncpg would read a JSON list inside an array
-# parameter as another array dimension. tags (text[] per row) travels as JSON text for the same reason.
+# tags (text[]) is read from its JSON list.
 _JSON_RUN_COLUMNS = {"trigger_payload", "error", "tags", "cursor_window"}
 
 
@@ -107,23 +106,12 @@ def _select(column: str) -> str:
     return f"u.{column}"
 
 
-def _json(value: Any) -> str | None:
-    return None if value is None else codec.dumps(value).decode()
-
-
-def _columns(changes: Iterable[Any], fields: tuple[str, ...], json: set[str]) -> list[list[Any]]:
-    """The changes as one array a field, for unnest; the `json` fields encoded as text."""
-    rows = list(changes)
-    return [[_json(getattr(c, f)) for c in rows] if f in json else [getattr(c, f) for c in rows] for f in fields]
-
-
 _RUN_DEFAULTS: dict[str, Any] = {"steps_count": 0, "archived": False}
 
 _INSERT_RUNS = f"""
 INSERT INTO runs ({", ".join(_RUN_COLUMNS)})
 SELECT {", ".join(_select(c) for c in _RUN_COLUMNS)}
-FROM unnest({", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(_RUN_TYPES))})
-     AS u({", ".join(_RUN_COLUMNS)})
+FROM {recordset(_RUN_COLUMNS, _RUN_TYPES)}
 ON CONFLICT (id) DO UPDATE SET ({", ".join(_RUN_COLUMNS)}) = ({", ".join(f"excluded.{c}" for c in _RUN_COLUMNS)})
 WHERE runs.last_seq < 0  -- the placeholder written at acceptance (services/common/accepted.py) is replaced whole
 """
@@ -137,9 +125,12 @@ _STEP_CHANGE = (
     "run_id", "step", "position", "status", "action", "attempt", "input", "output", "error", "assertions",
     "extractions", "started_at", "finished_at", "duration_ms", "reused_from", "reason",
 )  # fmt: skip
-_JSON_RUN_CHANGE = {"error", "cursor_window"}
 _JSON_STEP_CHANGE = {"input", "output", "error", "assertions", "extractions"}
 
+_RUN_CHANGE_TYPES = (
+    "text", "text", "timestamptz", "timestamptz", "float8", "text", "jsonb", "text", "int", "timestamptz", "int",
+    "bool", "jsonb", "text",
+)  # fmt: skip
 _UPDATE_RUNS = f"""
 UPDATE runs r SET
     status        = COALESCE(u.status, r.status),
@@ -155,10 +146,7 @@ UPDATE runs r SET
     archived      = COALESCE(u.archived, r.archived),
     cursor_window = COALESCE(u.cursor_window::jsonb, r.cursor_window),
     bulk_operation_id = COALESCE(u.bulk_operation_id, r.bulk_operation_id)
-FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::float8[], $6::text[],
-            $7::text[], $8::text[], $9::int[], $10::timestamptz[], $11::int[], $12::bool[], $13::text[],
-            $14::text[])
-     AS u({", ".join(_RUN_CHANGE)})
+FROM {recordset(_RUN_CHANGE, _RUN_CHANGE_TYPES)}
 WHERE r.id = u.id
 """
 
@@ -187,11 +175,12 @@ SELECT u.run_id, u.step, u.position, u.status, u.action, COALESCE(u.attempt, 1),
        u.output::jsonb, u.error::jsonb, u.assertions::jsonb, u.extractions::jsonb, u.started_at, u.finished_at,
        u.duration_ms, u.reused_from, u.reason
 """
+_STEP_TYPES = (
+    "text", "text", "int", "text", "text", "int", "jsonb", "jsonb", "jsonb", "jsonb", "jsonb", "timestamptz",
+    "timestamptz", "float8", "text", "text",
+)  # fmt: skip
 _UPSERT_STEPS = f"""{_INSERT_STEPS}
-FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[], $6::int[], $7::text[], $8::text[],
-            $9::text[], $10::text[], $11::text[], $12::timestamptz[], $13::timestamptz[], $14::float8[],
-            $15::text[], $16::text[])
-     AS u({", ".join(_STEP_CHANGE)})
+FROM {recordset(_STEP_CHANGE, _STEP_TYPES)}
 {_STEPS_ON_CONFLICT}"""
 # Large batches' step changes: COPY into this staging table (a StepChange's fields in order, no constraints: a change
 # may leave `attempt` null), then the same upsert from it.
@@ -337,13 +326,14 @@ async def _insert_events(conn: asyncpg.Connection, ledger: list[Positioned], sta
     rows = list(unique.values())
     if len(rows) < COPY_FROM_ROWS:
         # A few events (latency counts): one statement with array parameters.
-        es = [p.event for p in rows]
-        inserted = await conn.fetch(
-            _INSERT_EVENTS, [e.run_id for e in es], [e.seq for e in es], [e.event_id for e in es],
-            [e.type for e in es], [e.tenant_id for e in es], [e.occurred_at for e in es],
-            [e.causation_id for e in es], [codec.dumps_model(e.payload).decode() for e in es],
-            [p.partition for p in rows], [p.offset for p in rows],
-        )  # fmt: skip
+        events = [
+            {"run_id": e.run_id, "seq": e.seq, "event_id": e.event_id, "type": e.type, "tenant_id": e.tenant_id,
+             "occurred_at": e.occurred_at, "causation_id": e.causation_id,
+             "payload": orjson.Fragment(codec.dumps_model(e.payload)), "kafka_partition": p.partition,
+             "kafka_offset": p.offset}
+            for p in rows if (e := p.event) is not None
+        ]  # fmt: skip
+        inserted = await conn.fetch(_INSERT_EVENTS, rows_json(events, _EVENT_COLUMNS, mapping=True))
         fresh = {(r["run_id"], r["seq"]) for r in inserted}
         return [p.event for p in rows if (p.event.run_id, p.event.seq) in fresh]
     # COPY into a per-session staging table, then one INSERT … ON CONFLICT: COPY's binary rows cost far
@@ -367,21 +357,17 @@ async def _insert_events(conn: asyncpg.Connection, ledger: list[Positioned], sta
 
 async def _write_runs(conn: asyncpg.Connection, changes: BatchPlan, pending: Pending) -> None:
     if changes.new_runs:
-        rows = list(changes.new_runs.values())
-        columns = [
-            [_json(row.get(c)) if c in _JSON_RUN_COLUMNS else row.get(c, _RUN_DEFAULTS.get(c)) for row in rows]
-            for c in _RUN_COLUMNS
-        ]
-        pending.add(_INSERT_RUNS, *columns)
+        rows = [{c: row.get(c, _RUN_DEFAULTS.get(c)) for c in _RUN_COLUMNS} for row in changes.new_runs.values()]
+        pending.add(_INSERT_RUNS, rows_json(rows, _RUN_COLUMNS, mapping=True))
     if changes.run_changes:
         if not changes.new_runs.keys().isdisjoint(changes.run_changes):
             await pending.flush(conn)  # one statement writes a row once: the insert goes first, on its own
-        pending.add(_UPDATE_RUNS, *_columns(changes.run_changes.values(), _RUN_CHANGE, _JSON_RUN_CHANGE))
+        pending.add(_UPDATE_RUNS, rows_json(list(changes.run_changes.values()), _RUN_CHANGE))
 
 
 async def _write_steps(conn: asyncpg.Connection, changes: BatchPlan, staged: bool, pending: Pending) -> None:
     await upsert_changes(
-        conn, list(changes.step_changes.values()), _STEP_CHANGE, _JSON_STEP_CHANGE, arrays=_UPSERT_STEPS,
+        conn, list(changes.step_changes.values()), _STEP_CHANGE, _JSON_STEP_CHANGE, rows_sql=_UPSERT_STEPS,
         stage=_STAGE_STEPS, staging_table="staged_steps", from_staging=_UPSERT_STAGED_STEPS, staged=staged,
         pending=pending,
     )  # fmt: skip
