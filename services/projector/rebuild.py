@@ -132,19 +132,62 @@ class Outcome:
     seconds: float
     comparison: Comparison
     swapped_to: str | None = None  # the name the old live schema was renamed to
+    # verify: seconds spent in each step, in order (the shadow schema, the live checksums, the replay, the shadow's
+    # checksums, the key-wise comparison of differing tables): where a slow verify's time went.
+    phases: dict[str, float] = field(default_factory=dict)
 
 
-async def checksums(conn: asyncpg.Connection, schema: str) -> dict[str, tuple[int, str]]:
-    """Per derived table: (rows, md5 over every row's md5 in canonical order)."""
+# The tables that take longest to sum, taken first when several connections share the work, so the rest even out.
+_LARGEST = ("run_events", "run_logs", "run_steps", "step_attempts")
+
+
+async def checksums(conn: asyncpg.Connection, schema: str, *more: asyncpg.Connection) -> dict[str, tuple[int, str]]:
+    """Per derived table: (rows, md5 over every row's md5 in canonical order). `more`: other connections to the same
+    database that sum tables at the same time (each table on one connection; nothing may write to `schema`
+    meanwhile, as each connection reads its own snapshot)."""
     q = _quote_ident(schema)
+    waiting = [t for t in DERIVED if t not in _LARGEST][::-1] + [t for t in _LARGEST if t in DERIVED][::-1]
     out = {}
-    for table, order in DERIVED.items():
-        row = await conn.fetchrow(
-            f"SELECT count(*) AS n, md5(coalesce(string_agg(md5(t::text), '' ORDER BY {order}), '')) AS h "
-            f"FROM {q}.{table} t {_ONLY_DERIVED.get(table, '')}"
-        )
-        out[table] = (int(row["n"]), str(row["h"]))
-    return out
+
+    async def sum_tables(c: asyncpg.Connection) -> None:
+        while waiting:
+            table = waiting.pop()
+            row = await c.fetchrow(
+                f"SELECT count(*) AS n, md5(coalesce(string_agg(md5(t::text), '' ORDER BY {DERIVED[table]}), '')) AS h "
+                f"FROM {q}.{table} t {_ONLY_DERIVED.get(table, '')}"
+            )
+            out[table] = (int(row["n"]), str(row["h"]))
+
+    await asyncio.gather(*(sum_tables(c) for c in (conn, *more)))
+    return {t: out[t] for t in DERIVED}
+
+
+# Each table of a schema with the tables that reference it by foreign key (itself left out).
+_REFERENCED_BY = """
+SELECT c.relname AS table_name,
+       coalesce(array_agg(r.relname) FILTER (WHERE r.relname IS NOT NULL AND r.oid <> c.oid), '{}') AS referenced_by
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_constraint k ON k.confrelid = c.oid AND k.contype = 'f'
+LEFT JOIN pg_class r ON r.oid = k.conrelid
+WHERE n.nspname = $1 AND c.relkind = 'r'
+GROUP BY c.relname
+"""
+
+
+async def _unlogged(conn: asyncpg.Connection, schema: str) -> None:
+    """verify's shadow schema is dropped after the comparison, so its tables need not survive a crash: unlogged, the
+    replay's rows write no WAL (a row's text, and so every checksum, is the same either way). PostgreSQL refuses to
+    make a table unlogged while a logged one references it, so referencing tables go first."""
+    q = _quote_ident(schema)
+    pending = {r["table_name"]: set(r["referenced_by"]) for r in await conn.fetch(_REFERENCED_BY, schema)}
+    while pending:
+        ready = sorted(t for t, referencing in pending.items() if not referencing & pending.keys())
+        if not ready:
+            raise RuntimeError(f"foreign keys in a cycle among {sorted(pending)}: cannot make them unlogged")
+        for table in ready:
+            await conn.execute(f"ALTER TABLE {q}.{_quote_ident(table)} SET UNLOGGED")
+            del pending[table]
 
 
 async def _check_tables_are_classified(conn: asyncpg.Connection, schema: str) -> None:
@@ -321,25 +364,41 @@ async def _run(settings: ProjectorSettings, *, swap: bool, progress: Progress, k
     live = settings.database_schema
     shadow = f"{live}__rebuild"
     topics = Topics(settings.topic_prefix)
+    phases: dict[str, float] = {}
+    mark = time.monotonic()
+
+    def phase(name: str) -> None:
+        nonlocal mark
+        now = time.monotonic()
+        phases[name], mark = now - mark, now
+
     admin = await connect(settings.database_url, live)
     try:
         await migrate(admin, live)
         await _check_tables_are_classified(admin, live)
         await admin.execute(f"DROP SCHEMA IF EXISTS {_quote_ident(shadow)} CASCADE")
         await migrate(admin, shadow)
+        if not swap and not keep_shadow:
+            await _unlogged(admin, shadow)
         for table in REPLAY_INPUTS:
             q_live, q_shadow = _quote_ident(live), _quote_ident(shadow)
             await admin.execute(f"INSERT INTO {q_shadow}.{table} SELECT * FROM {q_live}.{table}")
+        phase("shadow schema")
         # The live tables and the offsets they reflect, read in one snapshot. verify keeps it open (read only)
         # until the comparison is done, so differing rows are read as of the offsets the shadow replays to.
         snapshot = admin.transaction(isolation="repeatable_read", readonly=True)
         await snapshot.start()
         live_offsets = await _live_offsets(admin, settings.consumer_group, topics)
         live_marks = await retention.recorded_marks(admin)
-        live_sums = await checksums(admin, live)
         if swap:
-            await snapshot.commit()
+            await snapshot.commit()  # a swap compares the tables it takes over, under the lock
+        else:
+            live_sums = await checksums(admin, live)
+            phase("live checksums")
         shadow_conn = await connect(settings.database_url, shadow)
+        # The replay's commits need not wait for the WAL flush: until the swap (committed on `admin`, which flushes
+        # everything written before it) nothing reads the shadow, and a crash leaves only a replay to start again.
+        await shadow_conn.execute("SET synchronous_commit = off")
         try:
             async with Replayer(settings, shadow_conn, progress) as replayer:
                 targets = _targets_from(live_offsets, replayer.partitions)
@@ -350,16 +409,23 @@ async def _run(settings: ProjectorSettings, *, swap: bool, progress: Progress, k
                 if not swap:
                     # The live schema has had these purges; the replay brought the purged rows back.
                     await retention.apply_marks(shadow_conn, live_marks, record=False)
-                    # On the shadow's own connection: the snapshot predates every row the replay wrote.
-                    comparison = Comparison(
-                        {t: (live_sums[t], s) for t, s in (await checksums(shadow_conn, shadow)).items()}
-                    )
+                    phase("replay")
+                    # Not on `admin`: its snapshot predates every row the replay wrote. Two connections share them.
+                    helper = await connect(settings.database_url, shadow)
+                    try:
+                        shadow_sums = await checksums(shadow_conn, shadow, helper)
+                    finally:
+                        await helper.close()
+                    comparison = Comparison({t: (live_sums[t], shadow_sums[t]) for t in DERIVED})
+                    phase("shadow checksums")
                     if not comparison.equal:
                         await _differing_rows(comparison, admin, live, shadow_conn, shadow, show)
+                        phase("differing rows")
                     await snapshot.commit()
                     if not keep_shadow:
                         await admin.execute(f"DROP SCHEMA IF EXISTS {_quote_ident(shadow)} CASCADE")
-                    return Outcome(replayer.events, time.monotonic() - replayer.started, comparison)
+                    progress("took " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in phases.items()))
+                    return Outcome(replayer.events, time.monotonic() - replayer.started, comparison, phases=phases)
                 outcome = await _swap(settings, admin, shadow_conn, replayer, live, shadow, topics, progress)
                 return outcome
         finally:
