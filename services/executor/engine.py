@@ -179,7 +179,7 @@ class Engine:
             if state is not None:
                 self.live.track(state, None)
             self.subflows.forget(run_id)
-        await self.ledger.producer.flush()
+        await self.ledger.flush()
 
     # ------------------------------------------------------------------ inputs
 
@@ -430,6 +430,6 @@ class Engine:
         await self.admitter.slots.close()
         await self.snapshotter.close()
         if self._started:
-            await self.ledger.producer.flush()
+            await self.ledger.flush()
         await self.loop.close()
         await self.runners.close()
