@@ -50,7 +50,7 @@ async def test_an_executor_bug_ends_the_run_internal_error_with_its_trace_and_ot
             while not (bad.run_id in engine.finished and good.run_id in engine.finished):
                 assert time.monotonic() < deadline, engine.runs
                 await asyncio.sleep(0.02)
-            await engine.ledger.producer.flush()
+            await engine.ledger.flush()
         finally:
             await engine.close()
             await engine.flows.stop()
