@@ -56,3 +56,19 @@ async def test_offsets_are_stored_under_the_consumer_group_exactly_as_named(db: 
     stored = await db.fetch("SELECT consumer_group, topic, partition, next_offset FROM projector_offsets")
     assert [tuple(r) for r in stored] == [(group, "ledger-topic", 2, 40 + len(events))]
     assert await db.fetchval("SELECT count(*) FROM runs") == 1
+
+
+async def test_a_batch_overlapping_what_is_stored_adds_only_its_new_events(db: asyncpg.Connection) -> None:
+    """A batch is first written as if every event were new; when some were stored before (a redelivery after a
+    crash), it is undone and written again from the new ones: the rows are as if each event came once."""
+    events = run_events("run-1", steps=3)
+    first = await apply_batch(db, "g", [Positioned("ledger", 0, i, e) for i, e in enumerate(events[:5])])
+    assert (first.events, first.duplicates) == (5, 0)
+    again = await apply_batch(db, "g", [Positioned("ledger", 0, i, e) for i, e in enumerate(events) if i >= 3])
+    assert (again.events, again.duplicates) == (len(events) - 3, 2)
+    run = await db.fetchrow("SELECT status, steps_count, last_seq FROM runs WHERE id = 'run-1'")
+    assert (run["status"], run["steps_count"], run["last_seq"]) == ("SUCCEEDED", 3, len(events) - 1)
+    assert await db.fetchval("SELECT count(*) FROM run_events") == len(events)
+    assert await db.fetchval("SELECT count(*) FROM step_attempts") == 3
+    assert await db.fetchval("SELECT sum(runs) FROM flow_hourly") == 1  # the finished run is counted once
+    assert not db.is_in_transaction()

@@ -26,26 +26,36 @@ _PARAMETER = re.compile(r"\$(\d+)")
 class Pending:
     """Write statements of one batch sent together: one statement whose parts are data-modifying WITH clauses, so
     one round trip instead of one a statement (a small batch's round trips are most of its time,
-    docs/projector.md#throughput). Each part is an INSERT, UPDATE or DELETE without RETURNING. The parts run on one
-    snapshot and see none of each other's changes: two parts never write the same rows, and a statement that must
-    see a part's rows runs after `flush`."""
+    docs/projector.md#throughput). Each part is an INSERT, UPDATE or DELETE. The parts run on one snapshot and see
+    none of each other's changes: two parts never write the same rows, and a statement that must see a part's rows
+    runs after `flush`. One part may be `counted`: `flush` then sets `count` to the number of rows it returned."""
 
     def __init__(self) -> None:
         self.parts: list[tuple[str, tuple[Any, ...]]] = []
+        self.counted: int | None = None  # index of the counted part in `parts`
+        self.count: int | None = None
 
     def add(self, sql: str, *args: Any) -> None:
         self.parts.append((sql, args))
 
+    def add_counted(self, sql: str, *args: Any) -> None:
+        """A part with RETURNING, whose rows `flush` counts."""
+        self.counted = len(self.parts)
+        self.parts.append((sql, args))
+
     async def flush(self, conn: asyncpg.Connection) -> None:
-        parts, self.parts = self.parts, []
-        if len(parts) == 1:
+        parts, counted, self.parts, self.counted = self.parts, self.counted, [], None
+        if counted is not None:
+            self.count = await conn.fetchval(*combine(parts, count=counted))
+        elif len(parts) == 1:
             await conn.execute(parts[0][0], *parts[0][1])
         elif parts:
             await conn.execute(*combine(parts))
 
 
-def combine(parts: list[tuple[str, tuple[Any, ...]]]) -> tuple[Any, ...]:
-    """The parts as one statement and its arguments: each part's parameters renumbered after the parts before it."""
+def combine(parts: list[tuple[str, tuple[Any, ...]]], *, count: int | None = None) -> tuple[Any, ...]:
+    """The parts as one statement and its arguments: each part's parameters renumbered after the parts before it.
+    The statement returns the number of rows part `count` returned, else 1."""
     clauses: list[str] = []
     args: list[Any] = []
     for sql, part_args in parts:
@@ -54,7 +64,8 @@ def combine(parts: list[tuple[str, tuple[Any, ...]]]) -> tuple[Any, ...]:
         renumbered = _PARAMETER.sub(_shifted(len(args)), sql)
         clauses.append(f"w{len(clauses)} AS ({renumbered})")
         args.extend(part_args)
-    return ("WITH " + ",\n".join(clauses) + "\nSELECT 1", *args)
+    result = "SELECT 1" if count is None else f"SELECT count(*) FROM w{count}"
+    return ("WITH " + ",\n".join(clauses) + "\n" + result, *args)
 
 
 def _shifted(shift: int) -> Callable[[re.Match[str]], str]:
@@ -263,13 +274,10 @@ async def upsert_changes(
     pending.add(from_staging)
 
 
-async def write_details(
-    conn: asyncpg.Connection, plan: DetailPlan, *, staged: bool = False, pending: Pending | None = None
-) -> None:
-    """Run in the batch's transaction. The attempts, logs and record errors join `pending` (the batch's run and step
-    writes), which is sent before anything reads `runs`. `staged`: the staging tables exist on this connection
-    (services.projector.adapters.store.stage)."""
-    pending = Pending() if pending is None else pending
+async def add_details(conn: asyncpg.Connection, plan: DetailPlan, pending: Pending, *, staged: bool = False) -> None:
+    """The attempts, logs and record errors join `pending` (the batch's event, run and step writes; a large batch's
+    rows are COPYed now). `staged`: the staging tables exist on this connection (services.projector.adapters.store
+    .stage)."""
     await upsert_changes(
         conn, list(plan.attempts.values()), _ATTEMPT_COLUMNS, _JSON_ATTEMPT_COLUMNS, rows_sql=_UPSERT_ATTEMPTS,
         stage=STAGE_ATTEMPTS, staging_table="staged_attempts", from_staging=_UPSERT_STAGED_ATTEMPTS, staged=staged,
@@ -291,8 +299,11 @@ async def write_details(
         names = ("run_id", "seq", "tenant_id", "step", "record_key", "field_path", "error", "raw_error",
                  "occurred_at")  # fmt: skip
         pending.add(_INSERT_RECORD_ERRORS, *_columns(plan.record_errors, names, ("raw_error",)))
-    await pending.flush(conn)
-    # These update runs rows the flushed statement may have inserted: each after it, on its own.
+
+
+async def write_aggregates(conn: asyncpg.Connection, plan: DetailPlan) -> None:
+    """After `add_details`' statement is sent: what reads the runs rows it wrote."""
+    # These update runs rows the statement before may have inserted: each after it, on its own.
     if plan.records:
         ids = list(plan.records)
         await conn.execute(_UPDATE_RUN_RECORDS, ids, *[[plan.records[i][n] for i in ids] for n in RECORD_COUNTERS])

@@ -28,10 +28,11 @@ from services.projector.adapters.details import (
     STAGE_ATTEMPTS,
     STAGE_LOGS,
     Pending,
+    add_details,
     recordset,
     rows_json,
     upsert_changes,
-    write_details,
+    write_aggregates,
 )
 
 log = logging.getLogger(__name__)
@@ -269,28 +270,21 @@ async def apply_batch(
     flows = [p for p in batch if isinstance(p.event, FlowEventBase)]
     # The transaction is opened and committed by hand so that BEGIN travels with the guard and COMMIT with the
     # offsets: a small batch's round trips are most of its time (docs/projector.md#throughput).
+    await _execute_opening(conn, _begin(guard), guard)
     try:
-        await conn.execute(_begin(guard))
-    except asyncpg.PostgresError as exc:
-        await _rollback(conn)
-        if exc.sqlstate == _SWAPPED and guard is not None:
-            raise SchemaSwapped(guard.name) from exc
-        raise
-    except BaseException:
-        await _rollback(conn)
-        raise
-    try:
-        new_events = await _insert_events(conn, ledger, staged)
-        changes = plan(new_events)
+        unique = _first_in_log_order(ledger)
+        written = await _write_rows(conn, unique, staged, assume_new=True)
+        if written is None:
+            # Some events were in run_events already (redelivered) or belong to runs the retention purge removed:
+            # undo, and write again knowing which are new. The guard is checked again with the new BEGIN.
+            await _execute_opening(conn, "ROLLBACK; " + _begin(guard), guard)
+            written = await _write_rows(conn, unique, staged, assume_new=False)
+            assert written is not None  # only a batch assumed new can turn out not to be
+        new_events, changes = written
         for run_id, seq, before, after in changes.out_of_order:
             metrics.OUT_OF_ORDER.inc()
             log.warning("run %s seq %s: %s -> %s is not an allowed transition; projected as logged", run_id, seq,
                         before, after)  # fmt: skip
-        # The run, step and detail writes go as one statement (details.Pending).
-        pending = Pending()
-        await _write_runs(conn, changes, pending)
-        await _write_steps(conn, changes, staged, pending)
-        await write_details(conn, plan_details(new_events), staged=staged, pending=pending)
         await search.append(conn, new_events)
         await retention.enforce_marks(conn, list({e.run_id for e in new_events if type(e) in TERMINAL_EVENTS}))
         for p in flows:
@@ -316,16 +310,44 @@ async def apply_batch(
     )
 
 
-async def _insert_events(conn: asyncpg.Connection, ledger: list[Positioned], staged: bool) -> list[EventBase]:
-    """Insert into run_events; returns the events that were new, in log order (first one wins)."""
+def _first_in_log_order(ledger: list[Positioned]) -> list[Positioned]:
+    """One event per (run, seq): the first in log order wins."""
     unique: dict[tuple[str, int], Positioned] = {}
     for p in ledger:
         unique.setdefault((p.event.run_id, p.event.seq), p)
-    if not unique:
-        return []
-    rows = list(unique.values())
+    return list(unique.values())
+
+
+async def _write_rows(
+    conn: asyncpg.Connection, unique: list[Positioned], staged: bool, *, assume_new: bool
+) -> tuple[list[EventBase], BatchPlan] | None:
+    """The events and the run, step and detail rows they change; returns the new events and their plan.
+    `assume_new`: the rows are planned from every event and sent in one statement with the events' insert, which
+    counts the events it inserted; when some were not new the result is None, and the transaction must be rolled
+    back. Otherwise the insert goes first and the rows are planned from the events it inserted."""
+    pending = Pending()
+    if assume_new:
+        new_events = [p.event for p in unique]
+        if unique:
+            await _add_events(conn, unique, staged, pending)
+    else:
+        new_events = await _insert_events(conn, unique, staged)
+    changes = plan(new_events)
+    details = plan_details(new_events)
+    await _write_runs(conn, changes, pending)
+    await _write_steps(conn, changes, staged, pending)
+    await add_details(conn, details, pending, staged=staged)
+    await pending.flush(conn)
+    if assume_new and unique and pending.count != len(unique):
+        return None
+    await write_aggregates(conn, details)
+    return new_events, changes
+
+
+async def _add_events(conn: asyncpg.Connection, rows: list[Positioned], staged: bool, pending: Pending) -> None:
+    """The insert into run_events, as `pending`'s counted part (it returns the rows it inserted)."""
     if len(rows) < COPY_FROM_ROWS:
-        # A few events (latency counts): one statement with array parameters.
+        # A few events (latency counts): one JSON parameter.
         events = [
             {"run_id": e.run_id, "seq": e.seq, "event_id": e.event_id, "type": e.type, "tenant_id": e.tenant_id,
              "occurred_at": e.occurred_at, "causation_id": e.causation_id,
@@ -333,11 +355,10 @@ async def _insert_events(conn: asyncpg.Connection, ledger: list[Positioned], sta
              "kafka_offset": p.offset}
             for p in rows if (e := p.event) is not None
         ]  # fmt: skip
-        inserted = await conn.fetch(_INSERT_EVENTS, rows_json(events, _EVENT_COLUMNS, mapping=True))
-        fresh = {(r["run_id"], r["seq"]) for r in inserted}
-        return [p.event for p in rows if (p.event.run_id, p.event.seq) in fresh]
+        pending.add_counted(_INSERT_EVENTS, rows_json(events, _EVENT_COLUMNS, mapping=True))
+        return
     # COPY into a per-session staging table, then one INSERT … ON CONFLICT: COPY's binary rows cost far
-    # less to send and parse than array parameters, and the payload JSON is passed through unparsed.
+    # less to send and parse than parameters, and the payload JSON is passed through unparsed.
     if not staged:
         await conn.execute(_STAGE_EVENTS)
     await conn.copy_records_to_table(
@@ -350,7 +371,17 @@ async def _insert_events(conn: asyncpg.Connection, ledger: list[Positioned], sta
             for p in rows
         ],
     )  # fmt: skip
-    inserted = await conn.fetch(_INSERT_STAGED_EVENTS)
+    pending.add_counted(_INSERT_STAGED_EVENTS)
+
+
+async def _insert_events(conn: asyncpg.Connection, rows: list[Positioned], staged: bool) -> list[EventBase]:
+    """Insert into run_events on its own; returns the events that were new, in log order."""
+    if not rows:
+        return []
+    pending = Pending()
+    await _add_events(conn, rows, staged, pending)
+    sql, args = pending.parts[0]
+    inserted = await conn.fetch(sql, *args)
     fresh = {(r["run_id"], r["seq"]) for r in inserted}
     return [p.event for p in rows if (p.event.run_id, p.event.seq) in fresh]
 
@@ -411,6 +442,20 @@ def _begin(guard: SchemaGuard | None) -> str:
         return "BEGIN"
     return (f"BEGIN; SELECT projector_batch_guard({quote_literal(guard.lock_key)}, {quote_literal(guard.name)}, "
             f"{int(guard.oid)})")  # fmt: skip
+
+
+async def _execute_opening(conn: asyncpg.Connection, sql: str, guard: SchemaGuard | None) -> None:
+    """Sends a text that opens the batch's transaction (`_begin`); a failed one leaves no transaction open."""
+    try:
+        await conn.execute(sql)
+    except asyncpg.PostgresError as exc:
+        await _rollback(conn)
+        if exc.sqlstate == _SWAPPED and guard is not None:
+            raise SchemaSwapped(guard.name) from exc
+        raise
+    except BaseException:
+        await _rollback(conn)
+        raise
 
 
 def _commit(group: str, batch: list[Positioned], *, notify: bool) -> str:
