@@ -162,6 +162,18 @@ async def checksums(conn: asyncpg.Connection, schema: str, *more: asyncpg.Connec
     return {t: out[t] for t in DERIVED}
 
 
+async def _live_checksums(dsn: str, admin: asyncpg.Connection, live: str) -> dict[str, tuple[int, str]]:
+    """The live checksums in `admin`'s open snapshot, summed on it and on a second connection that imports it."""
+    exported = await admin.fetchval("SELECT pg_export_snapshot()")
+    helper = await connect(dsn, live)
+    try:
+        async with helper.transaction(isolation="repeatable_read", readonly=True):
+            await helper.execute(f"SET TRANSACTION SNAPSHOT '{exported}'")  # made by PostgreSQL: digits and dashes
+            return await checksums(admin, live, helper)
+    finally:
+        await helper.close()
+
+
 # Each table of a schema with the tables that reference it by foreign key (itself left out).
 _REFERENCED_BY = """
 SELECT c.relname AS table_name,
@@ -393,7 +405,7 @@ async def _run(settings: ProjectorSettings, *, swap: bool, progress: Progress, k
         if swap:
             await snapshot.commit()  # a swap compares the tables it takes over, under the lock
         else:
-            live_sums = await checksums(admin, live)
+            live_sums = await _live_checksums(settings.database_url, admin, live)
             phase("live checksums")
         shadow_conn = await connect(settings.database_url, shadow)
         # The replay's commits need not wait for the WAL flush: until the swap (committed on `admin`, which flushes

@@ -102,6 +102,8 @@ async def test_projector_drains_a_ledger_backlog(
         "batches": metrics.get("flowtrail_projector_batch_seconds_count"),
         # Share of the drain spent inside the batch transaction (SQL); the rest is fetch + decode + fold.
         "transaction_seconds": db_s, "transaction_share": db_s / seconds if seconds else None,
+        # verify's seconds step by step (the events/s above count from the replay's start to the shadow's checksums).
+        "verify_seconds": outcome.seconds, "verify_phases": outcome.phases,
     }  # fmt: skip
 
 
