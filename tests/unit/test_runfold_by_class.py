@@ -12,7 +12,8 @@ from tests.factories import run_events
 
 def _subclasses(cls: type) -> list[type]:
     out: list[type] = []
-    for direct in cls.__subclasses__():
+    direct_subclasses: list[type] = cls.__subclasses__()
+    for direct in direct_subclasses:
         out += [direct, *_subclasses(direct)]
     return out
 
