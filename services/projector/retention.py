@@ -11,6 +11,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import asyncpg
 
@@ -56,7 +57,7 @@ async def marks_for(conn: asyncpg.Connection, now: datetime) -> list[Marks]:
 
 async def recorded_marks(conn: asyncpg.Connection) -> list[Marks]:
     rows = await conn.fetch("SELECT tenant_id, runs_before, payloads_before FROM retention_marks ORDER BY tenant_id")
-    return [Marks(r["tenant_id"], r["runs_before"], r["payloads_before"]) for r in rows]
+    return marks_from(rows)
 
 
 async def apply_marks(
@@ -97,12 +98,17 @@ async def apply_marks(
     return PurgeResult(deleted, blanked)
 
 
-async def enforce_marks(conn: asyncpg.Connection, run_ids: list[str]) -> None:
+def marks_from(rows: list[Any]) -> list[Marks]:
+    return [Marks(r["tenant_id"], r["runs_before"], r["payloads_before"]) for r in rows]
+
+
+async def enforce_marks(conn: asyncpg.Connection, run_ids: list[str], recorded: list[Marks] | None = None) -> None:
     """Inside a projector batch: runs it just finished that the recorded marks already cover are purged now,
-    so a run finishing (or arriving) after a purge ends up as if it had been there for it."""
+    so a run finishing (or arriving) after a purge ends up as if it had been there for it. `recorded`: the
+    retention_marks rows, when the batch read them already."""
     if not run_ids:
         return
-    marks = {m.tenant_id: m for m in await recorded_marks(conn)}
+    marks = {m.tenant_id: m for m in (await recorded_marks(conn) if recorded is None else recorded)}
     if not marks:
         return
     rows = await conn.fetch(
