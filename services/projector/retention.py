@@ -11,7 +11,6 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 import asyncpg
 
@@ -57,7 +56,7 @@ async def marks_for(conn: asyncpg.Connection, now: datetime) -> list[Marks]:
 
 async def recorded_marks(conn: asyncpg.Connection) -> list[Marks]:
     rows = await conn.fetch("SELECT tenant_id, runs_before, payloads_before FROM retention_marks ORDER BY tenant_id")
-    return marks_from(rows)
+    return [Marks(r["tenant_id"], r["runs_before"], r["payloads_before"]) for r in rows]
 
 
 async def apply_marks(
@@ -98,17 +97,12 @@ async def apply_marks(
     return PurgeResult(deleted, blanked)
 
 
-def marks_from(rows: list[Any]) -> list[Marks]:
-    return [Marks(r["tenant_id"], r["runs_before"], r["payloads_before"]) for r in rows]
-
-
-async def enforce_marks(conn: asyncpg.Connection, run_ids: list[str], recorded: list[Marks] | None = None) -> None:
+async def enforce_marks(conn: asyncpg.Connection, run_ids: list[str]) -> None:
     """Inside a projector batch: runs it just finished that the recorded marks already cover are purged now,
-    so a run finishing (or arriving) after a purge ends up as if it had been there for it. `recorded`: the
-    retention_marks rows, when the batch read them already."""
+    so a run finishing (or arriving) after a purge ends up as if it had been there for it."""
     if not run_ids:
         return
-    marks = {m.tenant_id: m for m in (await recorded_marks(conn) if recorded is None else recorded)}
+    marks = {m.tenant_id: m for m in await recorded_marks(conn)}
     if not marks:
         return
     rows = await conn.fetch(

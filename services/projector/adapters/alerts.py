@@ -61,42 +61,21 @@ class _Outcome:
             self.resolve_stored.setdefault(rule.id, a)
 
 
-# The rules a batch's finished runs are judged by: those of their (tenant, flow) pairs ($1, $2) and their tenants'
-# tenant-wide ones ($3), locked against deletion until the batch commits.
-RULES_WHERE = (
-    "(r.tenant_id, r.flow_id) IN (SELECT * FROM unnest($1::text[], $2::text[])) "
-    "OR (r.flow_id = $3 AND r.tenant_id = ANY(SELECT DISTINCT unnest($1::text[])))"
-)
-
-
-def _finished(events: list[EventBase]) -> list[EventBase]:
-    return [e for e in events if TERMINAL_EVENT_STATUS.get(e.type) in alerts.OUTCOMES]
-
-
-def rule_arguments(events: list[EventBase]) -> tuple[list[str], list[str], str] | None:
-    """RULES_WHERE's arguments for a batch's events, or None when no run finished (no rule to read)."""
-    pairs = sorted({(e.tenant_id, e.flow_id) for e in _finished(events)})
-    return ([p[0] for p in pairs], [p[1] for p in pairs], alerts.TENANT_WIDE) if pairs else None
-
-
-async def evaluate(
-    conn: asyncpg.Connection, events: list[EventBase], *, deliver: bool, rules: list[Any] | None = None
-) -> int:
+async def evaluate(conn: asyncpg.Connection, events: list[EventBase], *, deliver: bool) -> int:
     """Fold this batch's finished runs into every matching rule (in event-time order, so the order partitions
-    interleave in does not matter within a batch). `deliver=False` (a rebuild) records history, sends nothing.
-    `rules`: the alert_rules rows RULES_WHERE selects, when the batch read them already (ordered by id, locked)."""
-    finished = _finished(events)
+    interleave in does not matter within a batch). `deliver=False` (a rebuild) records history, sends nothing."""
+    finished = [e for e in events if TERMINAL_EVENT_STATUS.get(e.type) in alerts.OUTCOMES]
     if not finished:
         return 0
     if deliver:  # on-call pages are sent, not derived: a replay pages nobody again
         await oncall.enqueue(conn, sorted({e.run_id for e in finished}))
-    if rules is None:
-        arguments = rule_arguments(events)
-        assert arguments is not None
-        rules = await conn.fetch(
-            f"SELECT {_RULE_COLUMNS} FROM alert_rules r WHERE {RULES_WHERE} ORDER BY id FOR KEY SHARE", *arguments
-        )
-    rows = rules
+    pairs = sorted({(e.tenant_id, e.flow_id) for e in finished})
+    rows = await conn.fetch(
+        f"SELECT {_RULE_COLUMNS} FROM alert_rules WHERE (tenant_id, flow_id) IN "
+        "(SELECT * FROM unnest($1::text[], $2::text[])) "
+        "OR (flow_id = $3 AND tenant_id = ANY(SELECT DISTINCT unnest($1::text[]))) ORDER BY id FOR KEY SHARE",
+        [p[0] for p in pairs], [p[1] for p in pairs], alerts.TENANT_WIDE,
+    )  # fmt: skip
     if not rows:
         return 0
     runs = {

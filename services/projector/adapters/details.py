@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 import asyncpg
@@ -61,15 +61,15 @@ def combine(parts: list[tuple[str, tuple[Any, ...]]], *, count: int | None = Non
     for sql, part_args in parts:
         if "$$" in sql or sql.lstrip().upper().startswith("WITH"):
             raise ValueError("a part must be a plain data-modifying statement")
-        clauses.append(f"w{len(clauses)} AS ({renumber(sql, len(args))})")
+        renumbered = _PARAMETER.sub(_shifted(len(args)), sql)
+        clauses.append(f"w{len(clauses)} AS ({renumbered})")
         args.extend(part_args)
     result = "SELECT 1" if count is None else f"SELECT count(*) FROM w{count}"
     return ("WITH " + ",\n".join(clauses) + "\n" + result, *args)
 
 
-def renumber(sql: str, shift: int) -> str:
-    """`sql` with its parameters $1, $2 … renumbered from $(1 + shift), to sit after `shift` others in a statement."""
-    return _PARAMETER.sub(lambda m: f"${int(m.group(1)) + shift}", sql)
+def _shifted(shift: int) -> Callable[[re.Match[str]], str]:
+    return lambda m: f"${int(m.group(1)) + shift}"
 
 
 def recordset(columns: tuple[str, ...], types: tuple[str, ...]) -> str:

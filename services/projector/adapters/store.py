@@ -30,7 +30,6 @@ from services.projector.adapters.details import (
     Pending,
     add_details,
     recordset,
-    renumber,
     rows_json,
     upsert_changes,
     write_aggregates,
@@ -209,19 +208,6 @@ _NOTIFY = "SELECT pg_notify('flowtrail_projected', current_schema());\n"
 _SWAPPED = "FT001"
 
 
-# _read_settings: each array only when asked for ($1, $2; the rules when $3 names a tenant).
-_SETTINGS = f"""
-SELECT
-    CASE WHEN $1::bool THEN ARRAY(SELECT m FROM retention_marks m ORDER BY m.tenant_id) END AS marks,
-    CASE WHEN $2::bool THEN ARRAY(SELECT s FROM webhook_subscriptions s WHERE s.active) END AS subscriptions,
-    CASE WHEN cardinality($3::text[]) > 0 THEN ARRAY(
-        SELECT x.r FROM (
-            SELECT r FROM alert_rules r WHERE {renumber(alerts.RULES_WHERE, 2)} ORDER BY r.id FOR KEY SHARE
-        ) x
-    ) END AS rules
-"""
-
-
 async def stage(conn: asyncpg.Connection) -> None:
     """Once per connection, outside a transaction: the session's staging tables `apply_batch(staged=True)` copies
     events, step changes, attempts and logs into (temporary tables, emptied at each commit)."""
@@ -299,18 +285,15 @@ async def apply_batch(
             metrics.OUT_OF_ORDER.inc()
             log.warning("run %s seq %s: %s -> %s is not an allowed transition; projected as logged", run_id, seq,
                         before, after)  # fmt: skip
-        terminal = list({e.run_id for e in new_events if type(e) in TERMINAL_EVENTS})
-        flow_events = [p.event for p in flows]
-        settings = await _read_settings(conn, new_events, flow_events, terminal=terminal, side_effects=side_effects)
         await search.append(conn, new_events)
-        await retention.enforce_marks(conn, terminal, settings.marks)
+        await retention.enforce_marks(conn, list({e.run_id for e in new_events if type(e) in TERMINAL_EVENTS}))
         for p in flows:
             await _apply_flow_event(conn, p.event)
         # Alert history is derived (a replay recomputes it); only its deliveries are a side effect.
-        await alerts.evaluate(conn, new_events, deliver=side_effects, rules=settings.rules)
+        await alerts.evaluate(conn, new_events, deliver=side_effects)
         await connectors.project(conn, new_events, deliver=side_effects)
         if side_effects:
-            await webhooks.enqueue(conn, new_events, flow_events, settings.subscriptions)
+            await webhooks.enqueue(conn, new_events, [p.event for p in flows])
         await conn.execute(_commit(group, batch, notify=bool(new_events)))
     except BaseException:
         await _rollback(conn)
@@ -324,39 +307,6 @@ async def apply_batch(
         events=len(ledger),
         duplicates=len(ledger) - len(new_events),
         runs_changed=len(changes.new_runs) + len(changes.run_changes),
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class _Settings:
-    """What the tenants set that a batch applies, read in one statement; None where the batch needs none."""
-
-    marks: list[retention.Marks] | None = None
-    rules: list[Any] | None = None
-    subscriptions: list[Any] | None = None
-
-
-async def _read_settings(
-    conn: asyncpg.Connection,
-    events: list[EventBase],
-    flow_events: list[FlowEventBase],
-    *,
-    terminal: list[str],
-    side_effects: bool,
-) -> _Settings:
-    """The retention marks (when runs finished), the alert rules of the finished runs (locked until the batch
-    commits) and the active webhook subscriptions (when the batch offers deliveries): one round trip for what the
-    three used to read one each. Rows of each table's own type, read by name as the rows of their own queries."""
-    rules = alerts.rule_arguments(events)
-    want_marks = bool(terminal)
-    want_subscriptions = side_effects and webhooks.offers_any(events, flow_events)
-    if not (want_marks or want_subscriptions or rules):
-        return _Settings()
-    row = await conn.fetchrow(_SETTINGS, want_marks, want_subscriptions, *(rules or ([], [], "")))
-    return _Settings(
-        marks=retention.marks_from(row["marks"]) if want_marks else None,
-        rules=list(row["rules"]) if rules else None,
-        subscriptions=list(row["subscriptions"]) if want_subscriptions else None,
     )
 
 

@@ -24,22 +24,13 @@ _SUMMARY = ("id", "flow_id", "flow_version", "flow_name", "status", "environment
 _AT_START = ("id", "flow_id", "flow_version", "flow_name", "environment", "trigger_type", "caller", "created_at")
 
 
-def offers_any(events: list[EventBase], flow_events: list[FlowEventBase]) -> bool:
-    """Whether `enqueue` would read the subscriptions for these events."""
-    return any(e.type in RUN_EVENTS for e in events) or any(isinstance(e, FlowPaused) for e in flow_events)
-
-
-async def enqueue(
-    conn: asyncpg.Connection, events: list[EventBase], flow_events: list[FlowEventBase], subs: list[Any] | None = None
-) -> int:
-    """One pending delivery per (subscription, event); a redelivered event hits the unique key and adds none.
-    `subs`: the active webhook_subscriptions rows, when the batch read them already."""
+async def enqueue(conn: asyncpg.Connection, events: list[EventBase], flow_events: list[FlowEventBase]) -> int:
+    """One pending delivery per (subscription, event); a redelivered event hits the unique key and adds none."""
     wanted = [e for e in events if e.type in RUN_EVENTS]
     paused = [e for e in flow_events if isinstance(e, FlowPaused)]
     if not wanted and not paused:
         return 0
-    if subs is None:
-        subs = await conn.fetch("SELECT id, tenant_id, environment, events FROM webhook_subscriptions WHERE active")
+    subs = await conn.fetch("SELECT id, tenant_id, environment, events FROM webhook_subscriptions WHERE active")
     if not subs:
         return 0
     runs = {
