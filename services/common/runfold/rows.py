@@ -237,14 +237,20 @@ def _attempt_failed_change(change: StepChange, event: ev.StepAttemptFailed) -> N
     change.error = event.payload.error.model_dump(mode="json")
 
 
-def _succeeded_change(change: StepChange, event: ev.StepSucceeded) -> None:
+def _finished_change(change: StepChange, event: ev.StepSucceeded | ev.StepFailed) -> None:
+    """What a step's last attempt ended with, succeeded or failed."""
     p = event.payload
     change.attempt = p.attempt
     change.output = p.output
     change.duration_ms = p.duration_ms
     change.assertions = [a.model_dump(mode="json") for a in p.assertions]
-    change.extractions = p.extractions
     change.finished_at = event.occurred_at
+
+
+def _succeeded_change(change: StepChange, event: ev.StepSucceeded) -> None:
+    _finished_change(change, event)
+    p = event.payload
+    change.extractions = p.extractions
     change.error = None
     if p.reused_from is not None:
         # A reused step has no StepStarted: its StepSucceeded carries its action and input (older events
@@ -255,13 +261,8 @@ def _succeeded_change(change: StepChange, event: ev.StepSucceeded) -> None:
 
 
 def _failed_change(change: StepChange, event: ev.StepFailed) -> None:
-    p = event.payload
-    change.attempt = p.attempt
-    change.output = p.output
-    change.duration_ms = p.duration_ms
-    change.assertions = [a.model_dump(mode="json") for a in p.assertions]
-    change.error = p.error.model_dump(mode="json")
-    change.finished_at = event.occurred_at
+    _finished_change(change, event)
+    change.error = event.payload.error.model_dump(mode="json")
 
 
 def _skipped_change(change: StepChange, event: ev.StepSkipped) -> None:
