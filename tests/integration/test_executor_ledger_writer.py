@@ -57,3 +57,33 @@ async def test_appends_land_in_order_byte_for_byte_and_resolve_once_durable(infr
         everything = [codec.decode_ledger_event(r) for p in (0, 1) for r in expected[p]]
         assert len(everything) == sum(len(r) for r in runs)
         assert sum(len(r) > 90_000 for r in expected[partition_for("run-big", 2)]) == 6
+
+
+async def test_flush_waits_for_what_was_appended_before_it_not_for_a_partition_that_stays_busy(infra: Infra) -> None:
+    async with make_sandbox(infra, partitions=1) as sandbox:
+        writer = LedgerWriter(infra.kafka_bootstrap, sandbox.topics.ledger, linger_ms=0)
+        await writer.start()
+        busy = True
+
+        async def keep_appending() -> None:
+            i = 0
+            while busy:
+                await writer.append(0, run_events(f"run-busy-{i:05d}", steps=1))
+                i += 1
+                await asyncio.sleep(0)  # every loop pass: a batch is always waiting when one is acknowledged
+
+        first = await writer.append(0, run_events("run-first", steps=2))
+        appender = asyncio.create_task(keep_appending())
+        try:
+            await asyncio.sleep(0.05)
+            await asyncio.wait_for(writer.flush(), 10)  # returns while the partition is still being written to
+            assert all(f.done() and f.exception() is None for f in first)
+        finally:
+            busy = False
+            await appender
+            await writer.stop()
+        records = await _records(infra, sandbox.topics.ledger, 0)
+        first_run, busy_runs = len(run_events("x", steps=2)), len(run_events("x", steps=1))
+        assert [codec.decode_ledger_event(r).run_id for r in records[:first_run]] == ["run-first"] * first_run
+        later = [codec.decode_ledger_event(r).run_id for r in records[first_run:]]
+        assert later and len(later) == busy_runs * len(set(later))  # every busy run whole, none lost at stop

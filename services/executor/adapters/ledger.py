@@ -46,6 +46,7 @@ class LedgerWriter:
         # Per partition: the batches not yet handed to the producer, in order, and the task handing them over.
         self._waiting: dict[int, deque[_Batch]] = {}
         self._senders: dict[int, asyncio.Task[None]] = {}
+        self._sending: dict[int, _Batch] = {}  # the batch each sender handed over and waits on
 
     @property
     def producer(self) -> AIOKafkaProducer:
@@ -57,13 +58,16 @@ class LedgerWriter:
         await self._producer.start()
 
     async def flush(self) -> None:
-        """Until every event appended so far is durable."""
-        while self._senders:
-            await asyncio.gather(*self._senders.values(), return_exceptions=True)
+        """Until every event appended so far is durable (not those appended meanwhile: a busy partition's sender
+        never ends, so waiting for it would never end either)."""
+        batches = [*self._sending.values(), *(b for waiting in self._waiting.values() for b in waiting)]
+        await asyncio.gather(*(b.durable for b in batches), return_exceptions=True)
         await self.producer.flush()
 
     async def stop(self) -> None:
-        await self.flush()
+        """Once everything appended is durable (the engine, closed first, appends nothing more)."""
+        while self._senders:
+            await self.flush()
         await self.producer.stop()
 
     async def append(self, partition: int, events: Iterable[EventBase]) -> list[asyncio.Future[object]]:
@@ -96,7 +100,7 @@ class LedgerWriter:
         waiting = self._waiting[partition]
         try:
             while waiting:
-                batch = waiting.popleft()
+                batch = self._sending[partition] = waiting.popleft()
                 try:
                     sent = await self.producer.send_batch(batch.builder, self.topic, partition=partition)
                     batch.durable.set_result(await sent)
@@ -105,6 +109,7 @@ class LedgerWriter:
                     raise
         finally:
             del self._senders[partition]
+            self._sending.pop(partition, None)
 
 
 def _crash_on_failure(future: asyncio.Future[object]) -> None:
