@@ -5,6 +5,7 @@ and every future it returned resolves once its events are durable."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from schemas import codec
@@ -67,7 +68,8 @@ async def test_flush_waits_for_what_was_appended_before_it_not_for_a_partition_t
 
         async def keep_appending() -> None:
             i = 0
-            while busy:
+            until = time.monotonic() + 30  # bounded, so a flush that never returns fails the test instead of hanging it
+            while busy and time.monotonic() < until:
                 await writer.append(0, run_events(f"run-busy-{i:05d}", steps=1))
                 i += 1
                 await asyncio.sleep(0)  # every loop pass: a batch is always waiting when one is acknowledged
@@ -80,8 +82,8 @@ async def test_flush_waits_for_what_was_appended_before_it_not_for_a_partition_t
             assert all(f.done() and f.exception() is None for f in first)
         finally:
             busy = False
-            await appender
-            await writer.stop()
+            await asyncio.wait_for(appender, 40)
+            await asyncio.wait_for(writer.stop(), 60)
         records = await _records(infra, sandbox.topics.ledger, 0)
         first_run, busy_runs = len(run_events("x", steps=2)), len(run_events("x", steps=1))
         assert [codec.decode_ledger_event(r).run_id for r in records[:first_run]] == ["run-first"] * first_run

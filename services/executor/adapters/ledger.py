@@ -61,7 +61,10 @@ class LedgerWriter:
         """Until every event appended so far is durable (not those appended meanwhile: a busy partition's sender
         never ends, so waiting for it would never end either)."""
         batches = [*self._sending.values(), *(b for waiting in self._waiting.values() for b in waiting)]
-        await asyncio.gather(*(b.durable for b in batches), return_exceptions=True)
+        if batches:
+            # asyncio.wait, not gather: a flush that is cancelled (a revoke cut short) must not cancel the futures
+            # the engine's acks and the senders wait on.
+            await asyncio.wait([b.durable for b in batches])
         await self.producer.flush()
 
     async def stop(self) -> None:
@@ -103,10 +106,13 @@ class LedgerWriter:
                 batch = self._sending[partition] = waiting.popleft()
                 try:
                     sent = await self.producer.send_batch(batch.builder, self.topic, partition=partition)
-                    batch.durable.set_result(await sent)
+                    acknowledged = await sent
                 except Exception as exc:  # the ledger did not take them: _crash_on_failure ends the process
-                    batch.durable.set_exception(exc)
+                    if not batch.durable.done():
+                        batch.durable.set_exception(exc)
                     raise
+                if not batch.durable.done():  # a future someone cancelled stays cancelled; the records are durable
+                    batch.durable.set_result(acknowledged)
         finally:
             del self._senders[partition]
             self._sending.pop(partition, None)
