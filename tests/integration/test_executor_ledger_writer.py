@@ -1,6 +1,6 @@
 """The ledger writer on the real broker: what many runs append at once lands on each partition in the order it was
-appended, byte for byte as encoded, with batches handed over one after another (more than fit in one batch too),
-and every future it returned resolves once its events are durable."""
+appended, byte for byte as encoded (more than fit in one producer batch too), every future it returned resolves
+once its events are durable, and a flush returns while a partition is still being written to."""
 
 from __future__ import annotations
 

@@ -6,14 +6,11 @@ import asyncio
 import hashlib
 import logging
 import os
-from collections import deque
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer
-from aiokafka.producer.message_accumulator import BatchBuilder
 
 from schemas import codec
 from schemas.events import EventBase
@@ -28,25 +25,12 @@ log = logging.getLogger(__name__)
 encode_event = codec.dumps_model
 
 
-@dataclass
-class _Batch:
-    """Records of one partition gathered while its previous batch is on its way; `durable` resolves once the broker
-    acknowledged them all."""
-
-    builder: BatchBuilder
-    durable: asyncio.Future[object]
-
-
 class LedgerWriter:
     def __init__(self, bootstrap: str, topic: str, *, linger_ms: int) -> None:
         self.topic = topic
         self.bootstrap = bootstrap
         self.linger_ms = linger_ms
         self._producer: AIOKafkaProducer | None = None
-        # Per partition: the batches not yet handed to the producer, in order, and the task handing them over.
-        self._waiting: dict[int, deque[_Batch]] = {}
-        self._senders: dict[int, asyncio.Task[None]] = {}
-        self._sending: dict[int, _Batch] = {}  # the batch each sender handed over and waits on
 
     @property
     def producer(self) -> AIOKafkaProducer:
@@ -58,64 +42,29 @@ class LedgerWriter:
         await self._producer.start()
 
     async def flush(self) -> None:
-        """Until every event appended so far is durable (not those appended meanwhile: a busy partition's sender
-        never ends, so waiting for it would never end either)."""
-        batches = [*self._sending.values(), *(b for waiting in self._waiting.values() for b in waiting)]
-        if batches:
-            # asyncio.wait, not gather: a flush that is cancelled (a revoke cut short) must not cancel the futures
-            # the engine's acks and the senders wait on.
-            await asyncio.wait([b.durable for b in batches])
+        """Until every event appended so far is durable (the producer's batches as of now, not those added later)."""
         await self.producer.flush()
 
     async def stop(self) -> None:
-        """Once everything appended is durable (the engine, closed first, appends nothing more)."""
-        while self._senders:
-            await self.flush()
         await self.producer.stop()
 
     async def append(self, partition: int, events: Iterable[EventBase]) -> list[asyncio.Future[object]]:
         """Queue events in order on the run's partition; the futures resolve when they are durable.
 
-        A partition's records gather in one batch while its previous batch is on its way, and that batch goes to the
-        producer once the previous one is acknowledged: an idle partition sends at once, a busy one what gathered
-        during the last round trip, as aiokafka's own accumulator does with records sent one by one, at less than half
-        the CPU a record (a batch builder's append instead of `send`, and one future per batch instead of one per
-        record). Not a batch per decision: that was tried, sent one request per decision and cut runs/s by five.
+        Per-record sends on purpose: the accumulator packs the events of many runs into one batch per
+        partition while the request before is on its way. A producer batch per decision (tried) sends one request
+        each and cut runs/s by five; batches the writer gathers itself per partition, handed over once the one
+        before is acknowledged (tried), cost half the CPU a record but doubled trigger → visible at half load
+        (docs/decisions.md, "No waiting on the hot path").
         """
-        waiting = self._waiting.setdefault(partition, deque())
-        futures: list[asyncio.Future[object]] = []
+        futures = []
         for event in events:
-            key, value = event.run_id.encode(), encode_event(event)
-            if not waiting or waiting[-1].builder.append(timestamp=None, key=key, value=value) is None:
-                batch = _Batch(self.producer.create_batch(), asyncio.get_running_loop().create_future())
-                batch.durable.add_done_callback(_crash_on_failure)
-                if batch.builder.append(timestamp=None, key=key, value=value) is None:
-                    raise ValueError(f"ledger event {event.run_id}:{event.seq} is larger than a producer batch")
-                waiting.append(batch)
-            if not futures or futures[-1] is not waiting[-1].durable:
-                futures.append(waiting[-1].durable)
-        if futures and partition not in self._senders:
-            self._senders[partition] = asyncio.create_task(self._send(partition), name=f"ledger-send:{partition}")
+            future = await self.producer.send(
+                self.topic, encode_event(event), key=event.run_id.encode(), partition=partition
+            )
+            future.add_done_callback(_crash_on_failure)
+            futures.append(future)
         return futures
-
-    async def _send(self, partition: int) -> None:
-        """Hand the partition's batches to the producer one at a time, each once the one before is durable."""
-        waiting = self._waiting[partition]
-        try:
-            while waiting:
-                batch = self._sending[partition] = waiting.popleft()
-                try:
-                    sent = await self.producer.send_batch(batch.builder, self.topic, partition=partition)
-                    acknowledged = await sent
-                except Exception as exc:  # the ledger did not take them: _crash_on_failure ends the process
-                    if not batch.durable.done():
-                        batch.durable.set_exception(exc)
-                    raise
-                if not batch.durable.done():  # a future someone cancelled stays cancelled; the records are durable
-                    batch.durable.set_result(acknowledged)
-        finally:
-            del self._senders[partition]
-            self._sending.pop(partition, None)
 
 
 def _crash_on_failure(future: asyncio.Future[object]) -> None:
