@@ -18,7 +18,6 @@ from schemas.events import (
     FlowResumed,
     FlowVersionPublished,
 )
-from services.common.db import quote_literal
 from services.common.runfold.details import plan_details
 from services.common.runfold.rows import BatchPlan, plan
 from services.projector import connectors, metrics, retention
@@ -33,6 +32,16 @@ from services.projector.adapters.details import (
     rows_json,
     upsert_changes,
     write_aggregates,
+)
+from services.projector.adapters.transaction import (
+    SchemaGuard,
+    SchemaSwapped,
+    begin_text,
+    commit_text,
+    open_transaction,
+    rollback,
+    schema_oid,
+    swap_lock_key,
 )
 
 log = logging.getLogger(__name__)
@@ -64,6 +73,8 @@ _EVENT_COLUMNS = (
     "run_id", "seq", "event_id", "type", "tenant_id", "occurred_at", "causation_id", "payload", "kafka_partition",
     "kafka_offset",
 )  # fmt: skip
+__all__ = ["SchemaGuard", "SchemaSwapped", "schema_oid", "swap_lock_key"]  # the transaction's, used with apply_batch
+
 # Events of runs the retention purge already removed are duplicates, as run_events would have said.
 _EVENT_TYPES = ("text", "int", "text", "text", "text", "timestamptz", "text", "jsonb", "int", "bigint")
 _INSERT_EVENTS = f"""
@@ -194,19 +205,6 @@ CREATE TEMP TABLE IF NOT EXISTS staged_steps (
 """
 _UPSERT_STAGED_STEPS = f"{_INSERT_STEPS}FROM staged_steps u{_STEPS_ON_CONFLICT}"
 
-# The offsets, and when the batch wrote events the notice live streams in the API wake up on (delivered on commit,
-# so they read what this batch wrote), sent with the COMMIT as one text of statements: one round trip. Such a text
-# takes no parameters, so its values are literals (integers, and names quoted by quote_literal).
-_SAVE_OFFSETS = """
-INSERT INTO projector_offsets (consumer_group, topic, partition, next_offset, updated_at) VALUES {values}
-ON CONFLICT (consumer_group, topic, partition) DO UPDATE
-SET next_offset = GREATEST(projector_offsets.next_offset, EXCLUDED.next_offset), updated_at = now();
-"""
-_NOTIFY = "SELECT pg_notify('flowtrail_projected', current_schema());\n"
-# The batch's first round trip: BEGIN, and with a guard the swap lock and the schema check
-# (migration 0030_projector_batch_guard.sql), which raises SQLSTATE FT001 when a rebuild replaced the schema.
-_SWAPPED = "FT001"
-
 
 async def stage(conn: asyncpg.Connection) -> None:
     """Once per connection, outside a transaction: the session's staging tables `apply_batch(staged=True)` copies
@@ -226,34 +224,6 @@ async def load_offsets(conn: asyncpg.Connection, group: str, topic: str) -> dict
     return {r["partition"]: r["next_offset"] for r in rows}
 
 
-class SchemaSwapped(Exception):
-    """`flowtrail projector rebuild` replaced the schema this projector was writing to."""
-
-
-@dataclass(frozen=True, slots=True)
-class SchemaGuard:
-    """The schema a projector writes to, by name and by the oid it had when the projector connected."""
-
-    name: str
-    oid: int
-
-    @property
-    def lock_key(self) -> str:
-        return swap_lock_key(self.name)
-
-
-def swap_lock_key(schema: str) -> str:
-    # Batches hold it shared; a rebuild's swap holds it exclusively, so no batch straddles a swap.
-    return f"flowtrail-projector:{schema}"
-
-
-async def schema_oid(conn: asyncpg.Connection, schema: str) -> int:
-    oid = await conn.fetchval("SELECT oid FROM pg_namespace WHERE nspname = $1", schema)
-    if oid is None:
-        raise LookupError(f"schema {schema!r} does not exist")
-    return int(oid)
-
-
 async def apply_batch(
     conn: asyncpg.Connection,
     group: str,
@@ -270,14 +240,14 @@ async def apply_batch(
     flows = [p for p in batch if isinstance(p.event, FlowEventBase)]
     # The transaction is opened and committed by hand so that BEGIN travels with the guard and COMMIT with the
     # offsets: a small batch's round trips are most of its time (docs/projector.md#throughput).
-    await _execute_opening(conn, _begin(guard), guard)
+    await open_transaction(conn, begin_text(guard), guard)
     try:
         unique = _first_in_log_order(ledger)
         written = await _write_rows(conn, unique, staged, assume_new=True)
         if written is None:
             # Some events were in run_events already (redelivered) or belong to runs the retention purge removed:
             # undo, and write again knowing which are new. The guard is checked again with the new BEGIN.
-            await _execute_opening(conn, "ROLLBACK; " + _begin(guard), guard)
+            await open_transaction(conn, "ROLLBACK; " + begin_text(guard), guard)
             written = await _write_rows(conn, unique, staged, assume_new=False)
             assert written is not None  # only a batch assumed new can turn out not to be
         new_events, changes = written
@@ -294,9 +264,11 @@ async def apply_batch(
         await connectors.project(conn, new_events, deliver=side_effects)
         if side_effects:
             await webhooks.enqueue(conn, new_events, [p.event for p in flows])
-        await conn.execute(_commit(group, batch, notify=bool(new_events)))
+        await conn.execute(
+            commit_text(group, ((p.topic, p.partition, p.offset) for p in batch), notify=bool(new_events))
+        )
     except BaseException:
-        await _rollback(conn)
+        await rollback(conn)
         raise
     finished: dict[str, int] = {}
     for e in new_events:
@@ -435,53 +407,3 @@ async def _apply_flow_event(conn: asyncpg.Connection, event: FlowEventBase) -> N
             event.tenant_id, event.flow_id, "paused" if isinstance(event, FlowPaused) else "active",
             event.occurred_at,
         )  # fmt: skip
-
-
-def _begin(guard: SchemaGuard | None) -> str:
-    if guard is None:
-        return "BEGIN"
-    return (f"BEGIN; SELECT projector_batch_guard({quote_literal(guard.lock_key)}, {quote_literal(guard.name)}, "
-            f"{int(guard.oid)})")  # fmt: skip
-
-
-async def _execute_opening(conn: asyncpg.Connection, sql: str, guard: SchemaGuard | None) -> None:
-    """Sends a text that opens the batch's transaction (`_begin`); a failed one leaves no transaction open."""
-    try:
-        await conn.execute(sql)
-    except asyncpg.PostgresError as exc:
-        await _rollback(conn)
-        if exc.sqlstate == _SWAPPED and guard is not None:
-            raise SchemaSwapped(guard.name) from exc
-        raise
-    except BaseException:
-        await _rollback(conn)
-        raise
-
-
-def _commit(group: str, batch: list[Positioned], *, notify: bool) -> str:
-    """The batch's last round trip: its offsets (the next offset to read per partition), the notice, COMMIT."""
-    last: dict[tuple[str, int], int] = {}
-    for p in batch:
-        key = (p.topic, p.partition)
-        last[key] = max(last.get(key, -1), p.offset)
-    sql = ""
-    if last:
-        values = ", ".join(
-            f"({quote_literal(group)}, {quote_literal(topic)}, {int(partition)}, {int(offset) + 1}, now())"
-            for (topic, partition), offset in last.items()
-        )
-        sql = _SAVE_OFFSETS.format(values=values)
-    if notify:
-        sql += _NOTIFY
-    return sql + "COMMIT"
-
-
-async def _rollback(conn: asyncpg.Connection) -> None:
-    """After a failure inside the batch: end its transaction if the connection is still in one. A connection that
-    broke is left to the caller, which drops it."""
-    if conn.is_closed() or not conn.is_in_transaction():
-        return
-    try:
-        await conn.execute("ROLLBACK")
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-        log.warning("ROLLBACK of a failed projector batch failed; the connection is dropped by its owner")
